@@ -1,0 +1,222 @@
+//! Routes a plugin's `tracing` events and panics to the host's log callback.
+//!
+//! A cdylib has its own copy of every static, so the daemon's tracing subscriber and panic
+//! hook never see plugin code. `install` sets both, once per loaded library copy: a tracing
+//! subscriber that forwards events (fields included) and a panic hook that forwards the panic
+//! and keeps its text for the entry point that catches it.
+//!
+//! Which instance an event belongs to: during an entry point the instance's host is in a
+//! thread-local ([`enter`]); on threads the plugin started itself, events go to the most
+//! recently created live instance of this library.
+
+use std::{
+    any::Any,
+    cell::{Cell, RefCell},
+    fmt::{self, Write as _},
+    panic::{AssertUnwindSafe, catch_unwind},
+    sync::{Mutex, Once},
+};
+
+use abi_stable::std_types::RString;
+use tracing::{
+    Event, Metadata, Subscriber,
+    field::{Field, Visit},
+    span::{Attributes, Id, Record},
+    subscriber::Interest,
+};
+
+use crate::{
+    abi::{KeyValue, PluginError, PluginErrorKind},
+    sdk::{Host, Level},
+};
+
+thread_local! {
+    static CURRENT: Cell<*const Host> = const { Cell::new(std::ptr::null()) };
+    static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Live instances of this library copy, newest last: the log target of foreign threads.
+static LIVE: Mutex<Vec<(u64, Host)>> = Mutex::new(Vec::new());
+static NEXT_LIVE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// Installs the panic hook and the tracing subscriber of this library copy (idempotent).
+pub(crate) fn install() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        std::panic::set_hook(Box::new(|info| {
+            let payload = payload_text(info.payload());
+            let text = match info.location() {
+                Some(at) => format!("panicked at {at}: {payload}"),
+                None => format!("panicked: {payload}"),
+            };
+            with_host(|host| host.log_fields(Level::Error, "panic", &text, &[]));
+            LAST_PANIC.with(|last| *last.borrow_mut() = Some(text));
+        }));
+        // Fails only if the plugin installed a subscriber of its own; then it keeps it.
+        let _ = tracing::subscriber::set_global_default(Bridge);
+    });
+}
+
+/// Registers a live instance's host as a fallback log target; returns its registration.
+pub(crate) fn register(host: Host) -> u64 {
+    let id = NEXT_LIVE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    lock_live().push((id, host));
+    id
+}
+
+/// Removes a registration made by [`register`].
+pub(crate) fn unregister(id: u64) {
+    let removed = {
+        let mut live = lock_live();
+        live.iter()
+            .position(|(live_id, _)| *live_id == id)
+            .map(|at| live.remove(at))
+    };
+    // Dropped outside the lock: dropping a host runs host code.
+    drop(removed);
+}
+
+fn lock_live() -> std::sync::MutexGuard<'static, Vec<(u64, Host)>> {
+    // A panic while holding the lock leaves the list consistent (push/remove are atomic).
+    LIVE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Makes `host` the log target of this thread until the guard drops.
+pub(crate) fn enter(host: &Host) -> Scope {
+    let prev = CURRENT.with(|current| current.replace(host));
+    Scope { prev }
+}
+
+/// Restores the previous log target when dropped.
+pub(crate) struct Scope {
+    prev: *const Host,
+}
+
+impl Drop for Scope {
+    fn drop(&mut self) {
+        CURRENT.with(|current| current.set(self.prev));
+    }
+}
+
+/// Runs `f` with this thread's log target, or the newest live instance's.
+fn with_host<R>(f: impl FnOnce(&Host) -> R) -> Option<R> {
+    let current = CURRENT.with(Cell::get);
+    if !current.is_null() {
+        // SAFETY: `CURRENT` is non-null only inside an `enter` scope, whose `Host` is borrowed
+        // for the scope's whole life (the instance box outlives the entry point call).
+        return Some(f(unsafe { &*current }));
+    }
+    let live = lock_live();
+    live.last().map(|(_, host)| f(host))
+}
+
+/// Runs one entry point's body, turning a panic into a [`PluginError`] with its text.
+pub(crate) fn catch<R>(body: impl FnOnce() -> R) -> Result<R, PluginError> {
+    LAST_PANIC.with(|last| last.borrow_mut().take());
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(value) => Ok(value),
+        Err(payload) => {
+            let text = LAST_PANIC
+                .with(|last| last.borrow_mut().take())
+                .unwrap_or_else(|| format!("panicked: {}", payload_text(&*payload)));
+            // A payload whose destructor panics must not unwind out of the entry point.
+            if let Err(nested) = catch_unwind(AssertUnwindSafe(|| drop(payload))) {
+                std::mem::forget(nested);
+            }
+            Err(PluginError {
+                kind: PluginErrorKind::PANIC,
+                message: RString::from(text),
+            })
+        }
+    }
+}
+
+fn payload_text(payload: &(dyn Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic payload that is not a string".to_owned()
+    }
+}
+
+fn level_of(level: &tracing::Level) -> Level {
+    match *level {
+        tracing::Level::ERROR => Level::Error,
+        tracing::Level::WARN => Level::Warn,
+        tracing::Level::INFO => Level::Info,
+        tracing::Level::DEBUG => Level::Debug,
+        _ => Level::Trace,
+    }
+}
+
+/// The subscriber of a plugin library: forwards events to the host, ignores spans.
+struct Bridge;
+
+impl Subscriber for Bridge {
+    fn register_callsite(&self, _: &'static Metadata<'static>) -> Interest {
+        // Ask `enabled` every time: the host's level can change at run time.
+        Interest::sometimes()
+    }
+
+    fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+        with_host(|host| host.log_enabled(level_of(metadata.level()))).unwrap_or(false)
+    }
+
+    fn new_span(&self, _: &Attributes<'_>) -> Id {
+        Id::from_u64(1)
+    }
+
+    fn record(&self, _: &Id, _: &Record<'_>) {}
+
+    fn record_follows_from(&self, _: &Id, _: &Id) {}
+
+    fn event(&self, event: &Event<'_>) {
+        let mut fields = Fields::default();
+        event.record(&mut fields);
+        let pairs: Vec<KeyValue<'_>> = fields
+            .pairs
+            .iter()
+            .map(|(key, value)| KeyValue::new(key, value))
+            .collect();
+        let metadata = event.metadata();
+        with_host(|host| {
+            host.log_fields(
+                level_of(metadata.level()),
+                metadata.target(),
+                &fields.message,
+                &pairs,
+            )
+        });
+    }
+
+    fn enter(&self, _: &Id) {}
+
+    fn exit(&self, _: &Id) {}
+}
+
+/// An event's message and its other fields, formatted.
+#[derive(Default)]
+struct Fields {
+    message: String,
+    pairs: Vec<(&'static str, String)>,
+}
+
+impl Visit for Fields {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.message.push_str(value);
+        } else {
+            self.pairs.push((field.name(), value.to_owned()));
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if field.name() == "message" {
+            let _ = write!(self.message, "{value:?}");
+        } else {
+            self.pairs.push((field.name(), format!("{value:?}")));
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! Builds the fixture plugins of `tests/fixtures/` (once per process, cargo makes repeated
+//! builds no-ops) and returns the paths of the built libraries.
+//!
+//! Everything is built into one shared target dir, `target/fixtures`, so the fixture crates
+//! and their dependencies compile once for every test binary and for CI.
+//!
+//! Two fixtures need a *different* `plugind-api`: abi_stable compares package names, so a
+//! renamed copy would only ever produce a package-name error. They are built against copies
+//! of `plugin-api/` generated here, still named `plugind-api`, each with one deliberate edit
+//! (see [`Variant`]). Generating the copies keeps them identical to the real crate except for
+//! that edit; if the edit's anchor text disappears from the real crate, the build panics
+//! saying so.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{Mutex, OnceLock},
+};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate lives one level below the repository root")
+        .to_owned()
+}
+
+/// The shared target dir of every fixture build.
+pub fn target_dir() -> PathBuf {
+    repo_root().join("target").join("fixtures")
+}
+
+/// A cargo profile the fixtures are built with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Profile {
+    /// The dev profile: fast to build, what most tests load.
+    Dev,
+    /// Optimised, for benchmarks.
+    Release,
+    /// `lto = "fat"`, `strip = true`, `opt-level = "z"`: the manifest must survive it.
+    Tiny,
+}
+
+impl Profile {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Dev => "dev",
+            Self::Release => "release",
+            Self::Tiny => "tiny",
+        }
+    }
+
+    fn dir(self) -> &'static str {
+        match self {
+            Self::Dev => "debug",
+            Self::Release => "release",
+            Self::Tiny => "tiny",
+        }
+    }
+}
+
+/// The library file of fixture crate `name` (e.g. `"fx-echo"`) built with `profile`.
+///
+/// # Panics
+/// If the build fails (with cargo's output).
+pub fn library(name: &str, profile: Profile) -> PathBuf {
+    build_workspace(profile);
+    let path = target_dir()
+        .join(profile.dir())
+        .join(format!("lib{}.so", name.replace('-', "_")));
+    assert!(
+        path.exists(),
+        "fixture {name} was built but {} is missing",
+        path.display()
+    );
+    path
+}
+
+fn build_workspace(profile: Profile) {
+    static BUILT: Mutex<Vec<Profile>> = Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    if built.contains(&profile) {
+        return;
+    }
+    cargo_build(&repo_root().join("tests/fixtures/Cargo.toml"), profile);
+    built.push(profile);
+}
+
+fn cargo_build(manifest: &Path, profile: Profile) {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let output = Command::new(cargo)
+        .arg("build")
+        .arg("--quiet")
+        .arg("--manifest-path")
+        .arg(manifest)
+        .arg("--profile")
+        .arg(profile.name())
+        .arg("--target-dir")
+        .arg(target_dir())
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .output()
+        .expect("cargo runs");
+    assert!(
+        output.status.success(),
+        "building the fixtures of {} failed:\n{}",
+        manifest.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A fixture built against a modified copy of `plugind-api`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Variant {
+    /// `LogLevel` widened from `u8` to `u16`: the log entry points of the host vtable change
+    /// signature, so the layout check must refuse it, naming the type.
+    Incompatible,
+    /// Version 1.1.0 with a field appended to the root module after `last_prefix_field`: the
+    /// supported way to extend the ABI, so it must load.
+    AppendedField,
+}
+
+impl Variant {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Incompatible => "abi-incompatible",
+            Self::AppendedField => "abi-appended",
+        }
+    }
+
+    /// `(file under plugin-api/, anchor text, replacement)` edits and the copy's version.
+    fn edits(
+        self,
+    ) -> (
+        &'static str,
+        Vec<(&'static str, &'static str, &'static str)>,
+    ) {
+        match self {
+            Self::Incompatible => (
+                "1.0.0",
+                vec![(
+                    "src/abi.rs",
+                    "pub struct LogLevel(pub u8);",
+                    "pub struct LogLevel(pub u16);",
+                )],
+            ),
+            Self::AppendedField => (
+                "1.1.0",
+                vec![
+                    (
+                        "src/abi.rs",
+                        "        extern \"C\" fn(config_json: RStr<'_>, host: RawHost) -> RResult<RawInstance, PluginError>,\n}",
+                        "        extern \"C\" fn(config_json: RStr<'_>, host: RawHost) -> RResult<RawInstance, PluginError>,\n    /// Appended by the test fixture: a 1.1 addition.\n    pub fixture_extra: extern \"C\" fn() -> u32,\n}",
+                    ),
+                    (
+                        "src/export.rs",
+                        "        instantiate: Entry::<P>::instantiate,\n",
+                        "        instantiate: Entry::<P>::instantiate,\n        fixture_extra: {\n            extern \"C\" fn extra() -> u32 {\n                42\n            }\n            extra\n        },\n",
+                    ),
+                ],
+            ),
+        }
+    }
+}
+
+/// The library of the variant fixture `variant`, built with the dev profile.
+///
+/// # Panics
+/// If an edit's anchor is missing from `plugin-api/` or the build fails.
+pub fn variant(variant: Variant) -> PathBuf {
+    static BUILT: OnceLock<Mutex<Vec<Variant>>> = OnceLock::new();
+    let built = BUILT.get_or_init(Mutex::default);
+    let mut built = built.lock().unwrap_or_else(|p| p.into_inner());
+    let crate_name = format!("fx-{}", variant.name());
+    let dir = target_dir().join("variants").join(variant.name());
+    if !built.contains(&variant) {
+        generate_variant(variant, &dir, &crate_name);
+        cargo_build(&dir.join("Cargo.toml"), Profile::Dev);
+        built.push(variant);
+    }
+    target_dir()
+        .join("debug")
+        .join(format!("lib{}.so", crate_name.replace('-', "_")))
+}
+
+fn generate_variant(variant: Variant, dir: &Path, crate_name: &str) {
+    let root = repo_root();
+    let api_src = root.join("plugin-api");
+    let api_dst = dir.join("api");
+    let (version, edits) = variant.edits();
+    let mut sources = read_tree(&api_src.join("src"), Path::new("src"));
+    for (file, anchor, replacement) in edits {
+        let text = sources
+            .iter_mut()
+            .find(|(path, _)| path == Path::new(file))
+            .map(|(_, text)| text)
+            .unwrap_or_else(|| {
+                panic!(
+                    "fixture variant {}: plugin-api/{file} is gone",
+                    variant.name()
+                )
+            });
+        assert!(
+            text.contains(anchor),
+            "fixture variant {}: anchor not found in plugin-api/{file}; update \
+             tests/src/fixtures.rs to the new source:\n{anchor}",
+            variant.name()
+        );
+        *text = text.replacen(anchor, replacement, 1);
+    }
+    for (path, text) in &sources {
+        write_if_changed(&api_dst.join(path), text);
+    }
+    // The copy's manifest: the real crate's dependencies, with workspace inheritance resolved.
+    write_if_changed(
+        &api_dst.join("Cargo.toml"),
+        &format!(
+            "[package]\nname = \"plugind-api\"\nversion = \"{version}\"\nedition = \"2024\"\n\n\
+             [lib]\nname = \"plugind_api\"\n\n[dependencies]\n\
+             abi_stable = {{ version = \"0.11.3\", default-features = false }}\n\
+             serde = {{ version = \"1\", features = [\"derive\"] }}\nserde_json = \"1\"\n\
+             tracing = {{ version = \"0.1\", default-features = false, features = [\"std\"] }}\n"
+        ),
+    );
+    let fixture = root.join("tests/fixtures/fx-variant");
+    write_if_changed(
+        &dir.join("Cargo.toml"),
+        &fs::read_to_string(fixture.join("Cargo.toml.in")).expect("the variant template exists"),
+    );
+    for (path, text) in read_tree(&fixture.join("src"), Path::new("src")) {
+        write_if_changed(&dir.join("plugin").join(path), &text);
+    }
+    write_if_changed(
+        &dir.join("plugin/Cargo.toml"),
+        &format!(
+            "[package]\nname = \"{crate_name}\"\nversion = \"0.1.0\"\nedition = \"2024\"\n\n\
+             [lib]\ncrate-type = [\"cdylib\"]\n\n[dependencies]\nplugind-api.workspace = true\n\
+             serde = \"1\"\n"
+        ),
+    );
+    // Reuse the fixture workspace's lock file so the copies build with the same versions.
+    let lock = root.join("tests/fixtures/Cargo.lock");
+    if lock.exists() && !dir.join("Cargo.lock").exists() {
+        fs::copy(&lock, dir.join("Cargo.lock")).expect("the lock file copies");
+    }
+}
+
+/// Every file below `dir` as (path under `prefix`, content).
+fn read_tree(dir: &Path, prefix: &Path) -> Vec<(PathBuf, String)> {
+    let mut files = Vec::new();
+    for entry in fs::read_dir(dir).expect("the source dir is readable") {
+        let entry = entry.expect("the source dir is readable");
+        let relative = prefix.join(entry.file_name());
+        if entry.file_type().expect("file type is readable").is_dir() {
+            files.extend(read_tree(&entry.path(), &relative));
+        } else {
+            let text = fs::read_to_string(entry.path()).expect("sources are UTF-8");
+            files.push((relative, text));
+        }
+    }
+    files
+}
+
+/// Writes only when the content changed, so cargo sees unchanged mtimes and does not rebuild.
+fn write_if_changed(path: &Path, text: &str) {
+    if fs::read_to_string(path).ok().as_deref() == Some(text) {
+        return;
+    }
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).expect("the variant dir can be created");
+    }
+    fs::write(path, text).expect("the variant dir is writable");
+}

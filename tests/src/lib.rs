@@ -1,0 +1,12 @@
+//! Support code for plugind's tests: builds the test fixtures once into a shared target dir.
+//!
+//! # Layout
+//!
+//! - [`fixtures`]: the fixture plugins (`tests/fixtures/`), built on first use by every test
+//!   binary that needs them, including the libraries built against modified copies of
+//!   `plugind-api`.
+//! - [`recording`]: host services that record what a plugin logs and publishes, tagged the
+//!   way the daemon tags them.
+
+pub mod fixtures;
+pub mod recording;
