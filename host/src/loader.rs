@@ -194,6 +194,7 @@ impl PluginInstance {
     ///
     /// # Errors
     /// [`CallError`] when the plugin panicked or answered with an unknown outcome.
+    #[inline]
     pub fn handle(&mut self, message: RawMessage) -> Result<Outcome, CallError> {
         self.instance
             .as_mut()

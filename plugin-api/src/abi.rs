@@ -13,12 +13,14 @@
 //!   only gain fields *appended after* the field marked `#[sabi(last_prefix_field)]`; that
 //!   marker never moves. Accessors of appended fields return `Option`, and the reader of an
 //!   appended field must handle its absence (an older peer).
-//! - **Enums** that may grow are non-exhaustive: [`RawOutcome`] through abi_stable's
-//!   `NonExhaustive` (fixed storage size), the field-less kinds ([`LogLevel`],
-//!   [`PluginErrorKind`], [`PublishErrorKind`]) as integer newtypes with associated constants.
-//!   A reader meeting an unknown variant reports it instead of guessing.
+//! - **Enums** that may grow are integer newtypes with associated constants ([`OutcomeKind`],
+//!   [`LogLevel`], [`PluginErrorKind`], [`PublishErrorKind`]), abi_stable's documented form of
+//!   a non-exhaustive enum; a reader meeting an unknown value reports it instead of guessing.
+//!   (abi_stable's `NonExhaustive` wrapper was measured and rejected for the outcome: its
+//!   64-byte storage and run-time size check cost 10+ ns per call, five times the target for
+//!   the whole boundary; see BENCHMARKS.md.)
 //! - **Plain `#[repr(C)]` structs** ([`RawMessage`], [`RawHost`], [`RawInstance`],
-//!   [`PluginError`], [`PublishError`], [`KeyValue`]) never change; new data travels through
+//!   [`OutcomeDetail`], [`PluginError`], [`PublishError`], [`KeyValue`]) never change; new data travels through
 //!   new vtable entries.
 //! - Nothing is removed, renamed or reordered. Minor releases only add; only a major release
 //!   (a new ABI identity) may break plugins.
@@ -32,7 +34,7 @@
 //! `crate::hosting` before the call returns, so nothing a plugin allocated outlives the call
 //! that produced it.
 
-// The generated `*_NE`, `*_Prefix` and `*_Ref` items are abi_stable's naming, not ours.
+// The generated `*_Prefix` items are abi_stable's naming, not ours.
 #![allow(non_camel_case_types)]
 
 use std::fmt;
@@ -204,17 +206,20 @@ unsafe impl Send for RawInstance {}
 
 /// The plugin functions behind a [`RawInstance`].
 ///
-/// Every entry point catches unwinding inside the plugin and returns the panic as a
-/// [`PluginError`] of kind [`PluginErrorKind::PANIC`]. Evolution: append after `destroy`.
+/// Every entry point catches unwinding inside the plugin and returns the panic as data
+/// ([`OutcomeKind::PANICKED`], or a [`PluginError`] of kind [`PluginErrorKind::PANIC`]).
+/// Evolution: append after `destroy`.
 #[repr(C)]
 #[derive(StableAbi, Debug)]
 #[sabi(kind(Prefix(prefix_ref = InstanceVTableRef)))]
 pub struct InstanceVTable {
-    /// Handles one delivery; the message handle is moved into the plugin.
+    /// Handles one delivery; the message handle is moved into the plugin. Initialises
+    /// `*detail` for every outcome other than Ack (see [`OutcomeDetail`]).
     pub handle: unsafe extern "C" fn(
         obj: *mut ErasedObject,
         message: RawMessage,
-    ) -> RResult<RawOutcome_NE, PluginError>,
+        detail: *mut OutcomeDetail,
+    ) -> OutcomeKind,
     /// Runs the plugin's shutdown and frees the instance (`obj` is dangling afterwards).
     pub shutdown: unsafe extern "C" fn(obj: *mut ErasedObject) -> RResult<(), PluginError>,
     /// Frees the instance without running its shutdown (`obj` is dangling afterwards).
@@ -222,23 +227,39 @@ pub struct InstanceVTable {
     pub destroy: unsafe extern "C" fn(obj: *mut ErasedObject),
 }
 
-/// What a plugin decided about one delivery, as it crosses the boundary.
+/// What `handle` decided: a non-exhaustive integer newtype (abi_stable's documented form of
+/// an enum that may grow). Minor releases add constants (Defer is planned); a host that meets
+/// a value it does not know counts the attempt as failed and says why.
 ///
-/// Non-exhaustive: minor releases add variants (Defer is planned). A host that meets a
-/// variant it does not know counts the attempt as failed and says why.
-#[repr(u8)]
+/// It travels in a register: the common case, Ack, costs no memory traffic at all. The data
+/// of the other outcomes goes into the host's [`OutcomeDetail`].
+#[repr(transparent)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct OutcomeKind(pub u8);
+
+impl OutcomeKind {
+    /// Done: the delivery is settled.
+    pub const ACK: Self = Self(0);
+    /// A failure to retry (`OutcomeDetail::retry_after`, else the backoff) with a reason.
+    pub const RETRY: Self = Self(1);
+    /// A permanent failure with a reason: dead-letter now.
+    pub const REJECT: Self = Self(2);
+    /// `handle` panicked; `OutcomeDetail::reason` is the panic text.
+    pub const PANICKED: Self = Self(3);
+}
+
+/// Space the host lends to `handle` for the data of a non-Ack outcome.
+///
+/// Contract: the host passes it *uninitialised*; for every kind other than
+/// [`OutcomeKind::ACK`] (including kinds added later) the plugin initialises it completely
+/// before returning, and the host then owns it; for ACK the plugin leaves it untouched. The
+/// Ack path therefore costs no memory traffic at all (an earlier layout that the host
+/// initialised and moved cost ~10 ns per call in store-forwarding stalls; see BENCHMARKS.md).
+#[repr(C)]
 #[derive(StableAbi, Debug)]
-#[sabi(kind(WithNonExhaustive(size = [usize; 8], align = usize)))]
-#[non_exhaustive]
-pub enum RawOutcome {
-    Ack,
-    Retry {
-        after: ROption<RDuration>,
-        reason: RString,
-    },
-    Reject {
-        reason: RString,
-    },
+pub struct OutcomeDetail {
+    pub retry_after: ROption<RDuration>,
+    pub reason: RString,
 }
 
 /// A failure of a plugin entry point: an error the plugin returned or a panic it raised.

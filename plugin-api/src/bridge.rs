@@ -5,16 +5,22 @@
 //! subscriber that forwards events (fields included) and a panic hook that forwards the panic
 //! and keeps its text for the entry point that catches it.
 //!
-//! Which instance an event belongs to: during an entry point the instance's host is in a
-//! thread-local ([`enter`]); on threads the plugin started itself, events go to the most
-//! recently created live instance of this library.
+//! Which instance an event belongs to: the daemon loads a separate copy of the library for
+//! every instance, so a copy normally has one live instance and every event goes to it, with
+//! no per-call cost. When one copy serves several instances (a host that shares copies, or
+//! in-process tests), each entry point marks the calling thread with its instance's host
+//! ([`enter_if_shared`], one thread-local write: ~1.7 ns per call, measured); events of
+//! other threads go to the most recently created live instance.
 
 use std::{
     any::Any,
     cell::{Cell, RefCell},
     fmt::{self, Write as _},
     panic::{AssertUnwindSafe, catch_unwind},
-    sync::{Mutex, Once},
+    sync::{
+        Mutex, Once,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
 };
 
 use abi_stable::std_types::RString;
@@ -37,30 +43,48 @@ thread_local! {
 
 /// Live instances of this library copy, newest last: the log target of foreign threads.
 static LIVE: Mutex<Vec<(u64, Host)>> = Mutex::new(Vec::new());
-static NEXT_LIVE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+/// `LIVE.len()`, readable without the lock on the hot path.
+static LIVE_COUNT: AtomicUsize = AtomicUsize::new(0);
+/// Whether the panic hook also runs the hook it replaced (in-process hosting: tests).
+static CHAIN_PREVIOUS_HOOK: AtomicBool = AtomicBool::new(false);
+static NEXT_LIVE_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Installs the panic hook and the tracing subscriber of this library copy (idempotent).
 pub(crate) fn install() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        std::panic::set_hook(Box::new(|info| {
+        // In a plugin library the previous hook is std's default, which would print every
+        // panic to the daemon's stderr a second time; it runs only when no host would see the
+        // panic, or when the plugin runs in-process (tests), so a test's own panics still print.
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
             let payload = payload_text(info.payload());
             let text = match info.location() {
                 Some(at) => format!("panicked at {at}: {payload}"),
                 None => format!("panicked: {payload}"),
             };
-            with_host(|host| host.log_fields(Level::Error, "panic", &text, &[]));
+            let forwarded = with_host(|host| host.log_fields(Level::Error, "panic", &text, &[]));
             LAST_PANIC.with(|last| *last.borrow_mut() = Some(text));
+            if forwarded.is_none() || CHAIN_PREVIOUS_HOOK.load(Ordering::Relaxed) {
+                previous(info);
+            }
         }));
         // Fails only if the plugin installed a subscriber of its own; then it keeps it.
         let _ = tracing::subscriber::set_global_default(Bridge);
     });
 }
 
-/// Registers a live instance's host as a fallback log target; returns its registration.
+/// Makes the panic hook chain to the hook it replaced: for plugins hosted in-process.
+pub(crate) fn chain_previous_hook() {
+    CHAIN_PREVIOUS_HOOK.store(true, Ordering::Relaxed);
+}
+
+/// Registers a live instance's host as a log target; returns its registration.
 pub(crate) fn register(host: Host) -> u64 {
-    let id = NEXT_LIVE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    lock_live().push((id, host));
+    let id = NEXT_LIVE_ID.fetch_add(1, Ordering::Relaxed);
+    let mut live = lock_live();
+    live.push((id, host));
+    LIVE_COUNT.store(live.len(), Ordering::Relaxed);
     id
 }
 
@@ -68,9 +92,12 @@ pub(crate) fn register(host: Host) -> u64 {
 pub(crate) fn unregister(id: u64) {
     let removed = {
         let mut live = lock_live();
-        live.iter()
+        let removed = live
+            .iter()
             .position(|(live_id, _)| *live_id == id)
-            .map(|at| live.remove(at))
+            .map(|at| live.remove(at));
+        LIVE_COUNT.store(live.len(), Ordering::Relaxed);
+        removed
     };
     // Dropped outside the lock: dropping a host runs host code.
     drop(removed);
@@ -82,19 +109,37 @@ fn lock_live() -> std::sync::MutexGuard<'static, Vec<(u64, Host)>> {
 }
 
 /// Makes `host` the log target of this thread until the guard drops.
+///
+/// One thread-local lookup per entry point: in a `dlopen`ed library each lookup is a call to
+/// `__tls_get_addr`, so the guard keeps the slot's address for its restore.
+#[inline]
 pub(crate) fn enter(host: &Host) -> Scope {
-    let prev = CURRENT.with(|current| current.replace(host));
-    Scope { prev }
+    CURRENT.with(|slot| Scope {
+        prev: slot.replace(host),
+        slot,
+    })
+}
+
+/// [`enter`], but only when this library copy serves more than one instance; with one, the
+/// fallback to the live list already names it.
+#[inline]
+pub(crate) fn enter_if_shared(host: &Host) -> Option<Scope> {
+    (LIVE_COUNT.load(Ordering::Relaxed) > 1).then(|| enter(host))
 }
 
 /// Restores the previous log target when dropped.
 pub(crate) struct Scope {
     prev: *const Host,
+    /// This thread's `CURRENT` slot; the raw pointer also keeps `Scope` on this thread.
+    slot: *const Cell<*const Host>,
 }
 
 impl Drop for Scope {
+    #[inline]
     fn drop(&mut self) {
-        CURRENT.with(|current| current.set(self.prev));
+        // SAFETY: `slot` is this thread's `CURRENT`, which lives as long as the thread; the
+        // guard cannot leave the thread (`*const` is not `Send`).
+        unsafe { (*self.slot).set(self.prev) };
     }
 }
 
@@ -111,14 +156,18 @@ fn with_host<R>(f: impl FnOnce(&Host) -> R) -> Option<R> {
 }
 
 /// Runs one entry point's body, turning a panic into a [`PluginError`] with its text.
+#[inline]
 pub(crate) fn catch<R>(body: impl FnOnce() -> R) -> Result<R, PluginError> {
-    LAST_PANIC.with(|last| last.borrow_mut().take());
     match catch_unwind(AssertUnwindSafe(body)) {
         Ok(value) => Ok(value),
         Err(payload) => {
+            let plain = payload_text(&*payload);
+            // The hook recorded the text with its location; it is ours only if it describes
+            // this payload (a plugin that replaced the hook leaves a stale or no record).
             let text = LAST_PANIC
                 .with(|last| last.borrow_mut().take())
-                .unwrap_or_else(|| format!("panicked: {}", payload_text(&*payload)));
+                .filter(|recorded| recorded.ends_with(&plain))
+                .unwrap_or_else(|| format!("panicked: {plain}"));
             // A payload whose destructor panics must not unwind out of the entry point.
             if let Err(nested) = catch_unwind(AssertUnwindSafe(|| drop(payload))) {
                 std::mem::forget(nested);
@@ -191,6 +240,7 @@ impl Subscriber for Bridge {
         });
     }
 
+    #[inline]
     fn enter(&self, _: &Id) {}
 
     fn exit(&self, _: &Id) {}

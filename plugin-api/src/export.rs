@@ -13,8 +13,8 @@ use abi_stable::{
 
 use crate::{
     abi::{
-        InstanceVTable, InstanceVTableRef, PluginError, PluginErrorKind, PluginMod, PluginModRef,
-        RawHost, RawInstance, RawMessage, RawOutcome_NE,
+        InstanceVTable, InstanceVTableRef, OutcomeDetail, OutcomeKind, PluginError,
+        PluginErrorKind, PluginMod, PluginModRef, RawHost, RawInstance, RawMessage,
     },
     bridge,
     sdk::{Host, Message, Plugin},
@@ -91,16 +91,31 @@ impl<P: Plugin> Entry<P> {
     /// `InstanceVTable::handle` for `P`.
     ///
     /// # Safety
-    /// `obj` is a live instance made by `instantiate` for `P`, not used concurrently.
+    /// `obj` is a live instance made by `instantiate` for `P`, not used concurrently;
+    /// `detail` is valid for writing an `OutcomeDetail`.
     unsafe extern "C" fn handle(
         obj: *mut ErasedObject,
         message: RawMessage,
-    ) -> RResult<RawOutcome_NE, PluginError> {
+        detail: *mut OutcomeDetail,
+    ) -> OutcomeKind {
         // SAFETY: per this function's contract `obj` is an exclusive `InstanceBox<P>`.
         let this = unsafe { &mut *obj.cast::<InstanceBox<P>>() };
-        let _scope = bridge::enter(&this.host);
+        let _scope = bridge::enter_if_shared(&this.host);
         let message = Message::from_raw(message);
-        bridge::catch(|| this.plugin.handle(message).into_raw()).into()
+        match bridge::catch(|| this.plugin.handle(message)) {
+            // SAFETY: `detail` is writable, per this function's contract.
+            Ok(outcome) => unsafe { outcome.into_raw(detail) },
+            Err(panic) => {
+                // SAFETY: as above; every non-Ack kind initialises the whole detail.
+                unsafe {
+                    detail.write(OutcomeDetail {
+                        retry_after: None.into(),
+                        reason: panic.message,
+                    })
+                };
+                OutcomeKind::PANICKED
+            }
+        }
     }
 
     /// `InstanceVTable::shutdown` for `P`.

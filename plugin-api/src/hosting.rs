@@ -7,6 +7,7 @@
 use std::{
     fmt,
     marker::PhantomData,
+    mem::MaybeUninit,
     panic::{AssertUnwindSafe, catch_unwind},
     sync::Arc,
 };
@@ -21,8 +22,8 @@ use abi_stable::{
 use crate::{
     abi::{
         HostVTable, HostVTableRef, KeyValue, LogLevel, MessageVTable, MessageVTableRef,
-        PluginError, PluginErrorKind, PluginModRef, PublishError as RawPublishError, RawHost,
-        RawInstance, RawMessage, RawOutcome, RawOutcome_NE,
+        OutcomeDetail, OutcomeKind, PluginError, PluginErrorKind, PluginModRef,
+        PublishError as RawPublishError, RawHost, RawInstance, RawMessage,
     },
     sdk::{Level, MessageId, Outcome, PublishError},
 };
@@ -47,6 +48,7 @@ pub trait Delivery: Send + Sync + 'static {
 }
 
 /// A new message handle holding one strong reference to `delivery`.
+#[inline]
 pub fn message_handle<D: Delivery>(delivery: Arc<D>) -> RawMessage {
     RawMessage {
         ctx: Arc::into_raw(delivery).cast::<ErasedObject>(),
@@ -100,6 +102,7 @@ impl<D: Delivery> DeliveryVTable<D> {
 
     const VTABLE_REF: MessageVTableRef = MessageVTableRef(Self::VTABLE.as_prefix());
 
+    #[inline]
     fn get(ctx: &ErasedObject) -> &D {
         // SAFETY: per the invariant above, `ctx` points at a live `D`.
         unsafe { &*(ctx as *const ErasedObject).cast::<D>() }
@@ -173,6 +176,7 @@ impl<S: Services> ServicesVTable<S> {
 
     const VTABLE_REF: HostVTableRef = HostVTableRef(Self::VTABLE.as_prefix());
 
+    #[inline]
     fn get(ctx: &ErasedObject) -> &S {
         // SAFETY: per the invariant above, `ctx` points at a live `S`.
         unsafe { &*(ctx as *const ErasedObject).cast::<S>() }
@@ -301,22 +305,30 @@ impl From<PluginError> for CallError {
     }
 }
 
-fn outcome_from_raw(raw: RawOutcome_NE) -> Result<Outcome, CallError> {
-    match raw.into_enum() {
-        Ok(RawOutcome::Ack) => Ok(Outcome::Ack),
-        Ok(RawOutcome::Retry { after, reason }) => Ok(Outcome::Retry {
-            after: after.into_option().map(Into::into),
-            reason: reason.into_string(),
+/// Reads what `handle` wrote for an outcome other than Ack, copying every string into host
+/// memory.
+fn outcome_from_raw(kind: OutcomeKind, detail: OutcomeDetail) -> Result<Outcome, CallError> {
+    let OutcomeDetail {
+        retry_after,
+        reason,
+    } = detail;
+    let reason = reason.into_string();
+    match kind {
+        OutcomeKind::ACK => Ok(Outcome::Ack),
+        OutcomeKind::RETRY => Ok(Outcome::Retry {
+            after: retry_after.into_option().map(Into::into),
+            reason,
         }),
-        Ok(RawOutcome::Reject { reason }) => Ok(Outcome::Reject {
-            reason: reason.into_string(),
+        OutcomeKind::REJECT => Ok(Outcome::Reject { reason }),
+        OutcomeKind::PANICKED => Err(CallError {
+            kind: CallErrorKind::Panic,
+            message: reason,
         }),
-        Err(unknown) => Err(CallError {
+        OutcomeKind(unknown) => Err(CallError {
             kind: CallErrorKind::Unknown,
             message: format!(
-                "the plugin returned an outcome this daemon does not know (discriminant {}); \
-                 it was built against a newer plugind-api",
-                unknown.into_inner().get_discriminant()
+                "the plugin returned an outcome this daemon does not know ({unknown}); it was \
+                 built against a newer plugind-api"
             ),
         }),
     }
@@ -350,6 +362,7 @@ impl Instance {
         }
     }
 
+    #[inline]
     fn raw(&self) -> &RawInstance {
         self.raw
             .as_ref()
@@ -360,15 +373,20 @@ impl Instance {
     ///
     /// # Errors
     /// [`CallError`] when the plugin panicked or answered with an unknown outcome.
+    #[inline]
     pub fn handle(&mut self, message: RawMessage) -> Result<Outcome, CallError> {
         let raw = self.raw();
+        let mut detail = MaybeUninit::<OutcomeDetail>::uninit();
         // SAFETY: `obj` is live (not yet shut down or destroyed) and `&mut self` makes this
-        // the only call into it.
-        let result = unsafe { (raw.vtable.handle())(raw.obj, message) };
-        match result {
-            RResult::ROk(outcome) => outcome_from_raw(outcome),
-            RResult::RErr(e) => Err(e.into()),
+        // the only call into it; `detail` is valid for the write the plugin may make.
+        let kind = unsafe { (raw.vtable.handle())(raw.obj, message, detail.as_mut_ptr()) };
+        if kind == OutcomeKind::ACK {
+            // Ack leaves the detail untouched: nothing was written, nothing to drop.
+            return Ok(Outcome::Ack);
         }
+        // SAFETY: for every kind but ACK the plugin initialised the detail (ABI contract of
+        // `OutcomeDetail`), and it is read exactly once.
+        outcome_from_raw(kind, unsafe { detail.assume_init() })
     }
 
     /// Runs the plugin's shutdown and frees the instance.

@@ -4,7 +4,7 @@
 //! A plugin is a `cdylib` crate that implements [`Plugin`] and calls [`export_plugin!`]; it
 //! writes no `unsafe`, no `extern` and sees no abi_stable type:
 //!
-//! ```ignore
+//! ```
 //! use plugind_api::{Host, Message, Outcome, Plugin};
 //!
 //! pub struct Echo;
@@ -26,6 +26,7 @@
 //! }
 //!
 //! plugind_api::export_plugin!(Echo);
+//! # fn main() {}
 //! ```
 //!
 //! # Layout

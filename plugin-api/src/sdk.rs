@@ -112,18 +112,25 @@ impl Outcome {
         }
     }
 
-    pub(crate) fn into_raw(self) -> abi::RawOutcome_NE {
-        let raw = match self {
-            Self::Ack => abi::RawOutcome::Ack,
-            Self::Retry { after, reason } => abi::RawOutcome::Retry {
-                after: after.map(Into::into).into(),
-                reason: reason.into(),
-            },
-            Self::Reject { reason } => abi::RawOutcome::Reject {
-                reason: reason.into(),
-            },
+    /// Writes this outcome across the boundary: the kind, and unless it is Ack, the detail.
+    ///
+    /// # Safety
+    /// `detail` is valid for a write of an `OutcomeDetail` (it may be uninitialised).
+    #[inline]
+    pub(crate) unsafe fn into_raw(self, detail: *mut abi::OutcomeDetail) -> abi::OutcomeKind {
+        let (kind, retry_after, reason) = match self {
+            Self::Ack => return abi::OutcomeKind::ACK,
+            Self::Retry { after, reason } => (abi::OutcomeKind::RETRY, after, reason),
+            Self::Reject { reason } => (abi::OutcomeKind::REJECT, None, reason),
         };
-        abi::RawOutcome_NE::new(raw)
+        let written = abi::OutcomeDetail {
+            retry_after: retry_after.map(Into::into).into(),
+            reason: reason.into(),
+        };
+        // SAFETY: per this function's contract; `write` does not drop the uninitialised old
+        // value.
+        unsafe { detail.write(written) };
+        kind
     }
 }
 
@@ -147,10 +154,12 @@ pub struct Message {
 
 impl Message {
     /// Wraps a handle received from the host.
+    #[inline]
     pub(crate) fn from_raw(raw: RawMessage) -> Self {
         Self { raw }
     }
 
+    #[inline]
     fn ctx(&self) -> &abi_stable::marker_type::ErasedObject {
         // SAFETY: `ctx` came from the host's `Delivery` vtable constructor and stays valid
         // while this handle holds its strong reference.
@@ -158,30 +167,35 @@ impl Message {
     }
 
     /// The id the host assigned when it accepted the message.
+    #[inline]
     pub fn id(&self) -> MessageId {
         // SAFETY: the vtable belongs to `ctx` (built together by `hosting`).
         MessageId(unsafe { (self.raw.vtable.id())(self.ctx()) })
     }
 
     /// The 1-based attempt number of this delivery to this instance.
+    #[inline]
     pub fn attempt(&self) -> u32 {
         // SAFETY: as in `id`.
         unsafe { (self.raw.vtable.attempt())(self.ctx()) }
     }
 
     /// The topic it was published to.
+    #[inline]
     pub fn topic(&self) -> &str {
         // SAFETY: as in `id`; the host hands out valid UTF-8 that lives as long as `ctx`.
         unsafe { (self.raw.vtable.topic())(self.ctx()) }.as_str()
     }
 
     /// The payload, borrowed from the host's buffer.
+    #[inline]
     pub fn payload(&self) -> &[u8] {
         // SAFETY: as in `id`.
         unsafe { (self.raw.vtable.payload())(self.ctx()) }.as_slice()
     }
 
     /// When the host accepted the message.
+    #[inline]
     pub fn publish_time(&self) -> SystemTime {
         // SAFETY: as in `id`.
         let nanos = unsafe { (self.raw.vtable.publish_time_unix_nanos())(self.ctx()) };
@@ -189,6 +203,7 @@ impl Message {
     }
 
     /// The first header named `name`.
+    #[inline]
     pub fn header(&self, name: &str) -> Option<&str> {
         // SAFETY: as in `id`; the returned string borrows `ctx`, not `name`.
         let found = unsafe { (self.raw.vtable.header())(self.ctx(), RStr::from_str(name)) };
@@ -196,6 +211,7 @@ impl Message {
     }
 
     /// Every header, in publish order.
+    #[inline]
     pub fn headers(&self) -> Headers<'_> {
         // SAFETY: as in `id`.
         let len = unsafe { (self.raw.vtable.header_count())(self.ctx()) };
@@ -208,6 +224,7 @@ impl Message {
 }
 
 impl Clone for Message {
+    #[inline]
     fn clone(&self) -> Self {
         // SAFETY: `clone_ctx` returns a new strong reference to the same delivery.
         let ctx = unsafe { (self.raw.vtable.clone_ctx())(self.raw.ctx) };
@@ -221,6 +238,7 @@ impl Clone for Message {
 }
 
 impl Drop for Message {
+    #[inline]
     fn drop(&mut self) {
         // SAFETY: this handle owns one strong reference and never uses `ctx` again.
         unsafe { (self.raw.vtable.drop_ctx())(self.raw.ctx) }
@@ -290,6 +308,7 @@ impl Level {
     }
 
     /// The level of a raw value; unknown (newer) values read as `Trace`.
+    #[inline]
     pub fn from_raw(raw: LogLevel) -> Self {
         match raw {
             LogLevel::ERROR => Self::Error,
@@ -327,6 +346,7 @@ pub enum PublishErrorKind {
 }
 
 impl PublishErrorKind {
+    #[inline]
     pub(crate) fn from_raw(raw: RawPublishErrorKind) -> Self {
         match raw {
             RawPublishErrorKind::INVALID => Self::Invalid,
@@ -367,10 +387,12 @@ pub struct Host {
 }
 
 impl Host {
+    #[inline]
     pub(crate) fn from_raw(raw: RawHost) -> Self {
         Self { raw }
     }
 
+    #[inline]
     fn ctx(&self) -> &abi_stable::marker_type::ErasedObject {
         // SAFETY: `ctx` came from the host's `Services` vtable constructor and stays valid
         // while this handle holds its strong reference.
@@ -378,6 +400,7 @@ impl Host {
     }
 
     /// The instance name from `plugins.toml`.
+    #[inline]
     pub fn instance_name(&self) -> &str {
         // SAFETY: the vtable belongs to `ctx`; the string lives as long as `ctx`.
         unsafe { (self.raw.vtable.instance_name())(self.ctx()) }.as_str()
@@ -385,6 +408,7 @@ impl Host {
 
     /// The generation of this instance (grows with every new library version or
     /// re-instantiation).
+    #[inline]
     pub fn generation(&self) -> u64 {
         // SAFETY: as in `instance_name`.
         unsafe { (self.raw.vtable.generation())(self.ctx()) }
@@ -460,6 +484,7 @@ impl Host {
 }
 
 impl Clone for Host {
+    #[inline]
     fn clone(&self) -> Self {
         // SAFETY: `clone_ctx` returns a new strong reference to the same services.
         let ctx = unsafe { (self.raw.vtable.clone_ctx())(self.raw.ctx) };
@@ -471,6 +496,7 @@ impl Clone for Host {
 }
 
 impl Drop for Host {
+    #[inline]
     fn drop(&mut self) {
         // SAFETY: this handle owns one strong reference and never uses `ctx` again.
         unsafe { (self.raw.vtable.drop_ctx())(self.raw.ctx) }

@@ -34,9 +34,9 @@ use std::{
 
 use crate::{
     abi::{KeyValue, PluginModRef},
-    export,
+    bridge, export,
     hosting::{self, CallError, Delivery, Instance, Services},
-    sdk::{Level, MessageId, Outcome, Plugin, PublishError},
+    sdk::{Level, Message, MessageId, Outcome, Plugin, PublishError},
 };
 
 /// A message built by a test.
@@ -106,6 +106,12 @@ impl Delivery for TestMessage {
         let (key, value) = &self.headers[index];
         (key, value)
     }
+}
+
+/// A [`Message`] over `message`, for calling a plugin's `handle` directly (without the
+/// entry points a [`Harness`] goes through).
+pub fn message(message: TestMessage) -> Message {
+    Message::from_raw(hosting::message_handle(Arc::new(message)))
 }
 
 /// One log event a plugin recorded.
@@ -194,11 +200,19 @@ impl Services for TestServices {
 }
 
 /// A plugin instance under test, called through the real entry points.
-#[derive(Debug)]
 pub struct Harness<P: Plugin> {
     instance: Option<Instance>,
     services: Arc<TestServices>,
     _plugin: PhantomData<fn() -> P>,
+}
+
+impl<P: Plugin> std::fmt::Debug for Harness<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Harness")
+            .field("plugin", &P::NAME)
+            .field("instance", &self.services.instance)
+            .finish_non_exhaustive()
+    }
 }
 
 extern "C" fn no_manifest() -> abi_stable::std_types::RSlice<'static, u8> {
@@ -229,6 +243,8 @@ impl<P: Plugin> Harness<P> {
             generation,
             state: Mutex::default(),
         });
+        // The plugin runs in this process: keep the test's own panic output.
+        bridge::chain_previous_hook();
         let module: PluginModRef = export::root_module::<P>(no_manifest);
         // SAFETY: the module's code is linked into this process; it is never unloaded.
         let instance = unsafe {
@@ -284,5 +300,179 @@ impl<P: Plugin> Harness<P> {
             .take()
             .expect("the harness holds its instance until shutdown consumes the harness")
             .shutdown()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{BoxError, Host, PublishErrorKind, hosting::CallErrorKind};
+
+    /// Echoes what it reads back as the retry reason, so every accessor is observable.
+    struct Inspect {
+        host: Host,
+    }
+
+    #[derive(serde::Deserialize)]
+    struct InspectConfig {
+        fail_new: bool,
+    }
+
+    impl Plugin for Inspect {
+        const NAME: &'static str = "inspect";
+        const VERSION: &'static str = "9.9.9";
+        type Config = InspectConfig;
+
+        fn new(config: InspectConfig, host: Host) -> Result<Self, BoxError> {
+            if config.fail_new {
+                return Err("refused by config".into());
+            }
+            Ok(Self { host })
+        }
+
+        fn handle(&mut self, msg: Message) -> Outcome {
+            match msg.topic() {
+                "panic" => panic!("boom at attempt {}", msg.attempt()),
+                "publish" => {
+                    match self
+                        .host
+                        .publish_with_headers("out", msg.payload(), &[("h", "v")])
+                    {
+                        Ok(id) => Outcome::retry(format!("published {id}")),
+                        Err(e) => Outcome::reject(format!("{:?}: {}", e.kind, e.message)),
+                    }
+                }
+                _ => {
+                    let copy = msg.clone();
+                    drop(msg);
+                    let headers: Vec<String> =
+                        copy.headers().map(|(k, v)| format!("{k}={v}")).collect();
+                    let since_epoch = copy.publish_time().duration_since(UNIX_EPOCH).unwrap();
+                    Outcome::retry_after(
+                        Duration::from_secs(copy.attempt().into()),
+                        format!(
+                            "id={} topic={} payload={} headers={} first-b={:?} missing={:?} \
+                             t={} host={}#{}",
+                            copy.id(),
+                            copy.topic(),
+                            String::from_utf8_lossy(copy.payload()),
+                            headers.join(","),
+                            copy.header("b"),
+                            copy.header("zz"),
+                            since_epoch.as_secs(),
+                            self.host.instance_name(),
+                            self.host.generation(),
+                        ),
+                    )
+                }
+            }
+        }
+    }
+
+    fn harness() -> Harness<Inspect> {
+        Harness::with_identity(serde_json::json!({"fail_new": false}), "inst", 4).unwrap()
+    }
+
+    #[test]
+    fn every_message_accessor_reads_through_the_handle() {
+        let mut h = harness();
+        let mut message = TestMessage::new("a.b", "pay")
+            .id(42)
+            .attempt(3)
+            .header("a", "1")
+            .header("b", "2")
+            .header("b", "3");
+        message.publish_time = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(
+            h.handle(message),
+            Ok(Outcome::Retry {
+                after: Some(Duration::from_secs(3)),
+                reason: "id=42 topic=a.b payload=pay headers=a=1,b=2,b=3 first-b=Some(\"2\") \
+                         missing=None t=1700000000 host=inst#4"
+                    .to_owned()
+            })
+        );
+    }
+
+    #[test]
+    fn a_panic_in_handle_is_a_failed_call_and_the_instance_keeps_working() {
+        let mut h = harness();
+        let e = h
+            .handle(TestMessage::new("panic", "").attempt(2))
+            .unwrap_err();
+        assert_eq!(e.kind, CallErrorKind::Panic);
+        assert!(e.message.starts_with("panicked at "), "{}", e.message);
+        assert!(e.message.ends_with("boom at attempt 2"), "{}", e.message);
+        assert!(
+            h.logs()
+                .iter()
+                .any(|l| l.target == "panic" && l.level == Level::Error)
+        );
+        assert!(h.handle(TestMessage::new("ok", "")).is_ok());
+    }
+
+    #[test]
+    fn publish_results_and_refusals_reach_the_plugin() {
+        let mut h = harness();
+        assert_eq!(
+            h.handle(TestMessage::new("publish", "x")),
+            Ok(Outcome::retry("published 1"))
+        );
+        assert_eq!(
+            h.published(),
+            [Published {
+                topic: "out".to_owned(),
+                payload: b"x".to_vec(),
+                headers: vec![("h".to_owned(), "v".to_owned())],
+            }]
+        );
+        h.refuse_publish(PublishError {
+            kind: PublishErrorKind::ResourceExhausted,
+            message: "backlog of sink is full".to_owned(),
+        });
+        assert_eq!(
+            h.handle(TestMessage::new("publish", "x")),
+            Ok(Outcome::reject(
+                "ResourceExhausted: backlog of sink is full"
+            ))
+        );
+    }
+
+    #[test]
+    fn new_errors_and_bad_configs_are_reported_with_their_text() {
+        let e = Harness::<Inspect>::new(serde_json::json!({"fail_new": true})).unwrap_err();
+        assert_eq!(
+            (e.kind, e.message.as_str()),
+            (CallErrorKind::Error, "refused by config")
+        );
+        let e = Harness::<Inspect>::new(serde_json::json!({})).unwrap_err();
+        assert_eq!(e.kind, CallErrorKind::Config);
+        assert!(
+            e.message.contains("missing field `fail_new`"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn unknown_kinds_from_a_newer_peer_are_kept_apart() {
+        use crate::abi::{LogLevel, PublishErrorKind as Raw};
+        assert_eq!(
+            PublishErrorKind::from_raw(Raw(200)),
+            PublishErrorKind::Other(200)
+        );
+        assert_eq!(PublishErrorKind::Other(200).to_raw(), Raw(200));
+        assert_eq!(Level::from_raw(LogLevel(77)), Level::Trace);
+        for kind in [
+            PublishErrorKind::Invalid,
+            PublishErrorKind::ResourceExhausted,
+            PublishErrorKind::HopLimit,
+            PublishErrorKind::ShuttingDown,
+            PublishErrorKind::Unavailable,
+        ] {
+            assert_eq!(PublishErrorKind::from_raw(kind.to_raw()), kind);
+        }
     }
 }

@@ -88,19 +88,7 @@ fn build_workspace(profile: Profile) {
 }
 
 fn cargo_build(manifest: &Path, profile: Profile) {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let output = Command::new(cargo)
-        .arg("build")
-        .arg("--quiet")
-        .arg("--manifest-path")
-        .arg(manifest)
-        .arg("--profile")
-        .arg(profile.name())
-        .arg("--target-dir")
-        .arg(target_dir())
-        .env_remove("CARGO_TARGET_DIR")
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+    let output = cargo_build_command(manifest, profile.name())
         .output()
         .expect("cargo runs");
     assert!(
@@ -109,6 +97,34 @@ fn cargo_build(manifest: &Path, profile: Profile) {
         manifest.display(),
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+fn cargo_build_command(manifest: &Path, profile: &str) -> Command {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(cargo);
+    command
+        .arg("build")
+        .arg("--quiet")
+        .arg("--manifest-path")
+        .arg(manifest)
+        .arg("--profile")
+        .arg(profile)
+        .arg("--target-dir")
+        .arg(target_dir())
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS");
+    command
+}
+
+/// Builds fixture crate `package` with the fixture workspace's profile `profile` and returns
+/// cargo's output, success or not (for builds that must fail).
+pub fn try_build(package: &str, profile: &str) -> std::process::Output {
+    cargo_build_command(&repo_root().join("tests/fixtures/Cargo.toml"), profile)
+        .arg("--package")
+        .arg(package)
+        .output()
+        .expect("cargo runs")
 }
 
 /// A fixture built against a modified copy of `plugind-api`.

@@ -239,3 +239,47 @@ fn plugin_tracing_events_reach_the_host_tagged_with_their_instance() {
     assert_eq!(handled.field("payload_len"), Some("5"));
     assert_eq!(handled.field("attempt"), Some("3"));
 }
+
+#[test]
+fn a_plugin_built_with_panic_abort_does_not_compile() {
+    let output = fixtures::try_build("fx-noop", "abort");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "the abort build must fail");
+    assert!(
+        stderr.contains("plugind plugins must be built with `panic = \"unwind\"`"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn two_live_instances_in_one_library_copy_log_to_their_own_host() {
+    // The daemon loads a copy per instance; a host that shares a copy still gets each
+    // instance's events routed to that instance (the per-call thread mark).
+    let lib = load(&fixtures::library("fx-echo", Profile::Dev));
+    let (left, right) = (
+        Recorder::new("left", "0.1.0", 1),
+        Recorder::new("right", "0.1.0", 2),
+    );
+    let mut a = lib
+        .instantiate(r#"{"label":"left"}"#, left.handle())
+        .unwrap();
+    let mut b = lib
+        .instantiate(r#"{"label":"right"}"#, right.handle())
+        .unwrap();
+    for _ in 0..3 {
+        a.handle(message(TestMessage::new("echo.a", "x"))).unwrap();
+        b.handle(message(TestMessage::new("echo.b", "y"))).unwrap();
+    }
+    for (recorder, label) in [(&left, "left"), (&right, "right")] {
+        let handled: Vec<_> = recorder
+            .logs()
+            .into_iter()
+            .filter(|l| l.message == "handled")
+            .collect();
+        assert_eq!(handled.len(), 3, "{label}");
+        assert!(
+            handled.iter().all(|l| l.field("label") == Some(label)),
+            "{handled:?}"
+        );
+    }
+}
