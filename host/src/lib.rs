@@ -4,7 +4,7 @@
 //!
 //! - [`loader`]: turns a plugin library file into callable plugin code (the only module
 //!   that loads libraries).
-//!
-//! The binary (`src/main.rs`) only parses arguments and calls into this library.
+//! - [`cli`]: the commands of the `plugind` binary (`src/main.rs` only parses arguments).
 
+pub mod cli;
 pub mod loader;

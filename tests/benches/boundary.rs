@@ -14,7 +14,7 @@
 
 use std::{hint::black_box, sync::Arc, time::Instant};
 
-use plugind::loader::Library;
+use plugind::loader::{self, Policy};
 use plugind_api::{
     Plugin as _, hosting,
     testing::{self, TestMessage},
@@ -53,8 +53,11 @@ fn median(mut samples: Vec<f64>) -> f64 {
 
 fn main() {
     let json = std::env::args().any(|a| a == "--json");
-    let lib = Library::load(&fixtures::library("fx-noop", Profile::Release))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let lib = loader::load(
+        &fixtures::library("fx-noop", Profile::Release),
+        &Policy::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     let recorder = Recorder::new("bench", "0.1.0", 1);
     let mut instance = lib
         .instantiate("{}", recorder.handle())

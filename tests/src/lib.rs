@@ -5,8 +5,10 @@
 //! - [`fixtures`]: the fixture plugins (`tests/fixtures/`), built on first use by every test
 //!   binary that needs them, including the libraries built against modified copies of
 //!   `plugind-api`.
+//! - [`binary`]: the real `plugind` binary, built once.
 //! - [`recording`]: host services that record what a plugin logs and publishes, tagged the
 //!   way the daemon tags them.
 
+pub mod binary;
 pub mod fixtures;
 pub mod recording;

@@ -6,7 +6,7 @@
 use std::{sync::Arc, time::Duration};
 
 use object::Object as _;
-use plugind::loader::{Checked, Library, LoadError};
+use plugind::loader::{self, Checked, Library, LoadError, Policy};
 use plugind_api::{
     Level, Outcome,
     hosting::{self, CallErrorKind},
@@ -17,8 +17,9 @@ use plugind_tests::{
     recording::Recorder,
 };
 
+/// Loads in this process without a probe: these fixtures are known not to crash at load.
 fn load(path: &std::path::Path) -> Library {
-    Library::load(path).unwrap_or_else(|e| panic!("{e}"))
+    loader::load(path, &Policy::default()).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn message(msg: TestMessage) -> plugind_api::abi::RawMessage {
@@ -78,32 +79,28 @@ fn a_panic_in_every_entry_point_comes_back_as_its_text() {
     let lib = load(&fixtures::library("fx-faulty", Profile::Dev));
     let recorder = Recorder::new("faulty", "0.1.0", 1);
 
-    let e = lib
-        .instantiate(r#"{"fail":"new-panic"}"#, recorder.handle())
-        .unwrap_err();
-    assert_eq!(e.kind, CallErrorKind::Panic);
-    assert!(
-        e.message.contains("fx-faulty refuses to start"),
-        "{}",
-        e.message
-    );
-    assert!(
-        e.message.contains("src/lib.rs"),
-        "the location is kept: {}",
-        e.message
-    );
-
-    let e = lib
-        .instantiate(r#"{"fail":"new-error"}"#, recorder.handle())
-        .unwrap_err();
-    assert_eq!(e.kind, CallErrorKind::Error);
-    assert_eq!(e.message, "fx-faulty: no database at db.example:5432");
-
-    let e = lib
-        .instantiate(r#"{"fial":"typo"}"#, recorder.handle())
-        .unwrap_err();
-    assert_eq!(e.kind, CallErrorKind::Config);
-    assert!(e.message.contains("unknown field `fial`"), "{}", e.message);
+    match lib.instantiate(r#"{"fail":"new-panic"}"#, recorder.handle()) {
+        Err(LoadError::NewPanicked { message, .. }) => {
+            assert!(message.contains("fx-faulty refuses to start"), "{message}");
+            assert!(
+                message.contains("src/lib.rs"),
+                "the location is kept: {message}"
+            );
+        }
+        other => panic!("expected NewPanicked, got {other:?}"),
+    }
+    match lib.instantiate(r#"{"fail":"new-error"}"#, recorder.handle()) {
+        Err(LoadError::NewFailed { message, .. }) => {
+            assert_eq!(message, "fx-faulty: no database at db.example:5432")
+        }
+        other => panic!("expected NewFailed, got {other:?}"),
+    }
+    match lib.instantiate(r#"{"fial":"typo"}"#, recorder.handle()) {
+        Err(LoadError::ConfigRejected { message, .. }) => {
+            assert!(message.contains("unknown field `fial`"), "{message}")
+        }
+        other => panic!("expected ConfigRejected, got {other:?}"),
+    }
 
     let mut instance = lib
         .instantiate(r#"{"fail":"handle-panic"}"#, recorder.handle())
@@ -151,7 +148,7 @@ fn the_manifest_survives_lto_and_strip_and_matches_the_root_module() {
         elf.section_by_name(".symtab").is_none(),
         "the tiny fixture is really stripped"
     );
-    let checked = Checked::inspect(&path, bytes.clone()).unwrap();
+    let checked = Checked::from_bytes(&path, bytes.clone()).unwrap();
     assert_eq!(checked.manifest().name, "fx-echo");
     // Loading cross-checks the section against the manifest the root module returns.
     let lib = load(&path);
@@ -167,7 +164,7 @@ fn the_manifest_survives_lto_and_strip_and_matches_the_root_module() {
 #[test]
 fn an_incompatible_abi_is_refused_naming_the_difference() {
     let path = fixtures::variant(Variant::Incompatible);
-    match Library::load(&path) {
+    match loader::load(&path, &Policy::default()) {
         Err(LoadError::IncompatibleAbi { detail, .. }) => {
             assert!(
                 detail.starts_with("incompatible type size (expected 1, found 2)"),
@@ -197,7 +194,10 @@ fn a_field_appended_after_the_last_prefix_field_still_loads() {
 
 #[test]
 fn a_library_without_the_root_module_is_not_a_plugin() {
-    match Library::load(&fixtures::library("fx-noroot", Profile::Dev)) {
+    match loader::load(
+        &fixtures::library("fx-noroot", Profile::Dev),
+        &Policy::default(),
+    ) {
         Err(LoadError::NotAPlugin { detail, .. }) => {
             assert!(
                 detail.contains("_1as_0lib_1header_0root_bmodule_bloader"),

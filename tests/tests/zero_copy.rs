@@ -12,7 +12,7 @@ use std::{
     sync::Arc,
 };
 
-use plugind::loader::Library;
+use plugind::loader::{self, Policy};
 use plugind_api::{Outcome, hosting, testing::TestMessage};
 use plugind_tests::{
     fixtures::{self, Profile},
@@ -56,7 +56,11 @@ fn allocations() -> u64 {
 
 #[test]
 fn plugins_read_the_hosts_payload_buffer_in_place() {
-    let lib = Library::load(&fixtures::library("fx-echo", Profile::Dev)).unwrap();
+    let lib = loader::load(
+        &fixtures::library("fx-echo", Profile::Dev),
+        &Policy::default(),
+    )
+    .unwrap();
     let message = Arc::new(TestMessage::new("echo.x", vec![0x5a; 256]));
     let host_address = message.payload.as_ptr() as usize;
     for name in ["left", "right"] {
@@ -85,7 +89,11 @@ fn plugins_read_the_hosts_payload_buffer_in_place() {
 
 #[test]
 fn handing_one_message_to_two_instances_allocates_nothing() {
-    let lib = Library::load(&fixtures::library("fx-noop", Profile::Dev)).unwrap();
+    let lib = loader::load(
+        &fixtures::library("fx-noop", Profile::Dev),
+        &Policy::default(),
+    )
+    .unwrap();
     let recorder = Recorder::new("noop", "0.1.0", 1);
     let mut first = lib.instantiate("{}", recorder.handle()).unwrap();
     let mut second = lib.instantiate("{}", recorder.handle()).unwrap();

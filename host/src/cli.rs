@@ -1,0 +1,19 @@
+//! The commands of the `plugind` binary, one module each; `main.rs` only parses arguments.
+//! Every command prints `plugind: <context>: <cause>` on failure and returns its exit code.
+
+pub mod inspect;
+
+use std::process::ExitCode;
+
+/// Exit code: a runtime failure (for `check` and `inspect`: a library was refused).
+pub const EXIT_FAILURE: u8 = 1;
+/// Exit code: a usage error.
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code: the configuration is invalid (sysexits EX_CONFIG).
+pub const EXIT_CONFIG: u8 = 78;
+
+/// Prints `plugind: <message>` to stderr and returns `code`.
+pub fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("plugind: {message}");
+    ExitCode::from(code)
+}

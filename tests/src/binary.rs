@@ -1,0 +1,38 @@
+//! The real `plugind` binary, built once per test process (a no-op when it is current).
+
+use std::{path::PathBuf, process::Command, sync::OnceLock};
+
+use crate::fixtures::repo_root;
+
+/// The path of `target/debug/plugind`, built from the workspace.
+///
+/// # Panics
+/// If the build fails (with cargo's output).
+pub fn plugind() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let output = Command::new(cargo)
+                .current_dir(repo_root())
+                .args([
+                    "build",
+                    "--quiet",
+                    "--package",
+                    "plugind",
+                    "--bin",
+                    "plugind",
+                ])
+                .output()
+                .expect("cargo runs");
+            assert!(
+                output.status.success(),
+                "building plugind failed:\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map_or_else(|| repo_root().join("target"), PathBuf::from);
+            target.join("debug").join("plugind")
+        })
+        .clone()
+}
