@@ -21,6 +21,7 @@
 
 use std::{
     fmt,
+    mem::ManuallyDrop,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
@@ -322,7 +323,7 @@ impl Library {
         let path = self.inner.origin.clone();
         match instance {
             Ok(instance) => Ok(PluginInstance {
-                instance: Some(instance),
+                instance: ManuallyDrop::new(instance),
                 library: self.clone(),
             }),
             Err(CallError { kind, message }) => Err(match kind {
@@ -365,8 +366,8 @@ impl Drop for Loaded {
 /// One plugin instance together with the library it came from.
 #[derive(Debug)]
 pub struct PluginInstance {
-    // Invariant: declared before `library`, so it is dropped first.
-    instance: Option<Instance>,
+    // Invariant: dropped (or shut down) before `library`, which keeps its code mapped.
+    instance: ManuallyDrop<Instance>,
     library: Library,
 }
 
@@ -377,26 +378,34 @@ impl PluginInstance {
     /// [`CallError`] when the plugin panicked or answered with an unknown outcome.
     #[inline]
     pub fn handle(&mut self, message: RawMessage) -> Result<Outcome, CallError> {
-        self.instance
-            .as_mut()
-            .expect("a PluginInstance holds its instance until shutdown consumes it")
-            .handle(message)
+        self.instance.handle(message)
     }
 
     /// Runs the plugin's shutdown and frees the instance.
     ///
     /// # Errors
     /// [`CallError`] when the plugin's shutdown panicked.
-    pub fn shutdown(mut self) -> Result<(), CallError> {
-        self.instance
-            .take()
-            .expect("a PluginInstance holds its instance until shutdown consumes it")
-            .shutdown()
+    pub fn shutdown(self) -> Result<(), CallError> {
+        let mut this = ManuallyDrop::new(self);
+        // SAFETY: taken exactly once; `this` is never dropped, so `Drop` does not take it
+        // again. The library clone is released after the instance is gone.
+        let instance = unsafe { ManuallyDrop::take(&mut this.instance) };
+        let result = instance.shutdown();
+        // SAFETY: read exactly once from a value that is never dropped.
+        drop(unsafe { std::ptr::read(&this.library) });
+        result
     }
 
     /// The library this instance runs.
     pub fn library(&self) -> &Library {
         &self.library
+    }
+}
+
+impl Drop for PluginInstance {
+    fn drop(&mut self) {
+        // SAFETY: taken exactly once, before `library` drops (it is dropped after this).
+        unsafe { ManuallyDrop::drop(&mut self.instance) }
     }
 }
 

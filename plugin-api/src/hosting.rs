@@ -7,7 +7,7 @@
 use std::{
     fmt,
     marker::PhantomData,
-    mem::MaybeUninit,
+    mem::{ManuallyDrop, MaybeUninit},
     panic::{AssertUnwindSafe, catch_unwind},
     sync::Arc,
 };
@@ -339,8 +339,15 @@ fn outcome_from_raw(kind: OutcomeKind, detail: OutcomeDetail) -> Result<Outcome,
 /// Dropping it without [`Instance::shutdown`] frees it without running the plugin's shutdown.
 #[derive(Debug)]
 pub struct Instance {
-    raw: Option<RawInstance>,
+    // Invariant: live (not shut down or destroyed) for as long as `self` exists; `shutdown`
+    // and `drop` consume it exactly once.
+    raw: RawInstance,
+    /// `raw.vtable.handle()`, read once: the per-call path loads one pointer, not two.
+    handle: HandleFn,
 }
+
+type HandleFn =
+    unsafe extern "C" fn(*mut ErasedObject, RawMessage, *mut OutcomeDetail) -> OutcomeKind;
 
 impl Instance {
     /// Instantiates a plugin through its root module.
@@ -357,16 +364,12 @@ impl Instance {
         host: RawHost,
     ) -> Result<Self, CallError> {
         match (module.instantiate())(RStr::from_str(config_json), host) {
-            RResult::ROk(raw) => Ok(Self { raw: Some(raw) }),
+            RResult::ROk(raw) => Ok(Self {
+                handle: raw.vtable.handle(),
+                raw,
+            }),
             RResult::RErr(e) => Err(e.into()),
         }
-    }
-
-    #[inline]
-    fn raw(&self) -> &RawInstance {
-        self.raw
-            .as_ref()
-            .expect("an Instance holds its RawInstance until shutdown or drop consumes it")
     }
 
     /// Hands one delivery to the plugin.
@@ -375,11 +378,10 @@ impl Instance {
     /// [`CallError`] when the plugin panicked or answered with an unknown outcome.
     #[inline]
     pub fn handle(&mut self, message: RawMessage) -> Result<Outcome, CallError> {
-        let raw = self.raw();
         let mut detail = MaybeUninit::<OutcomeDetail>::uninit();
-        // SAFETY: `obj` is live (not yet shut down or destroyed) and `&mut self` makes this
-        // the only call into it; `detail` is valid for the write the plugin may make.
-        let kind = unsafe { (raw.vtable.handle())(raw.obj, message, detail.as_mut_ptr()) };
+        // SAFETY: `obj` is live (the struct invariant) and `&mut self` makes this the only
+        // call into it; `detail` is valid for the write the plugin may make.
+        let kind = unsafe { (self.handle)(self.raw.obj, message, detail.as_mut_ptr()) };
         if kind == OutcomeKind::ACK {
             // Ack leaves the detail untouched: nothing was written, nothing to drop.
             return Ok(Outcome::Ack);
@@ -393,13 +395,11 @@ impl Instance {
     ///
     /// # Errors
     /// [`CallError`] when the plugin's shutdown panicked.
-    pub fn shutdown(mut self) -> Result<(), CallError> {
-        let raw = self
-            .raw
-            .take()
-            .expect("an Instance holds its RawInstance until shutdown or drop consumes it");
-        // SAFETY: `obj` is live and is consumed here; `raw` is not used again.
-        match unsafe { (raw.vtable.shutdown())(raw.obj) } {
+    pub fn shutdown(self) -> Result<(), CallError> {
+        let this = ManuallyDrop::new(self);
+        // SAFETY: `obj` is live and is consumed here; `this` is never dropped, so `destroy`
+        // does not run on it afterwards.
+        match unsafe { (this.raw.vtable.shutdown())(this.raw.obj) } {
             RResult::ROk(()) => Ok(()),
             RResult::RErr(e) => Err(e.into()),
         }
@@ -408,9 +408,7 @@ impl Instance {
 
 impl Drop for Instance {
     fn drop(&mut self) {
-        if let Some(raw) = self.raw.take() {
-            // SAFETY: `obj` is live and is consumed here; `raw` is not used again.
-            unsafe { (raw.vtable.destroy())(raw.obj) }
-        }
+        // SAFETY: `obj` is live (`shutdown` forgets `self`) and is consumed here.
+        unsafe { (self.raw.vtable.destroy())(self.raw.obj) }
     }
 }

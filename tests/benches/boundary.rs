@@ -3,7 +3,8 @@
 //! Cases, each `CALLS` calls, `RUNS` runs interleaved (every case once per run), median
 //! reported:
 //! - `direct`: the no-op plugin's `handle` called as a plain Rust function (the very same
-//!   source, `include!`d from the fx-noop fixture), with a message clone and drop per call;
+//!   source, `include!`d from the fx-noop fixture) through a function pointer, so it is a
+//!   real call, with a message clone and drop per call;
 //! - `boundary`: the same function in the fx-noop library (release build) loaded by the
 //!   daemon's loader, called through the ABI with a 256-byte message: handle clone, the
 //!   call, catch_unwind, outcome conversion, handle drop by host code;
@@ -16,7 +17,7 @@ use std::{hint::black_box, sync::Arc, time::Instant};
 
 use plugind::loader::{self, Policy};
 use plugind_api::{
-    Plugin as _, hosting,
+    hosting,
     testing::{self, TestMessage},
 };
 use plugind_tests::{
@@ -63,6 +64,11 @@ fn main() {
         .instantiate("{}", recorder.handle())
         .expect("fx-noop starts");
     let mut direct = noop::Noop;
+    // A real call of the same function: through a pointer the optimiser cannot see through,
+    // as the daemon calls a plugin (the plugin's own entry point may inline it, as every
+    // plugin crate's would).
+    let direct_handle: fn(&mut noop::Noop, plugind_api::Message) -> plugind_api::Outcome =
+        black_box(<noop::Noop as plugind_api::Plugin>::handle);
     let delivery = Arc::new(TestMessage::new("bench", vec![0x42; 256]));
     let direct_message = testing::message(TestMessage::new("bench", vec![0x42; 256]));
     let payload = vec![0x42u8; 256];
@@ -73,7 +79,10 @@ fn main() {
 
     for _ in 0..RUNS {
         direct_ns.push(time(|| {
-            black_box(direct.handle(black_box(&direct_message).clone()));
+            black_box(direct_handle(
+                &mut direct,
+                black_box(&direct_message).clone(),
+            ));
         }));
         boundary_ns.push(time(|| {
             let message = hosting::message_handle(black_box(&delivery).clone());
