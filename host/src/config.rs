@@ -1,0 +1,418 @@
+//! `plugins.toml`: where it is found, what it may say, and the validated [`Config`] the rest
+//! of the daemon uses.
+//!
+//! Three layers, each reporting every problem it finds with file:line:column and a caret
+//! snippet ([`Problem`]): syntax (the TOML parser), schema (each section deserialized on its
+//! own with unknown keys refused, so one mistake does not hide the next), semantics (ranges,
+//! paths, patterns, pins, users: `resolve`). A config with any problem is refused whole;
+//! [`plan`] compares two valid configs for the supervisor.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Serialize;
+
+use crate::topic::Pattern;
+
+mod diagnostic;
+mod plan;
+mod raw;
+mod resolve;
+
+pub use diagnostic::Problem;
+pub use plan::{Change, Plan, Reason, plan};
+pub use raw::{Durability, LogFormat, WatchMode};
+
+#[cfg(test)]
+mod tests;
+
+/// The environment variable naming the config file (after `-c`).
+pub const CONFIG_ENV: &str = "PLUGIND_CONFIG";
+/// The system-wide config file, last in the search order.
+pub const SYSTEM_CONFIG: &str = "/etc/plugind/plugins.toml";
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Config {
+    /// The file it was read from.
+    pub source: PathBuf,
+    /// SHA-256 of the file's bytes: `Reload` takes the hash it expects to apply.
+    #[serde(serialize_with = "as_hex")]
+    pub hash: [u8; 32],
+    pub host: HostSettings,
+    /// `[defaults]` merged over the built-in defaults.
+    pub defaults: Settings,
+    /// `[plugins.<name>]`, by instance name.
+    pub instances: BTreeMap<String, Instance>,
+}
+
+fn as_hex<S: serde::Serializer>(hash: &[u8; 32], serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&hex::encode(hash))
+}
+
+/// `[host]`, with relative paths resolved against the config file's folder.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HostSettings {
+    pub plugin_dir: PathBuf,
+    /// The ledger; never loadable code.
+    pub state_dir: PathBuf,
+    pub listen: Endpoint,
+    pub metrics: Option<SocketAddr>,
+    pub durability: Durability,
+    /// Whether a library in `plugin_dir` with no config entry starts with the defaults.
+    pub autoload: bool,
+    pub grace_period: Duration,
+    pub max_message_size: u64,
+    pub watch: WatchMode,
+    /// User names trusted to own plugin files, besides the daemon's own user.
+    pub trusted_owners: Vec<String>,
+    /// Their uids, resolved when the config was validated.
+    pub trusted_owner_uids: Vec<u32>,
+    pub socket_mode: u32,
+    pub socket_group: Option<String>,
+    pub allowed_users: Vec<String>,
+    pub tcp_token_file: Option<PathBuf>,
+    pub log_format: LogFormat,
+    pub max_ledger_bytes: Option<u64>,
+    pub dedupe_window: Duration,
+    pub dead_letter_retention: Duration,
+    pub hop_limit: u32,
+}
+
+/// Where the daemon listens and where clients connect.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", content = "address", rename_all = "snake_case")]
+pub enum Endpoint {
+    Unix(PathBuf),
+    Tcp(String),
+}
+
+impl Endpoint {
+    /// The longest Unix socket path the kernel accepts (`sun_path` is 108 bytes with NUL).
+    pub const MAX_UNIX_PATH: usize = 107;
+
+    /// Parses `unix:PATH` or `tcp:HOST:PORT`; a relative Unix path is resolved against
+    /// `base`.
+    ///
+    /// # Errors
+    /// A message saying what was expected.
+    pub fn parse(text: &str, base: &Path) -> Result<Self, String> {
+        if let Some(path) = text.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("`unix:` needs a socket path, e.g. \"unix:state/plugind.sock\"".into());
+            }
+            let path = base.join(path);
+            let len = path.as_os_str().len();
+            if len > Self::MAX_UNIX_PATH {
+                return Err(format!(
+                    "the socket path {} is {len} bytes, over the {}-byte limit of Unix \
+                     sockets; use a shorter path",
+                    path.display(),
+                    Self::MAX_UNIX_PATH
+                ));
+            }
+            Ok(Self::Unix(path))
+        } else if let Some(address) = text.strip_prefix("tcp:") {
+            let port_ok = address
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !port_ok {
+                return Err(format!(
+                    "`tcp:{address}` is not HOST:PORT, e.g. \"tcp:127.0.0.1:7070\""
+                ));
+            }
+            Ok(Self::Tcp(address.to_owned()))
+        } else {
+            Err(format!(
+                "`{text}` is not an endpoint; expected \"unix:PATH\" or \"tcp:HOST:PORT\""
+            ))
+        }
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unix(path) => write!(f, "unix:{}", path.display()),
+            Self::Tcp(address) => write!(f, "tcp:{address}"),
+        }
+    }
+}
+
+/// The delivery settings of one instance (`[defaults]`, overridable per instance).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Settings {
+    /// Actor mailbox size.
+    pub queue_capacity: u32,
+    /// Deferred or async deliveries outstanding.
+    pub max_in_flight: u32,
+    /// The lease of one attempt.
+    pub ack_timeout: Duration,
+    /// Dead-lettered when failures reach this.
+    pub max_attempts: u32,
+    pub backoff: Backoff,
+    /// Beyond it, Publish to topics routed here is refused.
+    pub max_backlog: u64,
+    pub circuit: Circuit,
+    pub init_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    pub hang_grace: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+    pub multiplier: f64,
+    /// Fraction of the delay added or removed at random (0 to 1).
+    pub jitter: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Circuit {
+    /// Failures on this many distinct messages within `window` pause the instance.
+    pub failures: u32,
+    pub window: Duration,
+    /// A paused instance gets one probe message this often.
+    pub probe: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            queue_capacity: 1024,
+            max_in_flight: 64,
+            ack_timeout: Duration::from_secs(30),
+            max_attempts: 5,
+            backoff: Backoff {
+                initial: Duration::from_millis(200),
+                max: Duration::from_secs(60),
+                multiplier: 2.0,
+                jitter: 0.2,
+            },
+            max_backlog: 1 << 30,
+            circuit: Circuit {
+                failures: 20,
+                window: Duration::from_secs(30),
+                probe: Duration::from_secs(10),
+            },
+            init_timeout: Duration::from_secs(30),
+            shutdown_timeout: Duration::from_secs(10),
+            hang_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// One `[plugins.<name>]` entry, resolved.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Instance {
+    pub name: String,
+    /// The manifest name of the library it runs (default: the instance name).
+    pub plugin: String,
+    pub enabled: bool,
+    /// Patterns it subscribes to; `None`: the library's default topics.
+    pub topics: Option<Vec<Pattern>>,
+    /// The pin: refuse any other bytes.
+    #[serde(serialize_with = "opt_hex")]
+    pub sha256: Option<[u8; 32]>,
+    pub settings: Settings,
+    /// The `config` table, as JSON for the plugin.
+    pub config: serde_json::Value,
+}
+
+fn opt_hex<S: serde::Serializer>(pin: &Option<[u8; 32]>, s: S) -> Result<S::Ok, S::Error> {
+    match pin {
+        Some(pin) => s.serialize_str(&hex::encode(pin)),
+        None => s.serialize_none(),
+    }
+}
+
+impl Serialize for Pattern {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// A configuration that was refused, with every problem found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    pub path: PathBuf,
+    pub text: String,
+    pub problems: Vec<Problem>,
+}
+
+impl Invalid {
+    /// Every problem, `file:line:column: message` with its snippet, separated by blank lines.
+    pub fn render(&self) -> String {
+        self.problems
+            .iter()
+            .map(|p| p.render(&self.path, &self.text))
+            .collect::<Vec<_>>()
+            .join("\n\n")
+    }
+}
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: cannot read: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: invalid configuration ({} problem{})", .0.path.display(), .0.problems.len(), if .0.problems.len() == 1 { "" } else { "s" })]
+    Invalid(Invalid),
+    #[error(
+        "no configuration file: not given with -c, ${CONFIG_ENV} is not set, and neither \
+         ./plugins.toml nor {SYSTEM_CONFIG} exists"
+    )]
+    NotFound,
+}
+
+/// Parses and validates `text` as the config file `path`.
+///
+/// # Errors
+/// [`Invalid`] with every problem found.
+pub fn parse(path: &Path, text: &str) -> Result<Config, Invalid> {
+    resolve::resolve(path, text).map_err(|problems| Invalid {
+        path: path.to_owned(),
+        text: text.to_owned(),
+        problems,
+    })
+}
+
+/// Reads and validates the config file at `path`.
+///
+/// # Errors
+/// [`ConfigError::Read`] or [`ConfigError::Invalid`].
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(path, &text).map_err(ConfigError::Invalid)
+}
+
+/// Where a config file was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// `-c FILE`.
+    Flag,
+    /// `$PLUGIND_CONFIG`.
+    Env,
+    /// `./plugins.toml`.
+    WorkingDir,
+    /// `/etc/plugind/plugins.toml`.
+    System,
+}
+
+/// Finds the config file: `-c`, then `$PLUGIND_CONFIG`, then `./plugins.toml`, then
+/// `/etc/plugind/plugins.toml`. An explicit choice (flag or variable) is returned even if the
+/// file does not exist, so that reading it reports the right path.
+///
+/// # Errors
+/// [`ConfigError::NotFound`] when nothing was given and no default file exists.
+pub fn locate(flag: Option<&Path>) -> Result<(PathBuf, Origin), ConfigError> {
+    locate_in(
+        flag,
+        std::env::var_os(CONFIG_ENV).map(PathBuf::from),
+        Path::new("plugins.toml"),
+        Path::new(SYSTEM_CONFIG),
+    )
+}
+
+fn locate_in(
+    flag: Option<&Path>,
+    env: Option<PathBuf>,
+    working: &Path,
+    system: &Path,
+) -> Result<(PathBuf, Origin), ConfigError> {
+    if let Some(flag) = flag {
+        return Ok((flag.to_owned(), Origin::Flag));
+    }
+    if let Some(env) = env.filter(|e| !e.as_os_str().is_empty()) {
+        return Ok((env, Origin::Env));
+    }
+    if working.exists() {
+        return Ok((working.to_owned(), Origin::WorkingDir));
+    }
+    if system.exists() {
+        return Ok((system.to_owned(), Origin::System));
+    }
+    Err(ConfigError::NotFound)
+}
+
+#[cfg(test)]
+mod locate_tests {
+    use super::*;
+
+    #[test]
+    fn the_search_order_is_flag_env_working_dir_system() {
+        let dir = std::env::temp_dir().join(format!("plugind-locate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let working = dir.join("plugins.toml");
+        let system = dir.join("etc.toml");
+        let env = Some(PathBuf::from("/from/env.toml"));
+        let flag = Path::new("/from/flag.toml");
+        let found = |flag, env: Option<PathBuf>| {
+            locate_in(flag, env, &working, &system).map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            found(Some(flag), env.clone()),
+            Ok((flag.to_owned(), Origin::Flag))
+        );
+        assert_eq!(
+            found(None, env.clone()),
+            Ok((env.clone().unwrap(), Origin::Env))
+        );
+        assert!(
+            found(None, None)
+                .unwrap_err()
+                .contains("no configuration file")
+        );
+        std::fs::write(&system, "").unwrap();
+        assert_eq!(found(None, None), Ok((system.clone(), Origin::System)));
+        std::fs::write(&working, "").unwrap();
+        assert_eq!(found(None, None), Ok((working.clone(), Origin::WorkingDir)));
+        assert_eq!(
+            found(None, Some(PathBuf::new())),
+            Ok((working, Origin::WorkingDir))
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn endpoints_parse_and_name_the_socket_path_limit() {
+        let base = Path::new("/etc/plugind");
+        assert_eq!(
+            Endpoint::parse("unix:run/p.sock", base),
+            Ok(Endpoint::Unix(PathBuf::from("/etc/plugind/run/p.sock")))
+        );
+        assert_eq!(
+            Endpoint::parse("tcp:127.0.0.1:7070", base),
+            Ok(Endpoint::Tcp("127.0.0.1:7070".into()))
+        );
+        let long = format!("unix:/{}", "x".repeat(120));
+        assert!(
+            Endpoint::parse(&long, base)
+                .unwrap_err()
+                .contains("107-byte limit")
+        );
+        assert!(
+            Endpoint::parse("tcp:7070", base)
+                .unwrap_err()
+                .contains("HOST:PORT")
+        );
+        assert!(
+            Endpoint::parse("http://x", base)
+                .unwrap_err()
+                .contains("unix:PATH")
+        );
+    }
+}

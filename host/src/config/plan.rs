@@ -1,0 +1,120 @@
+//! What applying a new configuration means for each instance: the supervisor carries it out
+//! (hot plug); `check` and `Reload` report it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
+
+use super::{Config, Instance};
+
+/// What happens to one instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum Change {
+    /// New, or newly enabled.
+    Start,
+    /// Removed, or disabled; its pending deliveries wait in the ledger.
+    Stop,
+    /// A new instance replaces the running one (topic and setting changes ride along).
+    Reinstantiate {
+        reasons: Vec<Reason>,
+    },
+    /// The running instance stays; its routing and/or delivery settings change.
+    Update {
+        reroute: bool,
+        retune: bool,
+    },
+    Unchanged,
+}
+
+/// Why an instance must be created anew.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// Its `config` table changed.
+    Config,
+    /// It runs another plugin.
+    Plugin,
+    /// Its sha256 pin changed.
+    Pin,
+}
+
+/// The changes from one configuration to the next.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    /// Every instance of either configuration, by name.
+    pub instances: BTreeMap<String, Change>,
+    /// `[host]` keys that changed but take effect only at the next start.
+    pub restart_required: Vec<&'static str>,
+}
+
+impl Plan {
+    /// Whether nothing changes.
+    pub fn is_empty(&self) -> bool {
+        self.restart_required.is_empty() && self.instances.values().all(|c| *c == Change::Unchanged)
+    }
+}
+
+fn running(config: &Config, name: &str) -> Option<Instance> {
+    config.instances.get(name).filter(|i| i.enabled).cloned()
+}
+
+/// Compares the running configuration `old` with `new`.
+pub fn plan(old: &Config, new: &Config) -> Plan {
+    let names: BTreeSet<&String> = old.instances.keys().chain(new.instances.keys()).collect();
+    let instances = names
+        .into_iter()
+        .map(|name| {
+            let change = match (running(old, name), running(new, name)) {
+                (None, None) => Change::Unchanged,
+                (None, Some(_)) => Change::Start,
+                (Some(_), None) => Change::Stop,
+                (Some(before), Some(after)) => compare(&before, &after),
+            };
+            (name.clone(), change)
+        })
+        .collect();
+    let (a, b) = (&old.host, &new.host);
+    let mut restart_required = Vec::new();
+    let keys: [(&'static str, bool); 7] = [
+        ("plugin_dir", a.plugin_dir != b.plugin_dir),
+        ("state_dir", a.state_dir != b.state_dir),
+        ("listen", a.listen != b.listen),
+        ("metrics", a.metrics != b.metrics),
+        ("durability", a.durability != b.durability),
+        ("socket_mode", a.socket_mode != b.socket_mode),
+        ("socket_group", a.socket_group != b.socket_group),
+    ];
+    restart_required.extend(
+        keys.into_iter()
+            .filter(|(_, changed)| *changed)
+            .map(|(key, _)| key),
+    );
+    Plan {
+        instances,
+        restart_required,
+    }
+}
+
+fn compare(before: &Instance, after: &Instance) -> Change {
+    let mut reasons = Vec::new();
+    if before.config != after.config {
+        reasons.push(Reason::Config);
+    }
+    if before.plugin != after.plugin {
+        reasons.push(Reason::Plugin);
+    }
+    if before.sha256 != after.sha256 {
+        reasons.push(Reason::Pin);
+    }
+    if !reasons.is_empty() {
+        return Change::Reinstantiate { reasons };
+    }
+    let reroute = before.topics != after.topics;
+    let retune = before.settings != after.settings;
+    if reroute || retune {
+        Change::Update { reroute, retune }
+    } else {
+        Change::Unchanged
+    }
+}

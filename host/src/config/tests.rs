@@ -1,0 +1,342 @@
+//! Table tests of the configuration: each kind of mistake with its exact position and a
+//! message naming the key; merging; the plan between two configurations.
+
+use std::{path::Path, time::Duration};
+
+use super::*;
+
+fn problems(text: &str) -> Vec<(usize, usize, String)> {
+    match parse(Path::new("/etc/plugind/plugins.toml"), text) {
+        Ok(_) => panic!("accepted:\n{text}"),
+        Err(invalid) => invalid
+            .problems
+            .into_iter()
+            .map(|p| (p.line.unwrap_or(0), p.column.unwrap_or(0), p.message))
+            .collect(),
+    }
+}
+
+fn one(text: &str) -> (usize, usize, String) {
+    let mut all = problems(text);
+    assert_eq!(all.len(), 1, "{all:?}");
+    all.remove(0)
+}
+
+fn ok(text: &str) -> Config {
+    parse(Path::new("/etc/plugind/plugins.toml"), text)
+        .unwrap_or_else(|e| panic!("refused:\n{}", e.render()))
+}
+
+#[test]
+fn each_kind_of_mistake_is_reported_where_it_is() {
+    // (config, line, column, words the message must contain)
+    let cases: &[(&str, usize, usize, &[&str])] = &[
+        (
+            "[host\nplugin_dir = \"p\"\n",
+            1,
+            6,
+            &["unclosed table", "expected `]`"],
+        ),
+        (
+            "[host]\nplugin_dri = \"p\"\n",
+            2,
+            1,
+            &[
+                "unknown field `plugin_dri`",
+                "expected one of",
+                "`plugin_dir`",
+            ],
+        ),
+        (
+            "[defaults]\nmax_attempts = \"ten\"\n",
+            2,
+            16,
+            &["invalid type: string \"ten\"", "expected u32"],
+        ),
+        (
+            "[defaults]\nack_timeout = \"10x\"\n",
+            2,
+            15,
+            &["invalid duration \"10x\"", "\"250ms\""],
+        ),
+        (
+            "[defaults]\nmax_backlog = \"lots\"\n",
+            2,
+            15,
+            &["invalid size \"lots\"", "\"4MiB\""],
+        ),
+        (
+            "[plugins.sink]\ntopics = [\"orders..eu\"]\n",
+            2,
+            11,
+            &["topic pattern \"orders..eu\"", "empty token at position 2"],
+        ),
+        (
+            "[host]\nlisten = \"tcp:127.0.0.1:7070\"\n",
+            2,
+            10,
+            &["`listen` is TCP", "no `tcp_token_file`"],
+        ),
+        (
+            "[plugins.sink]\nsha256 = \"abc\"\n",
+            2,
+            10,
+            &["`sha256` must be 64 hexadecimal digits", "found 3"],
+        ),
+        (
+            "[defaults]\nmax_attempts = 0\n",
+            2,
+            16,
+            &["`max_attempts` is 0", "between 1 and"],
+        ),
+        (
+            "[defaults]\nbackoff = { jitter = 1.5 }\n",
+            2,
+            22,
+            &["`backoff.jitter` is 1.5", "between 0 and 1"],
+        ),
+        (
+            "[plugins.\"bad name\"]\n",
+            1,
+            10,
+            &["instance name `bad name`"],
+        ),
+        (
+            "[plugins.sink]\nbackoff = { initial = \"2m\", max = \"1m\" }\n",
+            2,
+            23,
+            &["`backoff.initial` is longer than `backoff.max`"],
+        ),
+        (
+            "[plugins.sink]\nretries = 3\n",
+            2,
+            1,
+            &["unknown field `retries`", "`max_attempts`"],
+        ),
+        ("[hosts]\n", 1, 2, &["unknown section `hosts`", "`host`"]),
+        (
+            "[host]\nwatch = \"fanotify\"\n",
+            2,
+            9,
+            &["unknown variant `fanotify`", "`inotify`", "`poll`"],
+        ),
+        (
+            "[host]\ntrusted_owners = [\"root\", \"no-such-user-xyz\"]\n",
+            2,
+            27,
+            &["no user named `no-such-user-xyz`"],
+        ),
+        (
+            "[host]\nsocket_mode = \"0999\"\n",
+            2,
+            15,
+            &["`socket_mode` \"0999\"", "octal"],
+        ),
+        (
+            "[host]\nstate_dir = \"plugins.d/state\"\n",
+            2,
+            13,
+            &["overlap"],
+        ),
+    ];
+    for (text, line, column, words) in cases {
+        let (l, c, message) = one(text);
+        for word in *words {
+            assert!(
+                message.contains(word),
+                "{text:?}: `{word}` not in: {message}"
+            );
+        }
+        assert_eq!((l, c), (*line, *column), "{text:?}: {message}");
+    }
+}
+
+#[test]
+fn every_problem_is_listed_not_only_the_first() {
+    let text = "\
+[host]
+listen = \"tcp:0.0.0.0:7070\"
+
+[defaults]
+ack_timeout = \"soon\"
+
+[plugins.sink]
+topics = [\"a.>.b\"]
+max_attempts = 0
+";
+    let found = problems(text);
+    let positions: Vec<(usize, usize)> = found.iter().map(|(l, c, _)| (*l, *c)).collect();
+    assert_eq!(positions, [(2, 10), (5, 15), (8, 11), (9, 16)], "{found:?}");
+}
+
+#[test]
+fn the_rendered_error_has_the_file_the_position_and_a_caret() {
+    let text = "[host]\nplugin_dri = \"p\"\n";
+    let invalid = parse(Path::new("plugins.toml"), text).unwrap_err();
+    let rendered = invalid.render();
+    assert!(
+        rendered.starts_with("plugins.toml:2:1: unknown field `plugin_dri`"),
+        "{rendered}"
+    );
+    assert!(
+        rendered.ends_with("2 | plugin_dri = \"p\"\n  | ^^^^^^^^^^"),
+        "{rendered}"
+    );
+}
+
+#[test]
+fn defaults_and_overrides_merge_field_by_field_and_paths_resolve() {
+    let config = ok("\
+[host]
+plugin_dir = \"plugins.d\"
+state_dir = \"/var/lib/plugind\"
+max_message_size = \"8MiB\"
+
+[defaults]
+max_attempts = 7
+backoff = { initial = \"1s\", max = \"5m\" }
+
+[plugins.orders-sink]
+plugin = \"file-sink\"
+topics = [\"orders.>\"]
+backoff = { multiplier = 3.0 }
+[plugins.orders-sink.config]
+path = \"out/orders.jsonl\"
+fsync = true
+
+[plugins.file-sink]
+enabled = false
+");
+    assert_eq!(config.host.plugin_dir, Path::new("/etc/plugind/plugins.d"));
+    assert_eq!(config.host.state_dir, Path::new("/var/lib/plugind"));
+    assert_eq!(
+        config.host.listen,
+        Endpoint::Unix("/var/lib/plugind/plugind.sock".into())
+    );
+    assert_eq!(config.host.max_message_size, 8 << 20);
+    let sink = &config.instances["orders-sink"];
+    assert_eq!(sink.plugin, "file-sink");
+    assert_eq!(sink.settings.max_attempts, 7, "from [defaults]");
+    assert_eq!(
+        sink.settings.backoff.initial,
+        Duration::from_secs(1),
+        "from [defaults]"
+    );
+    assert_eq!(
+        sink.settings.backoff.max,
+        Duration::from_secs(300),
+        "from [defaults]"
+    );
+    assert_eq!(sink.settings.backoff.multiplier, 3.0, "its own");
+    assert_eq!(sink.settings.backoff.jitter, 0.2, "built in");
+    assert_eq!(sink.settings.queue_capacity, 1024, "built in");
+    assert_eq!(
+        sink.config,
+        serde_json::json!({"path": "out/orders.jsonl", "fsync": true})
+    );
+    assert_eq!(sink.topics.as_ref().unwrap()[0].as_str(), "orders.>");
+    let other = &config.instances["file-sink"];
+    assert_eq!((other.plugin.as_str(), other.enabled), ("file-sink", false));
+    assert_eq!(other.topics, None, "the plugin's default topics");
+}
+
+#[test]
+fn the_hash_is_of_the_bytes() {
+    let a = ok("[host]\n");
+    let b = ok("[host]\n# a comment\n");
+    assert_ne!(a.hash, b.hash);
+    assert_eq!(a.hash, ok("[host]\n").hash);
+}
+
+fn plan_of(old: &str, new: &str) -> Plan {
+    plan(&ok(old), &ok(new))
+}
+
+#[test]
+fn the_plan_names_what_happens_to_each_instance() {
+    let old = "\
+[plugins.keep]
+[plugins.gone]
+[plugins.off]
+enabled = false
+[plugins.conf]
+[plugins.conf.config]
+level = 1
+[plugins.route]
+topics = [\"a.>\"]
+[plugins.tune]
+[plugins.swap]
+plugin = \"one\"
+";
+    let new = "\
+[plugins.keep]
+[plugins.off]
+[plugins.new]
+[plugins.conf]
+topics = [\"b.>\"]
+[plugins.conf.config]
+level = 2
+[plugins.route]
+topics = [\"a.>\", \"b.*\"]
+[plugins.tune]
+max_attempts = 9
+[plugins.swap]
+plugin = \"two\"
+";
+    let plan = plan_of(old, new);
+    let expect = [
+        (
+            "conf",
+            Change::Reinstantiate {
+                reasons: vec![Reason::Config],
+            },
+        ),
+        ("gone", Change::Stop),
+        ("keep", Change::Unchanged),
+        ("new", Change::Start),
+        ("off", Change::Start),
+        (
+            "route",
+            Change::Update {
+                reroute: true,
+                retune: false,
+            },
+        ),
+        (
+            "swap",
+            Change::Reinstantiate {
+                reasons: vec![Reason::Plugin],
+            },
+        ),
+        (
+            "tune",
+            Change::Update {
+                reroute: false,
+                retune: true,
+            },
+        ),
+    ];
+    assert_eq!(plan.instances.len(), expect.len());
+    for (name, change) in expect {
+        assert_eq!(plan.instances[name], change, "{name}");
+    }
+    assert!(plan.restart_required.is_empty());
+}
+
+#[test]
+fn disabling_stops_and_identical_configs_plan_nothing() {
+    let on = "[plugins.a]\n";
+    let off = "[plugins.a]\nenabled = false\n";
+    assert_eq!(plan_of(on, off).instances["a"], Change::Stop);
+    assert_eq!(plan_of(off, on).instances["a"], Change::Start);
+    assert!(plan_of(on, "[plugins.a]\n# comment\n").is_empty());
+    let pin = format!("[plugins.a]\nsha256 = \"{}\"\n", "ab".repeat(32));
+    assert_eq!(
+        plan_of(on, &pin).instances["a"],
+        Change::Reinstantiate {
+            reasons: vec![Reason::Pin]
+        }
+    );
+    let moved = plan_of("[host]\n", "[host]\nlisten = \"unix:/run/x.sock\"\n");
+    assert_eq!(moved.restart_required, ["listen"]);
+}
