@@ -298,6 +298,65 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     parse(path, &text).map_err(ConfigError::Invalid)
 }
 
+/// The environment variable naming the daemon a client command talks to (after `--connect`).
+pub const CONNECT_ENV: &str = "PLUGIND_CONNECT";
+/// Where a client connects when nothing else says: the packaged service's socket.
+pub const DEFAULT_CONNECT: &str = "unix:/run/plugind/plugind.sock";
+
+/// How a client command chose its endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnectOrigin {
+    /// `--connect`.
+    Flag,
+    /// `$PLUGIND_CONNECT`.
+    Env,
+    /// The `listen` of the configuration found by [`locate`].
+    Config,
+    /// [`DEFAULT_CONNECT`].
+    Default,
+}
+
+/// Where a client command connects: `--connect`, then `$PLUGIND_CONNECT`, then the `listen`
+/// of the configuration [`locate`] finds (with `-c` if given), then [`DEFAULT_CONNECT`].
+///
+/// # Errors
+/// A message naming the bad endpoint, or the configuration that cannot be read.
+pub fn client_endpoint(
+    flag: Option<&str>,
+    config_flag: Option<&Path>,
+) -> Result<(Endpoint, ConnectOrigin), String> {
+    let env = std::env::var(CONNECT_ENV).ok();
+    client_endpoint_in(flag, env, locate(config_flag).ok().map(|(path, _)| path))
+}
+
+fn client_endpoint_in(
+    flag: Option<&str>,
+    env: Option<String>,
+    config: Option<PathBuf>,
+) -> Result<(Endpoint, ConnectOrigin), String> {
+    let cwd = Path::new(".");
+    if let Some(flag) = flag {
+        return Endpoint::parse(flag, cwd)
+            .map(|e| (e, ConnectOrigin::Flag))
+            .map_err(|e| format!("--connect: {e}"));
+    }
+    if let Some(env) = env.filter(|e| !e.is_empty()) {
+        return Endpoint::parse(&env, cwd)
+            .map(|e| (e, ConnectOrigin::Env))
+            .map_err(|e| format!("${CONNECT_ENV}: {e}"));
+    }
+    if let Some(path) = config {
+        return match load(&path) {
+            Ok(config) => Ok((config.host.listen, ConnectOrigin::Config)),
+            Err(e) => Err(format!("{e}; fix it or pass --connect")),
+        };
+    }
+    Endpoint::parse(DEFAULT_CONNECT, cwd)
+        .map(|e| (e, ConnectOrigin::Default))
+        .map_err(|e| format!("the default endpoint: {e}"))
+}
+
 /// Where a config file was found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -383,6 +442,50 @@ mod locate_tests {
         assert_eq!(
             found(None, Some(PathBuf::new())),
             Ok((working, Origin::WorkingDir))
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn clients_connect_by_flag_env_config_then_default() {
+        let dir = std::env::temp_dir().join(format!("plugind-connect-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("plugins.toml");
+        std::fs::write(&config, "[host]\nlisten = \"unix:run/d.sock\"\n").unwrap();
+        let env = Some("tcp:127.0.0.1:7000".to_owned());
+        let resolve = |flag, env, config| client_endpoint_in(flag, env, config);
+        assert_eq!(
+            resolve(Some("unix:/x.sock"), env.clone(), Some(config.clone())),
+            Ok((Endpoint::Unix("/x.sock".into()), ConnectOrigin::Flag))
+        );
+        assert_eq!(
+            resolve(None, env.clone(), Some(config.clone())),
+            Ok((Endpoint::Tcp("127.0.0.1:7000".into()), ConnectOrigin::Env))
+        );
+        assert_eq!(
+            resolve(None, None, Some(config.clone())),
+            Ok((
+                Endpoint::Unix(dir.join("run/d.sock")),
+                ConnectOrigin::Config
+            ))
+        );
+        assert_eq!(
+            resolve(None, None, None),
+            Ok((
+                Endpoint::Unix("/run/plugind/plugind.sock".into()),
+                ConnectOrigin::Default
+            ))
+        );
+        assert!(
+            resolve(Some("nope"), None, None)
+                .unwrap_err()
+                .starts_with("--connect: ")
+        );
+        std::fs::write(&config, "[host]\nlisten = 3\n").unwrap();
+        let e = resolve(None, None, Some(config)).unwrap_err();
+        assert!(
+            e.contains("invalid configuration") && e.contains("--connect"),
+            "{e}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }

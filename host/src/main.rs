@@ -3,7 +3,7 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use plugind::cli;
 
 /// plugind hosts native plugins and delivers messages to them reliably.
@@ -16,6 +16,35 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Validate plugins.toml and every library the daemon would load, listing every problem.
+    #[command(after_help = "\
+The configuration is found as the daemon finds it: -c FILE, then $PLUGIND_CONFIG, then
+./plugins.toml, then /etc/plugind/plugins.toml. Nothing is loaded into this process and
+nothing is written. --probe also loads each library in a short-lived child process and checks
+its ABI (the full verdict).
+
+Examples:
+  plugind check
+  plugind check -c /etc/plugind/plugins.toml --probe
+  plugind check --config-only          # as systemd's ExecStartPre: never blocks on a library
+  plugind check --json | jq '.libraries[] | select(.error)'
+
+Exit status: 0 all good, 1 the configuration is valid but a library or instance would not
+start (the daemon runs the rest), 78 the configuration is invalid.")]
+    Check {
+        /// The configuration file.
+        #[arg(short = 'c', long = "config", value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Also load each library in a child process and check its ABI.
+        #[arg(long)]
+        probe: bool,
+        /// Only validate the configuration; do not look at libraries.
+        #[arg(long, conflicts_with = "probe")]
+        config_only: bool,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show a plugin library's manifest, sha256, size and verdict, without running its code.
     #[command(after_help = "\
 The declared verdict comes from the file alone (permissions, ELF, manifest, API version).
@@ -41,6 +70,16 @@ Exit status: 0 accepted, 1 refused, 2 usage error.")]
         #[arg(long = "trusted-owner", value_name = "USER")]
         trusted_owners: Vec<String>,
     },
+    /// Print a shell completion script.
+    #[command(after_help = "\
+Examples:
+  plugind completions bash > /etc/bash_completion.d/plugind
+  plugind completions zsh > \"${fpath[1]}/_plugind\"
+  plugind completions fish > ~/.config/fish/completions/plugind.fish")]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// Internal: load a library from an inherited memfd and report (used by the probe).
     #[command(hide = true)]
     ProbeLoad {
@@ -54,6 +93,19 @@ Exit status: 0 accepted, 1 refused, 2 usage error.")]
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Check {
+            config,
+            probe,
+            config_only,
+            json,
+        } => cli::check::run(config.as_deref(), probe, config_only, json),
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "plugind", &mut script);
+            // A reader that stops early (`| head`) is no error.
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), &script);
+            ExitCode::SUCCESS
+        }
         Command::Inspect {
             library,
             probe,

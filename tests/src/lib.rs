@@ -8,7 +8,9 @@
 //! - [`binary`]: the real `plugind` binary, built once.
 //! - [`recording`]: host services that record what a plugin logs and publishes, tagged the
 //!   way the daemon tags them.
+//! - [`sandbox`]: a private temporary directory laid out as an operator would.
 
 pub mod binary;
 pub mod fixtures;
 pub mod recording;
+pub mod sandbox;

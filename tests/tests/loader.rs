@@ -17,51 +17,11 @@ use plugind_tests::{
     binary,
     fixtures::{self, Profile, Variant},
     recording::Recorder,
+    sandbox::Sandbox,
 };
 
-/// A private directory (mode 0700) holding copies of libraries, as a plugin dir would.
-struct Dir {
-    _temp: TempDir,
-    path: PathBuf,
-}
-
-/// A temporary directory removed on drop.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-fn dir() -> Dir {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static SEQ: AtomicU32 = AtomicU32::new(0);
-    let path = std::env::temp_dir().join(format!(
-        "plugind-loader-{}-{}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    ));
-    fs::create_dir_all(&path).unwrap();
-    fs::set_permissions(&path, fs::Permissions::from_mode(0o700)).unwrap();
-    Dir {
-        _temp: TempDir(path.clone()),
-        path,
-    }
-}
-
-impl Dir {
-    /// Writes `bytes` as `name` with mode 0644.
-    fn put(&self, name: &str, bytes: &[u8]) -> PathBuf {
-        let path = self.path.join(name);
-        fs::write(&path, bytes).unwrap();
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
-        path
-    }
-
-    fn copy(&self, name: &str, from: &Path) -> PathBuf {
-        self.put(name, &fs::read(from).unwrap())
-    }
+fn dir() -> Sandbox {
+    Sandbox::new("loader")
 }
 
 fn no_probe() -> Policy {
@@ -82,8 +42,8 @@ fn echo() -> PathBuf {
 #[test]
 fn a_missing_file_is_not_found() {
     let d = dir();
-    match loader::check(&d.path.join("nope.so"), &no_probe()) {
-        Err(LoadError::NotFound { path }) => assert_eq!(path, d.path.join("nope.so")),
+    match loader::check(&d.path().join("nope.so"), &no_probe()) {
+        Err(LoadError::NotFound { path }) => assert_eq!(path, d.path().join("nope.so")),
         other => panic!("{other:?}"),
     }
     match loader::check(Path::new("/no/such/dir/x.so"), &no_probe()) {
@@ -97,7 +57,7 @@ fn a_symlink_out_of_the_directory_is_refused() {
     let d = dir();
     let outside = dir();
     let target = outside.copy("real.so", &echo());
-    let link = d.path.join("link.so");
+    let link = d.path().join("link.so");
     symlink(&target, &link).unwrap();
     match loader::check(&link, &no_probe()) {
         Err(LoadError::NotRegularFile { path, kind }) => {
@@ -111,12 +71,12 @@ fn a_symlink_out_of_the_directory_is_refused() {
 #[test]
 fn directories_and_fifos_are_not_regular_files() {
     let d = dir();
-    fs::create_dir(d.path.join("sub.so")).unwrap();
-    match loader::check(&d.path.join("sub.so"), &no_probe()) {
+    fs::create_dir(d.path().join("sub.so")).unwrap();
+    match loader::check(&d.path().join("sub.so"), &no_probe()) {
         Err(LoadError::NotRegularFile { kind, .. }) => assert_eq!(kind, "a directory"),
         other => panic!("{other:?}"),
     }
-    let fifo = d.path.join("pipe.so");
+    let fifo = d.path().join("pipe.so");
     let status = Command::new("mkfifo").arg(&fifo).status().unwrap();
     assert!(status.success());
     match loader::check(&fifo, &no_probe()) {
@@ -143,32 +103,32 @@ fn writable_files_and_directories_are_refused_naming_the_bit() {
         other => panic!("{other:?}"),
     }
     fs::set_permissions(&lib, fs::Permissions::from_mode(0o644)).unwrap();
-    fs::set_permissions(&d.path, fs::Permissions::from_mode(0o777)).unwrap();
+    fs::set_permissions(d.path(), fs::Permissions::from_mode(0o777)).unwrap();
     match loader::check(&lib, &no_probe()) {
         Err(LoadError::UnsafePermissions {
             path, what, bit, ..
         }) => {
-            assert_eq!((path, what), (d.path.clone(), "directory"));
+            assert_eq!((path, what), (d.path().to_owned(), "directory"));
             assert!(bit.contains("o+w"), "{bit}");
         }
         other => panic!("{other:?}"),
     }
     // A sticky world-writable ancestor (like /tmp) is fine; the dir itself must not be.
-    fs::set_permissions(&d.path, fs::Permissions::from_mode(0o755)).unwrap();
-    let nested = d.path.join("plugins");
+    fs::set_permissions(d.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let nested = d.path().join("plugins");
     fs::create_dir(&nested).unwrap();
-    fs::set_permissions(&d.path, fs::Permissions::from_mode(0o1777)).unwrap();
+    fs::set_permissions(d.path(), fs::Permissions::from_mode(0o1777)).unwrap();
     let inner = nested.join("echo.so");
     fs::copy(&lib, &inner).unwrap();
     assert!(loader::check(&inner, &no_probe()).is_ok());
-    fs::set_permissions(&d.path, fs::Permissions::from_mode(0o777)).unwrap();
+    fs::set_permissions(d.path(), fs::Permissions::from_mode(0o777)).unwrap();
     match loader::check(&inner, &no_probe()) {
         Err(LoadError::UnsafePermissions { path, what, .. }) => {
-            assert_eq!((path, what), (d.path.clone(), "ancestor directory"))
+            assert_eq!((path, what), (d.path().to_owned(), "ancestor directory"))
         }
         other => panic!("{other:?}"),
     }
-    fs::set_permissions(&d.path, fs::Permissions::from_mode(0o700)).unwrap();
+    fs::set_permissions(d.path(), fs::Permissions::from_mode(0o700)).unwrap();
 }
 
 #[test]
@@ -281,7 +241,7 @@ fn a_malformed_manifest_is_refused_with_its_defect() {
     // Format version 1 → 9 in the section header.
     let lib = d.put(
         "newer.so",
-        &patched(&bytes, b"PLUGIND\0\x01\0\0\0", b"PLUGIND\0\x09\0\0\0"),
+        patched(&bytes, b"PLUGIND\0\x01\0\0\0", b"PLUGIND\0\x09\0\0\0"),
     );
     match loader::check(&lib, &no_probe()) {
         Err(LoadError::ManifestMalformed { error, .. }) => assert_eq!(
@@ -301,7 +261,7 @@ fn a_declared_api_major_other_than_ours_is_refused_before_loading() {
     let bytes = fs::read(echo()).unwrap();
     let lib = d.put(
         "api2.so",
-        &patched(
+        patched(
             &bytes,
             b"\"api_version\":\"1.0.0\"",
             b"\"api_version\":\"2.0.0\"",

@@ -545,7 +545,7 @@ fn instance(
                     .map_err(|e| {
                         problems.at(
                             Some(topic.span()),
-                            format!("topic pattern \"{}\" {e}", topic.get_ref()),
+                            format!("topic pattern \"{}\": {e}", topic.get_ref()),
                         )
                     })
                     .ok()
