@@ -377,6 +377,14 @@ impl Delivery {
         Some(self.apply_failure(&Failure::Crash, true, rules, now, unit))
     }
 
+    /// The instance's circuit tripped: `count` earlier charged failures are excused. A
+    /// delivery that already settled stays settled.
+    pub fn excuse(&mut self, count: u32) {
+        if !self.is_settled() {
+            self.failures = self.failures.saturating_sub(count);
+        }
+    }
+
     /// An operator replays a dead letter: failures reset, history kept, ready now.
     pub fn replay(&mut self, now: Timestamp) -> bool {
         if !matches!(self.state, State::DeadLettered { .. }) {
@@ -600,6 +608,22 @@ mod tests {
             d.history[0].result,
             Some(AttemptResult::Excused { .. })
         ));
+    }
+
+    #[test]
+    fn a_tripping_circuit_excuses_earlier_failures_of_unsettled_deliveries() {
+        let r = rules(3);
+        let mut d = Delivery::new(T0);
+        d.begin(&r, T0);
+        d.fail(1, &retry("down"), true, &r, T0, 0.5).unwrap();
+        d.excuse(1);
+        assert_eq!(d.failures, 0);
+        let mut dead = Delivery::new(T0);
+        dead.begin(&rules(1), T0);
+        dead.fail(1, &retry("down"), true, &rules(1), T0, 0.5)
+            .unwrap();
+        dead.excuse(1);
+        assert_eq!((dead.failures, dead.is_settled()), (1, true));
     }
 
     #[test]

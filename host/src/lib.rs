@@ -8,8 +8,10 @@
 //! - [`topic`]: topics and topic patterns.
 //! - [`clock`]: injected time for the delivery engine.
 //! - [`delivery`]: the rules of one delivery (counters, backoff, leases, dead letters).
+//! - [`circuit`]: the circuit breaker of one instance.
 //! - [`cli`]: the commands of the `plugind` binary (`src/main.rs` only parses arguments).
 
+pub mod circuit;
 pub mod cli;
 pub mod clock;
 pub mod config;
