@@ -9,12 +9,20 @@
 //! - [`clock`]: injected time for the delivery engine.
 //! - [`delivery`]: the rules of one delivery (counters, backoff, leases, dead letters).
 //! - [`circuit`]: the circuit breaker of one instance.
+//! - [`routing`]: which instances a topic goes to (an immutable snapshot).
+//! - [`message`]: a message as stored, and one attempt's view of it for plugins.
+//! - [`services`]: an instance's host services (tagged logs, staged publishing).
+//! - [`actor`]: one actor per instance: its own thread, credit-bounded batched mailbox.
 //! - [`cli`]: the commands of the `plugind` binary (`src/main.rs` only parses arguments).
 
+pub mod actor;
 pub mod circuit;
 pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod delivery;
 pub mod loader;
+pub mod message;
+pub mod routing;
+pub mod services;
 pub mod topic;

@@ -1,0 +1,84 @@
+//! Which instances a topic goes to: an immutable snapshot built from the configuration (and,
+//! for instances without `topics`, their library's default topics). The ingress reads the
+//! current snapshot to fix a message's target set at acceptance; a reload swaps in a new one.
+
+use std::collections::BTreeMap;
+
+use crate::topic::Pattern;
+
+/// The index of an instance in the engine (stable for the engine's life).
+pub type InstanceId = u32;
+
+/// An immutable routing table.
+#[derive(Debug, Clone, Default)]
+pub struct Routing {
+    /// (pattern, instance), in instance order; patterns of one instance are contiguous.
+    routes: Vec<(Pattern, InstanceId)>,
+}
+
+impl Routing {
+    /// A table from each instance's patterns. Every enabled instance is listed, loaded or
+    /// not: deliveries to an instance that is down wait in the ledger (DESIGN.md §7).
+    pub fn new(patterns: &BTreeMap<InstanceId, Vec<Pattern>>) -> Self {
+        let routes = patterns
+            .iter()
+            .flat_map(|(id, list)| list.iter().map(move |p| (p.clone(), *id)))
+            .collect();
+        Self { routes }
+    }
+
+    /// The instances `topic` goes to, each once, in instance order.
+    pub fn targets(&self, topic: &str) -> Vec<InstanceId> {
+        let mut targets: Vec<InstanceId> = Vec::new();
+        for (pattern, id) in &self.routes {
+            if targets.last() != Some(id) && pattern.matches(topic) {
+                targets.push(*id);
+            }
+        }
+        targets
+    }
+
+    /// Whether no instance subscribes to anything.
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn routing(table: &[(InstanceId, &[&str])]) -> Routing {
+        Routing::new(
+            &table
+                .iter()
+                .map(|(id, patterns)| {
+                    (
+                        *id,
+                        patterns
+                            .iter()
+                            .map(|p| Pattern::parse(p).unwrap())
+                            .collect(),
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn a_topic_goes_to_every_matching_instance_once() {
+        let r = routing(&[
+            (0, &["orders.>", "orders.eu.*"]),
+            (1, &["*.eu.new"]),
+            (2, &["audit.>"]),
+        ]);
+        assert_eq!(
+            r.targets("orders.eu.new"),
+            [0, 1],
+            "instance 0 once despite two patterns"
+        );
+        assert_eq!(r.targets("audit.login"), [2]);
+        assert!(r.targets("billing.paid").is_empty());
+        assert!(Routing::default().is_empty());
+    }
+}

@@ -1,0 +1,338 @@
+//! The host services of one instance generation, lent to its plugin through the ABI: its
+//! identity, logging into the daemon's log tagged with instance, plugin, version and
+//! generation, and publishing.
+//!
+//! Publishing inside `handle` (on the actor's thread, during the call) *stages* the child:
+//! it travels back with the attempt's settlement and is committed only if the attempt acks,
+//! so a retried parent never duplicates its children. Publishing anywhere else goes to the
+//! [`Publisher`] (the ingress) and returns once the message is accepted. Every child carries
+//! its parent's hop count plus one; past `hop_limit` the publish is refused.
+
+use std::{cell::RefCell, sync::Arc};
+
+use bytes::Bytes;
+use plugind_api::{
+    Level, MessageId, PublishError, PublishErrorKind, abi::KeyValue, hosting::Services,
+};
+
+use crate::{message::HOP_HEADER, topic};
+
+/// Who an instance generation is, for its log lines and its plugin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub instance: String,
+    pub plugin: String,
+    pub version: String,
+    pub generation: u64,
+}
+
+/// A message published by plugin code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Child {
+    pub topic: String,
+    pub payload: Bytes,
+    pub headers: Vec<(String, String)>,
+}
+
+/// Where messages published outside `handle` go.
+pub trait Publisher: Send + Sync + 'static {
+    /// Accepts `child` under the configured durability, or says why not.
+    ///
+    /// # Errors
+    /// [`PublishError`] when the message is refused.
+    fn publish(&self, child: Child) -> Result<MessageId, PublishError>;
+}
+
+/// The limits a publish is checked against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_message_size: u64,
+    pub hop_limit: u32,
+}
+
+/// The services of one instance generation.
+pub struct InstanceServices {
+    identity: Identity,
+    limits: Limits,
+    publisher: Arc<dyn Publisher>,
+}
+
+impl std::fmt::Debug for InstanceServices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InstanceServices")
+            .field("identity", &self.identity)
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The children of the `handle` call in progress on this thread.
+struct Stage {
+    /// The services the call belongs to (their address), so that another instance's plugin
+    /// publishing on this thread is not mistaken for this call.
+    owner: usize,
+    parent_hops: u32,
+    children: Vec<Child>,
+}
+
+thread_local! {
+    static STAGE: RefCell<Option<Stage>> = const { RefCell::new(None) };
+}
+
+impl InstanceServices {
+    pub fn new(identity: Identity, limits: Limits, publisher: Arc<dyn Publisher>) -> Arc<Self> {
+        Arc::new(Self {
+            identity,
+            limits,
+            publisher,
+        })
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// Runs `call` (a `handle` of this instance, on this thread) with publishing staged;
+    /// returns its result and the children it published.
+    pub fn staged<R>(
+        self: &Arc<Self>,
+        parent_hops: u32,
+        call: impl FnOnce() -> R,
+    ) -> (R, Vec<Child>) {
+        let owner = Arc::as_ptr(self) as usize;
+        STAGE.with(|stage| {
+            *stage.borrow_mut() = Some(Stage {
+                owner,
+                parent_hops,
+                children: Vec::new(),
+            });
+        });
+        let result = call();
+        let children = STAGE
+            .with(|stage| stage.borrow_mut().take())
+            .map(|stage| stage.children)
+            .unwrap_or_default();
+        (result, children)
+    }
+
+    fn refuse(kind: PublishErrorKind, message: String) -> PublishError {
+        PublishError { kind, message }
+    }
+
+    fn check(&self, topic: &str, payload: &[u8], hops: u32) -> Result<(), PublishError> {
+        topic::validate_topic(topic).map_err(|e| {
+            Self::refuse(PublishErrorKind::Invalid, format!("topic \"{topic}\" {e}"))
+        })?;
+        if payload.len() as u64 > self.limits.max_message_size {
+            return Err(Self::refuse(
+                PublishErrorKind::Invalid,
+                format!(
+                    "payload of {} bytes is over max_message_size ({} bytes)",
+                    payload.len(),
+                    self.limits.max_message_size
+                ),
+            ));
+        }
+        if hops > self.limits.hop_limit {
+            return Err(Self::refuse(
+                PublishErrorKind::HopLimit,
+                format!(
+                    "this message would be hop {hops}, over hop_limit {} (a pipeline loop?)",
+                    self.limits.hop_limit
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn with_hops(headers: &[KeyValue<'_>], hops: u32) -> Vec<(String, String)> {
+    let mut owned: Vec<(String, String)> = headers
+        .iter()
+        .filter(|kv| kv.key.as_str() != HOP_HEADER)
+        .map(|kv| (kv.key.as_str().to_owned(), kv.value.as_str().to_owned()))
+        .collect();
+    if hops > 0 {
+        owned.push((HOP_HEADER.to_owned(), hops.to_string()));
+    }
+    owned
+}
+
+macro_rules! plugin_event {
+    ($level:expr, $id:expr, $target:expr, $fields:expr, $message:expr) => {
+        tracing::event!(
+            target: "plugin",
+            $level,
+            instance = %$id.instance,
+            plugin = %$id.plugin,
+            version = %$id.version,
+            generation = $id.generation,
+            plugin_target = $target,
+            fields = $fields,
+            "{}",
+            $message
+        )
+    };
+}
+
+impl Services for InstanceServices {
+    fn instance_name(&self) -> &str {
+        &self.identity.instance
+    }
+
+    fn generation(&self) -> u64 {
+        self.identity.generation
+    }
+
+    fn log_enabled(&self, level: Level) -> bool {
+        match level {
+            Level::Error => tracing::enabled!(target: "plugin", tracing::Level::ERROR),
+            Level::Warn => tracing::enabled!(target: "plugin", tracing::Level::WARN),
+            Level::Info => tracing::enabled!(target: "plugin", tracing::Level::INFO),
+            Level::Debug => tracing::enabled!(target: "plugin", tracing::Level::DEBUG),
+            Level::Trace => tracing::enabled!(target: "plugin", tracing::Level::TRACE),
+        }
+    }
+
+    fn log(&self, level: Level, target: &str, message: &str, fields: &[KeyValue<'_>]) {
+        let fields: String = fields
+            .iter()
+            .map(|kv| format!("{}={}", kv.key.as_str(), kv.value.as_str()))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let id = &self.identity;
+        match level {
+            Level::Error => plugin_event!(tracing::Level::ERROR, id, target, fields, message),
+            Level::Warn => plugin_event!(tracing::Level::WARN, id, target, fields, message),
+            Level::Info => plugin_event!(tracing::Level::INFO, id, target, fields, message),
+            Level::Debug => plugin_event!(tracing::Level::DEBUG, id, target, fields, message),
+            Level::Trace => plugin_event!(tracing::Level::TRACE, id, target, fields, message),
+        }
+    }
+
+    fn publish(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        headers: &[KeyValue<'_>],
+    ) -> Result<MessageId, PublishError> {
+        let owner = self as *const Self as usize;
+        let staged_hops = STAGE.with(|stage| {
+            stage
+                .borrow()
+                .as_ref()
+                .filter(|s| s.owner == owner)
+                .map(|s| s.parent_hops + 1)
+        });
+        if let Some(hops) = staged_hops {
+            self.check(topic, payload, hops)?;
+            let child = Child {
+                topic: topic.to_owned(),
+                payload: Bytes::copy_from_slice(payload),
+                headers: with_hops(headers, hops),
+            };
+            STAGE.with(|stage| {
+                if let Some(stage) = stage.borrow_mut().as_mut() {
+                    stage.children.push(child);
+                }
+            });
+            // Its id is assigned when the parent's settlement commits it.
+            return Ok(MessageId(0));
+        }
+        let hops = headers
+            .iter()
+            .find(|kv| kv.key.as_str() == HOP_HEADER)
+            .and_then(|kv| kv.value.as_str().parse::<u32>().ok())
+            .unwrap_or(0);
+        self.check(topic, payload, hops)?;
+        self.publisher.publish(Child {
+            topic: topic.to_owned(),
+            payload: Bytes::copy_from_slice(payload),
+            headers: with_hops(headers, hops),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    #[derive(Default)]
+    struct Recording(Mutex<Vec<Child>>);
+
+    impl Publisher for Recording {
+        fn publish(&self, child: Child) -> Result<MessageId, PublishError> {
+            let mut list = self.0.lock().unwrap();
+            list.push(child);
+            Ok(MessageId(list.len() as u64))
+        }
+    }
+
+    fn services(publisher: Arc<Recording>) -> Arc<InstanceServices> {
+        InstanceServices::new(
+            Identity {
+                instance: "sink".into(),
+                plugin: "file-sink".into(),
+                version: "1.0.0".into(),
+                generation: 3,
+            },
+            Limits {
+                max_message_size: 16,
+                hop_limit: 2,
+            },
+            publisher,
+        )
+    }
+
+    #[test]
+    fn inside_handle_children_are_staged_with_the_next_hop() {
+        let publisher = Arc::new(Recording::default());
+        let s = services(publisher.clone());
+        let (result, children) =
+            s.staged(1, || s.publish("out.a", b"x", &[KeyValue::new("k", "v")]));
+        assert_eq!(result, Ok(MessageId(0)));
+        assert_eq!(
+            children,
+            [Child {
+                topic: "out.a".into(),
+                payload: Bytes::from_static(b"x"),
+                headers: vec![("k".into(), "v".into()), (HOP_HEADER.into(), "2".into())],
+            }]
+        );
+        assert!(
+            publisher.0.lock().unwrap().is_empty(),
+            "nothing went to the ingress"
+        );
+    }
+
+    #[test]
+    fn outside_handle_a_publish_goes_to_the_publisher() {
+        let publisher = Arc::new(Recording::default());
+        let s = services(publisher.clone());
+        assert_eq!(s.publish("out.a", b"x", &[]), Ok(MessageId(1)));
+        // Another instance's staged call on this thread does not capture it either.
+        let other = services(Arc::new(Recording::default()));
+        let (_, staged) = other.staged(0, || s.publish("out.b", b"y", &[]));
+        assert!(staged.is_empty());
+        assert_eq!(publisher.0.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn limits_refuse_with_the_right_kind() {
+        let s = services(Arc::new(Recording::default()));
+        let (result, children) = s.staged(2, || s.publish("loop.again", b"x", &[]));
+        assert_eq!(result.unwrap_err().kind, PublishErrorKind::HopLimit);
+        assert!(children.is_empty());
+        let e = s.publish("bad..topic", b"x", &[]).unwrap_err();
+        assert_eq!(e.kind, PublishErrorKind::Invalid);
+        assert!(e.message.contains("empty token"), "{}", e.message);
+        let e = s.publish("ok", &[0; 17], &[]).unwrap_err();
+        assert!(
+            e.message.contains("over max_message_size (16 bytes)"),
+            "{}",
+            e.message
+        );
+    }
+}
