@@ -13,6 +13,10 @@
 //! - [`message`]: a message as stored, and one attempt's view of it for plugins.
 //! - [`services`]: an instance's host services (tagged logs, staged publishing).
 //! - [`actor`]: one actor per instance: its own thread, credit-bounded batched mailbox.
+//! - [`ingress`]: the publish path: validate, route, limits, ids, ledger, dispatcher.
+//! - [`ledger`]: the only writer of delivery state (interface + in-memory ledger).
+//! - [`dispatch`]: the event loop that owns the live deliveries and feeds the actors.
+//! - [`engine`]: all of it assembled, with the supervisor's start and the graceful stop.
 //! - [`cli`]: the commands of the `plugind` binary (`src/main.rs` only parses arguments).
 
 pub mod actor;
@@ -21,6 +25,10 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod delivery;
+pub mod dispatch;
+pub mod engine;
+pub mod ingress;
+pub mod ledger;
 pub mod loader;
 pub mod message;
 pub mod routing;

@@ -130,6 +130,24 @@ pub enum LoadError {
     Other { path: PathBuf, detail: String },
 }
 
+/// The library files in `dir` the daemon considers: `*.so`, not hidden (editors' and
+/// installers' temporary names start with a dot or end otherwise), not directories; sorted.
+///
+/// # Errors
+/// The I/O error reading the directory.
+pub fn library_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| {
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            !name.starts_with('.') && name.ends_with(".so") && !path.is_dir()
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
 /// How to judge a library: who may own it, what its bytes must hash to, how to probe it.
 #[derive(Debug, Clone, Default)]
 pub struct Policy {

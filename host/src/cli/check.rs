@@ -150,27 +150,13 @@ fn print_json(report: &Report) {
     );
 }
 
-/// Library files in `dir` the daemon would consider: `*.so`, not hidden.
-fn candidates(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .filter_map(Result::ok)
-        .map(|entry| entry.path())
-        .filter(|path| {
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            !name.starts_with('.') && name.ends_with(".so") && !path.is_dir()
-        })
-        .collect();
-    files.sort();
-    Ok(files)
-}
-
 fn check_libraries(config: &Config, probe: Option<&ProbeCommand>, report: &mut Report) {
     let dir = &config.host.plugin_dir;
     let policy = Policy {
         trusted_owners: config.host.trusted_owner_uids.clone(),
         ..Policy::default()
     };
-    let files = match candidates(dir) {
+    let files = match loader::library_files(dir) {
         Ok(files) => files,
         Err(e) => {
             report.libraries.push(LibraryReport {

@@ -1,0 +1,656 @@
+//! The dispatcher: the engine's event loop, on one thread that owns the live delivery state.
+//!
+//! It takes accepted messages from the ingress and settlements from the actors; hands due
+//! deliveries to each actor only while it has room (it never blocks on a mailbox); records
+//! every change in the ledger *before* acting on it (an attempt before plugin code is
+//! called, a parent's ack together with its children); schedules retries and lease expiries;
+//! and asks each instance's circuit breaker before every hand-out.
+//!
+//! Per instance, first deliveries go out in acceptance order; a retry waits in a timer heap
+//! until it is due, so it never blocks the messages behind it.
+
+use std::{
+    cmp::Reverse,
+    collections::{BinaryHeap, HashMap, VecDeque},
+    sync::Arc,
+    time::Duration,
+};
+
+use crossbeam_channel::{Receiver, Sender, select};
+use plugind_api::{Outcome, hosting::CallErrorKind};
+use serde::Serialize;
+
+use crate::{
+    actor::{self, Actor, Handoff, Settlement, Stopped},
+    circuit::{self, Breaker},
+    clock::{Clock, Timestamp},
+    delivery::{Delivery, Failure, Rules, Transition},
+    ingress::{Accepted, Backlog, Ingress},
+    ledger::{Ledger, Record},
+    message::StoredMessage,
+    routing::InstanceId,
+};
+
+/// What the dispatcher is told.
+#[derive(Debug)]
+pub enum Input {
+    /// Messages the ingress accepted (already in the ledger).
+    Accepted(Vec<Accepted>),
+    /// A snapshot for the caller.
+    Snapshot(Sender<Snapshot>),
+    /// Operator pause / resume of one instance.
+    Pause(InstanceId),
+    Resume(InstanceId),
+    /// Graceful stop: finish the calls in hand, release the rest, stop the actors.
+    Stop {
+        deadline: Duration,
+        reply: Sender<StopReport>,
+    },
+}
+
+/// One instance as the dispatcher runs it.
+#[derive(Debug)]
+pub struct Slot {
+    pub name: String,
+    pub rules: Rules,
+    pub breaker: Breaker,
+    /// `None` while the instance is not running (failed to load, disabled): its deliveries
+    /// wait.
+    pub actor: Option<Actor>,
+}
+
+/// Counters and state of one instance.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct InstanceStats {
+    pub name: String,
+    pub running: bool,
+    pub acked: u64,
+    pub failures: u64,
+    pub dead_lettered: u64,
+    /// Deliveries waiting or in flight.
+    pub backlog: u64,
+    pub in_flight: u64,
+    pub circuit: Option<circuit::State>,
+    /// A call outlived its lease and is still running.
+    pub hung: bool,
+}
+
+/// What the dispatcher shows.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Snapshot {
+    pub instances: Vec<InstanceStats>,
+    /// Settlements refused because their attempt was no longer in flight.
+    pub stale: u64,
+}
+
+/// How a graceful stop ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct StopReport {
+    /// Attempts handed back unstarted (no failure).
+    pub released: u64,
+    /// Instances whose call in hand did not finish in time: thread and library retained.
+    pub abandoned: Vec<String>,
+}
+
+struct Live {
+    message: Arc<StoredMessage>,
+    delivery: Delivery,
+}
+
+struct Inst {
+    slot: Slot,
+    /// Messages ready to go, first deliveries in acceptance order (released ones in front).
+    ready: VecDeque<u64>,
+    /// Retries by due time.
+    waiting: BinaryHeap<Reverse<(u64, u64)>>,
+    stats: InstanceStats,
+}
+
+/// The event loop's state.
+pub struct Dispatcher {
+    clock: Arc<dyn Clock>,
+    ledger: Arc<dyn Ledger>,
+    backlog: Arc<Backlog>,
+    ingress: Arc<Ingress>,
+    instances: Vec<Inst>,
+    live: HashMap<(u64, InstanceId), Live>,
+    /// (lease end, message, instance, attempt); entries whose attempt moved on are skipped.
+    leases: BinaryHeap<Reverse<(u64, u64, InstanceId, u32)>>,
+    stale: u64,
+}
+
+impl std::fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher")
+            .field("instances", &self.instances.len())
+            .field("live", &self.live.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Dispatcher {
+    pub fn new(
+        clock: Arc<dyn Clock>,
+        ledger: Arc<dyn Ledger>,
+        backlog: Arc<Backlog>,
+        ingress: Arc<Ingress>,
+        slots: Vec<Slot>,
+    ) -> Self {
+        let instances = slots
+            .into_iter()
+            .map(|slot| Inst {
+                stats: InstanceStats {
+                    name: slot.name.clone(),
+                    ..InstanceStats::default()
+                },
+                slot,
+                ready: VecDeque::new(),
+                waiting: BinaryHeap::new(),
+            })
+            .collect();
+        Self {
+            clock,
+            ledger,
+            backlog,
+            ingress,
+            instances,
+            live: HashMap::new(),
+            leases: BinaryHeap::new(),
+            stale: 0,
+        }
+    }
+
+    /// Runs until stopped (or until every sender is gone).
+    pub fn run(mut self, inputs: Receiver<Input>, events: Receiver<actor::Event>) {
+        loop {
+            let now = self.clock.now();
+            let wait = self
+                .next_wakeup()
+                .map_or(Duration::from_secs(1), |at| at.since(now))
+                .min(Duration::from_secs(1));
+            let mut records = Vec::new();
+            select! {
+                recv(inputs) -> input => match input {
+                    Ok(Input::Stop { deadline, reply }) => {
+                        let _ = reply.send(self.stop(deadline, &events));
+                        return;
+                    }
+                    Ok(input) => self.input(input),
+                    Err(_) => return,
+                },
+                recv(events) -> event => {
+                    if let Ok(event) = event {
+                        self.event(event, &mut records);
+                    }
+                }
+                default(wait) => {}
+            }
+            // Take everything else waiting in one go (batching).
+            while let Ok(event) = events.try_recv() {
+                self.event(event, &mut records);
+            }
+            while let Ok(input) = inputs.try_recv() {
+                if let Input::Stop { deadline, reply } = input {
+                    self.commit(records);
+                    let _ = reply.send(self.stop(deadline, &events));
+                    return;
+                }
+                self.input(input);
+            }
+            let now = self.clock.now();
+            self.expire(now, &mut records);
+            self.promote(now);
+            let handoffs = self.hand_out(now, &mut records);
+            // Recorded first: an attempt is in the ledger before plugin code sees it.
+            self.commit(records);
+            for (instance, batch) in handoffs {
+                if let Some(actor) = &mut self.instances[instance as usize].slot.actor {
+                    actor.offer(batch);
+                }
+            }
+        }
+    }
+
+    fn commit(&self, records: Vec<Record>) {
+        if records.is_empty() {
+            return;
+        }
+        if let Err(e) = self.ledger.commit(records) {
+            // A storage failure is fatal (DESIGN.md §7): never continue on unrecorded state.
+            tracing::error!(error = %e, "the ledger failed; stopping the daemon");
+            std::process::exit(1);
+        }
+    }
+
+    fn input(&mut self, input: Input) {
+        match input {
+            Input::Accepted(batch) => {
+                let now = self.clock.now();
+                for accepted in batch {
+                    self.add(accepted, now);
+                }
+            }
+            Input::Snapshot(reply) => {
+                let _ = reply.send(self.snapshot());
+            }
+            Input::Pause(id) => self.instances[id as usize].slot.breaker.pause(),
+            Input::Resume(id) => self.instances[id as usize].slot.breaker.resume(),
+            Input::Stop { .. } => unreachable!("handled by the loop"),
+        }
+    }
+
+    fn add(&mut self, accepted: Accepted, now: Timestamp) {
+        for target in accepted.targets {
+            let inst = &mut self.instances[target as usize];
+            inst.ready.push_back(accepted.message.id);
+            inst.stats.backlog += 1;
+            self.live.insert(
+                (accepted.message.id, target),
+                Live {
+                    message: accepted.message.clone(),
+                    delivery: Delivery::new(now),
+                },
+            );
+        }
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let mut in_flight = vec![0u64; self.instances.len()];
+        for ((_, instance), live) in &self.live {
+            if live.delivery.in_flight().is_some() {
+                in_flight[*instance as usize] += 1;
+            }
+        }
+        Snapshot {
+            instances: self
+                .instances
+                .iter()
+                .zip(in_flight)
+                .map(|(i, in_flight)| InstanceStats {
+                    running: i.slot.actor.is_some(),
+                    in_flight,
+                    circuit: Some(i.slot.breaker.state().clone()),
+                    hung: i.stats.hung
+                        && i.slot
+                            .actor
+                            .as_ref()
+                            .is_some_and(|a| a.busy_since().is_some()),
+                    ..i.stats.clone()
+                })
+                .collect(),
+            stale: self.stale,
+        }
+    }
+
+    fn next_wakeup(&self) -> Option<Timestamp> {
+        let retries = self
+            .instances
+            .iter()
+            .filter_map(|i| i.waiting.peek().map(|Reverse((due, _))| Timestamp(*due)));
+        let probes = self
+            .instances
+            .iter()
+            .filter_map(|i| i.slot.breaker.next_wakeup());
+        let leases = self.leases.peek().map(|Reverse((at, ..))| Timestamp(*at));
+        retries.chain(probes).chain(leases).min()
+    }
+
+    /// Due retries join the ready queue.
+    fn promote(&mut self, now: Timestamp) {
+        for inst in &mut self.instances {
+            while let Some(Reverse((due, message))) = inst.waiting.peek().copied() {
+                if due > now.0 {
+                    break;
+                }
+                inst.waiting.pop();
+                inst.ready.push_back(message);
+            }
+        }
+    }
+
+    /// Expired leases become `timeout` failures; a synchronous call still running marks its
+    /// instance hung.
+    fn expire(&mut self, now: Timestamp, records: &mut Vec<Record>) {
+        while let Some(Reverse((at, message, instance, attempt))) = self.leases.peek().copied() {
+            if at > now.0 {
+                break;
+            }
+            self.leases.pop();
+            let key = (message, instance);
+            let Some(live) = self.live.get(&key) else {
+                continue;
+            };
+            if live.delivery.in_flight() != Some(attempt) {
+                continue;
+            }
+            let inst = &mut self.instances[instance as usize];
+            if inst
+                .slot
+                .actor
+                .as_ref()
+                .is_some_and(|a| a.busy_since().is_some())
+            {
+                inst.stats.hung = true;
+                tracing::warn!(instance = %inst.slot.name, message, attempt, "a call outlived its lease: instance hung");
+            }
+            self.fail(key, attempt, Failure::Timeout, now, records);
+        }
+    }
+
+    /// Chooses the hand-outs of this round: per instance, as many as it has room for.
+    fn hand_out(
+        &mut self,
+        now: Timestamp,
+        records: &mut Vec<Record>,
+    ) -> Vec<(InstanceId, Vec<Handoff>)> {
+        let mut handoffs = Vec::new();
+        for (id, inst) in self.instances.iter_mut().enumerate() {
+            let instance = id as InstanceId;
+            let Some(actor) = &inst.slot.actor else {
+                continue;
+            };
+            let room = actor.room();
+            let mut batch = Vec::new();
+            while batch.len() < room {
+                let Some(&message) = inst.ready.front() else {
+                    break;
+                };
+                if !inst.slot.breaker.admit(message, now) {
+                    break;
+                }
+                inst.ready.pop_front();
+                let Some(live) = self.live.get_mut(&(message, instance)) else {
+                    continue;
+                };
+                let Some(attempt) = live.delivery.begin(&inst.slot.rules, now) else {
+                    continue;
+                };
+                let lease_until = now.after(inst.slot.rules.ack_timeout);
+                records.push(Record::Attempt {
+                    message,
+                    instance,
+                    attempt,
+                    lease_until,
+                });
+                self.leases
+                    .push(Reverse((lease_until.0, message, instance, attempt)));
+                batch.push(Handoff {
+                    message: live.message.clone(),
+                    attempt,
+                });
+            }
+            if !batch.is_empty() {
+                handoffs.push((instance, batch));
+            }
+        }
+        handoffs
+    }
+
+    fn event(&mut self, event: actor::Event, records: &mut Vec<Record>) {
+        let now = self.clock.now();
+        match event {
+            actor::Event::Settled {
+                instance,
+                settlements,
+            } => {
+                if let Some(actor) = &mut self.instances[instance as usize].slot.actor {
+                    actor.settled(settlements.len());
+                }
+                for settlement in settlements {
+                    self.settle(instance, settlement, now, records);
+                }
+            }
+            actor::Event::Stopped {
+                instance,
+                released,
+                shutdown_error,
+            } => {
+                if let Some(e) = shutdown_error {
+                    let name = &self.instances[instance as usize].slot.name;
+                    tracing::warn!(instance = %name, error = %e, "shutdown failed");
+                }
+                self.release(instance, released, now, records);
+            }
+        }
+    }
+
+    fn release(
+        &mut self,
+        instance: InstanceId,
+        released: Vec<Handoff>,
+        now: Timestamp,
+        records: &mut Vec<Record>,
+    ) {
+        let inst = &mut self.instances[instance as usize];
+        for handoff in released.into_iter().rev() {
+            let key = (handoff.message.id, instance);
+            if let Some(live) = self.live.get_mut(&key)
+                && live.delivery.in_flight() == Some(handoff.attempt)
+                && live.delivery.release(now)
+            {
+                inst.ready.push_front(handoff.message.id);
+                records.push(Record::Updated {
+                    message: handoff.message.id,
+                    instance,
+                    delivery: live.delivery.clone(),
+                });
+            }
+        }
+    }
+
+    fn settle(
+        &mut self,
+        instance: InstanceId,
+        s: Settlement,
+        now: Timestamp,
+        records: &mut Vec<Record>,
+    ) {
+        let key = (s.message, instance);
+        let in_flight = self.live.get(&key).and_then(|l| l.delivery.in_flight());
+        if in_flight != Some(s.attempt) {
+            self.stale += 1;
+            tracing::info!(
+                instance = %self.instances[instance as usize].slot.name,
+                message = s.message,
+                attempt = s.attempt,
+                "stale settlement refused: the attempt is no longer in flight"
+            );
+            return;
+        }
+        let failure = match s.result {
+            Ok(Outcome::Ack) => {
+                let inst = &mut self.instances[instance as usize];
+                inst.slot.breaker.on_success(s.message);
+                inst.stats.hung = false;
+                let live = self.live.get_mut(&key).expect("checked in flight above");
+                live.delivery
+                    .ack(s.attempt, now)
+                    .expect("checked in flight above");
+                records.push(Record::Acked {
+                    message: s.message,
+                    instance,
+                });
+                inst.stats.acked += 1;
+                // Children commit in the same batch as their parent's ack.
+                let mut children = Vec::new();
+                for child in s.children {
+                    match self.ingress.prepare(child.into(), false) {
+                        Ok(accepted) if !accepted.targets.is_empty() => {
+                            records.push(Record::Accepted {
+                                message: accepted.message.clone(),
+                                targets: accepted.targets.clone(),
+                            });
+                            children.push(accepted);
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "a child message was refused"),
+                    }
+                }
+                self.finish(key);
+                for child in children {
+                    for target in &child.targets {
+                        self.backlog
+                            .add(*target, child.message.payload.len() as u64);
+                    }
+                    self.add(child, now);
+                }
+                return;
+            }
+            Ok(Outcome::Retry { after, reason }) => Failure::Retry { reason, after },
+            Ok(Outcome::Reject { reason }) => {
+                let inst = &mut self.instances[instance as usize];
+                let live = self.live.get_mut(&key).expect("checked in flight above");
+                live.delivery
+                    .reject(s.attempt, &reason, now)
+                    .expect("checked in flight above");
+                inst.stats.dead_lettered += 1;
+                self.dead_letter(key, records);
+                return;
+            }
+            Ok(other) => Failure::Error {
+                message: format!("an outcome this daemon cannot apply: {other:?}"),
+            },
+            Err(e) if e.kind == CallErrorKind::Panic => Failure::Panic { message: e.message },
+            Err(e) => Failure::Error { message: e.message },
+        };
+        self.fail(key, s.attempt, failure, now, records);
+    }
+
+    /// A failure of the attempt in flight: the breaker decides whether it counts.
+    fn fail(
+        &mut self,
+        key: (u64, InstanceId),
+        attempt: u32,
+        failure: Failure,
+        now: Timestamp,
+        records: &mut Vec<Record>,
+    ) {
+        let (message, instance) = key;
+        let inst = &mut self.instances[instance as usize];
+        let verdict = inst.slot.breaker.on_failure(message, now);
+        for excused in verdict.excuse {
+            if let Some(other) = self.live.get_mut(&(excused, instance)) {
+                other.delivery.excuse(1);
+            }
+        }
+        if matches!(inst.slot.breaker.state(), circuit::State::Open { .. }) && !verdict.charged {
+            tracing::debug!(instance = %inst.slot.name, "circuit open: failure excused");
+        }
+        let rules = inst.slot.rules.clone();
+        let live = self
+            .live
+            .get_mut(&key)
+            .expect("callers check the attempt is in flight");
+        let Ok(transition) = live.delivery.fail(
+            attempt,
+            &failure,
+            verdict.charged,
+            &rules,
+            now,
+            fastrand::f64(),
+        ) else {
+            return;
+        };
+        if verdict.charged {
+            inst.stats.failures += 1;
+        }
+        match transition {
+            Transition::Retry { due } => {
+                records.push(Record::Updated {
+                    message,
+                    instance,
+                    delivery: live.delivery.clone(),
+                });
+                if due <= now {
+                    inst.ready.push_back(message);
+                } else {
+                    inst.waiting.push(Reverse((due.0, message)));
+                }
+            }
+            Transition::DeadLettered { .. } => {
+                inst.stats.dead_lettered += 1;
+                self.dead_letter(key, records);
+            }
+            Transition::Acked => unreachable!("a failure never acks"),
+        }
+    }
+
+    fn dead_letter(&mut self, key: (u64, InstanceId), records: &mut Vec<Record>) {
+        let live = &self.live[&key];
+        records.push(Record::DeadLettered {
+            message: live.message.clone(),
+            instance: key.1,
+            delivery: live.delivery.clone(),
+        });
+        self.finish(key);
+    }
+
+    /// A delivery ended: it leaves the live state and the backlog.
+    fn finish(&mut self, key: (u64, InstanceId)) {
+        if let Some(live) = self.live.remove(&key) {
+            let inst = &mut self.instances[key.1 as usize];
+            inst.stats.backlog = inst.stats.backlog.saturating_sub(1);
+            self.backlog
+                .remove(key.1, live.message.payload.len() as u64);
+        }
+    }
+
+    /// Graceful stop: every actor finishes its call in hand and releases the rest, within
+    /// `deadline`; the ones that do not are abandoned.
+    fn stop(&mut self, deadline: Duration, events: &Receiver<actor::Event>) -> StopReport {
+        let started = std::time::Instant::now();
+        let mut running: Vec<InstanceId> = Vec::new();
+        for (id, inst) in self.instances.iter().enumerate() {
+            if let Some(actor) = &inst.slot.actor {
+                actor.request_stop();
+                running.push(id as InstanceId);
+            }
+        }
+        let mut report = StopReport::default();
+        let mut records = Vec::new();
+        while !running.is_empty() {
+            let left = deadline.saturating_sub(started.elapsed());
+            match events.recv_timeout(left) {
+                Ok(actor::Event::Stopped {
+                    instance,
+                    released,
+                    shutdown_error,
+                }) => {
+                    report.released += released.len() as u64;
+                    self.event(
+                        actor::Event::Stopped {
+                            instance,
+                            released,
+                            shutdown_error,
+                        },
+                        &mut records,
+                    );
+                    running.retain(|i| *i != instance);
+                }
+                Ok(event) => self.event(event, &mut records),
+                Err(_) => break,
+            }
+        }
+        // Attempts still in flight are released as `shutdown` (no failure).
+        let now = self.clock.now();
+        for ((message, instance), live) in &mut self.live {
+            if live.delivery.release(now) {
+                records.push(Record::Updated {
+                    message: *message,
+                    instance: *instance,
+                    delivery: live.delivery.clone(),
+                });
+            }
+        }
+        self.commit(records);
+        for inst in &mut self.instances {
+            if let Some(actor) = inst.slot.actor.take() {
+                let left = deadline.saturating_sub(started.elapsed());
+                if let Stopped::Abandoned { .. } = actor.join(left, self.clock.as_ref()) {
+                    report.abandoned.push(inst.slot.name.clone());
+                }
+            }
+        }
+        report
+    }
+}

@@ -1,0 +1,303 @@
+//! The ingress API: what `Publish` does inside the daemon. It validates a message, routes it
+//! from the current routing snapshot (fixing its target set for good), enforces
+//! `max_message_size` and `max_backlog`, assigns ids, records the batch in the ledger —
+//! answering only once it is durable — and hands it to the dispatcher. The gRPC service sits
+//! on top of it; plugins publishing outside `handle` come through it too.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, AtomicU64, Ordering},
+};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use crossbeam_channel::Sender;
+use plugind_api::{MessageId, PublishError, PublishErrorKind};
+
+use crate::{
+    clock::Clock,
+    dispatch,
+    ledger::{Ledger, LedgerError, Record},
+    message::StoredMessage,
+    routing::{InstanceId, Routing},
+    services::{Child, Publisher},
+    topic,
+};
+
+/// A message to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewMessage {
+    pub topic: String,
+    pub payload: Bytes,
+    pub headers: Vec<(String, String)>,
+}
+
+impl From<Child> for NewMessage {
+    fn from(child: Child) -> Self {
+        Self {
+            topic: child.topic,
+            payload: child.payload,
+            headers: child.headers,
+        }
+    }
+}
+
+/// A message accepted, with the instances it goes to.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    pub message: Arc<StoredMessage>,
+    pub targets: Vec<InstanceId>,
+}
+
+/// Why a publish was refused. Retryable or not is in the variant.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("invalid message: {0}")]
+    Invalid(String),
+    #[error(
+        "instance `{instance}` has {backlog} bytes waiting, and this message would take it over \
+         its max_backlog of {limit} bytes"
+    )]
+    Backlog {
+        instance: String,
+        backlog: u64,
+        limit: u64,
+    },
+    #[error("the ledger is full: {0}")]
+    LedgerFull(String),
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+    #[error("the ledger failed: {0}")]
+    LedgerFailed(String),
+}
+
+impl From<&Refused> for PublishError {
+    fn from(refused: &Refused) -> Self {
+        let kind = match refused {
+            Refused::Invalid(_) => PublishErrorKind::Invalid,
+            Refused::Backlog { .. } | Refused::LedgerFull(_) => PublishErrorKind::ResourceExhausted,
+            Refused::ShuttingDown => PublishErrorKind::ShuttingDown,
+            Refused::LedgerFailed(_) => PublishErrorKind::Unavailable,
+        };
+        PublishError {
+            kind,
+            message: refused.to_string(),
+        }
+    }
+}
+
+/// Bytes waiting per instance: added at acceptance, removed when a delivery ends.
+#[derive(Debug)]
+pub struct Backlog {
+    names: Vec<String>,
+    limits: Vec<u64>,
+    bytes: Vec<AtomicU64>,
+}
+
+impl Backlog {
+    /// One entry per instance id: its name and `max_backlog`.
+    pub fn new(instances: &[(String, u64)]) -> Self {
+        Self {
+            names: instances.iter().map(|(n, _)| n.clone()).collect(),
+            limits: instances.iter().map(|(_, l)| *l).collect(),
+            bytes: instances.iter().map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    pub fn bytes(&self, instance: InstanceId) -> u64 {
+        self.bytes[instance as usize].load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn add(&self, instance: InstanceId, size: u64) {
+        self.bytes[instance as usize].fetch_add(size, Ordering::Relaxed);
+    }
+
+    pub(crate) fn remove(&self, instance: InstanceId, size: u64) {
+        let _ =
+            self.bytes[instance as usize].fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                Some(b.saturating_sub(size))
+            });
+    }
+
+    fn check(&self, instance: InstanceId, size: u64) -> Result<(), Refused> {
+        let i = instance as usize;
+        let backlog = self.bytes[i].load(Ordering::Relaxed);
+        if backlog.saturating_add(size) > self.limits[i] {
+            return Err(Refused::Backlog {
+                instance: self.names[i].clone(),
+                backlog,
+                limit: self.limits[i],
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The ingress of one engine.
+pub struct Ingress {
+    routing: ArcSwap<Routing>,
+    next_id: AtomicU64,
+    ledger: Arc<dyn Ledger>,
+    dispatcher: Sender<dispatch::Input>,
+    backlog: Arc<Backlog>,
+    max_message_size: u64,
+    clock: Arc<dyn Clock>,
+    open: AtomicBool,
+    /// Messages accepted that no instance subscribes to (counted, not stored).
+    unrouted: AtomicU64,
+}
+
+impl std::fmt::Debug for Ingress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ingress")
+            .field("next_id", &self.next_id)
+            .field("open", &self.open)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ingress {
+    pub(crate) fn new(
+        routing: Routing,
+        next_id: u64,
+        ledger: Arc<dyn Ledger>,
+        dispatcher: Sender<dispatch::Input>,
+        backlog: Arc<Backlog>,
+        max_message_size: u64,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Self {
+            routing: ArcSwap::from_pointee(routing),
+            next_id: AtomicU64::new(next_id),
+            ledger,
+            dispatcher,
+            backlog,
+            max_message_size,
+            clock,
+            open: AtomicBool::new(true),
+            unrouted: AtomicU64::new(0),
+        }
+    }
+
+    /// Replaces the routing snapshot; messages accepted from now on use it.
+    pub fn set_routing(&self, routing: Routing) {
+        self.routing.store(Arc::new(routing));
+    }
+
+    /// Refuses every publish from now on.
+    pub fn close(&self) {
+        self.open.store(false, Ordering::Release);
+    }
+
+    /// Messages accepted that no instance subscribes to.
+    pub fn unrouted(&self) -> u64 {
+        self.unrouted.load(Ordering::Relaxed)
+    }
+
+    /// Validates and routes one message and gives it an id. `check_backlog` is off for the
+    /// children of an acked attempt (their parent was already accepted).
+    pub(crate) fn prepare(
+        &self,
+        message: NewMessage,
+        check_backlog: bool,
+    ) -> Result<Accepted, Refused> {
+        topic::validate_topic(&message.topic)
+            .map_err(|e| Refused::Invalid(format!("topic \"{}\" {e}", message.topic)))?;
+        let size = message.payload.len() as u64;
+        if size > self.max_message_size {
+            return Err(Refused::Invalid(format!(
+                "payload of {size} bytes is over max_message_size ({} bytes)",
+                self.max_message_size
+            )));
+        }
+        let targets = self.routing.load().targets(&message.topic);
+        if check_backlog {
+            for target in &targets {
+                self.backlog.check(*target, size)?;
+            }
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        Ok(Accepted {
+            message: Arc::new(StoredMessage {
+                id,
+                topic: message.topic,
+                headers: message.headers,
+                payload: message.payload,
+                publish_time: self.clock.now(),
+            }),
+            targets,
+        })
+    }
+
+    /// Publishes a batch: each message gets its id or its refusal; the accepted ones are
+    /// durable in the ledger when this returns.
+    pub fn publish(&self, batch: Vec<NewMessage>) -> Vec<Result<u64, Refused>> {
+        if !self.open.load(Ordering::Acquire) {
+            return batch.iter().map(|_| Err(Refused::ShuttingDown)).collect();
+        }
+        let mut results = Vec::with_capacity(batch.len());
+        let mut accepted = Vec::with_capacity(batch.len());
+        for message in batch {
+            match self.prepare(message, true) {
+                Ok(a) => {
+                    results.push(Ok(a.message.id));
+                    if a.targets.is_empty() {
+                        self.unrouted.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        accepted.push(a);
+                    }
+                }
+                Err(e) => results.push(Err(e)),
+            }
+        }
+        if accepted.is_empty() {
+            return results;
+        }
+        let records = accepted
+            .iter()
+            .map(|a| Record::Accepted {
+                message: a.message.clone(),
+                targets: a.targets.clone(),
+            })
+            .collect();
+        if let Err(e) = self.ledger.commit(records) {
+            let refused = match e {
+                LedgerError::Full(m) => Refused::LedgerFull(m),
+                LedgerError::Fatal(m) => Refused::LedgerFailed(m),
+            };
+            let ids: Vec<u64> = accepted.iter().map(|a| a.message.id).collect();
+            for result in &mut results {
+                if matches!(result, Ok(id) if ids.contains(id)) {
+                    *result = Err(refused.clone());
+                }
+            }
+            return results;
+        }
+        for a in &accepted {
+            for target in &a.targets {
+                self.backlog.add(*target, a.message.payload.len() as u64);
+            }
+        }
+        // The dispatcher ends only after the ingress closed; a failed send means it is gone.
+        let _ = self.dispatcher.send(dispatch::Input::Accepted(accepted));
+        results
+    }
+
+    /// Publishes one message.
+    ///
+    /// # Errors
+    /// [`Refused`] with the reason.
+    pub fn publish_one(&self, message: NewMessage) -> Result<u64, Refused> {
+        self.publish(vec![message])
+            .pop()
+            .expect("one result per message")
+    }
+}
+
+impl Publisher for Ingress {
+    fn publish(&self, child: Child) -> Result<MessageId, PublishError> {
+        self.publish_one(child.into())
+            .map(MessageId)
+            .map_err(|e| PublishError::from(&e))
+    }
+}

@@ -1,0 +1,354 @@
+//! The delivery engine through the host library's ingress API, with real fixture plugins
+//! loaded by the real loader: fan-out, retries, dead letters, a blocked instance, pipelines,
+//! the backlog limit and a graceful stop.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use plugind::{
+    clock::SystemClock,
+    config,
+    dispatch::{InstanceStats, Snapshot},
+    engine::{Engine, Options},
+    ingress::{NewMessage, Refused},
+    ledger::MemoryLedger,
+};
+use plugind_tests::{
+    fixtures::{self, Profile},
+    sandbox::Sandbox,
+};
+
+/// A deployment in a sandbox: the fixture libraries in `plugins.d/`, then `plugins.toml`.
+struct Deployment {
+    sandbox: Sandbox,
+    engine: Option<Engine>,
+}
+
+fn start(libraries: &[&str], config_text: &str) -> Deployment {
+    let sandbox = Sandbox::new("engine");
+    sandbox.dir("plugins.d");
+    for fixture in libraries {
+        sandbox.copy(
+            &format!("plugins.d/{fixture}.so"),
+            &fixtures::library(fixture, Profile::Dev),
+        );
+    }
+    let text = format!("[host]\nautoload = false\n\n{config_text}");
+    let path = sandbox.put("plugins.toml", &text);
+    let config = config::parse(&path, &text).unwrap_or_else(|e| panic!("{}", e.render()));
+    let options = Options {
+        clock: Arc::new(SystemClock),
+        probe: None,
+    };
+    let (engine, failures) = Engine::start(&config, MemoryLedger::new(), options).unwrap();
+    assert!(failures.is_empty(), "{failures:?}");
+    Deployment {
+        sandbox,
+        engine: Some(engine),
+    }
+}
+
+impl Deployment {
+    fn engine(&self) -> &Engine {
+        self.engine.as_ref().expect("running")
+    }
+
+    fn publish(&self, topic: &str, payload: &str) -> Result<u64, Refused> {
+        self.engine().ingress().publish_one(NewMessage {
+            topic: topic.into(),
+            payload: Bytes::from(payload.to_owned()),
+            headers: vec![],
+        })
+    }
+
+    fn stats(&self, name: &str) -> InstanceStats {
+        self.engine()
+            .snapshot()
+            .instances
+            .into_iter()
+            .find(|i| i.name == name)
+            .unwrap_or_else(|| panic!("no instance {name}"))
+    }
+
+    /// Waits (10 s at most) until `done` holds for the snapshot.
+    fn until(&self, what: &str, done: impl Fn(&Snapshot) -> bool) -> Snapshot {
+        let start = Instant::now();
+        loop {
+            let snapshot = self.engine().snapshot();
+            if done(&snapshot) {
+                return snapshot;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{what}: {snapshot:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn stop(mut self) -> plugind::dispatch::StopReport {
+        self.engine
+            .take()
+            .expect("running")
+            .stop(Duration::from_secs(5))
+    }
+}
+
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        if let Some(engine) = self.engine.take() {
+            engine.stop(Duration::from_secs(5));
+        }
+        let _ = &self.sandbox;
+    }
+}
+
+fn acked(snapshot: &Snapshot, name: &str) -> u64 {
+    snapshot
+        .instances
+        .iter()
+        .find(|i| i.name == name)
+        .map_or(0, |i| i.acked)
+}
+
+#[test]
+fn every_message_fans_out_to_every_subscribed_instance() {
+    let d = start(
+        &["fx-echo"],
+        "\
+[plugins.left]
+plugin = \"fx-echo\"
+topics = [\"orders.>\"]
+[plugins.left.config]
+label = \"left\"
+
+[plugins.right]
+plugin = \"fx-echo\"
+topics = [\"orders.eu.*\"]
+[plugins.right.config]
+label = \"right\"
+",
+    );
+    for i in 0..20 {
+        d.publish("orders.eu.new", &format!("order {i}")).unwrap();
+    }
+    d.publish("orders.us.new", "only left").unwrap();
+    d.until("both acked", |s| {
+        acked(s, "left") == 21 && acked(s, "right") == 20
+    });
+    assert_eq!(
+        d.publish("billing.paid", "nobody").map(|_| ()),
+        Ok(()),
+        "accepted, not stored"
+    );
+    assert_eq!(d.engine().ingress().unrouted(), 1);
+    let counts = d.engine().ledger().counts();
+    assert_eq!((counts.accepted, counts.acked), (21, 41));
+}
+
+#[test]
+fn a_flaky_plugin_is_acked_on_the_attempt_after_its_failures() {
+    let d = start(
+        &["fx-flaky"],
+        "\
+[plugins.flaky]
+plugin = \"fx-flaky\"
+topics = [\"jobs.>\"]
+max_attempts = 5
+backoff = { initial = \"10ms\", max = \"50ms\" }
+[plugins.flaky.config]
+fail_times = 2
+",
+    );
+    d.publish("jobs.a", "x").unwrap();
+    let s = d.until("acked", |s| acked(s, "flaky") == 1);
+    let flaky = &s.instances[0];
+    assert_eq!(
+        (flaky.failures, flaky.dead_lettered, flaky.backlog),
+        (2, 0, 0)
+    );
+    assert_eq!(
+        d.engine().ledger().counts().attempts,
+        3,
+        "acked on attempt 3"
+    );
+}
+
+#[test]
+fn a_panicking_plugin_is_dead_lettered_at_max_attempts_while_others_flow() {
+    let d = start(
+        &["fx-faulty", "fx-echo"],
+        "\
+[plugins.bad]
+plugin = \"fx-faulty\"
+topics = [\"work.>\"]
+max_attempts = 3
+backoff = { initial = \"5ms\", max = \"20ms\" }
+circuit = { failures = 100 }
+[plugins.bad.config]
+fail = \"handle-panic\"
+
+[plugins.good]
+plugin = \"fx-echo\"
+topics = [\"work.>\"]
+",
+    );
+    for i in 0..5 {
+        d.publish("work.item", &i.to_string()).unwrap();
+    }
+    d.until("all settled", |s| {
+        acked(s, "good") == 5
+            && s.instances
+                .iter()
+                .any(|i| i.name == "bad" && i.dead_lettered == 5)
+    });
+    let dead = d.engine().ledger().dead_letters(d.engine().instance("bad"));
+    assert_eq!(dead.len(), 5);
+    for letter in dead {
+        assert_eq!(
+            (letter.delivery.deliveries, letter.delivery.failures),
+            (3, 3)
+        );
+        let reason = letter.delivery.last_reason.unwrap();
+        assert!(reason.starts_with("panic: panicked at "), "{reason}");
+        assert_eq!(
+            letter.delivery.history.len(),
+            3,
+            "the attempt history is kept"
+        );
+    }
+}
+
+#[test]
+fn a_blocked_instance_delays_neither_ingress_nor_other_instances() {
+    let gate = Sandbox::new("gate");
+    let gate_file = gate.path().join("open");
+    let d = start(
+        &["fx-block", "fx-echo"],
+        &format!(
+            "\
+[plugins.stuck]
+plugin = \"fx-block\"
+topics = [\"t.>\"]
+[plugins.stuck.config]
+gate = \"{}\"
+
+[plugins.free]
+plugin = \"fx-echo\"
+topics = [\"t.>\"]
+",
+            gate_file.display()
+        ),
+    );
+    let started = Instant::now();
+    for i in 0..100 {
+        d.publish("t.x", &i.to_string()).unwrap();
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "ingress was not held up"
+    );
+    d.until("the free instance acked 100", |s| acked(s, "free") == 100);
+    assert_eq!(d.stats("stuck").acked, 0, "still blocked");
+    std::fs::write(&gate_file, b"").unwrap();
+    d.until("the stuck one catches up", |s| acked(s, "stuck") == 100);
+}
+
+#[test]
+fn children_of_a_failed_attempt_are_never_delivered_and_one_per_message_is() {
+    let d = start(
+        &["fx-pipeline", "fx-echo"],
+        "\
+[plugins.upper]
+plugin = \"fx-pipeline\"
+topics = [\"in.>\"]
+[plugins.upper.config]
+to = \"out.upper\"
+fail_first = true
+
+[plugins.sink]
+plugin = \"fx-echo\"
+topics = [\"out.>\"]
+",
+    );
+    for i in 0..10 {
+        d.publish("in.text", &format!("hello {i}")).unwrap();
+    }
+    d.until("parents acked", |s| acked(s, "upper") == 10);
+    d.until("children delivered", |s| acked(s, "sink") == 10);
+    // Nothing else arrives: the children published during the failed first attempts were
+    // discarded with them.
+    std::thread::sleep(Duration::from_millis(200));
+    let s = d.engine().snapshot();
+    assert_eq!((acked(&s, "upper"), acked(&s, "sink")), (10, 10));
+    assert_eq!(d.stats("upper").failures, 10, "each parent failed once");
+}
+
+#[test]
+fn past_max_backlog_a_publish_is_refused_naming_the_instance() {
+    let gate = Sandbox::new("gate");
+    let d = start(
+        &["fx-block"],
+        &format!(
+            "\
+[plugins.slow]
+plugin = \"fx-block\"
+topics = [\"t.>\"]
+max_backlog = 1024
+[plugins.slow.config]
+gate = \"{}\"
+",
+            gate.path().join("never").display()
+        ),
+    );
+    let payload = "x".repeat(400);
+    d.publish("t.a", &payload).unwrap();
+    d.publish("t.a", &payload).unwrap();
+    match d.publish("t.a", &payload) {
+        Err(Refused::Backlog {
+            instance,
+            backlog,
+            limit,
+        }) => assert_eq!((instance.as_str(), backlog, limit), ("slow", 800, 1024)),
+        other => panic!("{other:?}"),
+    }
+    // Other topics are not affected.
+    assert!(d.publish("elsewhere", &payload).is_ok());
+}
+
+#[test]
+fn a_graceful_stop_finishes_the_call_in_hand_and_releases_the_rest() {
+    let gate = Sandbox::new("gate");
+    let gate_file = gate.path().join("open");
+    let d = start(
+        &["fx-block"],
+        &format!(
+            "\
+[plugins.slow]
+plugin = \"fx-block\"
+topics = [\"t.>\"]
+[plugins.slow.config]
+gate = \"{}\"
+",
+            gate_file.display()
+        ),
+    );
+    for i in 0..5 {
+        d.publish("t.a", &i.to_string()).unwrap();
+    }
+    d.until("one call in hand", |s| s.instances[0].in_flight >= 1);
+    let opener = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        std::fs::write(gate_file, b"").unwrap();
+    });
+    let report = d.stop();
+    opener.join().unwrap();
+    assert!(report.abandoned.is_empty(), "{report:?}");
+    assert!(
+        report.released >= 1,
+        "the unstarted ones were handed back: {report:?}"
+    );
+}
