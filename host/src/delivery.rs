@@ -154,7 +154,11 @@ pub struct Delivery {
     pub first_failure: Option<u64>,
     pub last_failure: Option<u64>,
     pub last_reason: Option<String>,
-    /// The latest attempts, oldest first (at most [`HISTORY_LIMIT`]).
+    /// The attempt in flight, if any (kept inline: most attempts ack, and an acked delivery
+    /// needs no history, so the common path allocates nothing).
+    pub current: Option<Attempt>,
+    /// The latest attempts that ended other than in an ack, oldest first (at most
+    /// [`HISTORY_LIMIT`]).
     pub history: Vec<Attempt>,
     /// Attempts dropped from the front of `history`.
     pub history_dropped: u32,
@@ -171,6 +175,7 @@ impl Delivery {
             first_failure: None,
             last_failure: None,
             last_reason: None,
+            current: None,
             history: Vec::new(),
             history_dropped: 0,
         }
@@ -206,11 +211,7 @@ impl Delivery {
             attempt,
             lease_until: now.after(rules.ack_timeout).0,
         };
-        if self.history.len() == HISTORY_LIMIT {
-            self.history.remove(0);
-            self.history_dropped += 1;
-        }
-        self.history.push(Attempt {
+        self.current = Some(Attempt {
             number: attempt,
             started: now.0,
             ended: None,
@@ -226,11 +227,21 @@ impl Delivery {
         }
     }
 
+    /// Ends the attempt in flight; all but acks go into the history.
     fn end(&mut self, now: Timestamp, result: AttemptResult) {
-        if let Some(last) = self.history.last_mut() {
-            last.ended = Some(now.0);
-            last.result = Some(result);
+        let Some(mut attempt) = self.current.take() else {
+            return;
+        };
+        if result == AttemptResult::Acked {
+            return;
         }
+        attempt.ended = Some(now.0);
+        attempt.result = Some(result);
+        if self.history.len() == HISTORY_LIMIT {
+            self.history.remove(0);
+            self.history_dropped += 1;
+        }
+        self.history.push(attempt);
     }
 
     /// The instance acked `attempt`.
@@ -465,7 +476,10 @@ mod tests {
             (d.deliveries, d.failures, d.state.clone()),
             (1, 0, State::Acked)
         );
-        assert_eq!(d.history[0].result, Some(AttemptResult::Acked));
+        assert!(
+            d.history.is_empty() && d.current.is_none(),
+            "an ack leaves no history"
+        );
         assert_eq!(d.begin(&rules(5), T0), None, "settled stays settled");
     }
 

@@ -11,13 +11,14 @@
 
 use std::{
     cmp::Reverse,
-    collections::{BinaryHeap, HashMap, VecDeque},
+    collections::{BinaryHeap, VecDeque},
     sync::Arc,
     time::Duration,
 };
 
 use crossbeam_channel::{Receiver, Sender, select};
 use plugind_api::{Outcome, hosting::CallErrorKind};
+use rustc_hash::FxHashMap;
 use serde::Serialize;
 
 use crate::{
@@ -113,7 +114,8 @@ pub struct Dispatcher {
     backlog: Arc<Backlog>,
     ingress: Arc<Ingress>,
     instances: Vec<Inst>,
-    live: HashMap<(u64, InstanceId), Live>,
+    /// Keyed by small integers: FxHash, not SipHash (measured: ~3% of the engine's time).
+    live: FxHashMap<(u64, InstanceId), Live>,
     /// (lease end, message, instance, attempt); entries whose attempt moved on are skipped.
     leases: BinaryHeap<Reverse<(u64, u64, InstanceId, u32)>>,
     stale: u64,
@@ -154,7 +156,7 @@ impl Dispatcher {
             backlog,
             ingress,
             instances,
-            live: HashMap::new(),
+            live: FxHashMap::with_capacity_and_hasher(1 << 16, Default::default()),
             leases: BinaryHeap::new(),
             stale: 0,
         }
@@ -474,7 +476,7 @@ impl Dispatcher {
                 // Children commit in the same batch as their parent's ack.
                 let mut children = Vec::new();
                 for child in s.children {
-                    match self.ingress.prepare(child.into(), false) {
+                    match self.ingress.prepare(child.into(), false, now) {
                         Ok(accepted) if !accepted.targets.is_empty() => {
                             records.push(Record::Accepted {
                                 message: accepted.message.clone(),

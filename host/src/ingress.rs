@@ -15,11 +15,11 @@ use crossbeam_channel::Sender;
 use plugind_api::{MessageId, PublishError, PublishErrorKind};
 
 use crate::{
-    clock::Clock,
+    clock::{Clock, Timestamp},
     dispatch,
     ledger::{Ledger, LedgerError, Record},
     message::StoredMessage,
-    routing::{InstanceId, Routing},
+    routing::{InstanceId, Routing, Targets},
     services::{Child, Publisher},
     topic,
 };
@@ -46,7 +46,7 @@ impl From<Child> for NewMessage {
 #[derive(Debug, Clone)]
 pub struct Accepted {
     pub message: Arc<StoredMessage>,
-    pub targets: Vec<InstanceId>,
+    pub targets: Targets,
 }
 
 /// Why a publish was refused. Retryable or not is in the variant.
@@ -200,6 +200,7 @@ impl Ingress {
         &self,
         message: NewMessage,
         check_backlog: bool,
+        now: Timestamp,
     ) -> Result<Accepted, Refused> {
         topic::validate_topic(&message.topic)
             .map_err(|e| Refused::Invalid(format!("topic \"{}\" {e}", message.topic)))?;
@@ -223,7 +224,7 @@ impl Ingress {
                 topic: message.topic,
                 headers: message.headers,
                 payload: message.payload,
-                publish_time: self.clock.now(),
+                publish_time: now,
             }),
             targets,
         })
@@ -237,8 +238,10 @@ impl Ingress {
         }
         let mut results = Vec::with_capacity(batch.len());
         let mut accepted = Vec::with_capacity(batch.len());
+        // One clock read per batch: the batch is accepted at one time.
+        let now = self.clock.now();
         for message in batch {
-            match self.prepare(message, true) {
+            match self.prepare(message, true, now) {
                 Ok(a) => {
                     results.push(Ok(a.message.id));
                     if a.targets.is_empty() {

@@ -15,7 +15,12 @@ use std::sync::{
 
 use serde::Serialize;
 
-use crate::{clock::Timestamp, delivery::Delivery, message::StoredMessage, routing::InstanceId};
+use crate::{
+    clock::Timestamp,
+    delivery::Delivery,
+    message::StoredMessage,
+    routing::{InstanceId, Targets},
+};
 
 /// One change, in the order it happened.
 #[derive(Debug, Clone)]
@@ -23,7 +28,7 @@ pub enum Record {
     /// A message and its target set; each target's delivery starts ready.
     Accepted {
         message: Arc<StoredMessage>,
-        targets: Vec<InstanceId>,
+        targets: Targets,
     },
     /// Plugin code is about to be called for this attempt (the in-flight marker).
     Attempt {

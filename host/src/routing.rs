@@ -4,10 +4,15 @@
 
 use std::collections::BTreeMap;
 
+use smallvec::SmallVec;
+
 use crate::topic::Pattern;
 
 /// The index of an instance in the engine (stable for the engine's life).
 pub type InstanceId = u32;
+
+/// The instances one message goes to; inline up to four (no allocation on the common path).
+pub type Targets = SmallVec<[InstanceId; 4]>;
 
 /// An immutable routing table.
 #[derive(Debug, Clone, Default)]
@@ -28,8 +33,8 @@ impl Routing {
     }
 
     /// The instances `topic` goes to, each once, in instance order.
-    pub fn targets(&self, topic: &str) -> Vec<InstanceId> {
-        let mut targets: Vec<InstanceId> = Vec::new();
+    pub fn targets(&self, topic: &str) -> Targets {
+        let mut targets = Targets::new();
         for (pattern, id) in &self.routes {
             if targets.last() != Some(id) && pattern.matches(topic) {
                 targets.push(*id);
@@ -73,11 +78,11 @@ mod tests {
             (2, &["audit.>"]),
         ]);
         assert_eq!(
-            r.targets("orders.eu.new"),
+            r.targets("orders.eu.new").as_slice(),
             [0, 1],
             "instance 0 once despite two patterns"
         );
-        assert_eq!(r.targets("audit.login"), [2]);
+        assert_eq!(r.targets("audit.login").as_slice(), [2]);
         assert!(r.targets("billing.paid").is_empty());
         assert!(Routing::default().is_empty());
     }
