@@ -9,7 +9,7 @@ use std::{
 
 use bytes::Bytes;
 use plugind::{
-    clock::SystemClock,
+    clock::{Clock, ManualClock, SystemClock, Timestamp},
     config,
     dispatch::{InstanceStats, Snapshot},
     engine::{Engine, Options},
@@ -28,6 +28,20 @@ struct Deployment {
 }
 
 fn start(libraries: &[&str], config_text: &str) -> Deployment {
+    start_with(libraries, config_text, Arc::new(SystemClock))
+}
+
+fn start_with(libraries: &[&str], config_text: &str, clock: Arc<dyn Clock>) -> Deployment {
+    let (d, failures) = try_start(libraries, config_text, clock);
+    assert!(failures.is_empty(), "{failures:?}");
+    d
+}
+
+fn try_start(
+    libraries: &[&str],
+    config_text: &str,
+    clock: Arc<dyn Clock>,
+) -> (Deployment, Vec<plugind::engine::StartFailure>) {
     let sandbox = Sandbox::new("engine");
     sandbox.dir("plugins.d");
     for fixture in libraries {
@@ -39,16 +53,15 @@ fn start(libraries: &[&str], config_text: &str) -> Deployment {
     let text = format!("[host]\nautoload = false\n\n{config_text}");
     let path = sandbox.put("plugins.toml", &text);
     let config = config::parse(&path, &text).unwrap_or_else(|e| panic!("{}", e.render()));
-    let options = Options {
-        clock: Arc::new(SystemClock),
-        probe: None,
-    };
+    let options = Options { clock, probe: None };
     let (engine, failures) = Engine::start(&config, MemoryLedger::new(), options).unwrap();
-    assert!(failures.is_empty(), "{failures:?}");
-    Deployment {
-        sandbox,
-        engine: Some(engine),
-    }
+    (
+        Deployment {
+            sandbox,
+            engine: Some(engine),
+        },
+        failures,
+    )
 }
 
 impl Deployment {
@@ -350,5 +363,134 @@ gate = \"{}\"
     assert!(
         report.released >= 1,
         "the unstarted ones were handed back: {report:?}"
+    );
+}
+
+#[test]
+fn an_expired_lease_is_a_timeout_failure_marks_the_instance_hung_and_its_late_result_is_stale() {
+    let gate = Sandbox::new("gate");
+    let gate_file = gate.path().join("open");
+    let clock = ManualClock::at(Timestamp(1_000_000));
+    let d = start_with(
+        &["fx-block"],
+        &format!(
+            "\
+[plugins.slow]
+plugin = \"fx-block\"
+topics = [\"t.>\"]
+ack_timeout = \"30s\"
+backoff = {{ initial = \"1s\", jitter = 0.0 }}
+[plugins.slow.config]
+gate = \"{}\"
+",
+            gate_file.display()
+        ),
+        Arc::new(clock.clone()),
+    );
+    d.publish("t.a", "x").unwrap();
+    d.until("in flight", |s| s.instances[0].in_flight == 1);
+    clock.advance(Duration::from_secs(29));
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(d.stats("slow").failures, 0, "the lease has not ended yet");
+    clock.advance(Duration::from_secs(2));
+    let s = d.until("timed out", |s| s.instances[0].failures == 1);
+    assert!(s.instances[0].hung, "the call outlived its lease: {s:#?}");
+    clock.advance(Duration::from_secs(2));
+    std::fs::write(&gate_file, b"").unwrap();
+    // The first attempt's late ack is refused; the retry (attempt 2) acks.
+    let s = d.until("acked by the retry", |s| s.instances[0].acked == 1);
+    assert_eq!(s.stale, 1);
+    assert!(!s.instances[0].hung);
+}
+
+#[test]
+fn failures_on_distinct_messages_open_the_circuit_then_one_probe_per_interval() {
+    let clock = ManualClock::at(Timestamp(1_000_000));
+    let d = start_with(
+        &["fx-flaky"],
+        "\
+[plugins.down]
+plugin = \"fx-flaky\"
+topics = [\"t.>\"]
+max_attempts = 3
+backoff = { initial = \"1ms\", max = \"1ms\" }
+circuit = { failures = 3, window = \"30s\", probe = \"10s\" }
+[plugins.down.config]
+fail_times = 1000
+",
+        Arc::new(clock.clone()),
+    );
+    for i in 0..5 {
+        d.publish("t.a", &i.to_string()).unwrap();
+    }
+    let s = d.until("circuit open", |s| {
+        matches!(
+            s.instances[0].circuit,
+            Some(plugind::circuit::State::Open { .. })
+        )
+    });
+    let attempts = d.engine().ledger().counts().attempts;
+    assert_eq!(
+        s.instances[0].dead_lettered, 0,
+        "an outage burns no message's attempts"
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        d.engine().ledger().counts().attempts,
+        attempts,
+        "nothing goes out while open"
+    );
+    clock.advance(Duration::from_secs(10));
+    d.until("one probe", |_| {
+        d.engine().ledger().counts().attempts == attempts + 1
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        d.engine().ledger().counts().attempts,
+        attempts + 1,
+        "only one probe"
+    );
+    assert_eq!(d.stats("down").dead_lettered, 0);
+}
+
+#[test]
+fn a_new_that_outlives_init_timeout_keeps_only_that_instance_from_starting() {
+    let gate = Sandbox::new("gate");
+    let (d, failures) = try_start(
+        &["fx-block", "fx-echo"],
+        &format!(
+            "\
+[plugins.stuck]
+plugin = \"fx-block\"
+topics = [\"t.>\"]
+init_timeout = \"200ms\"
+[plugins.stuck.config]
+gate = \"{}\"
+block_new = true
+
+[plugins.fine]
+plugin = \"fx-echo\"
+topics = [\"t.>\"]
+",
+            gate.path().join("never").display()
+        ),
+        Arc::new(SystemClock),
+    );
+    assert_eq!(failures.len(), 1);
+    assert_eq!(failures[0].instance, "stuck");
+    assert!(
+        failures[0]
+            .error
+            .contains("did not finish within init_timeout (200ms)"),
+        "{}",
+        failures[0].error
+    );
+    d.publish("t.a", "x").unwrap();
+    let s = d.until("the other instance works", |s| acked(s, "fine") == 1);
+    let stuck = s.instances.iter().find(|i| i.name == "stuck").unwrap();
+    assert_eq!(
+        (stuck.running, stuck.backlog),
+        (false, 1),
+        "its delivery waits in the ledger"
     );
 }
