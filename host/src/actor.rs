@@ -64,11 +64,14 @@ pub enum Event {
         instance: InstanceId,
         settlements: Vec<Settlement>,
     },
-    /// The actor ended.
+    /// The actor stopped taking hand-offs; these it never started (no failure: released).
+    Released {
+        instance: InstanceId,
+        released: Vec<Handoff>,
+    },
+    /// The actor ended (after its plugin's `shutdown`).
     Stopped {
         instance: InstanceId,
-        /// Hand-offs it never started (no failure: released).
-        released: Vec<Handoff>,
         /// The plugin's `shutdown` failed.
         shutdown_error: Option<CallError>,
     },
@@ -100,8 +103,19 @@ pub struct Actor {
     outstanding: usize,
     /// When the call in hand started (ms since the epoch), 0 when idle.
     busy_since: Arc<AtomicU64>,
+    /// When the plugin's `shutdown` started (ms since the epoch), 0 before.
+    shutdown_since: Arc<AtomicU64>,
     stopping: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+}
+
+/// How long a stopping actor may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadlines {
+    /// For the whole stop: the call in hand, then `shutdown`.
+    pub total: Duration,
+    /// For the plugin's `shutdown` alone, from when it starts.
+    pub shutdown: Duration,
 }
 
 impl Actor {
@@ -119,6 +133,7 @@ impl Actor {
     ) -> std::io::Result<Self> {
         let (mailbox, inbox) = unbounded();
         let busy_since = Arc::new(AtomicU64::new(0));
+        let shutdown_since = Arc::new(AtomicU64::new(0));
         let stopping = Arc::new(AtomicBool::new(false));
         let name = services.identity().instance.clone();
         let worker = Worker {
@@ -128,6 +143,7 @@ impl Actor {
             inbox,
             events,
             busy_since: busy_since.clone(),
+            shutdown_since: shutdown_since.clone(),
             stopping: stopping.clone(),
             clock,
         };
@@ -141,6 +157,7 @@ impl Actor {
             capacity: capacity.max(1),
             outstanding: 0,
             busy_since,
+            shutdown_since,
             stopping,
             thread: Some(thread),
         })
@@ -194,21 +211,31 @@ impl Actor {
         let _ = self.mailbox.send(Input::Stop);
     }
 
-    /// Waits until the actor ended, or abandons it once `deadline` passed with a call still
-    /// running.
-    pub fn join(mut self, deadline: Duration, clock: &dyn Clock) -> Stopped {
+    /// Waits until the actor ended, or abandons it: once `deadlines.total` passed, or once
+    /// its plugin's `shutdown` ran longer than `deadlines.shutdown`.
+    pub fn join(mut self, deadlines: Deadlines, clock: &dyn Clock) -> Stopped {
         self.request_stop();
         let thread = self.thread.take().expect("an actor joins once");
         let start = std::time::Instant::now();
         while !thread.is_finished() {
-            if start.elapsed() >= deadline {
+            let now = clock.now();
+            let in_shutdown = match self.shutdown_since.load(Ordering::Acquire) {
+                0 => None,
+                since => Some(now.since(Timestamp(since))),
+            };
+            let overdue = start.elapsed() >= deadlines.total
+                || in_shutdown.is_some_and(|d| d >= deadlines.shutdown);
+            if overdue {
                 let busy_for = self
                     .busy_since()
-                    .map_or(Duration::ZERO, |since| clock.now().since(since));
+                    .map(|since| now.since(since))
+                    .or(in_shutdown)
+                    .unwrap_or(Duration::ZERO);
                 tracing::warn!(
                     instance = %self.name,
                     busy_for = ?busy_for,
-                    "abandoning a hung call: its thread and library are retained"
+                    in_shutdown = in_shutdown.is_some(),
+                    "abandoning a stuck instance: its thread and library are retained"
                 );
                 drop(thread);
                 return Stopped::Abandoned { busy_for };
@@ -228,6 +255,7 @@ struct Worker {
     inbox: Receiver<Input>,
     events: Sender<Event>,
     busy_since: Arc<AtomicU64>,
+    shutdown_since: Arc<AtomicU64>,
     stopping: Arc<AtomicBool>,
     clock: Arc<dyn Clock>,
 }
@@ -263,10 +291,17 @@ impl Worker {
                 released.extend(batch);
             }
         }
+        // Tell the dispatcher what was released before `shutdown` runs: a `shutdown` that
+        // never returns must not keep those deliveries from being handed out again.
+        let _ = self.events.send(Event::Released {
+            instance: self.instance,
+            released,
+        });
+        self.shutdown_since
+            .store(self.clock.now().0.max(1), Ordering::Release);
         let shutdown_error = self.plugin.shutdown().err();
         let _ = self.events.send(Event::Stopped {
             instance: self.instance,
-            released,
             shutdown_error,
         });
     }

@@ -58,6 +58,10 @@ pub struct Slot {
     /// `None` while the instance is not running (failed to load, disabled): its deliveries
     /// wait.
     pub actor: Option<Actor>,
+    /// How long a stop waits for a hung instance.
+    pub hang_grace: Duration,
+    /// How long its plugin's `shutdown` may take.
+    pub shutdown_timeout: Duration,
 }
 
 /// Counters and state of one instance.
@@ -402,16 +406,17 @@ impl Dispatcher {
                     self.settle(instance, settlement, now, records);
                 }
             }
+            actor::Event::Released { instance, released } => {
+                self.release(instance, released, now, records);
+            }
             actor::Event::Stopped {
                 instance,
-                released,
                 shutdown_error,
             } => {
                 if let Some(e) = shutdown_error {
                     let name = &self.instances[instance as usize].slot.name;
                     tracing::warn!(instance = %name, error = %e, "shutdown failed");
                 }
-                self.release(instance, released, now, records);
             }
         }
     }
@@ -597,40 +602,39 @@ impl Dispatcher {
         }
     }
 
-    /// Graceful stop: every actor finishes its call in hand and releases the rest, within
-    /// `deadline`; the ones that do not are abandoned.
+    /// Graceful stop: every actor finishes its call in hand and releases the rest, then runs
+    /// its plugin's `shutdown` (at most `shutdown_timeout`), all within `deadline`; a hung
+    /// instance gets only `hang_grace`. The ones still busy are abandoned and named.
     fn stop(&mut self, deadline: Duration, events: &Receiver<actor::Event>) -> StopReport {
         let started = std::time::Instant::now();
-        let mut running: Vec<InstanceId> = Vec::new();
+        let mut waiting: Vec<InstanceId> = Vec::new();
         for (id, inst) in self.instances.iter().enumerate() {
             if let Some(actor) = &inst.slot.actor {
                 actor.request_stop();
-                running.push(id as InstanceId);
+                waiting.push(id as InstanceId);
             }
         }
         let mut report = StopReport::default();
         let mut records = Vec::new();
-        while !running.is_empty() {
+        // Settlements of the calls in hand and the released hand-offs, while they come.
+        while !waiting.is_empty() {
             let left = deadline.saturating_sub(started.elapsed());
-            match events.recv_timeout(left) {
-                Ok(actor::Event::Stopped {
-                    instance,
-                    released,
-                    shutdown_error,
-                }) => {
+            match events.recv_timeout(left.min(Duration::from_millis(10))) {
+                Ok(actor::Event::Released { instance, released }) => {
                     report.released += released.len() as u64;
-                    self.event(
-                        actor::Event::Stopped {
-                            instance,
-                            released,
-                            shutdown_error,
-                        },
-                        &mut records,
-                    );
-                    running.retain(|i| *i != instance);
+                    self.event(actor::Event::Released { instance, released }, &mut records);
+                    waiting.retain(|i| *i != instance);
                 }
                 Ok(event) => self.event(event, &mut records),
-                Err(_) => break,
+                Err(_) if left.is_zero() => break,
+                Err(_) => {
+                    // A hung instance is not waited for beyond its hang_grace.
+                    let elapsed = started.elapsed();
+                    waiting.retain(|i| {
+                        let inst = &self.instances[*i as usize];
+                        !(inst.stats.hung && elapsed >= inst.slot.hang_grace)
+                    });
+                }
             }
         }
         // Attempts still in flight are released as `shutdown` (no failure).
@@ -648,7 +652,16 @@ impl Dispatcher {
         for inst in &mut self.instances {
             if let Some(actor) = inst.slot.actor.take() {
                 let left = deadline.saturating_sub(started.elapsed());
-                if let Stopped::Abandoned { .. } = actor.join(left, self.clock.as_ref()) {
+                let total = if inst.stats.hung {
+                    left.min(inst.slot.hang_grace)
+                } else {
+                    left
+                };
+                let deadlines = actor::Deadlines {
+                    total,
+                    shutdown: inst.slot.shutdown_timeout,
+                };
+                if let Stopped::Abandoned { .. } = actor.join(deadlines, self.clock.as_ref()) {
                     report.abandoned.push(inst.slot.name.clone());
                 }
             }

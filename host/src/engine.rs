@@ -150,6 +150,8 @@ impl Engine {
                 rules: Rules::from(&plan.settings),
                 breaker: Breaker::new(plan.settings.circuit.clone()),
                 actor,
+                hang_grace: plan.settings.hang_grace,
+                shutdown_timeout: plan.settings.shutdown_timeout,
             });
         }
         ingress.set_routing(Routing::new(&patterns));

@@ -10,7 +10,7 @@ use std::{
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, unbounded};
 use plugind::{
-    actor::{Actor, Event, Handoff, Stopped},
+    actor::{Actor, Deadlines, Event, Handoff, Stopped},
     clock::{Clock, SystemClock, Timestamp},
     loader::{self, Policy},
     message::{HOP_HEADER, StoredMessage},
@@ -74,6 +74,13 @@ fn message(id: u64, headers: &[(&str, &str)]) -> Handoff {
     }
 }
 
+fn deadlines(total_ms: u64) -> Deadlines {
+    Deadlines {
+        total: Duration::from_millis(total_ms),
+        shutdown: Duration::from_secs(10),
+    }
+}
+
 /// Waits for the next event, failing the test after 10 s.
 fn next(events: &Receiver<Event>) -> Event {
     events
@@ -111,10 +118,7 @@ fn handoffs_are_handled_in_order_settled_in_batches_and_credits_return() {
         batches < 500,
         "settlements flow back in batches ({batches} for 500)"
     );
-    assert_eq!(
-        a.join(Duration::from_secs(5), &SystemClock),
-        Stopped::Joined
-    );
+    assert_eq!(a.join(deadlines(5_000), &SystemClock), Stopped::Joined);
 }
 
 #[test]
@@ -176,10 +180,7 @@ fn a_stop_finishes_the_call_in_hand_and_releases_the_rest() {
         std::thread::sleep(Duration::from_millis(100));
         std::fs::write(gate_file, b"").unwrap();
     });
-    assert_eq!(
-        a.join(Duration::from_secs(10), &SystemClock),
-        Stopped::Joined
-    );
+    assert_eq!(a.join(deadlines(10_000), &SystemClock), Stopped::Joined);
     opener.join().unwrap();
     let Event::Settled { settlements, .. } = next(&events) else {
         panic!("the call in hand settles first")
@@ -189,18 +190,16 @@ fn a_stop_finishes_the_call_in_hand_and_releases_the_rest() {
         (settlements[0].message, &settlements[0].result),
         (1, &Ok(Outcome::Ack))
     );
-    let Event::Stopped {
-        released,
-        shutdown_error,
-        ..
-    } = next(&events)
-    else {
-        panic!("then the stop report")
+    let Event::Released { released, .. } = next(&events) else {
+        panic!("then what it never started")
     };
     assert_eq!(
         released.iter().map(|h| h.message.id).collect::<Vec<_>>(),
         [2, 3, 4, 5]
     );
+    let Event::Stopped { shutdown_error, .. } = next(&events) else {
+        panic!("then the stop report")
+    };
     assert_eq!(shutdown_error, None);
 }
 
@@ -215,7 +214,7 @@ fn a_hung_call_is_abandoned_after_the_deadline_and_its_late_result_arrives_stale
         std::thread::sleep(Duration::from_millis(1));
     }
     let started = Instant::now();
-    match a.join(Duration::from_millis(200), &SystemClock) {
+    match a.join(deadlines(200), &SystemClock) {
         Stopped::Abandoned { busy_for } => assert!(busy_for >= Duration::from_millis(150)),
         other => panic!("{other:?}"),
     }
@@ -227,6 +226,7 @@ fn a_hung_call_is_abandoned_after_the_deadline_and_its_late_result_arrives_stale
     // discards it as stale (its attempt is no longer in flight).
     std::fs::write(&gate_file, b"").unwrap();
     assert!(matches!(next(&events), Event::Settled { .. }));
+    assert!(matches!(next(&events), Event::Released { .. }));
     assert!(matches!(next(&events), Event::Stopped { .. }));
 }
 
@@ -254,7 +254,7 @@ fn a_blocked_instance_delays_no_other_instance() {
     );
     std::fs::write(&gate_file, b"").unwrap();
     assert_eq!(
-        blocked.join(Duration::from_secs(10), &SystemClock),
+        blocked.join(deadlines(10_000), &SystemClock),
         Stopped::Joined
     );
 }

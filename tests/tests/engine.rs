@@ -494,3 +494,71 @@ topics = [\"t.>\"]
         "its delivery waits in the ledger"
     );
 }
+
+#[test]
+fn stopping_a_hung_instance_abandons_it_after_hang_grace() {
+    let gate = Sandbox::new("gate");
+    let clock = ManualClock::at(Timestamp(1_000_000));
+    let mut d = start_with(
+        &["fx-block"],
+        &format!(
+            "\
+[plugins.slow]
+plugin = \"fx-block\"
+topics = [\"t.>\"]
+ack_timeout = \"30s\"
+hang_grace = \"200ms\"
+[plugins.slow.config]
+gate = \"{}\"
+",
+            gate.path().join("never").display()
+        ),
+        Arc::new(clock.clone()),
+    );
+    d.publish("t.a", "x").unwrap();
+    d.until("in flight", |s| s.instances[0].in_flight == 1);
+    clock.advance(Duration::from_secs(31));
+    d.until("hung", |s| s.instances[0].hung);
+    let started = Instant::now();
+    let report = d.engine.take().unwrap().stop(Duration::from_secs(30));
+    assert_eq!(report.abandoned, ["slow"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "hang_grace, not the 30 s grace"
+    );
+}
+
+#[test]
+fn a_shutdown_that_outlives_shutdown_timeout_is_abandoned() {
+    let gate = Sandbox::new("gate");
+    let mut d = start(
+        &["fx-block", "fx-echo"],
+        &format!(
+            "\
+[plugins.sticky]
+plugin = \"fx-block\"
+topics = [\"t.>\"]
+shutdown_timeout = \"200ms\"
+[plugins.sticky.config]
+gate = \"{}\"
+block_shutdown = true
+
+[plugins.fine]
+plugin = \"fx-echo\"
+topics = [\"t.>\"]
+",
+            gate.path().join("never").display()
+        ),
+    );
+    let started = Instant::now();
+    let report = d.engine.take().unwrap().stop(Duration::from_secs(30));
+    assert_eq!(
+        report.abandoned,
+        ["sticky"],
+        "named; the other stopped cleanly"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "shutdown_timeout, not the grace"
+    );
+}
