@@ -320,6 +320,21 @@ mod tests {
     }
 
     #[test]
+    fn a_publish_from_another_thread_during_handle_is_not_staged() {
+        let publisher = Arc::new(Recording::default());
+        let s = services(publisher.clone());
+        let (result, staged) = s.staged(0, || {
+            let s = s.clone();
+            std::thread::spawn(move || s.publish("out.a", b"x", &[]))
+                .join()
+                .unwrap()
+        });
+        assert_eq!(result, Ok(MessageId(1)));
+        assert!(staged.is_empty());
+        assert_eq!(publisher.0.lock().unwrap().len(), 1);
+    }
+
+    #[test]
     fn limits_refuse_with_the_right_kind() {
         let s = services(Arc::new(Recording::default()));
         let (result, children) = s.staged(2, || s.publish("loop.again", b"x", &[]));

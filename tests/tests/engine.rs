@@ -562,3 +562,32 @@ topics = [\"t.>\"]
         "shutdown_timeout, not the grace"
     );
 }
+
+#[test]
+fn a_publish_from_a_plugins_own_thread_is_accepted_at_once_not_staged() {
+    let d = start(
+        &["fx-pipeline", "fx-echo"],
+        "\
+[plugins.upper]
+plugin = \"fx-pipeline\"
+topics = [\"in.>\"]
+[plugins.upper.config]
+to = \"out.upper\"
+fail_first = true
+from_thread = true
+
+[plugins.sink]
+plugin = \"fx-echo\"
+topics = [\"out.>\"]
+",
+    );
+    for i in 0..10 {
+        d.publish("in.text", &format!("hello {i}")).unwrap();
+    }
+    // Published outside `handle`, each child stands on its own: the failed first attempts'
+    // children are delivered too (two per parent), unlike staged ones.
+    d.until("parents acked", |s| acked(s, "upper") == 10);
+    d.until("both children of each parent delivered", |s| {
+        acked(s, "sink") == 20
+    });
+}
