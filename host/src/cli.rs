@@ -3,6 +3,8 @@
 
 pub mod check;
 pub mod inspect;
+pub mod publish;
+pub mod run;
 
 use std::process::ExitCode;
 

@@ -17,6 +17,7 @@
 //! - [`ledger`]: the only writer of delivery state (interface + in-memory ledger).
 //! - [`dispatch`]: the event loop that owns the live deliveries and feeds the actors.
 //! - [`engine`]: all of it assembled, with the supervisor's start and the graceful stop.
+//! - [`control`]: the gRPC API (the only module that knows protobuf types).
 //! - [`cli`]: the commands of the `plugind` binary (`src/main.rs` only parses arguments).
 
 pub mod actor;
@@ -24,6 +25,7 @@ pub mod circuit;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod control;
 pub mod delivery;
 pub mod dispatch;
 pub mod engine;

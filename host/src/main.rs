@@ -16,6 +16,57 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the daemon: serve the API and deliver messages to the configured plugins.
+    #[command(after_help = "\
+The configuration is found as `check` finds it. An invalid one is refused whole (exit 78);
+a library that fails to load is logged and refused while the rest runs. SIGINT or SIGTERM
+stops accepting, lets the calls in hand finish within grace_period, and exits 0.
+Logs go to stderr; PLUGIND_LOG sets the level (e.g. PLUGIND_LOG=debug).
+
+Examples:
+  plugind run
+  plugind run -c /etc/plugind/plugins.toml")]
+    Run {
+        /// The configuration file.
+        #[arg(short = 'c', long = "config", value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Publish one message and print its id.
+    #[command(after_help = "\
+The daemon is found with --connect, then $PLUGIND_CONNECT, then the `listen` of the
+configuration (-c, $PLUGIND_CONFIG, ./plugins.toml, /etc/plugind/plugins.toml), then
+unix:/run/plugind/plugind.sock. A TCP endpoint takes its token from $PLUGIND_TOKEN or the
+configuration's tcp_token_file.
+
+Examples:
+  plugind publish demo.hello hi
+  plugind publish orders.eu.new --file order.json -H content-type=application/json
+  echo hi | plugind publish demo.hello -
+  plugind publish orders.eu.new '{\"n\":1}' --key order-1 --json")]
+    Publish {
+        /// The topic, e.g. orders.eu.new.
+        topic: String,
+        /// The payload; `-` reads stdin.
+        data: Option<String>,
+        /// Read the payload from a file (`-` for stdin).
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+        /// A header NAME=VALUE (repeatable).
+        #[arg(short = 'H', long = "header", value_name = "NAME=VALUE")]
+        headers: Vec<String>,
+        /// Idempotency key: republishing it within dedupe_window returns the first id.
+        #[arg(long)]
+        key: Option<String>,
+        /// Print one JSON object instead of the id.
+        #[arg(long)]
+        json: bool,
+        /// The daemon's endpoint: unix:PATH or tcp:HOST:PORT.
+        #[arg(long, value_name = "ENDPOINT")]
+        connect: Option<String>,
+        /// The configuration whose `listen` to use.
+        #[arg(short = 'c', long = "config", value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Validate plugins.toml and every library the daemon would load, listing every problem.
     #[command(after_help = "\
 The configuration is found as the daemon finds it: -c FILE, then $PLUGIND_CONFIG, then
@@ -93,6 +144,26 @@ Examples:
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Run { config } => cli::run::run(config.as_deref()),
+        Command::Publish {
+            topic,
+            data,
+            file,
+            headers,
+            key,
+            json,
+            connect,
+            config,
+        } => cli::publish::run(cli::publish::Args {
+            topic,
+            data,
+            file,
+            headers,
+            key,
+            json,
+            connect,
+            config,
+        }),
         Command::Check {
             config,
             probe,

@@ -6,11 +6,13 @@
 //!   binary that needs them, including the libraries built against modified copies of
 //!   `plugind-api`.
 //! - [`binary`]: the real `plugind` binary, built once.
+//! - [`daemon`]: the real daemon in a sandbox, driven through the real CLI.
 //! - [`recording`]: host services that record what a plugin logs and publishes, tagged the
 //!   way the daemon tags them.
 //! - [`sandbox`]: a private temporary directory laid out as an operator would.
 
 pub mod binary;
+pub mod daemon;
 pub mod fixtures;
 pub mod recording;
 pub mod sandbox;

@@ -86,11 +86,13 @@ pub(super) fn resolve(path: &Path, text: &str) -> Result<Config, Vec<Problem>> {
             ),
         }
     }
-    let base = path
+    // Relative paths resolve against the file's folder, made absolute once so that they
+    // keep their meaning whatever the daemon's working directory becomes.
+    let folder = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-        .to_owned();
+        .unwrap_or(Path::new("."));
+    let base = std::path::absolute(folder).unwrap_or_else(|_| folder.to_owned());
     let host = host_settings(&mut problems, host, &base);
     let defaults = settings(&mut problems, &Settings::default(), &defaults);
     let mut resolved = BTreeMap::new();
@@ -231,14 +233,17 @@ fn host_settings(problems: &mut Problems<'_>, raw: raw::Host, base: &Path) -> Op
             ),
         );
     }
-    let default_listen = format!("unix:{}", state_dir.join("plugind.sock").display());
     let listen = match &raw.listen {
         Some(text) => Endpoint::parse(text.get_ref(), base)
             .map_err(|e| problems.at(Some(text.span()), format!("`listen`: {e}")))
             .ok(),
-        None => Endpoint::parse(&default_listen, base)
-            .map_err(|e| problems.at(None, format!("the default `listen` {default_listen}: {e}")))
-            .ok(),
+        None => {
+            // The default: the socket in the state directory (already absolute).
+            let default = format!("unix:{}", state_dir.join("plugind.sock").display());
+            Endpoint::parse(&default, Path::new("/"))
+                .map_err(|e| problems.at(None, format!("the default `listen` {default}: {e}")))
+                .ok()
+        }
     };
     let tcp_token_file = raw
         .tcp_token_file

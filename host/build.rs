@@ -1,0 +1,14 @@
+//! Generates the gRPC code from `proto/plugind/v1/plugind.proto` with protox (a pure-Rust
+//! protobuf compiler): no system `protoc` is needed. Every `bytes` field becomes
+//! `bytes::Bytes`, so decoded payloads are slices of the receive buffer.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto");
+    let descriptors = protox::compile(["plugind/v1/plugind.proto"], ["proto"])?;
+    tonic_prost_build::configure()
+        .bytes(".")
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(descriptors)?;
+    Ok(())
+}

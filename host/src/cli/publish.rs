@@ -1,0 +1,125 @@
+//! `plugind publish TOPIC [DATA]`: publishes one message and prints its id.
+
+use std::{
+    io::Read as _,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use bytes::Bytes;
+
+use crate::{
+    cli::{EXIT_FAILURE, EXIT_USAGE, fail},
+    config::{self, Endpoint},
+    control::{client, pb},
+};
+
+/// What to publish and where.
+#[derive(Debug)]
+pub struct Args {
+    pub topic: String,
+    pub data: Option<String>,
+    pub file: Option<PathBuf>,
+    pub headers: Vec<String>,
+    pub key: Option<String>,
+    pub json: bool,
+    pub connect: Option<String>,
+    pub config: Option<PathBuf>,
+}
+
+/// Runs `publish`.
+pub fn run(args: Args) -> ExitCode {
+    let payload = match payload(args.data.as_deref(), args.file.as_deref()) {
+        Ok(payload) => payload,
+        Err(e) => return fail(EXIT_USAGE, format_args!("publish: {e}")),
+    };
+    let mut headers = Vec::new();
+    for header in &args.headers {
+        match header.split_once('=') {
+            Some((name, value)) if !name.is_empty() => headers.push(pb::Header {
+                name: name.to_owned(),
+                value: value.to_owned(),
+            }),
+            _ => {
+                return fail(
+                    EXIT_USAGE,
+                    format_args!("publish: -H {header}: expected NAME=VALUE"),
+                );
+            }
+        }
+    }
+    let (endpoint, _) =
+        match config::client_endpoint(args.connect.as_deref(), args.config.as_deref()) {
+            Ok(found) => found,
+            Err(e) => return fail(EXIT_FAILURE, format_args!("publish: {e}")),
+        };
+    let token = token(&endpoint, args.config.as_deref());
+    let request = pb::PublishRequest {
+        topic: args.topic.clone(),
+        payload,
+        headers,
+        key: args.key.unwrap_or_default(),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(EXIT_FAILURE, format_args!("publish: {e}")),
+    };
+    let result = runtime.block_on(async {
+        let mut client = client::connect(&endpoint, token.as_deref()).await?;
+        let request = client.request(request);
+        client
+            .publisher
+            .publish(request)
+            .await
+            .map(|r| r.into_inner().id)
+            .map_err(|status| format!("{:?}: {}", status.code(), status.message()))
+    });
+    match result {
+        Ok(id) if args.json => {
+            println!("{}", serde_json::json!({ "id": id, "topic": args.topic }));
+            ExitCode::SUCCESS
+        }
+        Ok(id) => {
+            println!("{id}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(EXIT_FAILURE, format_args!("publish {}: {e}", args.topic)),
+    }
+}
+
+fn payload(data: Option<&str>, file: Option<&Path>) -> Result<Bytes, String> {
+    let read_stdin = || {
+        let mut bytes = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut bytes)
+            .map(|_| Bytes::from(bytes))
+            .map_err(|e| format!("cannot read stdin: {e}"))
+    };
+    match (data, file) {
+        (Some(_), Some(_)) => Err("give DATA or --file, not both".to_owned()),
+        (_, Some(path)) if path == Path::new("-") => read_stdin(),
+        (_, Some(path)) => std::fs::read(path)
+            .map(Bytes::from)
+            .map_err(|e| format!("--file {}: {e}", path.display())),
+        (Some("-"), None) => read_stdin(),
+        (Some(data), None) => Ok(Bytes::from(data.to_owned())),
+        (None, None) => Ok(Bytes::new()),
+    }
+}
+
+/// The bearer token for a TCP endpoint: `$PLUGIND_TOKEN`, else the configuration's
+/// `tcp_token_file` when readable.
+fn token(endpoint: &Endpoint, config_flag: Option<&Path>) -> Option<String> {
+    if !matches!(endpoint, Endpoint::Tcp(_)) {
+        return None;
+    }
+    if let Ok(token) = std::env::var("PLUGIND_TOKEN") {
+        return Some(token);
+    }
+    let (path, _) = config::locate(config_flag).ok()?;
+    let file = config::load(&path).ok()?.host.tcp_token_file?;
+    crate::control::server::read_token(&file).ok()
+}

@@ -1,0 +1,145 @@
+//! `plugind run [-c FILE]`: the daemon. Validates the configuration (refused whole: exit 78),
+//! binds the API endpoint, starts the delivery engine with every configured instance (an
+//! instance that fails to start is logged and its deliveries wait; the rest runs), serves
+//! gRPC, and on SIGINT/SIGTERM stops accepting, drains within `grace_period` and exits 0.
+
+use std::{path::Path, process::ExitCode, time::Duration};
+
+use crate::{
+    cli::{EXIT_CONFIG, EXIT_FAILURE, fail},
+    config::{self, ConfigError, Durability, LogFormat},
+    control::{publisher::PublisherService, server},
+    engine::{Engine, Options},
+    ledger::MemoryLedger,
+};
+
+/// Runs the daemon until a stop signal.
+pub fn run(config_flag: Option<&Path>) -> ExitCode {
+    let path = match config::locate(config_flag) {
+        Ok((path, _)) => path,
+        Err(e) => return fail(EXIT_CONFIG, format_args!("run: {e}")),
+    };
+    let config = match config::load(&path) {
+        Ok(config) => config,
+        Err(ConfigError::Invalid(invalid)) => {
+            eprintln!("{}\n", invalid.render());
+            return fail(
+                EXIT_CONFIG,
+                format_args!("{}: invalid configuration; not started", path.display()),
+            );
+        }
+        Err(e) => return fail(EXIT_CONFIG, format_args!("run: {e}")),
+    };
+    init_logging(config.host.log_format);
+    if config.host.durability != Durability::Memory {
+        return fail(
+            EXIT_CONFIG,
+            format_args!(
+                "{}: durability = \"{}\" is not available in this build yet (the durable ledger \
+                 is being built); set durability = \"memory\" in [host] to run without \
+                 persistence: accepted messages would not survive a restart",
+                path.display(),
+                serde_json::to_value(config.host.durability)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default()
+            ),
+        );
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("grpc")
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            return fail(
+                EXIT_FAILURE,
+                format_args!("run: cannot start the runtime: {e}"),
+            );
+        }
+    };
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: config::Config) -> ExitCode {
+    let bound = match server::bind(
+        &config.host.listen,
+        config.host.socket_mode,
+        config.host.tcp_token_file.as_deref(),
+    )
+    .await
+    {
+        Ok(bound) => bound,
+        Err(e) => return fail(EXIT_FAILURE, format_args!("run: {e}")),
+    };
+    let (engine, failures) = match Engine::start(&config, MemoryLedger::new(), Options::daemon()) {
+        Ok(started) => started,
+        Err(e) => return fail(EXIT_FAILURE, format_args!("run: {e}")),
+    };
+    for failure in &failures {
+        tracing::error!(instance = %failure.instance, error = %failure.error, "instance not started");
+    }
+    let instances = engine.snapshot().instances.len();
+    tracing::info!(
+        listen = %bound.describe(),
+        instances,
+        failed = failures.len(),
+        config = %config.source.display(),
+        "plugind ready"
+    );
+    let publisher = PublisherService::new(engine.ingress().clone(), config.host.dedupe_window);
+    let served = server::serve(bound, publisher, stop_signal()).await;
+    if let Err(e) = &served {
+        tracing::error!(error = %e, "the API stopped");
+    }
+    tracing::info!(grace_period = ?config.host.grace_period, "stopping: draining the calls in hand");
+    let grace = config.host.grace_period.max(Duration::from_millis(1));
+    let report = tokio::task::spawn_blocking(move || engine.stop(grace))
+        .await
+        .unwrap_or_default();
+    if report.abandoned.is_empty() {
+        tracing::info!(released = report.released, "stopped");
+    } else {
+        tracing::warn!(released = report.released, abandoned = ?report.abandoned, "stopped; these instances did not finish in time");
+    }
+    if served.is_err() {
+        return ExitCode::from(EXIT_FAILURE);
+    }
+    ExitCode::SUCCESS
+}
+
+/// Resolves at the first SIGINT or SIGTERM.
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).ok();
+    let term = async {
+        match &mut terminate {
+            Some(s) => {
+                s.recv().await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        () = term => tracing::info!("SIGTERM received"),
+    }
+}
+
+/// Logs to stderr: text, or one JSON object per line; `PLUGIND_LOG` (an env-filter
+/// directive) chooses the level, `info` by default.
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PLUGIND_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only for a person at a terminal, never into files or the journal.
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(filter);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}

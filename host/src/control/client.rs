@@ -1,0 +1,78 @@
+//! The client side of the API, for `plugind publish` (and `ctl` later): connecting to a Unix
+//! or TCP endpoint and attaching the bearer token to every call.
+
+use hyper_util::rt::TokioIo;
+use tonic::{
+    Request,
+    metadata::MetadataValue,
+    transport::{Channel, Endpoint as TonicEndpoint, Uri},
+};
+
+use super::pb::publisher_client::PublisherClient;
+use crate::config::Endpoint;
+
+/// A connected client: the channel and the token to send (TCP).
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub publisher: PublisherClient<Channel>,
+    token: Option<MetadataValue<tonic::metadata::Ascii>>,
+}
+
+/// Connects to `endpoint`.
+///
+/// # Errors
+/// A message naming the endpoint and the cause.
+pub async fn connect(endpoint: &Endpoint, token: Option<&str>) -> Result<Client, String> {
+    let channel = match endpoint {
+        Endpoint::Unix(path) => {
+            let path = path.clone();
+            TonicEndpoint::try_from("http://[::]:50051")
+                .map_err(|e| e.to_string())?
+                .connect_with_connector(tower::service_fn(move |_: Uri| {
+                    let path = path.clone();
+                    async move {
+                        Ok::<_, std::io::Error>(TokioIo::new(
+                            tokio::net::UnixStream::connect(path).await?,
+                        ))
+                    }
+                }))
+                .await
+        }
+        Endpoint::Tcp(address) => {
+            TonicEndpoint::from_shared(format!("http://{address}"))
+                .map_err(|e| format!("{endpoint}: {e}"))?
+                .connect()
+                .await
+        }
+    }
+    .map_err(|e| {
+        let cause =
+            std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string);
+        format!("cannot connect to {endpoint}: {cause} (is the daemon running?)")
+    })?;
+    let token = match token {
+        Some(token) => Some(
+            format!("Bearer {token}")
+                .parse()
+                .map_err(|_| "the token is not valid header text".to_owned())?,
+        ),
+        None => None,
+    };
+    Ok(Client {
+        publisher: PublisherClient::new(channel),
+        token,
+    })
+}
+
+impl Client {
+    /// A request carrying the token, if any.
+    pub fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        if let Some(token) = &self.token {
+            request
+                .metadata_mut()
+                .insert("authorization", token.clone());
+        }
+        request
+    }
+}

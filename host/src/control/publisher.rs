@@ -1,0 +1,234 @@
+//! The `Publisher` service: `Publish` and `PublishStream` on top of the ingress API, with
+//! idempotency keys and precise status codes.
+
+use std::{
+    collections::HashMap,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use tokio_stream::{Stream, StreamExt as _, wrappers::ReceiverStream};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::pb::{
+    self, PublishBatch, PublishBatchResult, PublishOutcome, PublishRequest, PublishResponse,
+    publish_outcome, publisher_server,
+};
+use crate::ingress::{Ingress, NewMessage, Refused};
+
+/// How many batch results of one stream may wait for the client before the server stops
+/// reading its requests (HTTP/2 flow control then holds the client back).
+const STREAM_BUFFER: usize = 64;
+
+/// Idempotency keys seen within `dedupe_window`, with the id they got (in memory for now;
+/// the durable ledger keeps them across restarts).
+#[derive(Debug)]
+struct Keys {
+    window: Duration,
+    seen: HashMap<String, (u64, Instant)>,
+}
+
+impl Keys {
+    fn get(&mut self, key: &str, now: Instant) -> Option<u64> {
+        if self.seen.len() > 4096 {
+            let window = self.window;
+            self.seen
+                .retain(|_, (_, at)| now.duration_since(*at) < window);
+        }
+        self.seen
+            .get(key)
+            .filter(|(_, at)| now.duration_since(*at) < self.window)
+            .map(|(id, _)| *id)
+    }
+}
+
+/// The service implementation.
+#[derive(Debug, Clone)]
+pub struct PublisherService {
+    ingress: Arc<Ingress>,
+    keys: Arc<Mutex<Keys>>,
+}
+
+impl PublisherService {
+    pub fn new(ingress: Arc<Ingress>, dedupe_window: Duration) -> Self {
+        Self {
+            ingress,
+            keys: Arc::new(Mutex::new(Keys {
+                window: dedupe_window,
+                seen: HashMap::new(),
+            })),
+        }
+    }
+
+    pub fn into_server(self) -> publisher_server::PublisherServer<Self> {
+        publisher_server::PublisherServer::new(self)
+    }
+
+    /// Publishes a batch, honouring idempotency keys.
+    fn publish(&self, requests: Vec<PublishRequest>) -> Vec<Result<u64, Refused>> {
+        let keyed = requests.iter().any(|r| !r.key.is_empty());
+        if !keyed {
+            return self
+                .ingress
+                .publish(requests.into_iter().map(message).collect());
+        }
+        // Keyed batches are serialized so two publishes of one key cannot both pass.
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        requests
+            .into_iter()
+            .map(|request| {
+                if !request.key.is_empty()
+                    && let Some(id) = keys.get(&request.key, now)
+                {
+                    return Ok(id);
+                }
+                let key = request.key.clone();
+                let result = self.ingress.publish_one(message(request));
+                if let (Ok(id), false) = (&result, key.is_empty()) {
+                    keys.seen.insert(key, (*id, now));
+                }
+                result
+            })
+            .collect()
+    }
+}
+
+fn message(request: PublishRequest) -> NewMessage {
+    NewMessage {
+        topic: request.topic,
+        payload: request.payload,
+        headers: request
+            .headers
+            .into_iter()
+            .map(|h| (h.name, h.value))
+            .collect(),
+    }
+}
+
+/// The gRPC status for a refusal: the code says whether to retry, the message says why.
+pub fn status(refused: &Refused) -> Status {
+    match refused {
+        Refused::Invalid(_) => Status::invalid_argument(refused.to_string()),
+        Refused::Backlog { .. } | Refused::LedgerFull(_) => {
+            Status::resource_exhausted(refused.to_string())
+        }
+        Refused::ShuttingDown => Status::unavailable(refused.to_string()),
+        Refused::LedgerFailed(_) => Status::unavailable(refused.to_string()),
+    }
+}
+
+fn outcome(result: Result<u64, Refused>) -> PublishOutcome {
+    PublishOutcome {
+        outcome: Some(match result {
+            Ok(id) => publish_outcome::Outcome::Id(id),
+            Err(refused) => {
+                let status = status(&refused);
+                publish_outcome::Outcome::Refused(pb::Refusal {
+                    code: status.code() as i32,
+                    message: status.message().to_owned(),
+                })
+            }
+        }),
+    }
+}
+
+type ResultStream = Pin<Box<dyn Stream<Item = Result<PublishBatchResult, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl publisher_server::Publisher for PublisherService {
+    async fn publish(
+        &self,
+        request: Request<PublishRequest>,
+    ) -> Result<Response<PublishResponse>, Status> {
+        let result = self.publish(vec![request.into_inner()]);
+        match result.into_iter().next().expect("one result per message") {
+            Ok(id) => Ok(Response::new(PublishResponse { id })),
+            Err(refused) => Err(status(&refused)),
+        }
+    }
+
+    type PublishStreamStream = ResultStream;
+
+    async fn publish_stream(
+        &self,
+        request: Request<Streaming<PublishBatch>>,
+    ) -> Result<Response<Self::PublishStreamStream>, Status> {
+        let mut batches = request.into_inner();
+        let (results, stream) = tokio::sync::mpsc::channel(STREAM_BUFFER);
+        let service = self.clone();
+        tokio::spawn(async move {
+            while let Some(batch) = batches.next().await {
+                let reply = match batch {
+                    Ok(batch) => Ok(PublishBatchResult {
+                        correlation_id: batch.correlation_id,
+                        outcomes: service
+                            .publish(batch.messages)
+                            .into_iter()
+                            .map(outcome)
+                            .collect(),
+                    }),
+                    Err(status) => Err(status),
+                };
+                let failed = reply.is_err();
+                if results.send(reply).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(stream))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use prost::Message as _;
+
+    use super::*;
+
+    #[test]
+    fn a_decoded_payload_points_into_the_receive_buffer() {
+        let request = PublishRequest {
+            topic: "t".into(),
+            payload: Bytes::from(vec![7u8; 4096]),
+            headers: vec![],
+            key: String::new(),
+        };
+        let wire = Bytes::from(request.encode_to_vec());
+        let decoded = PublishRequest::decode(wire.clone()).unwrap();
+        let range = wire.as_ptr() as usize..wire.as_ptr() as usize + wire.len();
+        assert!(
+            range.contains(&(decoded.payload.as_ptr() as usize)),
+            "no copy"
+        );
+        assert_eq!(decoded.payload.len(), 4096);
+    }
+
+    #[test]
+    fn refusals_map_to_codes_that_say_whether_to_retry() {
+        use tonic::Code;
+        let cases = [
+            (
+                Refused::Invalid("empty topic".into()),
+                Code::InvalidArgument,
+            ),
+            (
+                Refused::Backlog {
+                    instance: "sink".into(),
+                    backlog: 10,
+                    limit: 5,
+                },
+                Code::ResourceExhausted,
+            ),
+            (Refused::LedgerFull("disk".into()), Code::ResourceExhausted),
+            (Refused::ShuttingDown, Code::Unavailable),
+        ];
+        for (refused, code) in cases {
+            let s = status(&refused);
+            assert_eq!(s.code(), code, "{refused}");
+            assert_eq!(s.message(), refused.to_string());
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! The real `plugind` daemon end to end: `plugind run` with real plugins, `plugind publish`
+//! over the real API, precise refusals, idempotency keys, the socket's mode, TCP with a
+//! token, a graceful SIGTERM, and configurations it must refuse.
+
+use std::{
+    os::unix::fs::PermissionsExt as _,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use plugind_tests::{
+    binary,
+    daemon::Daemon,
+    fixtures::{self, Profile},
+    sandbox::Sandbox,
+};
+
+fn sandbox(libraries: &[&str]) -> Sandbox {
+    let sandbox = Sandbox::new("daemon");
+    sandbox.dir("plugins.d");
+    for fixture in libraries {
+        sandbox.copy(
+            &format!("plugins.d/{fixture}.so"),
+            &fixtures::library(fixture, Profile::Dev),
+        );
+    }
+    sandbox
+}
+
+const ECHO: &str = "\
+[host]
+durability = \"memory\"
+autoload = false
+max_message_size = \"1KiB\"
+
+[plugins.echo]
+plugin = \"fx-echo\"
+topics = [\"demo.>\"]
+";
+
+#[test]
+fn published_messages_reach_the_plugin_and_get_increasing_ids() {
+    let d = Daemon::start(sandbox(&["fx-echo"]), ECHO);
+    let first = d.publish("demo.hello", "hi", &[]).unwrap();
+    let second = d
+        .publish("demo.hello", "again", &["-H", "trace=abc"])
+        .unwrap();
+    assert!(second > first);
+    d.wait_for_log("handled", 2);
+    let log = d.log();
+    assert!(
+        log.contains("instance=echo plugin=fx-echo version=0.1.0 generation=1"),
+        "{log}"
+    );
+    let (status, log) = d.stop();
+    assert!(status.success(), "{status}:\n{log}");
+    assert!(
+        log.contains("SIGTERM received") && log.contains("stopped"),
+        "{log}"
+    );
+}
+
+#[test]
+fn invalid_requests_get_precise_statuses() {
+    let d = Daemon::start(sandbox(&["fx-echo"]), ECHO);
+    let e = d.publish("", "x", &[]).unwrap_err();
+    assert!(
+        e.starts_with("plugind: publish : InvalidArgument: invalid message: topic \"\" is empty"),
+        "{e}"
+    );
+    let e = d.publish("demo..x", "x", &[]).unwrap_err();
+    assert!(
+        e.contains("InvalidArgument") && e.contains("empty token at position 2"),
+        "{e}"
+    );
+    let e = d.publish("demo.big", &"x".repeat(2000), &[]).unwrap_err();
+    assert!(
+        e.contains("InvalidArgument") && e.contains("over max_message_size (1024 bytes)"),
+        "{e}"
+    );
+    let e = d.publish("demo.x", "x", &["-H", "novalue"]).unwrap_err();
+    assert!(e.contains("-H novalue: expected NAME=VALUE"), "{e}");
+}
+
+#[test]
+fn past_max_backlog_publishing_is_refused_naming_the_instance() {
+    let s = sandbox(&["fx-block"]);
+    let gate = s.path().join("never");
+    let config = format!(
+        "[host]\ndurability = \"memory\"\nautoload = false\n\n[plugins.slow]\nplugin = \"fx-block\"\ntopics = [\"t.>\"]\nmax_backlog = \"1KiB\"\n[plugins.slow.config]\ngate = \"{}\"\n",
+        gate.display()
+    );
+    let d = Daemon::start(s, &config);
+    let payload = "x".repeat(600);
+    d.publish("t.a", &payload, &[]).unwrap();
+    let e = d.publish("t.a", &payload, &[]).unwrap_err();
+    assert!(
+        e.contains("ResourceExhausted") && e.contains("instance `slow`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_idempotency_key_returns_the_first_id() {
+    let d = Daemon::start(sandbox(&["fx-echo"]), ECHO);
+    let a = d.publish("demo.order", "1", &["--key", "order-1"]).unwrap();
+    let b = d.publish("demo.order", "1", &["--key", "order-1"]).unwrap();
+    let c = d.publish("demo.order", "2", &["--key", "order-2"]).unwrap();
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+    d.wait_for_log("handled", 2);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        d.log().matches("handled").count(),
+        2,
+        "the duplicate was not delivered"
+    );
+}
+
+#[test]
+fn json_output_and_stdin_payloads() {
+    let d = Daemon::start(sandbox(&["fx-echo"]), ECHO);
+    let out = d.cli(&["publish", "demo.json", "x", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["topic"], "demo.json");
+    assert!(report["id"].as_u64().is_some());
+    let mut child = Command::new(binary::plugind())
+        .args(["publish", "demo.stdin", "-", "--connect"])
+        .arg(format!("unix:{}", d.socket().display()))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"from stdin").unwrap();
+    drop(child.stdin.take());
+    assert!(child.wait_with_output().unwrap().status.success());
+    d.wait_for_log("payload_len=10", 1);
+}
+
+#[test]
+fn the_socket_mode_is_set_explicitly_whatever_the_umask() {
+    let config = ECHO.replace(
+        "autoload = false",
+        "autoload = false\nsocket_mode = \"0600\"",
+    );
+    let d = Daemon::start(sandbox(&["fx-echo"]), &config);
+    let mode = std::fs::metadata(d.socket()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+}
+
+#[test]
+fn over_tcp_every_call_needs_the_token() {
+    let s = sandbox(&["fx-echo"]);
+    s.put("token", "s3cret\n");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = ECHO.replace(
+        "autoload = false",
+        &format!("autoload = false\nlisten = \"tcp:127.0.0.1:{port}\"\ntcp_token_file = \"token\""),
+    );
+    let d = Daemon::start(s, &config);
+    let connect = format!("tcp:127.0.0.1:{port}");
+    let publish = |token: Option<&str>| {
+        let mut command = Command::new(binary::plugind());
+        command
+            .args(["publish", "demo.tcp", "x", "--connect", &connect])
+            .env_remove("PLUGIND_CONFIG")
+            .current_dir("/");
+        match token {
+            Some(token) => command.env("PLUGIND_TOKEN", token),
+            None => command.env_remove("PLUGIND_TOKEN"),
+        };
+        command.output().unwrap()
+    };
+    let refused = publish(None);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("Unauthenticated"));
+    let wrong = publish(Some("guess"));
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("wrong token"));
+    let accepted = publish(Some("s3cret"));
+    assert!(
+        accepted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&accepted.stderr)
+    );
+    d.wait_for_log("handled", 1);
+}
+
+#[test]
+fn sigterm_lets_the_call_in_hand_finish_and_exits_zero_within_the_grace_period() {
+    let s = sandbox(&["fx-block"]);
+    let gate = s.path().join("open");
+    let config = format!(
+        "[host]\ndurability = \"memory\"\nautoload = false\ngrace_period = \"5s\"\n\n[plugins.slow]\nplugin = \"fx-block\"\ntopics = [\"t.>\"]\n[plugins.slow.config]\ngate = \"{}\"\n",
+        gate.display()
+    );
+    let d = Daemon::start(s, &config);
+    for i in 0..3 {
+        d.publish("t.a", &i.to_string(), &[]).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let opener = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        std::fs::write(gate, b"").unwrap();
+    });
+    let started = Instant::now();
+    let (status, log) = d.stop();
+    opener.join().unwrap();
+    assert!(status.success(), "{status}:\n{log}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "within the grace period"
+    );
+    assert!(
+        log.contains("stopped released=2"),
+        "the call in hand finished, 2 released:\n{log}"
+    );
+}
+
+#[test]
+fn configurations_it_cannot_honour_are_refused_with_exit_78() {
+    let run = |config: &str| {
+        let s = sandbox(&[]);
+        let path = s.put("plugins.toml", config);
+        let out = Command::new(binary::plugind())
+            .args(["run", "-c"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run("[host]\ndurabilty = \"memory\"\n");
+    assert_eq!(code, Some(78));
+    assert!(err.contains("unknown field `durabilty`"), "{err}");
+    let (code, err) = run("[host]\n");
+    assert_eq!(code, Some(78));
+    assert!(
+        err.contains("durability = \"fsync\" is not available in this build yet"),
+        "{err}"
+    );
+}
