@@ -245,3 +245,79 @@ fn configurations_it_cannot_honour_are_refused_with_exit_78() {
         "{err}"
     );
 }
+
+#[test]
+fn publish_stream_answers_every_batch_by_correlation_id_with_many_in_flight() {
+    use plugind::{
+        config::Endpoint,
+        control::{client, pb},
+    };
+    let d = Daemon::start(sandbox(&["fx-echo"]), ECHO);
+    let endpoint = Endpoint::Unix(d.socket().to_owned());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let results: Vec<pb::PublishBatchResult> = runtime.block_on(async {
+        let mut client = client::connect(&endpoint, None).await.unwrap();
+        // Every batch is sent before any answer is read.
+        let batches: Vec<pb::PublishBatch> = (0..20u64)
+            .map(|n| pb::PublishBatch {
+                correlation_id: 1000 + n,
+                messages: (0..64)
+                    .map(|i| pb::PublishRequest {
+                        topic: if n == 7 && i == 5 {
+                            "bad..topic".into()
+                        } else {
+                            "demo.stream".into()
+                        },
+                        payload: format!("{n}/{i}").into(),
+                        headers: vec![],
+                        key: String::new(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        let request = client.request(tokio_stream::iter(batches));
+        let mut answers = client
+            .publisher
+            .publish_stream(request)
+            .await
+            .unwrap()
+            .into_inner();
+        let mut results = Vec::new();
+        while let Some(answer) = tokio_stream::StreamExt::next(&mut answers).await {
+            results.push(answer.unwrap());
+        }
+        results
+    });
+    assert_eq!(
+        results.iter().map(|r| r.correlation_id).collect::<Vec<_>>(),
+        (1000..1020).collect::<Vec<_>>()
+    );
+    let mut ids = Vec::new();
+    for result in &results {
+        assert_eq!(result.outcomes.len(), 64);
+        for (i, outcome) in result.outcomes.iter().enumerate() {
+            match &outcome.outcome {
+                Some(pb::publish_outcome::Outcome::Id(id)) => ids.push(*id),
+                Some(pb::publish_outcome::Outcome::Refused(refusal)) => {
+                    assert_eq!((result.correlation_id, i), (1007, 5), "only the bad one");
+                    assert_eq!(refusal.code, 3, "INVALID_ARGUMENT");
+                    assert!(
+                        refusal.message.contains("empty token"),
+                        "{}",
+                        refusal.message
+                    );
+                }
+                None => panic!("an empty outcome"),
+            }
+        }
+    }
+    assert_eq!(ids.len(), 20 * 64 - 1);
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "ids grow in acceptance order"
+    );
+    d.wait_for_log("handled", 20 * 64 - 1);
+}
