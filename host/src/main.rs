@@ -121,6 +121,46 @@ Exit status: 0 accepted, 1 refused, 2 usage error.")]
         #[arg(long = "trusted-owner", value_name = "USER")]
         trusted_owners: Vec<String>,
     },
+    /// Load generator: publish many messages and report throughput and latency.
+    #[command(after_help = "\
+Publishes over PublishStream, WINDOW batches in flight; each message carries its intended
+send time, which the `bench` example plugin turns into a publish→handle latency histogram
+written to its `output` file. Pass that file as --report to get the latency (run an instance
+of the bench plugin subscribed to --topic).
+
+Examples:
+  plugind bench --count 1000000 --report out/bench.json
+  plugind bench --count 100000 --rate 10000 --report out/bench.json   # open loop
+  plugind bench --batch 1 --count 20000 --json")]
+    Bench {
+        /// Messages to publish.
+        #[arg(long, default_value_t = 100_000)]
+        count: u64,
+        /// Payload size in bytes.
+        #[arg(long, default_value_t = 256)]
+        size: usize,
+        /// Messages per batch.
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Messages per second (open loop); 0 publishes as fast as accepted.
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        /// The topic to publish to.
+        #[arg(long, default_value = "bench.load")]
+        topic: String,
+        /// The bench plugin's output file, for the latency report.
+        #[arg(long, value_name = "FILE")]
+        report: Option<PathBuf>,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// The daemon's endpoint: unix:PATH or tcp:HOST:PORT.
+        #[arg(long, value_name = "ENDPOINT")]
+        connect: Option<String>,
+        /// The configuration whose `listen` to use.
+        #[arg(short = 'c', long = "config", value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Print a shell completion script.
     #[command(after_help = "\
 Examples:
@@ -170,6 +210,27 @@ fn main() -> ExitCode {
             config_only,
             json,
         } => cli::check::run(config.as_deref(), probe, config_only, json),
+        Command::Bench {
+            count,
+            size,
+            batch,
+            rate,
+            topic,
+            report,
+            json,
+            connect,
+            config,
+        } => cli::bench::run(cli::bench::Args {
+            count,
+            size,
+            batch,
+            rate,
+            topic,
+            report,
+            json,
+            connect,
+            config,
+        }),
         Command::Completions { shell } => {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "plugind", &mut script);
