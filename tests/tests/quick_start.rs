@@ -1,0 +1,103 @@
+//! The README's quick start, followed literally in a fresh clone: command 1 (build, install
+//! the example plugins, run the daemon) in the background, then the publish line, then the
+//! message must be in file-sink's output and its upper-cased copy from the pipeline too.
+//! The commands are read from README.md, so the quick start cannot rot unnoticed.
+
+use std::{
+    fs,
+    os::unix::process::CommandExt as _,
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use plugind_tests::{fixtures::repo_root, sandbox::Sandbox};
+
+/// The line of the README's first code block that starts with `prefix`.
+fn readme_line(prefix: &str) -> String {
+    let readme = fs::read_to_string(repo_root().join("README.md")).unwrap();
+    readme
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("README.md has no line starting with `{prefix}`"))
+        .to_owned()
+}
+
+fn wait(what: &str, limit: Duration, log: &Path, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < limit,
+            "{what} not within {limit:?}; daemon output:\n{}",
+            fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_readme_quick_start_works_in_a_fresh_clone() {
+    let run = readme_line("cargo build --release --workspace && install -d -m 0755 plugins.d");
+    let publish = readme_line("./target/release/plugind publish demo.hello hi");
+    assert_eq!(readme_line("cargo test --workspace"), "cargo test --workspace");
+
+    let sandbox = Sandbox::new("quick-start");
+    let clone = sandbox.path().join("plugind");
+    let cloned = Command::new("git")
+        .args(["clone", "--quiet"])
+        .arg(repo_root())
+        .arg(&clone)
+        .status()
+        .unwrap();
+    assert!(cloned.success());
+    // Share the build cache: the commands are followed literally, not rebuilt from scratch.
+    std::os::unix::fs::symlink(repo_root().join("target"), clone.join("target")).unwrap();
+
+    let log = sandbox.path().join("daemon.log");
+    let mut daemon = Command::new("sh")
+        .arg("-c")
+        .arg(&run)
+        .current_dir(&clone)
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("PLUGIND_CONFIG")
+        .env_remove("PLUGIND_CONNECT")
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&log).unwrap())
+        .stderr(fs::File::create(&log).unwrap())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let group = daemon.id();
+    let ready = || fs::read_to_string(&log).unwrap_or_default().contains("plugind ready");
+    wait("the daemon ready (release build included)", Duration::from_secs(1500), &log, ready);
+
+    let published = Command::new("sh")
+        .arg("-c")
+        .arg(&publish)
+        .current_dir(&clone)
+        .env_remove("PLUGIND_CONFIG")
+        .env_remove("PLUGIND_CONNECT")
+        .output()
+        .unwrap();
+    assert!(
+        published.status.success(),
+        "{}",
+        String::from_utf8_lossy(&published.stderr)
+    );
+    let output = clone.join("out/demo.jsonl");
+    wait("both lines in out/demo.jsonl", Duration::from_secs(10), &log, || {
+        let text = fs::read_to_string(&output).unwrap_or_default();
+        text.contains("\"payload\":\"hi\"") && text.contains("\"payload\":\"HI\"")
+    });
+
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(format!("-{group}"))
+        .status();
+    let status = daemon.wait().unwrap();
+    assert!(
+        status.success(),
+        "{status}:\n{}",
+        fs::read_to_string(&log).unwrap_or_default()
+    );
+}
