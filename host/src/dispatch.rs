@@ -97,6 +97,16 @@ pub struct StopReport {
     pub abandoned: Vec<String>,
 }
 
+/// A copy of `message` whose payload owns exactly its bytes. Payloads arrive as slices of
+/// the buffer a request was received in (zero copy); a delivery that waits long would pin
+/// that whole buffer, so it keeps a compact copy instead.
+fn compact(message: &Arc<StoredMessage>) -> Arc<StoredMessage> {
+    Arc::new(StoredMessage {
+        payload: bytes::Bytes::copy_from_slice(&message.payload),
+        ..StoredMessage::clone(message)
+    })
+}
+
 struct Live {
     message: Arc<StoredMessage>,
     delivery: Delivery,
@@ -250,10 +260,16 @@ impl Dispatcher {
             let inst = &mut self.instances[target as usize];
             inst.ready.push_back(accepted.message.id);
             inst.stats.backlog += 1;
+            // An instance that is not running keeps it for long: do not pin a receive buffer.
+            let message = if inst.slot.actor.is_none() {
+                compact(&accepted.message)
+            } else {
+                accepted.message.clone()
+            };
             self.live.insert(
                 (accepted.message.id, target),
                 Live {
-                    message: accepted.message.clone(),
+                    message,
                     delivery: Delivery::new(now),
                 },
             );
@@ -571,6 +587,8 @@ impl Dispatcher {
                 if due <= now {
                     inst.ready.push_back(message);
                 } else {
+                    // It waits its backoff: keep only its own bytes, not a receive buffer.
+                    live.message = compact(&live.message);
                     inst.waiting.push(Reverse((due.0, message)));
                 }
             }
@@ -667,5 +685,30 @@ impl Dispatcher {
             }
         }
         report
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_compacted_payload_owns_only_its_bytes() {
+        let buffer = bytes::Bytes::from(vec![7u8; 64 * 1024]);
+        let message = Arc::new(StoredMessage {
+            id: 1,
+            topic: "t".into(),
+            headers: vec![("k".into(), "v".into())],
+            payload: buffer.slice(1000..1256),
+            publish_time: Timestamp(5),
+        });
+        let compact = compact(&message);
+        assert_eq!(compact.payload, message.payload);
+        assert_eq!((compact.id, &compact.topic, &compact.headers), (1, &message.topic, &message.headers));
+        let range = buffer.as_ptr() as usize..buffer.as_ptr() as usize + buffer.len();
+        assert!(!range.contains(&(compact.payload.as_ptr() as usize)), "no longer in the buffer");
+        drop(message);
+        // The big buffer is now held only by `buffer` itself.
+        assert!(buffer.is_unique());
     }
 }

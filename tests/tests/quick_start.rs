@@ -35,6 +35,18 @@ fn wait(what: &str, limit: Duration, log: &Path, mut done: impl FnMut() -> bool)
     }
 }
 
+/// Kills the process group on drop, so a failing test leaves no daemon behind.
+struct Reaper(u32);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-s", "KILL", "--", &format!("-{}", self.0)])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
 #[test]
 fn the_readme_quick_start_works_in_a_fresh_clone() {
     let run = readme_line("cargo build --release --workspace && install -d -m 0755 plugins.d");
@@ -54,6 +66,7 @@ fn the_readme_quick_start_works_in_a_fresh_clone() {
     std::os::unix::fs::symlink(repo_root().join("target"), clone.join("target")).unwrap();
 
     let log = sandbox.path().join("daemon.log");
+    let log_file = fs::File::create(&log).unwrap();
     let mut daemon = Command::new("sh")
         .arg("-c")
         .arg(&run)
@@ -62,12 +75,13 @@ fn the_readme_quick_start_works_in_a_fresh_clone() {
         .env_remove("PLUGIND_CONFIG")
         .env_remove("PLUGIND_CONNECT")
         .stdin(Stdio::null())
-        .stdout(fs::File::create(&log).unwrap())
-        .stderr(fs::File::create(&log).unwrap())
+        .stdout(Stdio::from(log_file.try_clone().unwrap()))
+        .stderr(Stdio::from(log_file))
         .process_group(0)
         .spawn()
         .unwrap();
     let group = daemon.id();
+    let _reaper = Reaper(group);
     let ready = || fs::read_to_string(&log).unwrap_or_default().contains("plugind ready");
     wait("the daemon ready (release build included)", Duration::from_secs(1500), &log, ready);
 
@@ -90,11 +104,27 @@ fn the_readme_quick_start_works_in_a_fresh_clone() {
         text.contains("\"payload\":\"hi\"") && text.contains("\"payload\":\"HI\"")
     });
 
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(format!("-{group}"))
-        .status();
-    let status = daemon.wait().unwrap();
+    // The whole process group (sh and the daemon); `--` so the negative id is not an option.
+    let signal = |name: &str| {
+        let _ = Command::new("kill")
+            .args(["-s", name, "--", &format!("-{group}")])
+            .status();
+    };
+    signal("TERM");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = daemon.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > Duration::from_secs(15) {
+            signal("KILL");
+            panic!(
+                "the daemon did not stop 15 s after SIGTERM:\n{}",
+                fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert!(
         status.success(),
         "{status}:\n{}",
