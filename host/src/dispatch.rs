@@ -704,9 +704,15 @@ mod tests {
         });
         let compact = compact(&message);
         assert_eq!(compact.payload, message.payload);
-        assert_eq!((compact.id, &compact.topic, &compact.headers), (1, &message.topic, &message.headers));
+        assert_eq!(
+            (compact.id, &compact.topic, &compact.headers),
+            (1, &message.topic, &message.headers)
+        );
         let range = buffer.as_ptr() as usize..buffer.as_ptr() as usize + buffer.len();
-        assert!(!range.contains(&(compact.payload.as_ptr() as usize)), "no longer in the buffer");
+        assert!(
+            !range.contains(&(compact.payload.as_ptr() as usize)),
+            "no longer in the buffer"
+        );
         drop(message);
         // The big buffer is now held only by `buffer` itself.
         assert!(buffer.is_unique());

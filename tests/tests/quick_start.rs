@@ -51,7 +51,10 @@ impl Drop for Reaper {
 fn the_readme_quick_start_works_in_a_fresh_clone() {
     let run = readme_line("cargo build --release --workspace && install -d -m 0755 plugins.d");
     let publish = readme_line("./target/release/plugind publish demo.hello hi");
-    assert_eq!(readme_line("cargo test --workspace"), "cargo test --workspace");
+    assert_eq!(
+        readme_line("cargo test --workspace"),
+        "cargo test --workspace"
+    );
 
     let sandbox = Sandbox::new("quick-start");
     let clone = sandbox.path().join("plugind");
@@ -82,8 +85,17 @@ fn the_readme_quick_start_works_in_a_fresh_clone() {
         .unwrap();
     let group = daemon.id();
     let _reaper = Reaper(group);
-    let ready = || fs::read_to_string(&log).unwrap_or_default().contains("plugind ready");
-    wait("the daemon ready (release build included)", Duration::from_secs(1500), &log, ready);
+    let ready = || {
+        fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("plugind ready")
+    };
+    wait(
+        "the daemon ready (release build included)",
+        Duration::from_secs(1500),
+        &log,
+        ready,
+    );
 
     let published = Command::new("sh")
         .arg("-c")
@@ -99,18 +111,33 @@ fn the_readme_quick_start_works_in_a_fresh_clone() {
         String::from_utf8_lossy(&published.stderr)
     );
     let output = clone.join("out/demo.jsonl");
-    wait("both lines in out/demo.jsonl", Duration::from_secs(10), &log, || {
-        let text = fs::read_to_string(&output).unwrap_or_default();
-        text.contains("\"payload\":\"hi\"") && text.contains("\"payload\":\"HI\"")
-    });
+    wait(
+        "both lines in out/demo.jsonl",
+        Duration::from_secs(10),
+        &log,
+        || {
+            let text = fs::read_to_string(&output).unwrap_or_default();
+            text.contains("\"payload\":\"hi\"") && text.contains("\"payload\":\"HI\"")
+        },
+    );
 
-    // The whole process group (sh and the daemon); `--` so the negative id is not an option.
-    let signal = |name: &str| {
+    // SIGTERM to the daemon itself (the shell's child), as Ctrl-C in the README would reach
+    // it; the shell then exits with the daemon's status. The whole group is the fallback.
+    let signal_group = |name: &str| {
         let _ = Command::new("kill")
             .args(["-s", name, "--", &format!("-{group}")])
             .status();
     };
-    signal("TERM");
+    let children = Command::new("pgrep")
+        .args(["-P", &group.to_string(), "-x", "plugind"])
+        .output()
+        .unwrap();
+    let daemon_pid = String::from_utf8_lossy(&children.stdout).trim().to_owned();
+    assert!(!daemon_pid.is_empty(), "the daemon is the shell's child");
+    let _ = Command::new("kill")
+        .args(["-s", "TERM", &daemon_pid])
+        .status();
+    let signal = signal_group;
     let start = Instant::now();
     let status = loop {
         if let Some(status) = daemon.try_wait().unwrap() {

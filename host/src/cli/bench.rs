@@ -204,6 +204,7 @@ async fn publish_all(endpoint: &config::Endpoint, args: &Args) -> Result<(Durati
     }
     let payload = Bytes::from(vec![0x42u8; args.size]);
     let start = Instant::now();
+    let start_unix = now_nanos();
     let interval = (args.rate > 0).then(|| Duration::from_secs_f64(1.0 / args.rate as f64));
     let progress = std::io::stderr().is_terminal();
     let mut in_flight: VecDeque<u64> = VecDeque::new();
@@ -213,19 +214,18 @@ async fn publish_all(endpoint: &config::Endpoint, args: &Args) -> Result<(Durati
         // Keep the window full.
         while sent < args.count && in_flight.len() < WINDOW {
             let n = (args.count - sent).min(args.batch as u64);
+            if let Some(every) = interval {
+                // Open loop: the batch leaves when its last message is due; each message is
+                // stamped with its own due time, so batching delay counts as latency.
+                tokio::time::sleep_until((start + every.mul_f64((sent + n - 1) as f64)).into())
+                    .await;
+            }
             let messages = (0..n)
                 .map(|i| {
-                    // Open loop: each message is stamped with the time it was due.
                     let stamp = match interval {
-                        Some(every) => {
-                            let due = start + every.mul_f64((sent + i) as f64);
-                            now_nanos().saturating_sub(
-                                u64::try_from(
-                                    Instant::now().saturating_duration_since(due).as_nanos(),
-                                )
-                                .unwrap_or(0),
-                            )
-                        }
+                        Some(every) => start_unix.saturating_add(
+                            u64::try_from(every.mul_f64((sent + i) as f64).as_nanos()).unwrap_or(0),
+                        ),
                         None => now_nanos(),
                     };
                     pb::PublishRequest {
@@ -239,10 +239,6 @@ async fn publish_all(endpoint: &config::Endpoint, args: &Args) -> Result<(Durati
                     }
                 })
                 .collect();
-            if let Some(every) = interval {
-                let due = start + every.mul_f64(sent as f64);
-                tokio::time::sleep_until(due.into()).await;
-            }
             correlation += 1;
             batches
                 .send(pb::PublishBatch {
