@@ -321,3 +321,49 @@ fn publish_stream_answers_every_batch_by_correlation_id_with_many_in_flight() {
     );
     d.wait_for_log("handled", 20 * 64 - 1);
 }
+
+#[test]
+fn a_bad_library_is_refused_while_the_rest_runs() {
+    let s = sandbox(&["fx-echo"]);
+    let bytes = std::fs::read(fixtures::library("fx-faulty", Profile::Dev)).unwrap();
+    s.put("plugins.d/faulty.so", &bytes[..bytes.len() / 3]);
+    let config =
+        format!("{ECHO}\n[plugins.broken]\nplugin = \"fx-faulty\"\ntopics = [\"demo.>\"]\n");
+    let d = Daemon::start(s, &config);
+    let log = d.log();
+    assert!(
+        log.contains("incomplete file"),
+        "the loader's reason is logged:\n{log}"
+    );
+    assert!(
+        log.contains("instance not started") && log.contains("instance=broken"),
+        "{log}"
+    );
+    assert!(log.contains("instances=2 failed=1"), "{log}");
+    d.publish("demo.hello", "still served", &[]).unwrap();
+    d.wait_for_log("handled", 1);
+    let (status, _) = d.stop();
+    assert!(status.success());
+}
+
+#[test]
+fn a_payload_can_come_from_a_file() {
+    let d = Daemon::start(sandbox(&["fx-echo"]), ECHO);
+    let file = d.sandbox().put("payload.bin", vec![0u8, 159, 146, 150]);
+    let out = d.cli(&["publish", "demo.file", "--file", file.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    d.wait_for_log("payload_len=4", 1);
+    let both = d.cli(&[
+        "publish",
+        "demo.file",
+        "inline",
+        "--file",
+        file.to_str().unwrap(),
+    ]);
+    assert_eq!(both.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&both.stderr).contains("give DATA or --file, not both"));
+}
