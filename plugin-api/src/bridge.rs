@@ -74,8 +74,11 @@ pub(crate) fn install() {
     });
 }
 
-/// Makes the panic hook chain to the hook it replaced: for plugins hosted in-process.
-pub(crate) fn chain_previous_hook() {
+/// For plugins hosted in-process (`testing`): the panic hook chains to the hook it replaced,
+/// and every entry point marks its thread. In-process hosting shares one copy of these
+/// statics among all instances and threads, so the single-instance shortcut of
+/// [`enter_if_shared`] would race with instances created during a call.
+pub(crate) fn hosted_in_process() {
     CHAIN_PREVIOUS_HOOK.store(true, Ordering::Relaxed);
 }
 
@@ -124,7 +127,9 @@ pub(crate) fn enter(host: &Host) -> Scope {
 /// fallback to the live list already names it.
 #[inline]
 pub(crate) fn enter_if_shared(host: &Host) -> Option<Scope> {
-    (LIVE_COUNT.load(Ordering::Relaxed) > 1).then(|| enter(host))
+    let shared =
+        LIVE_COUNT.load(Ordering::Relaxed) > 1 || CHAIN_PREVIOUS_HOOK.load(Ordering::Relaxed);
+    shared.then(|| enter(host))
 }
 
 /// Restores the previous log target when dropped.

@@ -244,7 +244,7 @@ impl<P: Plugin> Harness<P> {
             state: Mutex::default(),
         });
         // The plugin runs in this process: keep the test's own panic output.
-        bridge::chain_previous_hook();
+        bridge::hosted_in_process();
         let module: PluginModRef = export::root_module::<P>(no_manifest);
         // SAFETY: the module's code is linked into this process; it is never unloaded.
         let instance = unsafe {
