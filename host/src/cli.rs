@@ -16,6 +16,20 @@ pub const EXIT_USAGE: u8 = 2;
 /// Exit code: the configuration is invalid (sysexits EX_CONFIG).
 pub const EXIT_CONFIG: u8 = 78;
 
+/// The options every client command takes.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ClientArgs {
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// The daemon's endpoint: unix:PATH or tcp:HOST:PORT.
+    #[arg(long, value_name = "ENDPOINT")]
+    pub connect: Option<String>,
+    /// The configuration whose `listen` to use.
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
+}
+
 /// Prints `plugind: <message>` to stderr and returns `code`.
 pub fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
     eprintln!("plugind: {message}");

@@ -185,13 +185,10 @@ impl Dispatcher {
                 .map_or(Duration::from_secs(1), |at| at.since(now))
                 .min(Duration::from_secs(1));
             let mut records = Vec::new();
+            let mut stop = None;
             select! {
                 recv(inputs) -> input => match input {
-                    Ok(Input::Stop { deadline, reply }) => {
-                        let _ = reply.send(self.stop(deadline, &events));
-                        return;
-                    }
-                    Ok(input) => self.input(input),
+                    Ok(input) => stop = self.input(input),
                     Err(_) => return,
                 },
                 recv(events) -> event => {
@@ -205,13 +202,15 @@ impl Dispatcher {
             while let Ok(event) = events.try_recv() {
                 self.event(event, &mut records);
             }
-            while let Ok(input) = inputs.try_recv() {
-                if let Input::Stop { deadline, reply } = input {
-                    self.commit(records);
-                    let _ = reply.send(self.stop(deadline, &events));
-                    return;
-                }
-                self.input(input);
+            while stop.is_none()
+                && let Ok(input) = inputs.try_recv()
+            {
+                stop = self.input(input);
+            }
+            if let Some((deadline, reply)) = stop {
+                self.commit(records);
+                let _ = reply.send(self.stop(deadline, &events));
+                return;
             }
             let now = self.clock.now();
             self.expire(now, &mut records);
@@ -238,7 +237,8 @@ impl Dispatcher {
         }
     }
 
-    fn input(&mut self, input: Input) {
+    /// Applies one input; a stop request is handed back for the loop to carry out.
+    fn input(&mut self, input: Input) -> Option<(Duration, Sender<StopReport>)> {
         match input {
             Input::Accepted(batch) => {
                 let now = self.clock.now();
@@ -251,8 +251,9 @@ impl Dispatcher {
             }
             Input::Pause(id) => self.instances[id as usize].slot.breaker.pause(),
             Input::Resume(id) => self.instances[id as usize].slot.breaker.resume(),
-            Input::Stop { .. } => unreachable!("handled by the loop"),
+            Input::Stop { deadline, reply } => return Some((deadline, reply)),
         }
+        None
     }
 
     fn add(&mut self, accepted: Accepted, now: Timestamp) {

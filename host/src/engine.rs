@@ -5,7 +5,7 @@
 //! An instance that fails to start is reported and its deliveries wait in the ledger; the
 //! rest runs. `plugind run` puts gRPC in front of [`Engine::ingress`].
 
-use std::{collections::BTreeMap, path::PathBuf, sync::Arc, thread::JoinHandle, time::Duration};
+use std::{collections::BTreeMap, path::Path, sync::Arc, thread::JoinHandle, time::Duration};
 
 use crossbeam_channel::{Sender, bounded, unbounded};
 use plugind_api::hosting;
@@ -20,7 +20,7 @@ use crate::{
     dispatch::{Dispatcher, Input, Slot, Snapshot, StopReport},
     ingress::{Backlog, Ingress},
     ledger::{Ledger, LedgerError},
-    loader::{self, Library, LoadError, Policy, ProbeCommand},
+    loader::{self, Checked, Library, LoadError, Policy, ProbeCommand},
     routing::{InstanceId, Routing},
     services::{Identity, InstanceServices, Limits},
     topic::Pattern,
@@ -126,7 +126,7 @@ impl Engine {
             let library = index
                 .get(&plan.plugin)
                 .and_then(|claims| match claims.as_slice() {
-                    [one] => Some(one.clone()),
+                    [one] => Some(one),
                     _ => None,
                 });
             let (actor, topics) = match start_instance(
@@ -237,35 +237,37 @@ impl Engine {
     }
 }
 
-/// Manifest name → the library files claiming it (accepted by the declared checks).
-fn library_index(config: &Config) -> BTreeMap<String, Vec<PathBuf>> {
+/// Manifest name → the libraries claiming it that passed the declared checks, their bytes
+/// kept: every instance loads its copy from them without reading the file again.
+fn library_index(config: &Config) -> BTreeMap<String, Vec<Checked>> {
     let policy = Policy {
         trusted_owners: config.host.trusted_owner_uids.clone(),
         ..Policy::default()
     };
-    let mut index: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
-    let files = loader::library_files(&config.host.plugin_dir).unwrap_or_else(|e| {
+    let scanned = loader::scan(&config.host.plugin_dir, &policy).unwrap_or_else(|e| {
         tracing::error!(plugin_dir = %config.host.plugin_dir.display(), error = %e, "cannot read plugin_dir");
         Vec::new()
     });
-    for path in files {
-        match loader::check(&path, &policy) {
+    let mut index: BTreeMap<String, Vec<Checked>> = BTreeMap::new();
+    for (_, checked) in scanned {
+        match checked {
             Ok(checked) => index
                 .entry(checked.manifest().name.clone())
                 .or_default()
-                .push(path),
+                .push(checked),
             Err(e) => tracing::error!(error = %e, "library refused"),
         }
     }
     for (name, claims) in index.iter().filter(|(_, c)| c.len() > 1) {
-        tracing::error!(plugin = %name, libraries = ?claims, "several libraries claim one plugin name; none is loaded");
+        let paths: Vec<&Path> = claims.iter().map(Checked::path).collect();
+        tracing::error!(plugin = %name, libraries = ?paths, "several libraries claim one plugin name; none is loaded");
     }
     index
 }
 
 /// The enabled instances of the configuration, then (with `autoload`) one per library no
 /// entry names, in a stable order.
-fn plan_instances(config: &Config, index: &BTreeMap<String, Vec<PathBuf>>) -> Vec<Planned> {
+fn plan_instances(config: &Config, index: &BTreeMap<String, Vec<Checked>>) -> Vec<Planned> {
     let mut planned: Vec<Planned> = config
         .instances
         .values()
@@ -305,13 +307,13 @@ fn plan_instances(config: &Config, index: &BTreeMap<String, Vec<PathBuf>>) -> Ve
 fn start_instance(
     id: InstanceId,
     plan: &Planned,
-    library: Option<PathBuf>,
+    library: Option<&Checked>,
     config: &Config,
     ingress: &Arc<Ingress>,
     events: &Sender<actor::Event>,
     options: &Options,
 ) -> Result<(Actor, Vec<Pattern>), String> {
-    let path = library.ok_or_else(|| {
+    let checked = library.ok_or_else(|| {
         format!(
             "no single library in {} provides plugin `{}`",
             config.host.plugin_dir.display(),
@@ -323,8 +325,9 @@ fn start_instance(
         sha256: plan.sha256,
         probe: options.probe.clone(),
     };
-    // One copy per instance: its statics are its own.
-    let lib = loader::load(&path, &policy).map_err(|e| e.to_string())?;
+    // One copy per instance (its statics are its own), from the bytes checked at the scan.
+    checked.check_pin(plan.sha256).map_err(|e| e.to_string())?;
+    let lib = checked.load(&policy).map_err(|e| e.to_string())?;
     let defaults = lib
         .manifest()
         .topics

@@ -180,16 +180,26 @@ pub fn check(path: &Path, policy: &Policy) -> Result<Checked, LoadError> {
     };
     let bytes = file::read(path, &owners)?.bytes;
     let checked = Checked::from_bytes(path, bytes)?;
-    if let Some(pin) = policy.sha256
-        && pin != checked.sha256
-    {
-        return Err(LoadError::DigestMismatch {
-            path: path.to_owned(),
-            expected: hex::encode(pin),
-            found: hex::encode(checked.sha256),
-        });
-    }
+    checked.check_pin(policy.sha256)?;
     Ok(checked)
+}
+
+/// Every library file in `dir` ([`library_files`]) with its declared verdict ([`check`]),
+/// in path order: the one scan of a plugin directory, for `plugind check` and the engine.
+///
+/// # Errors
+/// The I/O error reading the directory.
+pub fn scan(
+    dir: &Path,
+    policy: &Policy,
+) -> std::io::Result<Vec<(PathBuf, Result<Checked, LoadError>)>> {
+    Ok(library_files(dir)?
+        .into_iter()
+        .map(|path| {
+            let checked = check(&path, policy);
+            (path, checked)
+        })
+        .collect())
 }
 
 /// [`check`], then [`Checked::load`].
@@ -223,6 +233,26 @@ impl Checked {
         &self.manifest
     }
 
+    /// The file the bytes were read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Refuses the bytes if `pin` is set and differs from their SHA-256.
+    ///
+    /// # Errors
+    /// [`LoadError::DigestMismatch`] with both digests.
+    pub fn check_pin(&self, pin: Option<[u8; 32]>) -> Result<(), LoadError> {
+        match pin {
+            Some(pin) if pin != self.sha256 => Err(LoadError::DigestMismatch {
+                path: self.path.clone(),
+                expected: hex::encode(pin),
+                found: hex::encode(self.sha256),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// SHA-256 of the bytes.
     pub fn sha256(&self) -> [u8; 32] {
         self.sha256
@@ -248,12 +278,13 @@ impl Checked {
         }
     }
 
-    /// Loads the checked bytes into this process, probing them first unless pinned.
+    /// Loads the checked bytes into this process, probing them first unless pinned. Each call
+    /// loads a separate copy (one per instance), from the bytes read once.
     ///
     /// # Errors
     /// [`LoadError`] from the probe, `dlopen`, the header, the ABI, the version or the
     /// manifest cross-check.
-    pub fn load(self, policy: &Policy) -> Result<Library, LoadError> {
+    pub fn load(&self, policy: &Policy) -> Result<Library, LoadError> {
         if policy.sha256.is_none()
             && let Some(command) = &policy.probe
         {
@@ -264,10 +295,10 @@ impl Checked {
         Ok(Library {
             inner: Arc::new(Loaded {
                 image: Some(image),
-                manifest: self.manifest,
+                manifest: self.manifest.clone(),
                 sha256: self.sha256,
                 size: self.bytes.len() as u64,
-                origin: self.path,
+                origin: self.path.clone(),
             }),
         })
     }

@@ -57,15 +57,8 @@ Examples:
         /// Idempotency key: republishing it within dedupe_window returns the first id.
         #[arg(long)]
         key: Option<String>,
-        /// Print one JSON object instead of the id.
-        #[arg(long)]
-        json: bool,
-        /// The daemon's endpoint: unix:PATH or tcp:HOST:PORT.
-        #[arg(long, value_name = "ENDPOINT")]
-        connect: Option<String>,
-        /// The configuration whose `listen` to use.
-        #[arg(short = 'c', long = "config", value_name = "FILE")]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        client: cli::ClientArgs,
     },
     /// Validate plugins.toml and every library the daemon would load, listing every problem.
     #[command(after_help = "\
@@ -151,15 +144,8 @@ Examples:
         /// The bench plugin's output file, for the latency report.
         #[arg(long, value_name = "FILE")]
         report: Option<PathBuf>,
-        /// Print one JSON object instead of text.
-        #[arg(long)]
-        json: bool,
-        /// The daemon's endpoint: unix:PATH or tcp:HOST:PORT.
-        #[arg(long, value_name = "ENDPOINT")]
-        connect: Option<String>,
-        /// The configuration whose `listen` to use.
-        #[arg(short = 'c', long = "config", value_name = "FILE")]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        client: cli::ClientArgs,
     },
     /// Print a shell completion script.
     #[command(after_help = "\
@@ -191,18 +177,14 @@ fn main() -> ExitCode {
             file,
             headers,
             key,
-            json,
-            connect,
-            config,
+            client,
         } => cli::publish::run(cli::publish::Args {
             topic,
             data,
             file,
             headers,
             key,
-            json,
-            connect,
-            config,
+            client,
         }),
         Command::Check {
             config,
@@ -217,9 +199,7 @@ fn main() -> ExitCode {
             rate,
             topic,
             report,
-            json,
-            connect,
-            config,
+            client,
         } => cli::bench::run(cli::bench::Args {
             count,
             size,
@@ -227,9 +207,7 @@ fn main() -> ExitCode {
             rate,
             topic,
             report,
-            json,
-            connect,
-            config,
+            client,
         }),
         Command::Completions { shell } => {
             let mut script = Vec::new();

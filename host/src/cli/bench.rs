@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio_stream::StreamExt as _;
 
 use crate::{
-    cli::{EXIT_FAILURE, EXIT_USAGE, fail},
+    cli::{ClientArgs, EXIT_FAILURE, EXIT_USAGE, fail},
     config,
     control::{client, pb},
 };
@@ -46,9 +46,8 @@ pub struct Args {
     pub topic: String,
     /// The bench plugin's `output` file.
     pub report: Option<PathBuf>,
-    pub json: bool,
-    pub connect: Option<String>,
-    pub config: Option<PathBuf>,
+    /// `--json`, `--connect`, `-c`.
+    pub client: ClientArgs,
 }
 
 /// The bench plugin's report (see `plugins/bench`).
@@ -86,11 +85,13 @@ pub fn run(args: Args) -> ExitCode {
     if args.count == 0 || args.batch == 0 {
         return fail(EXIT_USAGE, "bench: --count and --batch must be at least 1");
     }
-    let (endpoint, _) =
-        match config::client_endpoint(args.connect.as_deref(), args.config.as_deref()) {
-            Ok(found) => found,
-            Err(e) => return fail(EXIT_FAILURE, format_args!("bench: {e}")),
-        };
+    let (endpoint, _) = match config::client_endpoint(
+        args.client.connect.as_deref(),
+        args.client.config.as_deref(),
+    ) {
+        Ok(found) => found,
+        Err(e) => return fail(EXIT_FAILURE, format_args!("bench: {e}")),
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -124,7 +125,7 @@ pub fn run(args: Args) -> ExitCode {
         msgs_per_sec: (args.count - refused) as f64 / elapsed.as_secs_f64(),
         latency,
     };
-    if args.json {
+    if args.client.json {
         println!(
             "{}",
             serde_json::to_string(&report).expect("the report serializes")

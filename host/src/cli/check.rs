@@ -156,8 +156,8 @@ fn check_libraries(config: &Config, probe: Option<&ProbeCommand>, report: &mut R
         trusted_owners: config.host.trusted_owner_uids.clone(),
         ..Policy::default()
     };
-    let files = match loader::library_files(dir) {
-        Ok(files) => files,
+    let scanned = match loader::scan(dir, &policy) {
+        Ok(scanned) => scanned,
         Err(e) => {
             report.libraries.push(LibraryReport {
                 path: dir.clone(),
@@ -173,8 +173,8 @@ fn check_libraries(config: &Config, probe: Option<&ProbeCommand>, report: &mut R
     };
     // Manifest name → the libraries claiming it, in path order.
     let mut by_name: BTreeMap<String, Vec<(PathBuf, [u8; 32])>> = BTreeMap::new();
-    for path in files {
-        let checked = loader::check(&path, &policy).and_then(|checked| match probe {
+    for (path, checked) in scanned {
+        let checked = checked.and_then(|checked| match probe {
             Some(command) => checked.probe(command).map(|()| checked),
             None => Ok(checked),
         });

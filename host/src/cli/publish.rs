@@ -9,7 +9,7 @@ use std::{
 use bytes::Bytes;
 
 use crate::{
-    cli::{EXIT_FAILURE, EXIT_USAGE, fail},
+    cli::{ClientArgs, EXIT_FAILURE, EXIT_USAGE, fail},
     config::{self, Endpoint},
     control::{client, pb},
 };
@@ -22,9 +22,8 @@ pub struct Args {
     pub file: Option<PathBuf>,
     pub headers: Vec<String>,
     pub key: Option<String>,
-    pub json: bool,
-    pub connect: Option<String>,
-    pub config: Option<PathBuf>,
+    /// `--json`, `--connect`, `-c`.
+    pub client: ClientArgs,
 }
 
 /// Runs `publish`.
@@ -48,12 +47,14 @@ pub fn run(args: Args) -> ExitCode {
             }
         }
     }
-    let (endpoint, _) =
-        match config::client_endpoint(args.connect.as_deref(), args.config.as_deref()) {
-            Ok(found) => found,
-            Err(e) => return fail(EXIT_FAILURE, format_args!("publish: {e}")),
-        };
-    let token = token(&endpoint, args.config.as_deref());
+    let (endpoint, _) = match config::client_endpoint(
+        args.client.connect.as_deref(),
+        args.client.config.as_deref(),
+    ) {
+        Ok(found) => found,
+        Err(e) => return fail(EXIT_FAILURE, format_args!("publish: {e}")),
+    };
+    let token = token(&endpoint, args.client.config.as_deref());
     let request = pb::PublishRequest {
         topic: args.topic.clone(),
         payload,
@@ -78,7 +79,7 @@ pub fn run(args: Args) -> ExitCode {
             .map_err(|status| format!("{:?}: {}", status.code(), status.message()))
     });
     match result {
-        Ok(id) if args.json => {
+        Ok(id) if args.client.json => {
             println!("{}", serde_json::json!({ "id": id, "topic": args.topic }));
             ExitCode::SUCCESS
         }

@@ -27,14 +27,22 @@ const STREAM_BUFFER: usize = 64;
 struct Keys {
     window: Duration,
     seen: HashMap<String, (u64, Instant)>,
+    /// The size at which the next sweep of expired keys runs.
+    sweep_at: usize,
 }
+
+/// The table size below which expired keys are never swept.
+const SWEEP_MIN: usize = 4096;
 
 impl Keys {
     fn get(&mut self, key: &str, now: Instant) -> Option<u64> {
-        if self.seen.len() > 4096 {
+        // Expired keys are dropped in amortised sweeps: a sweep only when the table doubled
+        // since the last one, never on every publish.
+        if self.seen.len() > self.sweep_at {
             let window = self.window;
             self.seen
                 .retain(|_, (_, at)| now.duration_since(*at) < window);
+            self.sweep_at = (self.seen.len() * 2).max(SWEEP_MIN);
         }
         self.seen
             .get(key)
@@ -57,6 +65,7 @@ impl PublisherService {
             keys: Arc::new(Mutex::new(Keys {
                 window: dedupe_window,
                 seen: HashMap::new(),
+                sweep_at: SWEEP_MIN,
             })),
         }
     }

@@ -10,7 +10,11 @@ use std::{
 
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
-use tonic::{Request, Status, metadata::MetadataValue, transport::Server};
+use tonic::{
+    Request, Status,
+    metadata::{Ascii, MetadataValue},
+    transport::Server,
+};
 
 use super::publisher::PublisherService;
 use crate::config::Endpoint;
@@ -32,6 +36,11 @@ pub enum ServeError {
     },
     #[error("tcp_token_file {}: the file is empty", path.display())]
     EmptyToken { path: PathBuf },
+    #[error(
+        "tcp_token_file {}: the token must be visible ASCII (it travels in a header)",
+        path.display()
+    )]
+    InvalidToken { path: PathBuf },
     #[error("serving the API: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -75,6 +84,14 @@ pub fn read_token(path: &Path) -> Result<String, ServeError> {
         .to_owned();
     if token.is_empty() {
         return Err(ServeError::EmptyToken {
+            path: path.to_owned(),
+        });
+    }
+    if format!("Bearer {token}")
+        .parse::<MetadataValue<Ascii>>()
+        .is_err()
+    {
+        return Err(ServeError::InvalidToken {
             path: path.to_owned(),
         });
     }
@@ -148,12 +165,9 @@ pub async fn serve(
             result?;
         }
         Bound::Tcp { listener, token } => {
-            let expected: MetadataValue<_> =
-                format!("Bearer {token}")
-                    .parse()
-                    .map_err(|_| ServeError::EmptyToken {
-                        path: PathBuf::new(),
-                    })?;
+            let expected: MetadataValue<Ascii> = format!("Bearer {token}")
+                .parse()
+                .expect("read_token admits only tokens that are valid header text");
             let check = move |request: Request<()>| match request.metadata().get("authorization") {
                 Some(given) if given == expected => Ok(request),
                 Some(_) => Err(Status::unauthenticated("wrong token")),
