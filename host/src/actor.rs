@@ -29,6 +29,7 @@ use plugind_api::{
 
 use crate::{
     clock::{Clock, Timestamp},
+    ledger::durable::Marker,
     loader::PluginInstance,
     message::{Handed, StoredMessage},
     routing::InstanceId,
@@ -130,6 +131,7 @@ impl Actor {
         capacity: usize,
         events: Sender<Event>,
         clock: Arc<dyn Clock>,
+        marker: Option<Marker>,
     ) -> std::io::Result<Self> {
         let (mailbox, inbox) = unbounded();
         let busy_since = Arc::new(AtomicU64::new(0));
@@ -146,6 +148,7 @@ impl Actor {
             shutdown_since: shutdown_since.clone(),
             stopping: stopping.clone(),
             clock,
+            marker,
         };
         let thread = std::thread::Builder::new()
             .name(format!("plugin:{name}"))
@@ -258,6 +261,8 @@ struct Worker {
     shutdown_since: Arc<AtomicU64>,
     stopping: Arc<AtomicBool>,
     clock: Arc<dyn Clock>,
+    /// Records each call just before it starts (survives a crash of the process).
+    marker: Option<Marker>,
 }
 
 impl Worker {
@@ -284,6 +289,9 @@ impl Worker {
                 }
             }
             self.flush(&mut settled);
+            if let Some(marker) = &self.marker {
+                marker.idle();
+            }
         }
         // Hand-offs still queued behind the stop.
         for input in self.inbox.try_iter() {
@@ -314,6 +322,9 @@ impl Worker {
             message: handoff.message,
             attempt,
         }));
+        if let Some(marker) = &self.marker {
+            marker.calling(message, attempt);
+        }
         self.busy_since
             .store(self.clock.now().0.max(1), Ordering::Release);
         let plugin = &mut self.plugin;

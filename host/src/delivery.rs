@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{clock::Timestamp, config};
 
@@ -78,7 +78,7 @@ impl Failure {
 }
 
 /// Where a delivery stands.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum State {
     /// Waiting to be handed to the instance, not before `due`.
@@ -92,7 +92,7 @@ pub enum State {
 }
 
 /// How one attempt ended.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum AttemptResult {
     Acked,
@@ -112,7 +112,7 @@ pub enum AttemptResult {
 }
 
 /// One attempt in a delivery's history.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attempt {
     pub number: u32,
     pub started: u64,
@@ -142,7 +142,7 @@ pub struct Stale {
 }
 
 /// One message's delivery to one instance.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Delivery {
     /// Times plugin code was called for it.
     pub deliveries: u32,
@@ -382,6 +382,27 @@ impl Delivery {
         true
     }
 
+    /// Recovery: the ledger found attempt `attempt` marked in flight by a previous run (it
+    /// started at `started`), later than any attempt this delivery recorded an end for.
+    /// Returns whether it was such a later attempt.
+    pub fn marked(&mut self, attempt: u32, started: Timestamp) -> bool {
+        if attempt <= self.deliveries || self.is_settled() {
+            return false;
+        }
+        self.deliveries = attempt;
+        self.state = State::InFlight {
+            attempt,
+            lease_until: started.0,
+        };
+        self.current = Some(Attempt {
+            number: attempt,
+            started: started.0,
+            ended: None,
+            result: None,
+        });
+        true
+    }
+
     /// Recovery after an unclean exit: the attempt still in flight is a `crash` failure.
     pub fn crashed(&mut self, rules: &Rules, now: Timestamp, unit: f64) -> Option<Transition> {
         self.in_flight()?;
@@ -394,6 +415,24 @@ impl Delivery {
         if !self.is_settled() {
             self.failures = self.failures.saturating_sub(count);
         }
+    }
+
+    /// An operator forgets the backlog this delivery waits in: it becomes a dead letter
+    /// (reason `forgotten`), counting no failure.
+    pub fn forget(&mut self, now: Timestamp) {
+        if self.is_settled() {
+            return;
+        }
+        self.end(
+            now,
+            AttemptResult::Failed {
+                reason: "forgotten".to_owned(),
+            },
+        );
+        self.last_reason = Some("forgotten".to_owned());
+        self.state = State::DeadLettered {
+            reason: "forgotten".to_owned(),
+        };
     }
 
     /// An operator replays a dead letter: failures reset, history kept, ready now.
@@ -655,6 +694,29 @@ mod tests {
         ));
         assert_eq!((d.failures, d.last_reason.as_deref()), (1, Some("crash")));
         assert_eq!(d.crashed(&r, T0, 0.5), None, "nothing in flight any more");
+    }
+
+    #[test]
+    fn a_marked_attempt_later_than_the_recorded_ones_is_charged_as_a_crash() {
+        let r = rules(5);
+        let mut d = Delivery::new(T0);
+        d.begin(&r, T0);
+        d.fail(1, &retry("busy"), true, &r, T0, 0.5).unwrap();
+        assert!(!d.marked(1, T0), "attempt 1 has its end recorded");
+        assert!(
+            d.marked(3, T0),
+            "attempts 2 and 3 started; 3 was still running"
+        );
+        assert_eq!(d.in_flight(), Some(3));
+        let due = T0.after(backoff(&r.backoff, 2, 0.5));
+        assert_eq!(
+            d.crashed(&r, T0, 0.5),
+            Some(Transition::Retry { due }),
+            "the crash is the second failure"
+        );
+        assert_eq!((d.deliveries, d.failures), (3, 2));
+        assert_eq!(d.last_reason.as_deref(), Some("crash"));
+        assert!(!d.marked(3, T0), "charged once");
     }
 
     #[test]

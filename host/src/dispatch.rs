@@ -27,7 +27,7 @@ use crate::{
     clock::{Clock, Timestamp},
     delivery::{Delivery, Failure, Rules, Transition},
     ingress::{Accepted, Backlog, Ingress},
-    ledger::{Ledger, Record},
+    ledger::{Forget, Ledger, Pending, Record, Wait},
     message::StoredMessage,
     routing::InstanceId,
 };
@@ -39,6 +39,15 @@ pub enum Input {
     Accepted(Vec<Accepted>),
     /// A snapshot for the caller.
     Snapshot(Sender<Snapshot>),
+    /// Deliveries back from the ledger (replayed dead letters).
+    Restore(Vec<Pending>),
+    /// An operator forgets the waiting deliveries of one instance (not the ones in flight);
+    /// the reply is how many.
+    Forget {
+        instance: InstanceId,
+        how: Forget,
+        reply: Sender<u64>,
+    },
     /// Operator pause / resume of one instance.
     Pause(InstanceId),
     Resume(InstanceId),
@@ -62,6 +71,10 @@ pub struct Slot {
     pub hang_grace: Duration,
     /// How long its plugin's `shutdown` may take.
     pub shutdown_timeout: Duration,
+    /// How many of its waiting deliveries keep their payload in memory
+    /// (`queue_capacity + max_in_flight`); the rest are read back from a ledger that
+    /// [reloads](Ledger::reloads) when their turn comes.
+    pub keep: usize,
 }
 
 /// Counters and state of one instance.
@@ -108,7 +121,10 @@ fn compact(message: &Arc<StoredMessage>) -> Arc<StoredMessage> {
 }
 
 struct Live {
-    message: Arc<StoredMessage>,
+    /// `None` while it waits with its payload only in the ledger.
+    message: Option<Arc<StoredMessage>>,
+    /// The payload's size, for the backlog.
+    size: u64,
     delivery: Delivery,
 }
 
@@ -151,6 +167,7 @@ impl Dispatcher {
         backlog: Arc<Backlog>,
         ingress: Arc<Ingress>,
         slots: Vec<Slot>,
+        pending: Vec<Pending>,
     ) -> Self {
         let instances = slots
             .into_iter()
@@ -164,20 +181,52 @@ impl Dispatcher {
                 waiting: BinaryHeap::new(),
             })
             .collect();
-        Self {
+        let mut dispatcher = Self {
             clock,
             ledger,
             backlog,
             ingress,
             instances,
-            live: FxHashMap::with_capacity_and_hasher(1 << 16, Default::default()),
+            live: FxHashMap::with_capacity_and_hasher(
+                (1 << 16).max(pending.len()),
+                Default::default(),
+            ),
             leases: BinaryHeap::new(),
             stale: 0,
+        };
+        dispatcher.restore(pending);
+        dispatcher
+    }
+
+    /// Deliveries the ledger recovered: ready ones in acceptance order, the others waiting
+    /// for their due time. Their payloads stay in the ledger until handed out.
+    fn restore(&mut self, pending: Vec<Pending>) {
+        for p in pending {
+            let inst = &mut self.instances[p.instance as usize];
+            match p.delivery.state {
+                crate::delivery::State::Ready { due } if due > self.clock.now().0 => {
+                    inst.waiting.push(Reverse((due, p.message)));
+                }
+                _ => inst.ready.push_back(p.message),
+            }
+            inst.stats.backlog += 1;
+            self.backlog.add(p.instance, p.size);
+            self.live.insert(
+                (p.message, p.instance),
+                Live {
+                    message: p.stored,
+                    size: p.size,
+                    delivery: p.delivery,
+                },
+            );
         }
     }
 
     /// Runs until stopped (or until every sender is gone).
     pub fn run(mut self, inputs: Receiver<Input>, events: Receiver<actor::Event>) {
+        // With no actor left (none started) the event channel is disconnected: wait on a
+        // channel that never fires instead of spinning on the disconnection.
+        let mut events = events;
         loop {
             let now = self.clock.now();
             let wait = self
@@ -191,11 +240,10 @@ impl Dispatcher {
                     Ok(input) => stop = self.input(input),
                     Err(_) => return,
                 },
-                recv(events) -> event => {
-                    if let Ok(event) = event {
-                        self.event(event, &mut records);
-                    }
-                }
+                recv(events) -> event => match event {
+                    Ok(event) => self.event(event, &mut records),
+                    Err(_) => events = crossbeam_channel::never(),
+                },
                 default(wait) => {}
             }
             // Take everything else waiting in one go (batching).
@@ -230,7 +278,7 @@ impl Dispatcher {
         if records.is_empty() {
             return;
         }
-        if let Err(e) = self.ledger.commit(records) {
+        if let Err(e) = self.ledger.commit(records, Wait::Written) {
             // A storage failure is fatal (DESIGN.md §7): never continue on unrecorded state.
             tracing::error!(error = %e, "the ledger failed; stopping the daemon");
             std::process::exit(1);
@@ -249,6 +297,14 @@ impl Dispatcher {
             Input::Snapshot(reply) => {
                 let _ = reply.send(self.snapshot());
             }
+            Input::Restore(pending) => self.restore(pending),
+            Input::Forget {
+                instance,
+                how,
+                reply,
+            } => {
+                let _ = reply.send(self.forget(instance, how));
+            }
             Input::Pause(id) => self.instances[id as usize].slot.breaker.pause(),
             Input::Resume(id) => self.instances[id as usize].slot.breaker.resume(),
             Input::Stop { deadline, reply } => return Some((deadline, reply)),
@@ -257,24 +313,67 @@ impl Dispatcher {
     }
 
     fn add(&mut self, accepted: Accepted, now: Timestamp) {
+        let reloads = self.ledger.reloads();
         for target in accepted.targets {
             let inst = &mut self.instances[target as usize];
             inst.ready.push_back(accepted.message.id);
             inst.stats.backlog += 1;
-            // An instance that is not running keeps it for long: do not pin a receive buffer.
-            let message = if inst.slot.actor.is_none() {
-                compact(&accepted.message)
+            let message = if reloads && inst.ready.len() > inst.slot.keep {
+                // Far from its turn: the ledger has it.
+                None
+            } else if inst.slot.actor.is_none() {
+                // An instance that is not running keeps it for long: do not pin a receive
+                // buffer.
+                Some(compact(&accepted.message))
             } else {
-                accepted.message.clone()
+                Some(accepted.message.clone())
             };
             self.live.insert(
                 (accepted.message.id, target),
                 Live {
                     message,
+                    size: accepted.message.payload.len() as u64,
                     delivery: Delivery::new(now),
                 },
             );
         }
+    }
+
+    /// Ends the waiting deliveries of one instance for good, recorded at once.
+    fn forget(&mut self, instance: InstanceId, how: Forget) -> u64 {
+        let now = self.clock.now();
+        let keys: Vec<(u64, InstanceId)> = self
+            .live
+            .iter()
+            .filter(|((_, i), live)| *i == instance && live.delivery.in_flight().is_none())
+            .map(|(key, _)| *key)
+            .collect();
+        let mut records = Vec::with_capacity(keys.len());
+        for key in &keys {
+            match how {
+                Forget::Purge => {
+                    records.push(Record::Purged {
+                        message: key.0,
+                        instance,
+                    });
+                    self.finish(*key);
+                }
+                Forget::DeadLetter => {
+                    if let Some(live) = self.live.get_mut(key) {
+                        live.delivery.forget(now);
+                    }
+                    self.instances[instance as usize].stats.dead_lettered += 1;
+                    self.dead_letter(*key, &mut records);
+                }
+            }
+        }
+        let inst = &mut self.instances[instance as usize];
+        inst.ready
+            .retain(|m| self.live.contains_key(&(*m, instance)));
+        inst.waiting
+            .retain(|Reverse((_, m))| self.live.contains_key(&(*m, instance)));
+        self.commit(records);
+        keys.len() as u64
     }
 
     fn snapshot(&self) -> Snapshot {
@@ -354,7 +453,7 @@ impl Dispatcher {
                 .is_some_and(|a| a.busy_since().is_some())
             {
                 inst.stats.hung = true;
-                tracing::warn!(instance = %inst.slot.name, message, attempt, "a call outlived its lease: instance hung");
+                tracing::warn!(instance = %inst.slot.name, id = message, attempt, "a call outlived its lease: instance hung");
             }
             self.fail(key, attempt, Failure::Timeout, now, records);
         }
@@ -385,6 +484,31 @@ impl Dispatcher {
                 let Some(live) = self.live.get_mut(&(message, instance)) else {
                     continue;
                 };
+                if !live.delivery.is_due(now) {
+                    continue;
+                }
+                let stored = match &live.message {
+                    Some(stored) => stored.clone(),
+                    None => match self.ledger.load(message) {
+                        Ok(Some(stored)) => {
+                            live.message = Some(stored.clone());
+                            stored
+                        }
+                        Ok(None) => {
+                            tracing::error!(
+                                instance = %inst.slot.name,
+                                id = message,
+                                "the ledger is corrupt: a pending message is missing; its \
+                                 delivery is kept in the ledger and not handed out"
+                            );
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "the ledger failed; stopping the daemon");
+                            std::process::exit(1);
+                        }
+                    },
+                };
                 let Some(attempt) = live.delivery.begin(&inst.slot.rules, now) else {
                     continue;
                 };
@@ -398,7 +522,7 @@ impl Dispatcher {
                 self.leases
                     .push(Reverse((lease_until.0, message, instance, attempt)));
                 batch.push(Handoff {
-                    message: live.message.clone(),
+                    message: stored,
                     attempt,
                 });
             }
@@ -475,7 +599,7 @@ impl Dispatcher {
             self.stale += 1;
             tracing::info!(
                 instance = %self.instances[instance as usize].slot.name,
-                message = s.message,
+                id = s.message,
                 attempt = s.attempt,
                 "stale settlement refused: the attempt is no longer in flight"
             );
@@ -499,7 +623,7 @@ impl Dispatcher {
                 let mut children = Vec::new();
                 for child in s.children {
                     match self.ingress.prepare(child.into(), false, now) {
-                        Ok(accepted) if !accepted.targets.is_empty() => {
+                        Ok((accepted, _)) if !accepted.targets.is_empty() => {
                             records.push(Record::Accepted {
                                 message: accepted.message.clone(),
                                 targets: accepted.targets.clone(),
@@ -588,8 +712,13 @@ impl Dispatcher {
                 if due <= now {
                     inst.ready.push_back(message);
                 } else {
-                    // It waits its backoff: keep only its own bytes, not a receive buffer.
-                    live.message = compact(&live.message);
+                    // It waits its backoff: the ledger has it, or keep only its own bytes,
+                    // not a receive buffer.
+                    live.message = if self.ledger.reloads() {
+                        None
+                    } else {
+                        live.message.as_ref().map(compact)
+                    };
                     inst.waiting.push(Reverse((due.0, message)));
                 }
             }
@@ -604,9 +733,11 @@ impl Dispatcher {
     fn dead_letter(&mut self, key: (u64, InstanceId), records: &mut Vec<Record>) {
         let live = &self.live[&key];
         records.push(Record::DeadLettered {
-            message: live.message.clone(),
+            message: key.0,
             instance: key.1,
             delivery: live.delivery.clone(),
+            at: self.clock.now(),
+            stored: live.message.clone(),
         });
         self.finish(key);
     }
@@ -616,8 +747,7 @@ impl Dispatcher {
         if let Some(live) = self.live.remove(&key) {
             let inst = &mut self.instances[key.1 as usize];
             inst.stats.backlog = inst.stats.backlog.saturating_sub(1);
-            self.backlog
-                .remove(key.1, live.message.payload.len() as u64);
+            self.backlog.remove(key.1, live.size);
         }
     }
 

@@ -19,7 +19,7 @@ use crate::{
     delivery::Rules,
     dispatch::{Dispatcher, Input, Slot, Snapshot, StopReport},
     ingress::{Backlog, Ingress},
-    ledger::{Ledger, LedgerError},
+    ledger::{Forget, Ledger, LedgerError, Selection},
     loader::{self, Checked, Library, LoadError, Policy, ProbeCommand},
     routing::{InstanceId, Routing},
     services::{Identity, InstanceServices, Limits},
@@ -98,9 +98,22 @@ impl Engine {
         ledger: Arc<dyn Ledger>,
         options: Options,
     ) -> Result<(Self, Vec<StartFailure>), EngineError> {
-        let recovered = ledger.recover()?;
         let index = library_index(config);
         let planned = plan_instances(config, &index);
+        let rules: Vec<(String, Rules)> = planned
+            .iter()
+            .map(|p| (p.name.clone(), Rules::from(&p.settings)))
+            .collect();
+        let recovered = ledger.recover(&rules, options.clock.now())?;
+        if recovered.unclean || !recovered.pending.is_empty() || recovered.orphaned > 0 {
+            tracing::info!(
+                pending = recovered.pending.len(),
+                crashed = recovered.crashed,
+                orphaned = recovered.orphaned,
+                unclean = recovered.unclean,
+                "ledger recovered"
+            );
+        }
         let backlog = Arc::new(Backlog::new(
             &planned
                 .iter()
@@ -129,9 +142,13 @@ impl Engine {
                     [one] => Some(one),
                     _ => None,
                 });
-            let (actor, topics) = match start_instance(
-                id, plan, library, config, &ingress, &events, &options,
-            ) {
+            let wiring = Wiring {
+                ingress: &ingress,
+                events: &events,
+                ledger: &ledger,
+            };
+            let (actor, topics) = match start_instance(id, plan, library, config, &wiring, &options)
+            {
                 Ok((actor, default_topics)) => {
                     (Some(actor), plan.topics.clone().or(Some(default_topics)))
                 }
@@ -152,6 +169,7 @@ impl Engine {
                 actor,
                 hang_grace: plan.settings.hang_grace,
                 shutdown_timeout: plan.settings.shutdown_timeout,
+                keep: (plan.settings.queue_capacity + plan.settings.max_in_flight) as usize,
             });
         }
         ingress.set_routing(Routing::new(&patterns));
@@ -161,6 +179,7 @@ impl Engine {
             backlog,
             ingress.clone(),
             slots,
+            recovered.pending,
         );
         let thread = std::thread::Builder::new()
             .name("dispatcher".into())
@@ -203,6 +222,45 @@ impl Engine {
         answer.recv().unwrap_or_default()
     }
 
+    /// Replays dead letters: failures reset, history kept; the ones of configured instances
+    /// go out again at once. Returns (back in a queue, waiting for an instance not
+    /// configured).
+    ///
+    /// # Errors
+    /// [`LedgerError`] when the ledger cannot do it.
+    pub fn replay(&self, selection: &Selection) -> Result<(u64, u64), LedgerError> {
+        let replayed = self.ledger.replay(selection, self.ingress.clock().now())?;
+        let queued = replayed.pending.len() as u64;
+        if queued > 0 {
+            let _ = self.inputs.send(Input::Restore(replayed.pending));
+        }
+        Ok((queued, replayed.waiting))
+    }
+
+    /// Ends the waiting deliveries of instance `name` for good (dead letters or gone); the
+    /// ones in flight finish. Works for instances not configured now too. Returns how many.
+    ///
+    /// # Errors
+    /// [`LedgerError`] when the ledger cannot do it.
+    pub fn forget(&self, name: &str, how: Forget) -> Result<u64, LedgerError> {
+        match self.instance(name) {
+            Some(instance) => {
+                let (reply, answer) = bounded(1);
+                self.inputs
+                    .send(Input::Forget {
+                        instance,
+                        how,
+                        reply,
+                    })
+                    .map_err(|_| LedgerError::Fatal("the dispatcher is gone".into()))?;
+                answer
+                    .recv()
+                    .map_err(|_| LedgerError::Fatal("the dispatcher is gone".into()))
+            }
+            None => self.ledger.forget(name, how, self.ingress.clock().now()),
+        }
+    }
+
     /// An operator pauses an instance (nothing more is handed to it).
     pub fn pause(&self, instance: InstanceId) {
         let _ = self.inputs.send(Input::Pause(instance));
@@ -233,6 +291,8 @@ impl Engine {
         if let Some(thread) = self.dispatcher.take() {
             let _ = thread.join();
         }
+        // Everything is recorded: the next start charges nothing.
+        self.ledger.close();
         report
     }
 }
@@ -304,13 +364,19 @@ fn plan_instances(config: &Config, index: &BTreeMap<String, Vec<Checked>>) -> Ve
 
 /// Loads, instantiates and starts one instance; returns its actor and its library's default
 /// topics.
+/// What a starting instance is connected to.
+struct Wiring<'a> {
+    ingress: &'a Arc<Ingress>,
+    events: &'a Sender<actor::Event>,
+    ledger: &'a Arc<dyn Ledger>,
+}
+
 fn start_instance(
     id: InstanceId,
     plan: &Planned,
     library: Option<&Checked>,
     config: &Config,
-    ingress: &Arc<Ingress>,
-    events: &Sender<actor::Event>,
+    wiring: &Wiring<'_>,
     options: &Options,
 ) -> Result<(Actor, Vec<Pattern>), String> {
     let checked = library.ok_or_else(|| {
@@ -345,7 +411,7 @@ fn start_instance(
             max_message_size: config.host.max_message_size,
             hop_limit: config.host.hop_limit,
         },
-        ingress.clone(),
+        wiring.ingress.clone(),
     );
     let plugin = instantiate(&lib, &plan.config, &services, plan.settings.init_timeout)?;
     let actor = Actor::spawn(
@@ -353,8 +419,9 @@ fn start_instance(
         plugin,
         services,
         plan.settings.queue_capacity as usize,
-        events.clone(),
+        wiring.events.clone(),
         options.clock.clone(),
+        wiring.ledger.marker(id),
     )
     .map_err(|e| format!("cannot start its thread: {e}"))?;
     Ok((actor, defaults))

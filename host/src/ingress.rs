@@ -17,7 +17,7 @@ use plugind_api::{MessageId, PublishError, PublishErrorKind};
 use crate::{
     clock::{Clock, Timestamp},
     dispatch,
-    ledger::{Ledger, LedgerError, Record},
+    ledger::{Ledger, LedgerError, Record, Wait},
     message::StoredMessage,
     routing::{InstanceId, Routing, Targets},
     services::{Child, Publisher},
@@ -30,6 +30,8 @@ pub struct NewMessage {
     pub topic: String,
     pub payload: Bytes,
     pub headers: Vec<(String, String)>,
+    /// An idempotency key, recorded with the message (the caller deduplicates).
+    pub key: Option<String>,
 }
 
 impl From<Child> for NewMessage {
@@ -38,6 +40,7 @@ impl From<Child> for NewMessage {
             topic: child.topic,
             payload: child.payload,
             headers: child.headers,
+            key: None,
         }
     }
 }
@@ -189,6 +192,11 @@ impl Ingress {
         self.open.store(false, Ordering::Release);
     }
 
+    /// The clock messages are accepted by.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
     /// Messages accepted that no instance subscribes to.
     pub fn unrouted(&self) -> u64 {
         self.unrouted.load(Ordering::Relaxed)
@@ -201,7 +209,7 @@ impl Ingress {
         message: NewMessage,
         check_backlog: bool,
         now: Timestamp,
-    ) -> Result<Accepted, Refused> {
+    ) -> Result<(Accepted, Option<String>), Refused> {
         topic::validate_topic(&message.topic)
             .map_err(|e| Refused::Invalid(format!("topic \"{}\" {e}", message.topic)))?;
         let size = message.payload.len() as u64;
@@ -218,7 +226,7 @@ impl Ingress {
             }
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        Ok(Accepted {
+        let accepted = Accepted {
             message: Arc::new(StoredMessage {
                 id,
                 topic: message.topic,
@@ -227,7 +235,8 @@ impl Ingress {
                 publish_time: now,
             }),
             targets,
-        })
+        };
+        Ok((accepted, message.key))
     }
 
     /// Publishes a batch: each message gets its id or its refusal; the accepted ones are
@@ -238,39 +247,43 @@ impl Ingress {
         }
         let mut results = Vec::with_capacity(batch.len());
         let mut accepted = Vec::with_capacity(batch.len());
+        let mut records = Vec::with_capacity(batch.len());
         // One clock read per batch: the batch is accepted at one time.
         let now = self.clock.now();
         for message in batch {
             match self.prepare(message, true, now) {
-                Ok(a) => {
+                Ok((a, key)) => {
                     results.push(Ok(a.message.id));
+                    if let Some(key) = key {
+                        records.push(Record::Key {
+                            key,
+                            message: a.message.id,
+                            at: now,
+                        });
+                    }
                     if a.targets.is_empty() {
                         self.unrouted.fetch_add(1, Ordering::Relaxed);
                     } else {
+                        records.push(Record::Accepted {
+                            message: a.message.clone(),
+                            targets: a.targets.clone(),
+                        });
                         accepted.push(a);
                     }
                 }
                 Err(e) => results.push(Err(e)),
             }
         }
-        if accepted.is_empty() {
+        if records.is_empty() {
             return results;
         }
-        let records = accepted
-            .iter()
-            .map(|a| Record::Accepted {
-                message: a.message.clone(),
-                targets: a.targets.clone(),
-            })
-            .collect();
-        if let Err(e) = self.ledger.commit(records) {
+        if let Err(e) = self.ledger.commit(records, Wait::Durable) {
             let refused = match e {
                 LedgerError::Full(m) => Refused::LedgerFull(m),
-                LedgerError::Fatal(m) => Refused::LedgerFailed(m),
+                other => Refused::LedgerFailed(other.to_string()),
             };
-            let ids: Vec<u64> = accepted.iter().map(|a| a.message.id).collect();
             for result in &mut results {
-                if matches!(result, Ok(id) if ids.contains(id)) {
+                if result.is_ok() {
                     *result = Err(refused.clone());
                 }
             }

@@ -1,12 +1,22 @@
 //! The ledger: the only writer of delivery state. Callers hand it batches of [`Record`]s —
 //! what happened, in order — and each batch is applied atomically and is durable (per the
-//! configured durability) when [`Ledger::commit`] returns.
+//! configured durability and the caller's [`Wait`]) when [`Ledger::commit`] returns.
 //!
 //! The dispatcher keeps the live state (which delivery is due, which is in flight) in memory
 //! and writes every change here *before* acting on it: an attempt is recorded before plugin
-//! code is called, a parent's ack is committed in the same batch as its children. A durable
-//! ledger replays its records at start ([`Ledger::recover`]); this in-memory one keeps only
-//! what outlives a delivery (dead letters) and counts, and recovers nothing.
+//! code is called, a parent's ack is committed in the same batch as its children. At start
+//! the ledger hands back what is pending ([`Ledger::recover`]), charging a `crash` failure
+//! to every attempt a previous run left in flight.
+//!
+//! Two implementations: [`MemoryLedger`] (`durability = "memory"`: counts and dead letters,
+//! nothing survives a restart) and [`durable::DurableLedger`] (SQLite under `state_dir`,
+//! one group-commit writer thread; see ARCHITECTURE.md for the format and its rules).
+
+pub mod durable;
+mod markers;
+mod store;
+#[cfg(test)]
+mod tests;
 
 use std::sync::{
     Arc, Mutex,
@@ -17,7 +27,7 @@ use serde::Serialize;
 
 use crate::{
     clock::Timestamp,
-    delivery::Delivery,
+    delivery::{Delivery, Rules},
     message::StoredMessage,
     routing::{InstanceId, Targets},
 };
@@ -30,7 +40,14 @@ pub enum Record {
         message: Arc<StoredMessage>,
         targets: Targets,
     },
-    /// Plugin code is about to be called for this attempt (the in-flight marker).
+    /// An idempotency key and the message id it got (kept for `dedupe_window`).
+    Key {
+        key: String,
+        message: u64,
+        at: Timestamp,
+    },
+    /// An attempt was handed to its actor (counted; the actor's [`durable::Marker`] records
+    /// the moment plugin code is called).
     Attempt {
         message: u64,
         instance: InstanceId,
@@ -45,12 +62,28 @@ pub enum Record {
     },
     /// A delivery ended in an ack.
     Acked { message: u64, instance: InstanceId },
-    /// A delivery ended as a dead letter.
+    /// An operator purged the delivery (`forget`): it ends without a dead letter.
+    Purged { message: u64, instance: InstanceId },
+    /// A delivery ended as a dead letter. `stored` is the message when the caller holds it
+    /// (a ledger that keeps no payloads needs it).
     DeadLettered {
-        message: Arc<StoredMessage>,
+        message: u64,
         instance: InstanceId,
         delivery: Delivery,
+        at: Timestamp,
+        stored: Option<Arc<StoredMessage>>,
     },
+}
+
+/// How long [`Ledger::commit`] waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// Until the batch is as durable as `durability` promises (a `Publish` answer).
+    Durable,
+    /// Until the batch survives a crash of the process (written to the OS): settlements,
+    /// in-flight markers and the children of an acked attempt. A later durable commit
+    /// covers them.
+    Written,
 }
 
 /// A dead letter as operators see it.
@@ -58,31 +91,129 @@ pub enum Record {
 pub struct DeadLetter {
     pub message: u64,
     pub topic: String,
-    pub instance: InstanceId,
+    pub instance: String,
+    /// When it was dead-lettered (ms since the Unix epoch).
+    pub at: u64,
     pub delivery: Delivery,
 }
 
+/// Which dead letters to list: one instance or all, after a cursor, at most `limit`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeadLetterFilter {
+    pub instance: Option<String>,
+    /// Only those after this (message, instance), in (message, instance) order.
+    pub after: Option<(u64, String)>,
+    /// 0: no limit.
+    pub limit: usize,
+}
+
+impl DeadLetterFilter {
+    fn admits(&self, message: u64, instance: &str) -> bool {
+        self.instance.as_deref().is_none_or(|i| i == instance)
+            && self
+                .after
+                .as_ref()
+                .is_none_or(|(m, i)| (message, instance) > (*m, i.as_str()))
+    }
+}
+
+/// Dead letters an operator acts on: of one instance or all, some messages or all.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Selection {
+    pub instance: Option<String>,
+    /// Empty: every message.
+    pub messages: Vec<u64>,
+}
+
+impl Selection {
+    fn admits(&self, message: u64, instance: &str) -> bool {
+        self.instance.as_deref().is_none_or(|i| i == instance)
+            && (self.messages.is_empty() || self.messages.contains(&message))
+    }
+}
+
+/// How `forget` ends an instance's backlog for good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Forget {
+    /// Each waiting delivery becomes a dead letter (reason `forgotten`).
+    DeadLetter,
+    /// Each waiting delivery is removed.
+    Purge,
+}
+
+/// What waits for one instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BacklogEntry {
+    pub instance: String,
+    pub deliveries: u64,
+    pub bytes: u64,
+}
+
+/// One delivery of a message, as its history shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HistoryEntry {
+    pub instance: String,
+    pub dead_letter: bool,
+    pub delivery: Delivery,
+}
+
+/// What a replay did.
+#[derive(Debug, Default)]
+pub struct Replayed {
+    /// Back in the queues of configured instances (the dispatcher takes them).
+    pub pending: Vec<Pending>,
+    /// Moved back for instances that are not configured now (they wait in the ledger).
+    pub waiting: u64,
+}
+
 /// Why the ledger could not record something.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum LedgerError {
-    /// Out of space (ENOSPC/EDQUOT): publishing stops, deliveries go on.
+    /// Out of space (ENOSPC/EDQUOT or `max_ledger_bytes`): publishing stops, deliveries go
+    /// on.
     #[error("the ledger is full: {0}")]
     Full(String),
     /// A storage failure: the daemon must stop (an fsync is never retried).
     #[error("ledger storage failed: {0}")]
     Fatal(String),
+    /// The state directory holds what this build cannot use (a newer format, another file).
+    #[error("{0}")]
+    Refused(String),
+    /// The operation needs a durable ledger.
+    #[error("{0} needs a durable ledger (durability = \"fsync\" or \"buffered\")")]
+    Unsupported(&'static str),
 }
 
-/// What a ledger holds at start: deliveries not yet settled.
+/// One delivery waiting at start. Its message is not loaded: the dispatcher reads it back
+/// from the ledger ([`Ledger::load`]) when the delivery is handed out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pending {
+    pub message: u64,
+    pub instance: InstanceId,
+    /// The payload's size, for the backlog.
+    pub size: u64,
+    pub delivery: Delivery,
+    /// The message, when the ledger holds it in memory anyway.
+    pub stored: Option<Arc<StoredMessage>>,
+}
+
+/// What a ledger holds at start.
 #[derive(Debug, Default)]
 pub struct Recovered {
-    /// (message, instance, its delivery), in acceptance order.
-    pub pending: Vec<(Arc<StoredMessage>, InstanceId, Delivery)>,
+    /// Deliveries to the given instances not yet settled, in acceptance order.
+    pub pending: Vec<Pending>,
     /// The first message id to use from now on.
     pub next_id: u64,
+    /// Attempts a previous run left in flight, charged a `crash` failure.
+    pub crashed: u64,
+    /// Deliveries waiting for instances that are not configured now (kept, not handed out).
+    pub orphaned: u64,
+    /// Whether the previous run ended without a graceful stop.
+    pub unclean: bool,
 }
 
-/// Counts of what the ledger recorded.
+/// Counts of what the ledger recorded since start.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Counts {
     pub accepted: u64,
@@ -91,24 +222,126 @@ pub struct Counts {
     pub dead_lettered: u64,
 }
 
+/// How the group commit goes (metric-ready: monotonic counters and a latency histogram).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct CommitStats {
+    /// Transactions committed.
+    pub commits: u64,
+    /// Commits that fsynced.
+    pub fsyncs: u64,
+    /// Messages accepted in those commits (their sum; divide by `commits`).
+    pub messages: u64,
+    /// Records in those commits.
+    pub records: u64,
+    /// Commit latency (build + commit + fsync) in µs: p50, p99, max.
+    pub latency_us: [u64; 3],
+    /// Bytes the store takes on disk (database and its write-ahead log).
+    pub bytes: u64,
+}
+
 /// The ledger interface.
 pub trait Ledger: Send + Sync + 'static {
-    /// Applies `records` atomically.
+    /// Applies `records` atomically, returning per `wait`.
     ///
     /// # Errors
     /// [`LedgerError::Full`] or [`LedgerError::Fatal`]; nothing of the batch was applied.
-    fn commit(&self, records: Vec<Record>) -> Result<(), LedgerError>;
+    fn commit(&self, records: Vec<Record>, wait: Wait) -> Result<(), LedgerError>;
 
-    /// The pending deliveries and the next id, at start.
+    /// At start: the pending deliveries of `instances` (name and rules, in instance-id
+    /// order) and the next id. Attempts left in flight by an unclean exit are charged a
+    /// `crash` failure (and dead-lettered when that was the last one allowed).
     ///
     /// # Errors
     /// [`LedgerError::Fatal`] if the stored state cannot be read.
-    fn recover(&self) -> Result<Recovered, LedgerError>;
+    fn recover(
+        &self,
+        instances: &[(String, Rules)],
+        now: Timestamp,
+    ) -> Result<Recovered, LedgerError>;
 
-    /// Dead letters, optionally of one instance.
-    fn dead_letters(&self, instance: Option<InstanceId>) -> Vec<DeadLetter>;
+    /// Whether payloads may leave memory: [`Ledger::load`] reads them back.
+    fn reloads(&self) -> bool {
+        false
+    }
+
+    /// Reads message `id` back from the store.
+    ///
+    /// # Errors
+    /// [`LedgerError::Fatal`] when it cannot be read or is corrupt.
+    fn load(&self, id: u64) -> Result<Option<Arc<StoredMessage>>, LedgerError> {
+        let _ = id;
+        Ok(None)
+    }
+
+    /// The in-flight marker for one actor of `instance` (`None`: this ledger keeps none,
+    /// nothing survives a crash anyway).
+    fn marker(&self, instance: InstanceId) -> Option<durable::Marker> {
+        let _ = instance;
+        None
+    }
+
+    /// Idempotency keys recorded at or after `since`: (key, message id, time).
+    fn keys(&self, since: Timestamp) -> Vec<(String, u64, Timestamp)> {
+        let _ = since;
+        Vec::new()
+    }
+
+    /// Dead letters, in (message, instance) order.
+    ///
+    /// # Errors
+    /// [`LedgerError::Fatal`] if the store cannot be read.
+    fn dead_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>, LedgerError>;
+
+    /// Moves dead letters back to pending: failures reset, history kept.
+    ///
+    /// # Errors
+    /// [`LedgerError`] when the store fails.
+    fn replay(&self, selection: &Selection, now: Timestamp) -> Result<Replayed, LedgerError>;
+
+    /// Removes dead letters (and their messages once nothing refers to them). Returns how
+    /// many.
+    ///
+    /// # Errors
+    /// [`LedgerError`] when the store fails.
+    fn purge(&self, selection: &Selection) -> Result<u64, LedgerError>;
+
+    /// Ends the waiting deliveries of `instance`, an instance the dispatcher does not run
+    /// (not configured or disabled): dead letters or gone. Returns how many.
+    ///
+    /// # Errors
+    /// [`LedgerError`] when the store fails or this ledger keeps no backlog.
+    fn forget(&self, instance: &str, how: Forget, now: Timestamp) -> Result<u64, LedgerError> {
+        let _ = (instance, how, now);
+        Err(LedgerError::Unsupported(
+            "forgetting an instance that is not running",
+        ))
+    }
+
+    /// Every delivery of `message` the ledger holds (pending or dead-lettered).
+    ///
+    /// # Errors
+    /// [`LedgerError`] when the store fails or this ledger keeps no deliveries.
+    fn history(&self, message: u64) -> Result<Vec<HistoryEntry>, LedgerError> {
+        let _ = message;
+        Err(LedgerError::Unsupported("the attempt history"))
+    }
+
+    /// What waits per instance, as stored (every instance ever configured).
+    ///
+    /// # Errors
+    /// [`LedgerError`] when the store fails or this ledger keeps no backlog.
+    fn backlog(&self) -> Result<Vec<BacklogEntry>, LedgerError> {
+        Err(LedgerError::Unsupported("the stored backlog"))
+    }
 
     fn counts(&self) -> Counts;
+
+    fn stats(&self) -> CommitStats {
+        CommitStats::default()
+    }
+
+    /// A graceful stop: nothing will be committed any more; the next start charges nothing.
+    fn close(&self) {}
 }
 
 impl std::fmt::Debug for dyn Ledger {
@@ -124,7 +357,9 @@ pub struct MemoryLedger {
     accepted: AtomicU64,
     attempts: AtomicU64,
     acked: AtomicU64,
-    dead: Mutex<Vec<DeadLetter>>,
+    names: Mutex<Vec<String>>,
+    /// Dead letters with their messages (replay hands them back).
+    dead: Mutex<Vec<(DeadLetter, Option<Arc<StoredMessage>>)>>,
 }
 
 impl MemoryLedger {
@@ -133,8 +368,15 @@ impl MemoryLedger {
     }
 }
 
+/// Locks, shrugging off a poisoned lock (the data is counters and lists: always usable).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 impl Ledger for MemoryLedger {
-    fn commit(&self, records: Vec<Record>) -> Result<(), LedgerError> {
+    fn commit(&self, records: Vec<Record>, _wait: Wait) -> Result<(), LedgerError> {
         let mut dead = Vec::new();
         for record in records {
             match record {
@@ -144,7 +386,7 @@ impl Ledger for MemoryLedger {
                 Record::Attempt { .. } => {
                     self.attempts.fetch_add(1, Ordering::Relaxed);
                 }
-                Record::Updated { .. } => {}
+                Record::Key { .. } | Record::Updated { .. } | Record::Purged { .. } => {}
                 Record::Acked { .. } => {
                     self.acked.fetch_add(1, Ordering::Relaxed);
                 }
@@ -152,42 +394,87 @@ impl Ledger for MemoryLedger {
                     message,
                     instance,
                     delivery,
-                } => dead.push(DeadLetter {
-                    message: message.id,
-                    topic: message.topic.clone(),
-                    instance,
-                    delivery,
-                }),
+                    at,
+                    stored,
+                } => dead.push((
+                    DeadLetter {
+                        message,
+                        topic: stored.as_ref().map(|m| m.topic.clone()).unwrap_or_default(),
+                        instance: lock(&self.names)
+                            .get(instance as usize)
+                            .cloned()
+                            .unwrap_or_else(|| format!("#{instance}")),
+                        at: at.0,
+                        delivery,
+                    },
+                    stored,
+                )),
             }
         }
         if !dead.is_empty() {
-            self.dead
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend(dead);
+            lock(&self.dead).extend(dead);
         }
         Ok(())
     }
 
-    fn recover(&self) -> Result<Recovered, LedgerError> {
+    fn recover(
+        &self,
+        instances: &[(String, Rules)],
+        _now: Timestamp,
+    ) -> Result<Recovered, LedgerError> {
+        *lock(&self.names) = instances.iter().map(|(n, _)| n.clone()).collect();
         Ok(Recovered {
-            pending: Vec::new(),
             next_id: 1,
+            ..Recovered::default()
         })
     }
 
-    fn dead_letters(&self, instance: Option<InstanceId>) -> Vec<DeadLetter> {
-        self.dead
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+    fn dead_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>, LedgerError> {
+        let mut list: Vec<DeadLetter> = lock(&self.dead)
             .iter()
-            .filter(|d| instance.is_none_or(|i| d.instance == i))
-            .cloned()
-            .collect()
+            .filter(|(d, _)| filter.admits(d.message, &d.instance))
+            .map(|(d, _)| d.clone())
+            .collect();
+        list.sort_by(|a, b| (a.message, &a.instance).cmp(&(b.message, &b.instance)));
+        if filter.limit > 0 {
+            list.truncate(filter.limit);
+        }
+        Ok(list)
+    }
+
+    fn replay(&self, selection: &Selection, now: Timestamp) -> Result<Replayed, LedgerError> {
+        let names = lock(&self.names).clone();
+        let mut replayed = Replayed::default();
+        lock(&self.dead).retain(|(d, stored)| {
+            if !selection.admits(d.message, &d.instance) {
+                return true;
+            }
+            let mut delivery = d.delivery.clone();
+            delivery.replay(now);
+            match names.iter().position(|n| *n == d.instance) {
+                Some(instance) => replayed.pending.push(Pending {
+                    message: d.message,
+                    instance: instance as InstanceId,
+                    size: stored.as_ref().map_or(0, |m| m.payload.len() as u64),
+                    delivery,
+                    stored: stored.clone(),
+                }),
+                None => replayed.waiting += 1,
+            }
+            false
+        });
+        Ok(replayed)
+    }
+
+    fn purge(&self, selection: &Selection) -> Result<u64, LedgerError> {
+        let mut dead = lock(&self.dead);
+        let before = dead.len();
+        dead.retain(|(d, _)| !selection.admits(d.message, &d.instance));
+        Ok((before - dead.len()) as u64)
     }
 
     fn counts(&self) -> Counts {
-        let dead = self.dead.lock().unwrap_or_else(|p| p.into_inner()).len() as u64;
+        let dead = lock(&self.dead).len() as u64;
         Counts {
             accepted: self.accepted.load(Ordering::Relaxed),
             attempts: self.attempts.load(Ordering::Relaxed),

@@ -73,6 +73,7 @@ fn run(engine: &Engine, n: u64) -> Duration {
                 topic: "bench.noop".to_owned(),
                 payload: buffer.slice(i * 256..(i + 1) * 256),
                 headers: Vec::new(),
+                key: None,
             })
             .collect();
         let results = ingress.publish(batch);

@@ -1,5 +1,13 @@
 //! The real `plugind` daemon in a sandbox: start it with a configuration and plugins, wait
 //! until it is ready, talk to it through the real CLI, stop it with a signal, read its log.
+//!
+//! # Restarts
+//!
+//! A daemon owns its sandbox; [`Daemon::kill9`] and [`Daemon::stop_keeping_state`] hand it
+//! back (state dir, plugins, record files and logs intact) for [`Daemon::restart`] or another
+//! [`Daemon::start`]. Starting never clears the sandbox: it only writes `plugins.toml` and
+//! moves the previous run's `daemon.log` aside to `daemon.log.<run>` (`daemon.log.1` is the
+//! first run), so [`Daemon::log`] is this run's log and [`Daemon::history`] every run's.
 
 use std::{
     fs,
@@ -14,21 +22,49 @@ use crate::{binary, sandbox::Sandbox};
 #[derive(Debug)]
 pub struct Daemon {
     child: Option<Child>,
-    sandbox: Sandbox,
+    /// `Some` until [`Daemon::kill9`] or [`Daemon::stop_keeping_state`] hands it back.
+    sandbox: Option<Sandbox>,
     log: PathBuf,
     socket: PathBuf,
 }
 
 impl Daemon {
     /// Writes `config` as `plugins.toml` in `sandbox` and runs `plugind run` on it; waits
-    /// until it logged readiness (10 s at most).
+    /// until it logged readiness (10 s at most). The sandbox may hold a previous run's state:
+    /// nothing in it is removed (see the module's doc on restarts).
     ///
     /// # Panics
     /// If it exits or does not become ready in time (with its log).
     pub fn start(sandbox: Sandbox, config: &str) -> Self {
-        let config_path = sandbox.put("plugins.toml", config);
+        sandbox.put("plugins.toml", config);
+        Self::spawn(sandbox)
+    }
+
+    /// Runs `plugind run` again on the `plugins.toml` already in `sandbox` (one that a
+    /// previous daemon ran on, handed back by [`Daemon::kill9`] or
+    /// [`Daemon::stop_keeping_state`]); waits until it is ready, as [`Daemon::start`] does.
+    ///
+    /// # Panics
+    /// If the sandbox has no `plugins.toml`, or as [`Daemon::start`].
+    pub fn restart(sandbox: Sandbox) -> Self {
+        assert!(
+            sandbox.path().join("plugins.toml").exists(),
+            "restart needs the plugins.toml of a previous start in {}",
+            sandbox.path().display()
+        );
+        Self::spawn(sandbox)
+    }
+
+    fn spawn(sandbox: Sandbox) -> Self {
+        let config_path = sandbox.path().join("plugins.toml");
         let log = sandbox.path().join("daemon.log");
-        let child = Command::new(binary::plugind())
+        if log.exists() {
+            let previous = previous_logs(&log).len() + 1;
+            fs::rename(&log, log.with_extension(format!("log.{previous}")))
+                .expect("the previous log can be moved aside");
+        }
+        let mut command = Command::new(binary::plugind());
+        command
             .arg("run")
             .arg("-c")
             .arg(&config_path)
@@ -36,13 +72,17 @@ impl Daemon {
             .env("PLUGIND_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).expect("the log file can be created"))
-            .spawn()
-            .expect("plugind starts");
+            .stderr(fs::File::create(&log).expect("the log file can be created"));
+        // No core file: some tests crash the daemon on purpose (fx-record's `abort_on`).
+        // Set on the test process, inherited by the daemon.
+        rlimit::Resource::CORE
+            .set(0, 0)
+            .expect("the core-file limit can be lowered");
+        let child = command.spawn().expect("plugind starts");
         let socket = sandbox.path().join("state/plugind.sock");
         let mut daemon = Self {
             child: Some(child),
-            sandbox,
+            sandbox: Some(sandbox),
             log,
             socket,
         };
@@ -58,13 +98,13 @@ impl Daemon {
             {
                 panic!(
                     "plugind exited with {status} before ready:\n{}",
-                    daemon.log()
+                    daemon.history()
                 );
             }
             assert!(
                 started.elapsed() < Duration::from_secs(10),
                 "plugind not ready after 10 s:\n{}",
-                daemon.log()
+                daemon.history()
             );
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -76,7 +116,7 @@ impl Daemon {
             .args(args)
             .arg("--connect")
             .arg(format!("unix:{}", self.socket.display()))
-            .current_dir(self.sandbox.path())
+            .current_dir(self.sandbox().path())
             .env_remove("PLUGIND_CONNECT")
             .env_remove("PLUGIND_CONFIG")
             .output()
@@ -96,13 +136,31 @@ impl Daemon {
         }
     }
 
-    /// Everything the daemon logged so far.
+    /// Everything the daemon logged so far in this run.
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The logs of the previous runs in this sandbox, oldest first, then this run's, each
+    /// under a header naming its file; just [`Daemon::log`] on a first run.
+    pub fn history(&self) -> String {
+        let previous = previous_logs(&self.log);
+        if previous.is_empty() {
+            return self.log();
+        }
+        let mut all = String::new();
+        for path in previous.iter().chain([&self.log]) {
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            all.push_str(&format!("===== {name} =====\n"));
+            all.push_str(&fs::read_to_string(path).unwrap_or_default());
+        }
+        all
+    }
+
     pub fn sandbox(&self) -> &Sandbox {
-        &self.sandbox
+        self.sandbox
+            .as_ref()
+            .expect("a daemon owns its sandbox until it hands it back")
     }
 
     pub fn socket(&self) -> &Path {
@@ -119,35 +177,99 @@ impl Daemon {
             assert!(
                 started.elapsed() < Duration::from_secs(10),
                 "`{text}` not logged {count} times:\n{}",
-                self.log()
+                self.history()
             );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
 
+    /// Waits (`timeout` at most) for a daemon expected to exit by itself (a plugin aborts
+    /// the process, say): its exit status, or `None` if it still runs. Afterwards
+    /// [`Daemon::kill9`] hands back the sandbox without a signal.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut().expect("running");
+        let started = Instant::now();
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if started.elapsed() >= timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Sends SIGTERM and waits (15 s at most) for the exit; returns its status and the log.
+    /// The sandbox is removed.
     ///
     /// # Panics
     /// If it does not exit in time.
     pub fn stop(mut self) -> (ExitStatus, String) {
+        let status = self.terminate();
+        (status, self.log())
+    }
+
+    /// Stops it as [`Daemon::stop`] does but keeps the sandbox: its status, and the sandbox
+    /// to [`Daemon::restart`] on.
+    ///
+    /// # Panics
+    /// If it does not exit in time.
+    pub fn stop_keeping_state(mut self) -> (ExitStatus, Sandbox) {
+        let status = self.terminate();
+        (
+            status,
+            self.sandbox.take().expect("the daemon owns its sandbox"),
+        )
+    }
+
+    /// Kills it with SIGKILL, the crash a durable daemon must survive: no shutdown code runs.
+    /// Waits for the exit and hands back the sandbox, with everything the daemon left in it,
+    /// to [`Daemon::restart`] on. On a daemon that already exited it sends nothing.
+    pub fn kill9(mut self) -> Sandbox {
         let mut child = self.child.take().expect("running");
+        if !matches!(child.try_wait(), Ok(Some(_))) {
+            // `Child::kill` is SIGKILL on Unix.
+            child.kill().expect("plugind can be killed");
+        }
+        child.wait().expect("plugind can be waited for");
+        self.sandbox.take().expect("the daemon owns its sandbox")
+    }
+
+    /// SIGTERM, then waits 15 s at most.
+    fn terminate(&mut self) -> ExitStatus {
+        let pid = self.child.as_ref().expect("running").id();
         let _ = Command::new("kill")
             .arg("-TERM")
-            .arg(child.id().to_string())
+            .arg(pid.to_string())
             .status();
         let started = Instant::now();
         loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return (status, self.log());
+            // The child stays in `self` until it exited: if this panics, drop kills it.
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                return status;
             }
             assert!(
                 started.elapsed() < Duration::from_secs(15),
                 "plugind did not exit 15 s after SIGTERM:\n{}",
-                self.log()
+                self.history()
             );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+}
+
+/// `daemon.log.1`, `daemon.log.2`, … next to `log`, as long as they exist: oldest first.
+fn previous_logs(log: &Path) -> Vec<PathBuf> {
+    (1..)
+        .map(|run| log.with_extension(format!("log.{run}")))
+        .take_while(|path| path.exists())
+        .collect()
 }
 
 impl Drop for Daemon {

@@ -14,7 +14,7 @@ use plugind::{
     dispatch::{InstanceStats, Snapshot},
     engine::{Engine, Options},
     ingress::{NewMessage, Refused},
-    ledger::MemoryLedger,
+    ledger::{DeadLetterFilter, MemoryLedger},
 };
 use plugind_tests::{
     fixtures::{self, Profile},
@@ -74,6 +74,7 @@ impl Deployment {
             topic: topic.into(),
             payload: Bytes::from(payload.to_owned()),
             headers: vec![],
+            key: None,
         })
     }
 
@@ -218,7 +219,14 @@ topics = [\"work.>\"]
                 .iter()
                 .any(|i| i.name == "bad" && i.dead_lettered == 5)
     });
-    let dead = d.engine().ledger().dead_letters(d.engine().instance("bad"));
+    let dead = d
+        .engine()
+        .ledger()
+        .dead_letters(&DeadLetterFilter {
+            instance: Some("bad".into()),
+            ..DeadLetterFilter::default()
+        })
+        .unwrap();
     assert_eq!(dead.len(), 5);
     for letter in dead {
         assert_eq!(

@@ -3,14 +3,18 @@
 //! instance that fails to start is logged and its deliveries wait; the rest runs), serves
 //! gRPC, and on SIGINT/SIGTERM stops accepting, drains within `grace_period` and exits 0.
 
-use std::{path::Path, process::ExitCode, time::Duration};
+use std::{path::Path, process::ExitCode, sync::Arc, time::Duration};
 
 use crate::{
     cli::{EXIT_CONFIG, EXIT_FAILURE, fail},
+    clock::{Clock, SystemClock, Timestamp},
     config::{self, ConfigError, Durability, LogFormat},
     control::{publisher::PublisherService, server},
     engine::{Engine, Options},
-    ledger::MemoryLedger,
+    ledger::{
+        Ledger, LedgerError, MemoryLedger,
+        durable::{self, DurableLedger, Mode},
+    },
 };
 
 /// Runs the daemon until a stop signal.
@@ -31,21 +35,6 @@ pub fn run(config_flag: Option<&Path>) -> ExitCode {
         Err(e) => return fail(EXIT_CONFIG, format_args!("run: {e}")),
     };
     init_logging(config.host.log_format);
-    if config.host.durability != Durability::Memory {
-        return fail(
-            EXIT_CONFIG,
-            format_args!(
-                "{}: durability = \"{}\" is not available in this build yet (the durable ledger \
-                 is being built); set durability = \"memory\" in [host] to run without \
-                 persistence: accepted messages would not survive a restart",
-                path.display(),
-                serde_json::to_value(config.host.durability)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default()
-            ),
-        );
-    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("grpc")
@@ -64,6 +53,15 @@ pub fn run(config_flag: Option<&Path>) -> ExitCode {
 }
 
 async fn serve(config: config::Config) -> ExitCode {
+    // The state dir first: it holds the default socket, and a state dir this build cannot
+    // use is a configuration problem (exit 78), not one a restart fixes.
+    let ledger = match open_ledger(&config) {
+        Ok(ledger) => ledger,
+        Err(e @ LedgerError::Refused(_)) => {
+            return fail(EXIT_CONFIG, format_args!("run: {e}"));
+        }
+        Err(e) => return fail(EXIT_FAILURE, format_args!("run: {e}")),
+    };
     let bound = match server::bind(
         &config.host.listen,
         config.host.socket_mode,
@@ -74,7 +72,7 @@ async fn serve(config: config::Config) -> ExitCode {
         Ok(bound) => bound,
         Err(e) => return fail(EXIT_FAILURE, format_args!("run: {e}")),
     };
-    let (engine, failures) = match Engine::start(&config, MemoryLedger::new(), Options::daemon()) {
+    let (engine, failures) = match Engine::start(&config, ledger.clone(), Options::daemon()) {
         Ok(started) => started,
         Err(e) => return fail(EXIT_FAILURE, format_args!("run: {e}")),
     };
@@ -89,7 +87,13 @@ async fn serve(config: config::Config) -> ExitCode {
         config = %config.source.display(),
         "plugind ready"
     );
-    let publisher = PublisherService::new(engine.ingress().clone(), config.host.dedupe_window);
+    let now = SystemClock.now();
+    let known = ledger.keys(Timestamp(
+        now.0
+            .saturating_sub(config.host.dedupe_window.as_millis() as u64),
+    ));
+    let publisher =
+        PublisherService::new(engine.ingress().clone(), config.host.dedupe_window, known);
     let served = server::serve(bound, publisher, stop_signal()).await;
     if let Err(e) = &served {
         tracing::error!(error = %e, "the API stopped");
@@ -108,6 +112,33 @@ async fn serve(config: config::Config) -> ExitCode {
         return ExitCode::from(EXIT_FAILURE);
     }
     ExitCode::SUCCESS
+}
+
+/// The ledger `durability` asks for. A storage failure later stops the daemon at once
+/// (DESIGN.md §7: fail-stop, exit 1): nothing more can be recorded, so nothing more may be
+/// accepted or handed out.
+fn open_ledger(config: &config::Config) -> Result<Arc<dyn Ledger>, LedgerError> {
+    let mode = match config.host.durability {
+        Durability::Memory => return Ok(MemoryLedger::new()),
+        Durability::Fsync => Mode::Fsync,
+        Durability::Buffered => Mode::Buffered,
+    };
+    let fail_stop: durable::FailStop = Arc::new(|error: &str| {
+        eprintln!("plugind: ledger: {error}; stopping now (exit 1)");
+        std::process::exit(i32::from(EXIT_FAILURE));
+    });
+    let ledger = DurableLedger::open(
+        &config.host.state_dir,
+        durable::Options {
+            mode,
+            max_bytes: config.host.max_ledger_bytes,
+            dedupe_window: config.host.dedupe_window,
+            dead_letter_retention: Some(config.host.dead_letter_retention),
+            clock: Arc::new(SystemClock),
+            fail_stop: Some(fail_stop),
+        },
+    )?;
+    Ok(ledger)
 }
 
 /// Resolves at the first SIGINT or SIGTERM.

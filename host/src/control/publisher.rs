@@ -5,7 +5,7 @@ use std::{
     collections::HashMap,
     pin::Pin,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use tokio_stream::{Stream, StreamExt as _, wrappers::ReceiverStream};
@@ -15,18 +15,22 @@ use super::pb::{
     self, PublishBatch, PublishBatchResult, PublishOutcome, PublishRequest, PublishResponse,
     publish_outcome, publisher_server,
 };
-use crate::ingress::{Ingress, NewMessage, Refused};
+use crate::{
+    clock::{Clock, SystemClock, Timestamp},
+    ingress::{Ingress, NewMessage, Refused},
+};
 
 /// How many batch results of one stream may wait for the client before the server stops
 /// reading its requests (HTTP/2 flow control then holds the client back).
 const STREAM_BUFFER: usize = 64;
 
-/// Idempotency keys seen within `dedupe_window`, with the id they got (in memory for now;
-/// the durable ledger keeps them across restarts).
+/// Idempotency keys seen within `dedupe_window`, with the id they got. Each key is recorded
+/// in the ledger with its message, and the table starts from the ledger's keys: a key
+/// survives a restart.
 #[derive(Debug)]
 struct Keys {
     window: Duration,
-    seen: HashMap<String, (u64, Instant)>,
+    seen: HashMap<String, (u64, Timestamp)>,
     /// The size at which the next sweep of expired keys runs.
     sweep_at: usize,
 }
@@ -35,18 +39,21 @@ struct Keys {
 const SWEEP_MIN: usize = 4096;
 
 impl Keys {
-    fn get(&mut self, key: &str, now: Instant) -> Option<u64> {
+    fn fresh(&self, at: Timestamp, now: Timestamp) -> bool {
+        now.since(at) < self.window
+    }
+
+    fn get(&mut self, key: &str, now: Timestamp) -> Option<u64> {
         // Expired keys are dropped in amortised sweeps: a sweep only when the table doubled
         // since the last one, never on every publish.
         if self.seen.len() > self.sweep_at {
             let window = self.window;
-            self.seen
-                .retain(|_, (_, at)| now.duration_since(*at) < window);
+            self.seen.retain(|_, (_, at)| now.since(*at) < window);
             self.sweep_at = (self.seen.len() * 2).max(SWEEP_MIN);
         }
         self.seen
             .get(key)
-            .filter(|(_, at)| now.duration_since(*at) < self.window)
+            .filter(|(_, at)| self.fresh(*at, now))
             .map(|(id, _)| *id)
     }
 }
@@ -59,13 +66,22 @@ pub struct PublisherService {
 }
 
 impl PublisherService {
-    pub fn new(ingress: Arc<Ingress>, dedupe_window: Duration) -> Self {
+    /// `known`: the keys the ledger kept from earlier runs (key, id, time).
+    pub fn new(
+        ingress: Arc<Ingress>,
+        dedupe_window: Duration,
+        known: Vec<(String, u64, Timestamp)>,
+    ) -> Self {
+        let seen: HashMap<String, (u64, Timestamp)> = known
+            .into_iter()
+            .map(|(key, id, at)| (key, (id, at)))
+            .collect();
         Self {
             ingress,
             keys: Arc::new(Mutex::new(Keys {
                 window: dedupe_window,
-                seen: HashMap::new(),
-                sweep_at: SWEEP_MIN,
+                sweep_at: (seen.len() * 2).max(SWEEP_MIN),
+                seen,
             })),
         }
     }
@@ -84,7 +100,7 @@ impl PublisherService {
         }
         // Keyed batches are serialized so two publishes of one key cannot both pass.
         let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
+        let now = SystemClock.now();
         requests
             .into_iter()
             .map(|request| {
@@ -106,6 +122,7 @@ impl PublisherService {
 
 fn message(request: PublishRequest) -> NewMessage {
     NewMessage {
+        key: (!request.key.is_empty()).then(|| request.key.clone()),
         topic: request.topic,
         payload: request.payload,
         headers: request

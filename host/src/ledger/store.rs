@@ -1,0 +1,743 @@
+//! The on-disk ledger: one SQLite database in `state_dir` (WAL mode), its schema, its format
+//! version and upgrade rule, and every statement the ledger runs. Only the writer thread
+//! writes; reads for the dispatcher and the control plane use a connection of their own.
+//!
+//! Format (`PRAGMA user_version`), see ARCHITECTURE.md "Ledger format":
+//! - a newer daemon opens older state and upgrades it in one transaction, step by step;
+//! - an older daemon refuses newer state, naming both versions.
+
+use std::{path::Path, time::Duration};
+
+use bytes::Bytes;
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, params};
+
+use super::{
+    BacklogEntry, DeadLetter, DeadLetterFilter, Forget, HistoryEntry, LedgerError, Selection,
+};
+use crate::{clock::Timestamp, delivery::Delivery, message::StoredMessage};
+
+/// The format this build writes, and the newest it reads.
+pub(super) const FORMAT: i64 = 1;
+
+/// `PRAGMA application_id`: "plgd". A database without it is not a plugind ledger.
+const APPLICATION_ID: i64 = 0x706c_6764;
+
+/// The file name of the database inside `state_dir`.
+pub(super) const FILE: &str = "ledger.db";
+
+const SCHEMA: &str = "
+CREATE TABLE meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE instances(key INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+CREATE TABLE messages(
+    id INTEGER PRIMARY KEY,
+    topic TEXT NOT NULL,
+    headers BLOB NOT NULL,
+    payload BLOB NOT NULL,
+    published INTEGER NOT NULL,
+    crc INTEGER NOT NULL
+);
+CREATE TABLE deliveries(
+    msg INTEGER NOT NULL,
+    inst INTEGER NOT NULL,
+    state BLOB,
+    PRIMARY KEY(msg, inst)
+) WITHOUT ROWID;
+CREATE TABLE dead_letters(
+    msg INTEGER NOT NULL,
+    inst INTEGER NOT NULL,
+    at INTEGER NOT NULL,
+    state BLOB NOT NULL,
+    PRIMARY KEY(msg, inst)
+) WITHOUT ROWID;
+CREATE INDEX dead_letters_at ON dead_letters(at);
+CREATE TABLE keys(key TEXT PRIMARY KEY, msg INTEGER NOT NULL, at INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX keys_at ON keys(at);
+INSERT INTO meta VALUES ('next_id', 1), ('clean', 1);
+";
+
+/// How commits reach the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Sync {
+    /// The write-ahead log is fsynced before the commit returns.
+    Full,
+    /// Written to the OS; a later full commit (or a checkpoint) syncs it.
+    Written,
+}
+
+/// Classifies a storage error: out of space is [`LedgerError::Full`], anything else is
+/// fatal (DESIGN.md §7: never retry an fsync, never continue on unrecorded state).
+pub(super) fn classify(context: &str, e: &rusqlite::Error) -> LedgerError {
+    match e.sqlite_error_code() {
+        Some(ErrorCode::DiskFull) => LedgerError::Full(format!("{context}: no space left: {e}")),
+        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => {
+            LedgerError::Fatal(format!("{context}: the ledger is corrupt: {e}"))
+        }
+        _ => LedgerError::Fatal(format!("{context}: {e}")),
+    }
+}
+
+fn fatal(context: &str) -> impl Fn(rusqlite::Error) -> LedgerError + '_ {
+    move |e| classify(context, &e)
+}
+
+/// Opens (creating or upgrading) the database, with the writer's settings.
+pub(super) fn open(dir: &Path) -> Result<Connection, LedgerError> {
+    let path = dir.join(FILE);
+    let conn = Connection::open(&path).map_err(fatal("cannot open the ledger"))?;
+    conn.busy_timeout(Duration::from_secs(5))
+        .map_err(fatal("ledger"))?;
+    let application: i64 = pragma(&conn, "application_id")?;
+    let format: i64 = pragma(&conn, "user_version")?;
+    let empty: i64 = conn
+        .query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))
+        .map_err(|e| match e.sqlite_error_code() {
+            Some(ErrorCode::NotADatabase) => LedgerError::Refused(format!(
+                "{}: not a plugind ledger (not an SQLite database); move it away or point \
+                 state_dir elsewhere",
+                path.display()
+            )),
+            _ => classify("cannot read the ledger", &e),
+        })?;
+    if empty != 0 && application != APPLICATION_ID {
+        return Err(LedgerError::Refused(format!(
+            "{}: not a plugind ledger (application id {application:#x}); move it away or point \
+             state_dir elsewhere",
+            path.display()
+        )));
+    }
+    if format > FORMAT {
+        return Err(LedgerError::Refused(format!(
+            "{}: the ledger has format {format}, written by a newer plugind; this build reads \
+             formats up to {FORMAT}. Run the newer plugind, or restore a backup taken with this \
+             version",
+            path.display()
+        )));
+    }
+    // auto_vacuum must be chosen before the first table exists.
+    conn.execute_batch(
+        "PRAGMA auto_vacuum = INCREMENTAL;
+         PRAGMA journal_mode = WAL;
+         PRAGMA synchronous = FULL;
+         PRAGMA journal_size_limit = 8388608;
+         PRAGMA foreign_keys = OFF;",
+    )
+    .map_err(fatal("cannot configure the ledger"))?;
+    if empty == 0 {
+        conn.execute_batch(&format!(
+            "BEGIN; {SCHEMA} PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = \
+             {FORMAT}; COMMIT;"
+        ))
+        .map_err(fatal("cannot create the ledger"))?;
+    } else if format < FORMAT {
+        upgrade(&conn, format)?;
+    }
+    Ok(conn)
+}
+
+/// The upgrade rule: each format step is one function here, run in order in one transaction
+/// (format 1 is the first; nothing to do yet).
+fn upgrade(conn: &Connection, from: i64) -> Result<(), LedgerError> {
+    Err(LedgerError::Refused(format!(
+        "{}: the ledger has format {from}, which no plugind ever wrote (formats start at 1)",
+        conn.path().unwrap_or("ledger")
+    )))
+}
+
+/// A read-only connection for loads and queries beside the writer.
+pub(super) fn open_reader(dir: &Path) -> Result<Connection, LedgerError> {
+    let conn = Connection::open_with_flags(
+        dir.join(FILE),
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(fatal("cannot open the ledger for reading"))?;
+    conn.busy_timeout(Duration::from_secs(5))
+        .map_err(fatal("ledger"))?;
+    Ok(conn)
+}
+
+fn pragma(conn: &Connection, name: &str) -> Result<i64, LedgerError> {
+    conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get(0))
+        .map_err(fatal("cannot read the ledger"))
+}
+
+/// Sets how the next commits sync (`synchronous` is per connection, between transactions).
+pub(super) fn set_sync(conn: &Connection, sync: Sync) -> Result<(), LedgerError> {
+    conn.execute_batch(match sync {
+        Sync::Full => "PRAGMA synchronous = FULL",
+        Sync::Written => "PRAGMA synchronous = NORMAL",
+    })
+    .map_err(fatal("ledger"))
+}
+
+pub(super) fn meta(conn: &Connection, key: &str) -> Result<i64, LedgerError> {
+    conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()
+        .map_err(fatal("cannot read the ledger"))
+        .map(Option::unwrap_or_default)
+}
+
+pub(super) fn set_meta(conn: &Connection, key: &str, value: i64) -> Result<(), LedgerError> {
+    conn.prepare_cached("INSERT OR REPLACE INTO meta VALUES (?1, ?2)")
+        .and_then(|mut s| s.execute(params![key, value]))
+        .map(drop)
+        .map_err(fatal("cannot write the ledger"))
+}
+
+/// Raises the id high-water mark (ids are never reused, even once their messages are gone).
+pub(super) fn raise_next_id(conn: &Connection, next: u64) -> rusqlite::Result<()> {
+    conn.prepare_cached("UPDATE meta SET value = max(value, ?1) WHERE key = 'next_id'")?
+        .execute([next as i64])
+        .map(drop)
+}
+
+/// The persistent key of every instance name, creating the missing ones.
+pub(super) fn instance_keys(conn: &Connection, names: &[String]) -> Result<Vec<u32>, LedgerError> {
+    names
+        .iter()
+        .map(|name| {
+            conn.execute("INSERT OR IGNORE INTO instances(name) VALUES (?1)", [name])
+                .and_then(|_| {
+                    conn.query_row("SELECT key FROM instances WHERE name = ?1", [name], |r| {
+                        r.get(0)
+                    })
+                })
+                .map_err(fatal("cannot register an instance in the ledger"))
+        })
+        .collect()
+}
+
+/// Every instance name by key.
+pub(super) fn instance_names(conn: &Connection) -> Result<Vec<(u32, String)>, LedgerError> {
+    let mut stmt = conn
+        .prepare("SELECT key, name FROM instances")
+        .map_err(fatal("cannot read the ledger"))?;
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .and_then(Iterator::collect)
+        .map_err(fatal("cannot read the ledger"))
+}
+
+fn encode_headers(headers: &[(String, String)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, value) in headers {
+        for part in [name, value] {
+            out.extend_from_slice(&(part.len() as u32).to_le_bytes());
+            out.extend_from_slice(part.as_bytes());
+        }
+    }
+    out
+}
+
+fn decode_headers(mut bytes: &[u8]) -> Option<Vec<(String, String)>> {
+    fn part(bytes: &mut &[u8]) -> Option<String> {
+        let (len, rest) = bytes.split_first_chunk::<4>()?;
+        let len = u32::from_le_bytes(*len) as usize;
+        let text = rest.get(..len)?;
+        *bytes = &rest[len..];
+        String::from_utf8(text.to_vec()).ok()
+    }
+    let mut headers = Vec::new();
+    while !bytes.is_empty() {
+        headers.push((part(&mut bytes)?, part(&mut bytes)?));
+    }
+    Some(headers)
+}
+
+/// The checksum of a stored message: a flipped byte anywhere in it is found on load.
+fn checksum(id: u64, topic: &str, headers: &[u8], payload: &[u8], published: u64) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&id.to_le_bytes());
+    h.update(topic.as_bytes());
+    h.update(&[0]);
+    h.update(headers);
+    h.update(payload);
+    h.update(&published.to_le_bytes());
+    h.finalize()
+}
+
+pub(super) fn encode_delivery(delivery: &Delivery) -> Vec<u8> {
+    serde_json::to_vec(delivery).expect("a delivery always serializes")
+}
+
+pub(super) fn decode_delivery(
+    bytes: &[u8],
+    message: u64,
+    instance: &str,
+) -> Result<Delivery, LedgerError> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        LedgerError::Fatal(format!(
+            "the ledger is corrupt: the delivery of message {message} to `{instance}` cannot be \
+             read: {e}"
+        ))
+    })
+}
+
+pub(super) fn insert_message(conn: &Connection, m: &StoredMessage) -> rusqlite::Result<()> {
+    let headers = encode_headers(&m.headers);
+    let crc = checksum(m.id, &m.topic, &headers, &m.payload, m.publish_time.0);
+    conn.prepare_cached(
+        "INSERT INTO messages(id, topic, headers, payload, published, crc) VALUES (?1, ?2, ?3, ?4, \
+         ?5, ?6)",
+    )?
+    .execute(params![
+        m.id as i64,
+        m.topic,
+        headers,
+        &m.payload[..],
+        m.publish_time.0 as i64,
+        crc
+    ])
+    .map(drop)
+}
+
+pub(super) fn insert_delivery(conn: &Connection, message: u64, inst: u32) -> rusqlite::Result<()> {
+    conn.prepare_cached("INSERT INTO deliveries(msg, inst, state) VALUES (?1, ?2, NULL)")?
+        .execute(params![message as i64, inst])
+        .map(drop)
+}
+
+pub(super) fn update_delivery(
+    conn: &Connection,
+    message: u64,
+    inst: u32,
+    delivery: &Delivery,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached("UPDATE deliveries SET state = ?3 WHERE msg = ?1 AND inst = ?2")?
+        .execute(params![message as i64, inst, encode_delivery(delivery)])
+        .map(drop)
+}
+
+/// A delivery ended: its row goes, and its message too once nothing refers to it.
+pub(super) fn end_delivery(conn: &Connection, message: u64, inst: u32) -> rusqlite::Result<()> {
+    conn.prepare_cached("DELETE FROM deliveries WHERE msg = ?1 AND inst = ?2")?
+        .execute(params![message as i64, inst])?;
+    drop_if_unreferenced(conn, message)
+}
+
+fn drop_if_unreferenced(conn: &Connection, message: u64) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "DELETE FROM messages WHERE id = ?1
+           AND NOT EXISTS (SELECT 1 FROM deliveries WHERE msg = ?1)
+           AND NOT EXISTS (SELECT 1 FROM dead_letters WHERE msg = ?1)",
+    )?
+    .execute([message as i64])
+    .map(drop)
+}
+
+pub(super) fn dead_letter(
+    conn: &Connection,
+    message: u64,
+    inst: u32,
+    delivery: &Delivery,
+    at: Timestamp,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached("DELETE FROM deliveries WHERE msg = ?1 AND inst = ?2")?
+        .execute(params![message as i64, inst])?;
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO dead_letters(msg, inst, at, state) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![
+        message as i64,
+        inst,
+        at.0 as i64,
+        encode_delivery(delivery)
+    ])
+    .map(drop)
+}
+
+pub(super) fn insert_key(
+    conn: &Connection,
+    key: &str,
+    message: u64,
+    at: Timestamp,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached("INSERT OR REPLACE INTO keys(key, msg, at) VALUES (?1, ?2, ?3)")?
+        .execute(params![key, message as i64, at.0 as i64])
+        .map(drop)
+}
+
+/// Housekeeping: keys past the dedupe window and dead letters past their retention go.
+/// Returns (keys, dead letters) removed.
+pub(super) fn expire(
+    conn: &Connection,
+    keys_before: Timestamp,
+    dead_before: Option<Timestamp>,
+) -> rusqlite::Result<(usize, usize)> {
+    let keys = conn
+        .prepare_cached("DELETE FROM keys WHERE at < ?1")?
+        .execute([keys_before.0 as i64])?;
+    let dead = match dead_before {
+        Some(before) => {
+            let messages: Vec<i64> = conn
+                .prepare_cached("DELETE FROM dead_letters WHERE at < ?1 RETURNING msg")?
+                .query_map([before.0 as i64], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            for m in &messages {
+                drop_if_unreferenced(conn, *m as u64)?;
+            }
+            messages.len()
+        }
+        None => 0,
+    };
+    Ok((keys, dead))
+}
+
+/// Bytes in use by live pages (the file may be larger until it is vacuumed).
+pub(super) fn used_bytes(conn: &Connection) -> rusqlite::Result<u64> {
+    let count: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+    let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+    let size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    Ok(((count - free).max(0) * size) as u64)
+}
+
+/// Gives free pages back to the file system when many accumulated.
+pub(super) fn vacuum(conn: &Connection) -> rusqlite::Result<()> {
+    let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+    if free > 256 {
+        conn.execute_batch("PRAGMA incremental_vacuum")?;
+    }
+    Ok(())
+}
+
+/// One stored delivery, as recovery reads it.
+pub(super) struct StoredDelivery {
+    pub message: u64,
+    pub inst: u32,
+    pub state: Option<Vec<u8>>,
+    /// `None`: the delivery's message is missing (corruption, reported).
+    pub size: Option<u64>,
+    pub published: u64,
+}
+
+/// Every pending delivery in acceptance order, without payloads.
+pub(super) fn scan(
+    conn: &Connection,
+    mut each: impl FnMut(StoredDelivery) -> Result<(), LedgerError>,
+) -> Result<(), LedgerError> {
+    let mut stmt = conn
+        .prepare(
+            "SELECT d.msg, d.inst, d.state, length(m.payload), m.published
+               FROM deliveries d LEFT JOIN messages m ON m.id = d.msg
+              ORDER BY d.msg, d.inst",
+        )
+        .map_err(fatal("cannot read the ledger"))?;
+    let mut rows = stmt.query([]).map_err(fatal("cannot read the ledger"))?;
+    while let Some(row) = rows.next().map_err(fatal("cannot read the ledger"))? {
+        let read = || -> rusqlite::Result<StoredDelivery> {
+            Ok(StoredDelivery {
+                message: row.get::<_, i64>(0)? as u64,
+                inst: row.get(1)?,
+                state: row.get(2)?,
+                size: row.get::<_, Option<i64>>(3)?.map(|s| s as u64),
+                published: row.get::<_, Option<i64>>(4)?.unwrap_or(0) as u64,
+            })
+        };
+        each(read().map_err(fatal("cannot read the ledger"))?)?;
+    }
+    Ok(())
+}
+
+/// Reads one message back, checking its checksum.
+pub(super) fn load(conn: &Connection, id: u64) -> Result<Option<StoredMessage>, LedgerError> {
+    let row = conn
+        .prepare_cached(
+            "SELECT topic, headers, payload, published, crc FROM messages WHERE id = ?1",
+        )
+        .and_then(|mut s| {
+            s.query_row([id as i64], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                    r.get::<_, i64>(3)? as u64,
+                    r.get::<_, u32>(4)?,
+                ))
+            })
+            .optional()
+        })
+        .map_err(fatal("cannot read a message from the ledger"))?;
+    let Some((topic, headers, payload, published, crc)) = row else {
+        return Ok(None);
+    };
+    let corrupt = |what: &str| {
+        LedgerError::Fatal(format!(
+            "the ledger is corrupt: message {id} in {FILE}: {what}"
+        ))
+    };
+    if checksum(id, &topic, &headers, &payload, published) != crc {
+        return Err(corrupt("its checksum does not match its bytes"));
+    }
+    let headers = decode_headers(&headers).ok_or_else(|| corrupt("its headers cannot be read"))?;
+    Ok(Some(StoredMessage {
+        id,
+        topic,
+        headers,
+        payload: Bytes::from(payload),
+        publish_time: Timestamp(published),
+    }))
+}
+
+/// Idempotency keys recorded at or after `since`.
+pub(super) fn keys(
+    conn: &Connection,
+    since: Timestamp,
+) -> rusqlite::Result<Vec<(String, u64, Timestamp)>> {
+    conn.prepare_cached("SELECT key, msg, at FROM keys WHERE at >= ?1")?
+        .query_map([since.0 as i64], |r| {
+            Ok((
+                r.get(0)?,
+                r.get::<_, i64>(1)? as u64,
+                Timestamp(r.get::<_, i64>(2)? as u64),
+            ))
+        })?
+        .collect()
+}
+
+/// Dead letters per `filter`.
+pub(super) fn dead_letters(
+    conn: &Connection,
+    filter: &DeadLetterFilter,
+) -> Result<Vec<DeadLetter>, LedgerError> {
+    let names: std::collections::HashMap<u32, String> = instance_names(conn)?.into_iter().collect();
+    let inst = match &filter.instance {
+        Some(name) => match names.iter().find(|(_, n)| *n == name) {
+            Some((key, _)) => Some(*key),
+            None => return Ok(Vec::new()),
+        },
+        None => None,
+    };
+    let after = filter.after.as_ref().map_or(0, |(m, _)| *m as i64);
+    let limit = if filter.limit == 0 {
+        -1
+    } else {
+        filter.limit as i64 + 64
+    };
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT d.msg, d.inst, d.at, d.state, m.topic FROM dead_letters d
+               LEFT JOIN messages m ON m.id = d.msg
+              WHERE d.msg >= ?1 AND (?2 IS NULL OR d.inst = ?2)
+              ORDER BY d.msg LIMIT ?3",
+        )
+        .map_err(fatal("cannot read dead letters"))?;
+    type Row = (i64, u32, i64, Vec<u8>, Option<String>);
+    let rows: Vec<Row> = stmt
+        .query_map(params![after, inst, limit], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })
+        .and_then(Iterator::collect)
+        .map_err(fatal("cannot read dead letters"))?;
+    let mut out = Vec::new();
+    for (msg, inst, at, state, topic) in rows {
+        let instance = names
+            .get(&inst)
+            .cloned()
+            .unwrap_or_else(|| format!("#{inst}"));
+        if !filter.admits(msg as u64, &instance) {
+            continue;
+        }
+        out.push(DeadLetter {
+            message: msg as u64,
+            topic: topic.unwrap_or_default(),
+            delivery: decode_delivery(&state, msg as u64, &instance)?,
+            instance,
+            at: at as u64,
+        });
+    }
+    out.sort_by(|a, b| (a.message, &a.instance).cmp(&(b.message, &b.instance)));
+    if filter.limit > 0 {
+        out.truncate(filter.limit);
+    }
+    Ok(out)
+}
+
+/// The key of instance `name`, if it was ever registered.
+pub(super) fn instance_key(conn: &Connection, name: &str) -> rusqlite::Result<Option<u32>> {
+    conn.query_row("SELECT key FROM instances WHERE name = ?1", [name], |r| {
+        r.get(0)
+    })
+    .optional()
+}
+
+/// The dead letters a selection names: (message, instance key, state).
+fn selected(
+    conn: &Connection,
+    selection: &Selection,
+) -> Result<Vec<(u64, u32, Vec<u8>)>, LedgerError> {
+    let inst = match &selection.instance {
+        Some(name) => match instance_key(conn, name).map_err(fatal("cannot read the ledger"))? {
+            Some(key) => Some(key),
+            None => return Ok(Vec::new()),
+        },
+        None => None,
+    };
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT msg, inst, state FROM dead_letters
+              WHERE (?1 IS NULL OR inst = ?1) AND (?2 IS NULL OR msg = ?2) ORDER BY msg, inst",
+        )
+        .map_err(fatal("cannot read dead letters"))?;
+    let ids: Vec<Option<i64>> = if selection.messages.is_empty() {
+        vec![None]
+    } else {
+        selection.messages.iter().map(|m| Some(*m as i64)).collect()
+    };
+    let mut out = Vec::new();
+    for id in ids {
+        let rows = stmt
+            .query_map(params![inst, id], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?))
+            })
+            .and_then(Iterator::collect::<rusqlite::Result<Vec<_>>>)
+            .map_err(fatal("cannot read dead letters"))?;
+        out.extend(rows);
+    }
+    Ok(out)
+}
+
+/// Moves the selected dead letters back to pending (failures reset, history kept).
+/// Returns (message, instance key, delivery, payload size) of each.
+pub(super) fn replay(
+    conn: &Connection,
+    selection: &Selection,
+    now: Timestamp,
+) -> Result<Vec<(u64, u32, Delivery, u64)>, LedgerError> {
+    let map = fatal("cannot replay dead letters");
+    let mut out = Vec::new();
+    for (msg, inst, state) in selected(conn, selection)? {
+        let mut delivery = decode_delivery(&state, msg, &format!("#{inst}"))?;
+        delivery.replay(now);
+        conn.prepare_cached("DELETE FROM dead_letters WHERE msg = ?1 AND inst = ?2")
+            .and_then(|mut s| s.execute(params![msg as i64, inst]))
+            .map_err(&map)?;
+        conn.prepare_cached(
+            "INSERT OR REPLACE INTO deliveries(msg, inst, state) VALUES (?1, ?2, ?3)",
+        )
+        .and_then(|mut s| s.execute(params![msg as i64, inst, encode_delivery(&delivery)]))
+        .map_err(&map)?;
+        let size: i64 = conn
+            .query_row(
+                "SELECT coalesce(length(payload), 0) FROM messages WHERE id = ?1",
+                [msg as i64],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(&map)?
+            .unwrap_or(0);
+        out.push((msg, inst, delivery, size as u64));
+    }
+    Ok(out)
+}
+
+/// Removes the selected dead letters; returns how many.
+pub(super) fn purge(conn: &Connection, selection: &Selection) -> Result<u64, LedgerError> {
+    let map = fatal("cannot purge dead letters");
+    let chosen = selected(conn, selection)?;
+    for (msg, inst, _) in &chosen {
+        conn.prepare_cached("DELETE FROM dead_letters WHERE msg = ?1 AND inst = ?2")
+            .and_then(|mut s| s.execute(params![*msg as i64, inst]))
+            .map_err(&map)?;
+        drop_if_unreferenced(conn, *msg).map_err(&map)?;
+    }
+    Ok(chosen.len() as u64)
+}
+
+/// Ends every waiting delivery of instance `name`: dead letters (reason `forgotten`) or
+/// gone. Returns how many.
+pub(super) fn forget(
+    conn: &Connection,
+    name: &str,
+    how: Forget,
+    now: Timestamp,
+) -> Result<u64, LedgerError> {
+    let map = fatal("cannot forget a backlog");
+    let Some(inst) = instance_key(conn, name).map_err(&map)? else {
+        return Ok(0);
+    };
+    let rows: Vec<(i64, Option<Vec<u8>>, i64)> = conn
+        .prepare_cached(
+            "SELECT d.msg, d.state, coalesce(m.published, 0) FROM deliveries d
+               LEFT JOIN messages m ON m.id = d.msg WHERE d.inst = ?1",
+        )
+        .and_then(|mut s| {
+            s.query_map([inst], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect()
+        })
+        .map_err(&map)?;
+    for (msg, state, published) in &rows {
+        let msg = *msg as u64;
+        match how {
+            Forget::Purge => end_delivery(conn, msg, inst).map_err(&map)?,
+            Forget::DeadLetter => {
+                let mut delivery = match state {
+                    Some(bytes) => decode_delivery(bytes, msg, name)?,
+                    None => Delivery::new(Timestamp(*published as u64)),
+                };
+                delivery.forget(now);
+                dead_letter(conn, msg, inst, &delivery, now).map_err(&map)?;
+            }
+        }
+    }
+    Ok(rows.len() as u64)
+}
+
+/// Every delivery of one message the ledger holds.
+pub(super) fn history(conn: &Connection, message: u64) -> Result<Vec<HistoryEntry>, LedgerError> {
+    let names: std::collections::HashMap<u32, String> = instance_names(conn)?.into_iter().collect();
+    let published: Option<i64> = conn
+        .query_row(
+            "SELECT published FROM messages WHERE id = ?1",
+            [message as i64],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(fatal("cannot read the ledger"))?;
+    type Row = (u32, Option<Vec<u8>>, bool);
+    let rows: Vec<Row> = conn
+        .prepare_cached(
+            "SELECT inst, state, 0 FROM deliveries WHERE msg = ?1
+             UNION ALL SELECT inst, state, 1 FROM dead_letters WHERE msg = ?1 ORDER BY 1",
+        )
+        .and_then(|mut s| {
+            s.query_map([message as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect()
+        })
+        .map_err(fatal("cannot read the ledger"))?;
+    rows.into_iter()
+        .map(|(inst, state, dead_letter)| {
+            let instance = names
+                .get(&inst)
+                .cloned()
+                .unwrap_or_else(|| format!("#{inst}"));
+            let delivery = match state {
+                Some(bytes) => decode_delivery(&bytes, message, &instance)?,
+                None => Delivery::new(Timestamp(published.unwrap_or(0) as u64)),
+            };
+            Ok(HistoryEntry {
+                instance,
+                dead_letter,
+                delivery,
+            })
+        })
+        .collect()
+}
+
+/// What waits per instance (every instance ever registered that has something).
+pub(super) fn backlog(conn: &Connection) -> Result<Vec<BacklogEntry>, LedgerError> {
+    conn.prepare_cached(
+        "SELECT i.name, count(*), coalesce(sum(length(m.payload)), 0)
+           FROM deliveries d JOIN instances i ON i.key = d.inst
+           LEFT JOIN messages m ON m.id = d.msg
+          GROUP BY d.inst ORDER BY i.name",
+    )
+    .and_then(|mut s| {
+        s.query_map([], |r| {
+            Ok(BacklogEntry {
+                instance: r.get(0)?,
+                deliveries: r.get::<_, i64>(1)? as u64,
+                bytes: r.get::<_, i64>(2)? as u64,
+            })
+        })?
+        .collect()
+    })
+    .map_err(fatal("cannot read the backlog"))
+}

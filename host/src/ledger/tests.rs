@@ -1,0 +1,550 @@
+//! The durable ledger against its contract: what a reopened ledger recovers after a graceful
+//! stop and after a crash (the ledger dropped without `close`, as a killed process leaves
+//! it), crash accounting, ids, keys, dead letters, format and lock refusals, corruption and
+//! the byte limit.
+
+use std::{path::Path, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use smallvec::smallvec;
+
+use super::{
+    DeadLetterFilter, Forget, Ledger, LedgerError, Record, Selection, Wait,
+    durable::{DurableLedger, Mode, Options},
+    store,
+};
+use crate::{
+    clock::{ManualClock, Timestamp},
+    config,
+    delivery::{Delivery, Failure, Rules, State},
+    message::StoredMessage,
+};
+
+const T0: Timestamp = Timestamp(1_700_000_000_000);
+
+fn rules(max_attempts: u32) -> Rules {
+    Rules {
+        max_attempts,
+        ack_timeout: Duration::from_secs(30),
+        backoff: config::Backoff {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(60),
+            multiplier: 2.0,
+            jitter: 0.0,
+        },
+    }
+}
+
+fn options(max_bytes: Option<u64>) -> Options {
+    Options {
+        mode: Mode::Fsync,
+        max_bytes,
+        dedupe_window: Duration::from_secs(3600),
+        dead_letter_retention: None,
+        clock: Arc::new(ManualClock::at(T0)),
+        fail_stop: None,
+    }
+}
+
+fn open(dir: &Path) -> Arc<DurableLedger> {
+    DurableLedger::open(dir, options(None)).unwrap()
+}
+
+fn instances(max_attempts: u32) -> Vec<(String, Rules)> {
+    vec![
+        ("a".to_owned(), rules(max_attempts)),
+        ("b".to_owned(), rules(max_attempts)),
+    ]
+}
+
+fn message(id: u64, payload: &str) -> Arc<StoredMessage> {
+    Arc::new(StoredMessage {
+        id,
+        topic: "orders.created".into(),
+        headers: vec![("k".into(), "v".into()), ("k".into(), "w".into())],
+        payload: Bytes::from(payload.to_owned()),
+        publish_time: T0,
+    })
+}
+
+fn accept(ledger: &DurableLedger, id: u64, payload: &str) {
+    ledger
+        .commit(
+            vec![Record::Accepted {
+                message: message(id, payload),
+                targets: smallvec![0, 1],
+            }],
+            Wait::Durable,
+        )
+        .unwrap();
+}
+
+/// A new ledger, recovered (empty) for instances `a` and `b`.
+fn fresh(max_attempts: u32) -> (tempfile::TempDir, Arc<DurableLedger>) {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = open(dir.path());
+    ledger.recover(&instances(max_attempts), T0).unwrap();
+    (dir, ledger)
+}
+
+fn ack(ledger: &DurableLedger, id: u64, instance: u32) {
+    ledger
+        .commit(
+            vec![Record::Acked {
+                message: id,
+                instance,
+            }],
+            Wait::Written,
+        )
+        .unwrap();
+}
+
+fn attempt(ledger: &DurableLedger, id: u64, instance: u32, attempt: u32) {
+    let marker = ledger.marker(instance).unwrap();
+    marker.calling(id, attempt);
+    // The call is running when the process dies: the marker is never dropped (idle).
+    std::mem::forget(marker);
+}
+
+#[test]
+fn a_reopened_ledger_recovers_pending_deliveries_without_their_payloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = open(dir.path());
+    assert!(
+        ledger
+            .recover(&instances(5), T0)
+            .unwrap()
+            .pending
+            .is_empty()
+    );
+    accept(&ledger, 1, "one");
+    accept(&ledger, 2, "two");
+    ack(&ledger, 1, 0);
+    drop(ledger);
+
+    let ledger = open(dir.path());
+    let recovered = ledger.recover(&instances(5), T0).unwrap();
+    let pending: Vec<(u64, u32, u64)> = recovered
+        .pending
+        .iter()
+        .map(|p| (p.message, p.instance, p.size))
+        .collect();
+    assert_eq!(pending, vec![(1, 1, 3), (2, 0, 3), (2, 1, 3)]);
+    assert_eq!(recovered.next_id, 3);
+    assert!(recovered.unclean, "dropped without close");
+    assert_eq!(recovered.crashed, 0, "nothing was in flight");
+    assert_eq!(
+        ledger.load(2).unwrap().as_deref(),
+        Some(&*message(2, "two")),
+        "read back whole: topic, repeated headers, payload, time"
+    );
+}
+
+#[test]
+fn ids_are_never_reused_even_when_every_message_is_gone() {
+    let (dir, ledger) = fresh(5);
+    accept(&ledger, 41, "x");
+    let acks = (0..2)
+        .map(|instance| Record::Acked {
+            message: 41,
+            instance,
+        })
+        .collect();
+    ledger.commit(acks, Wait::Written).unwrap();
+    assert_eq!(
+        ledger.load(41).unwrap(),
+        None,
+        "a settled message is removed"
+    );
+    ledger.close();
+    drop(ledger);
+    let ledger = open(dir.path());
+    let recovered = ledger.recover(&instances(5), T0).unwrap();
+    assert_eq!((recovered.next_id, recovered.pending.len()), (42, 0));
+    assert!(!recovered.unclean);
+}
+
+#[test]
+fn an_attempt_left_in_flight_by_a_crash_is_charged_once_and_a_graceful_stop_charges_nothing() {
+    let (dir, ledger) = fresh(5);
+    accept(&ledger, 1, "one");
+    accept(&ledger, 2, "two");
+    attempt(&ledger, 1, 0, 1);
+    attempt(&ledger, 2, 0, 1);
+    // Attempt 1 of message 2 ended (a retry); attempt 1 of message 1 was running.
+    let mut failed = Delivery::new(T0);
+    failed.begin(&rules(5), T0);
+    failed
+        .fail(
+            1,
+            &Failure::Error {
+                message: "x".into(),
+            },
+            true,
+            &rules(5),
+            T0,
+            0.5,
+        )
+        .unwrap();
+    ledger
+        .commit(
+            vec![Record::Updated {
+                message: 2,
+                instance: 0,
+                delivery: failed.clone(),
+            }],
+            Wait::Written,
+        )
+        .unwrap();
+    drop(ledger); // a crash: no close
+
+    let later = T0.after(Duration::from_secs(5));
+    let ledger = open(dir.path());
+    let recovered = ledger.recover(&instances(5), later).unwrap();
+    assert_eq!(recovered.crashed, 1);
+    let one = recovered
+        .pending
+        .iter()
+        .find(|p| (p.message, p.instance) == (1, 0))
+        .unwrap();
+    assert_eq!((one.delivery.deliveries, one.delivery.failures), (1, 1));
+    assert_eq!(one.delivery.last_reason.as_deref(), Some("crash"));
+    assert_eq!(
+        one.delivery.state,
+        State::Ready {
+            due: later.after(Duration::from_secs(1)).0
+        },
+        "the crash waits its backoff from the restart"
+    );
+    let two = recovered
+        .pending
+        .iter()
+        .find(|p| (p.message, p.instance) == (2, 0))
+        .unwrap();
+    assert_eq!(two.delivery, failed, "its end was recorded: not charged");
+    drop(ledger); // crash again, right after recovery: the charge is not repeated
+
+    let ledger = open(dir.path());
+    let recovered = ledger.recover(&instances(5), later).unwrap();
+    assert_eq!(
+        recovered.crashed, 0,
+        "the markers were settled by the first recovery"
+    );
+    attempt(&ledger, 1, 0, 2);
+    ledger.close();
+    drop(ledger);
+    let ledger = open(dir.path());
+    let recovered = ledger.recover(&instances(5), later).unwrap();
+    assert!(!recovered.unclean);
+    assert_eq!(recovered.crashed, 0, "a graceful stop charges nothing");
+}
+
+#[test]
+fn crashes_dead_letter_a_delivery_at_max_attempts_and_dead_letters_survive() {
+    let (dir, ledger) = fresh(2);
+    accept(&ledger, 7, "poison");
+    attempt(&ledger, 7, 0, 1);
+    drop(ledger); // crash 1
+
+    let ledger = open(dir.path());
+    let recovered = ledger.recover(&instances(2), T0).unwrap();
+    assert_eq!(recovered.crashed, 1);
+    assert_eq!(recovered.pending.len(), 2);
+    attempt(&ledger, 7, 0, 2);
+    drop(ledger); // crash 2: max_attempts reached
+
+    let ledger = open(dir.path());
+    let recovered = ledger.recover(&instances(2), T0).unwrap();
+    assert_eq!(recovered.crashed, 1);
+    let pending: Vec<_> = recovered
+        .pending
+        .iter()
+        .map(|p| (p.message, p.instance))
+        .collect();
+    assert_eq!(pending, vec![(7, 1)], "dead-lettered for a; b untouched");
+    drop(ledger);
+
+    let ledger = open(dir.path());
+    ledger.recover(&instances(2), T0).unwrap();
+    let dead = ledger.dead_letters(&DeadLetterFilter::default()).unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!((dead[0].message, dead[0].instance.as_str()), (7, "a"));
+    assert_eq!(dead[0].topic, "orders.created");
+    assert_eq!(dead[0].delivery.failures, 2);
+    assert_eq!(dead[0].delivery.last_reason.as_deref(), Some("crash"));
+    assert_eq!(
+        ledger.load(7).unwrap().unwrap().payload,
+        "poison",
+        "a dead letter keeps its message"
+    );
+    let filtered = DeadLetterFilter {
+        instance: Some("b".into()),
+        ..DeadLetterFilter::default()
+    };
+    assert!(ledger.dead_letters(&filtered).unwrap().is_empty());
+}
+
+#[test]
+fn deliveries_of_an_instance_not_configured_now_wait_for_it() {
+    let (dir, ledger) = fresh(5);
+    accept(&ledger, 1, "one");
+    drop(ledger);
+    let ledger = open(dir.path());
+    let only_b = vec![("b".to_owned(), rules(5))];
+    let recovered = ledger.recover(&only_b, T0).unwrap();
+    assert_eq!(recovered.orphaned, 1);
+    assert_eq!(
+        recovered
+            .pending
+            .iter()
+            .map(|p| (p.message, p.instance))
+            .collect::<Vec<_>>(),
+        vec![(1, 0)],
+        "b is instance 0 now"
+    );
+    drop(ledger);
+    let ledger = open(dir.path());
+    let recovered = ledger.recover(&instances(5), T0).unwrap();
+    assert_eq!(recovered.pending.len(), 2, "a is back: its delivery too");
+}
+
+#[test]
+fn idempotency_keys_survive_a_restart() {
+    let (dir, ledger) = fresh(5);
+    ledger
+        .commit(
+            vec![Record::Key {
+                key: "order-17".into(),
+                message: 9,
+                at: T0,
+            }],
+            Wait::Durable,
+        )
+        .unwrap();
+    drop(ledger);
+    let ledger = open(dir.path());
+    ledger.recover(&instances(5), T0).unwrap();
+    assert_eq!(ledger.keys(T0), vec![("order-17".to_owned(), 9, T0)]);
+    assert!(ledger.keys(T0.after(Duration::from_millis(1))).is_empty());
+}
+
+#[test]
+fn a_newer_format_and_a_foreign_file_are_refused_with_the_reason() {
+    let (dir, ledger) = fresh(5);
+    ledger.close();
+    drop(ledger);
+    let conn = rusqlite::Connection::open(dir.path().join(store::FILE)).unwrap();
+    conn.execute_batch(&format!("PRAGMA user_version = {}", store::FORMAT + 1))
+        .unwrap();
+    drop(conn);
+    let Err(LedgerError::Refused(message)) = DurableLedger::open(dir.path(), options(None)) else {
+        panic!("a newer format must be refused");
+    };
+    assert!(
+        message.contains("format 2, written by a newer plugind")
+            && message.contains("reads formats up to 1"),
+        "{message}"
+    );
+
+    let other = tempfile::tempdir().unwrap();
+    let conn = rusqlite::Connection::open(other.path().join(store::FILE)).unwrap();
+    conn.execute_batch("CREATE TABLE t(x)").unwrap();
+    drop(conn);
+    let Err(LedgerError::Refused(message)) = DurableLedger::open(other.path(), options(None))
+    else {
+        panic!("another database must be refused");
+    };
+    assert!(message.contains("not a plugind ledger"), "{message}");
+}
+
+#[test]
+fn one_daemon_per_state_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = open(dir.path());
+    let Err(LedgerError::Refused(message)) = DurableLedger::open(dir.path(), options(None)) else {
+        panic!("a second ledger on the same dir must be refused");
+    };
+    assert!(message.contains("in use by another plugind"), "{message}");
+}
+
+#[test]
+fn a_flipped_byte_in_a_payload_is_detected_on_load() {
+    let (dir, ledger) = fresh(5);
+    accept(&ledger, 3, "intact");
+    let conn = rusqlite::Connection::open(dir.path().join(store::FILE)).unwrap();
+    conn.execute(
+        "UPDATE messages SET payload = ?1 WHERE id = 3",
+        [&b"intacT"[..]],
+    )
+    .unwrap();
+    drop(conn);
+    let Err(LedgerError::Fatal(message)) = ledger.load(3) else {
+        panic!("corruption must be reported");
+    };
+    assert!(
+        message.contains("message 3") && message.contains("checksum"),
+        "{message}"
+    );
+}
+
+#[test]
+fn over_max_ledger_bytes_publishes_are_refused_and_settlements_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = DurableLedger::open(dir.path(), options(Some(1))).unwrap();
+    ledger.recover(&instances(5), T0).unwrap();
+    let Err(LedgerError::Full(message)) = ledger.commit(
+        vec![Record::Accepted {
+            message: message(5, "more"),
+            targets: smallvec![0],
+        }],
+        Wait::Durable,
+    ) else {
+        panic!("over the limit, a publish is refused");
+    };
+    assert!(message.contains("max_ledger_bytes"), "{message}");
+    ack(&ledger, 1, 0);
+}
+
+#[test]
+fn commits_are_counted_and_publishes_fsync() {
+    let (_dir, ledger) = fresh(5);
+    let before = ledger.stats();
+    accept(&ledger, 1, "a");
+    attempt(&ledger, 1, 0, 1);
+    ack(&ledger, 1, 0);
+    let after = ledger.stats();
+    assert_eq!(after.commits - before.commits, 2, "the marker is no commit");
+    assert_eq!(after.fsyncs - before.fsyncs, 1, "only the publish fsynced");
+    assert_eq!(after.messages - before.messages, 1);
+    assert!(after.latency_us[2] >= after.latency_us[0]);
+}
+
+fn dead_letter(ledger: &DurableLedger, id: u64, instance: u32) {
+    let mut delivery = Delivery::new(T0);
+    delivery.begin(&rules(1), T0);
+    delivery
+        .reject(1, "bad", T0)
+        .expect("attempt 1 is in flight");
+    ledger
+        .commit(
+            vec![Record::DeadLettered {
+                message: id,
+                instance,
+                delivery,
+                at: T0,
+                stored: None,
+            }],
+            Wait::Written,
+        )
+        .unwrap();
+}
+
+#[test]
+fn dead_letters_page_replay_and_purge() {
+    let (_dir, ledger) = fresh(5);
+    for id in 1..=5 {
+        accept(&ledger, id, "x");
+        dead_letter(&ledger, id, 0);
+    }
+    dead_letter(&ledger, 3, 1);
+    let page = |after: Option<(u64, &str)>| {
+        ledger
+            .dead_letters(&DeadLetterFilter {
+                instance: None,
+                after: after.map(|(m, i)| (m, i.to_owned())),
+                limit: 2,
+            })
+            .unwrap()
+            .into_iter()
+            .map(|d| (d.message, d.instance))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(page(None), vec![(1, "a".into()), (2, "a".into())]);
+    assert_eq!(page(Some((2, "a"))), vec![(3, "a".into()), (3, "b".into())]);
+    assert_eq!(page(Some((3, "b"))), vec![(4, "a".into()), (5, "a".into())]);
+
+    let later = T0.after(Duration::from_secs(9));
+    let replayed = ledger
+        .replay(
+            &Selection {
+                instance: Some("a".into()),
+                messages: vec![2, 3],
+            },
+            later,
+        )
+        .unwrap();
+    let back: Vec<_> = replayed
+        .pending
+        .iter()
+        .map(|p| (p.message, p.instance, p.size))
+        .collect();
+    assert_eq!(back, vec![(2, 0, 1), (3, 0, 1)]);
+    let d = &replayed.pending[0].delivery;
+    assert_eq!(
+        (d.failures, d.deliveries, d.history.len()),
+        (0, 1, 1),
+        "failures reset, history kept"
+    );
+    assert_eq!(d.state, State::Ready { due: later.0 });
+    let history = ledger.history(3).unwrap();
+    assert_eq!(
+        history
+            .iter()
+            .map(|h| (h.instance.as_str(), h.dead_letter))
+            .collect::<Vec<_>>(),
+        vec![("a", false), ("b", true)],
+        "pending for a again, still dead for b"
+    );
+
+    let purged = ledger
+        .purge(&Selection {
+            instance: None,
+            messages: vec![],
+        })
+        .unwrap();
+    assert_eq!(purged, 4, "1, 4, 5 for a and 3 for b");
+    assert!(
+        ledger
+            .dead_letters(&DeadLetterFilter::default())
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        ledger.load(1).unwrap().is_some(),
+        "b's delivery of 1 still waits"
+    );
+    ack(&ledger, 1, 1);
+    assert_eq!(
+        ledger.load(1).unwrap(),
+        None,
+        "nothing refers to 1 any more: gone"
+    );
+    assert!(
+        ledger.load(3).unwrap().is_some(),
+        "3 is pending for a again"
+    );
+}
+
+#[test]
+fn forgetting_an_instance_not_running_ends_its_backlog_for_good() {
+    let (_dir, ledger) = fresh(5);
+    for id in 1..=3 {
+        accept(&ledger, id, "abc");
+    }
+    let backlog = ledger.backlog().unwrap();
+    assert_eq!(
+        backlog
+            .iter()
+            .map(|b| (b.instance.as_str(), b.deliveries, b.bytes))
+            .collect::<Vec<_>>(),
+        vec![("a", 3, 9), ("b", 3, 9)]
+    );
+    assert_eq!(ledger.forget("a", Forget::DeadLetter, T0).unwrap(), 3);
+    assert_eq!(ledger.forget("b", Forget::Purge, T0).unwrap(), 3);
+    assert_eq!(ledger.forget("nobody", Forget::Purge, T0).unwrap(), 0);
+    assert!(ledger.backlog().unwrap().is_empty());
+    let dead = ledger.dead_letters(&DeadLetterFilter::default()).unwrap();
+    assert_eq!(dead.len(), 3);
+    assert_eq!(dead[0].delivery.last_reason.as_deref(), Some("forgotten"));
+    assert_eq!(dead[0].delivery.failures, 0, "forgetting is no failure");
+}

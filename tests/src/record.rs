@@ -1,0 +1,74 @@
+//! What the `fx-record` fixture wrote: one line per delivery it saw,
+//! `<message id> <attempt> <topic> <payload>\n`, appended before it returned the outcome, so
+//! the record outlives the daemon (a restart, a SIGKILL, an abort).
+
+use std::{fs, io, path::Path};
+
+/// One delivery, as `fx-record` recorded it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Recorded {
+    pub id: u64,
+    pub attempt: u32,
+    pub topic: String,
+    /// The payload, UTF-8 decoded lossily.
+    pub payload: String,
+}
+
+/// Every delivery recorded in `path`, in the order they were written; empty if the file does
+/// not exist (no instance ever opened it).
+///
+/// # Panics
+/// If the file cannot be read or a line is not one `fx-record` writes (with the file's text).
+pub fn read_record(path: &Path) -> Vec<Recorded> {
+    let text = match fs::read(path) {
+        Ok(bytes) => String::from_utf8(bytes).expect("fx-record writes UTF-8"),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => panic!("cannot read the record {}: {e}", path.display()),
+    };
+    assert!(
+        text.is_empty() || text.ends_with('\n'),
+        "the record {} ends in a partial line:\n{text}",
+        path.display()
+    );
+    text.lines()
+        .map(|line| {
+            parse(line).unwrap_or_else(|| {
+                panic!(
+                    "not an fx-record line in {}: {line:?}\n{text}",
+                    path.display()
+                )
+            })
+        })
+        .collect()
+}
+
+fn parse(line: &str) -> Option<Recorded> {
+    let mut fields = line.splitn(4, ' ');
+    Some(Recorded {
+        id: fields.next()?.parse().ok()?,
+        attempt: fields.next()?.parse().ok()?,
+        topic: fields.next()?.to_owned(),
+        payload: fields.next()?.to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_parse_and_the_payload_keeps_its_spaces() {
+        assert_eq!(
+            parse("7 2 t.a hello there"),
+            Some(Recorded {
+                id: 7,
+                attempt: 2,
+                topic: "t.a".into(),
+                payload: "hello there".into(),
+            })
+        );
+        assert_eq!(parse("7 1 t.a ").map(|r| r.payload), Some(String::new()));
+        assert_eq!(parse("7 1 t.a"), None);
+        assert_eq!(parse("x 1 t.a p"), None);
+    }
+}

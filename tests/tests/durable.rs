@@ -1,0 +1,313 @@
+//! The durable ledger end to end: the real daemon in `fsync` mode, killed with SIGKILL (not
+//! stopped) and restarted on the same state dir. Every message whose `Publish` was answered
+//! OK is delivered after the restart; deliveries for an instance that is not running wait
+//! across restarts; a retry scheduled before a kill is not run earlier after it; a message
+//! that aborts the process is dead-lettered with reason `crash` after `max_attempts` while
+//! every other message is acked; idempotency keys survive; a newer format is refused.
+
+use std::{
+    collections::BTreeSet,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use plugind::{
+    config::Endpoint,
+    control::{client, pb},
+};
+use plugind_tests::{
+    daemon::Daemon,
+    fixtures::{self, Profile},
+    record::{Recorded, read_record},
+    sandbox::Sandbox,
+};
+
+fn sandbox() -> Sandbox {
+    let sandbox = Sandbox::new("durable");
+    sandbox.dir("plugins.d");
+    sandbox.copy(
+        "plugins.d/fx-record.so",
+        &fixtures::library("fx-record", Profile::Dev),
+    );
+    sandbox
+}
+
+/// `instances`: (name, extra lines of its table, lines of its config table).
+fn config(durability: &str, instances: &[(&str, &str, String)]) -> String {
+    let mut text = format!(
+        "[host]\ndurability = \"{durability}\"\nautoload = false\ngrace_period = \"2s\"\n\n\
+         [defaults]\nmax_attempts = 3\nbackoff = {{ initial = \"20ms\", max = \"20ms\", \
+         jitter = 0.0 }}\n"
+    );
+    for (name, extra, config) in instances {
+        text.push_str(&format!(
+            "\n[plugins.{name}]\nplugin = \"fx-record\"\ntopics = [\"t.>\"]\n{extra}\n\
+             [plugins.{name}.config]\n{config}\n"
+        ));
+    }
+    text
+}
+
+fn record_config(path: &Path, more: &str) -> String {
+    format!("path = \"{}\"\nfsync = true\n{more}", path.display())
+}
+
+/// Publishes over the real API, one unary call each (every answer is an OK or an error).
+fn publish_all(d: &Daemon, payloads: &[String], key: Option<&str>) -> Vec<u64> {
+    let endpoint = Endpoint::Unix(d.socket().to_owned());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut c = client::connect(&endpoint, None).await.unwrap();
+        let mut ids = Vec::new();
+        for payload in payloads {
+            let request = c.request(pb::PublishRequest {
+                topic: "t.x".into(),
+                payload: payload.clone().into_bytes().into(),
+                headers: vec![],
+                key: key.unwrap_or_default().into(),
+            });
+            ids.push(c.publisher.publish(request).await.unwrap().into_inner().id);
+        }
+        ids
+    })
+}
+
+fn wait_until(what: &str, d: &Daemon, mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "timed out waiting until {what}:\n{}",
+            d.history()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn ids(records: &[Recorded]) -> BTreeSet<u64> {
+    records.iter().map(|r| r.id).collect()
+}
+
+#[test]
+fn every_acknowledged_message_survives_sigkill_and_waits_for_an_instance_not_running() {
+    let s = sandbox();
+    let rec = s.path().join("rec.txt");
+    let held = s.path().join("held.txt");
+    // `held` cannot start (its file cannot be opened): its deliveries wait in the ledger.
+    let broken = s.path().join("missing-dir/held.txt");
+    let first = config(
+        "fsync",
+        &[
+            ("rec", "", record_config(&rec, "")),
+            ("held", "", record_config(&broken, "")),
+        ],
+    );
+    let d = Daemon::start(s, &first);
+    let payloads: Vec<String> = (0..300).map(|i| format!("m{i}")).collect();
+    let published: BTreeSet<u64> = publish_all(&d, &payloads, None).into_iter().collect();
+    assert_eq!(published.len(), 300);
+    // Killed at once: some deliveries are still queued, some in flight.
+    let s = d.kill9();
+
+    let d = Daemon::restart(s);
+    wait_until("rec has every message", &d, || {
+        ids(&read_record(&rec)).is_superset(&published)
+    });
+    assert!(
+        ids(&read_record(&rec)).is_subset(&published),
+        "nothing unexpected"
+    );
+    let s = d.kill9();
+
+    // `held` disabled: its deliveries stay in the ledger across another kill.
+    let disabled = config(
+        "fsync",
+        &[
+            ("rec", "", record_config(&rec, "")),
+            ("held", "enabled = false", record_config(&held, "")),
+        ],
+    );
+    let d = Daemon::start(s, &disabled);
+    assert!(
+        d.log().contains("orphaned=300"),
+        "held's deliveries wait:\n{}",
+        d.log()
+    );
+    let s = d.kill9();
+
+    // Enabled and able to start: it gets every one of them.
+    let enabled = config(
+        "fsync",
+        &[
+            ("rec", "", record_config(&rec, "")),
+            ("held", "", record_config(&held, "")),
+        ],
+    );
+    let d = Daemon::start(s, &enabled);
+    wait_until("held has every message", &d, || {
+        ids(&read_record(&held)) == published
+    });
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+}
+
+#[test]
+fn a_retry_scheduled_before_a_kill_is_not_run_earlier_after_it() {
+    let s = sandbox();
+    let rec = s.path().join("rec.txt");
+    let text = config(
+        "fsync",
+        &[(
+            "rec",
+            "backoff = { initial = \"3s\", max = \"3s\", jitter = 0.0 }",
+            record_config(&rec, "retry_on = \"again\""),
+        )],
+    );
+    let d = Daemon::start(s, &text);
+    publish_all(&d, &["again".to_owned()], None);
+    wait_until("the first attempt", &d, || !read_record(&rec).is_empty());
+    // The first attempt was written at or before this moment; its retry is due 3 s later.
+    let first_seen = Instant::now();
+    std::thread::sleep(Duration::from_millis(300));
+    let s = d.kill9();
+    let d = Daemon::restart(s);
+    let mut last_absent = Instant::now();
+    wait_until("the retry", &d, || {
+        let seen = read_record(&rec).len() >= 2;
+        if !seen {
+            last_absent = Instant::now();
+        }
+        seen
+    });
+    let records = read_record(&rec);
+    assert_eq!(
+        (records[1].attempt, records[1].payload.as_str()),
+        (2, "again")
+    );
+    // The retry was written after `last_absent`; the first attempt before `first_seen`.
+    assert!(
+        last_absent.duration_since(first_seen) >= Duration::from_millis(2900),
+        "the retry came {:?} after the first attempt was seen, before its 3 s backoff:\n{}",
+        last_absent.duration_since(first_seen),
+        d.history()
+    );
+    d.stop();
+}
+
+#[test]
+fn a_message_that_aborts_the_process_is_dead_lettered_for_crash_and_the_rest_is_acked() {
+    let s = sandbox();
+    let rec = s.path().join("rec.txt");
+    // First published while the instance cannot start, so that they are handed out
+    // together: boom aborts the process with the others queued behind it.
+    let waiting = config(
+        "fsync",
+        &[(
+            "rec",
+            "",
+            record_config(&s.path().join("missing/rec.txt"), "abort_on = \"boom\""),
+        )],
+    );
+    let d = Daemon::start(s, &waiting);
+    let mut payloads: Vec<String> = (0..20).map(|i| format!("before{i}")).collect();
+    payloads.push("boom".into());
+    payloads.extend((0..20).map(|i| format!("after{i}")));
+    let published: BTreeSet<u64> = publish_all(&d, &payloads, None).into_iter().collect();
+    let s = d.kill9();
+    let text = config(
+        "fsync",
+        &[("rec", "", record_config(&rec, "abort_on = \"boom\""))],
+    );
+    let mut d = Daemon::start(s, &text);
+    // Act as the service manager: restart it each time it dies, until it stays up.
+    let mut starts = 1;
+    loop {
+        if d.wait_exit(Duration::from_secs(3)).is_none() {
+            break;
+        }
+        assert!(starts < 10, "a crash loop:\n{}", d.history());
+        d = Daemon::restart(d.kill9());
+        starts += 1;
+    }
+    wait_until("every other message is recorded", &d, || {
+        ids(&read_record(&rec)).len() == published.len()
+    });
+    let records = read_record(&rec);
+    let boom: Vec<u32> = records
+        .iter()
+        .filter(|r| r.payload == "boom")
+        .map(|r| r.attempt)
+        .collect();
+    assert_eq!(
+        boom,
+        vec![1, 2, 3],
+        "called max_attempts times, then never again"
+    );
+    assert_eq!(starts, 4, "three crashes, then it stays up");
+    let history = d.history();
+    assert!(
+        history.contains("dead-lettered after a crash") && history.contains("reason=crash"),
+        "{history}"
+    );
+    // Nothing but boom was charged: every other message went through on its first
+    // attempt that ran to the end.
+    for r in records.iter().filter(|r| r.payload != "boom") {
+        assert!(
+            r.attempt <= 2,
+            "{r:?} was retried more than a crash explains"
+        );
+    }
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+}
+
+#[test]
+fn an_idempotency_key_survives_a_restart() {
+    let s = sandbox();
+    let rec = s.path().join("rec.txt");
+    let text = config("fsync", &[("rec", "", record_config(&rec, ""))]);
+    let d = Daemon::start(s, &text);
+    let first = publish_all(&d, &["once".to_owned()], Some("order-17"));
+    let s = d.kill9();
+    let d = Daemon::restart(s);
+    let again = publish_all(&d, &["once".to_owned()], Some("order-17"));
+    assert_eq!(first, again, "the first message's id, nothing new stored");
+    wait_until("delivered", &d, || !read_record(&rec).is_empty());
+    std::thread::sleep(Duration::from_millis(200));
+    // A redelivery of the first message after the kill is allowed (at least once); a
+    // second message is not.
+    assert_eq!(
+        ids(&read_record(&rec)),
+        first.iter().copied().collect(),
+        "only the first message"
+    );
+    d.stop();
+}
+
+#[test]
+fn a_state_dir_of_a_newer_format_is_refused_with_exit_78() {
+    let s = sandbox();
+    let rec = s.path().join("rec.txt");
+    let text = config("fsync", &[("rec", "", record_config(&rec, ""))]);
+    let d = Daemon::start(s, &text);
+    let (_, s) = d.stop_keeping_state();
+    let db = s.path().join("state/ledger.db");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute_batch("PRAGMA user_version = 99").unwrap();
+    drop(conn);
+    let out = std::process::Command::new(plugind_tests::binary::plugind())
+        .args(["run", "-c"])
+        .arg(s.path().join("plugins.toml"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(
+        err.contains("format 99, written by a newer plugind")
+            && err.contains(&db.display().to_string()),
+        "{err}"
+    );
+}
