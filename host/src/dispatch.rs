@@ -472,6 +472,33 @@ impl Dispatcher {
                 continue;
             };
             let room = actor.room();
+            // Payloads that wait in the ledger only are read back together.
+            let missing: Vec<u64> = inst
+                .ready
+                .iter()
+                .take(room)
+                .copied()
+                .filter(|m| {
+                    self.live
+                        .get(&(*m, instance))
+                        .is_some_and(|l| l.message.is_none())
+                })
+                .collect();
+            if !missing.is_empty() {
+                match self.ledger.load_many(&missing) {
+                    Ok(loaded) => {
+                        for (id, stored) in missing.iter().zip(loaded) {
+                            if let Some(live) = self.live.get_mut(&(*id, instance)) {
+                                live.message = stored;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "the ledger failed; stopping the daemon");
+                        std::process::exit(1);
+                    }
+                }
+            }
             let mut batch = Vec::new();
             while batch.len() < room {
                 let Some(&message) = inst.ready.front() else {

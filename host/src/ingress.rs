@@ -17,7 +17,7 @@ use plugind_api::{MessageId, PublishError, PublishErrorKind};
 use crate::{
     clock::{Clock, Timestamp},
     dispatch,
-    ledger::{Ledger, LedgerError, Record, Wait},
+    ledger::{Ledger, LedgerError, Receipt, Record, Wait},
     message::StoredMessage,
     routing::{InstanceId, Routing, Targets},
     services::{Child, Publisher},
@@ -50,6 +50,21 @@ impl From<Child> for NewMessage {
 pub struct Accepted {
     pub message: Arc<StoredMessage>,
     pub targets: Targets,
+}
+
+/// A batch handed to the ledger, waiting for its receipt.
+#[derive(Debug)]
+pub struct Submitted {
+    results: Vec<Result<u64, Refused>>,
+    accepted: Vec<Accepted>,
+    receipt: Receipt,
+}
+
+impl Submitted {
+    /// The ledger's receipt, to wait for (it is taken once).
+    pub fn take_receipt(&mut self) -> Receipt {
+        std::mem::replace(&mut self.receipt, Receipt::Ready(Ok(())))
+    }
 }
 
 /// Why a publish was refused. Retryable or not is in the variant.
@@ -239,11 +254,16 @@ impl Ingress {
         Ok((accepted, message.key))
     }
 
-    /// Publishes a batch: each message gets its id or its refusal; the accepted ones are
-    /// durable in the ledger when this returns.
-    pub fn publish(&self, batch: Vec<NewMessage>) -> Vec<Result<u64, Refused>> {
+    /// Validates, routes and numbers a batch and hands its records to the ledger. Ids follow
+    /// the order of the calls; finish with [`Ingress::complete`] once the receipt answered
+    /// (or use [`Ingress::publish`] / [`Ingress::publish_async`]).
+    pub fn submit(&self, batch: Vec<NewMessage>) -> Submitted {
         if !self.open.load(Ordering::Acquire) {
-            return batch.iter().map(|_| Err(Refused::ShuttingDown)).collect();
+            return Submitted {
+                results: batch.iter().map(|_| Err(Refused::ShuttingDown)).collect(),
+                accepted: Vec::new(),
+                receipt: Receipt::Ready(Ok(())),
+            };
         }
         let mut results = Vec::with_capacity(batch.len());
         let mut accepted = Vec::with_capacity(batch.len());
@@ -274,10 +294,31 @@ impl Ingress {
                 Err(e) => results.push(Err(e)),
             }
         }
-        if records.is_empty() {
-            return results;
+        let receipt = if records.is_empty() {
+            Receipt::Ready(Ok(()))
+        } else {
+            self.ledger.submit(records, Wait::Durable)
+        };
+        Submitted {
+            results,
+            accepted,
+            receipt,
         }
-        if let Err(e) = self.ledger.commit(records, Wait::Durable) {
+    }
+
+    /// Finishes a submitted batch with the ledger's answer: on success the messages go to
+    /// the dispatcher and count in their backlogs; otherwise each is refused with the reason.
+    pub fn complete(
+        &self,
+        submitted: Submitted,
+        recorded: Result<(), LedgerError>,
+    ) -> Vec<Result<u64, Refused>> {
+        let Submitted {
+            mut results,
+            accepted,
+            ..
+        } = submitted;
+        if let Err(e) = recorded {
             let refused = match e {
                 LedgerError::Full(m) => Refused::LedgerFull(m),
                 other => Refused::LedgerFailed(other.to_string()),
@@ -289,6 +330,9 @@ impl Ingress {
             }
             return results;
         }
+        if accepted.is_empty() {
+            return results;
+        }
         for a in &accepted {
             for target in &a.targets {
                 self.backlog.add(*target, a.message.payload.len() as u64);
@@ -297,6 +341,21 @@ impl Ingress {
         // The dispatcher ends only after the ingress closed; a failed send means it is gone.
         let _ = self.dispatcher.send(dispatch::Input::Accepted(accepted));
         results
+    }
+
+    /// Publishes a batch: each message gets its id or its refusal; the accepted ones are
+    /// durable in the ledger when this returns. Blocks: for plain threads.
+    pub fn publish(&self, batch: Vec<NewMessage>) -> Vec<Result<u64, Refused>> {
+        let mut submitted = self.submit(batch);
+        let receipt = submitted.take_receipt();
+        self.complete(submitted, receipt.wait())
+    }
+
+    /// [`Ingress::publish`] for async code: waits for the ledger without blocking a thread.
+    pub async fn publish_async(&self, batch: Vec<NewMessage>) -> Vec<Result<u64, Refused>> {
+        let mut submitted = self.submit(batch);
+        let receipt = submitted.take_receipt();
+        self.complete(submitted, receipt.done().await)
     }
 
     /// Publishes one message.

@@ -86,6 +86,43 @@ pub enum Wait {
     Written,
 }
 
+/// Where the answer to a submitted batch comes from: at once, or from the ledger's threads
+/// once the batch is as durable as asked. Wait for it on a plain thread
+/// ([`Receipt::wait`]) or in async code ([`Receipt::done`]).
+#[derive(Debug)]
+pub enum Receipt {
+    Ready(Result<(), LedgerError>),
+    Pending(tokio::sync::oneshot::Receiver<Result<(), LedgerError>>),
+}
+
+fn gone() -> LedgerError {
+    LedgerError::Fatal("the ledger writer is gone".into())
+}
+
+impl Receipt {
+    /// Blocks until the answer (never call it inside async code).
+    ///
+    /// # Errors
+    /// The ledger's answer.
+    pub fn wait(self) -> Result<(), LedgerError> {
+        match self {
+            Self::Ready(result) => result,
+            Self::Pending(answer) => answer.blocking_recv().map_err(|_| gone())?,
+        }
+    }
+
+    /// Awaits the answer.
+    ///
+    /// # Errors
+    /// The ledger's answer.
+    pub async fn done(self) -> Result<(), LedgerError> {
+        match self {
+            Self::Ready(result) => result,
+            Self::Pending(answer) => answer.await.map_err(|_| gone())?,
+        }
+    }
+}
+
 /// A dead letter as operators see it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DeadLetter {
@@ -233,19 +270,27 @@ pub struct CommitStats {
     pub messages: u64,
     /// Records in those commits.
     pub records: u64,
-    /// Commit latency (build + commit + fsync) in µs: p50, p99, max.
+    /// Commit latency (build + commit, written to the OS) in µs: p50, p99, max.
     pub latency_us: [u64; 3],
+    /// Latency of the log fsyncs that make publishes durable, in µs: p50, p99, max.
+    pub fsync_us: [u64; 3],
     /// Bytes the store takes on disk (database and its write-ahead log).
     pub bytes: u64,
 }
 
 /// The ledger interface.
 pub trait Ledger: Send + Sync + 'static {
-    /// Applies `records` atomically, returning per `wait`.
+    /// Hands `records` over to be applied atomically; the receipt answers per `wait`.
+    /// Batches are applied in the order they were submitted.
+    fn submit(&self, records: Vec<Record>, wait: Wait) -> Receipt;
+
+    /// Applies `records` atomically, returning per `wait` (blocks: not for async code).
     ///
     /// # Errors
     /// [`LedgerError::Full`] or [`LedgerError::Fatal`]; nothing of the batch was applied.
-    fn commit(&self, records: Vec<Record>, wait: Wait) -> Result<(), LedgerError>;
+    fn commit(&self, records: Vec<Record>, wait: Wait) -> Result<(), LedgerError> {
+        self.submit(records, wait).wait()
+    }
 
     /// At start: the pending deliveries of `instances` (name and rules, in instance-id
     /// order) and the next id. Attempts left in flight by an unclean exit are charged a
@@ -278,6 +323,14 @@ pub trait Ledger: Send + Sync + 'static {
     fn marker(&self, instance: InstanceId) -> Option<durable::Marker> {
         let _ = instance;
         None
+    }
+
+    /// Reads several messages back at once (one read transaction).
+    ///
+    /// # Errors
+    /// [`LedgerError::Fatal`] when one cannot be read or is corrupt.
+    fn load_many(&self, ids: &[u64]) -> Result<Vec<Option<Arc<StoredMessage>>>, LedgerError> {
+        ids.iter().map(|id| self.load(*id)).collect()
     }
 
     /// Idempotency keys recorded at or after `since`: (key, message id, time).
@@ -366,17 +419,8 @@ impl MemoryLedger {
     pub fn new() -> Arc<Self> {
         Arc::default()
     }
-}
 
-/// Locks, shrugging off a poisoned lock (the data is counters and lists: always usable).
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-impl Ledger for MemoryLedger {
-    fn commit(&self, records: Vec<Record>, _wait: Wait) -> Result<(), LedgerError> {
+    fn record(&self, records: Vec<Record>) {
         let mut dead = Vec::new();
         for record in records {
             match record {
@@ -414,7 +458,20 @@ impl Ledger for MemoryLedger {
         if !dead.is_empty() {
             lock(&self.dead).extend(dead);
         }
-        Ok(())
+    }
+}
+
+/// Locks, shrugging off a poisoned lock (the data is counters and lists: always usable).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Ledger for MemoryLedger {
+    fn submit(&self, records: Vec<Record>, _wait: Wait) -> Receipt {
+        self.record(records);
+        Receipt::Ready(Ok(()))
     }
 
     fn recover(
@@ -428,7 +485,6 @@ impl Ledger for MemoryLedger {
             ..Recovered::default()
         })
     }
-
     fn dead_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>, LedgerError> {
         let mut list: Vec<DeadLetter> = lock(&self.dead)
             .iter()

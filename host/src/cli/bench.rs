@@ -78,6 +78,9 @@ struct Report {
     msgs_per_sec: f64,
     /// Latency reported by the bench plugin, if a report file was given.
     latency: Option<Latency>,
+    /// Messages handled per second, from the first publish until the bench plugin reported
+    /// the last one handled (with a report file): the sustained end-to-end rate.
+    end_to_end_msgs_per_sec: Option<f64>,
 }
 
 /// Runs `bench`.
@@ -103,6 +106,7 @@ pub fn run(args: Args) -> ExitCode {
         // A report from an earlier run must not be mistaken for this one's.
         let _ = std::fs::remove_file(path);
     }
+    let started = std::time::Instant::now();
     let result = runtime.block_on(publish_all(&endpoint, &args));
     let (elapsed, refused) = match result {
         Ok(done) => done,
@@ -115,6 +119,7 @@ pub fn run(args: Args) -> ExitCode {
         },
         None => None,
     };
+    let handled_in = started.elapsed();
     let report = Report {
         messages: args.count,
         size: args.size,
@@ -123,6 +128,9 @@ pub fn run(args: Args) -> ExitCode {
         refused,
         seconds: elapsed.as_secs_f64(),
         msgs_per_sec: (args.count - refused) as f64 / elapsed.as_secs_f64(),
+        end_to_end_msgs_per_sec: latency
+            .as_ref()
+            .map(|_| (args.count - refused) as f64 / handled_in.as_secs_f64()),
         latency,
     };
     if args.client.json {
@@ -154,6 +162,9 @@ fn print_text(report: &Report) {
             String::new()
         }
     );
+    if let Some(rate) = report.end_to_end_msgs_per_sec {
+        println!("  end to end (until the last was handled): {rate:.0} msgs/s");
+    }
     if let Some(l) = &report.latency {
         println!(
             "  publish→handle latency over {} messages: min {} µs, p50 {} µs, p90 {} µs, \

@@ -2,9 +2,10 @@
 //! idempotency keys and precise status codes.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
+    future::Future,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::Duration,
 };
 
@@ -17,7 +18,8 @@ use super::pb::{
 };
 use crate::{
     clock::{Clock, SystemClock, Timestamp},
-    ingress::{Ingress, NewMessage, Refused},
+    ingress::{Ingress, NewMessage, Refused, Submitted},
+    ledger::LedgerError,
 };
 
 /// How many batch results of one stream may wait for the client before the server stops
@@ -62,7 +64,9 @@ impl Keys {
 #[derive(Debug, Clone)]
 pub struct PublisherService {
     ingress: Arc<Ingress>,
-    keys: Arc<Mutex<Keys>>,
+    /// Held across a keyed publish (until its key is recorded): two publishes of one key
+    /// cannot both pass.
+    keys: Arc<tokio::sync::Mutex<Keys>>,
 }
 
 impl PublisherService {
@@ -78,7 +82,7 @@ impl PublisherService {
             .collect();
         Self {
             ingress,
-            keys: Arc::new(Mutex::new(Keys {
+            keys: Arc::new(tokio::sync::Mutex::new(Keys {
                 window: dedupe_window,
                 sweep_at: (seen.len() * 2).max(SWEEP_MIN),
                 seen,
@@ -91,32 +95,38 @@ impl PublisherService {
     }
 
     /// Publishes a batch, honouring idempotency keys.
-    fn publish(&self, requests: Vec<PublishRequest>) -> Vec<Result<u64, Refused>> {
+    async fn publish(&self, requests: Vec<PublishRequest>) -> Vec<Result<u64, Refused>> {
         let keyed = requests.iter().any(|r| !r.key.is_empty());
         if !keyed {
             return self
                 .ingress
-                .publish(requests.into_iter().map(message).collect());
+                .publish_async(requests.into_iter().map(message).collect())
+                .await;
         }
         // Keyed batches are serialized so two publishes of one key cannot both pass.
-        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        let mut keys = self.keys.lock().await;
         let now = SystemClock.now();
-        requests
-            .into_iter()
-            .map(|request| {
-                if !request.key.is_empty()
-                    && let Some(id) = keys.get(&request.key, now)
-                {
-                    return Ok(id);
-                }
-                let key = request.key.clone();
-                let result = self.ingress.publish_one(message(request));
-                if let (Ok(id), false) = (&result, key.is_empty()) {
-                    keys.seen.insert(key, (*id, now));
-                }
-                result
-            })
-            .collect()
+        let mut results = Vec::with_capacity(requests.len());
+        for request in requests {
+            if !request.key.is_empty()
+                && let Some(id) = keys.get(&request.key, now)
+            {
+                results.push(Ok(id));
+                continue;
+            }
+            let key = request.key.clone();
+            let result = self
+                .ingress
+                .publish_async(vec![message(request)])
+                .await
+                .pop()
+                .expect("one result per message");
+            if let (Ok(id), false) = (&result, key.is_empty()) {
+                keys.seen.insert(key, (*id, now));
+            }
+            results.push(result);
+        }
+        results
     }
 }
 
@@ -160,6 +170,13 @@ fn outcome(result: Result<u64, Refused>) -> PublishOutcome {
     }
 }
 
+/// A batch of a stream waiting for the ledger.
+struct InFlight {
+    correlation_id: u64,
+    submitted: Submitted,
+    receipt: Pin<Box<dyn Future<Output = Result<(), LedgerError>> + Send>>,
+}
+
 type ResultStream = Pin<Box<dyn Stream<Item = Result<PublishBatchResult, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -168,7 +185,7 @@ impl publisher_server::Publisher for PublisherService {
         &self,
         request: Request<PublishRequest>,
     ) -> Result<Response<PublishResponse>, Status> {
-        let result = self.publish(vec![request.into_inner()]);
+        let result = self.publish(vec![request.into_inner()]).await;
         match result.into_iter().next().expect("one result per message") {
             Ok(id) => Ok(Response::new(PublishResponse { id })),
             Err(refused) => Err(status(&refused)),
@@ -185,22 +202,69 @@ impl publisher_server::Publisher for PublisherService {
         let (results, stream) = tokio::sync::mpsc::channel(STREAM_BUFFER);
         let service = self.clone();
         tokio::spawn(async move {
-            while let Some(batch) = batches.next().await {
-                let reply = match batch {
-                    Ok(batch) => Ok(PublishBatchResult {
-                        correlation_id: batch.correlation_id,
-                        outcomes: service
-                            .publish(batch.messages)
-                            .into_iter()
-                            .map(outcome)
-                            .collect(),
-                    }),
-                    Err(status) => Err(status),
-                };
-                let failed = reply.is_err();
-                if results.send(reply).await.is_err() || failed {
-                    break;
+            // Batches are submitted as they arrive (ids in arrival order) and answered in
+            // that order once durable: many batches share one group commit.
+            let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+            let mut reading = true;
+            let mut error = None;
+            while reading || !in_flight.is_empty() {
+                tokio::select! {
+                    biased;
+                    recorded = async { (&mut in_flight.front_mut().expect("checked").receipt).await },
+                        if !in_flight.is_empty() =>
+                    {
+                        let done = in_flight.pop_front().expect("checked");
+                        let outcomes = service.ingress.complete(done.submitted, recorded);
+                        let reply = Ok(PublishBatchResult {
+                            correlation_id: done.correlation_id,
+                            outcomes: outcomes.into_iter().map(outcome).collect(),
+                        });
+                        // A client gone is no reason to stop: what was submitted must
+                        // still reach the dispatcher.
+                        let _ = results.send(reply).await;
+                    }
+                    batch = batches.next(), if reading && in_flight.len() < STREAM_BUFFER => {
+                        match batch {
+                            Some(Ok(batch)) if batch.messages.iter().any(|m| !m.key.is_empty()) => {
+                                // A keyed batch waits for the ones before it, then goes alone.
+                                for done in in_flight.drain(..) {
+                                    let recorded = done.receipt.await;
+                                    let outcomes = service.ingress.complete(done.submitted, recorded);
+                                    let reply = Ok(PublishBatchResult {
+                                        correlation_id: done.correlation_id,
+                                        outcomes: outcomes.into_iter().map(outcome).collect(),
+                                    });
+                                    let _ = results.send(reply).await;
+                                }
+                                let reply = Ok(PublishBatchResult {
+                                    correlation_id: batch.correlation_id,
+                                    outcomes: service.publish(batch.messages).await.into_iter().map(outcome).collect(),
+                                });
+                                let _ = results.send(reply).await;
+                            }
+                            Some(Ok(batch)) => {
+                                let mut submitted = service
+                                    .ingress
+                                    .submit(batch.messages.into_iter().map(message).collect());
+                                let receipt = Box::pin(submitted.take_receipt().done());
+                                in_flight.push_back(InFlight {
+                                    correlation_id: batch.correlation_id,
+                                    submitted,
+                                    receipt,
+                                });
+                            }
+                            Some(Err(status)) => {
+                                // The batches before it are still answered, then the error.
+                                error = Some(status);
+                                reading = false;
+                            }
+                            None => reading = false,
+                        }
+                    }
                 }
+            }
+            if let Some(status) = error {
+                let _ = results.send(Err(status)).await;
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(stream))))

@@ -1,12 +1,16 @@
 //! The durable ledger: SQLite under `state_dir` with one writer thread doing group commit,
 //! the in-flight marker file, recovery with crash accounting, retention and the fault rules.
 //!
-//! Group commit: every caller hands its batch to the writer and waits; the writer takes all
-//! that queued up while it was busy and applies it in one transaction — no artificial wait
-//! when there is nothing to batch. A transaction that carries a publish (`Wait::Durable`)
-//! in `fsync` mode commits with `synchronous = FULL` (one fsync of the write-ahead log covers
-//! every publish in it and everything written before); the rest commit with `NORMAL`
-//! (written to the OS, synced by the next full commit or checkpoint).
+//! Group commit, pipelined: every caller hands its batch to the writer and waits; the writer
+//! takes all that queued up while it was busy and applies it in one transaction — no
+//! artificial wait when there is nothing to batch — committed with `synchronous = NORMAL`
+//! (written to the OS: it survives a crash of the process). Settlements are answered then.
+//! In `fsync` mode the publishes of that transaction go to the syncer thread, which
+//! `fdatasync`s the write-ahead log and only then answers them; one fsync covers every
+//! commit made before it started, and the writer builds the next transaction meanwhile.
+//! (WAL + NORMAL + an fsync of the log after the commit is exactly what `synchronous = FULL`
+//! does inside the commit: SQLite already syncs the log before each checkpoint and the
+//! database after it, and the log header when the log is reused.)
 //!
 //! Faults (DESIGN.md §7): out of space refuses the publishes of the batch and retries the
 //! settlements alone (releasing the reserve file if needed); any other storage error poisons
@@ -31,7 +35,8 @@ use rusqlite::Connection;
 
 use super::{
     BacklogEntry, CommitStats, Counts, DeadLetter, DeadLetterFilter, Forget, HistoryEntry, Ledger,
-    LedgerError, Pending, Record, Recovered, Replayed, Selection, Wait, lock, markers, store,
+    LedgerError, Pending, Receipt, Record, Recovered, Replayed, Selection, Wait, lock, markers,
+    store,
 };
 use crate::{
     clock::{Clock, Timestamp},
@@ -81,7 +86,10 @@ const MAX_BATCH: usize = 4096;
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
 
 /// One caller's batch as the writer takes it, with where to answer.
-type Commit = (Vec<Record>, Wait, Sender<Result<(), LedgerError>>);
+type Commit = (Vec<Record>, Wait, Reply);
+
+/// Where a batch's answer goes.
+type Reply = tokio::sync::oneshot::Sender<Result<(), LedgerError>>;
 
 /// An operator's change, run by the writer in a transaction of its own.
 enum Op {
@@ -99,7 +107,7 @@ enum Request {
     Commit {
         records: Vec<Record>,
         wait: Wait,
-        reply: Sender<Result<(), LedgerError>>,
+        reply: Reply,
     },
     Op {
         op: Op,
@@ -130,6 +138,7 @@ struct Stats {
     messages: u64,
     records: u64,
     latency: Histogram<u64>,
+    fsync_latency: Histogram<u64>,
 }
 
 impl Shared {
@@ -224,6 +233,7 @@ impl DurableLedger {
                 messages: 0,
                 records: 0,
                 latency: Histogram::new_with_bounds(1, 60_000_000, 2).expect("valid bounds"),
+                fsync_latency: Histogram::new_with_bounds(1, 60_000_000, 2).expect("valid bounds"),
             }),
             bytes: AtomicU64::new(0),
         });
@@ -264,20 +274,18 @@ impl DurableLedger {
         }
     }
 
-    fn send(&self, records: Vec<Record>, wait: Wait) -> Result<(), LedgerError> {
+    fn send(&self, records: Vec<Record>, wait: Wait) -> Receipt {
         if let Some(e) = self.shared.failed() {
-            return Err(e);
+            return Receipt::Ready(Err(e));
         }
-        let (reply, answer) = bounded(1);
-        let gone = || LedgerError::Fatal("the ledger writer is gone".into());
-        self.requests
-            .send(Request::Commit {
-                records,
-                wait,
-                reply,
-            })
-            .map_err(|_| gone())?;
-        answer.recv().map_err(|_| gone())?
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        // A send fails only once the writer ended: the receipt then says it is gone.
+        let _ = self.requests.send(Request::Commit {
+            records,
+            wait,
+            reply,
+        });
+        Receipt::Pending(answer)
     }
 }
 
@@ -301,7 +309,7 @@ fn ensure_reserve(dir: &Path) {
 }
 
 impl Ledger for DurableLedger {
-    fn commit(&self, records: Vec<Record>, wait: Wait) -> Result<(), LedgerError> {
+    fn submit(&self, records: Vec<Record>, wait: Wait) -> Receipt {
         let (mut accepted, mut attempts, mut acked, mut dead) = (0, 0, 0, 0);
         for record in &records {
             match record {
@@ -314,15 +322,16 @@ impl Ledger for DurableLedger {
         }
         // An attempt's in-flight marker is its actor's slot (see `marker`): the writer
         // has nothing to do for it.
-        if attempts < records.len() {
-            self.send(records, wait)?;
-        }
         let s = &self.shared;
         s.accepted.fetch_add(accepted, Ordering::Relaxed);
         s.attempts.fetch_add(attempts as u64, Ordering::Relaxed);
         s.acked.fetch_add(acked, Ordering::Relaxed);
         s.dead_lettered.fetch_add(dead, Ordering::Relaxed);
-        Ok(())
+        if attempts < records.len() {
+            self.send(records, wait)
+        } else {
+            Receipt::Ready(Ok(()))
+        }
     }
 
     fn recover(
@@ -424,7 +433,22 @@ impl Ledger for DurableLedger {
             });
             Ok(())
         })?;
+        let (syncs, to_sync) = unbounded();
+        let syncer = Syncer {
+            wal: self.dir.join(format!("{}-wal", store::FILE)),
+            file: None,
+            shared: self.shared.clone(),
+        };
+        std::thread::Builder::new()
+            .name("ledger-sync".into())
+            .spawn(move || syncer.run(&to_sync))
+            .map_err(|e| LedgerError::Fatal(format!("cannot start the ledger syncer: {e}")))?;
+        // Acceptance order: first deliveries go out in it.
+        recovered
+            .pending
+            .sort_unstable_by_key(|p| (p.message, p.instance));
         let mut writer = Writer {
+            syncs,
             conn,
             shared: self.shared.clone(),
             mode: self.options.mode,
@@ -436,6 +460,7 @@ impl Ledger for DurableLedger {
             sync: None,
             used: 0,
             commits_since_measure: 0,
+            checkpointer: None,
         };
         // The charges, and "running" (an exit before the next graceful stop is unclean),
         // are durable before anything is handed out.
@@ -447,6 +472,21 @@ impl Ledger for DurableLedger {
                 self.dir.join(markers::FILE).display()
             ))
         })?);
+        // Checkpoints run beside the writer, not inside its commits.
+        writer
+            .conn
+            .execute_batch("PRAGMA wal_autocheckpoint = 0")
+            .map_err(|e| store::classify("ledger", &e))?;
+        let checkpoints = store::open_checkpointer(&self.dir)?;
+        let shared = self.shared.clone();
+        let (checkpoint_alive, checkpoint_stop) = bounded::<()>(0);
+        writer.checkpointer = Some(checkpoint_alive);
+        std::thread::Builder::new()
+            .name("ledger-checkpoint".into())
+            .spawn(move || checkpoint(&checkpoints, &shared, &checkpoint_stop))
+            .map_err(|e| {
+                LedgerError::Fatal(format!("cannot start the ledger checkpointer: {e}"))
+            })?;
         let thread = std::thread::Builder::new()
             .name("ledger".into())
             .spawn(move || writer.run(&receiver))
@@ -471,6 +511,18 @@ impl Ledger for DurableLedger {
 
     fn load(&self, id: u64) -> Result<Option<Arc<StoredMessage>>, LedgerError> {
         store::load(&lock(&self.reader), id).map(|m| m.map(Arc::new))
+    }
+
+    fn load_many(&self, ids: &[u64]) -> Result<Vec<Option<Arc<StoredMessage>>>, LedgerError> {
+        let reader = lock(&self.reader);
+        let map = |e: rusqlite::Error| store::classify("cannot read the ledger", &e);
+        reader.execute_batch("BEGIN").map_err(map)?;
+        let loaded: Result<Vec<_>, _> = ids
+            .iter()
+            .map(|id| store::load(&reader, *id).map(|m| m.map(Arc::new)))
+            .collect();
+        reader.execute_batch("COMMIT").map_err(map)?;
+        loaded
     }
 
     fn keys(&self, since: Timestamp) -> Vec<(String, u64, Timestamp)> {
@@ -548,6 +600,11 @@ impl Ledger for DurableLedger {
                 stats.latency.value_at_quantile(0.99),
                 stats.latency.max(),
             ],
+            fsync_us: [
+                stats.fsync_latency.value_at_quantile(0.5),
+                stats.fsync_latency.value_at_quantile(0.99),
+                stats.fsync_latency.max(),
+            ],
             bytes: self.shared.bytes.load(Ordering::Relaxed),
         }
     }
@@ -604,8 +661,85 @@ impl Marker {
     }
 }
 
+/// Publishes waiting for the fsync that covers them.
+type Waiting = Vec<Reply>;
+
+/// The syncer thread: fsyncs the write-ahead log for the commits handed to it, then answers
+/// their publishes.
+struct Syncer {
+    wal: PathBuf,
+    file: Option<File>,
+    shared: Arc<Shared>,
+}
+
+impl Syncer {
+    fn run(mut self, requests: &Receiver<Waiting>) {
+        while let Ok(mut waiting) = requests.recv() {
+            for more in requests.try_iter() {
+                waiting.extend(more);
+            }
+            let result = match self.shared.failed() {
+                Some(e) => Err(e),
+                None => self.sync(),
+            };
+            if let Err(e) = &result {
+                self.shared.poison(e);
+            }
+            for reply in waiting {
+                let _ = reply.send(result.clone());
+            }
+        }
+    }
+
+    /// One `fdatasync` of the log. A failure is final: it is never retried (after a failed
+    /// fsync the kernel may have dropped the dirty pages; a retry would report success).
+    fn sync(&mut self) -> Result<(), LedgerError> {
+        let started = Instant::now();
+        let file = match &self.file {
+            Some(file) => file,
+            None => self.file.insert(File::open(&self.wal).map_err(|e| {
+                LedgerError::Fatal(format!("cannot open {}: {e}", self.wal.display()))
+            })?),
+        };
+        file.sync_data().map_err(|e| {
+            LedgerError::Fatal(format!("fsync of {} failed: {e}", self.wal.display()))
+        })?;
+        let mut stats = lock(&self.shared.stats);
+        stats.fsyncs += 1;
+        let _ = stats
+            .fsync_latency
+            .record((started.elapsed().as_micros() as u64).max(1));
+        Ok(())
+    }
+}
+
+/// The log size past which the writer waits for a complete checkpoint.
+const LOG_RESTART_BYTES: u64 = 32 << 20;
+
+/// How often the checkpointer copies the log into the database.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
+
+/// The checkpointer thread: passive checkpoints on a connection of its own, so that the
+/// writer's commits never wait for one; it ends when the writer does.
+fn checkpoint(conn: &Connection, shared: &Shared, writer: &Receiver<()>) {
+    while let Err(RecvTimeoutError::Timeout) = writer.recv_timeout(CHECKPOINT_EVERY) {
+        if shared.failed().is_some() {
+            return;
+        }
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            let error = store::classify("ledger checkpoint", &e);
+            if matches!(error, LedgerError::Fatal(_)) {
+                shared.poison(&error);
+                return;
+            }
+        }
+    }
+}
+
 /// The writer thread's state.
 struct Writer {
+    /// To the syncer: publishes of committed transactions, in `fsync` mode.
+    syncs: Sender<Waiting>,
     conn: Connection,
     shared: Arc<Shared>,
     mode: Mode,
@@ -619,6 +753,8 @@ struct Writer {
     /// Bytes of live pages, measured every so often.
     used: u64,
     commits_since_measure: u32,
+    /// Dropped with the writer: the checkpointer then ends.
+    checkpointer: Option<Sender<()>>,
 }
 
 impl Writer {
@@ -686,7 +822,7 @@ impl Writer {
             }
             return;
         }
-        let (mut publishes, mut settles): (Vec<_>, Vec<_>) = commits
+        let (mut publishes, settles): (Vec<_>, Vec<_>) = commits
             .into_iter()
             .partition(|(_, wait, _)| *wait == Wait::Durable);
         if let Some(limit) = self.max_bytes
@@ -706,7 +842,7 @@ impl Writer {
             .chain(&settles)
             .map(|(r, ..)| r.as_slice())
             .collect();
-        let result = self.transaction(&all, !publishes.is_empty());
+        let result = self.transaction(&all);
         let result = match result {
             Err(LedgerError::Full(reason)) => {
                 // Publishes are refused; settlements must still be written (reserved space).
@@ -714,12 +850,12 @@ impl Writer {
                     let _ = reply.send(Err(LedgerError::Full(reason.clone())));
                 }
                 let settle: Vec<&[Record]> = settles.iter().map(|(r, ..)| r.as_slice()).collect();
-                match self.transaction(&settle, false) {
+                match self.transaction(&settle) {
                     Err(LedgerError::Full(_)) => {
                         let reserve = self.dir.join(RESERVE);
                         tracing::warn!(path = %reserve.display(), "disk full: releasing the space reserved for settlements");
                         let _ = fs::remove_file(&reserve);
-                        self.transaction(&settle, false).map_err(|e| match e {
+                        self.transaction(&settle).map_err(|e| match e {
                             LedgerError::Full(m) => LedgerError::Fatal(format!(
                                 "no space left even for settlements: {m}"
                             )),
@@ -734,8 +870,17 @@ impl Writer {
         if let Err(e) = &result {
             self.shared.poison(e);
         }
-        for (_, _, reply) in publishes.into_iter().chain(settles.drain(..)) {
+        for (_, _, reply) in settles {
             let _ = reply.send(result.clone());
+        }
+        if result.is_ok() && self.mode == Mode::Fsync && !publishes.is_empty() {
+            let waiting = publishes.into_iter().map(|(_, _, reply)| reply).collect();
+            // The syncer ends only after the writer; a failed send means it is gone.
+            let _ = self.syncs.send(waiting);
+        } else {
+            for (_, _, reply) in publishes {
+                let _ = reply.send(result.clone());
+            }
         }
     }
 
@@ -781,17 +926,12 @@ impl Writer {
         Ok(())
     }
 
-    /// One transaction for all of `batches`; fsynced when it holds a publish in fsync mode.
-    fn transaction(&mut self, batches: &[&[Record]], publishes: bool) -> Result<(), LedgerError> {
+    /// One transaction for all of `batches`, written to the OS (the syncer makes it durable).
+    fn transaction(&mut self, batches: &[&[Record]]) -> Result<(), LedgerError> {
         if batches.iter().all(|b| b.is_empty()) {
             return Ok(());
         }
-        let sync = if publishes && self.mode == Mode::Fsync {
-            store::Sync::Full
-        } else {
-            store::Sync::Written
-        };
-        self.set_sync(sync)?;
+        self.set_sync(store::Sync::Written)?;
         let started = Instant::now();
         let applied = self.apply_all(batches);
         if let Err(e) = applied {
@@ -811,16 +951,39 @@ impl Writer {
         }
         let mut stats = lock(&self.shared.stats);
         stats.commits += 1;
-        stats.fsyncs += u64::from(sync == store::Sync::Full);
         stats.messages += messages;
         stats.records += records;
         let _ = stats.latency.record(micros.max(1));
         drop(stats);
         self.commits_since_measure += 1;
+        if self.commits_since_measure.is_multiple_of(32) {
+            self.bound_log();
+        }
         if self.commits_since_measure >= 256 {
             self.measure();
         }
         Ok(())
+    }
+
+    /// Keeps the write-ahead log bounded. Passive checkpoints (the checkpointer) copy it
+    /// into the database, but under a constant stream of commits the log is never entirely
+    /// copied when a commit starts, so it is never reused and grows without end. Past
+    /// [`LOG_RESTART_BYTES`] the writer waits for one checkpoint that completes — little is
+    /// left to copy by then — and the next commit starts the log from the beginning (it is
+    /// truncated to `journal_size_limit`).
+    fn bound_log(&mut self) {
+        let log = self.dir.join(format!("{}-wal", store::FILE));
+        if fs::metadata(&log).is_ok_and(|m| m.len() > LOG_RESTART_BYTES) {
+            let done = self
+                .conn
+                .query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()));
+            if let Err(e) = done {
+                let error = store::classify("ledger checkpoint", &e);
+                if matches!(error, LedgerError::Fatal(_)) {
+                    self.shared.poison(&error);
+                }
+            }
+        }
     }
 
     fn apply_all(&mut self, batches: &[&[Record]]) -> Result<(), LedgerError> {
@@ -839,29 +1002,32 @@ impl Writer {
                 .copied()
                 .ok_or_else(|| LedgerError::Fatal(format!("instance #{instance} is unknown")))
         };
+        let mut writes = store::Writes::new(&self.conn).map_err(map)?;
+        let mut targets_keys = Vec::new();
         for batch in batches {
             for record in *batch {
                 match record {
                     Record::Accepted { message, targets } => {
-                        store::insert_message(&self.conn, message).map_err(map)?;
+                        targets_keys.clear();
                         for target in targets {
-                            store::insert_delivery(&self.conn, message.id, key(*target)?)
-                                .map_err(map)?;
+                            targets_keys.push(key(*target)?);
                         }
+                        writes.accept(message, &targets_keys).map_err(map)?;
                         next_id = next_id.max(message.id + 1);
                     }
                     Record::Key { key, message, at } => {
-                        store::insert_key(&self.conn, key, *message, *at).map_err(map)?;
+                        writes.key(key, *message, *at).map_err(map)?;
                     }
                     Record::Attempt { .. } => {}
                     Record::Updated {
                         message,
                         instance,
                         delivery,
-                    } => store::update_delivery(&self.conn, *message, key(*instance)?, delivery)
+                    } => writes
+                        .update(*message, key(*instance)?, delivery)
                         .map_err(map)?,
                     Record::Acked { message, instance } | Record::Purged { message, instance } => {
-                        store::end_delivery(&self.conn, *message, key(*instance)?).map_err(map)?;
+                        writes.end(*message, key(*instance)?).map_err(map)?;
                     }
                     Record::DeadLettered {
                         message,
@@ -869,29 +1035,29 @@ impl Writer {
                         delivery,
                         at,
                         ..
-                    } => store::dead_letter(&self.conn, *message, key(*instance)?, delivery, *at)
+                    } => writes
+                        .dead_letter(*message, key(*instance)?, delivery, *at)
                         .map_err(map)?,
                 }
             }
         }
+        drop(writes);
         if next_id > 0 {
             store::raise_next_id(&self.conn, next_id).map_err(map)?;
         }
         self.conn.execute_batch("COMMIT").map_err(map)
     }
 
-    /// Recovery's charges and the "running" mark, fsynced.
+    /// Recovery's charges and the "running" mark (an exit before the next graceful stop is
+    /// unclean), fsynced before anything is handed out.
     fn recovery_commit(&mut self, records: &[Record], next_id: u64) -> Result<(), LedgerError> {
+        self.transaction(&[records])?;
         self.set_sync(store::Sync::Full)?;
-        self.conn
-            .execute_batch("BEGIN")
-            .map_err(|e| store::classify("ledger", &e))?;
+        let map = |e: rusqlite::Error| store::classify("ledger", &e);
+        self.conn.execute_batch("BEGIN").map_err(map)?;
         store::set_meta(&self.conn, "clean", 0)?;
         store::set_meta(&self.conn, "next_id", next_id as i64)?;
-        self.conn
-            .execute_batch("COMMIT")
-            .map_err(|e| store::classify("ledger", &e))?;
-        self.transaction(&[records], true)
+        self.conn.execute_batch("COMMIT").map_err(map)
     }
 
     fn measure(&mut self) {

@@ -9,7 +9,7 @@
 use std::{path::Path, time::Duration};
 
 use bytes::Bytes;
-use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, params};
+use rusqlite::{CachedStatement, Connection, ErrorCode, OpenFlags, OptionalExtension, params};
 
 use super::{
     BacklogEntry, DeadLetter, DeadLetterFilter, Forget, HistoryEntry, LedgerError, Selection,
@@ -34,7 +34,10 @@ CREATE TABLE messages(
     headers BLOB NOT NULL,
     payload BLOB NOT NULL,
     published INTEGER NOT NULL,
-    crc INTEGER NOT NULL
+    crc INTEGER NOT NULL,
+    -- The one target of a single-target message whose delivery has not ended: it needs no
+    -- row in `deliveries` until it changes (most never do: they are acked at once).
+    solo INTEGER
 );
 CREATE TABLE deliveries(
     msg INTEGER NOT NULL,
@@ -52,6 +55,13 @@ CREATE TABLE dead_letters(
 CREATE INDEX dead_letters_at ON dead_letters(at);
 CREATE TABLE keys(key TEXT PRIMARY KEY, msg INTEGER NOT NULL, at INTEGER NOT NULL) WITHOUT ROWID;
 CREATE INDEX keys_at ON keys(at);
+-- Every delivery not yet ended: the rows of `deliveries`, and the single targets that have
+-- none yet (state NULL: as accepted).
+CREATE VIEW pending(msg, inst, state) AS
+    SELECT m.id, m.solo, NULL FROM messages m
+     WHERE m.solo IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.msg = m.id AND d.inst = m.solo)
+    UNION ALL SELECT msg, inst, state FROM deliveries;
 INSERT INTO meta VALUES ('next_id', 1), ('clean', 1);
 ";
 
@@ -141,6 +151,20 @@ fn upgrade(conn: &Connection, from: i64) -> Result<(), LedgerError> {
         "{}: the ledger has format {from}, which no plugind ever wrote (formats start at 1)",
         conn.path().unwrap_or("ledger")
     )))
+}
+
+/// The checkpointer's connection (it writes the database file, never the log).
+pub(super) fn open_checkpointer(dir: &Path) -> Result<Connection, LedgerError> {
+    let conn = Connection::open_with_flags(
+        dir.join(FILE),
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(fatal("cannot open the ledger for checkpoints"))?;
+    conn.busy_timeout(Duration::from_secs(5))
+        .map_err(fatal("ledger"))?;
+    conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA wal_autocheckpoint = 0")
+        .map_err(fatal("ledger"))?;
+    Ok(conn)
 }
 
 /// A read-only connection for loads and queries beside the writer.
@@ -271,88 +295,130 @@ pub(super) fn decode_delivery(
     })
 }
 
-pub(super) fn insert_message(conn: &Connection, m: &StoredMessage) -> rusqlite::Result<()> {
-    let headers = encode_headers(&m.headers);
-    let crc = checksum(m.id, &m.topic, &headers, &m.payload, m.publish_time.0);
-    conn.prepare_cached(
-        "INSERT INTO messages(id, topic, headers, payload, published, crc) VALUES (?1, ?2, ?3, ?4, \
-         ?5, ?6)",
-    )?
-    .execute(params![
-        m.id as i64,
-        m.topic,
-        headers,
-        &m.payload[..],
-        m.publish_time.0 as i64,
-        crc
-    ])
-    .map(drop)
+/// The statements of one write transaction, prepared once for it.
+pub(super) struct Writes<'c> {
+    insert_message: CachedStatement<'c>,
+    insert_delivery: CachedStatement<'c>,
+    put_delivery: CachedStatement<'c>,
+    delete_delivery: CachedStatement<'c>,
+    drop_message: CachedStatement<'c>,
+    clear_solo: CachedStatement<'c>,
+    insert_dead: CachedStatement<'c>,
+    insert_key: CachedStatement<'c>,
 }
 
-pub(super) fn insert_delivery(conn: &Connection, message: u64, inst: u32) -> rusqlite::Result<()> {
-    conn.prepare_cached("INSERT INTO deliveries(msg, inst, state) VALUES (?1, ?2, NULL)")?
-        .execute(params![message as i64, inst])
-        .map(drop)
-}
+impl<'c> Writes<'c> {
+    pub(super) fn new(conn: &'c Connection) -> rusqlite::Result<Self> {
+        Ok(Self {
+            insert_message: conn.prepare_cached(
+                "INSERT INTO messages(id, topic, headers, payload, published, crc, solo)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?,
+            insert_delivery: conn
+                .prepare_cached("INSERT INTO deliveries(msg, inst, state) VALUES (?1, ?2, NULL)")?,
+            put_delivery: conn.prepare_cached(
+                "INSERT OR REPLACE INTO deliveries(msg, inst, state) VALUES (?1, ?2, ?3)",
+            )?,
+            delete_delivery: conn
+                .prepare_cached("DELETE FROM deliveries WHERE msg = ?1 AND inst = ?2")?,
+            // A message goes with the end of its last delivery: its single target's, or the
+            // last row of `deliveries` when no dead letter keeps it.
+            drop_message: conn.prepare_cached(
+                "DELETE FROM messages WHERE id = ?1 AND (solo = ?2 OR (solo IS NULL
+                   AND NOT EXISTS (SELECT 1 FROM deliveries WHERE msg = ?1)
+                   AND NOT EXISTS (SELECT 1 FROM dead_letters WHERE msg = ?1)))",
+            )?,
+            clear_solo: conn
+                .prepare_cached("UPDATE messages SET solo = NULL WHERE id = ?1 AND solo = ?2")?,
+            insert_dead: conn.prepare_cached(
+                "INSERT OR REPLACE INTO dead_letters(msg, inst, at, state) VALUES (?1, ?2, ?3, ?4)",
+            )?,
+            insert_key: conn
+                .prepare_cached("INSERT OR REPLACE INTO keys(key, msg, at) VALUES (?1, ?2, ?3)")?,
+        })
+    }
 
-pub(super) fn update_delivery(
-    conn: &Connection,
-    message: u64,
-    inst: u32,
-    delivery: &Delivery,
-) -> rusqlite::Result<()> {
-    conn.prepare_cached("UPDATE deliveries SET state = ?3 WHERE msg = ?1 AND inst = ?2")?
-        .execute(params![message as i64, inst, encode_delivery(delivery)])
-        .map(drop)
-}
+    /// A message and the deliveries to its targets (instance keys).
+    pub(super) fn accept(&mut self, m: &StoredMessage, targets: &[u32]) -> rusqlite::Result<()> {
+        let headers = encode_headers(&m.headers);
+        let crc = checksum(m.id, &m.topic, &headers, &m.payload, m.publish_time.0);
+        let solo = match targets {
+            [one] => Some(*one),
+            _ => None,
+        };
+        self.insert_message.execute(params![
+            m.id as i64,
+            m.topic,
+            headers,
+            &m.payload[..],
+            m.publish_time.0 as i64,
+            crc,
+            solo
+        ])?;
+        if solo.is_none() {
+            for inst in targets {
+                self.insert_delivery.execute(params![m.id as i64, inst])?;
+            }
+        }
+        Ok(())
+    }
 
-/// A delivery ended: its row goes, and its message too once nothing refers to it.
-pub(super) fn end_delivery(conn: &Connection, message: u64, inst: u32) -> rusqlite::Result<()> {
-    conn.prepare_cached("DELETE FROM deliveries WHERE msg = ?1 AND inst = ?2")?
-        .execute(params![message as i64, inst])?;
-    drop_if_unreferenced(conn, message)
-}
+    /// A delivery changed without ending.
+    pub(super) fn update(
+        &mut self,
+        message: u64,
+        inst: u32,
+        delivery: &Delivery,
+    ) -> rusqlite::Result<()> {
+        self.put_delivery
+            .execute(params![message as i64, inst, encode_delivery(delivery)])
+            .map(drop)
+    }
 
-fn drop_if_unreferenced(conn: &Connection, message: u64) -> rusqlite::Result<()> {
-    conn.prepare_cached(
-        "DELETE FROM messages WHERE id = ?1
-           AND NOT EXISTS (SELECT 1 FROM deliveries WHERE msg = ?1)
-           AND NOT EXISTS (SELECT 1 FROM dead_letters WHERE msg = ?1)",
-    )?
-    .execute([message as i64])
-    .map(drop)
-}
+    /// A delivery ended (acked or purged): its row goes, and its message too once nothing
+    /// refers to it.
+    pub(super) fn end(&mut self, message: u64, inst: u32) -> rusqlite::Result<()> {
+        self.delete_delivery
+            .execute(params![message as i64, inst])?;
+        self.drop_message
+            .execute(params![message as i64, inst])
+            .map(drop)
+    }
 
-pub(super) fn dead_letter(
-    conn: &Connection,
-    message: u64,
-    inst: u32,
-    delivery: &Delivery,
-    at: Timestamp,
-) -> rusqlite::Result<()> {
-    conn.prepare_cached("DELETE FROM deliveries WHERE msg = ?1 AND inst = ?2")?
-        .execute(params![message as i64, inst])?;
-    conn.prepare_cached(
-        "INSERT OR REPLACE INTO dead_letters(msg, inst, at, state) VALUES (?1, ?2, ?3, ?4)",
-    )?
-    .execute(params![
-        message as i64,
-        inst,
-        at.0 as i64,
-        encode_delivery(delivery)
-    ])
-    .map(drop)
-}
+    /// A delivery ended as a dead letter; the message stays for it.
+    pub(super) fn dead_letter(
+        &mut self,
+        message: u64,
+        inst: u32,
+        delivery: &Delivery,
+        at: Timestamp,
+    ) -> rusqlite::Result<()> {
+        self.delete_delivery
+            .execute(params![message as i64, inst])?;
+        self.clear_solo.execute(params![message as i64, inst])?;
+        self.insert_dead
+            .execute(params![
+                message as i64,
+                inst,
+                at.0 as i64,
+                encode_delivery(delivery)
+            ])
+            .map(drop)
+    }
 
-pub(super) fn insert_key(
-    conn: &Connection,
-    key: &str,
-    message: u64,
-    at: Timestamp,
-) -> rusqlite::Result<()> {
-    conn.prepare_cached("INSERT OR REPLACE INTO keys(key, msg, at) VALUES (?1, ?2, ?3)")?
-        .execute(params![key, message as i64, at.0 as i64])
-        .map(drop)
+    /// A dead letter is gone (purged, expired): its message goes once nothing refers to it.
+    pub(super) fn unreferenced(&mut self, message: u64) -> rusqlite::Result<()> {
+        // No instance key is ever negative: only the "nothing refers to it" rule applies.
+        self.drop_message
+            .execute(params![message as i64, -1])
+            .map(drop)
+    }
+
+    pub(super) fn key(&mut self, key: &str, message: u64, at: Timestamp) -> rusqlite::Result<()> {
+        self.insert_key
+            .execute(params![key, message as i64, at.0 as i64])
+            .map(drop)
+    }
 }
 
 /// Housekeeping: keys past the dedupe window and dead letters past their retention go.
@@ -371,8 +437,9 @@ pub(super) fn expire(
                 .prepare_cached("DELETE FROM dead_letters WHERE at < ?1 RETURNING msg")?
                 .query_map([before.0 as i64], |r| r.get(0))?
                 .collect::<Result<_, _>>()?;
+            let mut writes = Writes::new(conn)?;
             for m in &messages {
-                drop_if_unreferenced(conn, *m as u64)?;
+                writes.unreferenced(*m as u64)?;
             }
             messages.len()
         }
@@ -393,7 +460,10 @@ pub(super) fn used_bytes(conn: &Connection) -> rusqlite::Result<u64> {
 pub(super) fn vacuum(conn: &Connection) -> rusqlite::Result<()> {
     let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
     if free > 256 {
-        conn.execute_batch("PRAGMA incremental_vacuum")?;
+        // Each step frees one page: step to the end (at most 4096 pages, 16 MiB, a pass).
+        let mut stmt = conn.prepare_cached("PRAGMA incremental_vacuum(4096)")?;
+        let mut rows = stmt.query([])?;
+        while rows.next()?.is_some() {}
     }
     Ok(())
 }
@@ -408,7 +478,7 @@ pub(super) struct StoredDelivery {
     pub published: u64,
 }
 
-/// Every pending delivery in acceptance order, without payloads.
+/// Every pending delivery, without payloads (in no particular order).
 pub(super) fn scan(
     conn: &Connection,
     mut each: impl FnMut(StoredDelivery) -> Result<(), LedgerError>,
@@ -416,8 +486,7 @@ pub(super) fn scan(
     let mut stmt = conn
         .prepare(
             "SELECT d.msg, d.inst, d.state, length(m.payload), m.published
-               FROM deliveries d LEFT JOIN messages m ON m.id = d.msg
-              ORDER BY d.msg, d.inst",
+               FROM pending d LEFT JOIN messages m ON m.id = d.msg",
         )
         .map_err(fatal("cannot read the ledger"))?;
     let mut rows = stmt.query([]).map_err(fatal("cannot read the ledger"))?;
@@ -632,11 +701,12 @@ pub(super) fn replay(
 pub(super) fn purge(conn: &Connection, selection: &Selection) -> Result<u64, LedgerError> {
     let map = fatal("cannot purge dead letters");
     let chosen = selected(conn, selection)?;
+    let mut writes = Writes::new(conn).map_err(&map)?;
     for (msg, inst, _) in &chosen {
         conn.prepare_cached("DELETE FROM dead_letters WHERE msg = ?1 AND inst = ?2")
             .and_then(|mut s| s.execute(params![*msg as i64, inst]))
             .map_err(&map)?;
-        drop_if_unreferenced(conn, *msg).map_err(&map)?;
+        writes.unreferenced(*msg).map_err(&map)?;
     }
     Ok(chosen.len() as u64)
 }
@@ -655,7 +725,7 @@ pub(super) fn forget(
     };
     let rows: Vec<(i64, Option<Vec<u8>>, i64)> = conn
         .prepare_cached(
-            "SELECT d.msg, d.state, coalesce(m.published, 0) FROM deliveries d
+            "SELECT d.msg, d.state, coalesce(m.published, 0) FROM pending d
                LEFT JOIN messages m ON m.id = d.msg WHERE d.inst = ?1",
         )
         .and_then(|mut s| {
@@ -663,17 +733,20 @@ pub(super) fn forget(
                 .collect()
         })
         .map_err(&map)?;
+    let mut writes = Writes::new(conn).map_err(&map)?;
     for (msg, state, published) in &rows {
         let msg = *msg as u64;
         match how {
-            Forget::Purge => end_delivery(conn, msg, inst).map_err(&map)?,
+            Forget::Purge => writes.end(msg, inst).map_err(&map)?,
             Forget::DeadLetter => {
                 let mut delivery = match state {
                     Some(bytes) => decode_delivery(bytes, msg, name)?,
                     None => Delivery::new(Timestamp(*published as u64)),
                 };
                 delivery.forget(now);
-                dead_letter(conn, msg, inst, &delivery, now).map_err(&map)?;
+                writes
+                    .dead_letter(msg, inst, &delivery, now)
+                    .map_err(&map)?;
             }
         }
     }
@@ -694,7 +767,7 @@ pub(super) fn history(conn: &Connection, message: u64) -> Result<Vec<HistoryEntr
     type Row = (u32, Option<Vec<u8>>, bool);
     let rows: Vec<Row> = conn
         .prepare_cached(
-            "SELECT inst, state, 0 FROM deliveries WHERE msg = ?1
+            "SELECT inst, state, 0 FROM pending WHERE msg = ?1
              UNION ALL SELECT inst, state, 1 FROM dead_letters WHERE msg = ?1 ORDER BY 1",
         )
         .and_then(|mut s| {
@@ -725,7 +798,7 @@ pub(super) fn history(conn: &Connection, message: u64) -> Result<Vec<HistoryEntr
 pub(super) fn backlog(conn: &Connection) -> Result<Vec<BacklogEntry>, LedgerError> {
     conn.prepare_cached(
         "SELECT i.name, count(*), coalesce(sum(length(m.payload)), 0)
-           FROM deliveries d JOIN instances i ON i.key = d.inst
+           FROM pending d JOIN instances i ON i.key = d.inst
            LEFT JOIN messages m ON m.id = d.msg
           GROUP BY d.inst ORDER BY i.name",
     )

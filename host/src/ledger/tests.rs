@@ -548,3 +548,68 @@ fn forgetting_an_instance_not_running_ends_its_backlog_for_good() {
     assert_eq!(dead[0].delivery.last_reason.as_deref(), Some("forgotten"));
     assert_eq!(dead[0].delivery.failures, 0, "forgetting is no failure");
 }
+
+#[test]
+fn single_target_messages_keep_every_rule_without_a_delivery_row() {
+    let (dir, ledger) = fresh(5);
+    let solo = |id| Record::Accepted {
+        message: message(id, "solo"),
+        targets: smallvec![1],
+    };
+    ledger
+        .commit(vec![solo(1), solo(2), solo(3), solo(4)], Wait::Durable)
+        .unwrap();
+    let mut failed = Delivery::new(T0);
+    failed.begin(&rules(5), T0);
+    failed
+        .fail(1, &Failure::Timeout, true, &rules(5), T0, 0.5)
+        .unwrap();
+    ledger
+        .commit(
+            vec![Record::Updated {
+                message: 2,
+                instance: 1,
+                delivery: failed.clone(),
+            }],
+            Wait::Written,
+        )
+        .unwrap();
+    ack(&ledger, 3, 1);
+    dead_letter(&ledger, 4, 1);
+    drop(ledger);
+
+    let ledger = open(dir.path());
+    let recovered = ledger.recover(&instances(5), T0).unwrap();
+    let pending: Vec<_> = recovered
+        .pending
+        .iter()
+        .map(|p| (p.message, p.instance, p.delivery.failures))
+        .collect();
+    assert_eq!(
+        pending,
+        vec![(1, 1, 0), (2, 1, 1)],
+        "as accepted; as updated"
+    );
+    assert_eq!(ledger.load(3).unwrap(), None, "acked: gone");
+    let dead = ledger.dead_letters(&DeadLetterFilter::default()).unwrap();
+    assert_eq!((dead.len(), dead[0].message), (1, 4));
+    assert!(
+        ledger.load(4).unwrap().is_some(),
+        "kept for its dead letter"
+    );
+    let backlog = ledger.backlog().unwrap();
+    assert_eq!(
+        backlog
+            .iter()
+            .map(|b| (b.instance.as_str(), b.deliveries))
+            .collect::<Vec<_>>(),
+        vec![("b", 2)]
+    );
+    // Replayed, then acked: the message goes.
+    let replayed = ledger.replay(&Selection::default(), T0).unwrap();
+    assert_eq!(replayed.pending.len(), 1);
+    ack(&ledger, 4, 1);
+    assert_eq!(ledger.load(4).unwrap(), None);
+    ack(&ledger, 2, 1);
+    assert_eq!(ledger.load(2).unwrap(), None, "updated, then acked: gone");
+}
