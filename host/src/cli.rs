@@ -1,6 +1,7 @@
 //! The commands of the `plugind` binary, one module each; `main.rs` only parses arguments.
 //! Every command prints `plugind: <context>: <cause>` on failure and returns its exit code.
 
+pub mod backup;
 pub mod bench;
 pub mod check;
 pub mod inspect;

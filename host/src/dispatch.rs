@@ -134,6 +134,8 @@ struct Inst {
     ready: VecDeque<u64>,
     /// Retries by due time.
     waiting: BinaryHeap<Reverse<(u64, u64)>>,
+    /// Live deliveries whose payload is only in the ledger (0: hand-outs need no reads).
+    unloaded: usize,
     stats: InstanceStats,
 }
 
@@ -179,6 +181,7 @@ impl Dispatcher {
                 slot,
                 ready: VecDeque::new(),
                 waiting: BinaryHeap::new(),
+                unloaded: 0,
             })
             .collect();
         let mut dispatcher = Self {
@@ -210,6 +213,7 @@ impl Dispatcher {
                 _ => inst.ready.push_back(p.message),
             }
             inst.stats.backlog += 1;
+            inst.unloaded += usize::from(p.stored.is_none());
             self.backlog.add(p.instance, p.size);
             self.live.insert(
                 (p.message, p.instance),
@@ -320,6 +324,7 @@ impl Dispatcher {
             inst.stats.backlog += 1;
             let message = if reloads && inst.ready.len() > inst.slot.keep {
                 // Far from its turn: the ledger has it.
+                inst.unloaded += 1;
                 None
             } else if inst.slot.actor.is_none() {
                 // An instance that is not running keeps it for long: do not pin a receive
@@ -473,23 +478,29 @@ impl Dispatcher {
             };
             let room = actor.room();
             // Payloads that wait in the ledger only are read back together.
-            let missing: Vec<u64> = inst
-                .ready
-                .iter()
-                .take(room)
-                .copied()
-                .filter(|m| {
-                    self.live
-                        .get(&(*m, instance))
-                        .is_some_and(|l| l.message.is_none())
-                })
-                .collect();
+            let missing: Vec<u64> = if inst.unloaded == 0 {
+                Vec::new()
+            } else {
+                inst.ready
+                    .iter()
+                    .take(room)
+                    .copied()
+                    .filter(|m| {
+                        self.live
+                            .get(&(*m, instance))
+                            .is_some_and(|l| l.message.is_none())
+                    })
+                    .collect()
+            };
             if !missing.is_empty() {
                 match self.ledger.load_many(&missing) {
                     Ok(loaded) => {
                         for (id, stored) in missing.iter().zip(loaded) {
-                            if let Some(live) = self.live.get_mut(&(*id, instance)) {
+                            if let Some(live) = self.live.get_mut(&(*id, instance))
+                                && stored.is_some()
+                            {
                                 live.message = stored;
+                                inst.unloaded = inst.unloaded.saturating_sub(1);
                             }
                         }
                     }
@@ -519,6 +530,7 @@ impl Dispatcher {
                     None => match self.ledger.load(message) {
                         Ok(Some(stored)) => {
                             live.message = Some(stored.clone());
+                            inst.unloaded = inst.unloaded.saturating_sub(1);
                             stored
                         }
                         Ok(None) => {
@@ -742,6 +754,7 @@ impl Dispatcher {
                     // It waits its backoff: the ledger has it, or keep only its own bytes,
                     // not a receive buffer.
                     live.message = if self.ledger.reloads() {
+                        inst.unloaded += usize::from(live.message.is_some());
                         None
                     } else {
                         live.message.as_ref().map(compact)
@@ -774,6 +787,9 @@ impl Dispatcher {
         if let Some(live) = self.live.remove(&key) {
             let inst = &mut self.instances[key.1 as usize];
             inst.stats.backlog = inst.stats.backlog.saturating_sub(1);
+            if live.message.is_none() {
+                inst.unloaded = inst.unloaded.saturating_sub(1);
+            }
             self.backlog.remove(key.1, live.size);
         }
     }

@@ -12,6 +12,7 @@
 //! nothing survives a restart) and [`durable::DurableLedger`] (SQLite under `state_dir`,
 //! one group-commit writer thread; see ARCHITECTURE.md for the format and its rules).
 
+pub mod backup;
 pub mod durable;
 mod markers;
 mod store;

@@ -147,6 +147,45 @@ Examples:
         #[command(flatten)]
         client: cli::ClientArgs,
     },
+    /// Copy the ledger (every pending delivery, dead letter and key) to a file; safe while the
+    /// daemon runs.
+    #[command(after_help = "\
+Reads one consistent snapshot of state_dir/ledger.db through SQLite's online backup (the
+daemon keeps running and accepting; what it commits after the snapshot is not in the copy),
+writes it to FILE.partial, checks it, fsyncs it and renames it to FILE.
+
+Examples:
+  plugind backup /var/backups/plugind/ledger-$(date +%F).db
+  plugind backup -c /etc/plugind/plugins.toml /tmp/ledger.db --json")]
+    Backup {
+        /// The file to write.
+        file: PathBuf,
+        /// The configuration whose state_dir to back up.
+        #[arg(short = 'c', long = "config", value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replace the ledger with a backup; the daemon must be stopped.
+    #[command(after_help = "\
+Checks the backup (format, integrity), then replaces state_dir/ledger.db with it and removes
+the old write-ahead log and in-flight markers. Refused while a daemon holds the state dir.
+Deliveries pending in the backup are delivered again when the daemon starts (at least once).
+
+Examples:
+  systemctl stop plugind && plugind restore /var/backups/plugind/ledger-2026-11-25.db \\
+    && systemctl start plugind")]
+    Restore {
+        /// The backup to restore.
+        file: PathBuf,
+        /// The configuration whose state_dir to restore into.
+        #[arg(short = 'c', long = "config", value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a shell completion script.
     #[command(after_help = "\
 Examples:
@@ -209,6 +248,12 @@ fn main() -> ExitCode {
             report,
             client,
         }),
+        Command::Backup { file, config, json } => {
+            cli::backup::run(cli::backup::Action::Backup, &file, config.as_deref(), json)
+        }
+        Command::Restore { file, config, json } => {
+            cli::backup::run(cli::backup::Action::Restore, &file, config.as_deref(), json)
+        }
         Command::Completions { shell } => {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "plugind", &mut script);

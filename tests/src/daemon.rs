@@ -123,6 +123,18 @@ impl Daemon {
             .expect("plugind runs")
     }
 
+    /// Runs a `plugind` command in the sandbox, as an operator in that directory would (its
+    /// `plugins.toml` is found there).
+    pub fn command(&self, args: &[&str]) -> Output {
+        Command::new(binary::plugind())
+            .args(args)
+            .current_dir(self.sandbox().path())
+            .env_remove("PLUGIND_CONNECT")
+            .env_remove("PLUGIND_CONFIG")
+            .output()
+            .expect("plugind runs")
+    }
+
     /// `plugind publish TOPIC DATA [args]`; returns the id, or the error text.
     pub fn publish(&self, topic: &str, data: &str, args: &[&str]) -> Result<u64, String> {
         let mut all = vec!["publish", topic, data];

@@ -311,3 +311,67 @@ fn a_state_dir_of_a_newer_format_is_refused_with_exit_78() {
         "{err}"
     );
 }
+
+#[test]
+fn a_backup_taken_while_running_restores_into_a_fresh_daemon() {
+    let s = sandbox();
+    let rec = s.path().join("rec.txt");
+    // The instance cannot start: everything published waits in the ledger.
+    let waiting = config(
+        "fsync",
+        &[(
+            "rec",
+            "",
+            record_config(&s.path().join("missing/rec.txt"), ""),
+        )],
+    );
+    let d = Daemon::start(s, &waiting);
+    let payloads: Vec<String> = (0..50).map(|i| format!("m{i}")).collect();
+    let published: BTreeSet<u64> = publish_all(&d, &payloads, None).into_iter().collect();
+    let backup = d.sandbox().path().join("ledger-backup.db");
+    let out = d.command(&["backup", backup.to_str().unwrap(), "--json"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(report["pending"], 50, "{report}");
+    // Refused while the daemon holds the state dir.
+    let out = d.command(&["restore", backup.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in use by another plugind"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, old) = d.stop_keeping_state();
+
+    // A fresh machine: an empty state dir, the backup restored, then started.
+    let fresh = sandbox();
+    let good = config("fsync", &[("rec", "", record_config(&rec, ""))]);
+    let config_path = fresh.put("plugins.toml", &good);
+    let out = std::process::Command::new(plugind_tests::binary::plugind())
+        .args(["restore", "-c"])
+        .arg(&config_path)
+        .arg(&backup)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("50 pending deliveries"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let d = Daemon::start(fresh, &good);
+    wait_until("every backed-up message is delivered", &d, || {
+        ids(&read_record(&rec)) == published
+    });
+    d.stop();
+    drop(old);
+}

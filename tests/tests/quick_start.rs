@@ -65,8 +65,12 @@ fn the_readme_quick_start_works_in_a_fresh_clone() {
         .status()
         .unwrap();
     assert!(cloned.success());
-    // Share the build cache: the commands are followed literally, not rebuilt from scratch.
-    std::os::unix::fs::symlink(repo_root().join("target"), clone.join("target")).unwrap();
+    // A build cache of its own, kept between runs: the commands are followed literally, not
+    // rebuilt from scratch each time, and the clone's binaries (of the last commit) never
+    // replace the working tree's in `target/release`.
+    let cache = repo_root().join("target/quick-start");
+    fs::create_dir_all(&cache).unwrap();
+    std::os::unix::fs::symlink(&cache, clone.join("target")).unwrap();
 
     let log = sandbox.path().join("daemon.log");
     let log_file = fs::File::create(&log).unwrap();

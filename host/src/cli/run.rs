@@ -100,9 +100,21 @@ async fn serve(config: config::Config) -> ExitCode {
     }
     tracing::info!(grace_period = ?config.host.grace_period, "stopping: draining the calls in hand");
     let grace = config.host.grace_period.max(Duration::from_millis(1));
+    let stats_of = ledger.clone();
     let report = tokio::task::spawn_blocking(move || engine.stop(grace))
         .await
         .unwrap_or_default();
+    let stats = stats_of.stats();
+    if stats.commits > 0 {
+        tracing::info!(
+            commits = stats.commits,
+            fsyncs = stats.fsyncs,
+            messages_per_commit = format_args!("{:.1}", stats.messages as f64 / stats.commits as f64),
+            commit_us = ?stats.latency_us,
+            fsync_us = ?stats.fsync_us,
+            "ledger: commits since start (latency p50, p99, max)"
+        );
+    }
     if report.abandoned.is_empty() {
         tracing::info!(released = report.released, "stopped");
     } else {

@@ -203,18 +203,7 @@ impl DurableLedger {
         fs::create_dir_all(dir).map_err(|e| {
             LedgerError::Refused(format!("cannot create state dir {}: {e}", dir.display()))
         })?;
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(dir.join(LOCK))
-            .map_err(|e| LedgerError::Fatal(format!("{}: {e}", dir.join(LOCK).display())))?;
-        if lock.try_lock().is_err() {
-            return Err(LedgerError::Refused(format!(
-                "state dir {} is in use by another plugind",
-                dir.display()
-            )));
-        }
+        let lock = lock_state_dir(dir)?;
         let conn = store::open(dir)?;
         let reader = store::open_reader(dir)?;
         ensure_reserve(dir);
@@ -287,6 +276,28 @@ impl DurableLedger {
         });
         Receipt::Pending(answer)
     }
+}
+
+/// Takes the state dir for this process: an exclusive lock on `state_dir/lock`, held as long
+/// as the returned file is open (the kernel drops it when the process dies).
+///
+/// # Errors
+/// [`LedgerError::Refused`] when another process holds it.
+pub(super) fn lock_state_dir(dir: &Path) -> Result<File, LedgerError> {
+    let path = dir.join(LOCK);
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| LedgerError::Fatal(format!("{}: {e}", path.display())))?;
+    if lock.try_lock().is_err() {
+        return Err(LedgerError::Refused(format!(
+            "state dir {} is in use by another plugind (stop it first)",
+            dir.display()
+        )));
+    }
+    Ok(lock)
 }
 
 /// Keeps a reserve file so that settlements can still be written when the disk is full.
@@ -461,6 +472,7 @@ impl Ledger for DurableLedger {
             used: 0,
             commits_since_measure: 0,
             checkpointer: None,
+            reserved: recovered.next_id,
         };
         // The charges, and "running" (an exit before the next graceful stop is unclean),
         // are durable before anything is handed out.
@@ -517,10 +529,7 @@ impl Ledger for DurableLedger {
         let reader = lock(&self.reader);
         let map = |e: rusqlite::Error| store::classify("cannot read the ledger", &e);
         reader.execute_batch("BEGIN").map_err(map)?;
-        let loaded: Result<Vec<_>, _> = ids
-            .iter()
-            .map(|id| store::load(&reader, *id).map(|m| m.map(Arc::new)))
-            .collect();
+        let loaded = store::load_many(&reader, ids);
         reader.execute_batch("COMMIT").map_err(map)?;
         loaded
     }
@@ -714,10 +723,13 @@ impl Syncer {
 }
 
 /// The log size past which the writer waits for a complete checkpoint.
-const LOG_RESTART_BYTES: u64 = 32 << 20;
+const LOG_RESTART_BYTES: u64 = 24 << 20;
+
+/// Message ids reserved in `meta` at a time.
+const ID_BLOCK: u64 = 1 << 16;
 
 /// How often the checkpointer copies the log into the database.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
 /// The checkpointer thread: passive checkpoints on a connection of its own, so that the
 /// writer's commits never wait for one; it ends when the writer does.
@@ -755,6 +767,8 @@ struct Writer {
     commits_since_measure: u32,
     /// Dropped with the writer: the checkpointer then ends.
     checkpointer: Option<Sender<()>>,
+    /// The id high-water mark in `meta`: every id recorded is below it.
+    reserved: u64,
 }
 
 impl Writer {
@@ -968,15 +982,17 @@ impl Writer {
     /// Keeps the write-ahead log bounded. Passive checkpoints (the checkpointer) copy it
     /// into the database, but under a constant stream of commits the log is never entirely
     /// copied when a commit starts, so it is never reused and grows without end. Past
-    /// [`LOG_RESTART_BYTES`] the writer waits for one checkpoint that completes — little is
-    /// left to copy by then — and the next commit starts the log from the beginning (it is
-    /// truncated to `journal_size_limit`).
+    /// [`LOG_RESTART_BYTES`] the writer runs one passive checkpoint itself, between two of
+    /// its transactions: nothing is written meanwhile, so it copies the rest of the log
+    /// (little: the checkpointer did most) unless a reader still uses it, and the next
+    /// commit starts the log from the beginning (truncated to `journal_size_limit`). A
+    /// passive checkpoint never waits for a lock.
     fn bound_log(&mut self) {
         let log = self.dir.join(format!("{}-wal", store::FILE));
         if fs::metadata(&log).is_ok_and(|m| m.len() > LOG_RESTART_BYTES) {
             let done = self
                 .conn
-                .query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()));
+                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
             if let Err(e) = done {
                 let error = store::classify("ledger checkpoint", &e);
                 if matches!(error, LedgerError::Fatal(_)) {
@@ -1017,6 +1033,7 @@ impl Writer {
                     }
                     Record::Key { key, message, at } => {
                         writes.key(key, *message, *at).map_err(map)?;
+                        next_id = next_id.max(message + 1);
                     }
                     Record::Attempt { .. } => {}
                     Record::Updated {
@@ -1042,8 +1059,11 @@ impl Writer {
             }
         }
         drop(writes);
-        if next_id > 0 {
-            store::raise_next_id(&self.conn, next_id).map_err(map)?;
+        if next_id > self.reserved {
+            // Ids are reserved a block at a time: one write of `meta` per block, not per
+            // commit. After a crash the next ids start past the block (never reused).
+            self.reserved = next_id + ID_BLOCK;
+            store::raise_next_id(&self.conn, self.reserved).map_err(map)?;
         }
         self.conn.execute_batch("COMMIT").map_err(map)
     }

@@ -6,7 +6,7 @@
 //! - a newer daemon opens older state and upgrades it in one transaction, step by step;
 //! - an older daemon refuses newer state, naming both versions.
 
-use std::{path::Path, time::Duration};
+use std::{path::Path, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use rusqlite::{CachedStatement, Connection, ErrorCode, OpenFlags, OptionalExtension, params};
@@ -90,14 +90,50 @@ fn fatal(context: &str) -> impl Fn(rusqlite::Error) -> LedgerError + '_ {
     move |e| classify(context, &e)
 }
 
+/// A lock held by another connection (a checkpoint, a reader) is retried every 100 µs for
+/// up to 5 s. SQLite's default busy timeout sleeps up to 100 ms between tries: a pause that
+/// long in the writer is a latency spike for every publish queued behind it.
+fn wait_briefly(conn: &Connection) -> Result<(), LedgerError> {
+    fn retry(attempt: i32) -> bool {
+        if attempt >= 50_000 {
+            return false;
+        }
+        std::thread::sleep(Duration::from_micros(100));
+        true
+    }
+    conn.busy_handler(Some(retry)).map_err(fatal("ledger"))
+}
+
 /// Opens (creating or upgrading) the database, with the writer's settings.
 pub(super) fn open(dir: &Path) -> Result<Connection, LedgerError> {
     let path = dir.join(FILE);
     let conn = Connection::open(&path).map_err(fatal("cannot open the ledger"))?;
-    conn.busy_timeout(Duration::from_secs(5))
-        .map_err(fatal("ledger"))?;
-    let application: i64 = pragma(&conn, "application_id")?;
-    let format: i64 = pragma(&conn, "user_version")?;
+    wait_briefly(&conn)?;
+    let (empty, format) = check_format(&conn, &path)?;
+    // auto_vacuum must be chosen before the first table exists.
+    conn.execute_batch(
+        "PRAGMA auto_vacuum = INCREMENTAL;
+         PRAGMA journal_mode = WAL;
+         PRAGMA synchronous = FULL;
+         PRAGMA journal_size_limit = 33554432;
+         PRAGMA foreign_keys = OFF;",
+    )
+    .map_err(fatal("cannot configure the ledger"))?;
+    if empty {
+        conn.execute_batch(&format!(
+            "BEGIN; {SCHEMA} PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = \
+             {FORMAT}; COMMIT;"
+        ))
+        .map_err(fatal("cannot create the ledger"))?;
+    } else if format < FORMAT {
+        upgrade(&conn, format)?;
+    }
+    Ok(conn)
+}
+
+/// Checks that `conn` is a plugind ledger of a format this build reads (or an empty
+/// database). Returns (whether it is empty, its format).
+pub(super) fn check_format(conn: &Connection, path: &Path) -> Result<(bool, i64), LedgerError> {
     let empty: i64 = conn
         .query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))
         .map_err(|e| match e.sqlite_error_code() {
@@ -108,6 +144,8 @@ pub(super) fn open(dir: &Path) -> Result<Connection, LedgerError> {
             )),
             _ => classify("cannot read the ledger", &e),
         })?;
+    let application: i64 = pragma(conn, "application_id")?;
+    let format: i64 = pragma(conn, "user_version")?;
     if empty != 0 && application != APPLICATION_ID {
         return Err(LedgerError::Refused(format!(
             "{}: not a plugind ledger (application id {application:#x}); move it away or point \
@@ -123,25 +161,7 @@ pub(super) fn open(dir: &Path) -> Result<Connection, LedgerError> {
             path.display()
         )));
     }
-    // auto_vacuum must be chosen before the first table exists.
-    conn.execute_batch(
-        "PRAGMA auto_vacuum = INCREMENTAL;
-         PRAGMA journal_mode = WAL;
-         PRAGMA synchronous = FULL;
-         PRAGMA journal_size_limit = 8388608;
-         PRAGMA foreign_keys = OFF;",
-    )
-    .map_err(fatal("cannot configure the ledger"))?;
-    if empty == 0 {
-        conn.execute_batch(&format!(
-            "BEGIN; {SCHEMA} PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = \
-             {FORMAT}; COMMIT;"
-        ))
-        .map_err(fatal("cannot create the ledger"))?;
-    } else if format < FORMAT {
-        upgrade(&conn, format)?;
-    }
-    Ok(conn)
+    Ok((empty == 0, format))
 }
 
 /// The upgrade rule: each format step is one function here, run in order in one transaction
@@ -160,8 +180,7 @@ pub(super) fn open_checkpointer(dir: &Path) -> Result<Connection, LedgerError> {
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .map_err(fatal("cannot open the ledger for checkpoints"))?;
-    conn.busy_timeout(Duration::from_secs(5))
-        .map_err(fatal("ledger"))?;
+    wait_briefly(&conn)?;
     conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA wal_autocheckpoint = 0")
         .map_err(fatal("ledger"))?;
     Ok(conn)
@@ -174,8 +193,7 @@ pub(super) fn open_reader(dir: &Path) -> Result<Connection, LedgerError> {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .map_err(fatal("cannot open the ledger for reading"))?;
-    conn.busy_timeout(Duration::from_secs(5))
-        .map_err(fatal("ledger"))?;
+    wait_briefly(&conn)?;
     Ok(conn)
 }
 
@@ -456,12 +474,15 @@ pub(super) fn used_bytes(conn: &Connection) -> rusqlite::Result<u64> {
     Ok(((count - free).max(0) * size) as u64)
 }
 
-/// Gives free pages back to the file system when many accumulated.
+/// Gives free pages back to the file system once they are many: more than a quarter of the
+/// file and more than 16 MiB (under a steady load, freed pages are reused and moving pages
+/// would only cost writes). At most 1024 pages (4 MiB) a pass, to keep the pass short.
 pub(super) fn vacuum(conn: &Connection) -> rusqlite::Result<()> {
     let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
-    if free > 256 {
-        // Each step frees one page: step to the end (at most 4096 pages, 16 MiB, a pass).
-        let mut stmt = conn.prepare_cached("PRAGMA incremental_vacuum(4096)")?;
+    let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+    if free > 4096 && free * 4 > pages {
+        // Each step frees one page: step to the end.
+        let mut stmt = conn.prepare_cached("PRAGMA incremental_vacuum(1024)")?;
         let mut rows = stmt.query([])?;
         while rows.next()?.is_some() {}
     }
@@ -527,22 +548,84 @@ pub(super) fn load(conn: &Connection, id: u64) -> Result<Option<StoredMessage>, 
     let Some((topic, headers, payload, published, crc)) = row else {
         return Ok(None);
     };
+    decode(id, topic, &headers, payload, published, crc).map(Some)
+}
+
+/// A stored message from its columns, its checksum checked.
+fn decode(
+    id: u64,
+    topic: String,
+    headers: &[u8],
+    payload: Vec<u8>,
+    published: u64,
+    crc: u32,
+) -> Result<StoredMessage, LedgerError> {
     let corrupt = |what: &str| {
         LedgerError::Fatal(format!(
             "the ledger is corrupt: message {id} in {FILE}: {what}"
         ))
     };
-    if checksum(id, &topic, &headers, &payload, published) != crc {
+    if checksum(id, &topic, headers, &payload, published) != crc {
         return Err(corrupt("its checksum does not match its bytes"));
     }
-    let headers = decode_headers(&headers).ok_or_else(|| corrupt("its headers cannot be read"))?;
-    Ok(Some(StoredMessage {
+    let headers = decode_headers(headers).ok_or_else(|| corrupt("its headers cannot be read"))?;
+    Ok(StoredMessage {
         id,
         topic,
         headers,
         payload: Bytes::from(payload),
         publish_time: Timestamp(published),
-    }))
+    })
+}
+
+/// Reads several messages back. Ids close together (the usual case: a backlog read back in
+/// acceptance order) are read with one range scan, the others one by one.
+pub(super) fn load_many(
+    conn: &Connection,
+    ids: &[u64],
+) -> Result<Vec<Option<Arc<StoredMessage>>>, LedgerError> {
+    let (Some(&low), Some(&high)) = (ids.iter().min(), ids.iter().max()) else {
+        return Ok(Vec::new());
+    };
+    if high - low >= 4 * ids.len() as u64 {
+        return ids
+            .iter()
+            .map(|id| load(conn, *id).map(|m| m.map(Arc::new)))
+            .collect();
+    }
+    let mut found: rustc_hash::FxHashMap<u64, Arc<StoredMessage>> =
+        rustc_hash::FxHashMap::default();
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT id, topic, headers, payload, published, crc FROM messages
+              WHERE id BETWEEN ?1 AND ?2",
+        )
+        .map_err(fatal("cannot read messages from the ledger"))?;
+    let mut rows = stmt
+        .query(params![low as i64, high as i64])
+        .map_err(fatal("cannot read messages from the ledger"))?;
+    while let Some(row) = rows
+        .next()
+        .map_err(fatal("cannot read messages from the ledger"))?
+    {
+        let read = || -> rusqlite::Result<_> {
+            Ok((
+                row.get::<_, i64>(0)? as u64,
+                row.get::<_, String>(1)?,
+                row.get::<_, Vec<u8>>(2)?,
+                row.get::<_, Vec<u8>>(3)?,
+                row.get::<_, i64>(4)? as u64,
+                row.get::<_, u32>(5)?,
+            ))
+        };
+        let (id, topic, headers, payload, published, crc) =
+            read().map_err(fatal("cannot read messages from the ledger"))?;
+        found.insert(
+            id,
+            Arc::new(decode(id, topic, &headers, payload, published, crc)?),
+        );
+    }
+    Ok(ids.iter().map(|id| found.get(id).cloned()).collect())
 }
 
 /// Idempotency keys recorded at or after `since`.

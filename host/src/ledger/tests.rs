@@ -130,7 +130,7 @@ fn a_reopened_ledger_recovers_pending_deliveries_without_their_payloads() {
         .map(|p| (p.message, p.instance, p.size))
         .collect();
     assert_eq!(pending, vec![(1, 1, 3), (2, 0, 3), (2, 1, 3)]);
-    assert_eq!(recovered.next_id, 3);
+    assert!(recovered.next_id >= 3, "past every id recorded");
     assert!(recovered.unclean, "dropped without close");
     assert_eq!(recovered.crashed, 0, "nothing was in flight");
     assert_eq!(
@@ -160,7 +160,8 @@ fn ids_are_never_reused_even_when_every_message_is_gone() {
     drop(ledger);
     let ledger = open(dir.path());
     let recovered = ledger.recover(&instances(5), T0).unwrap();
-    assert_eq!((recovered.next_id, recovered.pending.len()), (42, 0));
+    assert!(recovered.next_id > 41, "{}", recovered.next_id);
+    assert!(recovered.pending.is_empty());
     assert!(!recovered.unclean);
 }
 

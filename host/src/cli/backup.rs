@@ -1,0 +1,72 @@
+//! `plugind backup DEST` and `plugind restore SOURCE`: the ledger of the configuration's
+//! `state_dir`, copied out while the daemon runs, and put back while it is stopped.
+
+use std::{path::Path, process::ExitCode};
+
+use crate::{
+    cli::{EXIT_CONFIG, EXIT_FAILURE, fail},
+    config::{self, ConfigError},
+    ledger::{
+        LedgerError,
+        backup::{self, Contents},
+    },
+};
+
+/// What to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Backup,
+    Restore,
+}
+
+/// Runs `backup` or `restore` with the state dir of the configuration found as the daemon
+/// finds it.
+pub fn run(action: Action, file: &Path, config_flag: Option<&Path>, json: bool) -> ExitCode {
+    let name = match action {
+        Action::Backup => "backup",
+        Action::Restore => "restore",
+    };
+    let config = match config::locate(config_flag).and_then(|(path, _)| config::load(&path)) {
+        Ok(config) => config,
+        Err(ConfigError::Invalid(invalid)) => {
+            eprintln!("{}\n", invalid.render());
+            return fail(EXIT_CONFIG, format_args!("{name}: invalid configuration"));
+        }
+        Err(e) => return fail(EXIT_CONFIG, format_args!("{name}: {e}")),
+    };
+    let state_dir = &config.host.state_dir;
+    let done = match action {
+        Action::Backup => backup::backup(state_dir, file),
+        Action::Restore => backup::restore(state_dir, file),
+    };
+    match done {
+        Ok(contents) => {
+            print(action, &contents, json);
+            ExitCode::SUCCESS
+        }
+        Err(e @ LedgerError::Refused(_)) => fail(EXIT_FAILURE, format_args!("{name}: {e}")),
+        Err(e) => fail(EXIT_FAILURE, format_args!("{name}: {e}")),
+    }
+}
+
+fn print(action: Action, contents: &Contents, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(contents).expect("the contents serialize")
+        );
+        return;
+    }
+    let verb = match action {
+        Action::Backup => "backed up to",
+        Action::Restore => "restored into",
+    };
+    println!(
+        "{verb} {} ({} bytes): {} messages, {} pending deliveries, {} dead letters",
+        contents.file.display(),
+        contents.bytes,
+        contents.messages,
+        contents.pending,
+        contents.dead_letters
+    );
+}
