@@ -157,16 +157,7 @@ writes it to FILE.partial, checks it, fsyncs it and renames it to FILE.
 Examples:
   plugind backup /var/backups/plugind/ledger-$(date +%F).db
   plugind backup -c /etc/plugind/plugins.toml /tmp/ledger.db --json")]
-    Backup {
-        /// The file to write.
-        file: PathBuf,
-        /// The configuration whose state_dir to back up.
-        #[arg(short = 'c', long = "config", value_name = "FILE")]
-        config: Option<PathBuf>,
-        /// Print one JSON object instead of text.
-        #[arg(long)]
-        json: bool,
-    },
+    Backup(cli::backup::Args),
     /// Replace the ledger with a backup; the daemon must be stopped.
     #[command(after_help = "\
 Checks the backup (format, integrity), then replaces state_dir/ledger.db with it and removes
@@ -176,16 +167,7 @@ Deliveries pending in the backup are delivered again when the daemon starts (at 
 Examples:
   systemctl stop plugind && plugind restore /var/backups/plugind/ledger-2026-11-25.db \\
     && systemctl start plugind")]
-    Restore {
-        /// The backup to restore.
-        file: PathBuf,
-        /// The configuration whose state_dir to restore into.
-        #[arg(short = 'c', long = "config", value_name = "FILE")]
-        config: Option<PathBuf>,
-        /// Print one JSON object instead of text.
-        #[arg(long)]
-        json: bool,
-    },
+    Restore(cli::backup::Args),
     /// Print a shell completion script.
     #[command(after_help = "\
 Examples:
@@ -248,12 +230,8 @@ fn main() -> ExitCode {
             report,
             client,
         }),
-        Command::Backup { file, config, json } => {
-            cli::backup::run(cli::backup::Action::Backup, &file, config.as_deref(), json)
-        }
-        Command::Restore { file, config, json } => {
-            cli::backup::run(cli::backup::Action::Restore, &file, config.as_deref(), json)
-        }
+        Command::Backup(args) => cli::backup::run(cli::backup::Action::Backup, &args),
+        Command::Restore(args) => cli::backup::run(cli::backup::Action::Restore, &args),
         Command::Completions { shell } => {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "plugind", &mut script);

@@ -1,7 +1,7 @@
 //! `plugind backup DEST` and `plugind restore SOURCE`: the ledger of the configuration's
 //! `state_dir`, copied out while the daemon runs, and put back while it is stopped.
 
-use std::{path::Path, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode};
 
 use crate::{
     cli::{EXIT_CONFIG, EXIT_FAILURE, fail},
@@ -12,6 +12,19 @@ use crate::{
     },
 };
 
+/// The arguments of both commands.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// The backup file (written by `backup`, read by `restore`).
+    pub file: PathBuf,
+    /// The configuration whose state_dir to use.
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// What to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -21,7 +34,8 @@ pub enum Action {
 
 /// Runs `backup` or `restore` with the state dir of the configuration found as the daemon
 /// finds it.
-pub fn run(action: Action, file: &Path, config_flag: Option<&Path>, json: bool) -> ExitCode {
+pub fn run(action: Action, args: &Args) -> ExitCode {
+    let (file, config_flag, json) = (&args.file, args.config.as_deref(), args.json);
     let name = match action {
         Action::Backup => "backup",
         Action::Restore => "restore",
