@@ -71,8 +71,9 @@ pub struct Slot {
     pub hang_grace: Duration,
     /// How long its plugin's `shutdown` may take.
     pub shutdown_timeout: Duration,
-    /// How many of its waiting deliveries keep their payload in memory
-    /// (`queue_capacity + max_in_flight`); the rest are read back from a ledger that
+    /// How many of its waiting deliveries keep their payload in memory besides the ones
+    /// handed to its actor (`max_in_flight`, so that at most `queue_capacity +
+    /// max_in_flight` are held); the rest are read back from a ledger that
     /// [reloads](Ledger::reloads) when their turn comes.
     pub keep: usize,
 }
@@ -87,6 +88,9 @@ pub struct InstanceStats {
     pub dead_lettered: u64,
     /// Deliveries waiting or in flight.
     pub backlog: u64,
+    /// Of those, the ones whose payload is held in memory (the rest are read back from the
+    /// ledger when their turn comes).
+    pub resident: u64,
     pub in_flight: u64,
     pub circuit: Option<circuit::State>,
     /// A call outlived its lease and is still running.
@@ -396,6 +400,7 @@ impl Dispatcher {
                 .map(|(i, in_flight)| InstanceStats {
                     running: i.slot.actor.is_some(),
                     in_flight,
+                    resident: i.stats.backlog.saturating_sub(i.unloaded as u64),
                     circuit: Some(i.slot.breaker.state().clone()),
                     hung: i.stats.hung
                         && i.slot

@@ -169,7 +169,9 @@ impl Engine {
                 actor,
                 hang_grace: plan.settings.hang_grace,
                 shutdown_timeout: plan.settings.shutdown_timeout,
-                keep: (plan.settings.queue_capacity + plan.settings.max_in_flight) as usize,
+                // Hand-offs (at most queue_capacity) hold theirs: together at most
+                // queue_capacity + max_in_flight payloads per instance.
+                keep: plan.settings.max_in_flight as usize,
             });
         }
         ingress.set_routing(Routing::new(&patterns));

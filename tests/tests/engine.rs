@@ -14,7 +14,10 @@ use plugind::{
     dispatch::{InstanceStats, Snapshot},
     engine::{Engine, Options},
     ingress::{NewMessage, Refused},
-    ledger::{DeadLetterFilter, MemoryLedger},
+    ledger::{
+        DeadLetterFilter, Forget, Ledger, MemoryLedger, Selection,
+        durable::{self, DurableLedger, Mode},
+    },
 };
 use plugind_tests::{
     fixtures::{self, Profile},
@@ -42,6 +45,35 @@ fn try_start(
     config_text: &str,
     clock: Arc<dyn Clock>,
 ) -> (Deployment, Vec<plugind::engine::StartFailure>) {
+    try_start_on(libraries, config_text, clock, |_| MemoryLedger::new())
+}
+
+/// A deployment whose ledger is durable, in the sandbox's `state/`.
+fn start_durable(libraries: &[&str], config_text: &str) -> Deployment {
+    let (d, failures) = try_start_on(libraries, config_text, Arc::new(SystemClock), |sandbox| {
+        DurableLedger::open(
+            &sandbox.path().join("state"),
+            durable::Options {
+                mode: Mode::Fsync,
+                max_bytes: None,
+                dedupe_window: Duration::from_secs(60),
+                dead_letter_retention: None,
+                clock: Arc::new(SystemClock),
+                fail_stop: None,
+            },
+        )
+        .unwrap()
+    });
+    assert!(failures.is_empty(), "{failures:?}");
+    d
+}
+
+fn try_start_on(
+    libraries: &[&str],
+    config_text: &str,
+    clock: Arc<dyn Clock>,
+    ledger: impl FnOnce(&Sandbox) -> Arc<dyn Ledger>,
+) -> (Deployment, Vec<plugind::engine::StartFailure>) {
     let sandbox = Sandbox::new("engine");
     sandbox.dir("plugins.d");
     for fixture in libraries {
@@ -54,7 +86,7 @@ fn try_start(
     let path = sandbox.put("plugins.toml", &text);
     let config = config::parse(&path, &text).unwrap_or_else(|e| panic!("{}", e.render()));
     let options = Options { clock, probe: None };
-    let (engine, failures) = Engine::start(&config, MemoryLedger::new(), options).unwrap();
+    let (engine, failures) = Engine::start(&config, ledger(&sandbox), options).unwrap();
     (
         Deployment {
             sandbox,
@@ -598,4 +630,95 @@ topics = [\"out.>\"]
     d.until("both children of each parent delivered", |s| {
         acked(s, "sink") == 20
     });
+}
+
+#[test]
+fn a_durable_engine_keeps_only_queue_capacity_plus_max_in_flight_payloads_of_a_backlog() {
+    let gate = Sandbox::new("gate");
+    let gate_file = gate.path().join("open");
+    let d = start_durable(
+        &["fx-block"],
+        &format!(
+            "\
+[plugins.slow]
+plugin = \"fx-block\"
+topics = [\"t.>\"]
+queue_capacity = 8
+max_in_flight = 4
+[plugins.slow.config]
+gate = \"{}\"
+",
+            gate_file.display()
+        ),
+    );
+    for i in 0..500 {
+        d.publish("t.x", &format!("payload {i}")).unwrap();
+    }
+    let stats = d.stats("slow");
+    assert_eq!(stats.backlog, 500);
+    assert!(
+        stats.resident <= 8 + 4,
+        "at most queue_capacity + max_in_flight payloads in memory: {stats:?}"
+    );
+    std::fs::write(&gate_file, b"").unwrap();
+    d.until("every message was read back and acked", |s| {
+        acked(s, "slow") == 500
+    });
+    assert_eq!(d.stats("slow").resident, 0);
+}
+
+#[test]
+fn replayed_dead_letters_are_delivered_again_and_forget_ends_a_backlog() {
+    let d = start_durable(
+        &["fx-faulty"],
+        "\
+[plugins.bad]
+plugin = \"fx-faulty\"
+topics = [\"bad.>\"]
+max_attempts = 1
+circuit = { failures = 100 }
+[plugins.bad.config]
+fail = \"handle-panic\"
+",
+    );
+    for i in 0..5 {
+        d.publish("bad.x", &i.to_string()).unwrap();
+    }
+    d.until("dead-lettered", |s| {
+        s.instances
+            .iter()
+            .any(|i| i.name == "bad" && i.dead_lettered == 5)
+    });
+    let ledger = d.engine().ledger().clone();
+    assert_eq!(
+        ledger
+            .dead_letters(&DeadLetterFilter::default())
+            .unwrap()
+            .len(),
+        5
+    );
+    let (queued, waiting) = d
+        .engine()
+        .replay(&Selection {
+            instance: Some("bad".into()),
+            messages: vec![],
+        })
+        .unwrap();
+    assert_eq!((queued, waiting), (5, 0));
+    d.until("dead-lettered again after the replay", |s| {
+        s.instances
+            .iter()
+            .any(|i| i.name == "bad" && i.dead_lettered == 10)
+    });
+    let history = ledger.history(1).unwrap();
+    assert_eq!(history.len(), 1);
+    assert_eq!(
+        history[0].delivery.history.len(),
+        2,
+        "the attempt before the replay is kept: {history:?}"
+    );
+    // Nothing is pending for `bad`; forgetting an instance not configured works on the
+    // ledger alone.
+    assert_eq!(d.engine().forget("bad", Forget::Purge).unwrap(), 0);
+    assert_eq!(d.engine().forget("gone", Forget::DeadLetter).unwrap(), 0);
 }

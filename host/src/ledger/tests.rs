@@ -614,3 +614,54 @@ fn single_target_messages_keep_every_rule_without_a_delivery_row() {
     ack(&ledger, 2, 1);
     assert_eq!(ledger.load(2).unwrap(), None, "updated, then acked: gone");
 }
+
+#[test]
+fn housekeeping_removes_dead_letters_past_their_retention_and_keys_past_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::at(T0);
+    let ledger = DurableLedger::open(
+        dir.path(),
+        Options {
+            dead_letter_retention: Some(Duration::from_secs(3600)),
+            clock: Arc::new(clock.clone()),
+            ..options(None)
+        },
+    )
+    .unwrap();
+    ledger.recover(&instances(5), T0).unwrap();
+    ledger
+        .commit(
+            vec![
+                Record::Accepted {
+                    message: message(1, "old"),
+                    targets: smallvec![0],
+                },
+                Record::Key {
+                    key: "k".into(),
+                    message: 1,
+                    at: T0,
+                },
+            ],
+            Wait::Durable,
+        )
+        .unwrap();
+    dead_letter(&ledger, 1, 0);
+    clock.advance(Duration::from_secs(2 * 3600));
+    let started = std::time::Instant::now();
+    while !ledger
+        .dead_letters(&DeadLetterFilter::default())
+        .unwrap()
+        .is_empty()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "housekeeping (every second) did not remove the dead letter"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(ledger.load(1).unwrap(), None, "its message went with it");
+    assert!(
+        ledger.keys(T0).is_empty(),
+        "the key is past dedupe_window (1 h)"
+    );
+}
