@@ -37,6 +37,10 @@ impl From<&config::Settings> for Rules {
 /// `min(max, initial · multiplier^(failures-1))`, then ± `jitter` of it, where `unit` is a
 /// uniform draw from [0, 1) (0.5 means no jitter).
 pub fn backoff(backoff: &config::Backoff, failures: u32, unit: f64) -> Duration {
+    if backoff.initial.is_zero() {
+        // 0 · multiplier^n is 0, even once the power overflows (0 · ∞ would be NaN).
+        return Duration::ZERO;
+    }
     let exponent = i32::try_from(failures.saturating_sub(1)).unwrap_or(i32::MAX);
     let base = backoff.initial.as_secs_f64() * backoff.multiplier.powi(exponent);
     let capped = base.min(backoff.max.as_secs_f64());

@@ -691,6 +691,10 @@ impl Dispatcher {
             Ok(Outcome::Retry { after, reason }) => Failure::Retry { reason, after },
             Ok(Outcome::Reject { reason }) => {
                 let inst = &mut self.instances[instance as usize];
+                // The plugin answered on purpose: for the circuit that is a success (a
+                // rejected probe closes it; left open, it would wait for that message
+                // forever).
+                inst.slot.breaker.on_success(s.message);
                 let live = self.live.get_mut(&key).expect("checked in flight above");
                 live.delivery
                     .reject(s.attempt, &reason, now)
@@ -723,6 +727,14 @@ impl Dispatcher {
         for excused in verdict.excuse {
             if let Some(other) = self.live.get_mut(&(excused, instance)) {
                 other.delivery.excuse(1);
+                // Recorded: after a restart the excused failure must not count again.
+                if excused != message {
+                    records.push(Record::Updated {
+                        message: excused,
+                        instance,
+                        delivery: other.delivery.clone(),
+                    });
+                }
             }
         }
         if matches!(inst.slot.breaker.state(), circuit::State::Open { .. }) && !verdict.charged {

@@ -10,6 +10,7 @@
 //! first run), so [`Daemon::log`] is this run's log and [`Daemon::history`] every run's.
 
 use std::{
+    ffi::OsStr,
     fs,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
@@ -36,8 +37,18 @@ impl Daemon {
     /// # Panics
     /// If it exits or does not become ready in time (with its log).
     pub fn start(sandbox: Sandbox, config: &str) -> Self {
+        Self::start_with_env(sandbox, config, &[])
+    }
+
+    /// Starts it as [`Daemon::start`] does, with the variables `env` set in its environment
+    /// besides the inherited ones (`LD_PRELOAD` for a fault-injection shim, say). They hold
+    /// for this run only: [`Daemon::restart`] runs without them.
+    ///
+    /// # Panics
+    /// As [`Daemon::start`].
+    pub fn start_with_env(sandbox: Sandbox, config: &str, env: &[(&str, &OsStr)]) -> Self {
         sandbox.put("plugins.toml", config);
-        Self::spawn(sandbox)
+        Self::spawn(sandbox, env)
     }
 
     /// Runs `plugind run` again on the `plugins.toml` already in `sandbox` (one that a
@@ -52,10 +63,10 @@ impl Daemon {
             "restart needs the plugins.toml of a previous start in {}",
             sandbox.path().display()
         );
-        Self::spawn(sandbox)
+        Self::spawn(sandbox, &[])
     }
 
-    fn spawn(sandbox: Sandbox) -> Self {
+    fn spawn(sandbox: Sandbox, env: &[(&str, &OsStr)]) -> Self {
         let config_path = sandbox.path().join("plugins.toml");
         let log = sandbox.path().join("daemon.log");
         if log.exists() {
@@ -70,6 +81,7 @@ impl Daemon {
             .arg(&config_path)
             .current_dir(sandbox.path())
             .env("PLUGIND_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).expect("the log file can be created"));

@@ -1,5 +1,5 @@
 //! What the `fx-record` fixture wrote: one line per delivery it saw,
-//! `<message id> <attempt> <topic> <payload>\n`, appended before it returned the outcome, so
+//! `<message id> <attempt> <unix ms> <topic> <payload>\n`, appended before it returned the outcome, so
 //! the record outlives the daemon (a restart, a SIGKILL, an abort).
 
 use std::{fs, io, path::Path};
@@ -9,6 +9,8 @@ use std::{fs, io, path::Path};
 pub struct Recorded {
     pub id: u64,
     pub attempt: u32,
+    /// When the plugin saw it (ms since the Unix epoch).
+    pub at_ms: u64,
     pub topic: String,
     /// The payload, UTF-8 decoded lossily.
     pub payload: String,
@@ -43,10 +45,11 @@ pub fn read_record(path: &Path) -> Vec<Recorded> {
 }
 
 fn parse(line: &str) -> Option<Recorded> {
-    let mut fields = line.splitn(4, ' ');
+    let mut fields = line.splitn(5, ' ');
     Some(Recorded {
         id: fields.next()?.parse().ok()?,
         attempt: fields.next()?.parse().ok()?,
+        at_ms: fields.next()?.parse().ok()?,
         topic: fields.next()?.to_owned(),
         payload: fields.next()?.to_owned(),
     })
@@ -59,16 +62,17 @@ mod tests {
     #[test]
     fn lines_parse_and_the_payload_keeps_its_spaces() {
         assert_eq!(
-            parse("7 2 t.a hello there"),
+            parse("7 2 1700000000123 t.a hello there"),
             Some(Recorded {
                 id: 7,
                 attempt: 2,
+                at_ms: 1_700_000_000_123,
                 topic: "t.a".into(),
                 payload: "hello there".into(),
             })
         );
-        assert_eq!(parse("7 1 t.a ").map(|r| r.payload), Some(String::new()));
-        assert_eq!(parse("7 1 t.a"), None);
-        assert_eq!(parse("x 1 t.a p"), None);
+        assert_eq!(parse("7 1 5 t.a ").map(|r| r.payload), Some(String::new()));
+        assert_eq!(parse("7 1 5 t.a"), None);
+        assert_eq!(parse("x 1 5 t.a p"), None);
     }
 }

@@ -7,93 +7,18 @@
 
 use std::{
     collections::BTreeSet,
-    path::Path,
     time::{Duration, Instant},
 };
 
-use plugind::{
-    config::Endpoint,
-    control::{client, pb},
-};
 use plugind_tests::{
     daemon::Daemon,
-    fixtures::{self, Profile},
-    record::{Recorded, read_record},
-    sandbox::Sandbox,
+    ledger_support::{config, ids, publish_all, record_config, sandbox, wait_until},
+    record::read_record,
 };
-
-fn sandbox() -> Sandbox {
-    let sandbox = Sandbox::new("durable");
-    sandbox.dir("plugins.d");
-    sandbox.copy(
-        "plugins.d/fx-record.so",
-        &fixtures::library("fx-record", Profile::Dev),
-    );
-    sandbox
-}
-
-/// `instances`: (name, extra lines of its table, lines of its config table).
-fn config(durability: &str, instances: &[(&str, &str, String)]) -> String {
-    let mut text = format!(
-        "[host]\ndurability = \"{durability}\"\nautoload = false\ngrace_period = \"2s\"\n\n\
-         [defaults]\nmax_attempts = 3\nbackoff = {{ initial = \"20ms\", max = \"20ms\", \
-         jitter = 0.0 }}\n"
-    );
-    for (name, extra, config) in instances {
-        text.push_str(&format!(
-            "\n[plugins.{name}]\nplugin = \"fx-record\"\ntopics = [\"t.>\"]\n{extra}\n\
-             [plugins.{name}.config]\n{config}\n"
-        ));
-    }
-    text
-}
-
-fn record_config(path: &Path, more: &str) -> String {
-    format!("path = \"{}\"\nfsync = true\n{more}", path.display())
-}
-
-/// Publishes over the real API, one unary call each (every answer is an OK or an error).
-fn publish_all(d: &Daemon, payloads: &[String], key: Option<&str>) -> Vec<u64> {
-    let endpoint = Endpoint::Unix(d.socket().to_owned());
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let mut c = client::connect(&endpoint, None).await.unwrap();
-        let mut ids = Vec::new();
-        for payload in payloads {
-            let request = c.request(pb::PublishRequest {
-                topic: "t.x".into(),
-                payload: payload.clone().into_bytes().into(),
-                headers: vec![],
-                key: key.unwrap_or_default().into(),
-            });
-            ids.push(c.publisher.publish(request).await.unwrap().into_inner().id);
-        }
-        ids
-    })
-}
-
-fn wait_until(what: &str, d: &Daemon, mut done: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !done() {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "timed out waiting until {what}:\n{}",
-            d.history()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn ids(records: &[Recorded]) -> BTreeSet<u64> {
-    records.iter().map(|r| r.id).collect()
-}
 
 #[test]
 fn every_acknowledged_message_survives_sigkill_and_waits_for_an_instance_not_running() {
-    let s = sandbox();
+    let s = sandbox("durable");
     let rec = s.path().join("rec.txt");
     let held = s.path().join("held.txt");
     // `held` cannot start (its file cannot be opened): its deliveries wait in the ledger.
@@ -156,7 +81,7 @@ fn every_acknowledged_message_survives_sigkill_and_waits_for_an_instance_not_run
 
 #[test]
 fn a_retry_scheduled_before_a_kill_is_not_run_earlier_after_it() {
-    let s = sandbox();
+    let s = sandbox("durable");
     let rec = s.path().join("rec.txt");
     let text = config(
         "fsync",
@@ -199,7 +124,7 @@ fn a_retry_scheduled_before_a_kill_is_not_run_earlier_after_it() {
 
 #[test]
 fn a_message_that_aborts_the_process_is_dead_lettered_for_crash_and_the_rest_is_acked() {
-    let s = sandbox();
+    let s = sandbox("durable");
     let rec = s.path().join("rec.txt");
     // First published while the instance cannot start, so that they are handed out
     // together: boom aborts the process with the others queued behind it.
@@ -266,7 +191,7 @@ fn a_message_that_aborts_the_process_is_dead_lettered_for_crash_and_the_rest_is_
 
 #[test]
 fn an_idempotency_key_survives_a_restart() {
-    let s = sandbox();
+    let s = sandbox("durable");
     let rec = s.path().join("rec.txt");
     let text = config("fsync", &[("rec", "", record_config(&rec, ""))]);
     let d = Daemon::start(s, &text);
@@ -289,7 +214,7 @@ fn an_idempotency_key_survives_a_restart() {
 
 #[test]
 fn a_state_dir_of_a_newer_format_is_refused_with_exit_78() {
-    let s = sandbox();
+    let s = sandbox("durable");
     let rec = s.path().join("rec.txt");
     let text = config("fsync", &[("rec", "", record_config(&rec, ""))]);
     let d = Daemon::start(s, &text);
@@ -314,7 +239,7 @@ fn a_state_dir_of_a_newer_format_is_refused_with_exit_78() {
 
 #[test]
 fn a_backup_taken_while_running_restores_into_a_fresh_daemon() {
-    let s = sandbox();
+    let s = sandbox("durable");
     let rec = s.path().join("rec.txt");
     // The instance cannot start: everything published waits in the ledger.
     let waiting = config(
@@ -349,7 +274,7 @@ fn a_backup_taken_while_running_restores_into_a_fresh_daemon() {
     let (_, old) = d.stop_keeping_state();
 
     // A fresh machine: an empty state dir, the backup restored, then started.
-    let fresh = sandbox();
+    let fresh = sandbox("durable");
     let good = config("fsync", &[("rec", "", record_config(&rec, ""))]);
     let config_path = fresh.put("plugins.toml", &good);
     let out = std::process::Command::new(plugind_tests::binary::plugind())

@@ -13,9 +13,10 @@
 //! database after it, and the log header when the log is reused.)
 //!
 //! Faults (DESIGN.md §7): out of space refuses the publishes of the batch and retries the
-//! settlements alone (releasing the reserve file if needed); any other storage error poisons
-//! the ledger — every later commit fails — and calls the fail-stop hook. Nothing is retried
-//! after a failed fsync.
+//! settlements alone (releasing the reserve file if needed; publishes are then refused until
+//! it can be made again, and opening on a full disk may release it too); any other storage
+//! error poisons the ledger — every later commit fails — and calls the fail-stop hook.
+//! Nothing is retried after a failed fsync.
 
 use std::{
     fs::{self, File},
@@ -180,6 +181,9 @@ pub struct DurableLedger {
     /// The in-flight marker slots, once recovered.
     slots: Mutex<Option<Arc<markers::Slots>>>,
     shared: Arc<Shared>,
+    /// The reserve file was released (or could not be made) at open: the writer starts
+    /// refusing publishes.
+    reserve_released: bool,
     /// Held for the ledger's life: one daemon per state dir.
     _lock: File,
 }
@@ -204,9 +208,16 @@ impl DurableLedger {
             LedgerError::Refused(format!("cannot create state dir {}: {e}", dir.display()))
         })?;
         let lock = lock_state_dir(dir)?;
-        let conn = store::open(dir)?;
+        // On a full disk even opening writes (the log's recovery, the settings): the reserve
+        // goes, so that the daemon starts and delivers what is pending.
+        let (conn, reserve_released) = match store::open(dir) {
+            Err(LedgerError::Full(_)) if release_reserve(dir) => (store::open(dir)?, true),
+            opened => (opened?, false),
+        };
         let reader = store::open_reader(dir)?;
-        ensure_reserve(dir);
+        // A reserve that cannot be made (the disk is about full) counts as released: publishes
+        // are refused until housekeeping can make it (see `Writer::reserve_released`).
+        let reserve_released = reserve_released || !ensure_reserve(dir);
         let (requests, receiver) = unbounded();
         let shared = Arc::new(Shared {
             keys: RwLock::default(),
@@ -235,6 +246,7 @@ impl DurableLedger {
             reader: Mutex::new(reader),
             slots: Mutex::new(None),
             shared,
+            reserve_released,
             _lock: lock,
         }))
     }
@@ -300,11 +312,22 @@ pub(super) fn lock_state_dir(dir: &Path) -> Result<File, LedgerError> {
     Ok(lock)
 }
 
+/// Deletes the reserve file to make room on a full disk; whether there was one.
+fn release_reserve(dir: &Path) -> bool {
+    let path = dir.join(RESERVE);
+    let released = fs::remove_file(&path).is_ok();
+    if released {
+        tracing::warn!(path = %path.display(), "disk full: releasing the space reserved for settlements");
+    }
+    released
+}
+
 /// Keeps a reserve file so that settlements can still be written when the disk is full.
-fn ensure_reserve(dir: &Path) {
+/// Returns whether it is in place.
+fn ensure_reserve(dir: &Path) -> bool {
     let path = dir.join(RESERVE);
     if fs::metadata(&path).is_ok_and(|m| m.len() >= RESERVE_BYTES as u64) {
-        return;
+        return true;
     }
     let made = File::create(&path).and_then(|mut f| {
         let chunk = vec![0u8; 1 << 20];
@@ -316,7 +339,9 @@ fn ensure_reserve(dir: &Path) {
     if let Err(e) = made {
         let _ = fs::remove_file(&path);
         tracing::warn!(path = %path.display(), error = %e, "cannot reserve space for settlements");
+        return false;
     }
+    true
 }
 
 impl Ledger for DurableLedger {
@@ -473,12 +498,22 @@ impl Ledger for DurableLedger {
             commits_since_measure: 0,
             checkpointer: None,
             reserved: recovered.next_id,
+            reserve_released: self.reserve_released,
         };
         // The charges, and "running" (an exit before the next graceful stop is unclean),
         // are durable before anything is handed out.
         writer.recovery_commit(&records, recovered.next_id)?;
         writer.measure();
-        *lock(&self.slots) = Some(markers::Slots::create(&self.dir).map_err(|e| {
+        // Its space is taken now (with the reserve, on a full disk): a marker is written
+        // before every call to plugin code.
+        let slots = match markers::Slots::create(&self.dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::StorageFull && release_reserve(&self.dir) => {
+                writer.reserve_released = true;
+                markers::Slots::create(&self.dir)
+            }
+            created => created,
+        };
+        *lock(&self.slots) = Some(slots.map_err(|e| {
             LedgerError::Fatal(format!(
                 "cannot create {}: {e}",
                 self.dir.join(markers::FILE).display()
@@ -769,6 +804,11 @@ struct Writer {
     checkpointer: Option<Sender<()>>,
     /// The id high-water mark in `meta`: every id recorded is below it.
     reserved: u64,
+    /// The reserve file was deleted to let settlements through on a full disk. Until
+    /// housekeeping can reserve it again, publishes are refused: otherwise they would take
+    /// the space freed for settlements, and the next settlement would find none (a fail-stop
+    /// on a full disk, which must only refuse publishes).
+    reserve_released: bool,
 }
 
 impl Writer {
@@ -851,6 +891,17 @@ impl Writer {
                 let _ = reply.send(Err(full.clone()));
             }
         }
+        if self.reserve_released && !publishes.is_empty() {
+            let full = LedgerError::Full(format!(
+                "no space left: the space reserved for settlements ({}, {} MiB) is in use; \
+                 publishing resumes once it can be reserved again",
+                self.dir.join(RESERVE).display(),
+                RESERVE_BYTES >> 20
+            ));
+            for (_, _, reply) in publishes.drain(..) {
+                let _ = reply.send(Err(full.clone()));
+            }
+        }
         let all: Vec<&[Record]> = publishes
             .iter()
             .chain(&settles)
@@ -866,9 +917,8 @@ impl Writer {
                 let settle: Vec<&[Record]> = settles.iter().map(|(r, ..)| r.as_slice()).collect();
                 match self.transaction(&settle) {
                     Err(LedgerError::Full(_)) => {
-                        let reserve = self.dir.join(RESERVE);
-                        tracing::warn!(path = %reserve.display(), "disk full: releasing the space reserved for settlements");
-                        let _ = fs::remove_file(&reserve);
+                        release_reserve(&self.dir);
+                        self.reserve_released = true;
                         self.transaction(&settle).map_err(|e| match e {
                             LedgerError::Full(m) => LedgerError::Fatal(format!(
                                 "no space left even for settlements: {m}"
@@ -1069,15 +1119,37 @@ impl Writer {
     }
 
     /// Recovery's charges and the "running" mark (an exit before the next graceful stop is
-    /// unclean), fsynced before anything is handed out.
+    /// unclean), fsynced before anything is handed out. On a full disk each of the two
+    /// transactions may use the reserve, as settlements do.
     fn recovery_commit(&mut self, records: &[Record], next_id: u64) -> Result<(), LedgerError> {
-        self.transaction(&[records])?;
-        self.set_sync(store::Sync::Full)?;
-        let map = |e: rusqlite::Error| store::classify("ledger", &e);
-        self.conn.execute_batch("BEGIN").map_err(map)?;
-        store::set_meta(&self.conn, "clean", 0)?;
-        store::set_meta(&self.conn, "next_id", next_id as i64)?;
-        self.conn.execute_batch("COMMIT").map_err(map)
+        self.with_reserve(|w| w.transaction(&[records]))?;
+        self.with_reserve(|w| {
+            w.set_sync(store::Sync::Full)?;
+            let map = |e: rusqlite::Error| store::classify("ledger", &e);
+            w.conn.execute_batch("BEGIN").map_err(map)?;
+            let done = store::set_meta(&w.conn, "clean", 0)
+                .and_then(|()| store::set_meta(&w.conn, "next_id", next_id as i64))
+                .and_then(|()| w.conn.execute_batch("COMMIT").map_err(map));
+            if done.is_err() && !w.conn.is_autocommit() {
+                let _ = w.conn.execute_batch("ROLLBACK");
+            }
+            done
+        })
+    }
+
+    /// Runs `step` (one transaction, rolled back when it fails); when it fails for want of
+    /// space and the reserve is still there, releases the reserve and runs it once more.
+    fn with_reserve(
+        &mut self,
+        mut step: impl FnMut(&mut Self) -> Result<(), LedgerError>,
+    ) -> Result<(), LedgerError> {
+        match step(self) {
+            Err(LedgerError::Full(_)) if release_reserve(&self.dir) => {
+                self.reserve_released = true;
+                step(self)
+            }
+            done => done,
+        }
     }
 
     fn measure(&mut self) {
@@ -1120,8 +1192,9 @@ impl Writer {
             Err(e) => self.shared.poison(&e),
         }
         self.measure();
-        if !self.dir.join(RESERVE).exists() {
-            ensure_reserve(&self.dir);
+        if !self.dir.join(RESERVE).exists() && ensure_reserve(&self.dir) && self.reserve_released {
+            self.reserve_released = false;
+            tracing::info!("space reserved for settlements again: publishing resumes");
         }
     }
 

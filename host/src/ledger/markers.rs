@@ -22,6 +22,9 @@ use rustc_hash::FxHashMap;
 
 pub(super) const FILE: &str = "inflight";
 const SLOT: usize = 32;
+/// The marker file's size when created: 128 slots (more actors than that may need a new
+/// block for theirs).
+const PREALLOCATED: u64 = 4096;
 
 /// (message, instance key) → attempt.
 pub(super) type Marked = FxHashMap<(u64, u32), u32>;
@@ -85,13 +88,19 @@ pub(super) struct Slots {
 
 impl Slots {
     /// Starts an empty marker file in `dir` (what it held was read and charged first).
+    ///
+    /// It is cleared by writing zeros over it, at least [`PREALLOCATED`] bytes, not by
+    /// truncating it: its blocks are taken now, so that the `pwrite` before a call never
+    /// needs a new one on a full disk (an error there stops the daemon).
     pub(super) fn create(dir: &Path) -> io::Result<Arc<Self>> {
         let file = OpenOptions::new()
             .create(true)
             .read(true)
             .write(true)
-            .truncate(true)
+            .truncate(false)
             .open(dir.join(FILE))?;
+        let len = file.metadata()?.len().max(PREALLOCATED);
+        file.write_all_at(&vec![0; len as usize], 0)?;
         Ok(Arc::new(Self {
             file,
             free: Mutex::new((Vec::new(), 0)),

@@ -1,0 +1,395 @@
+//! The durable ledger's fault rules end to end (DESIGN.md §7), on the real daemon in `fsync`
+//! mode with the real `fx-record` fixture, over the real gRPC API:
+//!
+//! - a full disk (the state dir on a small tmpfs) refuses publishes with RESOURCE_EXHAUSTED
+//!   while deliveries and settlements go on, and the daemon keeps running; killed and
+//!   started again on the full disk, it starts and delivers what was waiting;
+//! - a failed fsync (an `LD_PRELOAD` shim making `fsync`/`fdatasync` fail with EIO on demand)
+//!   stops the daemon at once with exit 1, the syncer's `fdatasync` and SQLite's own `fsync`
+//!   alike, and after a restart every message that was answered OK is delivered.
+//!
+//! They need what not every machine has: root (`CAP_SYS_ADMIN`) to mount a tmpfs, gcc to
+//! build the shim. Where that is missing the test fails saying so; it never skips.
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use plugind_tests::{
+    daemon::Daemon,
+    ledger_support::{
+        config, ids, record_config, recorded_ids, sandbox, try_publish_all, wait_until,
+    },
+    record::read_record,
+};
+use tonic::Code;
+
+/// A size-limited tmpfs mounted for one test; unmounted (and its mount point removed) when
+/// dropped, also when the test panics. Create it before the daemon that uses it: locals drop
+/// in reverse order, so the daemon is killed first and nothing keeps the mount busy.
+#[derive(Debug)]
+struct Tmpfs {
+    dir: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (`mount`'s syntax: `24m`) on a new directory.
+    ///
+    /// # Panics
+    /// If the machine does not allow it (not root, no `CAP_SYS_ADMIN`), saying so.
+    fn mount(size: &str) -> Self {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "plugind-faults-tmpfs-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::create_dir_all(&dir).expect("the temp dir is writable");
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o"])
+            .arg(format!("size={size},mode=0755"))
+            .arg("tmpfs")
+            .arg(&dir)
+            .output();
+        let cause = match mounted {
+            Ok(out) if out.status.success() => return Self { dir },
+            Ok(out) => format!("{}: {}", out.status, String::from_utf8_lossy(&out.stderr)),
+            Err(e) => format!("cannot run mount: {e}"),
+        };
+        let _ = fs::remove_dir(&dir);
+        panic!(
+            "this machine does not allow the full-disk test to mount a tmpfs (it needs root or \
+             CAP_SYS_ADMIN for `mount -t tmpfs -o size={size} tmpfs {}`): {}",
+            dir.display(),
+            cause.trim()
+        );
+    }
+
+    fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// `df`'s view of it, for failure messages.
+    fn usage(&self) -> String {
+        Command::new("df")
+            .arg("-k")
+            .arg(&self.dir)
+            .output()
+            .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let unmounted = Command::new("umount")
+            .arg(&self.dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !unmounted {
+            // Still busy (a process has a file open in it): detach it now, the kernel frees it
+            // when the last user goes.
+            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        }
+        let _ = fs::remove_dir(&self.dir);
+    }
+}
+
+/// A payload of about 8 KiB (one line for fx-record), distinct per `i`.
+fn payload(i: usize) -> String {
+    format!("m{i} {}", "x".repeat(8000))
+}
+
+#[test]
+fn a_full_disk_refuses_publishes_while_deliveries_and_settlements_go_on() {
+    let s = sandbox("faults");
+    // 24 MiB: the ledger reserves 8 MiB of it for settlements (`state_dir/reserve`), the
+    // rest fills up within a few thousand publishes. The sandbox's `state` (the default
+    // state_dir) is a link to it: removing the sandbox does not cross into the mount.
+    let tmpfs = Tmpfs::mount("24m");
+    std::os::unix::fs::symlink(tmpfs.path(), s.path().join("state"))
+        .expect("the sandbox is writable");
+    let rec = s.path().join("rec.txt");
+    let held = s.path().join("held.txt");
+    let missing = s.path().join("missing/held.txt");
+    // `held` cannot start at first (its file cannot be opened): every message is kept for
+    // it, so the ledger only grows. `rec` records every message outside the tmpfs.
+    let text = |held: &Path| {
+        config(
+            "fsync",
+            &[
+                ("rec", "", record_config(&rec, "")),
+                ("held", "", record_config(held, "")),
+            ],
+        )
+    };
+    let mut d = Daemon::start(s, &text(&missing));
+
+    // Published until the disk is full for good: refused many times in a row. After a first
+    // refusal the ledger may still fit a message or two in space its log file already holds
+    // (a transaction that failed for space leaves its pages allocated); it cannot grow, and
+    // what it holds is bounded by the disk. Every answer is OK or RESOURCE_EXHAUSTED: never
+    // another error, never a daemon that stopped.
+    let mut accepted = BTreeSet::new();
+    let mut refusal = None;
+    let mut refused_in_a_row = 0;
+    let mut next = 0;
+    let started = Instant::now();
+    while refused_in_a_row < 20 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "not refused 20 times in a row after {} publishes were accepted:\n{}\n{}",
+            accepted.len(),
+            tmpfs.usage(),
+            d.history()
+        );
+        let batch: Vec<String> = (next..next + 50).map(payload).collect();
+        next += batch.len();
+        for answer in try_publish_all(&d, &batch, None) {
+            match answer {
+                Ok(id) => {
+                    accepted.insert(id);
+                    refused_in_a_row = 0;
+                }
+                Err(status) if status.code() == Code::ResourceExhausted => {
+                    refused_in_a_row += 1;
+                    refusal.get_or_insert(status);
+                }
+                Err(status) => panic!(
+                    "a publish failed otherwise than with RESOURCE_EXHAUSTED: {status:?}\n{}\n{}",
+                    tmpfs.usage(),
+                    d.history()
+                ),
+            }
+        }
+    }
+    let refusal = refusal.expect("the loop ends on refusals");
+    assert!(
+        refusal.message().contains("the ledger is full") && refusal.message().contains("no space"),
+        "the refusal says why: {refusal:?}"
+    );
+    assert!(
+        accepted.len() > 100,
+        "the disk filled up after only {} messages:\n{}",
+        accepted.len(),
+        tmpfs.usage()
+    );
+
+    // Deliveries and settlements went on: `rec` got every message answered OK, and its acks
+    // were written (the daemon would have stopped otherwise).
+    wait_until("rec has every accepted message", &d, || {
+        recorded_ids(&rec).is_superset(&accepted)
+    });
+    let still = d.wait_exit(Duration::from_millis(300));
+    assert!(
+        still.is_none(),
+        "a full disk stopped the daemon ({still:?}):\n{}",
+        d.history()
+    );
+    // Still refused: nothing gives space back (`held` keeps every message, files do not
+    // shrink), and if settlements took the reserve, publishing waits until it can be made
+    // again.
+    let later = try_publish_all(&d, &[payload(next)], None);
+    assert!(
+        matches!(&later[..], [Err(status)] if status.code() == Code::ResourceExhausted),
+        "a publish while the disk is full: {later:?}\n{}\n{}",
+        tmpfs.usage(),
+        d.history()
+    );
+
+    // Killed and started again on the full disk, with `held` now able to start: the daemon
+    // starts (taking the reserve if it needs it) and delivers what `held` kept; the
+    // settlements of all of it fit.
+    let mut d = Daemon::start(d.kill9(), &text(&held));
+    wait_until("held has every accepted message", &d, || {
+        recorded_ids(&held).is_superset(&accepted)
+    });
+    let still = d.wait_exit(Duration::from_millis(300));
+    assert!(
+        still.is_none(),
+        "the daemon stopped on a full disk ({still:?}):\n{}\n{}",
+        tmpfs.usage(),
+        d.history()
+    );
+    let (status, s) = d.stop_keeping_state();
+    assert!(
+        status.success(),
+        "a graceful stop on a full disk:\n{}",
+        fs::read_to_string(s.path().join("daemon.log")).unwrap_or_default()
+    );
+    // Nothing else arrived: a refused publish is never stored (redeliveries of accepted
+    // ones after the kill are allowed: at least once).
+    assert_eq!(
+        ids(&read_record(&rec)),
+        accepted,
+        "rec got only accepted messages"
+    );
+    assert_eq!(
+        ids(&read_record(&held)),
+        accepted,
+        "held got only accepted messages"
+    );
+    drop(s);
+    drop(tmpfs);
+}
+
+/// The `failsync` shim (`tests/shims/failsync.c`): while the file named by
+/// `PLUGIND_TEST_FAIL_FSYNC` exists, the calls it names (`fsync`, `fdatasync`) fail with EIO,
+/// each failure reported on stderr (the daemon's log) with the file's path.
+fn failsync_shim() -> PathBuf {
+    plugind_tests::shim::build("failsync", include_str!("../shims/failsync.c"))
+}
+
+/// The shim interposes only calls resolved by the dynamic linker.
+///
+/// # Panics
+/// If `plugind` does not import `fdatasync` (the syncer's `File::sync_data`) and `fsync`
+/// (SQLite's) from libc.
+fn assert_syncs_are_imported() {
+    use object::{Object as _, read::File};
+    let path = plugind_tests::binary::plugind();
+    let bytes = fs::read(&path).expect("plugind was built");
+    let file = File::parse(&*bytes).expect("plugind is an ELF file");
+    let imports = file.imports().expect("its dynamic symbols can be read");
+    for call in [&b"fdatasync"[..], b"fsync"] {
+        assert!(
+            imports.iter().any(|i| i.name() == call),
+            "{} does not import {} dynamically (linked statically?): LD_PRELOAD cannot make it \
+             fail",
+            path.display(),
+            String::from_utf8_lossy(call)
+        );
+    }
+}
+
+/// The daemon's fail-stop line (`plugind: ledger: …; stopping now (exit 1)`).
+///
+/// # Panics
+/// If there is none, with the log.
+fn fail_stop_line(log: &str) -> &str {
+    log.lines()
+        .find(|l| l.starts_with("plugind: ledger: ") && l.ends_with("stopping now (exit 1)"))
+        .unwrap_or_else(|| panic!("no fail-stop line:\n{log}"))
+}
+
+#[test]
+fn a_failed_fsync_stops_the_daemon_and_nothing_answered_ok_is_lost() {
+    assert_syncs_are_imported();
+    let shim = failsync_shim();
+    let s = sandbox("faults");
+    let rec = s.path().join("rec.txt");
+    let held = s.path().join("held.txt");
+    let missing = s.path().join("missing/held.txt");
+    let flag = s.path().join("fail-fsync");
+    // `held` cannot start until the last run: what it is routed is only in the ledger when
+    // the daemon stops, and it gets it in the end from the ledger alone.
+    let text = |held: &Path| {
+        config(
+            "fsync",
+            &[
+                ("rec", "", record_config(&rec, "")),
+                ("held", "", record_config(held, "")),
+            ],
+        )
+    };
+    let shimmed = [
+        ("LD_PRELOAD", shim.as_os_str()),
+        ("PLUGIND_TEST_FAIL_FSYNC", flag.as_os_str()),
+    ];
+    let mut d = Daemon::start_with_env(s, &text(&missing), &shimmed);
+    let payloads: Vec<String> = (0..20).map(|i| format!("ok{i}")).collect();
+    let mut answered = BTreeSet::new();
+    for answer in try_publish_all(&d, &payloads, None) {
+        answered.insert(answer.unwrap_or_else(|e| panic!("{e:?}\n{}", d.history())));
+    }
+    assert_eq!(answered.len(), payloads.len());
+    wait_until("rec has every message", &d, || {
+        recorded_ids(&rec) == answered
+    });
+
+    // 1. The syncer's fdatasync of the log fails (SQLite itself calls fsync, so only the
+    //    syncer and fx-record call fdatasync: this failure is the syncer's, deterministically).
+    //    The publish's transaction is written, but the fsync that must cover it failed: it is
+    //    never answered OK (the daemon exits before answering; the connection drops).
+    fs::write(&flag, "fdatasync").expect("the sandbox is writable");
+    let refused = try_publish_all(&d, &["refused-1".to_owned()], None);
+    assert!(
+        matches!(&refused[..], [Err(_)]),
+        "a publish whose fsync failed: {refused:?}\n{}",
+        d.history()
+    );
+    let exit = d.wait_exit(Duration::from_secs(5));
+    assert_eq!(
+        exit.and_then(|s| s.code()),
+        Some(1),
+        "the daemon stops with exit 1 after a failed fsync ({exit:?}):\n{}",
+        d.history()
+    );
+    let log = d.log();
+    let stopped = fail_stop_line(&log);
+    assert!(
+        stopped.contains("fsync of") && stopped.contains("ledger.db-wal failed"),
+        "the fail-stop names the failed fsync of the log: {stopped}\n{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.starts_with("failsync: fdatasync(") && l.contains("ledger.db-wal")),
+        "the shim failed the syncer's fdatasync of the log:\n{log}"
+    );
+    fs::remove_file(&flag).expect("the flag was created above");
+
+    // 2. SQLite's own fsync of the log fails (in the commit, when the log starts over; or in
+    //    the checkpoint that follows any commit within 100 ms): a publish made then may be
+    //    answered OK (its fdatasync succeeded) or not, and the daemon stops either way.
+    let mut d = Daemon::start_with_env(d.kill9(), &text(&missing), &shimmed);
+    fs::write(&flag, "fsync").expect("the sandbox is writable");
+    for answer in try_publish_all(&d, &["maybe-2".to_owned()], None) {
+        answered.extend(answer.ok());
+    }
+    let exit = d.wait_exit(Duration::from_secs(5));
+    assert_eq!(
+        exit.and_then(|s| s.code()),
+        Some(1),
+        "the daemon stops with exit 1 after a failed fsync in SQLite ({exit:?}):\n{}",
+        d.history()
+    );
+    let log = d.log();
+    let stopped = fail_stop_line(&log);
+    assert!(
+        stopped.contains("disk I/O error"),
+        "the fail-stop names SQLite's I/O error: {stopped}\n{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.starts_with("failsync: fsync(") && l.contains("ledger.db-wal")),
+        "the shim failed SQLite's fsync of the log:\n{log}"
+    );
+    fs::remove_file(&flag).expect("the flag was created above");
+
+    // Started without the shim, `held` now able to start: every message answered OK is
+    // there, from the ledger. A refused one may be there too: its transaction reached the OS
+    // before its fsync failed, and the file system still holds it (the EIO was simulated).
+    // Delivering it is allowed (its publisher got an error, not an OK: at least once covers
+    // retries); only a message answered OK must never be missing.
+    let d = Daemon::start(d.kill9(), &text(&held));
+    wait_until("held has every message answered OK", &d, || {
+        recorded_ids(&held).is_superset(&answered)
+    });
+    wait_until("rec has every message answered OK", &d, || {
+        recorded_ids(&rec).is_superset(&answered)
+    });
+    let (status, s) = d.stop_keeping_state();
+    let log = fs::read_to_string(s.path().join("daemon.log")).unwrap_or_default();
+    assert!(status.success(), "{log}");
+    for r in read_record(&held).iter().chain(&read_record(&rec)) {
+        assert!(
+            answered.contains(&r.id) || ["refused-1", "maybe-2"].contains(&r.payload.as_str()),
+            "{r:?} was never published:\n{log}"
+        );
+    }
+}
