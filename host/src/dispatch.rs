@@ -71,9 +71,8 @@ pub struct Slot {
     pub hang_grace: Duration,
     /// How long its plugin's `shutdown` may take.
     pub shutdown_timeout: Duration,
-    /// How many of its waiting deliveries keep their payload in memory besides the ones
-    /// handed to its actor (`max_in_flight`, so that at most `queue_capacity +
-    /// max_in_flight` are held); the rest are read back from a ledger that
+    /// How many of its live deliveries may hold their payload in memory (`queue_capacity +
+    /// max_in_flight`), hand-offs included; the others are read back from a ledger that
     /// [reloads](Ledger::reloads) when their turn comes.
     pub keep: usize,
 }
@@ -324,10 +323,12 @@ impl Dispatcher {
         let reloads = self.ledger.reloads();
         for target in accepted.targets {
             let inst = &mut self.instances[target as usize];
+            // Payloads held: every live delivery of this instance but the unloaded ones.
+            let resident = (inst.stats.backlog as usize).saturating_sub(inst.unloaded);
             inst.ready.push_back(accepted.message.id);
             inst.stats.backlog += 1;
-            let message = if reloads && inst.ready.len() > inst.slot.keep {
-                // Far from its turn: the ledger has it.
+            let message = if reloads && resident >= inst.slot.keep {
+                // As many payloads as allowed are held: the ledger has this one.
                 inst.unloaded += 1;
                 None
             } else if inst.slot.actor.is_none() {
@@ -498,6 +499,22 @@ impl Dispatcher {
                     .collect()
             };
             if !missing.is_empty() {
+                // Within the bound: make room by letting the newest waiting payloads go
+                // back to the ledger (the front is what goes out now).
+                let resident = (inst.stats.backlog as usize).saturating_sub(inst.unloaded);
+                let mut over = (resident + missing.len()).saturating_sub(inst.slot.keep);
+                for m in inst.ready.iter().skip(room).rev() {
+                    if over == 0 {
+                        break;
+                    }
+                    if let Some(live) = self.live.get_mut(&(*m, instance))
+                        && live.message.is_some()
+                    {
+                        live.message = None;
+                        inst.unloaded += 1;
+                        over -= 1;
+                    }
+                }
                 match self.ledger.load_many(&missing) {
                     Ok(loaded) => {
                         for (id, stored) in missing.iter().zip(loaded) {

@@ -169,9 +169,7 @@ impl Engine {
                 actor,
                 hang_grace: plan.settings.hang_grace,
                 shutdown_timeout: plan.settings.shutdown_timeout,
-                // Hand-offs (at most queue_capacity) hold theirs: together at most
-                // queue_capacity + max_in_flight payloads per instance.
-                keep: plan.settings.max_in_flight as usize,
+                keep: (plan.settings.queue_capacity + plan.settings.max_in_flight) as usize,
             });
         }
         ingress.set_routing(Routing::new(&patterns));
