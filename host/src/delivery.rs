@@ -439,6 +439,17 @@ impl Delivery {
         };
     }
 
+    /// Its message cannot be read back from the ledger (corrupt or missing): it becomes a
+    /// dead letter at once with the reason, counting no failure (no plugin code ran).
+    pub fn unreadable(&mut self, reason: &str, now: Timestamp) {
+        if self.is_settled() {
+            return;
+        }
+        let reason = format!("unreadable: {reason}");
+        self.note_failure(now, &reason);
+        self.state = State::DeadLettered { reason };
+    }
+
     /// An operator replays a dead letter: failures reset, history kept, ready now.
     pub fn replay(&mut self, now: Timestamp) -> bool {
         if !matches!(self.state, State::DeadLettered { .. }) {

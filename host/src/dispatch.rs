@@ -27,7 +27,7 @@ use crate::{
     clock::{Clock, Timestamp},
     delivery::{Delivery, Failure, Rules, Transition},
     ingress::{Accepted, Backlog, Ingress},
-    ledger::{Forget, Ledger, Pending, Record, Wait},
+    ledger::{Forget, Ledger, LedgerError, Pending, Record, Wait},
     message::StoredMessage,
     routing::InstanceId,
 };
@@ -477,6 +477,7 @@ impl Dispatcher {
         records: &mut Vec<Record>,
     ) -> Vec<(InstanceId, Vec<Handoff>)> {
         let mut handoffs = Vec::new();
+        let mut unreadable = Vec::new();
         for (id, inst) in self.instances.iter_mut().enumerate() {
             let instance = id as InstanceId;
             let Some(actor) = &inst.slot.actor else {
@@ -556,12 +557,14 @@ impl Dispatcher {
                             stored
                         }
                         Ok(None) => {
-                            tracing::error!(
-                                instance = %inst.slot.name,
-                                id = message,
-                                "the ledger is corrupt: a pending message is missing; its \
-                                 delivery is kept in the ledger and not handed out"
-                            );
+                            unreadable.push((
+                                (message, instance),
+                                format!("message {message} is missing from the ledger"),
+                            ));
+                            continue;
+                        }
+                        Err(LedgerError::Corrupt(reason)) => {
+                            unreadable.push(((message, instance), reason));
                             continue;
                         }
                         Err(e) => {
@@ -589,6 +592,15 @@ impl Dispatcher {
             }
             if !batch.is_empty() {
                 handoffs.push((instance, batch));
+            }
+        }
+        // A message that cannot be read back is reported and dead-lettered, never dropped.
+        for (key, reason) in unreadable {
+            tracing::error!(instance = %self.instances[key.1 as usize].slot.name, id = key.0, %reason, "a pending message cannot be read: dead-lettered");
+            if let Some(live) = self.live.get_mut(&key) {
+                live.delivery.unreadable(&reason, now);
+                self.instances[key.1 as usize].stats.dead_lettered += 1;
+                self.dead_letter(key, records);
             }
         }
         handoffs

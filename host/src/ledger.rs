@@ -215,6 +215,10 @@ pub enum LedgerError {
     /// A storage failure: the daemon must stop (an fsync is never retried).
     #[error("ledger storage failed: {0}")]
     Fatal(String),
+    /// One stored message cannot be read (its checksum does not match its bytes): the
+    /// rest of the ledger is usable.
+    #[error("{0}")]
+    Corrupt(String),
     /// The state directory holds what this build cannot use (a newer format, another file).
     #[error("{0}")]
     Refused(String),
@@ -313,7 +317,8 @@ pub trait Ledger: Send + Sync + 'static {
     /// Reads message `id` back from the store.
     ///
     /// # Errors
-    /// [`LedgerError::Fatal`] when it cannot be read or is corrupt.
+    /// [`LedgerError::Corrupt`] when its bytes fail their checksum; [`LedgerError::Fatal`]
+    /// when the store cannot be read.
     fn load(&self, id: u64) -> Result<Option<Arc<StoredMessage>>, LedgerError> {
         let _ = id;
         Ok(None)
@@ -326,10 +331,11 @@ pub trait Ledger: Send + Sync + 'static {
         None
     }
 
-    /// Reads several messages back at once (one read transaction).
+    /// Reads several messages back at once (one read transaction); one that is missing or
+    /// corrupt is `None` here (read it alone to learn why).
     ///
     /// # Errors
-    /// [`LedgerError::Fatal`] when one cannot be read or is corrupt.
+    /// [`LedgerError::Fatal`] when the store cannot be read.
     fn load_many(&self, ids: &[u64]) -> Result<Vec<Option<Arc<StoredMessage>>>, LedgerError> {
         ids.iter().map(|id| self.load(*id)).collect()
     }

@@ -393,3 +393,107 @@ fn a_failed_fsync_stops_the_daemon_and_nothing_answered_ok_is_lost() {
         );
     }
 }
+
+/// Publishes `payloads` while the only instance cannot start (they wait in the ledger), then
+/// stops gracefully: the log is checkpointed into `ledger.db`, where the bytes can be
+/// damaged. Returns the sandbox, the record path of a working instance and the ids.
+fn waiting_ledger(
+    label: &str,
+    payloads: &[String],
+) -> (plugind_tests::sandbox::Sandbox, PathBuf, Vec<u64>) {
+    let s = sandbox(label);
+    let rec = s.path().join("rec.txt");
+    let waiting = config(
+        "fsync",
+        &[(
+            "rec",
+            "",
+            record_config(&s.path().join("missing/rec.txt"), ""),
+        )],
+    );
+    let d = Daemon::start(s, &waiting);
+    let ids: Vec<u64> = try_publish_all(&d, payloads, None)
+        .into_iter()
+        .map(|r| r.expect("accepted"))
+        .collect();
+    let (status, s) = d.stop_keeping_state();
+    assert!(status.success());
+    (s, rec, ids)
+}
+
+#[test]
+fn a_flipped_byte_in_a_stored_payload_is_reported_and_dead_lettered_the_rest_is_delivered() {
+    let payloads: Vec<String> = [
+        "first-payload",
+        "DAMAGED-PAYLOAD-0123456789",
+        "last-payload",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let (s, rec, ids) = waiting_ledger("corrupt-payload", &payloads);
+    let db = s.path().join("state/ledger.db");
+    let mut bytes = fs::read(&db).unwrap();
+    let needle = b"DAMAGED-PAYLOAD-0123456789";
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .expect("the payload is in ledger.db after a graceful stop");
+    bytes[at + 8] ^= 0x01;
+    fs::write(&db, &bytes).unwrap();
+
+    let good = config("fsync", &[("rec", "", record_config(&rec, ""))]);
+    let d = Daemon::start(s, &good);
+    wait_until("the intact messages are delivered", &d, || {
+        recorded_ids(&rec) == BTreeSet::from([ids[0], ids[2]])
+    });
+    d.wait_for_log("cannot be read: dead-lettered", 1);
+    let log = d.log();
+    assert!(
+        log.contains(&format!("id={}", ids[1])) && log.contains("checksum does not match"),
+        "the damaged message is named with the cause:\n{log}"
+    );
+    let (status, s) = d.stop_keeping_state();
+    assert!(status.success(), "the daemon kept running");
+    let conn = rusqlite::Connection::open(s.path().join("state/ledger.db")).unwrap();
+    let reason: String = conn
+        .query_row(
+            "SELECT json_extract(state, '$.last_reason') FROM dead_letters WHERE msg = ?1",
+            [ids[1] as i64],
+            |r| r.get(0),
+        )
+        .expect("a dead letter, not dropped");
+    assert!(
+        reason.starts_with("unreadable: the ledger is corrupt"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn a_damaged_database_page_stops_the_start_with_where_the_damage_is() {
+    let payloads: Vec<String> = (0..400)
+        .map(|i| format!("message-{i}-{}", "x".repeat(200)))
+        .collect();
+    let (s, rec, _) = waiting_ledger("corrupt-page", &payloads);
+    let db = s.path().join("state/ledger.db");
+    let mut bytes = fs::read(&db).unwrap();
+    assert!(bytes.len() > 8 * 4096, "several pages: {}", bytes.len());
+    // Garbage over the middle of the file: B-tree pages of the messages.
+    let middle = bytes.len() / 2 / 4096 * 4096;
+    for b in &mut bytes[middle..middle + 4096] {
+        *b = 0xA5;
+    }
+    fs::write(&db, &bytes).unwrap();
+    let good = config("fsync", &[("rec", "", record_config(&rec, ""))]);
+    s.put("plugins.toml", &good);
+    let out = Command::new(plugind_tests::binary::plugind())
+        .args(["run", "-c"])
+        .arg(s.path().join("plugins.toml"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("corrupt") && err.contains("ledger.db") && err.contains("integrity check"),
+        "the error names the file, the damage and where:\n{err}"
+    );
+}

@@ -489,6 +489,28 @@ pub(super) fn vacuum(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// [`classify`], plus where the damage is when the database is corrupt (SQLite's
+/// `integrity_check`: the pages and what is wrong with them, at most 8 findings).
+fn located(conn: &Connection, context: &str, e: &rusqlite::Error) -> LedgerError {
+    let error = classify(context, e);
+    if e.sqlite_error_code() != Some(ErrorCode::DatabaseCorrupt) {
+        return error;
+    }
+    let findings: Vec<String> = conn
+        .prepare("PRAGMA integrity_check(8)")
+        .and_then(|mut s| s.query_map([], |r| r.get::<_, String>(0))?.collect())
+        .unwrap_or_default();
+    LedgerError::Fatal(format!(
+        "{error}; {} (integrity check): {}; restore a backup (`plugind restore`)",
+        conn.path().unwrap_or(FILE),
+        if findings.is_empty() {
+            "no details".to_owned()
+        } else {
+            findings.join("; ")
+        }
+    ))
+}
+
 /// One stored delivery, as recovery reads it.
 pub(super) struct StoredDelivery {
     pub message: u64,
@@ -504,14 +526,15 @@ pub(super) fn scan(
     conn: &Connection,
     mut each: impl FnMut(StoredDelivery) -> Result<(), LedgerError>,
 ) -> Result<(), LedgerError> {
+    let fail = |e: rusqlite::Error| located(conn, "cannot read the ledger", &e);
     let mut stmt = conn
         .prepare(
             "SELECT d.msg, d.inst, d.state, length(m.payload), m.published
                FROM pending d LEFT JOIN messages m ON m.id = d.msg",
         )
-        .map_err(fatal("cannot read the ledger"))?;
-    let mut rows = stmt.query([]).map_err(fatal("cannot read the ledger"))?;
-    while let Some(row) = rows.next().map_err(fatal("cannot read the ledger"))? {
+        .map_err(fail)?;
+    let mut rows = stmt.query([]).map_err(fail)?;
+    while let Some(row) = rows.next().map_err(fail)? {
         let read = || -> rusqlite::Result<StoredDelivery> {
             Ok(StoredDelivery {
                 message: row.get::<_, i64>(0)? as u64,
@@ -561,7 +584,7 @@ fn decode(
     crc: u32,
 ) -> Result<StoredMessage, LedgerError> {
     let corrupt = |what: &str| {
-        LedgerError::Fatal(format!(
+        LedgerError::Corrupt(format!(
             "the ledger is corrupt: message {id} in {FILE}: {what}"
         ))
     };
@@ -620,10 +643,10 @@ pub(super) fn load_many(
         };
         let (id, topic, headers, payload, published, crc) =
             read().map_err(fatal("cannot read messages from the ledger"))?;
-        found.insert(
-            id,
-            Arc::new(decode(id, topic, &headers, payload, published, crc)?),
-        );
+        // A corrupt one is left out: read alone, it says why.
+        if let Ok(message) = decode(id, topic, &headers, payload, published, crc) {
+            found.insert(id, Arc::new(message));
+        }
     }
     Ok(ids.iter().map(|id| found.get(id).cloned()).collect())
 }

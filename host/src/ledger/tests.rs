@@ -379,7 +379,7 @@ fn a_flipped_byte_in_a_payload_is_detected_on_load() {
     )
     .unwrap();
     drop(conn);
-    let Err(LedgerError::Fatal(message)) = ledger.load(3) else {
+    let Err(LedgerError::Corrupt(message)) = ledger.load(3) else {
         panic!("corruption must be reported");
     };
     assert!(
