@@ -38,10 +38,23 @@ use rusqlite::Connection;
 /// Concurrent producers, each on its own connection, one unary publish at a time.
 const PRODUCERS: usize = 8;
 /// How long they publish (each run; the shim slows every ledger write down).
-const PUBLISHING: Duration = Duration::from_millis(2500);
-/// Cut points at random moments of the run, and 1 µs after randomly chosen OKs.
-const RANDOM_CUTS: usize = 30;
-const OK_CUTS: usize = 30;
+/// How long they publish (each run; the shim slows every ledger write down):
+/// `PLUGIND_POWERCUT_SECONDS`, 2.5 s by default.
+fn publishing() -> Duration {
+    std::env::var("PLUGIND_POWERCUT_SECONDS")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(Duration::from_millis(2500), Duration::from_secs_f64)
+}
+
+/// Random cut points, and as many just after an OK arrived: `PLUGIND_POWERCUT_CUTS` each,
+/// 30 by default. (The long version, documented in README.md: 60 s and 1,000 cuts each.)
+fn cuts_each() -> usize {
+    std::env::var("PLUGIND_POWERCUT_CUTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30)
+}
 
 fn now_ns() -> u64 {
     u64::try_from(
@@ -94,7 +107,7 @@ fn run(durability: &str) -> Run {
             ("PLUGIND_TEST_WRITELOG", writelog.as_os_str()),
         ],
     );
-    let (mut answered, refused) = publish_for(d.socket(), PUBLISHING);
+    let (mut answered, refused) = publish_for(d.socket(), publishing());
     let sandbox = d.kill9();
     // Every logged operation completed before the kill: the log is whole.
     let ended = now_ns();
@@ -183,12 +196,13 @@ fn cuts(run: &Run) -> Vec<u64> {
         .first()
         .expect("the daemon wrote its ledger")
         .end;
-    let mut cuts: Vec<u64> = (0..RANDOM_CUTS)
+    let mut cuts: Vec<u64> = (0..cuts_each())
         .map(|_| fastrand::u64(first..=run.ended))
         .collect();
     if !run.answered.is_empty() {
         cuts.extend(
-            (0..OK_CUTS).map(|_| run.answered[fastrand::usize(..run.answered.len())].at + 1_000),
+            (0..cuts_each())
+                .map(|_| run.answered[fastrand::usize(..run.answered.len())].at + 1_000),
         );
     }
     cuts.push(run.ended);
