@@ -474,6 +474,8 @@ impl Ledger for DurableLedger {
             wal: self.dir.join(format!("{}-wal", store::FILE)),
             file: None,
             shared: self.shared.clone(),
+            checkpoints: Some(store::open_checkpointer(&self.dir)?),
+            last_checkpoint: Instant::now(),
         };
         std::thread::Builder::new()
             .name("ledger-sync".into())
@@ -496,7 +498,6 @@ impl Ledger for DurableLedger {
             sync: None,
             used: 0,
             commits_since_measure: 0,
-            checkpointer: None,
             reserved: recovered.next_id,
             reserve_released: self.reserve_released,
         };
@@ -519,21 +520,11 @@ impl Ledger for DurableLedger {
                 self.dir.join(markers::FILE).display()
             ))
         })?);
-        // Checkpoints run beside the writer, not inside its commits.
+        // Checkpoints run in the syncer, between log fsyncs, not inside the writer's commits.
         writer
             .conn
             .execute_batch("PRAGMA wal_autocheckpoint = 0")
             .map_err(|e| store::classify("ledger", &e))?;
-        let checkpoints = store::open_checkpointer(&self.dir)?;
-        let shared = self.shared.clone();
-        let (checkpoint_alive, checkpoint_stop) = bounded::<()>(0);
-        writer.checkpointer = Some(checkpoint_alive);
-        std::thread::Builder::new()
-            .name("ledger-checkpoint".into())
-            .spawn(move || checkpoint(&checkpoints, &shared, &checkpoint_stop))
-            .map_err(|e| {
-                LedgerError::Fatal(format!("cannot start the ledger checkpointer: {e}"))
-            })?;
         let thread = std::thread::Builder::new()
             .name("ledger".into())
             .spawn(move || writer.run(&receiver))
@@ -714,23 +705,55 @@ struct Syncer {
     wal: PathBuf,
     file: Option<File>,
     shared: Arc<Shared>,
+    /// Passive checkpoints run here, between two log fsyncs and only when no publish waits:
+    /// the database's fsync never runs beside the log's, so a publish never waits for a
+    /// checkpoint's writeback inside its own fsync.
+    checkpoints: Option<Connection>,
+    last_checkpoint: Instant,
 }
 
 impl Syncer {
     fn run(mut self, requests: &Receiver<Waiting>) {
-        while let Ok(mut waiting) = requests.recv() {
+        loop {
+            let mut waiting = match requests.recv_timeout(CHECKPOINT_EVERY) {
+                Ok(waiting) => waiting,
+                Err(RecvTimeoutError::Timeout) => Vec::new(),
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
             for more in requests.try_iter() {
                 waiting.extend(more);
             }
-            let result = match self.shared.failed() {
-                Some(e) => Err(e),
-                None => self.sync(),
-            };
-            if let Err(e) = &result {
-                self.shared.poison(e);
+            if !waiting.is_empty() {
+                let result = match self.shared.failed() {
+                    Some(e) => Err(e),
+                    None => self.sync(),
+                };
+                if let Err(e) = &result {
+                    self.shared.poison(e);
+                }
+                for reply in waiting {
+                    let _ = reply.send(result.clone());
+                }
             }
-            for reply in waiting {
-                let _ = reply.send(result.clone());
+            if requests.is_empty() && self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
+                self.checkpoint();
+            }
+        }
+    }
+
+    /// A passive checkpoint: copies what it can of the log into the database, never waits.
+    fn checkpoint(&mut self) {
+        self.last_checkpoint = Instant::now();
+        let Some(conn) = &self.checkpoints else {
+            return;
+        };
+        if self.shared.failed().is_some() {
+            return;
+        }
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            let error = store::classify("ledger checkpoint", &e);
+            if matches!(error, LedgerError::Fatal(_)) {
+                self.shared.poison(&error);
             }
         }
     }
@@ -763,25 +786,8 @@ const LOG_RESTART_BYTES: u64 = 24 << 20;
 /// Message ids reserved in `meta` at a time.
 const ID_BLOCK: u64 = 1 << 16;
 
-/// How often the checkpointer copies the log into the database.
+/// How often the syncer copies the log into the database when no publish waits.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
-
-/// The checkpointer thread: passive checkpoints on a connection of its own, so that the
-/// writer's commits never wait for one; it ends when the writer does.
-fn checkpoint(conn: &Connection, shared: &Shared, writer: &Receiver<()>) {
-    while let Err(RecvTimeoutError::Timeout) = writer.recv_timeout(CHECKPOINT_EVERY) {
-        if shared.failed().is_some() {
-            return;
-        }
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            let error = store::classify("ledger checkpoint", &e);
-            if matches!(error, LedgerError::Fatal(_)) {
-                shared.poison(&error);
-                return;
-            }
-        }
-    }
-}
 
 /// The writer thread's state.
 struct Writer {
@@ -800,8 +806,6 @@ struct Writer {
     /// Bytes of live pages, measured every so often.
     used: u64,
     commits_since_measure: u32,
-    /// Dropped with the writer: the checkpointer then ends.
-    checkpointer: Option<Sender<()>>,
     /// The id high-water mark in `meta`: every id recorded is below it.
     reserved: u64,
     /// The reserve file was deleted to let settlements through on a full disk. Until
@@ -1029,12 +1033,12 @@ impl Writer {
         Ok(())
     }
 
-    /// Keeps the write-ahead log bounded. Passive checkpoints (the checkpointer) copy it
+    /// Keeps the write-ahead log bounded. Passive checkpoints (in the syncer) copy it
     /// into the database, but under a constant stream of commits the log is never entirely
     /// copied when a commit starts, so it is never reused and grows without end. Past
     /// [`LOG_RESTART_BYTES`] the writer runs one passive checkpoint itself, between two of
     /// its transactions: nothing is written meanwhile, so it copies the rest of the log
-    /// (little: the checkpointer did most) unless a reader still uses it, and the next
+    /// (little: the syncer's checkpoints did most) unless a reader still uses it, and the next
     /// commit starts the log from the beginning (truncated to `journal_size_limit`). A
     /// passive checkpoint never waits for a lock.
     fn bound_log(&mut self) {

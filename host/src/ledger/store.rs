@@ -173,7 +173,7 @@ fn upgrade(conn: &Connection, from: i64) -> Result<(), LedgerError> {
     )))
 }
 
-/// The checkpointer's connection (it writes the database file, never the log).
+/// The syncer's checkpoint connection (it writes the database file, never the log).
 pub(super) fn open_checkpointer(dir: &Path) -> Result<Connection, LedgerError> {
     let conn = Connection::open_with_flags(
         dir.join(FILE),
