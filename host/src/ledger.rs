@@ -18,6 +18,7 @@ mod markers;
 mod store;
 #[cfg(test)]
 mod tests;
+mod writer;
 
 use std::sync::{
     Arc, Mutex,

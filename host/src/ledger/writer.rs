@@ -1,0 +1,678 @@
+//! The ledger's threads: the writer (group commit of everything queued, the out-of-space
+//! rule, housekeeping, a bounded log) and the syncer (the log's fsync before a publish is
+//! answered, and passive checkpoints between fsyncs), and the state they share with the
+//! callers. `durable` opens the ledger, recovers it and starts them.
+
+use std::{
+    fs::{self, File},
+    io::Write as _,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex, OnceLock, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use hdrhistogram::Histogram;
+use rusqlite::Connection;
+
+use super::{
+    Forget, LedgerError, Record, Selection, Wait,
+    durable::{FailStop, Mode},
+    lock, store,
+};
+use crate::{
+    clock::{Clock, Timestamp},
+    delivery::Delivery,
+};
+
+/// Bytes kept free for settlements when the disk fills up.
+pub(super) const RESERVE_BYTES: usize = 8 << 20;
+pub(super) const RESERVE: &str = "reserve";
+/// The most requests one transaction takes.
+pub(super) const MAX_BATCH: usize = 4096;
+pub(super) const HOUSEKEEPING: Duration = Duration::from_secs(1);
+
+/// One caller's batch as the writer takes it, with where to answer.
+pub(super) type Commit = (Vec<Record>, Wait, Reply);
+
+/// Where a batch's answer goes.
+pub(super) type Reply = tokio::sync::oneshot::Sender<Result<(), LedgerError>>;
+
+/// An operator's change, run by the writer in a transaction of its own.
+pub(super) enum Op {
+    Replay(Selection, Timestamp),
+    Purge(Selection),
+    Forget(String, Forget, Timestamp),
+}
+
+pub(super) enum Done {
+    Replayed(Vec<(u64, u32, Delivery, u64)>),
+    Count(u64),
+}
+
+pub(super) enum Request {
+    Commit {
+        records: Vec<Record>,
+        wait: Wait,
+        reply: Reply,
+    },
+    Op {
+        op: Op,
+        reply: Sender<Result<Done, LedgerError>>,
+    },
+    Close {
+        reply: Sender<()>,
+    },
+}
+
+/// State shared by the callers and the writer.
+pub(super) struct Shared {
+    /// Persistent instance key by instance id.
+    pub(super) keys: RwLock<Vec<u32>>,
+    pub(super) fatal: OnceLock<String>,
+    pub(super) fail_stop: Option<FailStop>,
+    pub(super) accepted: AtomicU64,
+    pub(super) attempts: AtomicU64,
+    pub(super) acked: AtomicU64,
+    pub(super) dead_lettered: AtomicU64,
+    pub(super) stats: Mutex<Stats>,
+    pub(super) bytes: AtomicU64,
+}
+
+pub(super) struct Stats {
+    pub(super) commits: u64,
+    pub(super) fsyncs: u64,
+    pub(super) messages: u64,
+    pub(super) records: u64,
+    pub(super) latency: Histogram<u64>,
+    pub(super) fsync_latency: Histogram<u64>,
+}
+
+impl Shared {
+    pub(super) fn poison(&self, error: &LedgerError) {
+        let message = error.to_string();
+        if self.fatal.set(message.clone()).is_ok() {
+            tracing::error!(error = %message, "the ledger failed: no further changes can be recorded");
+            if let Some(hook) = &self.fail_stop {
+                hook(&message);
+            }
+        }
+    }
+
+    pub(super) fn failed(&self) -> Option<LedgerError> {
+        self.fatal
+            .get()
+            .map(|m| LedgerError::Fatal(format!("the ledger failed earlier: {m}")))
+    }
+
+    pub(super) fn key(&self, instance: crate::routing::InstanceId) -> Result<u32, LedgerError> {
+        self.keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(instance as usize)
+            .copied()
+            .ok_or_else(|| LedgerError::Fatal(format!("instance #{instance} is unknown")))
+    }
+}
+
+/// Deletes the reserve file to make room on a full disk; whether there was one.
+pub(super) fn release_reserve(dir: &Path) -> bool {
+    let path = dir.join(RESERVE);
+    let released = fs::remove_file(&path).is_ok();
+    if released {
+        tracing::warn!(path = %path.display(), "disk full: releasing the space reserved for settlements");
+    }
+    released
+}
+
+/// Keeps a reserve file so that settlements can still be written when the disk is full.
+/// Returns whether it is in place.
+pub(super) fn ensure_reserve(dir: &Path) -> bool {
+    let path = dir.join(RESERVE);
+    if fs::metadata(&path).is_ok_and(|m| m.len() >= RESERVE_BYTES as u64) {
+        return true;
+    }
+    let made = File::create(&path).and_then(|mut f| {
+        let chunk = vec![0u8; 1 << 20];
+        for _ in 0..RESERVE_BYTES / chunk.len() {
+            f.write_all(&chunk)?;
+        }
+        f.sync_all()
+    });
+    if let Err(e) = made {
+        let _ = fs::remove_file(&path);
+        tracing::warn!(path = %path.display(), error = %e, "cannot reserve space for settlements");
+        return false;
+    }
+    true
+}
+
+/// Publishes waiting for the fsync that covers them.
+pub(super) type Waiting = Vec<Reply>;
+
+/// The syncer thread: fsyncs the write-ahead log for the commits handed to it, then answers
+/// their publishes.
+pub(super) struct Syncer {
+    pub(super) wal: PathBuf,
+    pub(super) file: Option<File>,
+    pub(super) shared: Arc<Shared>,
+    /// Passive checkpoints run here, between two log fsyncs and only when no publish waits:
+    /// the database's fsync never runs beside the log's, so a publish never waits for a
+    /// checkpoint's writeback inside its own fsync.
+    pub(super) checkpoints: Option<Connection>,
+    pub(super) last_checkpoint: Instant,
+}
+
+impl Syncer {
+    pub(super) fn run(mut self, requests: &Receiver<Waiting>) {
+        loop {
+            let mut waiting = match requests.recv_timeout(CHECKPOINT_EVERY) {
+                Ok(waiting) => waiting,
+                Err(RecvTimeoutError::Timeout) => Vec::new(),
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
+            for more in requests.try_iter() {
+                waiting.extend(more);
+            }
+            if !waiting.is_empty() {
+                let result = match self.shared.failed() {
+                    Some(e) => Err(e),
+                    None => self.sync(),
+                };
+                if let Err(e) = &result {
+                    self.shared.poison(e);
+                }
+                for reply in waiting {
+                    let _ = reply.send(result.clone());
+                }
+            }
+            if requests.is_empty() && self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
+                self.checkpoint();
+            }
+        }
+    }
+
+    /// A passive checkpoint: copies what it can of the log into the database, never waits.
+    pub(super) fn checkpoint(&mut self) {
+        self.last_checkpoint = Instant::now();
+        let Some(conn) = &self.checkpoints else {
+            return;
+        };
+        if self.shared.failed().is_some() {
+            return;
+        }
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            let error = store::classify("ledger checkpoint", &e);
+            if matches!(error, LedgerError::Fatal(_)) {
+                self.shared.poison(&error);
+            }
+        }
+    }
+
+    /// One `fdatasync` of the log. A failure is final: it is never retried (after a failed
+    /// fsync the kernel may have dropped the dirty pages; a retry would report success).
+    pub(super) fn sync(&mut self) -> Result<(), LedgerError> {
+        let started = Instant::now();
+        let file = match &self.file {
+            Some(file) => file,
+            None => self.file.insert(File::open(&self.wal).map_err(|e| {
+                LedgerError::Fatal(format!("cannot open {}: {e}", self.wal.display()))
+            })?),
+        };
+        file.sync_data().map_err(|e| {
+            LedgerError::Fatal(format!("fsync of {} failed: {e}", self.wal.display()))
+        })?;
+        let mut stats = lock(&self.shared.stats);
+        stats.fsyncs += 1;
+        let _ = stats
+            .fsync_latency
+            .record((started.elapsed().as_micros() as u64).max(1));
+        Ok(())
+    }
+}
+
+/// The log size past which the writer waits for a complete checkpoint.
+pub(super) const LOG_RESTART_BYTES: u64 = 24 << 20;
+
+/// Message ids reserved in `meta` at a time.
+pub(super) const ID_BLOCK: u64 = 1 << 16;
+
+/// How often the syncer copies the log into the database when no publish waits.
+pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+
+/// The writer thread's state.
+pub(super) struct Writer {
+    /// To the syncer: publishes of committed transactions, in `fsync` mode.
+    pub(super) syncs: Sender<Waiting>,
+    pub(super) conn: Connection,
+    pub(super) shared: Arc<Shared>,
+    pub(super) mode: Mode,
+    pub(super) max_bytes: Option<u64>,
+    pub(super) dedupe_window: Duration,
+    pub(super) dead_letter_retention: Option<Duration>,
+    pub(super) clock: Arc<dyn Clock>,
+    pub(super) dir: PathBuf,
+    /// The `synchronous` setting in force.
+    pub(super) sync: Option<store::Sync>,
+    /// Bytes of live pages, measured every so often.
+    pub(super) used: u64,
+    pub(super) commits_since_measure: u32,
+    /// The id high-water mark in `meta`: every id recorded is below it.
+    pub(super) reserved: u64,
+    /// The reserve file was deleted to let settlements through on a full disk. Until
+    /// housekeeping can reserve it again, publishes are refused: otherwise they would take
+    /// the space freed for settlements, and the next settlement would find none (a fail-stop
+    /// on a full disk, which must only refuse publishes).
+    pub(super) reserve_released: bool,
+}
+
+impl Writer {
+    pub(super) fn run(mut self, requests: &Receiver<Request>) {
+        let mut housekeeping = Instant::now() + HOUSEKEEPING;
+        loop {
+            let wait = housekeeping.saturating_duration_since(Instant::now());
+            match requests.recv_timeout(wait) {
+                Ok(first) => {
+                    let mut batch = vec![first];
+                    while batch.len() < MAX_BATCH {
+                        match requests.try_recv() {
+                            Ok(request) => batch.push(request),
+                            Err(_) => break,
+                        }
+                    }
+                    if self.process(batch) {
+                        return;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            if Instant::now() >= housekeeping {
+                self.housekeep();
+                housekeeping = Instant::now() + HOUSEKEEPING;
+            }
+        }
+    }
+
+    /// Commits a batch of requests; returns whether a close was asked for (and done).
+    pub(super) fn process(&mut self, batch: Vec<Request>) -> bool {
+        let mut commits = Vec::with_capacity(batch.len());
+        let mut ops = Vec::new();
+        let mut closes = Vec::new();
+        for request in batch {
+            match request {
+                Request::Commit {
+                    records,
+                    wait,
+                    reply,
+                } => commits.push((records, wait, reply)),
+                Request::Op { op, reply } => ops.push((op, reply)),
+                Request::Close { reply } => closes.push(reply),
+            }
+        }
+        self.commit_requests(commits);
+        for (op, reply) in ops {
+            let _ = reply.send(self.operate(op));
+        }
+        if closes.is_empty() {
+            return false;
+        }
+        self.close();
+        for reply in closes {
+            let _ = reply.send(());
+        }
+        true
+    }
+
+    pub(super) fn commit_requests(&mut self, commits: Vec<Commit>) {
+        if let Some(e) = self.shared.failed() {
+            for (_, _, reply) in commits {
+                let _ = reply.send(Err(e.clone()));
+            }
+            return;
+        }
+        let (mut publishes, settles): (Vec<_>, Vec<_>) = commits
+            .into_iter()
+            .partition(|(_, wait, _)| *wait == Wait::Durable);
+        if let Some(limit) = self.max_bytes
+            && self.used > limit
+            && !publishes.is_empty()
+        {
+            let full = LedgerError::Full(format!(
+                "the ledger holds {} bytes, over max_ledger_bytes ({limit} bytes)",
+                self.used
+            ));
+            for (_, _, reply) in publishes.drain(..) {
+                let _ = reply.send(Err(full.clone()));
+            }
+        }
+        if self.reserve_released && !publishes.is_empty() {
+            let full = LedgerError::Full(format!(
+                "no space left: the space reserved for settlements ({}, {} MiB) is in use; \
+                 publishing resumes once it can be reserved again",
+                self.dir.join(RESERVE).display(),
+                RESERVE_BYTES >> 20
+            ));
+            for (_, _, reply) in publishes.drain(..) {
+                let _ = reply.send(Err(full.clone()));
+            }
+        }
+        let all: Vec<&[Record]> = publishes
+            .iter()
+            .chain(&settles)
+            .map(|(r, ..)| r.as_slice())
+            .collect();
+        let result = self.transaction(&all);
+        let result = match result {
+            Err(LedgerError::Full(reason)) => {
+                // Publishes are refused; settlements must still be written (reserved space).
+                for (_, _, reply) in publishes.drain(..) {
+                    let _ = reply.send(Err(LedgerError::Full(reason.clone())));
+                }
+                let settle: Vec<&[Record]> = settles.iter().map(|(r, ..)| r.as_slice()).collect();
+                match self.transaction(&settle) {
+                    Err(LedgerError::Full(_)) => {
+                        release_reserve(&self.dir);
+                        self.reserve_released = true;
+                        self.transaction(&settle).map_err(|e| match e {
+                            LedgerError::Full(m) => LedgerError::Fatal(format!(
+                                "no space left even for settlements: {m}"
+                            )),
+                            other => other,
+                        })
+                    }
+                    other => other,
+                }
+            }
+            other => other,
+        };
+        if let Err(e) = &result {
+            self.shared.poison(e);
+        }
+        for (_, _, reply) in settles {
+            let _ = reply.send(result.clone());
+        }
+        if result.is_ok() && self.mode == Mode::Fsync && !publishes.is_empty() {
+            let waiting = publishes.into_iter().map(|(_, _, reply)| reply).collect();
+            // The syncer ends only after the writer; a failed send means it is gone.
+            let _ = self.syncs.send(waiting);
+        } else {
+            for (_, _, reply) in publishes {
+                let _ = reply.send(result.clone());
+            }
+        }
+    }
+
+    /// An operator's change, fsynced in a transaction of its own.
+    pub(super) fn operate(&mut self, op: Op) -> Result<Done, LedgerError> {
+        if let Some(e) = self.shared.failed() {
+            return Err(e);
+        }
+        self.set_sync(store::Sync::Full)?;
+        let map = |e: rusqlite::Error| store::classify("ledger", &e);
+        self.conn.execute_batch("BEGIN").map_err(map)?;
+        let done = match op {
+            Op::Replay(selection, now) => {
+                store::replay(&self.conn, &selection, now).map(Done::Replayed)
+            }
+            Op::Purge(selection) => store::purge(&self.conn, &selection).map(Done::Count),
+            Op::Forget(name, how, now) => {
+                store::forget(&self.conn, &name, how, now).map(Done::Count)
+            }
+        };
+        let done = done.and_then(|done| {
+            self.conn
+                .execute_batch("COMMIT")
+                .map_err(map)
+                .map(|()| done)
+        });
+        if let Err(e) = &done {
+            if !self.conn.is_autocommit() {
+                let _ = self.conn.execute_batch("ROLLBACK");
+            }
+            if matches!(e, LedgerError::Fatal(_)) {
+                self.shared.poison(e);
+            }
+        }
+        done
+    }
+
+    pub(super) fn set_sync(&mut self, sync: store::Sync) -> Result<(), LedgerError> {
+        if self.sync != Some(sync) {
+            store::set_sync(&self.conn, sync)?;
+            self.sync = Some(sync);
+        }
+        Ok(())
+    }
+
+    /// One transaction for all of `batches`, written to the OS (the syncer makes it durable).
+    pub(super) fn transaction(&mut self, batches: &[&[Record]]) -> Result<(), LedgerError> {
+        if batches.iter().all(|b| b.is_empty()) {
+            return Ok(());
+        }
+        self.set_sync(store::Sync::Written)?;
+        let started = Instant::now();
+        let applied = self.apply_all(batches);
+        if let Err(e) = applied {
+            if !self.conn.is_autocommit() {
+                let _ = self.conn.execute_batch("ROLLBACK");
+            }
+            return Err(e);
+        }
+        let micros = started.elapsed().as_micros() as u64;
+        let (mut messages, mut records) = (0, 0);
+        for batch in batches {
+            records += batch.len() as u64;
+            messages += batch
+                .iter()
+                .filter(|r| matches!(r, Record::Accepted { .. }))
+                .count() as u64;
+        }
+        let mut stats = lock(&self.shared.stats);
+        stats.commits += 1;
+        stats.messages += messages;
+        stats.records += records;
+        let _ = stats.latency.record(micros.max(1));
+        drop(stats);
+        self.commits_since_measure += 1;
+        if self.commits_since_measure.is_multiple_of(32) {
+            self.bound_log();
+        }
+        if self.commits_since_measure >= 256 {
+            self.measure();
+        }
+        Ok(())
+    }
+
+    /// Keeps the write-ahead log bounded. Passive checkpoints (in the syncer) copy it
+    /// into the database, but under a constant stream of commits the log is never entirely
+    /// copied when a commit starts, so it is never reused and grows without end. Past
+    /// [`LOG_RESTART_BYTES`] the writer runs one passive checkpoint itself, between two of
+    /// its transactions: nothing is written meanwhile, so it copies the rest of the log
+    /// (little: the syncer's checkpoints did most) unless a reader still uses it, and the next
+    /// commit starts the log from the beginning (truncated to `journal_size_limit`). A
+    /// passive checkpoint never waits for a lock.
+    pub(super) fn bound_log(&mut self) {
+        let log = self.dir.join(format!("{}-wal", store::FILE));
+        if fs::metadata(&log).is_ok_and(|m| m.len() > LOG_RESTART_BYTES) {
+            let done = self
+                .conn
+                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+            if let Err(e) = done {
+                let error = store::classify("ledger checkpoint", &e);
+                if matches!(error, LedgerError::Fatal(_)) {
+                    self.shared.poison(&error);
+                }
+            }
+        }
+    }
+
+    pub(super) fn apply_all(&mut self, batches: &[&[Record]]) -> Result<(), LedgerError> {
+        let context = "cannot write the ledger";
+        let map = |e: rusqlite::Error| store::classify(context, &e);
+        self.conn.execute_batch("BEGIN").map_err(map)?;
+        let mut next_id = 0;
+        let keys = self
+            .shared
+            .keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let key = |instance: crate::routing::InstanceId| {
+            keys.get(instance as usize)
+                .copied()
+                .ok_or_else(|| LedgerError::Fatal(format!("instance #{instance} is unknown")))
+        };
+        let mut writes = store::Writes::new(&self.conn).map_err(map)?;
+        let mut targets_keys = Vec::new();
+        for batch in batches {
+            for record in *batch {
+                match record {
+                    Record::Accepted { message, targets } => {
+                        targets_keys.clear();
+                        for target in targets {
+                            targets_keys.push(key(*target)?);
+                        }
+                        writes.accept(message, &targets_keys).map_err(map)?;
+                        next_id = next_id.max(message.id + 1);
+                    }
+                    Record::Key { key, message, at } => {
+                        writes.key(key, *message, *at).map_err(map)?;
+                        next_id = next_id.max(message + 1);
+                    }
+                    Record::Attempt { .. } => {}
+                    Record::Updated {
+                        message,
+                        instance,
+                        delivery,
+                    } => writes
+                        .update(*message, key(*instance)?, delivery)
+                        .map_err(map)?,
+                    Record::Acked { message, instance } | Record::Purged { message, instance } => {
+                        writes.end(*message, key(*instance)?).map_err(map)?;
+                    }
+                    Record::DeadLettered {
+                        message,
+                        instance,
+                        delivery,
+                        at,
+                        ..
+                    } => writes
+                        .dead_letter(*message, key(*instance)?, delivery, *at)
+                        .map_err(map)?,
+                }
+            }
+        }
+        drop(writes);
+        if next_id > self.reserved {
+            // Ids are reserved a block at a time: one write of `meta` per block, not per
+            // commit. After a crash the next ids start past the block (never reused).
+            self.reserved = next_id + ID_BLOCK;
+            store::raise_next_id(&self.conn, self.reserved).map_err(map)?;
+        }
+        self.conn.execute_batch("COMMIT").map_err(map)
+    }
+
+    /// Recovery's charges and the "running" mark (an exit before the next graceful stop is
+    /// unclean), fsynced before anything is handed out. On a full disk each of the two
+    /// transactions may use the reserve, as settlements do.
+    pub(super) fn recovery_commit(
+        &mut self,
+        records: &[Record],
+        next_id: u64,
+    ) -> Result<(), LedgerError> {
+        self.with_reserve(|w| w.transaction(&[records]))?;
+        self.with_reserve(|w| {
+            w.set_sync(store::Sync::Full)?;
+            let map = |e: rusqlite::Error| store::classify("ledger", &e);
+            w.conn.execute_batch("BEGIN").map_err(map)?;
+            let done = store::set_meta(&w.conn, "clean", 0)
+                .and_then(|()| store::set_meta(&w.conn, "next_id", next_id as i64))
+                .and_then(|()| w.conn.execute_batch("COMMIT").map_err(map));
+            if done.is_err() && !w.conn.is_autocommit() {
+                let _ = w.conn.execute_batch("ROLLBACK");
+            }
+            done
+        })
+    }
+
+    /// Runs `step` (one transaction, rolled back when it fails); when it fails for want of
+    /// space and the reserve is still there, releases the reserve and runs it once more.
+    pub(super) fn with_reserve(
+        &mut self,
+        mut step: impl FnMut(&mut Self) -> Result<(), LedgerError>,
+    ) -> Result<(), LedgerError> {
+        match step(self) {
+            Err(LedgerError::Full(_)) if release_reserve(&self.dir) => {
+                self.reserve_released = true;
+                step(self)
+            }
+            done => done,
+        }
+    }
+
+    pub(super) fn measure(&mut self) {
+        self.commits_since_measure = 0;
+        if let Ok(used) = store::used_bytes(&self.conn) {
+            self.used = used;
+        }
+        let on_disk = [store::FILE, "ledger.db-wal"]
+            .iter()
+            .filter_map(|f| fs::metadata(self.dir.join(f)).ok())
+            .map(|m| m.len())
+            .sum();
+        self.shared.bytes.store(on_disk, Ordering::Relaxed);
+    }
+
+    /// Expired keys and dead letters go; free pages go back to the file system.
+    pub(super) fn housekeep(&mut self) {
+        if self.shared.failed().is_some() {
+            return;
+        }
+        let now = self.clock.now();
+        let keys_before = Timestamp(now.0.saturating_sub(self.dedupe_window.as_millis() as u64));
+        let dead_before = self
+            .dead_letter_retention
+            .map(|r| Timestamp(now.0.saturating_sub(r.as_millis() as u64)));
+        let result = self.set_sync(store::Sync::Written).and_then(|()| {
+            store::expire(&self.conn, keys_before, dead_before)
+                .and_then(|removed| store::vacuum(&self.conn).map(|()| removed))
+                .map_err(|e| store::classify("ledger housekeeping", &e))
+        });
+        match result {
+            Ok((_, dead)) if dead > 0 => {
+                tracing::info!(
+                    removed = dead,
+                    "dead letters past dead_letter_retention removed"
+                );
+            }
+            Ok(_) => {}
+            Err(LedgerError::Full(_)) => {}
+            Err(e) => self.shared.poison(&e),
+        }
+        self.measure();
+        if !self.dir.join(RESERVE).exists() && ensure_reserve(&self.dir) && self.reserve_released {
+            self.reserve_released = false;
+            tracing::info!("space reserved for settlements again: publishing resumes");
+        }
+    }
+
+    /// A graceful stop: checkpoint, then mark the state clean (fsynced).
+    pub(super) fn close(&mut self) {
+        if self.shared.failed().is_some() {
+            return;
+        }
+        let result = self.set_sync(store::Sync::Full).and_then(|()| {
+            self.conn
+                .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+                .map_err(|e| store::classify("ledger checkpoint", &e))?;
+            store::set_meta(&self.conn, "clean", 1)
+        });
+        if let Err(e) = result {
+            tracing::error!(error = %e, "cannot mark the ledger clean; the next start charges attempts left in flight");
+        }
+    }
+}
