@@ -454,12 +454,7 @@ impl Ledger for DurableLedger {
         let Done::Replayed(rows) = self.run(Op::Replay(selection.clone(), now))? else {
             unreachable!("a replay answers with what it replayed");
         };
-        let keys = self
-            .shared
-            .keys
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+        let keys = self.shared.keys_now();
         let mut replayed = Replayed::default();
         for (message, inst, delivery, size) in rows {
             match keys.iter().position(|k| *k == inst) {

@@ -102,6 +102,14 @@ impl Shared {
         }
     }
 
+    /// The persistent instance keys, by instance id, as they are now.
+    pub(super) fn keys_now(&self) -> Vec<u32> {
+        self.keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     pub(super) fn failed(&self) -> Option<LedgerError> {
         self.fatal
             .get()
@@ -515,12 +523,7 @@ impl Writer {
         let map = |e: rusqlite::Error| store::classify(context, &e);
         self.conn.execute_batch("BEGIN").map_err(map)?;
         let mut next_id = 0;
-        let keys = self
-            .shared
-            .keys
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+        let keys = self.shared.keys_now();
         let key = |instance: crate::routing::InstanceId| {
             keys.get(instance as usize)
                 .copied()
