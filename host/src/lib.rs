@@ -18,6 +18,7 @@
 //! - [`dispatch`]: the event loop that owns the live deliveries and feeds the actors.
 //! - [`engine`]: all of it assembled, with the supervisor's start and the graceful stop.
 //! - [`control`]: the gRPC API (the only module that knows protobuf types).
+//! - [`watch`]: `plugin_dir` and the config file watched: settled change events (applies nothing).
 //! - [`cli`]: the commands of the `plugind` binary (`src/main.rs` only parses arguments).
 
 pub mod actor;
@@ -36,3 +37,4 @@ pub mod message;
 pub mod routing;
 pub mod services;
 pub mod topic;
+pub mod watch;
