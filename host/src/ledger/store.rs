@@ -313,6 +313,18 @@ pub(super) fn decode_delivery(
     })
 }
 
+/// Messages inserted by one statement (see [`Writes::accept_all`]).
+const ROWS: usize = 32;
+
+/// `INSERT INTO messages … VALUES (…), (…), …` for `rows` messages.
+fn insert_rows(rows: usize) -> String {
+    let one = "(?, ?, ?, ?, ?, ?, ?)";
+    format!(
+        "INSERT INTO messages(id, topic, headers, payload, published, crc, solo) VALUES {}",
+        vec![one; rows].join(", ")
+    )
+}
+
 /// The statements of one write transaction, prepared once for it.
 pub(super) struct Writes<'c> {
     insert_message: CachedStatement<'c>,
@@ -377,6 +389,62 @@ impl<'c> Writes<'c> {
             for inst in targets {
                 self.insert_delivery.execute(params![m.id as i64, inst])?;
             }
+        }
+        Ok(())
+    }
+
+    /// Messages and the deliveries to their targets, [`ROWS`] messages per statement (one
+    /// statement per row costs more than the row itself for small messages).
+    pub(super) fn accept_all(
+        &mut self,
+        conn: &'c Connection,
+        messages: &[(&StoredMessage, &[u32])],
+    ) -> rusqlite::Result<()> {
+        let mut chunks = messages.chunks_exact(ROWS);
+        for chunk in &mut chunks {
+            let encoded: Vec<(Vec<u8>, u32, Option<u32>)> = chunk
+                .iter()
+                .map(|(m, targets)| {
+                    let headers = encode_headers(&m.headers);
+                    let crc = checksum(m.id, &m.topic, &headers, &m.payload, m.publish_time.0);
+                    let solo = match targets {
+                        [one] => Some(*one),
+                        _ => None,
+                    };
+                    (headers, crc, solo)
+                })
+                .collect();
+            let ids: Vec<(i64, i64)> = chunk
+                .iter()
+                .map(|(m, _)| (m.id as i64, m.publish_time.0 as i64))
+                .collect();
+            let payloads: Vec<&[u8]> = chunk.iter().map(|(m, _)| &m.payload[..]).collect();
+            let mut values: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(ROWS * 7);
+            for ((((m, _), (headers, crc, solo)), (id, published)), payload) in
+                chunk.iter().zip(&encoded).zip(&ids).zip(&payloads)
+            {
+                values.extend([
+                    id as &dyn rusqlite::ToSql,
+                    &m.topic,
+                    headers,
+                    payload,
+                    published,
+                    crc,
+                    solo,
+                ]);
+            }
+            conn.prepare_cached(&insert_rows(ROWS))?
+                .execute(rusqlite::params_from_iter(values))?;
+            for ((m, targets), (_, _, solo)) in chunk.iter().zip(&encoded) {
+                if solo.is_none() {
+                    for inst in *targets {
+                        self.insert_delivery.execute(params![m.id as i64, inst])?;
+                    }
+                }
+            }
+        }
+        for (m, targets) in chunks.remainder() {
+            self.accept(m, targets)?;
         }
         Ok(())
     }

@@ -700,3 +700,44 @@ fn a_forgotten_backlog_gives_its_space_back() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn a_large_batch_is_stored_whole_across_multi_row_statements() {
+    let (dir, ledger) = fresh(5);
+    // 70 messages: two statements of 32 rows and 6 alone; one or two targets each.
+    let records: Vec<Record> = (1..=70u64)
+        .map(|id| Record::Accepted {
+            message: message(id, &format!("payload {id}")),
+            targets: if id % 3 == 0 {
+                smallvec![0, 1]
+            } else {
+                smallvec![1]
+            },
+        })
+        .collect();
+    ledger.commit(records, Wait::Durable).unwrap();
+    drop(ledger);
+    let ledger = open(dir.path());
+    let recovered = ledger.recover(&instances(5), T0).unwrap();
+    assert_eq!(
+        recovered.pending.len(),
+        70 + 23,
+        "one delivery each, two for every third"
+    );
+    for id in 1..=70u64 {
+        assert_eq!(
+            ledger.load(id).unwrap().as_deref(),
+            Some(&*message(id, &format!("payload {id}"))),
+            "message {id}"
+        );
+    }
+    assert_eq!(
+        ledger
+            .load_many(&(1..=70).collect::<Vec<_>>())
+            .unwrap()
+            .iter()
+            .flatten()
+            .count(),
+        70
+    );
+}

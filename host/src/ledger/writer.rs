@@ -26,6 +26,7 @@ use super::{
 use crate::{
     clock::{Clock, Timestamp},
     delivery::Delivery,
+    message::StoredMessage,
 };
 
 /// Bytes kept free for settlements when the disk fills up.
@@ -530,18 +531,28 @@ impl Writer {
                 .ok_or_else(|| LedgerError::Fatal(format!("instance #{instance} is unknown")))
         };
         let mut writes = store::Writes::new(&self.conn).map_err(map)?;
-        let mut targets_keys = Vec::new();
+        let mut keyed: Vec<(&StoredMessage, Vec<u32>)> = Vec::new();
+        for batch in batches {
+            for record in *batch {
+                if let Record::Accepted { message, targets } = record {
+                    let keys = targets
+                        .iter()
+                        .map(|t| key(*t))
+                        .collect::<Result<Vec<u32>, _>>()?;
+                    keyed.push((message, keys));
+                    next_id = next_id.max(message.id + 1);
+                }
+            }
+        }
+        let accepted: Vec<(&StoredMessage, &[u32])> =
+            keyed.iter().map(|(m, k)| (*m, k.as_slice())).collect();
+        writes.accept_all(&self.conn, &accepted).map_err(map)?;
         for batch in batches {
             for record in *batch {
                 match record {
-                    Record::Accepted { message, targets } => {
-                        targets_keys.clear();
-                        for target in targets {
-                            targets_keys.push(key(*target)?);
-                        }
-                        writes.accept(message, &targets_keys).map_err(map)?;
-                        next_id = next_id.max(message.id + 1);
-                    }
+                    // Inserted together, before the rest: nothing else in a batch refers to a
+                    // message accepted in it (its settlements come in later batches).
+                    Record::Accepted { .. } => {}
                     Record::Key { key, message, at } => {
                         writes.key(key, *message, *at).map_err(map)?;
                         next_id = next_id.max(message + 1);
