@@ -123,6 +123,13 @@ fn compact(message: &Arc<StoredMessage>) -> Arc<StoredMessage> {
     })
 }
 
+/// A storage failure is fatal (DESIGN.md §7): never continue on unrecorded or unreadable
+/// state.
+fn fail_stop(e: &LedgerError) -> ! {
+    tracing::error!(error = %e, "the ledger failed; stopping the daemon");
+    std::process::exit(1);
+}
+
 struct Live {
     /// `None` while it waits with its payload only in the ledger.
     message: Option<Arc<StoredMessage>>,
@@ -140,6 +147,13 @@ struct Inst {
     /// Live deliveries whose payload is only in the ledger (0: hand-outs need no reads).
     unloaded: usize,
     stats: InstanceStats,
+}
+
+impl Inst {
+    /// Live deliveries holding their payload in memory.
+    fn resident(&self) -> usize {
+        (self.stats.backlog as usize).saturating_sub(self.unloaded)
+    }
 }
 
 /// The event loop's state.
@@ -207,10 +221,11 @@ impl Dispatcher {
     /// Deliveries the ledger recovered: ready ones in acceptance order, the others waiting
     /// for their due time. Their payloads stay in the ledger until handed out.
     fn restore(&mut self, pending: Vec<Pending>) {
+        let now = self.clock.now();
         for p in pending {
             let inst = &mut self.instances[p.instance as usize];
             match p.delivery.state {
-                crate::delivery::State::Ready { due } if due > self.clock.now().0 => {
+                crate::delivery::State::Ready { due } if due > now.0 => {
                     inst.waiting.push(Reverse((due, p.message)));
                 }
                 _ => inst.ready.push_back(p.message),
@@ -286,9 +301,7 @@ impl Dispatcher {
             return;
         }
         if let Err(e) = self.ledger.commit(records, Wait::Written) {
-            // A storage failure is fatal (DESIGN.md §7): never continue on unrecorded state.
-            tracing::error!(error = %e, "the ledger failed; stopping the daemon");
-            std::process::exit(1);
+            fail_stop(&e);
         }
     }
 
@@ -323,8 +336,7 @@ impl Dispatcher {
         let reloads = self.ledger.reloads();
         for target in accepted.targets {
             let inst = &mut self.instances[target as usize];
-            // Payloads held: every live delivery of this instance but the unloaded ones.
-            let resident = (inst.stats.backlog as usize).saturating_sub(inst.unloaded);
+            let resident = inst.resident();
             inst.ready.push_back(accepted.message.id);
             inst.stats.backlog += 1;
             let message = if reloads && resident >= inst.slot.keep {
@@ -372,7 +384,6 @@ impl Dispatcher {
                     if let Some(live) = self.live.get_mut(key) {
                         live.delivery.forget(now);
                     }
-                    self.instances[instance as usize].stats.dead_lettered += 1;
                     self.dead_letter(*key, &mut records);
                 }
             }
@@ -401,7 +412,7 @@ impl Dispatcher {
                 .map(|(i, in_flight)| InstanceStats {
                     running: i.slot.actor.is_some(),
                     in_flight,
-                    resident: i.stats.backlog.saturating_sub(i.unloaded as u64),
+                    resident: i.resident() as u64,
                     circuit: Some(i.slot.breaker.state().clone()),
                     hung: i.stats.hung
                         && i.slot
@@ -502,8 +513,7 @@ impl Dispatcher {
             if !missing.is_empty() {
                 // Within the bound: make room by letting the newest waiting payloads go
                 // back to the ledger (the front is what goes out now).
-                let resident = (inst.stats.backlog as usize).saturating_sub(inst.unloaded);
-                let mut over = (resident + missing.len()).saturating_sub(inst.slot.keep);
+                let mut over = (inst.resident() + missing.len()).saturating_sub(inst.slot.keep);
                 for m in inst.ready.iter().skip(room).rev() {
                     if over == 0 {
                         break;
@@ -528,8 +538,7 @@ impl Dispatcher {
                         }
                     }
                     Err(e) => {
-                        tracing::error!(error = %e, "the ledger failed; stopping the daemon");
-                        std::process::exit(1);
+                        fail_stop(&e);
                     }
                 }
             }
@@ -568,8 +577,7 @@ impl Dispatcher {
                             continue;
                         }
                         Err(e) => {
-                            tracing::error!(error = %e, "the ledger failed; stopping the daemon");
-                            std::process::exit(1);
+                            fail_stop(&e);
                         }
                     },
                 };
@@ -599,7 +607,6 @@ impl Dispatcher {
             tracing::error!(instance = %self.instances[key.1 as usize].slot.name, id = key.0, %reason, "a pending message cannot be read: dead-lettered");
             if let Some(live) = self.live.get_mut(&key) {
                 live.delivery.unreadable(&reason, now);
-                self.instances[key.1 as usize].stats.dead_lettered += 1;
                 self.dead_letter(key, records);
             }
         }
@@ -728,7 +735,6 @@ impl Dispatcher {
                 live.delivery
                     .reject(s.attempt, &reason, now)
                     .expect("checked in flight above");
-                inst.stats.dead_lettered += 1;
                 self.dead_letter(key, records);
                 return;
             }
@@ -809,14 +815,15 @@ impl Dispatcher {
                 }
             }
             Transition::DeadLettered { .. } => {
-                inst.stats.dead_lettered += 1;
                 self.dead_letter(key, records);
             }
             Transition::Acked => unreachable!("a failure never acks"),
         }
     }
 
+    /// A delivery ended as a dead letter (its state says why): recorded and counted.
     fn dead_letter(&mut self, key: (u64, InstanceId), records: &mut Vec<Record>) {
+        self.instances[key.1 as usize].stats.dead_lettered += 1;
         let live = &self.live[&key];
         records.push(Record::DeadLettered {
             message: key.0,

@@ -710,9 +710,8 @@ mod tests {
         assert_eq!(next(&rx), library(&lib, LibraryChange::Replaced));
     }
 
-    #[test]
-    fn config_replaced_by_rename() {
-        let s = setup(Mode::Events);
+    /// Writes a new config beside the config file and renames it over: one `Config`.
+    fn replace_config(s: &Setup) {
         let tmp = s.config.with_file_name("plugins.toml.tmp");
         fs::write(&tmp, "[host]\nautoload = false\n").unwrap();
         fs::rename(&tmp, &s.config).unwrap();
@@ -722,6 +721,12 @@ mod tests {
                 path: s.config.clone()
             }
         );
+    }
+
+    #[test]
+    fn config_replaced_by_rename() {
+        let s = setup(Mode::Events);
+        replace_config(&s);
         quiet(&s.rx);
         // Another file in the config's folder: nothing.
         fs::write(s.config.with_file_name("other.toml"), "x").unwrap();
@@ -735,15 +740,7 @@ mod tests {
         install(&lib, b"version one");
         assert_eq!(next(&s.rx), library(&lib, LibraryChange::Added));
 
-        let tmp = s.config.with_file_name("plugins.toml.tmp");
-        fs::write(&tmp, "[host]\nautoload = false\n").unwrap();
-        fs::rename(&tmp, &s.config).unwrap();
-        assert_eq!(
-            next(&s.rx),
-            Change::Config {
-                path: s.config.clone()
-            }
-        );
+        replace_config(&s);
         quiet(&s.rx);
 
         fs::remove_file(&lib).unwrap();

@@ -55,6 +55,13 @@ pub fn record_config(path: &Path, more: &str) -> String {
     format!("path = \"{}\"\nfsync = true\n{more}", path.display())
 }
 
+/// The config table of an `fx-record` instance that cannot start — its record file would be
+/// in a directory of `sandbox` that does not exist — followed by `more`: what it is sent
+/// waits in the ledger.
+pub fn unstartable_config(sandbox: &Sandbox, more: &str) -> String {
+    record_config(&sandbox.path().join("missing/rec.txt"), more)
+}
+
 /// Publishes each payload to `t.x` over the real API, one unary call each, with idempotency
 /// key `key` if given; returns the ids.
 ///

@@ -12,7 +12,9 @@ use std::{
 
 use plugind_tests::{
     daemon::Daemon,
-    ledger_support::{config, ids, publish_all, record_config, sandbox, wait_until},
+    ledger_support::{
+        config, ids, publish_all, record_config, sandbox, unstartable_config, wait_until,
+    },
     record::read_record,
 };
 
@@ -130,11 +132,7 @@ fn a_message_that_aborts_the_process_is_dead_lettered_for_crash_and_the_rest_is_
     // together: boom aborts the process with the others queued behind it.
     let waiting = config(
         "fsync",
-        &[(
-            "rec",
-            "",
-            record_config(&s.path().join("missing/rec.txt"), "abort_on = \"boom\""),
-        )],
+        &[("rec", "", unstartable_config(&s, "abort_on = \"boom\""))],
     );
     let d = Daemon::start(s, &waiting);
     let mut payloads: Vec<String> = (0..20).map(|i| format!("before{i}")).collect();
@@ -242,14 +240,7 @@ fn a_backup_taken_while_running_restores_into_a_fresh_daemon() {
     let s = sandbox("durable");
     let rec = s.path().join("rec.txt");
     // The instance cannot start: everything published waits in the ledger.
-    let waiting = config(
-        "fsync",
-        &[(
-            "rec",
-            "",
-            record_config(&s.path().join("missing/rec.txt"), ""),
-        )],
-    );
+    let waiting = config("fsync", &[("rec", "", unstartable_config(&s, ""))]);
     let d = Daemon::start(s, &waiting);
     let payloads: Vec<String> = (0..50).map(|i| format!("m{i}")).collect();
     let published: BTreeSet<u64> = publish_all(&d, &payloads, None).into_iter().collect();

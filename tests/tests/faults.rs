@@ -23,7 +23,8 @@ use std::{
 use plugind_tests::{
     daemon::Daemon,
     ledger_support::{
-        config, ids, record_config, recorded_ids, sandbox, try_publish_all, wait_until,
+        config, ids, record_config, recorded_ids, sandbox, try_publish_all, unstartable_config,
+        wait_until,
     },
     record::read_record,
 };
@@ -403,14 +404,7 @@ fn waiting_ledger(
 ) -> (plugind_tests::sandbox::Sandbox, PathBuf, Vec<u64>) {
     let s = sandbox(label);
     let rec = s.path().join("rec.txt");
-    let waiting = config(
-        "fsync",
-        &[(
-            "rec",
-            "",
-            record_config(&s.path().join("missing/rec.txt"), ""),
-        )],
-    );
+    let waiting = config("fsync", &[("rec", "", unstartable_config(&s, ""))]);
     let d = Daemon::start(s, &waiting);
     let ids: Vec<u64> = try_publish_all(&d, payloads, None)
         .into_iter()

@@ -29,7 +29,7 @@ use plugind::{
 };
 use plugind_tests::{
     daemon::Daemon,
-    ledger_support::{config, record_config, sandbox},
+    ledger_support::{config, sandbox, unstartable_config},
     powercut::{self, Disk, Syncs, WriteLog},
     sandbox::Sandbox,
 };
@@ -91,14 +91,7 @@ fn run(durability: &str) -> Run {
     let writelog = s.path().join("writelog.bin");
     // The instance cannot start (its record file is in a missing directory): everything
     // accepted stays in `messages`.
-    let text = config(
-        durability,
-        &[(
-            "held",
-            "",
-            record_config(&s.path().join("missing/rec.txt"), ""),
-        )],
-    );
+    let text = config(durability, &[("held", "", unstartable_config(&s, ""))]);
     let d = Daemon::start_with_env(
         s,
         &text,

@@ -177,6 +177,23 @@ struct InFlight {
     receipt: Pin<Box<dyn Future<Output = Result<(), LedgerError>> + Send>>,
 }
 
+impl InFlight {
+    /// The stream's answer for this batch, once the ledger answered.
+    fn answer(self, ingress: &Ingress, recorded: Result<(), LedgerError>) -> PublishBatchResult {
+        batch_result(
+            self.correlation_id,
+            ingress.complete(self.submitted, recorded),
+        )
+    }
+}
+
+fn batch_result(correlation_id: u64, outcomes: Vec<Result<u64, Refused>>) -> PublishBatchResult {
+    PublishBatchResult {
+        correlation_id,
+        outcomes: outcomes.into_iter().map(outcome).collect(),
+    }
+}
+
 type ResultStream = Pin<Box<dyn Stream<Item = Result<PublishBatchResult, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -214,33 +231,20 @@ impl publisher_server::Publisher for PublisherService {
                         if !in_flight.is_empty() =>
                     {
                         let done = in_flight.pop_front().expect("checked");
-                        let outcomes = service.ingress.complete(done.submitted, recorded);
-                        let reply = Ok(PublishBatchResult {
-                            correlation_id: done.correlation_id,
-                            outcomes: outcomes.into_iter().map(outcome).collect(),
-                        });
                         // A client gone is no reason to stop: what was submitted must
                         // still reach the dispatcher.
-                        let _ = results.send(reply).await;
+                        let _ = results.send(Ok(done.answer(&service.ingress, recorded))).await;
                     }
                     batch = batches.next(), if reading && in_flight.len() < STREAM_BUFFER => {
                         match batch {
                             Some(Ok(batch)) if batch.messages.iter().any(|m| !m.key.is_empty()) => {
                                 // A keyed batch waits for the ones before it, then goes alone.
-                                for done in in_flight.drain(..) {
-                                    let recorded = done.receipt.await;
-                                    let outcomes = service.ingress.complete(done.submitted, recorded);
-                                    let reply = Ok(PublishBatchResult {
-                                        correlation_id: done.correlation_id,
-                                        outcomes: outcomes.into_iter().map(outcome).collect(),
-                                    });
-                                    let _ = results.send(reply).await;
+                                for mut done in in_flight.drain(..) {
+                                    let recorded = (&mut done.receipt).await;
+                                    let _ = results.send(Ok(done.answer(&service.ingress, recorded))).await;
                                 }
-                                let reply = Ok(PublishBatchResult {
-                                    correlation_id: batch.correlation_id,
-                                    outcomes: service.publish(batch.messages).await.into_iter().map(outcome).collect(),
-                                });
-                                let _ = results.send(reply).await;
+                                let outcomes = service.publish(batch.messages).await;
+                                let _ = results.send(Ok(batch_result(batch.correlation_id, outcomes))).await;
                             }
                             Some(Ok(batch)) => {
                                 let mut submitted = service

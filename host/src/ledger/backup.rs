@@ -130,7 +130,7 @@ pub fn restore(state_dir: &Path, source: &Path) -> Result<Contents, LedgerError>
         .map_err(io(&temp))?;
     // The old log and markers belong to the old database: they go first.
     for stale in [
-        format!("{}-wal", store::FILE),
+        store::LOG.to_owned(),
         format!("{}-shm", store::FILE),
         markers::FILE.to_owned(),
     ] {

@@ -350,7 +350,7 @@ impl Ledger for DurableLedger {
         })?;
         let (syncs, to_sync) = unbounded();
         let syncer = Syncer {
-            wal: self.dir.join(format!("{}-wal", store::FILE)),
+            wal: self.dir.join(store::LOG),
             file: None,
             shared: self.shared.clone(),
             checkpoints: Some(store::open_checkpointer(&self.dir)?),
@@ -504,16 +504,8 @@ impl Ledger for DurableLedger {
             fsyncs: stats.fsyncs,
             messages: stats.messages,
             records: stats.records,
-            latency_us: [
-                stats.latency.value_at_quantile(0.5),
-                stats.latency.value_at_quantile(0.99),
-                stats.latency.max(),
-            ],
-            fsync_us: [
-                stats.fsync_latency.value_at_quantile(0.5),
-                stats.fsync_latency.value_at_quantile(0.99),
-                stats.fsync_latency.max(),
-            ],
+            latency_us: summary(&stats.latency),
+            fsync_us: summary(&stats.fsync_latency),
             bytes: self.shared.bytes.load(Ordering::Relaxed),
         }
     }
@@ -532,6 +524,15 @@ impl Ledger for DurableLedger {
             tracing::warn!(error = %e, "cannot clear the in-flight markers");
         }
     }
+}
+
+/// p50, p99 and max of a latency histogram.
+fn summary(histogram: &Histogram<u64>) -> [u64; 3] {
+    [
+        histogram.value_at_quantile(0.5),
+        histogram.value_at_quantile(0.99),
+        histogram.max(),
+    ]
 }
 
 /// One actor's in-flight marker: written just before each call to plugin code, with one

@@ -24,6 +24,8 @@ const APPLICATION_ID: i64 = 0x706c_6764;
 
 /// The file name of the database inside `state_dir`.
 pub(super) const FILE: &str = "ledger.db";
+/// Its write-ahead log, beside it.
+pub(super) const LOG: &str = "ledger.db-wal";
 
 const SCHEMA: &str = "
 CREATE TABLE meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
@@ -84,6 +86,25 @@ pub(super) fn classify(context: &str, e: &rusqlite::Error) -> LedgerError {
         }
         _ => LedgerError::Fatal(format!("{context}: {e}")),
     }
+}
+
+/// Runs `f` in one transaction of `conn`: committed when it succeeds, rolled back when it
+/// (or the commit) fails.
+pub(super) fn in_transaction<T>(
+    conn: &Connection,
+    context: &str,
+    f: impl FnOnce() -> Result<T, LedgerError>,
+) -> Result<T, LedgerError> {
+    conn.execute_batch("BEGIN").map_err(fatal(context))?;
+    let done = f().and_then(|t| {
+        conn.execute_batch("COMMIT")
+            .map_err(fatal(context))
+            .map(|()| t)
+    });
+    if done.is_err() && !conn.is_autocommit() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    done
 }
 
 fn fatal(context: &str) -> impl Fn(rusqlite::Error) -> LedgerError + '_ {
@@ -316,14 +337,13 @@ pub(super) fn decode_delivery(
 /// Messages inserted by one statement (see [`Writes::accept_all`]).
 const ROWS: usize = 32;
 
-/// `INSERT INTO messages … VALUES (…), (…), …` for `rows` messages.
-fn insert_rows(rows: usize) -> String {
-    let one = "(?, ?, ?, ?, ?, ?, ?)";
+/// `INSERT INTO messages … VALUES (…), (…), …` for [`ROWS`] messages, built once.
+static INSERT_ROWS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "INSERT INTO messages(id, topic, headers, payload, published, crc, solo) VALUES {}",
-        vec![one; rows].join(", ")
+        vec!["(?, ?, ?, ?, ?, ?, ?)"; ROWS].join(", ")
     )
-}
+});
 
 /// The statements of one write transaction, prepared once for it.
 pub(super) struct Writes<'c> {
@@ -433,7 +453,7 @@ impl<'c> Writes<'c> {
                     solo,
                 ]);
             }
-            conn.prepare_cached(&insert_rows(ROWS))?
+            conn.prepare_cached(&INSERT_ROWS)?
                 .execute(rusqlite::params_from_iter(values))?;
             for ((m, targets), (_, _, solo)) in chunk.iter().zip(&encoded) {
                 if solo.is_none() {

@@ -252,6 +252,79 @@ pub(super) const ID_BLOCK: u64 = 1 << 16;
 /// How often the syncer copies the log into the database when no publish waits.
 pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
+/// Applies `batches` inside the caller's transaction: the messages first (32 rows per
+/// statement), then every other record in order. Raises the id high-water mark past
+/// `reserved` when needed. Returns (messages accepted, the new high-water mark).
+fn apply(
+    conn: &Connection,
+    shared: &Shared,
+    batches: &[&[Record]],
+    reserved: u64,
+) -> Result<(usize, u64), LedgerError> {
+    let map = |e: rusqlite::Error| store::classify("cannot write the ledger", &e);
+    let mut next_id = 0;
+    let keys = shared.keys_now();
+    let key = |instance: crate::routing::InstanceId| {
+        keys.get(instance as usize)
+            .copied()
+            .ok_or_else(|| LedgerError::Fatal(format!("instance #{instance} is unknown")))
+    };
+    let mut writes = store::Writes::new(conn).map_err(map)?;
+    let mut keyed: Vec<(&StoredMessage, Vec<u32>)> = Vec::new();
+    for record in batches.iter().flat_map(|b| b.iter()) {
+        if let Record::Accepted { message, targets } = record {
+            let keys = targets
+                .iter()
+                .map(|t| key(*t))
+                .collect::<Result<Vec<u32>, _>>()?;
+            keyed.push((message, keys));
+            next_id = next_id.max(message.id + 1);
+        }
+    }
+    let accepted: Vec<(&StoredMessage, &[u32])> =
+        keyed.iter().map(|(m, k)| (*m, k.as_slice())).collect();
+    writes.accept_all(conn, &accepted).map_err(map)?;
+    for record in batches.iter().flat_map(|b| b.iter()) {
+        match record {
+            // Inserted together, before the rest: nothing else in a batch refers to a
+            // message accepted in it (its settlements come in later batches).
+            Record::Accepted { .. } | Record::Attempt { .. } => {}
+            Record::Key { key, message, at } => {
+                writes.key(key, *message, *at).map_err(map)?;
+                next_id = next_id.max(message + 1);
+            }
+            Record::Updated {
+                message,
+                instance,
+                delivery,
+            } => writes
+                .update(*message, key(*instance)?, delivery)
+                .map_err(map)?,
+            Record::Acked { message, instance } | Record::Purged { message, instance } => {
+                writes.end(*message, key(*instance)?).map_err(map)?;
+            }
+            Record::DeadLettered {
+                message,
+                instance,
+                delivery,
+                at,
+                ..
+            } => writes
+                .dead_letter(*message, key(*instance)?, delivery, *at)
+                .map_err(map)?,
+        }
+    }
+    drop(writes);
+    if next_id <= reserved {
+        return Ok((accepted.len(), reserved));
+    }
+    // Ids are reserved a block at a time: one write of `meta` per block, not per commit.
+    // After a crash the next ids start past the block (never reused).
+    let reserved = next_id + ID_BLOCK;
+    store::raise_next_id(conn, reserved).map_err(map)?;
+    Ok((accepted.len(), reserved))
+}
+
 /// The writer thread's state.
 pub(super) struct Writer {
     /// To the syncer: publishes of committed transactions, in `fsync` mode.
@@ -346,27 +419,11 @@ impl Writer {
         let (mut publishes, settles): (Vec<_>, Vec<_>) = commits
             .into_iter()
             .partition(|(_, wait, _)| *wait == Wait::Durable);
-        if let Some(limit) = self.max_bytes
-            && self.used > limit
+        if let Some(refusal) = self.refusal()
             && !publishes.is_empty()
         {
-            let full = LedgerError::Full(format!(
-                "the ledger holds {} bytes, over max_ledger_bytes ({limit} bytes)",
-                self.used
-            ));
             for (_, _, reply) in publishes.drain(..) {
-                let _ = reply.send(Err(full.clone()));
-            }
-        }
-        if self.reserve_released && !publishes.is_empty() {
-            let full = LedgerError::Full(format!(
-                "no space left: the space reserved for settlements ({}, {} MiB) is in use; \
-                 publishing resumes once it can be reserved again",
-                self.dir.join(RESERVE).display(),
-                RESERVE_BYTES >> 20
-            ));
-            for (_, _, reply) in publishes.drain(..) {
-                let _ = reply.send(Err(full.clone()));
+                let _ = reply.send(Err(refusal.clone()));
             }
         }
         let all: Vec<&[Record]> = publishes
@@ -415,36 +472,41 @@ impl Writer {
         }
     }
 
+    /// Why publishes are refused before any write, if they are: over `max_ledger_bytes`, or
+    /// the settlement reserve in use.
+    fn refusal(&self) -> Option<LedgerError> {
+        if let Some(limit) = self.max_bytes
+            && self.used > limit
+        {
+            return Some(LedgerError::Full(format!(
+                "the ledger holds {} bytes, over max_ledger_bytes ({limit} bytes)",
+                self.used
+            )));
+        }
+        self.reserve_released.then(|| {
+            LedgerError::Full(format!(
+                "no space left: the space reserved for settlements ({}, {} MiB) is in use; \
+                 publishing resumes once it can be reserved again",
+                self.dir.join(RESERVE).display(),
+                RESERVE_BYTES >> 20
+            ))
+        })
+    }
+
     /// An operator's change, fsynced in a transaction of its own.
     pub(super) fn operate(&mut self, op: Op) -> Result<Done, LedgerError> {
         if let Some(e) = self.shared.failed() {
             return Err(e);
         }
         self.set_sync(store::Sync::Full)?;
-        let map = |e: rusqlite::Error| store::classify("ledger", &e);
-        self.conn.execute_batch("BEGIN").map_err(map)?;
-        let done = match op {
-            Op::Replay(selection, now) => {
-                store::replay(&self.conn, &selection, now).map(Done::Replayed)
-            }
-            Op::Purge(selection) => store::purge(&self.conn, &selection).map(Done::Count),
-            Op::Forget(name, how, now) => {
-                store::forget(&self.conn, &name, how, now).map(Done::Count)
-            }
-        };
-        let done = done.and_then(|done| {
-            self.conn
-                .execute_batch("COMMIT")
-                .map_err(map)
-                .map(|()| done)
+        let conn = &self.conn;
+        let done = store::in_transaction(conn, "ledger", || match op {
+            Op::Replay(selection, now) => store::replay(conn, &selection, now).map(Done::Replayed),
+            Op::Purge(selection) => store::purge(conn, &selection).map(Done::Count),
+            Op::Forget(name, how, now) => store::forget(conn, &name, how, now).map(Done::Count),
         });
-        if let Err(e) = &done {
-            if !self.conn.is_autocommit() {
-                let _ = self.conn.execute_batch("ROLLBACK");
-            }
-            if matches!(e, LedgerError::Fatal(_)) {
-                self.shared.poison(e);
-            }
+        if let Err(e @ LedgerError::Fatal(_)) = &done {
+            self.shared.poison(e);
         }
         done
     }
@@ -464,25 +526,16 @@ impl Writer {
         }
         self.set_sync(store::Sync::Written)?;
         let started = Instant::now();
-        let applied = self.apply_all(batches);
-        if let Err(e) = applied {
-            if !self.conn.is_autocommit() {
-                let _ = self.conn.execute_batch("ROLLBACK");
-            }
-            return Err(e);
-        }
+        let (messages, reserved) =
+            store::in_transaction(&self.conn, "cannot write the ledger", || {
+                apply(&self.conn, &self.shared, batches, self.reserved)
+            })?;
+        self.reserved = reserved;
         let micros = started.elapsed().as_micros() as u64;
-        let (mut messages, mut records) = (0, 0);
-        for batch in batches {
-            records += batch.len() as u64;
-            messages += batch
-                .iter()
-                .filter(|r| matches!(r, Record::Accepted { .. }))
-                .count() as u64;
-        }
+        let records = batches.iter().map(|b| b.len() as u64).sum::<u64>();
         let mut stats = lock(&self.shared.stats);
         stats.commits += 1;
-        stats.messages += messages;
+        stats.messages += messages as u64;
         stats.records += records;
         let _ = stats.latency.record(micros.max(1));
         drop(stats);
@@ -505,7 +558,7 @@ impl Writer {
     /// commit starts the log from the beginning (truncated to `journal_size_limit`). A
     /// passive checkpoint never waits for a lock.
     pub(super) fn bound_log(&mut self) {
-        let log = self.dir.join(format!("{}-wal", store::FILE));
+        let log = self.dir.join(store::LOG);
         if fs::metadata(&log).is_ok_and(|m| m.len() > LOG_RESTART_BYTES) {
             let done = self
                 .conn
@@ -519,77 +572,6 @@ impl Writer {
         }
     }
 
-    pub(super) fn apply_all(&mut self, batches: &[&[Record]]) -> Result<(), LedgerError> {
-        let context = "cannot write the ledger";
-        let map = |e: rusqlite::Error| store::classify(context, &e);
-        self.conn.execute_batch("BEGIN").map_err(map)?;
-        let mut next_id = 0;
-        let keys = self.shared.keys_now();
-        let key = |instance: crate::routing::InstanceId| {
-            keys.get(instance as usize)
-                .copied()
-                .ok_or_else(|| LedgerError::Fatal(format!("instance #{instance} is unknown")))
-        };
-        let mut writes = store::Writes::new(&self.conn).map_err(map)?;
-        let mut keyed: Vec<(&StoredMessage, Vec<u32>)> = Vec::new();
-        for batch in batches {
-            for record in *batch {
-                if let Record::Accepted { message, targets } = record {
-                    let keys = targets
-                        .iter()
-                        .map(|t| key(*t))
-                        .collect::<Result<Vec<u32>, _>>()?;
-                    keyed.push((message, keys));
-                    next_id = next_id.max(message.id + 1);
-                }
-            }
-        }
-        let accepted: Vec<(&StoredMessage, &[u32])> =
-            keyed.iter().map(|(m, k)| (*m, k.as_slice())).collect();
-        writes.accept_all(&self.conn, &accepted).map_err(map)?;
-        for batch in batches {
-            for record in *batch {
-                match record {
-                    // Inserted together, before the rest: nothing else in a batch refers to a
-                    // message accepted in it (its settlements come in later batches).
-                    Record::Accepted { .. } => {}
-                    Record::Key { key, message, at } => {
-                        writes.key(key, *message, *at).map_err(map)?;
-                        next_id = next_id.max(message + 1);
-                    }
-                    Record::Attempt { .. } => {}
-                    Record::Updated {
-                        message,
-                        instance,
-                        delivery,
-                    } => writes
-                        .update(*message, key(*instance)?, delivery)
-                        .map_err(map)?,
-                    Record::Acked { message, instance } | Record::Purged { message, instance } => {
-                        writes.end(*message, key(*instance)?).map_err(map)?;
-                    }
-                    Record::DeadLettered {
-                        message,
-                        instance,
-                        delivery,
-                        at,
-                        ..
-                    } => writes
-                        .dead_letter(*message, key(*instance)?, delivery, *at)
-                        .map_err(map)?,
-                }
-            }
-        }
-        drop(writes);
-        if next_id > self.reserved {
-            // Ids are reserved a block at a time: one write of `meta` per block, not per
-            // commit. After a crash the next ids start past the block (never reused).
-            self.reserved = next_id + ID_BLOCK;
-            store::raise_next_id(&self.conn, self.reserved).map_err(map)?;
-        }
-        self.conn.execute_batch("COMMIT").map_err(map)
-    }
-
     /// Recovery's charges and the "running" mark (an exit before the next graceful stop is
     /// unclean), fsynced before anything is handed out. On a full disk each of the two
     /// transactions may use the reserve, as settlements do.
@@ -601,15 +583,10 @@ impl Writer {
         self.with_reserve(|w| w.transaction(&[records]))?;
         self.with_reserve(|w| {
             w.set_sync(store::Sync::Full)?;
-            let map = |e: rusqlite::Error| store::classify("ledger", &e);
-            w.conn.execute_batch("BEGIN").map_err(map)?;
-            let done = store::set_meta(&w.conn, "clean", 0)
-                .and_then(|()| store::set_meta(&w.conn, "next_id", next_id as i64))
-                .and_then(|()| w.conn.execute_batch("COMMIT").map_err(map));
-            if done.is_err() && !w.conn.is_autocommit() {
-                let _ = w.conn.execute_batch("ROLLBACK");
-            }
-            done
+            store::in_transaction(&w.conn, "ledger", || {
+                store::set_meta(&w.conn, "clean", 0)?;
+                store::set_meta(&w.conn, "next_id", next_id as i64)
+            })
         })
     }
 
@@ -633,7 +610,7 @@ impl Writer {
         if let Ok(used) = store::used_bytes(&self.conn) {
             self.used = used;
         }
-        let on_disk = [store::FILE, "ledger.db-wal"]
+        let on_disk = [store::FILE, store::LOG]
             .iter()
             .filter_map(|f| fs::metadata(self.dir.join(f)).ok())
             .map(|m| m.len())
