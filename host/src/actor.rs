@@ -1,11 +1,16 @@
 //! One actor per plugin instance: plugin code runs on the actor's own thread, fed by a
 //! mailbox of owned hand-offs; outcomes go back as batched settlements.
 //!
-//! Flow control without a blocking edge: the mailbox channel is unbounded, but the
+//! Flow control without a blocking edge: the mailbox is an unbounded queue, but the
 //! dispatcher may only [`Actor::offer`] as many hand-offs as the actor has *room* (credits);
 //! each settlement returns its credit. So the mailbox never holds more than `capacity`
 //! hand-offs, the dispatcher never blocks on it, and the settlement channel (unbounded too)
 //! never holds more than `capacity` settlements per actor: no cycle of bounded channels.
+//!
+//! The worker takes hand-offs from the mailbox one at a time, so everything not yet handed
+//! to plugin code stays in the mailbox, where [`Actor::reclaim`] takes it back at once —
+//! even while a call runs (a swap gives those deliveries to the next generation without
+//! waiting for the call in hand).
 //!
 //! Stopping: the actor finishes the call in hand, hands back (releases) what it had not
 //! started, runs the plugin's `shutdown` and ends. A call still running when the deadline
@@ -13,15 +18,16 @@
 //! (retained, counted), and whatever it returns later is a stale settlement.
 
 use std::{
+    collections::VecDeque,
     sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Condvar, Mutex,
+        atomic::{AtomicU64, Ordering},
     },
     thread::JoinHandle,
     time::Duration,
 };
 
-use crossbeam_channel::{Receiver, Sender, unbounded};
+use crossbeam_channel::Sender;
 use plugind_api::{
     Outcome,
     hosting::{self, CallError},
@@ -38,6 +44,10 @@ use crate::{
 
 /// Settlements are sent back at least this often (in hand-offs) within a long batch.
 const SETTLE_EVERY: usize = 64;
+
+/// Runs on the actor's thread once its first call returned (the supervisor's quarantine
+/// marker goes then).
+pub type FirstCall = Box<dyn FnOnce() + Send>;
 
 /// One delivery attempt handed to an actor.
 #[derive(Debug, Clone)]
@@ -63,24 +73,65 @@ pub enum Event {
     /// Outcomes of one or more attempts; each returns one credit.
     Settled {
         instance: InstanceId,
+        generation: u32,
         settlements: Vec<Settlement>,
     },
     /// The actor stopped taking hand-offs; these it never started (no failure: released).
     Released {
         instance: InstanceId,
+        generation: u32,
         released: Vec<Handoff>,
     },
     /// The actor ended (after its plugin's `shutdown`).
     Stopped {
         instance: InstanceId,
+        generation: u32,
         /// The plugin's `shutdown` failed.
         shutdown_error: Option<CallError>,
     },
 }
 
-enum Input {
-    Deliver(Vec<Handoff>),
-    Stop,
+/// Hand-offs not yet started, shared by the dispatcher (which adds and reclaims) and the
+/// worker (which takes them one at a time).
+#[derive(Debug, Default)]
+struct Mailbox {
+    state: Mutex<Queue>,
+    wake: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    handoffs: VecDeque<Handoff>,
+    stop: bool,
+}
+
+impl Mailbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The next hand-off, waiting for one; `None` once stopped.
+    fn next(&self, idle: impl FnOnce()) -> Option<Handoff> {
+        let mut queue = self.lock();
+        if queue.handoffs.is_empty() && !queue.stop {
+            // About to sleep: the caller's batch ends here.
+            drop(queue);
+            idle();
+            queue = self.lock();
+            while queue.handoffs.is_empty() && !queue.stop {
+                queue = self
+                    .wake
+                    .wait(queue)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
+        }
+        if queue.stop {
+            return None;
+        }
+        queue.handoffs.pop_front()
+    }
 }
 
 /// How an actor's stop ended.
@@ -97,8 +148,10 @@ pub enum Stopped {
 #[derive(Debug)]
 pub struct Actor {
     instance: InstanceId,
+    /// The plugin generation it runs (a new one gets a new actor thread).
+    generation: u32,
     name: String,
-    mailbox: Sender<Input>,
+    mailbox: Arc<Mailbox>,
     capacity: usize,
     /// Hand-offs offered and not yet settled.
     outstanding: usize,
@@ -106,7 +159,8 @@ pub struct Actor {
     busy_since: Arc<AtomicU64>,
     /// When the plugin's `shutdown` started (ms since the epoch), 0 before.
     shutdown_since: Arc<AtomicU64>,
-    stopping: Arc<AtomicBool>,
+    /// Calls finished so far.
+    calls: Arc<AtomicU64>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -124,50 +178,65 @@ impl Actor {
     ///
     /// # Errors
     /// The OS error if the thread cannot be started.
+    #[allow(clippy::too_many_arguments)]
     pub fn spawn(
         instance: InstanceId,
+        generation: u32,
         plugin: PluginInstance,
         services: Arc<InstanceServices>,
         capacity: usize,
         events: Sender<Event>,
         clock: Arc<dyn Clock>,
         marker: Option<Marker>,
+        first_call: Option<FirstCall>,
     ) -> std::io::Result<Self> {
-        let (mailbox, inbox) = unbounded();
+        let mailbox = Arc::new(Mailbox::default());
         let busy_since = Arc::new(AtomicU64::new(0));
         let shutdown_since = Arc::new(AtomicU64::new(0));
-        let stopping = Arc::new(AtomicBool::new(false));
+        let calls = Arc::new(AtomicU64::new(0));
         let name = services.identity().instance.clone();
         let worker = Worker {
             instance,
+            generation,
+            calls: calls.clone(),
             plugin,
             services,
-            inbox,
+            mailbox: mailbox.clone(),
             events,
             busy_since: busy_since.clone(),
             shutdown_since: shutdown_since.clone(),
-            stopping: stopping.clone(),
             clock,
             marker,
+            first_call,
         };
         let thread = std::thread::Builder::new()
             .name(format!("plugin:{name}"))
             .spawn(move || worker.run())?;
         Ok(Self {
             instance,
+            generation,
             name,
             mailbox,
             capacity: capacity.max(1),
             outstanding: 0,
             busy_since,
             shutdown_since,
-            stopping,
+            calls,
             thread: Some(thread),
         })
     }
 
     pub fn instance(&self) -> InstanceId {
         self.instance
+    }
+
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    /// The count of calls this actor finished (shared: it keeps counting).
+    pub fn calls(&self) -> Arc<AtomicU64> {
+        self.calls.clone()
     }
 
     /// How many more hand-offs it may be offered now.
@@ -191,8 +260,10 @@ impl Actor {
             return;
         }
         self.outstanding += batch.len();
-        // A send fails only after the thread ended; its stop report accounts for them.
-        let _ = self.mailbox.send(Input::Deliver(batch));
+        let mut queue = self.mailbox.lock();
+        queue.handoffs.extend(batch);
+        drop(queue);
+        self.mailbox.wake.notify_one();
     }
 
     /// Returns the credits of `settled` hand-offs.
@@ -210,8 +281,19 @@ impl Actor {
 
     /// Asks the actor to stop: it finishes the call in hand and releases the rest.
     pub fn request_stop(&self) {
-        self.stopping.store(true, Ordering::Release);
-        let _ = self.mailbox.send(Input::Stop);
+        self.mailbox.lock().stop = true;
+        self.mailbox.wake.notify_one();
+    }
+
+    /// Asks the actor to stop and takes back at once every hand-off it has not started
+    /// (no plugin code saw them); it finishes the call in hand.
+    pub fn reclaim(&self) -> Vec<Handoff> {
+        let mut queue = self.mailbox.lock();
+        queue.stop = true;
+        let unstarted = queue.handoffs.drain(..).collect();
+        drop(queue);
+        self.mailbox.wake.notify_one();
+        unstarted
     }
 
     /// Waits until the actor ended, or abandons it: once `deadlines.total` passed, or once
@@ -253,56 +335,50 @@ impl Actor {
 /// The actor's own side, on its thread.
 struct Worker {
     instance: InstanceId,
+    generation: u32,
+    calls: Arc<AtomicU64>,
     plugin: PluginInstance,
     services: Arc<InstanceServices>,
-    inbox: Receiver<Input>,
+    mailbox: Arc<Mailbox>,
     events: Sender<Event>,
     busy_since: Arc<AtomicU64>,
     shutdown_since: Arc<AtomicU64>,
-    stopping: Arc<AtomicBool>,
     clock: Arc<dyn Clock>,
     /// Records each call just before it starts (survives a crash of the process).
     marker: Option<Marker>,
+    first_call: Option<FirstCall>,
 }
 
 impl Worker {
     fn run(mut self) {
-        let mut released = Vec::new();
         let mut settled = Vec::new();
-        'run: while let Ok(input) = self.inbox.recv() {
-            // One wake-up takes everything waiting (batched hand-offs).
-            let mut inputs = vec![input];
-            inputs.extend(self.inbox.try_iter());
-            for input in inputs {
-                let Input::Deliver(batch) = input else {
-                    break 'run;
-                };
-                for handoff in batch {
-                    if self.stopping.load(Ordering::Acquire) {
-                        released.push(handoff);
-                        continue;
-                    }
-                    settled.push(self.call(handoff));
-                    if settled.len() >= SETTLE_EVERY {
-                        self.flush(&mut settled);
-                    }
+        loop {
+            let next = self.mailbox.next(|| {
+                // The queue ran dry: settle what is done, then sleep.
+                self.flush(&mut settled);
+                if let Some(marker) = &self.marker {
+                    marker.idle();
                 }
+            });
+            let Some(handoff) = next else {
+                break;
+            };
+            settled.push(self.call(handoff));
+            if settled.len() >= SETTLE_EVERY {
+                self.flush(&mut settled);
             }
-            self.flush(&mut settled);
-            if let Some(marker) = &self.marker {
-                marker.idle();
-            }
+        }
+        self.flush(&mut settled);
+        if let Some(marker) = &self.marker {
+            marker.idle();
         }
         // Hand-offs still queued behind the stop.
-        for input in self.inbox.try_iter() {
-            if let Input::Deliver(batch) = input {
-                released.extend(batch);
-            }
-        }
+        let released: Vec<Handoff> = self.mailbox.lock().handoffs.drain(..).collect();
         // Tell the dispatcher what was released before `shutdown` runs: a `shutdown` that
         // never returns must not keep those deliveries from being handed out again.
         let _ = self.events.send(Event::Released {
             instance: self.instance,
+            generation: self.generation,
             released,
         });
         self.shutdown_since
@@ -310,6 +386,7 @@ impl Worker {
         let shutdown_error = self.plugin.shutdown().err();
         let _ = self.events.send(Event::Stopped {
             instance: self.instance,
+            generation: self.generation,
             shutdown_error,
         });
     }
@@ -330,6 +407,10 @@ impl Worker {
         let plugin = &mut self.plugin;
         let (result, children) = self.services.staged(hops, || plugin.handle(raw));
         self.busy_since.store(0, Ordering::Release);
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        if let Some(first_call) = self.first_call.take() {
+            first_call();
+        }
         Settlement {
             message,
             attempt,
@@ -344,6 +425,7 @@ impl Worker {
         }
         let _ = self.events.send(Event::Settled {
             instance: self.instance,
+            generation: self.generation,
             settlements: std::mem::take(settled),
         });
     }

@@ -25,6 +25,7 @@ use crate::{
     actor::{self, Actor, Handoff, Settlement, Stopped},
     circuit::{self, Breaker},
     clock::{Clock, Timestamp},
+    config::{Circuit, Settings},
     delivery::{Delivery, Failure, Rules, Transition},
     ingress::{Accepted, Backlog, Ingress},
     ledger::{Forget, Ledger, LedgerError, Pending, Record, Wait},
@@ -51,6 +52,25 @@ pub enum Input {
     /// Operator pause / resume of one instance.
     Pause(InstanceId),
     Resume(InstanceId),
+    /// A new instance (hot plug): its slot takes the next id; `pending` is what the ledger
+    /// holds for it.
+    Add {
+        slot: Box<Slot>,
+        pending: Vec<Pending>,
+    },
+    /// From now on `actor` runs `instance` (`None`: nothing does; its deliveries wait). The
+    /// actor it replaces, already asked to stop (it finishes its call in hand and releases
+    /// the rest, which go to the new one), is the reply: the supervisor retires it.
+    Run {
+        instance: InstanceId,
+        actor: Option<Actor>,
+        reply: Sender<Option<Actor>>,
+    },
+    /// New delivery settings for an instance (its circuit restarts if those changed).
+    Configure {
+        instance: InstanceId,
+        settings: Box<Settings>,
+    },
     /// Graceful stop: finish the calls in hand, release the rest, stop the actors.
     Stop {
         deadline: Duration,
@@ -63,6 +83,8 @@ pub enum Input {
 pub struct Slot {
     pub name: String,
     pub rules: Rules,
+    /// The circuit settings `breaker` was made with.
+    pub circuit: Circuit,
     pub breaker: Breaker,
     /// `None` while the instance is not running (failed to load, disabled): its deliveries
     /// wait.
@@ -77,11 +99,43 @@ pub struct Slot {
     pub keep: usize,
 }
 
+impl Slot {
+    /// The slot of instance `name` with `settings`, running nothing yet.
+    pub fn new(name: &str, settings: &Settings) -> Self {
+        let mut slot = Self {
+            name: name.to_owned(),
+            rules: Rules::from(settings),
+            circuit: settings.circuit.clone(),
+            breaker: Breaker::new(settings.circuit.clone()),
+            actor: None,
+            hang_grace: Duration::ZERO,
+            shutdown_timeout: Duration::ZERO,
+            keep: 0,
+        };
+        slot.configure(settings);
+        slot
+    }
+
+    /// Applies new delivery settings; the circuit restarts only if its own changed.
+    pub fn configure(&mut self, settings: &Settings) {
+        self.rules = Rules::from(settings);
+        if settings.circuit != self.circuit {
+            self.circuit = settings.circuit.clone();
+            self.breaker = Breaker::new(settings.circuit.clone());
+        }
+        self.hang_grace = settings.hang_grace;
+        self.shutdown_timeout = settings.shutdown_timeout;
+        self.keep = (settings.queue_capacity + settings.max_in_flight) as usize;
+    }
+}
+
 /// Counters and state of one instance.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct InstanceStats {
     pub name: String,
     pub running: bool,
+    /// The plugin generation running (0: none).
+    pub generation: u32,
     pub acked: u64,
     pub failures: u64,
     pub dead_lettered: u64,
@@ -125,7 +179,7 @@ fn compact(message: &Arc<StoredMessage>) -> Arc<StoredMessage> {
 
 /// A storage failure is fatal (DESIGN.md §7): never continue on unrecorded or unreadable
 /// state.
-fn fail_stop(e: &LedgerError) -> ! {
+pub(crate) fn fail_stop(e: &LedgerError) -> ! {
     tracing::error!(error = %e, "the ledger failed; stopping the daemon");
     std::process::exit(1);
 }
@@ -150,6 +204,19 @@ struct Inst {
 }
 
 impl Inst {
+    fn new(slot: Slot) -> Self {
+        Self {
+            stats: InstanceStats {
+                name: slot.name.clone(),
+                ..InstanceStats::default()
+            },
+            slot,
+            ready: VecDeque::new(),
+            waiting: BinaryHeap::new(),
+            unloaded: 0,
+        }
+    }
+
     /// Live deliveries holding their payload in memory.
     fn resident(&self) -> usize {
         (self.stats.backlog as usize).saturating_sub(self.unloaded)
@@ -188,19 +255,7 @@ impl Dispatcher {
         slots: Vec<Slot>,
         pending: Vec<Pending>,
     ) -> Self {
-        let instances = slots
-            .into_iter()
-            .map(|slot| Inst {
-                stats: InstanceStats {
-                    name: slot.name.clone(),
-                    ..InstanceStats::default()
-                },
-                slot,
-                ready: VecDeque::new(),
-                waiting: BinaryHeap::new(),
-                unloaded: 0,
-            })
-            .collect();
+        let instances = slots.into_iter().map(Inst::new).collect();
         let mut dispatcher = Self {
             clock,
             ledger,
@@ -325,6 +380,31 @@ impl Dispatcher {
             } => {
                 let _ = reply.send(self.forget(instance, how));
             }
+            Input::Add { slot, pending } => {
+                self.instances.push(Inst::new(*slot));
+                self.restore(pending);
+            }
+            Input::Run {
+                instance,
+                actor,
+                reply,
+            } => {
+                let inst = &mut self.instances[instance as usize];
+                inst.stats.hung = false;
+                let old = std::mem::replace(&mut inst.slot.actor, actor);
+                if let Some(old) = &old {
+                    // What it had not started goes to the next generation (or waits) at
+                    // once; it finishes only its call in hand.
+                    let unstarted = old.reclaim();
+                    let mut records = Vec::new();
+                    self.release(instance, unstarted, self.clock.now(), &mut records);
+                    self.commit(records);
+                }
+                let _ = reply.send(old);
+            }
+            Input::Configure { instance, settings } => {
+                self.instances[instance as usize].slot.configure(&settings);
+            }
             Input::Pause(id) => self.instances[id as usize].slot.breaker.pause(),
             Input::Resume(id) => self.instances[id as usize].slot.breaker.resume(),
             Input::Stop { deadline, reply } => return Some((deadline, reply)),
@@ -411,6 +491,7 @@ impl Dispatcher {
                 .zip(in_flight)
                 .map(|(i, in_flight)| InstanceStats {
                     running: i.slot.actor.is_some(),
+                    generation: i.slot.actor.as_ref().map_or(0, Actor::generation),
                     in_flight,
                     resident: i.resident() as u64,
                     circuit: Some(i.slot.breaker.state().clone()),
@@ -618,21 +699,28 @@ impl Dispatcher {
         match event {
             actor::Event::Settled {
                 instance,
+                generation,
                 settlements,
             } => {
-                if let Some(actor) = &mut self.instances[instance as usize].slot.actor {
+                // Credits are the current generation's; a draining one gets no more work.
+                if let Some(actor) = &mut self.instances[instance as usize].slot.actor
+                    && actor.generation() == generation
+                {
                     actor.settled(settlements.len());
                 }
                 for settlement in settlements {
                     self.settle(instance, settlement, now, records);
                 }
             }
-            actor::Event::Released { instance, released } => {
+            actor::Event::Released {
+                instance, released, ..
+            } => {
                 self.release(instance, released, now, records);
             }
             actor::Event::Stopped {
                 instance,
                 shutdown_error,
+                ..
             } => {
                 if let Some(e) = shutdown_error {
                     let name = &self.instances[instance as usize].slot.name;
@@ -852,11 +940,13 @@ impl Dispatcher {
     /// instance gets only `hang_grace`. The ones still busy are abandoned and named.
     fn stop(&mut self, deadline: Duration, events: &Receiver<actor::Event>) -> StopReport {
         let started = std::time::Instant::now();
-        let mut waiting: Vec<InstanceId> = Vec::new();
+        // The actors running now (a generation still draining from a swap is its
+        // supervisor's to wait for).
+        let mut waiting: Vec<(InstanceId, u32)> = Vec::new();
         for (id, inst) in self.instances.iter().enumerate() {
             if let Some(actor) = &inst.slot.actor {
                 actor.request_stop();
-                waiting.push(id as InstanceId);
+                waiting.push((id as InstanceId, actor.generation()));
             }
         }
         let mut report = StopReport::default();
@@ -865,17 +955,28 @@ impl Dispatcher {
         while !waiting.is_empty() {
             let left = deadline.saturating_sub(started.elapsed());
             match events.recv_timeout(left.min(Duration::from_millis(10))) {
-                Ok(actor::Event::Released { instance, released }) => {
+                Ok(actor::Event::Released {
+                    instance,
+                    generation,
+                    released,
+                }) => {
                     report.released += released.len() as u64;
-                    self.event(actor::Event::Released { instance, released }, &mut records);
-                    waiting.retain(|i| *i != instance);
+                    self.event(
+                        actor::Event::Released {
+                            instance,
+                            generation,
+                            released,
+                        },
+                        &mut records,
+                    );
+                    waiting.retain(|w| *w != (instance, generation));
                 }
                 Ok(event) => self.event(event, &mut records),
                 Err(_) if left.is_zero() => break,
                 Err(_) => {
                     // A hung instance is not waited for beyond its hang_grace.
                     let elapsed = started.elapsed();
-                    waiting.retain(|i| {
+                    waiting.retain(|(i, _)| {
                         let inst = &self.instances[*i as usize];
                         !(inst.stats.hung && elapsed >= inst.slot.hang_grace)
                     });

@@ -104,47 +104,90 @@ impl From<&Refused> for PublishError {
     }
 }
 
-/// Bytes waiting per instance: added at acceptance, removed when a delivery ends.
-#[derive(Debug)]
+/// Bytes waiting per instance: added at acceptance, removed when a delivery ends. Instances
+/// are added while the engine runs (hot plug); an id, once given, stays.
+#[derive(Debug, Default)]
 pub struct Backlog {
-    names: Vec<String>,
-    limits: Vec<u64>,
-    bytes: Vec<AtomicU64>,
+    /// Indexed by instance id; replaced whole when one is added (rare), read lock-free.
+    entries: ArcSwap<Vec<Arc<BacklogEntry>>>,
+}
+
+#[derive(Debug)]
+struct BacklogEntry {
+    name: String,
+    limit: AtomicU64,
+    bytes: AtomicU64,
 }
 
 impl Backlog {
     /// One entry per instance id: its name and `max_backlog`.
     pub fn new(instances: &[(String, u64)]) -> Self {
-        Self {
-            names: instances.iter().map(|(n, _)| n.clone()).collect(),
-            limits: instances.iter().map(|(_, l)| *l).collect(),
-            bytes: instances.iter().map(|_| AtomicU64::new(0)).collect(),
+        let backlog = Self::default();
+        for (name, limit) in instances {
+            backlog.push(name, *limit);
         }
+        backlog
+    }
+
+    /// Adds the next instance id; returns it.
+    pub fn push(&self, name: &str, limit: u64) -> InstanceId {
+        let mut entries = Vec::clone(&self.entries.load());
+        entries.push(Arc::new(BacklogEntry {
+            name: name.to_owned(),
+            limit: AtomicU64::new(limit),
+            bytes: AtomicU64::new(0),
+        }));
+        let id = entries.len() - 1;
+        self.entries.store(Arc::new(entries));
+        id as InstanceId
+    }
+
+    /// How many instance ids it has.
+    pub fn len(&self) -> usize {
+        self.entries.load().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A new `max_backlog` for an instance.
+    pub fn set_limit(&self, instance: InstanceId, limit: u64) {
+        self.entries.load()[instance as usize]
+            .limit
+            .store(limit, Ordering::Relaxed);
     }
 
     pub fn bytes(&self, instance: InstanceId) -> u64 {
-        self.bytes[instance as usize].load(Ordering::Relaxed)
+        self.entries.load()[instance as usize]
+            .bytes
+            .load(Ordering::Relaxed)
     }
 
     pub(crate) fn add(&self, instance: InstanceId, size: u64) {
-        self.bytes[instance as usize].fetch_add(size, Ordering::Relaxed);
+        self.entries.load()[instance as usize]
+            .bytes
+            .fetch_add(size, Ordering::Relaxed);
     }
 
     pub(crate) fn remove(&self, instance: InstanceId, size: u64) {
-        let _ =
-            self.bytes[instance as usize].fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
-                Some(b.saturating_sub(size))
-            });
+        let _ = self.entries.load()[instance as usize].bytes.fetch_update(
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+            |b| Some(b.saturating_sub(size)),
+        );
     }
 
     fn check(&self, instance: InstanceId, size: u64) -> Result<(), Refused> {
-        let i = instance as usize;
-        let backlog = self.bytes[i].load(Ordering::Relaxed);
-        if backlog.saturating_add(size) > self.limits[i] {
+        let entries = self.entries.load();
+        let entry = &entries[instance as usize];
+        let backlog = entry.bytes.load(Ordering::Relaxed);
+        let limit = entry.limit.load(Ordering::Relaxed);
+        if backlog.saturating_add(size) > limit {
             return Err(Refused::Backlog {
-                instance: self.names[i].clone(),
+                instance: entry.name.clone(),
                 backlog,
-                limit: self.limits[i],
+                limit,
             });
         }
         Ok(())

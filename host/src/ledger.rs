@@ -250,6 +250,9 @@ pub struct Recovered {
     pub next_id: u64,
     /// Attempts a previous run left in flight, charged a `crash` failure.
     pub crashed: u64,
+    /// The instances those attempts were made to (plugin code of theirs was running when
+    /// the process died).
+    pub crashed_in: std::collections::BTreeSet<String>,
     /// Deliveries waiting for instances that are not configured now (kept, not handed out).
     pub orphaned: u64,
     /// Whether the previous run ended without a graceful stop.
@@ -309,6 +312,14 @@ pub trait Ledger: Send + Sync + 'static {
         instances: &[(String, Rules)],
         now: Timestamp,
     ) -> Result<Recovered, LedgerError>;
+
+    /// An instance added while the engine runs gets id `id` (the next one after those
+    /// recovered or attached before) for `name`; returns the deliveries stored for it (left
+    /// by an earlier run, waiting since), in acceptance order.
+    ///
+    /// # Errors
+    /// [`LedgerError::Fatal`] if the store cannot be read or `id` is not the next one.
+    fn attach(&self, id: InstanceId, name: &str) -> Result<Vec<Pending>, LedgerError>;
 
     /// Whether payloads may leave memory: [`Ledger::load`] reads them back.
     fn reloads(&self) -> bool {
@@ -493,6 +504,18 @@ impl Ledger for MemoryLedger {
             ..Recovered::default()
         })
     }
+    fn attach(&self, id: InstanceId, name: &str) -> Result<Vec<Pending>, LedgerError> {
+        let mut names = lock(&self.names);
+        if names.len() != id as usize {
+            return Err(LedgerError::Fatal(format!(
+                "instance `{name}` attached as #{id}, but the next id is #{}",
+                names.len()
+            )));
+        }
+        names.push(name.to_owned());
+        Ok(Vec::new())
+    }
+
     fn dead_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>, LedgerError> {
         let mut list: Vec<DeadLetter> = lock(&self.dead)
             .iter()

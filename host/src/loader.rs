@@ -160,11 +160,12 @@ pub struct Policy {
     pub probe: Option<ProbeCommand>,
 }
 
-/// A file that passed every check that needs no loading: the declared verdict.
-#[derive(Debug)]
+/// A file that passed every check that needs no loading: the declared verdict. Cheap to
+/// clone (the bytes are shared).
+#[derive(Debug, Clone)]
 pub struct Checked {
     path: PathBuf,
-    bytes: Vec<u8>,
+    bytes: Arc<[u8]>,
     manifest: Manifest,
     sha256: [u8; 32],
 }
@@ -222,7 +223,7 @@ impl Checked {
         let sha256 = Sha256::digest(&bytes).into();
         Ok(Self {
             path: path.to_owned(),
-            bytes,
+            bytes: bytes.into(),
             manifest,
             sha256,
         })
@@ -312,7 +313,7 @@ pub struct Library {
 }
 
 struct Loaded {
-    // Invariant: `Some` until `Drop` takes it.
+    // Invariant: `Some` until `Drop` or `Library::retire` takes it.
     image: Option<image::Image>,
     manifest: Manifest,
     sha256: [u8; 32],
@@ -386,11 +387,40 @@ impl Library {
     }
 }
 
-impl Drop for Loaded {
-    fn drop(&mut self) {
-        let image = self.image.take().expect("a live Library holds its image");
+/// What [`Library::retire`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retired {
+    /// The library left the process.
+    Unloaded,
+    /// It stays mapped (recorded in [`retained`]).
+    Retained,
+    /// Something else still holds it (an abandoned thread): it stays loaded.
+    InUse,
+}
+
+impl Library {
+    /// Drops this handle, unloading the library if it was the last one, and says what
+    /// became of it.
+    pub fn retire(self) -> Retired {
+        match Arc::try_unwrap(self.inner) {
+            Ok(mut loaded) => {
+                let image = loaded.image.take().expect("a live Library holds its image");
+                if loaded.unload(image) {
+                    Retired::Unloaded
+                } else {
+                    Retired::Retained
+                }
+            }
+            Err(_) => Retired::InUse,
+        }
+    }
+}
+
+impl Loaded {
+    /// Unloads `image`; whether it left the process (if not, it is recorded as retained).
+    fn unload(&self, image: image::Image) -> bool {
         if image.unload() {
-            return;
+            return true;
         }
         tracing::warn!(
             plugin = %self.manifest.name,
@@ -409,6 +439,15 @@ impl Drop for Loaded {
                 origin: self.origin.clone(),
                 size: self.size,
             });
+        false
+    }
+}
+
+impl Drop for Loaded {
+    fn drop(&mut self) {
+        if let Some(image) = self.image.take() {
+            self.unload(image);
+        }
     }
 }
 

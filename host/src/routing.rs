@@ -11,6 +11,50 @@ use crate::topic::Pattern;
 /// The index of an instance in the engine (stable for the engine's life).
 pub type InstanceId = u32;
 
+/// Instance names and their ids: an id, once given, names one instance for the life of the
+/// process (ids are indexes into the dispatcher's slots, the backlog and the ledger's keys).
+#[derive(Debug, Default)]
+pub struct Registry {
+    names: std::sync::RwLock<Vec<String>>,
+}
+
+impl Registry {
+    pub fn new(names: Vec<String>) -> Self {
+        Self {
+            names: std::sync::RwLock::new(names),
+        }
+    }
+
+    fn names(&self) -> std::sync::RwLockReadGuard<'_, Vec<String>> {
+        self.names
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The id of instance `name`.
+    pub fn id(&self, name: &str) -> Option<InstanceId> {
+        self.names()
+            .iter()
+            .position(|n| n == name)
+            .map(|i| i as InstanceId)
+    }
+
+    /// The name of instance `id`.
+    pub fn name(&self, id: InstanceId) -> Option<String> {
+        self.names().get(id as usize).cloned()
+    }
+
+    /// Gives `name` the next id.
+    pub fn push(&self, name: &str) -> InstanceId {
+        let mut names = self
+            .names
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        names.push(name.to_owned());
+        (names.len() - 1) as InstanceId
+    }
+}
+
 /// The instances one message goes to; inline up to four (no allocation on the common path).
 pub type Targets = SmallVec<[InstanceId; 4]>;
 

@@ -112,6 +112,7 @@ fn main() {
     let options = Options {
         clock: Arc::new(SystemClock),
         probe: None,
+        watch: false,
     };
     let (engine, failures) = Engine::start(&config, MemoryLedger::new(), options).unwrap();
     assert!(failures.is_empty(), "{failures:?}");

@@ -1,4 +1,5 @@
-//! The real `plugind` binary, built once per test process (a no-op when it is current).
+//! The real `plugind` binary, built once per test process (a no-op when it is current):
+//! the debug build for tests, the release build for benchmarks.
 
 use std::{path::PathBuf, process::Command, sync::OnceLock};
 
@@ -10,29 +11,41 @@ use crate::fixtures::repo_root;
 /// If the build fails (with cargo's output).
 pub fn plugind() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let output = Command::new(cargo)
-                .current_dir(repo_root())
-                .args([
-                    "build",
-                    "--quiet",
-                    "--package",
-                    "plugind",
-                    "--bin",
-                    "plugind",
-                ])
-                .output()
-                .expect("cargo runs");
-            assert!(
-                output.status.success(),
-                "building plugind failed:\n{}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map_or_else(|| repo_root().join("target"), PathBuf::from);
-            target.join("debug").join("plugind")
-        })
-        .clone()
+    BUILT.get_or_init(|| build(false)).clone()
+}
+
+/// The path of `target/release/plugind`, built from the workspace (for benchmarks).
+///
+/// # Panics
+/// If the build fails (with cargo's output).
+pub fn plugind_release() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| build(true)).clone()
+}
+
+fn build(release: bool) -> PathBuf {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(cargo);
+    command.current_dir(repo_root()).args([
+        "build",
+        "--quiet",
+        "--package",
+        "plugind",
+        "--bin",
+        "plugind",
+    ]);
+    if release {
+        command.arg("--release");
+    }
+    let output = command.output().expect("cargo runs");
+    assert!(
+        output.status.success(),
+        "building plugind failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| repo_root().join("target"), PathBuf::from);
+    target
+        .join(if release { "release" } else { "debug" })
+        .join("plugind")
 }

@@ -66,7 +66,22 @@ impl Daemon {
         Self::spawn(sandbox, &[])
     }
 
-    fn spawn(sandbox: Sandbox, env: &[(&str, &OsStr)]) -> Self {
+    /// Starts it as [`Daemon::start`] does, running the release build (benchmarks).
+    ///
+    /// # Panics
+    /// As [`Daemon::start`].
+    pub fn start_release(sandbox: Sandbox, config: &str) -> Self {
+        sandbox.put("plugins.toml", config);
+        let daemon = Self::launch_binary(sandbox, &[], &binary::plugind_release());
+        daemon.wait_ready()
+    }
+
+    /// Starts `plugind run` without waiting for anything.
+    fn launch(sandbox: Sandbox, env: &[(&str, &OsStr)]) -> Self {
+        Self::launch_binary(sandbox, env, &binary::plugind())
+    }
+
+    fn launch_binary(sandbox: Sandbox, env: &[(&str, &OsStr)], binary: &Path) -> Self {
         let config_path = sandbox.path().join("plugins.toml");
         let log = sandbox.path().join("daemon.log");
         if log.exists() {
@@ -74,7 +89,7 @@ impl Daemon {
             fs::rename(&log, log.with_extension(format!("log.{previous}")))
                 .expect("the previous log can be moved aside");
         }
-        let mut command = Command::new(binary::plugind());
+        let mut command = Command::new(binary);
         command
             .arg("run")
             .arg("-c")
@@ -92,34 +107,77 @@ impl Daemon {
             .expect("the core-file limit can be lowered");
         let child = command.spawn().expect("plugind starts");
         let socket = sandbox.path().join("state/plugind.sock");
-        let mut daemon = Self {
+        Self {
             child: Some(child),
             sandbox: Some(sandbox),
             log,
             socket,
-        };
+        }
+    }
+
+    fn spawn(sandbox: Sandbox, env: &[(&str, &OsStr)]) -> Self {
+        Self::launch(sandbox, env).wait_ready()
+    }
+
+    fn wait_ready(mut self) -> Self {
         let started = Instant::now();
         loop {
-            if daemon.log().contains("plugind ready") {
-                return daemon;
+            if self.log().contains("plugind ready") {
+                return self;
             }
-            if let Some(status) = daemon
+            if let Some(status) = self
                 .child
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
                 panic!(
                     "plugind exited with {status} before ready:\n{}",
-                    daemon.history()
+                    self.history()
                 );
             }
             assert!(
                 started.elapsed() < Duration::from_secs(10),
                 "plugind not ready after 10 s:\n{}",
-                daemon.history()
+                self.history()
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Writes `config` and runs `plugind run` on it, expecting it to exit by itself before it
+    /// is ready (a plugin crashes it while loading, say): its exit status and the sandbox.
+    ///
+    /// # Panics
+    /// If it still runs after `timeout` (it is killed first), with its log.
+    pub fn start_expecting_exit(
+        sandbox: Sandbox,
+        config: &str,
+        timeout: Duration,
+    ) -> (ExitStatus, Sandbox) {
+        sandbox.put("plugins.toml", config);
+        let mut daemon = Self::launch(sandbox, &[]);
+        let status = daemon.wait_exit(timeout);
+        let history = daemon.history();
+        let sandbox = daemon.kill9();
+        let status =
+            status.unwrap_or_else(|| panic!("plugind did not exit within {timeout:?}:\n{history}"));
+        (status, sandbox)
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Sends SIGHUP (reload).
+    pub fn hangup(&self) {
+        let pid = self.child.as_ref().expect("running").id();
+        let status = Command::new("kill")
+            .arg("-HUP")
+            .arg(pid.to_string())
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -HUP {pid} failed");
     }
 
     /// Runs a `plugind` client command against the running daemon's default socket.

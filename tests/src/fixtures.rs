@@ -289,3 +289,95 @@ fn write_if_changed(path: &Path, text: &str) {
     }
     fs::write(path, text).expect("the variant dir is writable");
 }
+
+/// Which build of `fx-swap`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SwapBuild {
+    /// The library cargo built: its embedded build label reads `A`.
+    A,
+    /// A patched copy of build A whose embedded build label reads `B`.
+    B,
+}
+
+impl SwapBuild {
+    fn file_name(self) -> &'static str {
+        match self {
+            Self::A => "libfx_swap_a.so",
+            Self::B => "libfx_swap_b.so",
+        }
+    }
+
+    /// The 16 label bytes embedded in this build (`fx-swap`'s `BUILD` static).
+    fn label(self) -> &'static [u8; 16] {
+        match self {
+            Self::A => b"fx-swap-build:A\0",
+            Self::B => b"fx-swap-build:B\0",
+        }
+    }
+}
+
+/// The `fx-swap` library as build `build`: build A is the library cargo built; build B is a
+/// copy of it whose embedded build label reads `B` — same manifest, different bytes
+/// (different sha256), visibly different output. Written once under target/fixtures/swap/.
+///
+/// Both builds are copies at stable paths outside cargo's output dir, so a later cargo build
+/// never changes a file a test is holding. Each is written to a temporary name and renamed
+/// into place, so concurrent test processes never see a partial file.
+///
+/// # Panics
+/// If the build fails, or the built library does not contain build A's label.
+pub fn swap_build(build: SwapBuild) -> PathBuf {
+    static WRITTEN: OnceLock<Mutex<bool>> = OnceLock::new();
+    let written = WRITTEN.get_or_init(Mutex::default);
+    let mut written = written.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = target_dir().join("swap");
+    if !*written {
+        let built = library("fx-swap", Profile::Dev);
+        let bytes =
+            fs::read(&built).unwrap_or_else(|e| panic!("cannot read {}: {e}", built.display()));
+        let (from, to) = (SwapBuild::A.label(), SwapBuild::B.label());
+        let mut patched = bytes.clone();
+        let mut found = 0;
+        let mut at = 0;
+        while let Some(offset) = patched[at..].windows(from.len()).position(|w| w == from) {
+            let start = at + offset;
+            patched[start..start + to.len()].copy_from_slice(to);
+            found += 1;
+            at = start + from.len();
+        }
+        assert!(
+            found > 0,
+            "fx-swap: the build label {:?} is not in {}; the fixture's `BUILD` static and \
+             `SwapBuild::label` must agree, and the label must survive the build",
+            String::from_utf8_lossy(from),
+            built.display()
+        );
+        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+        write_atomically(&dir.join(SwapBuild::A.file_name()), &bytes);
+        write_atomically(&dir.join(SwapBuild::B.file_name()), &patched);
+        *written = true;
+    }
+    dir.join(build.file_name())
+}
+
+/// Writes `bytes` to a temporary file next to `path` and renames it into place: a reader
+/// sees the old file or the whole new one, never a partial one. A file that already holds
+/// `bytes` is left alone (no new inode, no new mtime for a watcher to notice).
+fn write_atomically(path: &Path, bytes: &[u8]) {
+    if fs::read(path).ok().as_deref() == Some(bytes) {
+        return;
+    }
+    let file_name = path
+        .file_name()
+        .expect("the path names a file")
+        .to_string_lossy();
+    let temp = path.with_file_name(format!(".{file_name}.{}.tmp", std::process::id()));
+    fs::write(&temp, bytes).unwrap_or_else(|e| panic!("cannot write {}: {e}", temp.display()));
+    fs::rename(&temp, path).unwrap_or_else(|e| {
+        panic!(
+            "cannot rename {} to {}: {e}",
+            temp.display(),
+            path.display()
+        )
+    });
+}

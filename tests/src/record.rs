@@ -55,6 +55,58 @@ fn parse(line: &str) -> Option<Recorded> {
     })
 }
 
+/// One line of the `fx-swap` fixture's record: which build handled which delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SwapLine {
+    pub id: u64,
+    pub attempt: u32,
+    /// `'A'` or `'B'`.
+    pub build: char,
+    /// When it was handled (Unix µs).
+    pub handled_us: u64,
+    /// Its `plugind-bench-sent` header (Unix ns), if it had one.
+    pub sent_ns: Option<u64>,
+    pub label: String,
+    pub payload: String,
+}
+
+/// The complete lines of the `fx-swap` record `path` (none if it does not exist), while a
+/// daemon may still be writing it (a last line without its newline is left out).
+///
+/// # Panics
+/// If the file cannot be read or a complete line is not one `fx-swap` writes.
+pub fn read_swaps(path: &Path) -> Vec<SwapLine> {
+    let text = match fs::read(path) {
+        Ok(bytes) => String::from_utf8(bytes).expect("fx-swap writes UTF-8"),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => panic!("cannot read the record {}: {e}", path.display()),
+    };
+    text.split_inclusive('\n')
+        .filter_map(|line| line.strip_suffix('\n'))
+        .map(|line| {
+            parse_swap(line)
+                .unwrap_or_else(|| panic!("not an fx-swap line in {}: {line:?}", path.display()))
+        })
+        .collect()
+}
+
+/// One `fx-swap` line (without its newline).
+pub fn parse_swap(line: &str) -> Option<SwapLine> {
+    let mut fields = line.splitn(7, ' ');
+    Some(SwapLine {
+        id: fields.next()?.parse().ok()?,
+        attempt: fields.next()?.parse().ok()?,
+        build: fields.next()?.chars().next()?,
+        handled_us: fields.next()?.parse().ok()?,
+        sent_ns: match fields.next()? {
+            "-" => None,
+            sent => Some(sent.parse().ok()?),
+        },
+        label: fields.next()?.to_owned(),
+        payload: fields.next()?.to_owned(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

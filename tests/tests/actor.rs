@@ -54,7 +54,7 @@ fn actor(id: u32, fixture: &str, config: &str, capacity: usize) -> (Actor, Recei
         .unwrap();
     let (events, inbox) = unbounded();
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let actor = Actor::spawn(id, plugin, services, capacity, events, clock, None).unwrap();
+    let actor = Actor::spawn(id, 1, plugin, services, capacity, events, clock, None, None).unwrap();
     (actor, inbox)
 }
 

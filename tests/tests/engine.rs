@@ -85,7 +85,11 @@ fn try_start_on(
     let text = format!("[host]\nautoload = false\n\n{config_text}");
     let path = sandbox.put("plugins.toml", &text);
     let config = config::parse(&path, &text).unwrap_or_else(|e| panic!("{}", e.render()));
-    let options = Options { clock, probe: None };
+    let options = Options {
+        clock,
+        probe: None,
+        watch: false,
+    };
     let (engine, failures) = Engine::start(&config, ledger(&sandbox), options).unwrap();
     (
         Deployment {

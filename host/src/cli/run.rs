@@ -1,7 +1,9 @@
 //! `plugind run [-c FILE]`: the daemon. Validates the configuration (refused whole: exit 78),
 //! binds the API endpoint, starts the delivery engine with every configured instance (an
 //! instance that fails to start is logged and its deliveries wait; the rest runs), serves
-//! gRPC, and on SIGINT/SIGTERM stops accepting, drains within `grace_period` and exits 0.
+//! gRPC, reloads on SIGHUP (and, through the supervisor's watcher, when `plugin_dir` or the
+//! config file change), and on SIGINT/SIGTERM stops accepting, drains within
+//! `grace_period` and exits 0.
 
 use std::{path::Path, process::ExitCode, sync::Arc, time::Duration};
 
@@ -15,6 +17,7 @@ use crate::{
         Ledger, LedgerError, MemoryLedger,
         durable::{self, DurableLedger, Mode},
     },
+    supervisor::SupervisorHandle,
 };
 
 /// Runs the daemon until a stop signal.
@@ -79,6 +82,7 @@ async fn serve(config: config::Config) -> ExitCode {
     for failure in &failures {
         tracing::error!(instance = %failure.instance, error = %failure.error, "instance not started");
     }
+    let reloads = tokio::spawn(reload_on_hangup(engine.supervisor().clone()));
     let instances = engine.snapshot().instances.len();
     tracing::info!(
         listen = %bound.describe(),
@@ -95,6 +99,7 @@ async fn serve(config: config::Config) -> ExitCode {
     let publisher =
         PublisherService::new(engine.ingress().clone(), config.host.dedupe_window, known);
     let served = server::serve(bound, publisher, stop_signal()).await;
+    reloads.abort();
     if let Err(e) = &served {
         tracing::error!(error = %e, "the API stopped");
     }
@@ -151,6 +156,20 @@ fn open_ledger(config: &config::Config) -> Result<Arc<dyn Ledger>, LedgerError> 
         },
     )?;
     Ok(ledger)
+}
+
+/// Every SIGHUP reloads the configuration and `plugin_dir` (the result is logged and
+/// evented by the supervisor).
+async fn reload_on_hangup(supervisor: SupervisorHandle) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; reload with `plugind ctl reload`");
+        return;
+    };
+    while hangup.recv().await.is_some() {
+        tracing::info!("SIGHUP received: reloading");
+        supervisor.request_reload();
+    }
 }
 
 /// Resolves at the first SIGINT or SIGTERM.

@@ -183,6 +183,7 @@ impl DurableLedger {
         match self.run(op)? {
             Done::Count(n) => Ok(n),
             Done::Replayed(rows) => Ok(rows.len() as u64),
+            Done::Attached(_, rows) => Ok(rows.len() as u64),
         }
     }
 
@@ -221,6 +222,31 @@ pub(super) fn lock_state_dir(dir: &Path) -> Result<File, LedgerError> {
         )));
     }
     Ok(lock)
+}
+
+/// The payload size of a stored pending delivery; `None`, reported, when its message is
+/// missing (corruption: the delivery is kept and not handed out).
+fn readable(stored: &store::StoredDelivery, name: &str) -> Option<u64> {
+    if stored.size.is_none() {
+        tracing::error!(
+            id = stored.message,
+            instance = name,
+            "the ledger is corrupt: a pending delivery has no message; it is kept and not \
+             handed out"
+        );
+    }
+    stored.size
+}
+
+/// The state of a stored pending delivery (as accepted when it has none yet).
+fn delivery_of(
+    stored: &store::StoredDelivery,
+    name: &str,
+) -> Result<crate::delivery::Delivery, LedgerError> {
+    match &stored.state {
+        Some(bytes) => store::decode_delivery(bytes, stored.message, name),
+        None => Ok(crate::delivery::Delivery::new(Timestamp(stored.published))),
+    }
 }
 
 impl Ledger for DurableLedger {
@@ -288,15 +314,9 @@ impl Ledger for DurableLedger {
             ..Recovered::default()
         };
         let mut records = Vec::new();
-        store::scan(&conn, |stored| {
+        store::scan(&conn, None, |stored| {
             let name = all_names.get(&stored.inst).map_or("?", String::as_str);
-            let Some(size) = stored.size else {
-                tracing::error!(
-                    id = stored.message,
-                    instance = name,
-                    "the ledger is corrupt: a pending delivery has no message; it is kept and \
-                     not handed out"
-                );
+            let Some(size) = readable(&stored, name) else {
                 return Ok(());
             };
             recovered.next_id = recovered.next_id.max(stored.message + 1);
@@ -304,16 +324,14 @@ impl Ledger for DurableLedger {
                 recovered.orphaned += 1;
                 return Ok(());
             };
-            let mut delivery = match &stored.state {
-                Some(bytes) => store::decode_delivery(bytes, stored.message, name)?,
-                None => crate::delivery::Delivery::new(Timestamp(stored.published)),
-            };
+            let mut delivery = delivery_of(&stored, name)?;
             let instance = id as crate::routing::InstanceId;
             if !clean
                 && let Some(&attempt) = marks.marked.get(&(stored.message, stored.inst))
                 && delivery.marked(attempt, now)
             {
                 recovered.crashed += 1;
+                recovered.crashed_in.insert(name.to_owned());
                 match delivery.crashed(&instances[id].1, now, fastrand::f64()) {
                     Some(Transition::DeadLettered { reason }) => {
                         tracing::warn!(
@@ -469,6 +487,41 @@ impl Ledger for DurableLedger {
             }
         }
         Ok(replayed)
+    }
+
+    fn attach(&self, id: InstanceId, name: &str) -> Result<Vec<Pending>, LedgerError> {
+        let Done::Attached(key, rows) = self.run(Op::Attach(name.to_owned()))? else {
+            unreachable!("an attach answers with its key");
+        };
+        {
+            let mut keys = self
+                .shared
+                .keys
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if keys.len() != id as usize {
+                return Err(LedgerError::Fatal(format!(
+                    "instance `{name}` attached as #{id}, but the next id is #{}",
+                    keys.len()
+                )));
+            }
+            keys.push(key);
+        }
+        let mut pending = Vec::with_capacity(rows.len());
+        for stored in rows {
+            let Some(size) = readable(&stored, name) else {
+                continue;
+            };
+            pending.push(Pending {
+                message: stored.message,
+                instance: id,
+                size,
+                delivery: delivery_of(&stored, name)?,
+                stored: None,
+            });
+        }
+        pending.sort_unstable_by_key(|p| p.message);
+        Ok(pending)
     }
 
     fn purge(&self, selection: &Selection) -> Result<u64, LedgerError> {

@@ -609,19 +609,22 @@ pub(super) struct StoredDelivery {
     pub published: u64,
 }
 
-/// Every pending delivery, without payloads (in no particular order).
+/// Every pending delivery (of instance key `only`, if given), without payloads (in no
+/// particular order).
 pub(super) fn scan(
     conn: &Connection,
+    only: Option<u32>,
     mut each: impl FnMut(StoredDelivery) -> Result<(), LedgerError>,
 ) -> Result<(), LedgerError> {
     let fail = |e: rusqlite::Error| located(conn, "cannot read the ledger", &e);
     let mut stmt = conn
         .prepare(
             "SELECT d.msg, d.inst, d.state, length(m.payload), m.published
-               FROM pending d LEFT JOIN messages m ON m.id = d.msg",
+               FROM pending d LEFT JOIN messages m ON m.id = d.msg
+              WHERE ?1 IS NULL OR d.inst = ?1",
         )
         .map_err(fail)?;
-    let mut rows = stmt.query([]).map_err(fail)?;
+    let mut rows = stmt.query([only]).map_err(fail)?;
     while let Some(row) = rows.next().map_err(fail)? {
         let read = || -> rusqlite::Result<StoredDelivery> {
             Ok(StoredDelivery {

@@ -47,11 +47,14 @@ pub(super) enum Op {
     Replay(Selection, Timestamp),
     Purge(Selection),
     Forget(String, Forget, Timestamp),
+    /// An instance added while running: its key, registered if new, and what waits for it.
+    Attach(String),
 }
 
 pub(super) enum Done {
     Replayed(Vec<(u64, u32, Delivery, u64)>),
     Count(u64),
+    Attached(u32, Vec<store::StoredDelivery>),
 }
 
 pub(super) enum Request {
@@ -504,6 +507,17 @@ impl Writer {
             Op::Replay(selection, now) => store::replay(conn, &selection, now).map(Done::Replayed),
             Op::Purge(selection) => store::purge(conn, &selection).map(Done::Count),
             Op::Forget(name, how, now) => store::forget(conn, &name, how, now).map(Done::Count),
+            Op::Attach(name) => {
+                let [key] = store::instance_keys(conn, &[name])?[..] else {
+                    unreachable!("one key per name");
+                };
+                let mut waiting = Vec::new();
+                store::scan(conn, Some(key), |stored| {
+                    waiting.push(stored);
+                    Ok(())
+                })?;
+                Ok(Done::Attached(key, waiting))
+            }
         });
         if let Err(e @ LedgerError::Fatal(_)) = &done {
             self.shared.poison(e);

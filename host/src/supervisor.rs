@@ -1,0 +1,836 @@
+//! The supervisor: the desired state (`plugins.toml` and the libraries in `plugin_dir`)
+//! against the running state, reconciled one change at a time on one thread.
+//!
+//! It is fed by the directory watcher, SIGHUP and [`SupervisorHandle::reload`]; it loads,
+//! swaps, stops, retires and quarantines generations, keeps the routing snapshot in step,
+//! and emits an [event](crate::events) for every transition. Plugin code never runs on its
+//! loop: `new` runs on a thread of its own (with `init_timeout`), a replaced generation is
+//! drained and shut down on a retire thread.
+//!
+//! Invariants:
+//! - An instance name gets one id for the life of the process (dispatcher slot, backlog
+//!   entry, ledger key); a stopped instance keeps its slot, and its deliveries wait there.
+//! - A failed load changes nothing that runs: the previous generation (if any) keeps
+//!   serving. The same bytes with the same config are not tried again until an operator
+//!   reloads (or they change).
+//! - The routing snapshot names every instance that should run, loaded or not (DESIGN.md §7:
+//!   the target set is fixed at acceptance); a dispatcher slot exists before a route to it.
+
+pub mod desired;
+pub mod generation;
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{Arc, Mutex, MutexGuard},
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use crossbeam_channel::{Receiver, Sender, bounded, select};
+use serde::Serialize;
+
+use crate::{
+    actor::{self, Deadlines},
+    clock::Clock,
+    config::{self, Config, ConfigError, Settings},
+    dispatch::{self, Input, Slot},
+    events::{EventKind, Events, Retirement, StopReason},
+    ingress::{Backlog, Ingress},
+    ledger::Ledger,
+    loader::{Policy, ProbeCommand},
+    quarantine::Quarantine,
+    routing::{InstanceId, Registry, Routing},
+    services::Limits,
+    topic::Pattern,
+    watch::{Change, Watcher},
+};
+
+use desired::{Found, Libraries, Want};
+use generation::{Generation, Key, Wiring};
+
+/// A quarantine marker is disarmed at the latest this long after its instance started.
+pub const SETTLE_AFTER: Duration = Duration::from_secs(30);
+
+/// How often the loop wakes without a command (quarantine markers).
+const TICK: Duration = Duration::from_millis(100);
+
+/// An instance that did not start, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StartFailure {
+    pub instance: String,
+    pub error: String,
+}
+
+/// What a reload applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Applied {
+    /// The configuration running now.
+    pub sha256: String,
+    /// What changed, per instance.
+    pub plan: config::Plan,
+    /// Instances that should run and do not.
+    pub failures: Vec<StartFailure>,
+}
+
+/// Why a reload was refused (the last good configuration keeps running).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(
+        "{path}: the file changed since it was read: expected sha256 {expected}, found {found}"
+    )]
+    Changed {
+        path: String,
+        expected: String,
+        found: String,
+    },
+    #[error("no instance `{0}` is configured or loaded")]
+    UnknownInstance(String),
+    #[error("the daemon is stopping")]
+    Stopping,
+}
+
+/// What the supervisor is told.
+enum Command {
+    /// Read the configuration and `plugin_dir` again and apply them. `expected`: refuse
+    /// unless the file has this sha256. `instance`: also release its quarantine and
+    /// re-instantiate it. Without `reply` (SIGHUP) the result is only logged and evented.
+    Reload {
+        expected: Option<[u8; 32]>,
+        instance: Option<String>,
+        reply: Option<Sender<Result<Applied, Refused>>>,
+    },
+    /// A retire thread finished.
+    Retired {
+        name: String,
+        generation: u32,
+        how: Retirement,
+    },
+    /// Shutdown: stop watching; the reply holds the retire threads still running.
+    Stop { reply: Sender<Vec<JoinHandle<()>>> },
+}
+
+/// Talks to the supervisor's thread.
+#[derive(Debug, Clone)]
+pub struct SupervisorHandle {
+    commands: Sender<Command>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Reload { .. } => "Reload",
+            Self::Retired { .. } => "Retired",
+            Self::Stop { .. } => "Stop",
+        })
+    }
+}
+
+impl SupervisorHandle {
+    /// Reloads and waits for the result: applied, or refused with why.
+    ///
+    /// # Errors
+    /// [`Refused`] when the configuration is invalid, is not the expected one, or names no
+    /// such instance; the last good one keeps running.
+    pub fn reload(
+        &self,
+        expected: Option<[u8; 32]>,
+        instance: Option<String>,
+    ) -> Result<Applied, Refused> {
+        let (reply, answer) = bounded(1);
+        self.commands
+            .send(Command::Reload {
+                expected,
+                instance,
+                reply: Some(reply),
+            })
+            .map_err(|_| Refused::Stopping)?;
+        answer.recv().map_err(|_| Refused::Stopping)?
+    }
+
+    /// Asks for a reload without waiting (SIGHUP).
+    pub fn request_reload(&self) {
+        let _ = self.commands.send(Command::Reload {
+            expected: None,
+            instance: None,
+            reply: None,
+        });
+    }
+
+    /// Stops the supervisor; returns the retire threads still running.
+    pub fn stop(&self) -> Vec<JoinHandle<()>> {
+        let (reply, answer) = bounded(1);
+        if self.commands.send(Command::Stop { reply }).is_err() {
+            return Vec::new();
+        }
+        answer.recv().unwrap_or_default()
+    }
+}
+
+/// What the supervisor is connected to.
+pub struct Parts {
+    pub config: Config,
+    pub libraries: Libraries,
+    /// Shared with the actors: each disarms its marker right after its first call.
+    pub quarantine: Arc<Mutex<Quarantine>>,
+    pub registry: Arc<Registry>,
+    pub inputs: Sender<Input>,
+    pub actor_events: Sender<actor::Event>,
+    pub ingress: Arc<Ingress>,
+    pub ledger: Arc<dyn Ledger>,
+    pub backlog: Arc<Backlog>,
+    pub clock: Arc<dyn Clock>,
+    pub probe: Option<ProbeCommand>,
+    pub events: Arc<Events>,
+    pub watch: Option<(Watcher, Receiver<Change>)>,
+}
+
+impl Parts {
+    fn quarantine(&self) -> MutexGuard<'_, Quarantine> {
+        self.quarantine
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl std::fmt::Debug for Parts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parts")
+            .field("config", &self.config.source)
+            .field("libraries", &self.libraries)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One instance with an id.
+#[derive(Debug)]
+struct Inst {
+    id: InstanceId,
+    running: Option<Generation>,
+    settings: Settings,
+    topics: Vec<Pattern>,
+    /// The last load that failed (not tried again until what it is made of changes, or an
+    /// operator reloads), and the error reported last (reported once).
+    failed: Option<Key>,
+    reported: Option<String>,
+    generations: u32,
+}
+
+impl Inst {
+    /// An instance just given id `id`, running nothing yet.
+    fn new(id: InstanceId, settings: &Settings) -> Self {
+        Self {
+            id,
+            running: None,
+            settings: settings.clone(),
+            topics: Vec::new(),
+            failed: None,
+            reported: None,
+            generations: 0,
+        }
+    }
+}
+
+/// The supervisor's state, on its thread.
+#[derive(Debug)]
+pub struct Supervisor {
+    parts: Parts,
+    instances: BTreeMap<String, Inst>,
+    retiring: Vec<JoinHandle<()>>,
+    commands: Sender<Command>,
+    receiver: Receiver<Command>,
+}
+
+impl Supervisor {
+    /// The supervisor of `parts`, whose instances (the ones recovered) already have ids and
+    /// dispatcher slots, running nothing yet.
+    pub fn new(parts: Parts, recovered: &BTreeMap<String, Want>) -> Self {
+        let (commands, receiver) = crossbeam_channel::unbounded();
+        let instances = recovered
+            .iter()
+            .map(|(name, want)| {
+                let id = parts
+                    .registry
+                    .id(name)
+                    .expect("recovered instances are registered");
+                (name.clone(), Inst::new(id, &want.settings))
+            })
+            .collect();
+        Self {
+            parts,
+            instances,
+            retiring: Vec::new(),
+            commands,
+            receiver,
+        }
+    }
+
+    pub fn handle(&self) -> SupervisorHandle {
+        SupervisorHandle {
+            commands: self.commands.clone(),
+        }
+    }
+
+    fn policy(&self) -> Policy {
+        Policy {
+            trusted_owners: self.parts.config.host.trusted_owner_uids.clone(),
+            sha256: None,
+            probe: self.parts.probe.clone(),
+        }
+    }
+
+    /// Runs on its own thread until stopped.
+    pub fn spawn(self) -> std::io::Result<JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name("supervisor".into())
+            .spawn(move || self.run())
+    }
+
+    fn run(mut self) {
+        let mut changes = self
+            .parts
+            .watch
+            .as_ref()
+            .map_or_else(crossbeam_channel::never, |(_, r)| r.clone());
+        let receiver = self.receiver.clone();
+        loop {
+            select! {
+                recv(receiver) -> command => match command {
+                    Ok(Command::Stop { reply }) => {
+                        self.parts.watch = None;
+                        self.parts.quarantine().disarm_all();
+                        let _ = reply.send(std::mem::take(&mut self.retiring));
+                        return;
+                    }
+                    Ok(command) => self.command(command),
+                    Err(_) => return,
+                },
+                recv(changes) -> change => match change {
+                    Ok(change) => {
+                        // One reconcile for everything that changed together.
+                        let mut all = vec![change];
+                        all.extend(changes.try_iter());
+                        self.files(all);
+                    }
+                    Err(_) => changes = crossbeam_channel::never(),
+                },
+                default(TICK) => {}
+            }
+            self.tick();
+        }
+    }
+
+    fn command(&mut self, command: Command) {
+        match command {
+            Command::Reload {
+                expected,
+                instance,
+                reply,
+            } => {
+                let result = self.reload(expected, instance, false);
+                if let Some(reply) = reply {
+                    let _ = reply.send(result);
+                }
+            }
+            Command::Retired {
+                name,
+                generation,
+                how,
+            } => {
+                self.parts.events.emit(EventKind::Retired {
+                    instance: name,
+                    generation,
+                    how,
+                });
+            }
+            Command::Stop { .. } => unreachable!("handled by the loop"),
+        }
+        self.retiring.retain(|t| !t.is_finished());
+    }
+
+    /// Disarms the quarantine markers of generations that settled a delivery or ran long
+    /// enough.
+    fn tick(&mut self) {
+        for (name, inst) in &mut self.instances {
+            if let Some(generation) = &mut inst.running
+                && generation.armed.is_some()
+                && generation.settled(SETTLE_AFTER)
+            {
+                generation.armed = None;
+                self.parts.quarantine().disarm(&generation.key.sha256, name);
+            }
+        }
+    }
+
+    /// Library files changed, or the config file did.
+    fn files(&mut self, changes: Vec<Change>) {
+        let mut config = false;
+        let mut libraries = false;
+        let policy = self.policy();
+        for change in changes {
+            match change {
+                Change::Config { .. } => config = true,
+                Change::Library { path, .. } => {
+                    let (found, refusal) = self.parts.libraries.update(&path, &policy);
+                    if let Some(refusal) = refusal {
+                        self.parts.events.emit(EventKind::Failed {
+                            instance: None,
+                            path: Some(refusal.path),
+                            error: refusal.error,
+                        });
+                    }
+                    if found == Found::Changed
+                        && let Some(error) = self.parts.libraries.is_newcomer(&path)
+                    {
+                        self.parts.events.emit(EventKind::Failed {
+                            instance: None,
+                            path: Some(path.clone()),
+                            error,
+                        });
+                    }
+                    libraries |= matches!(found, Found::Changed | Found::Gone);
+                }
+            }
+        }
+        if config {
+            // It rescans `plugin_dir` and reconciles too.
+            let _ = self.reload(None, None, true);
+        } else if libraries {
+            self.reconcile();
+        }
+    }
+
+    /// Reads the configuration (and `plugin_dir`) again and applies it. `quiet`: an
+    /// unchanged file is not news (a watcher event).
+    fn reload(
+        &mut self,
+        expected: Option<[u8; 32]>,
+        instance: Option<String>,
+        quiet: bool,
+    ) -> Result<Applied, Refused> {
+        let path = self.parts.config.source.clone();
+        let refuse = |events: &Events, error: String| {
+            events.emit(EventKind::ConfigRefused {
+                path: path.clone(),
+                error: error.clone(),
+            });
+            Err(Refused::Invalid(error))
+        };
+        let new = match config::load(&path) {
+            Ok(new) => new,
+            Err(ConfigError::Invalid(invalid)) => {
+                return refuse(&self.parts.events, invalid.render());
+            }
+            Err(e) => return refuse(&self.parts.events, e.to_string()),
+        };
+        if let Some(expected) = expected
+            && expected != new.hash
+        {
+            let refused = Refused::Changed {
+                path: path.display().to_string(),
+                expected: hex::encode(expected),
+                found: hex::encode(new.hash),
+            };
+            self.parts.events.emit(EventKind::ConfigRefused {
+                path,
+                error: refused.to_string(),
+            });
+            return Err(refused);
+        }
+        let unchanged = new.hash == self.parts.config.hash;
+        if unchanged && quiet {
+            return Ok(self.applied(config::plan(&new, &new), Vec::new()));
+        }
+        if let Some(name) = &instance {
+            let Some(inst) = self.instances.get_mut(name) else {
+                return Err(Refused::UnknownInstance(name.clone()));
+            };
+            // An operator's reload of one instance: released from quarantine, tried again,
+            // re-instantiated if it runs.
+            inst.failed = None;
+            inst.reported = None;
+            if let Some(running) = &inst.running {
+                self.parts.quarantine().release(&running.key.sha256);
+            }
+            let plugin = new
+                .instances
+                .get(name)
+                .map_or_else(|| name.clone(), |i| i.plugin.clone());
+            if let Ok(checked) = self.parts.libraries.provider(&plugin) {
+                self.parts.quarantine().release(&checked.sha256());
+            }
+        } else if !quiet {
+            // An operator's reload: every failed or quarantined load is tried again.
+            self.parts.quarantine().release_all();
+            for inst in self.instances.values_mut() {
+                inst.failed = None;
+                inst.reported = None;
+            }
+        }
+        let plan = config::plan(&self.parts.config, &new);
+        for key in &plan.restart_required {
+            tracing::warn!(
+                key,
+                "a [host] setting changed; it takes effect at the next start"
+            );
+        }
+        let restart_required = plan
+            .restart_required
+            .iter()
+            .map(|k| (*k).to_owned())
+            .collect();
+        self.parts.config = new;
+        let (libraries, refusals) =
+            Libraries::rescan(&self.parts.libraries, &self.parts.config, &self.policy());
+        self.parts.libraries = libraries;
+        for refusal in refusals {
+            self.parts.events.emit(EventKind::Failed {
+                instance: None,
+                path: Some(refusal.path),
+                error: refusal.error,
+            });
+        }
+        if let Some(name) = &instance {
+            self.reinstantiate(name);
+        }
+        let failures = self.reconcile();
+        if !unchanged {
+            self.parts.events.emit(EventKind::ConfigApplied {
+                path: self.parts.config.source.clone(),
+                sha256: hex::encode(self.parts.config.hash),
+                restart_required,
+            });
+        }
+        Ok(self.applied(plan, failures))
+    }
+
+    fn applied(&self, plan: config::Plan, failures: Vec<StartFailure>) -> Applied {
+        Applied {
+            sha256: hex::encode(self.parts.config.hash),
+            plan,
+            failures,
+        }
+    }
+
+    /// Makes the running state what the configuration and `plugin_dir` say; returns the
+    /// instances that should run and do not.
+    pub fn reconcile(&mut self) -> Vec<StartFailure> {
+        let wants = desired::wants(&self.parts.config, &self.parts.libraries);
+        let stopping: Vec<String> = self
+            .instances
+            .iter()
+            .filter(|(name, inst)| inst.running.is_some() && !wants.contains_key(*name))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stopping {
+            let reason = match self.parts.config.instances.get(&name) {
+                Some(i) if !i.enabled => StopReason::Disabled,
+                Some(_) => StopReason::LibraryGone,
+                None if self.parts.libraries.provider(&name).is_err() => StopReason::LibraryGone,
+                None => StopReason::Removed,
+            };
+            self.stop(&name, reason);
+        }
+        let mut failures = Vec::new();
+        for (name, want) in &wants {
+            if let Err(error) = self.converge(name, want) {
+                failures.push(StartFailure {
+                    instance: name.clone(),
+                    error,
+                });
+            }
+        }
+        self.route(&wants);
+        self.parts
+            .quarantine()
+            .retain(&self.parts.libraries.digests());
+        failures
+    }
+
+    /// Brings one instance that should run to what `want` says.
+    fn converge(&mut self, name: &str, want: &Want) -> Result<(), String> {
+        let id = self.register(name, want);
+        let inst = self.instances.get_mut(name).expect("registered above");
+        if inst.settings != want.settings {
+            inst.settings = want.settings.clone();
+            self.parts.backlog.set_limit(id, want.settings.max_backlog);
+            let _ = self.parts.inputs.send(Input::Configure {
+                instance: id,
+                settings: Box::new(want.settings.clone()),
+            });
+            self.parts.events.emit(EventKind::Updated {
+                instance: name.to_owned(),
+                topics: false,
+                settings: true,
+            });
+        }
+        let checked = match self.parts.libraries.provider(&want.plugin) {
+            Ok(checked) => checked.clone(),
+            Err(error) => {
+                if inst.running.is_some() {
+                    // Its library is gone: it stops; its deliveries wait.
+                    self.stop(name, StopReason::LibraryGone);
+                }
+                return Err(self.report(name, None, error));
+            }
+        };
+        let key = Key {
+            sha256: checked.sha256(),
+            config: want.config.clone(),
+        };
+        if inst.running.as_ref().is_some_and(|g| g.key == key) {
+            return Ok(());
+        }
+        if inst.failed.as_ref() == Some(&key) {
+            return Err(inst.reported.clone().unwrap_or_default());
+        }
+        if let Some(unclean_exits) = self.parts.quarantine().quarantined(&key.sha256) {
+            inst.failed = Some(key.clone());
+            let error = format!(
+                "{} is quarantined: the daemon exited uncleanly {unclean_exits} times while \
+                 loading it; replace the file or reload the instance to try again",
+                checked.path().display()
+            );
+            if inst.reported.as_deref() != Some(&error) {
+                inst.reported = Some(error.clone());
+                self.parts.events.emit(EventKind::Quarantined {
+                    instance: name.to_owned(),
+                    path: checked.path().to_owned(),
+                    sha256: hex::encode(key.sha256),
+                    unclean_exits,
+                });
+            }
+            return Err(error);
+        }
+        if want.pin.is_some_and(|pin| pin != key.sha256) && inst.running.is_some() {
+            // A pin change never stops a running generation (DESIGN.md §4).
+            let error = checked
+                .check_pin(want.pin)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            inst.failed = Some(key);
+            return Err(self.report(name, Some(checked.path().to_owned()), error));
+        }
+        self.start_generation(name, id, want, &checked, key)
+    }
+
+    /// Reports a failure of instance `name` once (until it changes or succeeds).
+    fn report(&mut self, name: &str, path: Option<PathBuf>, error: String) -> String {
+        let inst = self
+            .instances
+            .get_mut(name)
+            .expect("reported instances exist");
+        if inst.reported.as_deref() != Some(&error) {
+            inst.reported = Some(error.clone());
+            self.parts.events.emit(EventKind::Failed {
+                instance: Some(name.to_owned()),
+                path,
+                error: error.clone(),
+            });
+        }
+        error
+    }
+
+    /// The id of instance `name`, registering it (id, backlog entry, ledger key, dispatcher
+    /// slot with what the ledger holds for it) if it has none.
+    fn register(&mut self, name: &str, want: &Want) -> InstanceId {
+        if let Some(inst) = self.instances.get(name) {
+            return inst.id;
+        }
+        let id = self.parts.registry.push(name);
+        let backlog_id = self.parts.backlog.push(name, want.settings.max_backlog);
+        assert_eq!(id, backlog_id, "ids are given in one order");
+        let pending = self
+            .parts
+            .ledger
+            .attach(id, name)
+            .unwrap_or_else(|e| dispatch::fail_stop(&e));
+        if !pending.is_empty() {
+            tracing::info!(
+                instance = name,
+                pending = pending.len(),
+                "deliveries waiting in the ledger resume"
+            );
+        }
+        let _ = self.parts.inputs.send(Input::Add {
+            slot: Box::new(Slot::new(name, &want.settings)),
+            pending,
+        });
+        self.instances
+            .insert(name.to_owned(), Inst::new(id, &want.settings));
+        id
+    }
+
+    /// Loads and starts a new generation of `name`; on success it takes over from the one
+    /// running (which drains and retires), on failure that one keeps serving.
+    fn start_generation(
+        &mut self,
+        name: &str,
+        id: InstanceId,
+        want: &Want,
+        checked: &crate::loader::Checked,
+        key: Key,
+    ) -> Result<(), String> {
+        let wiring = Wiring {
+            ingress: &self.parts.ingress,
+            events: &self.parts.actor_events,
+            ledger: &self.parts.ledger,
+            clock: &self.parts.clock,
+            policy: self.policy(),
+            limits: Limits {
+                max_message_size: self.parts.config.host.max_message_size,
+                hop_limit: self.parts.config.host.hop_limit,
+            },
+        };
+        let inst = self.instances.get_mut(name).expect("registered");
+        let number = inst.generations + 1;
+        let started = generation::start(
+            id,
+            name,
+            number,
+            want,
+            checked,
+            &wiring,
+            &self.parts.quarantine,
+        );
+        let (generation, actor) = match started {
+            Ok(started) => started,
+            Err(error) => {
+                inst.failed = Some(key);
+                return Err(self.report(name, Some(checked.path().to_owned()), error));
+            }
+        };
+        inst.generations = number;
+        inst.failed = None;
+        inst.reported = None;
+        let event = match &inst.running {
+            Some(old) => EventKind::Swapped {
+                instance: name.to_owned(),
+                from: old.number,
+                to: number,
+                version: generation.version.clone(),
+            },
+            None => EventKind::Loaded {
+                instance: name.to_owned(),
+                plugin: want.plugin.clone(),
+                version: generation.version.clone(),
+                generation: number,
+                sha256: hex::encode(generation.key.sha256),
+                path: generation.path.clone(),
+            },
+        };
+        let old = inst.running.replace(generation);
+        let old_actor = self.run_actor(id, Some(actor));
+        self.parts.events.emit(event);
+        if let (Some(old), Some(old_actor)) = (old, old_actor) {
+            self.retire(name, old, old_actor);
+        }
+        Ok(())
+    }
+
+    /// Hands `actor` to the dispatcher for `id`; returns the one it replaces.
+    fn run_actor(&self, id: InstanceId, actor: Option<actor::Actor>) -> Option<actor::Actor> {
+        let (reply, answer) = bounded(1);
+        self.parts
+            .inputs
+            .send(Input::Run {
+                instance: id,
+                actor,
+                reply,
+            })
+            .ok()?;
+        answer.recv().ok().flatten()
+    }
+
+    /// Stops instance `name`: its actor finishes the call in hand; its deliveries wait.
+    fn stop(&mut self, name: &str, reason: StopReason) {
+        let Some(inst) = self.instances.get_mut(name) else {
+            return;
+        };
+        let Some(old) = inst.running.take() else {
+            return;
+        };
+        let id = inst.id;
+        let old_actor = self.run_actor(id, None);
+        self.parts.events.emit(EventKind::Stopped {
+            instance: name.to_owned(),
+            reason,
+        });
+        if let Some(old_actor) = old_actor {
+            self.retire(name, old, old_actor);
+        }
+    }
+
+    /// Forces a new generation of `name` at the next reconcile (operator reload).
+    fn reinstantiate(&mut self, name: &str) {
+        if let Some(inst) = self.instances.get_mut(name)
+            && let Some(running) = &mut inst.running
+        {
+            running.key.config = serde_json::Value::Null;
+        }
+    }
+
+    /// Drains and retires a generation on a thread of its own.
+    fn retire(&mut self, name: &str, old: Generation, actor: actor::Actor) {
+        if old.armed.is_some() {
+            self.parts.quarantine().disarm(&old.key.sha256, name);
+        }
+        let settings = &self.instances[name].settings;
+        let deadlines = Deadlines {
+            total: settings.ack_timeout + settings.hang_grace + settings.shutdown_timeout,
+            shutdown: settings.shutdown_timeout,
+        };
+        self.parts.events.emit(EventKind::Draining {
+            instance: name.to_owned(),
+            generation: old.number,
+        });
+        let commands = self.commands.clone();
+        let (name, number) = (name.to_owned(), old.number);
+        match generation::retire(
+            actor,
+            old,
+            deadlines,
+            self.parts.clock.clone(),
+            move |how| {
+                let _ = commands.send(Command::Retired {
+                    name,
+                    generation: number,
+                    how,
+                });
+            },
+        ) {
+            Ok(thread) => self.retiring.push(thread),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start a retire thread; the generation is left running its call")
+            }
+        }
+    }
+
+    /// The routing snapshot for `wants`; an instance whose topics changed is evented.
+    fn route(&mut self, wants: &BTreeMap<String, Want>) {
+        let mut patterns: BTreeMap<InstanceId, Vec<Pattern>> = BTreeMap::new();
+        for (name, inst) in &mut self.instances {
+            let topics = wants
+                .get(name)
+                .map(|w| w.topics.clone())
+                .unwrap_or_default();
+            if inst.topics != topics {
+                if inst.running.is_some() && !inst.topics.is_empty() && !topics.is_empty() {
+                    self.parts.events.emit(EventKind::Updated {
+                        instance: name.clone(),
+                        topics: true,
+                        settings: false,
+                    });
+                }
+                inst.topics = topics.clone();
+            }
+            if wants.contains_key(name) {
+                patterns.insert(inst.id, topics);
+            }
+        }
+        self.parts.ingress.set_routing(Routing::new(&patterns));
+    }
+}

@@ -1,0 +1,224 @@
+//! One plugin generation: loaded, instantiated off the supervisor's loop with
+//! `init_timeout`, run by an actor of its own; later drained and retired on a thread of its
+//! own.
+
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use crossbeam_channel::{Sender, bounded};
+use plugind_api::hosting;
+
+use crate::{
+    actor::{self, Actor, Stopped},
+    clock::Clock,
+    events::Retirement,
+    ledger::Ledger,
+    loader::{self, Checked, Library, LoadError, Policy, Retired},
+    quarantine::Quarantine,
+    routing::InstanceId,
+    services::{Identity, InstanceServices, Limits},
+};
+
+use super::desired::Want;
+
+/// What a generation is made of: equal keys, equal generation (nothing to do).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Key {
+    pub sha256: [u8; 32],
+    pub config: serde_json::Value,
+}
+
+/// A generation that runs.
+#[derive(Debug)]
+pub struct Generation {
+    pub number: u32,
+    pub key: Key,
+    pub path: PathBuf,
+    pub version: String,
+    pub library: Library,
+    /// Calls its actor finished (the quarantine marker goes after the first).
+    pub calls: Arc<AtomicU64>,
+    /// When its quarantine marker was armed, until it is disarmed.
+    pub armed: Option<Instant>,
+}
+
+impl Generation {
+    /// Whether its quarantine marker may go: it settled a delivery or ran long enough.
+    pub fn settled(&self, after: Duration) -> bool {
+        self.calls.load(Ordering::Relaxed) > 0 || self.armed.is_some_and(|t| t.elapsed() >= after)
+    }
+}
+
+/// What a new generation is connected to.
+#[allow(missing_debug_implementations)]
+pub struct Wiring<'a> {
+    pub ingress: &'a Arc<crate::ingress::Ingress>,
+    pub events: &'a Sender<actor::Event>,
+    pub ledger: &'a Arc<dyn Ledger>,
+    pub clock: &'a Arc<dyn Clock>,
+    pub policy: Policy,
+    pub limits: Limits,
+}
+
+/// Loads `checked` for instance `name` as generation `number`, instantiates it and starts
+/// its actor (for the dispatcher; the generation stays with the supervisor). The quarantine
+/// marker is armed before anything of the library runs, moves on when `new` returned, and
+/// goes after the first call (or when `new` fails cleanly).
+///
+/// # Errors
+/// Why it could not start, for the report; nothing of it is left running.
+#[allow(clippy::too_many_arguments)]
+pub fn start(
+    id: InstanceId,
+    name: &str,
+    number: u32,
+    want: &Want,
+    checked: &Checked,
+    wiring: &Wiring<'_>,
+    quarantine: &Arc<Mutex<Quarantine>>,
+) -> Result<(Generation, Actor), String> {
+    let lock = || {
+        quarantine
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
+    checked.check_pin(want.pin).map_err(|e| e.to_string())?;
+    let sha256 = checked.sha256();
+    // Without a marker (a full disk, say) the library still loads: crash-loop protection
+    // is lost for this load, the service is not.
+    let armed = match lock().arm(&sha256, name) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(instance = name, error = %e, "cannot write the loading marker under the state dir; loading without quarantine protection");
+            false
+        }
+    };
+    let started = (|| {
+        let policy = Policy {
+            sha256: want.pin,
+            ..wiring.policy.clone()
+        };
+        let library = checked.load(&policy).map_err(|e| e.to_string())?;
+        let services = InstanceServices::new(
+            Identity {
+                instance: name.to_owned(),
+                plugin: library.manifest().name.clone(),
+                version: library.manifest().version.clone(),
+                generation: u64::from(number),
+            },
+            wiring.limits,
+            wiring.ingress.clone(),
+        );
+        let plugin = instantiate(
+            &library,
+            &want.config,
+            &services,
+            want.settings.init_timeout,
+        )?;
+        if armed && let Err(e) = lock().started(&sha256, name) {
+            tracing::warn!(instance = name, error = %e, "cannot update the loading marker");
+        }
+        // The marker goes as soon as plugin code came back from its first call.
+        let (markers, instance) = (quarantine.clone(), name.to_owned());
+        let first_call = armed.then(|| -> actor::FirstCall {
+            Box::new(move || {
+                markers
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .disarm(&sha256, &instance);
+            })
+        });
+        let actor = Actor::spawn(
+            id,
+            number,
+            plugin,
+            services,
+            want.settings.queue_capacity as usize,
+            wiring.events.clone(),
+            wiring.clock.clone(),
+            wiring.ledger.marker(id),
+            first_call,
+        )
+        .map_err(|e| format!("cannot start its thread: {e}"))?;
+        Ok((library, actor))
+    })();
+    match started {
+        Ok((library, actor)) => Ok((
+            Generation {
+                number,
+                key: Key {
+                    sha256,
+                    config: want.config.clone(),
+                },
+                path: checked.path().to_owned(),
+                version: library.manifest().version.clone(),
+                calls: actor.calls(),
+                library,
+                armed: armed.then(Instant::now),
+            },
+            actor,
+        )),
+        Err(e) => {
+            if armed {
+                lock().disarm(&sha256, name);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Runs the plugin's `new` on a thread of its own, waiting at most `timeout`.
+fn instantiate(
+    lib: &Library,
+    config: &serde_json::Value,
+    services: &Arc<InstanceServices>,
+    timeout: Duration,
+) -> Result<loader::PluginInstance, String> {
+    let (reply, answer) = bounded(1);
+    let (lib, config, services) = (lib.clone(), config.to_string(), services.clone());
+    std::thread::Builder::new()
+        .name("plugin-new".into())
+        .spawn(move || {
+            let result = lib.instantiate(&config, hosting::host_handle(services));
+            let _ = reply.send(result);
+        })
+        .map_err(|e| format!("cannot start a thread for `new`: {e}"))?;
+    match answer.recv_timeout(timeout) {
+        Ok(result) => result.map_err(|e: LoadError| e.to_string()),
+        Err(_) => Err(format!(
+            "`new` did not finish within init_timeout ({}); its thread is abandoned",
+            humantime::format_duration(timeout)
+        )),
+    }
+}
+
+/// Waits for a replaced or stopped generation on a thread of its own: it finishes its call
+/// in hand (at most `deadlines`), runs its plugin's `shutdown`, and its library is unloaded
+/// when nothing holds it any more; `done` gets how it went.
+pub fn retire(
+    actor: Actor,
+    generation: Generation,
+    deadlines: actor::Deadlines,
+    clock: Arc<dyn Clock>,
+    done: impl FnOnce(Retirement) + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("retire#{}", generation.number))
+        .spawn(move || {
+            let how = match actor.join(deadlines, clock.as_ref()) {
+                Stopped::Abandoned { .. } => Retirement::Abandoned,
+                Stopped::Joined => match generation.library.retire() {
+                    Retired::Unloaded => Retirement::Unloaded,
+                    // Held elsewhere (an abandoned `new`), or mapped for good: retained.
+                    Retired::Retained | Retired::InUse => Retirement::Retained,
+                },
+            };
+            done(how);
+        })
+}
