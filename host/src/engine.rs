@@ -180,7 +180,7 @@ impl Engine {
             Parts {
                 config: config.clone(),
                 libraries,
-                quarantine: Arc::new(std::sync::Mutex::new(quarantine)),
+                quarantine,
                 registry: registry.clone(),
                 inputs: inputs.clone(),
                 actor_events,

@@ -22,6 +22,7 @@
 //! - [`cli`]: the commands of the `plugind` binary (`src/main.rs` only parses arguments).
 
 pub mod actor;
+pub mod background;
 pub mod circuit;
 pub mod cli;
 pub mod clock;

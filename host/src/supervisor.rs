@@ -19,13 +19,7 @@
 pub mod desired;
 pub mod generation;
 
-use std::{
-    collections::BTreeMap,
-    path::PathBuf,
-    sync::{Arc, Mutex, MutexGuard},
-    thread::JoinHandle,
-    time::Duration,
-};
+use std::{collections::BTreeMap, path::PathBuf, sync::Arc, thread::JoinHandle, time::Duration};
 
 use crossbeam_channel::{Receiver, Sender, bounded, select};
 use serde::Serialize;
@@ -102,6 +96,8 @@ enum Command {
         instance: Option<String>,
         reply: Option<Sender<Result<Applied, Refused>>>,
     },
+    /// A generation's first call came back: its quarantine marker goes.
+    FirstCall { name: String, generation: u32 },
     /// A retire thread finished.
     Retired {
         name: String,
@@ -122,6 +118,7 @@ impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Self::Reload { .. } => "Reload",
+            Self::FirstCall { .. } => "FirstCall",
             Self::Retired { .. } => "Retired",
             Self::Stop { .. } => "Stop",
         })
@@ -173,8 +170,7 @@ impl SupervisorHandle {
 pub struct Parts {
     pub config: Config,
     pub libraries: Libraries,
-    /// Shared with the actors: each disarms its marker right after its first call.
-    pub quarantine: Arc<Mutex<Quarantine>>,
+    pub quarantine: Quarantine,
     pub registry: Arc<Registry>,
     pub inputs: Sender<Input>,
     pub actor_events: Sender<actor::Event>,
@@ -185,14 +181,6 @@ pub struct Parts {
     pub probe: Option<ProbeCommand>,
     pub events: Arc<Events>,
     pub watch: Option<(Watcher, Receiver<Change>)>,
-}
-
-impl Parts {
-    fn quarantine(&self) -> MutexGuard<'_, Quarantine> {
-        self.quarantine
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
 }
 
 impl std::fmt::Debug for Parts {
@@ -300,7 +288,7 @@ impl Supervisor {
                 recv(receiver) -> command => match command {
                     Ok(Command::Stop { reply }) => {
                         self.parts.watch = None;
-                        self.parts.quarantine().disarm_all();
+                        self.parts.quarantine.disarm_all();
                         let _ = reply.send(std::mem::take(&mut self.retiring));
                         return;
                     }
@@ -334,6 +322,18 @@ impl Supervisor {
                     let _ = reply.send(result);
                 }
             }
+            Command::FirstCall { name, generation } => {
+                if let Some(running) = self
+                    .instances
+                    .get_mut(&name)
+                    .and_then(|i| i.running.as_mut())
+                    .filter(|g| g.number == generation && g.armed.is_some())
+                {
+                    running.armed = None;
+                    let sha256 = running.key.sha256;
+                    self.parts.quarantine.disarm(&sha256, &name);
+                }
+            }
             Command::Retired {
                 name,
                 generation,
@@ -359,7 +359,7 @@ impl Supervisor {
                 && generation.settled(SETTLE_AFTER)
             {
                 generation.armed = None;
-                self.parts.quarantine().disarm(&generation.key.sha256, name);
+                self.parts.quarantine.disarm(&generation.key.sha256, name);
             }
         }
     }
@@ -452,18 +452,18 @@ impl Supervisor {
             inst.failed = None;
             inst.reported = None;
             if let Some(running) = &inst.running {
-                self.parts.quarantine().release(&running.key.sha256);
+                self.parts.quarantine.release(&running.key.sha256);
             }
             let plugin = new
                 .instances
                 .get(name)
                 .map_or_else(|| name.clone(), |i| i.plugin.clone());
             if let Ok(checked) = self.parts.libraries.provider(&plugin) {
-                self.parts.quarantine().release(&checked.sha256());
+                self.parts.quarantine.release(&checked.sha256());
             }
         } else if !quiet {
             // An operator's reload: every failed or quarantined load is tried again.
-            self.parts.quarantine().release_all();
+            self.parts.quarantine.release_all();
             for inst in self.instances.values_mut() {
                 inst.failed = None;
                 inst.reported = None;
@@ -544,7 +544,7 @@ impl Supervisor {
         }
         self.route(&wants);
         self.parts
-            .quarantine()
+            .quarantine
             .retain(&self.parts.libraries.digests());
         failures
     }
@@ -586,7 +586,7 @@ impl Supervisor {
         if inst.failed.as_ref() == Some(&key) {
             return Err(inst.reported.clone().unwrap_or_default());
         }
-        if let Some(unclean_exits) = self.parts.quarantine().quarantined(&key.sha256) {
+        if let Some(unclean_exits) = self.parts.quarantine.quarantined(&key.sha256) {
             inst.failed = Some(key.clone());
             let error = format!(
                 "{} is quarantined: the daemon exited uncleanly {unclean_exits} times while \
@@ -687,6 +687,13 @@ impl Supervisor {
         };
         let inst = self.instances.get_mut(name).expect("registered");
         let number = inst.generations + 1;
+        let (commands, instance) = (self.commands.clone(), name.to_owned());
+        let first_call: actor::FirstCall = Box::new(move || {
+            let _ = commands.send(Command::FirstCall {
+                name: instance,
+                generation: number,
+            });
+        });
         let started = generation::start(
             id,
             name,
@@ -694,7 +701,8 @@ impl Supervisor {
             want,
             checked,
             &wiring,
-            &self.parts.quarantine,
+            &mut self.parts.quarantine,
+            Some(first_call),
         );
         let (generation, actor) = match started {
             Ok(started) => started,
@@ -776,7 +784,7 @@ impl Supervisor {
     /// Drains and retires a generation on a thread of its own.
     fn retire(&mut self, name: &str, old: Generation, actor: actor::Actor) {
         if old.armed.is_some() {
-            self.parts.quarantine().disarm(&old.key.sha256, name);
+            self.parts.quarantine.disarm(&old.key.sha256, name);
         }
         let settings = &self.instances[name].settings;
         let deadlines = Deadlines {

@@ -11,10 +11,14 @@
 //!   events ([`Mode::Events`], inotify on Linux) or a polling watcher ([`Mode::Poll`], DESIGN
 //!   §4 `watch = "poll"`, for filesystems without change events).
 //! - Temporary and hidden names are ignored ([`is_ignored_name`]).
-//! - A file renamed into place is reported at once after the debounce. A file written in place
-//!   is reported only once it is complete and stable: its size, mtime and inode are read, and
-//!   read again `settle` later; it goes out only when they did not change (otherwise the
-//!   check starts over).
+//! - A file renamed into place is reported at once after the debounce, and so is one whose
+//!   writer closed it (inotify's close-after-write: `cp` over a library, or a file written
+//!   under a temporary name and renamed within the debounce window, which the debouncer
+//!   reports at its destination). Any other file written in place is reported only once it
+//!   is complete and stable: its size, mtime and inode are read, and read again `settle`
+//!   later; it goes out only when they did not change (otherwise the check starts over).
+//!   A file caught incomplete all the same is refused by the loader's completeness check and
+//!   reported again when it changes.
 //! - Content dedupe: the watcher keeps the SHA-256 ([`fingerprint`]) of the last bytes it
 //!   reported for each path (seeded with what exists when it starts) and drops a change whose
 //!   bytes equal them. A removal always goes out, and forgets the fingerprint.
@@ -35,7 +39,7 @@ use std::{
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, unbounded};
 use notify::{
     EventKind, PollWatcher, RecommendedWatcher, RecursiveMode,
-    event::{ModifyKind, RenameMode},
+    event::{AccessKind, AccessMode, ModifyKind, RenameMode},
 };
 use notify_debouncer_full::{
     DebounceEventResult, DebouncedEvent, Debouncer, NoCache, RecommendedCache, new_debouncer_opt,
@@ -229,7 +233,11 @@ impl Watcher {
         state.seed();
         let thread = std::thread::Builder::new()
             .name("plugind-watch".into())
-            .spawn(move || state.run(raw_rx))
+            .spawn(move || {
+                // Fingerprinting files is background work (crate::background).
+                crate::background::lower_this_thread();
+                state.run(raw_rx)
+            })
             .map_err(|source| WatchError::Thread {
                 path: plugin_dir.clone(),
                 source,
@@ -415,11 +423,18 @@ impl State {
                 EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => event.paths.last(),
                 _ => None,
             };
+            // A writer closed the file (inotify's IN_CLOSE_WRITE): what it wrote is complete.
+            // The debouncer also reports a file written under a temporary name and renamed
+            // within its window this way, at the destination.
+            let closed = matches!(
+                event.kind,
+                EventKind::Access(AccessKind::Close(AccessMode::Write))
+            );
             for path in &event.paths {
                 let Some(target) = self.classify(path) else {
                     continue;
                 };
-                let now = Some(path) == moved_to;
+                let now = closed || Some(path) == moved_to;
                 self.touched(path, target, now);
             }
         }
@@ -658,6 +673,30 @@ mod tests {
         assert_eq!(next(&s.rx), library(&lib, LibraryChange::Added));
         quiet(&s.rx);
         drop(s.watcher);
+    }
+
+    #[test]
+    fn a_file_closed_by_its_writer_is_reported_without_waiting_to_settle() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = fs::canonicalize(dir.path()).unwrap();
+        let plugins = root.join("plugins.d");
+        fs::create_dir(&plugins).unwrap();
+        let config = root.join("plugins.toml");
+        // A settle interval no test waits for: only the writer's close can report these.
+        let (_watcher, rx) =
+            Watcher::start(&plugins, &config, Mode::Events, Duration::from_secs(60)).unwrap();
+        let copied = plugins.join("libcopied.so");
+        fs::write(&copied, b"copied in place").unwrap();
+        assert_eq!(next(&rx), library(&copied, LibraryChange::Added));
+        // Written under a hidden name and renamed within the debounce window: the debouncer
+        // reports it at its destination, closed after writing.
+        let hidden = plugins.join(".libnew.so.tmp");
+        fs::write(&hidden, b"renamed in").unwrap();
+        fs::rename(&hidden, plugins.join("libnew.so")).unwrap();
+        assert_eq!(
+            next(&rx),
+            library(&plugins.join("libnew.so"), LibraryChange::Added)
+        );
     }
 
     #[test]

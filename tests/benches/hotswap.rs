@@ -7,7 +7,7 @@
 //!    "inotify"` and `watch = "poll"`.
 //! 2. Publish→handle latency at 10,000 msgs/s (`plugind bench --rate 10000 --batch 8`, its
 //!    intended send time against the fixture's handling time), without swaps and with one
-//!    swap per second.
+//!    swap per second, three runs of each, alternating.
 //!
 //! Run: `cargo bench -p plugind-tests --bench hotswap -- [DURABILITY]` (default `memory`:
 //! the swap's own cost, without the disk's fsync tail).
@@ -172,10 +172,11 @@ fn paced(swaps: bool, durability: &str) -> Vec<u64> {
     let warmed = read_swaps(&record).len();
     let mut bench = load(&d, 100_000, 10_000);
     let mut swap = 0;
+    let mut swapped_at = Vec::new();
     let mut next = Instant::now() + Duration::from_secs(1);
     while bench.try_wait().unwrap().is_none() {
         if swaps && Instant::now() >= next {
-            swap_in(&d, other(swap));
+            swapped_at.push(swap_in(&d, other(swap)));
             swap += 1;
             next += Duration::from_secs(1);
         }
@@ -187,13 +188,34 @@ fn paced(swaps: bool, durability: &str) -> Vec<u64> {
     {
         std::thread::sleep(Duration::from_millis(50));
     }
-    let latencies: Vec<u64> = read_swaps(&record)[warmed..]
+    let lines = read_swaps(&record);
+    let latencies: Vec<u64> = lines[warmed..]
         .iter()
         .filter_map(|l| {
             l.sent_ns
                 .map(|sent| l.handled_us.saturating_sub(sent / 1000))
         })
         .collect();
+    if std::env::var_os("HOTSWAP_DETAIL").is_some() {
+        for at in &swapped_at {
+            let near: Vec<(u64, u64)> = lines[warmed..]
+                .iter()
+                .filter(|l| l.handled_us >= *at && l.handled_us < at + 300_000)
+                .filter_map(|l| {
+                    l.sent_ns
+                        .map(|s| (l.handled_us - at, l.handled_us.saturating_sub(s / 1000)))
+                })
+                .collect();
+            let slow: Vec<&(u64, u64)> = near.iter().filter(|(_, lat)| *lat > 1500).collect();
+            println!(
+                "  swap: {} slow (>1.5 ms) of {} in 300 ms; first slow at +{:?} ms, worst (µs, at ms) {:?}",
+                slow.len(),
+                near.len(),
+                slow.first().map(|(t, _)| t / 1000),
+                slow.iter().map(|(t, l)| (l, t / 1000)).max()
+            );
+        }
+    }
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
     if swaps {
@@ -212,7 +234,10 @@ fn main() {
         .find(|a| !a.starts_with('-'))
         .unwrap_or_else(|| "memory".to_owned());
     println!("durability = {durability}");
-    for watch in ["inotify", "poll"] {
+    for watch in ["inotify", "poll"]
+        .into_iter()
+        .filter(|_| std::env::var_os("HOTSWAP_DETAIL").is_none())
+    {
         let mut ms = swap_latencies(watch, &durability);
         let list: Vec<String> = ms.iter().map(|m| format!("{m:.1}")).collect();
         ms.sort_by(f64::total_cmp);
@@ -224,7 +249,13 @@ fn main() {
             list.join(", ")
         );
     }
-    for swaps in [false, true] {
+    // Alternating, three of each: this shared 2-core machine's noise shows as the spread.
+    let runs: &[bool] = if std::env::var_os("HOTSWAP_DETAIL").is_some() {
+        &[true]
+    } else {
+        &[false, true, false, true, false, true]
+    };
+    for &swaps in runs {
         let mut us = paced(swaps, &durability);
         us.sort_unstable();
         println!(

@@ -726,3 +726,54 @@ fail = \"handle-panic\"
     assert_eq!(d.engine().forget("bad", Forget::Purge).unwrap(), 0);
     assert_eq!(d.engine().forget("gone", Forget::DeadLetter).unwrap(), 0);
 }
+
+/// The config file's hash, as `Reload` expects it.
+fn hash_of(path: &std::path::Path) -> [u8; 32] {
+    let text = std::fs::read_to_string(path).unwrap();
+    config::parse(path, &text).unwrap().hash
+}
+
+#[test]
+fn reload_applies_a_new_config_and_refuses_a_stale_hash_an_invalid_file_or_an_unknown_name() {
+    use plugind::{config::Change, supervisor::Refused};
+    let one = "[plugins.a]\nplugin = \"fx-echo\"\ntopics = [\"echo.>\"]\n";
+    let d = start(&["fx-echo"], one);
+    let path = d.sandbox.path().join("plugins.toml");
+    let before = hash_of(&path);
+    let two = format!("[host]\nautoload = false\n\n{one}\n[plugins.b]\nplugin = \"fx-echo\"\n");
+    std::fs::write(&path, &two).unwrap();
+    // Someone else's edit since the caller read the file: refused, nothing applied.
+    let stale = d.engine().supervisor().reload(Some(before), None);
+    assert!(matches!(stale, Err(Refused::Changed { .. })), "{stale:?}");
+    assert!(d.engine().instance("b").is_none());
+    let applied = d
+        .engine()
+        .supervisor()
+        .reload(Some(hash_of(&path)), None)
+        .unwrap();
+    assert_eq!(applied.plan.instances["b"], Change::Start);
+    assert_eq!(applied.plan.instances["a"], Change::Unchanged);
+    assert!(applied.failures.is_empty(), "{:?}", applied.failures);
+    d.until("b runs", |s| {
+        s.instances.iter().any(|i| i.name == "b" && i.running)
+    });
+    // A mistake: refused whole with its position; what ran keeps running.
+    std::fs::write(&path, format!("{two}\n[plugins.c]\nplugin = 7\n")).unwrap();
+    let Err(Refused::Invalid(error)) = d.engine().supervisor().reload(None, None) else {
+        panic!("an invalid file is refused");
+    };
+    assert!(error.contains("plugins.toml:"), "{error}");
+    assert!(d.stats("a").running && d.stats("b").running);
+    let events = d.engine().events().history();
+    assert!(
+        events
+            .iter()
+            .any(|e| serde_json::to_value(e).unwrap()["event"] == "config_refused"),
+        "{events:?}"
+    );
+    std::fs::write(&path, &two).unwrap();
+    assert!(matches!(
+        d.engine().supervisor().reload(None, Some("nope".into())),
+        Err(Refused::UnknownInstance(_))
+    ));
+}

@@ -3,16 +3,14 @@
 //! `dlopen` runs the library's constructors before any check inside it can, and a
 //! malformed or hostile library can kill the process that loads it.
 //!
-//! The child gets the very bytes the parent checked, in an inherited sealed memfd; it maps
-//! them, checks the layout, the version and the manifest, unloads, and prints one JSON line.
+//! The child gets the very bytes the parent checked, in a sealed memfd as its stdin (spawned
+//! without a fork: posix_spawn); it maps them, checks the layout, the version and the
+//! manifest, unloads, and prints one JSON line.
 //! A child killed by a signal becomes [`LoadError::ProbeCrashed`].
 
 use std::{
     io::Read as _,
-    os::{
-        fd::AsRawFd as _,
-        unix::process::{CommandExt as _, ExitStatusExt as _},
-    },
+    os::unix::process::ExitStatusExt as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -81,15 +79,18 @@ pub(super) fn run(
     };
     let memfd = image::sealed_memfd(manifest, bytes)
         .map_err(|e| other(format!("cannot stage the library for the probe: {e}")))?;
-    let fd = memfd.as_raw_fd();
+    // The memfd is the child's stdin (fd 0): no fd needs its close-on-exec cleared, so no
+    // code runs between fork and exec, and the standard library spawns with posix_spawn
+    // (vfork semantics). A fork of the daemon would copy its page tables and make every
+    // thread's next write to memory fault until the exec: a stall of the deliveries.
     let mut child = Command::new(&command.program);
     child
         .arg("probe-load")
         .arg("--fd")
-        .arg(fd.to_string())
+        .arg("0")
         .arg("--path")
         .arg(path)
-        .stdin(Stdio::null())
+        .stdin(Stdio::from(memfd))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         // The child must not speak for the daemon to systemd.
@@ -98,17 +99,6 @@ pub(super) fn run(
         .env_remove("WATCHDOG_PID")
         .env_remove("LISTEN_FDS")
         .env_remove("LISTEN_PID");
-    // SAFETY: the closure runs in the forked child before exec and only calls fcntl, which
-    // is async-signal-safe; it clears close-on-exec on the one fd the child must inherit.
-    unsafe {
-        child.pre_exec(move || {
-            if libc::fcntl(fd, libc::F_SETFD, 0) == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
-    }
     let mut child = child.spawn().map_err(|e| {
         other(format!(
             "cannot start the probe {}: {e}",
@@ -131,7 +121,6 @@ pub(super) fn run(
             Err(e) => return Err(other(format!("cannot wait for the probe: {e}"))),
         }
     };
-    drop(memfd);
     let mut stdout = String::new();
     let mut stderr = String::new();
     if let Some(mut out) = child.stdout.take() {
@@ -164,7 +153,7 @@ pub(super) fn run(
     }
 }
 
-/// The child's side: checks and maps the library in the inherited memfd `fd`.
+/// The child's side: checks and maps the library in the inherited memfd `fd` (its stdin).
 pub fn child(fd: i32, path: &Path) -> ProbeReport {
     let report = (|| {
         let mut bytes = Vec::new();

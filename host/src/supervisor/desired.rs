@@ -7,6 +7,7 @@ use std::{
 };
 
 use crate::{
+    background,
     config::{Config, Settings},
     loader::{self, Checked, Policy},
     topic::Pattern,
@@ -48,7 +49,7 @@ impl Libraries {
     pub fn scan(dir: &Path, policy: &Policy) -> (Self, Vec<Refusal>) {
         let mut libraries = Self::default();
         let mut refusals = Vec::new();
-        match loader::scan(dir, policy) {
+        match background::run(|| loader::scan(dir, policy)) {
             Ok(scanned) => {
                 for (path, checked) in scanned {
                     match checked {
@@ -103,7 +104,7 @@ impl Libraries {
                 None => (Found::Same, None),
             };
         }
-        match loader::check(path, policy) {
+        match background::run(|| loader::check(path, policy)) {
             Ok(checked) => {
                 self.refused.remove(path);
                 if let Some((_, known)) = self.by_path.get_mut(path) {

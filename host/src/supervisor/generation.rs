@@ -5,7 +5,7 @@
 use std::{
     path::PathBuf,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -16,6 +16,7 @@ use plugind_api::hosting;
 
 use crate::{
     actor::{self, Actor, Stopped},
+    background,
     clock::Clock,
     events::Retirement,
     ledger::Ledger,
@@ -68,8 +69,9 @@ pub struct Wiring<'a> {
 
 /// Loads `checked` for instance `name` as generation `number`, instantiates it and starts
 /// its actor (for the dispatcher; the generation stays with the supervisor). The quarantine
-/// marker is armed before anything of the library runs, moves on when `new` returned, and
-/// goes after the first call (or when `new` fails cleanly).
+/// marker is armed before anything of the library runs and moves on when `new` returned;
+/// `first_call` runs on the actor's thread when its first call came back (the supervisor
+/// disarms the marker then); a clean failure of `new` disarms it here.
 ///
 /// # Errors
 /// Why it could not start, for the report; nothing of it is left running.
@@ -81,18 +83,14 @@ pub fn start(
     want: &Want,
     checked: &Checked,
     wiring: &Wiring<'_>,
-    quarantine: &Arc<Mutex<Quarantine>>,
+    quarantine: &mut Quarantine,
+    mut first_call: Option<actor::FirstCall>,
 ) -> Result<(Generation, Actor), String> {
-    let lock = || {
-        quarantine
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    };
     checked.check_pin(want.pin).map_err(|e| e.to_string())?;
     let sha256 = checked.sha256();
     // Without a marker (a full disk, say) the library still loads: crash-loop protection
     // is lost for this load, the service is not.
-    let armed = match lock().arm(&sha256, name) {
+    let armed = match quarantine.arm(&sha256, name) {
         Ok(()) => true,
         Err(e) => {
             tracing::warn!(instance = name, error = %e, "cannot write the loading marker under the state dir; loading without quarantine protection");
@@ -104,7 +102,7 @@ pub fn start(
             sha256: want.pin,
             ..wiring.policy.clone()
         };
-        let library = checked.load(&policy).map_err(|e| e.to_string())?;
+        let library = background::run(|| checked.load(&policy)).map_err(|e| e.to_string())?;
         let services = InstanceServices::new(
             Identity {
                 instance: name.to_owned(),
@@ -121,19 +119,11 @@ pub fn start(
             &services,
             want.settings.init_timeout,
         )?;
-        if armed && let Err(e) = lock().started(&sha256, name) {
+        if armed && let Err(e) = quarantine.started(&sha256, name) {
             tracing::warn!(instance = name, error = %e, "cannot update the loading marker");
         }
         // The marker goes as soon as plugin code came back from its first call.
-        let (markers, instance) = (quarantine.clone(), name.to_owned());
-        let first_call = armed.then(|| -> actor::FirstCall {
-            Box::new(move || {
-                markers
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .disarm(&sha256, &instance);
-            })
-        });
+        let first_call = if armed { first_call.take() } else { None };
         let actor = Actor::spawn(
             id,
             number,
@@ -166,7 +156,7 @@ pub fn start(
         )),
         Err(e) => {
             if armed {
-                lock().disarm(&sha256, name);
+                quarantine.disarm(&sha256, name);
             }
             Err(e)
         }
@@ -185,6 +175,7 @@ fn instantiate(
     std::thread::Builder::new()
         .name("plugin-new".into())
         .spawn(move || {
+            background::lower_this_thread();
             let result = lib.instantiate(&config, hosting::host_handle(services));
             let _ = reply.send(result);
         })
@@ -211,6 +202,7 @@ pub fn retire(
     std::thread::Builder::new()
         .name(format!("retire#{}", generation.number))
         .spawn(move || {
+            background::lower_this_thread();
             let how = match actor.join(deadlines, clock.as_ref()) {
                 Stopped::Abandoned { .. } => Retirement::Abandoned,
                 Stopped::Joined => match generation.library.retire() {
