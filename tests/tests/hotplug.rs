@@ -2,8 +2,10 @@
 //! `plugin_dir` and `plugins.toml` change under it — a plugin replaced many times while
 //! messages flow (by rename and by copying over it in place), an attempt that spans a swap,
 //! one whose lease expires while the old generation drains, add, remove, disable/enable, a
-//! config change, a topics change, a bad new version, a bad config, autoload, and the
-//! quarantine of a library that crashes the daemon in `new`.
+//! config change, a topics change, a bad new version, a `new` that fails, a newcomer
+//! claiming a taken name, a bad config, autoload, the quarantine of a library that crashes
+//! the daemon in `new`, the thread-local fixture, an abandoned generation, and 200 swaps
+//! without growth.
 
 use std::{
     fs,
@@ -428,11 +430,55 @@ fn a_bad_new_version_leaves_the_old_one_serving() {
         wait_for_line(&d, "still handled", |l| l.id == id).build,
         'A'
     );
+    // A second library claiming the same plugin name: the newcomer is refused, naming both.
+    let newcomer = d.sandbox().path().join("plugins.d/other.so");
+    fs::copy(swap_build(SwapBuild::B), &newcomer).unwrap();
+    d.wait_for_log("already provides; refused", 1);
+    assert!(
+        d.log().contains(&newcomer.display().to_string()),
+        "{}",
+        d.log()
+    );
+    fs::remove_file(&newcomer).unwrap();
     // A good one then takes over.
     place(d.sandbox(), SwapBuild::B, Placement::Rename);
     d.wait_for_log("instance swapped to a new generation", 1);
     let id = publish_all(&d, &["c".into()], None)[0];
     assert_eq!(wait_for_line(&d, "handled by B", |l| l.id == id).build, 'B');
+    // The same bytes again: nothing happens.
+    place(d.sandbox(), SwapBuild::B, Placement::InPlace);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        d.log().matches("instance swapped").count(),
+        1,
+        "unchanged bytes are ignored:\n{}",
+        d.log()
+    );
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+}
+
+#[test]
+fn a_new_generation_whose_new_fails_leaves_the_old_one_serving() {
+    let sandbox = sandbox("hotplug-bad-new");
+    let good = config(&sandbox, "", "label = \"old\"");
+    let d = Daemon::start(sandbox, &good);
+    // Its `new` cannot open the record file: the new generation never starts.
+    let broken = good
+        .replace("label = \"old\"", "label = \"new\"")
+        .replace("rec.txt", "missing/rec.txt");
+    edit_config(&d, &broken);
+    d.wait_for_log("load failed; what ran before keeps running", 1);
+    assert!(d.log().contains("`new` failed"), "{}", d.log());
+    let id = publish_all(&d, &["a".into()], None)[0];
+    assert_eq!(
+        wait_for_line(&d, "still handled", |l| l.id == id).label,
+        "old"
+    );
+    // The same file saved again changes nothing (same bytes, nothing applied twice).
+    edit_config(&d, &broken);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(d.log().matches("load failed").count(), 1, "{}", d.log());
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
 }
