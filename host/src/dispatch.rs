@@ -29,6 +29,7 @@ use crate::{
     delivery::{Delivery, Failure, Rules, Transition},
     ingress::{Accepted, Backlog, Ingress},
     ledger::{Forget, Ledger, LedgerError, Pending, Record, Wait},
+    events::{EventKind, Events},
     message::StoredMessage,
     routing::InstanceId,
 };
@@ -201,6 +202,8 @@ struct Inst {
     /// Live deliveries whose payload is only in the ledger (0: hand-outs need no reads).
     unloaded: usize,
     stats: InstanceStats,
+    /// The circuit state last announced.
+    circuit: &'static str,
 }
 
 impl Inst {
@@ -214,6 +217,7 @@ impl Inst {
             ready: VecDeque::new(),
             waiting: BinaryHeap::new(),
             unloaded: 0,
+            circuit: "closed",
         }
     }
 
@@ -229,6 +233,7 @@ pub struct Dispatcher {
     ledger: Arc<dyn Ledger>,
     backlog: Arc<Backlog>,
     ingress: Arc<Ingress>,
+    events: Arc<Events>,
     instances: Vec<Inst>,
     /// Keyed by small integers: FxHash, not SipHash (measured: ~3% of the engine's time).
     live: FxHashMap<(u64, InstanceId), Live>,
@@ -252,6 +257,7 @@ impl Dispatcher {
         ledger: Arc<dyn Ledger>,
         backlog: Arc<Backlog>,
         ingress: Arc<Ingress>,
+        events: Arc<Events>,
         slots: Vec<Slot>,
         pending: Vec<Pending>,
     ) -> Self {
@@ -261,6 +267,7 @@ impl Dispatcher {
             ledger,
             backlog,
             ingress,
+            events,
             instances,
             live: FxHashMap::with_capacity_and_hasher(
                 (1 << 16).max(pending.len()),
@@ -343,6 +350,7 @@ impl Dispatcher {
             let handoffs = self.hand_out(now, &mut records);
             // Recorded first: an attempt is in the ledger before plugin code sees it.
             self.commit(records);
+            self.announce_circuits();
             for (instance, batch) in handoffs {
                 if let Some(actor) = &mut self.instances[instance as usize].slot.actor {
                     actor.offer(batch);
@@ -464,7 +472,7 @@ impl Dispatcher {
                     if let Some(live) = self.live.get_mut(key) {
                         live.delivery.forget(now);
                     }
-                    self.dead_letter(*key, &mut records);
+                    self.record_dead_letter(*key, &mut records);
                 }
             }
         }
@@ -474,7 +482,30 @@ impl Dispatcher {
         inst.waiting
             .retain(|Reverse((_, m))| self.live.contains_key(&(*m, instance)));
         self.commit(records);
+        self.events.emit(EventKind::Forgotten {
+            instance: self.instances[instance as usize].slot.name.clone(),
+            count: keys.len() as u64,
+            purged: how == Forget::Purge,
+        });
         keys.len() as u64
+    }
+
+    /// Announces every circuit that changed state since the last round.
+    fn announce_circuits(&mut self) {
+        for inst in &mut self.instances {
+            let state = match inst.slot.breaker.state() {
+                circuit::State::Closed => "closed",
+                circuit::State::Open { .. } => "open",
+                circuit::State::Paused => "paused",
+            };
+            if state != inst.circuit {
+                inst.circuit = state;
+                self.events.emit(EventKind::Circuit {
+                    instance: inst.slot.name.clone(),
+                    state: state.to_owned(),
+                });
+            }
+        }
     }
 
     fn snapshot(&self) -> Snapshot {
@@ -909,8 +940,25 @@ impl Dispatcher {
         }
     }
 
-    /// A delivery ended as a dead letter (its state says why): recorded and counted.
+    /// A delivery ended as a dead letter (its state says why): recorded, counted and
+    /// announced.
     fn dead_letter(&mut self, key: (u64, InstanceId), records: &mut Vec<Record>) {
+        let reason = self.live[&key]
+            .delivery
+            .last_reason
+            .clone()
+            .unwrap_or_default();
+        self.events.emit(EventKind::DeadLettered {
+            instance: self.instances[key.1 as usize].slot.name.clone(),
+            id: key.0,
+            reason,
+        });
+        self.record_dead_letter(key, records);
+    }
+
+    /// A delivery ended as a dead letter: recorded and counted (an operator's bulk forget
+    /// announces itself once).
+    fn record_dead_letter(&mut self, key: (u64, InstanceId), records: &mut Vec<Record>) {
         self.instances[key.1 as usize].stats.dead_lettered += 1;
         let live = &self.live[&key];
         records.push(Record::DeadLettered {

@@ -5,7 +5,11 @@
 //! start is reported and its deliveries wait in the ledger; the rest runs. `plugind run`
 //! puts gRPC in front of [`Engine::ingress`].
 
-use std::{sync::Arc, thread::JoinHandle, time::Duration};
+use std::{
+    sync::{Arc, Mutex},
+    thread::JoinHandle,
+    time::Duration,
+};
 
 use crossbeam_channel::{Sender, bounded, unbounded};
 
@@ -78,12 +82,13 @@ pub enum EngineError {
 pub struct Engine {
     ingress: Arc<Ingress>,
     inputs: Sender<Input>,
-    dispatcher: Option<JoinHandle<()>>,
     ledger: Arc<dyn Ledger>,
     registry: Arc<Registry>,
     events: Arc<Events>,
     supervisor: SupervisorHandle,
-    supervisor_thread: Option<JoinHandle<()>>,
+    /// The dispatcher's and the supervisor's threads, until [`Engine::stop`] joins them.
+    threads: Mutex<Option<(JoinHandle<()>, JoinHandle<()>)>>,
+    started: std::time::Instant,
 }
 
 impl Engine {
@@ -170,6 +175,7 @@ impl Engine {
             ledger.clone(),
             backlog.clone(),
             ingress.clone(),
+            events.clone(),
             slots,
             recovered.pending,
         );
@@ -202,12 +208,12 @@ impl Engine {
             Self {
                 ingress,
                 inputs,
-                dispatcher: Some(thread),
                 ledger,
                 registry,
                 events,
                 supervisor: handle,
-                supervisor_thread: Some(supervisor_thread),
+                threads: Mutex::new(Some((thread, supervisor_thread))),
+                started: std::time::Instant::now(),
             },
             failures,
         ))
@@ -230,6 +236,11 @@ impl Engine {
     /// The events of hot plug (history and subscriptions).
     pub fn events(&self) -> &Arc<Events> {
         &self.events
+    }
+
+    /// How long it has run.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
     }
 
     /// Reloads, waits and returns the result (the `Reload` entry point).
@@ -297,13 +308,21 @@ impl Engine {
     /// Graceful stop: stop accepting, let every actor finish its call in hand, release the
     /// rest as `shutdown` (no failure), shut the instances down; after `grace`, abandon the
     /// ones still busy and name them.
-    pub fn stop(mut self, grace: Duration) -> StopReport {
+    ///
+    /// Once: later calls (or calls while one runs) return an empty report.
+    pub fn stop(&self, grace: Duration) -> StopReport {
         let started = std::time::Instant::now();
+        let Some((dispatcher, supervisor)) = self
+            .threads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        else {
+            return StopReport::default();
+        };
         // No more swaps: what is draining finishes below, with everything else.
         let retiring = self.supervisor.stop();
-        if let Some(thread) = self.supervisor_thread.take() {
-            let _ = thread.join();
-        }
+        let _ = supervisor.join();
         self.ingress.close();
         let (reply, answer) = bounded(1);
         let report = if self
@@ -318,9 +337,7 @@ impl Engine {
         } else {
             StopReport::default()
         };
-        if let Some(thread) = self.dispatcher.take() {
-            let _ = thread.join();
-        }
+        let _ = dispatcher.join();
         for thread in retiring {
             while !thread.is_finished() && started.elapsed() < grace {
                 std::thread::sleep(Duration::from_millis(5));

@@ -110,6 +110,20 @@ pub enum EventKind {
     },
     /// A configuration was refused whole; the last good one keeps running.
     ConfigRefused { path: PathBuf, error: String },
+    /// A delivery ended as a dead letter.
+    DeadLettered {
+        instance: String,
+        id: u64,
+        reason: String,
+    },
+    /// An operator ended an instance's waiting deliveries for good.
+    Forgotten {
+        instance: String,
+        count: u64,
+        purged: bool,
+    },
+    /// An instance's circuit changed: `closed`, `open` (tripped) or `paused` (by hand).
+    Circuit { instance: String, state: String },
 }
 
 impl EventKind {
@@ -128,7 +142,36 @@ impl EventKind {
             Self::Updated { .. } => "instance updated",
             Self::ConfigApplied { .. } => "configuration applied",
             Self::ConfigRefused { .. } => "configuration refused; the last good one keeps running",
+            Self::DeadLettered { .. } => "delivery dead-lettered",
+            Self::Forgotten { .. } => "waiting deliveries forgotten",
+            Self::Circuit { .. } => "circuit changed",
         }
+    }
+
+    /// The instance it concerns, if one.
+    pub fn instance(&self) -> Option<&str> {
+        match self {
+            Self::Loaded { instance, .. }
+            | Self::Swapped { instance, .. }
+            | Self::Draining { instance, .. }
+            | Self::Retired { instance, .. }
+            | Self::Quarantined { instance, .. }
+            | Self::Stopped { instance, .. }
+            | Self::Updated { instance, .. }
+            | Self::DeadLettered { instance, .. }
+            | Self::Forgotten { instance, .. }
+            | Self::Circuit { instance, .. } => Some(instance),
+            Self::Failed { instance, .. } => instance.as_deref(),
+            Self::ConfigApplied { .. } | Self::ConfigRefused { .. } => None,
+        }
+    }
+
+    /// Its kind, as serialized (`loaded`, `dead_lettered`, …).
+    pub fn kind(&self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.get("event").and_then(|k| k.as_str().map(str::to_owned)))
+            .unwrap_or_default()
     }
 
     fn is_problem(&self) -> bool {

@@ -41,7 +41,7 @@ mod file;
 mod image;
 mod probe;
 
-pub use file::uid_of;
+pub use file::{group_of, uid_of};
 pub use probe::{ProbeCommand, ProbeReport, child as probe_child};
 
 /// Why a library was refused. Every message is one line naming the file and the cause.

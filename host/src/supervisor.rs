@@ -18,6 +18,9 @@
 
 pub mod desired;
 pub mod generation;
+mod view;
+
+pub use view::{InstanceView, SupervisorView};
 
 use std::{collections::BTreeMap, path::PathBuf, sync::Arc, thread::JoinHandle, time::Duration};
 
@@ -112,6 +115,7 @@ enum Command {
 #[derive(Debug, Clone)]
 pub struct SupervisorHandle {
     commands: Sender<Command>,
+    view: view::View,
 }
 
 impl std::fmt::Debug for Command {
@@ -145,6 +149,12 @@ impl SupervisorHandle {
             })
             .map_err(|_| Refused::Stopping)?;
         answer.recv().map_err(|_| Refused::Stopping)?
+    }
+
+    /// What runs, as the supervisor last published it (never waits for a reload in
+    /// progress).
+    pub fn view(&self) -> Arc<SupervisorView> {
+        self.view.load_full()
     }
 
     /// Asks for a reload without waiting (SIGHUP).
@@ -203,7 +213,11 @@ struct Inst {
     /// operator reloads), and the error reported last (reported once).
     failed: Option<Key>,
     reported: Option<String>,
+    /// The last failure is a quarantine.
+    quarantined: bool,
     generations: u32,
+    /// Generations replaced or stopped and not yet retired.
+    draining: Vec<u32>,
 }
 
 impl Inst {
@@ -216,7 +230,9 @@ impl Inst {
             topics: Vec::new(),
             failed: None,
             reported: None,
+            quarantined: false,
             generations: 0,
+            draining: Vec::new(),
         }
     }
 }
@@ -229,6 +245,8 @@ pub struct Supervisor {
     retiring: Vec<JoinHandle<()>>,
     commands: Sender<Command>,
     receiver: Receiver<Command>,
+    /// What the control plane reads, republished after every change.
+    view: view::View,
 }
 
 impl Supervisor {
@@ -252,12 +270,14 @@ impl Supervisor {
             retiring: Vec::new(),
             commands,
             receiver,
+            view: view::View::default(),
         }
     }
 
     pub fn handle(&self) -> SupervisorHandle {
         SupervisorHandle {
             commands: self.commands.clone(),
+            view: self.view.clone(),
         }
     }
 
@@ -307,6 +327,7 @@ impl Supervisor {
                 default(TICK) => {}
             }
             self.tick();
+            self.publish_view();
         }
     }
 
@@ -339,6 +360,9 @@ impl Supervisor {
                 generation,
                 how,
             } => {
+                if let Some(inst) = self.instances.get_mut(&name) {
+                    inst.draining.retain(|g| *g != generation);
+                }
                 self.parts.events.emit(EventKind::Retired {
                     instance: name,
                     generation,
@@ -546,6 +570,7 @@ impl Supervisor {
         self.parts
             .quarantine
             .retain(&self.parts.libraries.digests());
+        self.publish_view();
         failures
     }
 
@@ -588,6 +613,7 @@ impl Supervisor {
         }
         if let Some(unclean_exits) = self.parts.quarantine.quarantined(&key.sha256) {
             inst.failed = Some(key.clone());
+            inst.quarantined = true;
             let error = format!(
                 "{} is quarantined: the daemon exited uncleanly {unclean_exits} times while \
                  loading it; replace the file or reload the instance to try again",
@@ -714,6 +740,7 @@ impl Supervisor {
         inst.generations = number;
         inst.failed = None;
         inst.reported = None;
+        inst.quarantined = false;
         let event = match &inst.running {
             Some(old) => EventKind::Swapped {
                 instance: name.to_owned(),
@@ -795,6 +822,9 @@ impl Supervisor {
             instance: name.to_owned(),
             generation: old.number,
         });
+        if let Some(inst) = self.instances.get_mut(name) {
+            inst.draining.push(old.number);
+        }
         let commands = self.commands.clone();
         let (name, number) = (name.to_owned(), old.number);
         match generation::retire(

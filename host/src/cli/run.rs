@@ -11,7 +11,11 @@ use crate::{
     cli::{EXIT_CONFIG, EXIT_FAILURE, fail},
     clock::{Clock, SystemClock, Timestamp},
     config::{self, ConfigError, Durability, LogFormat},
-    control::{publisher::PublisherService, server},
+    control::{
+        operator::{ControlService, SetLogLevel},
+        publisher::PublisherService,
+        server,
+    },
     engine::{Engine, Options},
     ledger::{
         Ledger, LedgerError, MemoryLedger,
@@ -37,7 +41,7 @@ pub fn run(config_flag: Option<&Path>) -> ExitCode {
         }
         Err(e) => return fail(EXIT_CONFIG, format_args!("run: {e}")),
     };
-    init_logging(config.host.log_format);
+    let log_level = init_logging(config.host.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("grpc")
@@ -52,10 +56,10 @@ pub fn run(config_flag: Option<&Path>) -> ExitCode {
             );
         }
     };
-    runtime.block_on(serve(config))
+    runtime.block_on(serve(config, log_level))
 }
 
-async fn serve(config: config::Config) -> ExitCode {
+async fn serve(config: config::Config, log_level: SetLogLevel) -> ExitCode {
     // The state dir first: it holds the default socket, and a state dir this build cannot
     // use is a configuration problem (exit 78), not one a restart fixes.
     let ledger = match open_ledger(&config) {
@@ -75,8 +79,13 @@ async fn serve(config: config::Config) -> ExitCode {
         Ok(bound) => bound,
         Err(e) => return fail(EXIT_FAILURE, format_args!("run: {e}")),
     };
+    if let Some(group) = &config.host.socket_group
+        && let Err(e) = server::set_group(&bound, group)
+    {
+        return fail(EXIT_FAILURE, format_args!("run: {e}"));
+    }
     let (engine, failures) = match Engine::start(&config, ledger.clone(), Options::daemon()) {
-        Ok(started) => started,
+        Ok((engine, failures)) => (Arc::new(engine), failures),
         Err(e) => return fail(EXIT_FAILURE, format_args!("run: {e}")),
     };
     for failure in &failures {
@@ -98,17 +107,52 @@ async fn serve(config: config::Config) -> ExitCode {
     ));
     let publisher =
         PublisherService::new(engine.ingress().clone(), config.host.dedupe_window, known);
-    let served = server::serve(bound, publisher, stop_signal()).await;
+    let (health_reporter, health) = server::health().await;
+    let services = server::Services {
+        publisher,
+        control: ControlService::new(
+            engine.clone(),
+            match config.host.durability {
+                Durability::Fsync => "fsync",
+                Durability::Buffered => "buffered",
+                Durability::Memory => "memory",
+            },
+            log_level,
+        ),
+        health,
+        access: server::Access::new(
+            &config.host.allowed_users,
+            config.host.socket_group.as_deref(),
+        ),
+    };
+    // The API keeps serving while the daemon drains (health says NOT_SERVING, publishes are
+    // refused, Watch streams end with UNAVAILABLE); it stops once the engine stopped.
+    let (drained, shutdown) = tokio::sync::oneshot::channel::<()>();
+    let mut api = tokio::spawn(server::serve(bound, services, async {
+        let _ = shutdown.await;
+    }));
+    let early = tokio::select! {
+        () = stop_signal() => None,
+        served = &mut api => Some(served),
+    };
     reloads.abort();
-    if let Err(e) = &served {
-        tracing::error!(error = %e, "the API stopped");
-    }
+    server::draining(&health_reporter).await;
     tracing::info!(grace_period = ?config.host.grace_period, "stopping: draining the calls in hand");
     let grace = config.host.grace_period.max(Duration::from_millis(1));
     let stats_of = ledger.clone();
-    let report = tokio::task::spawn_blocking(move || engine.stop(grace))
+    let stopping = engine.clone();
+    let report = tokio::task::spawn_blocking(move || stopping.stop(grace))
         .await
         .unwrap_or_default();
+    let _ = drained.send(());
+    let served = match early {
+        Some(served) => served,
+        None => api.await,
+    }
+    .unwrap_or_else(|e| Err(server::ServeError::Reflection(format!("the API task failed: {e}"))));
+    if let Err(e) = &served {
+        tracing::error!(error = %e, "the API stopped");
+    }
     let stats = stats_of.stats();
     if stats.commits > 0 {
         tracing::info!(
@@ -191,17 +235,28 @@ async fn stop_signal() {
 }
 
 /// Logs to stderr: text, or one JSON object per line; `PLUGIND_LOG` (an env-filter
-/// directive) chooses the level, `info` by default.
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PLUGIND_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+/// directive) chooses the level, `info` by default. Returns how to change the filter while
+/// running (`plugind ctl log-level`).
+fn init_logging(format: LogFormat) -> SetLogLevel {
+    use tracing_subscriber::{EnvFilter, layer::SubscriberExt as _, util::SubscriberInitExt as _};
+    let filter = EnvFilter::try_from_env("PLUGIND_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     // Colour only for a person at a terminal, never into files or the journal.
-    let builder = tracing_subscriber::fmt()
+    let output = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(filter);
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let registry = tracing_subscriber::registry().with(filter);
     let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => registry.with(output).try_init(),
+        LogFormat::Json => registry.with(output.json()).try_init(),
     };
+    Arc::new(move |level: &str| {
+        let filter = EnvFilter::try_new(level)
+            .map_err(|e| format!("{level:?} is not a log filter (e.g. info, debug, plugind=trace): {e}"))?;
+        let now = filter.to_string();
+        handle
+            .reload(filter)
+            .map_err(|e| format!("cannot change the log filter: {e}"))?;
+        Ok(now)
+    })
 }

@@ -1,6 +1,8 @@
 //! Listening and serving: a Unix socket (a stale socket file is replaced, a live one is an
-//! error; the mode is set explicitly after bind, whatever the umask) or, opt-in, TCP where
-//! every call must carry `authorization: Bearer <token>` from `tcp_token_file`.
+//! error; the mode and group are set explicitly after bind, whatever the umask, and peers
+//! are checked against `allowed_users` and `socket_group`) or, opt-in, TCP where every call
+//! must carry `authorization: Bearer <token>` from `tcp_token_file`. Served: `Publisher`,
+//! `Control`, standard health checking and server reflection (v1 and v1alpha).
 
 use std::{
     future::Future,
@@ -16,8 +18,14 @@ use tonic::{
     transport::Server,
 };
 
-use super::publisher::PublisherService;
-use crate::config::Endpoint;
+use tonic::{service::interceptor::InterceptedService, transport::server::UdsConnectInfo};
+use tonic_health::{
+    pb::health_server::HealthServer,
+    server::{HealthReporter, HealthService},
+};
+
+use super::{operator::ControlService, pb, publisher::PublisherService};
+use crate::{config::Endpoint, loader};
 
 /// Why the API could not be served.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +51,8 @@ pub enum ServeError {
     InvalidToken { path: PathBuf },
     #[error("serving the API: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("server reflection: {0}")]
+    Reflection(String),
 }
 
 /// A bound listener, ready to serve.
@@ -145,6 +155,115 @@ pub async fn bind(
     }
 }
 
+/// Who may call over the Unix socket, beyond what the socket file's mode and group allow:
+/// with `allowed_users` or `socket_group` set, a peer must be root, the daemon's own user,
+/// one of `allowed_users`, or in `socket_group` (its primary group, or a listed member).
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    /// `None`: whoever can open the socket.
+    allowed: Option<(Vec<u32>, Option<u32>)>,
+}
+
+impl Access {
+    /// From the configuration's `allowed_users` and `socket_group` (names resolved now).
+    pub fn new(allowed_users: &[String], socket_group: Option<&str>) -> Self {
+        if allowed_users.is_empty() && socket_group.is_none() {
+            return Self::default();
+        }
+        let mut uids: Vec<u32> = vec![0, rustix::process::geteuid().as_raw()];
+        uids.extend(allowed_users.iter().filter_map(|u| loader::uid_of(u)));
+        let gid = socket_group.and_then(loader::group_of).map(|(gid, members)| {
+            uids.extend(members.iter().filter_map(|m| loader::uid_of(m)));
+            gid
+        });
+        Self {
+            allowed: Some((uids, gid)),
+        }
+    }
+
+    /// Refuses a peer that is not allowed (PERMISSION_DENIED naming its uid).
+    #[allow(clippy::result_large_err)]
+    fn check<T>(&self, request: Request<T>) -> Result<Request<T>, Status> {
+        let Some((uids, gid)) = &self.allowed else {
+            return Ok(request);
+        };
+        let credentials = request
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|info| info.peer_cred);
+        match credentials {
+            Some(c) if uids.contains(&c.uid()) || Some(c.gid()) == *gid => Ok(request),
+            Some(c) => Err(Status::permission_denied(format!(
+                "uid {} may not use this socket (allowed_users, socket_group)",
+                c.uid()
+            ))),
+            None => Err(Status::permission_denied(
+                "the peer's credentials are unknown; refused",
+            )),
+        }
+    }
+}
+
+/// Sets the socket file's group (`socket_group`) explicitly after bind.
+///
+/// # Errors
+/// [`ServeError::Bind`] naming the socket when the group is unknown or cannot be set.
+pub fn set_group(bound: &Bound, group: &str) -> Result<(), ServeError> {
+    let Bound::Unix { path, .. } = bound else {
+        return Ok(());
+    };
+    let error = |source| ServeError::Bind {
+        endpoint: format!("unix:{}", path.display()),
+        source,
+    };
+    let (gid, _) = loader::group_of(group).ok_or_else(|| {
+        error(std::io::Error::other(format!(
+            "socket_group `{group}` is not a known group"
+        )))
+    })?;
+    std::os::unix::fs::chown(path, None, Some(gid)).map_err(error)
+}
+
+/// What is served.
+#[derive(Debug)]
+pub struct Services {
+    pub publisher: PublisherService,
+    pub control: ControlService,
+    pub health: HealthServer<HealthService>,
+    /// For the Unix socket.
+    pub access: Access,
+}
+
+/// The health reporter of the served services: SERVING once started, NOT_SERVING while the
+/// daemon drains.
+pub async fn health() -> (HealthReporter, HealthServer<HealthService>) {
+    let reporter = HealthReporter::new();
+    let server = HealthServer::new(HealthService::from_health_reporter(reporter.clone()));
+    reporter
+        .set_serving::<pb::publisher_server::PublisherServer<PublisherService>>()
+        .await;
+    reporter
+        .set_serving::<pb::control_server::ControlServer<ControlService>>()
+        .await;
+    (reporter, server)
+}
+
+/// Reports the daemon draining: every service NOT_SERVING.
+pub async fn draining(reporter: &HealthReporter) {
+    reporter
+        .set_not_serving::<pb::publisher_server::PublisherServer<PublisherService>>()
+        .await;
+    reporter
+        .set_not_serving::<pb::control_server::ControlServer<ControlService>>()
+        .await;
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+}
+
+/// The descriptors generic tools read through server reflection.
+const DESCRIPTORS: &[u8] = tonic::include_file_descriptor_set!("plugind_descriptor");
+
 /// Serves the API on `bound` until `shutdown` resolves; then stops accepting and lets calls
 /// in progress finish.
 ///
@@ -152,13 +271,35 @@ pub async fn bind(
 /// [`ServeError::Transport`] if serving fails.
 pub async fn serve(
     bound: Bound,
-    publisher: PublisherService,
+    services: Services,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(DESCRIPTORS)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let v1 = reflection()
+        .build_v1()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+    let v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+    let Services {
+        publisher,
+        control,
+        health,
+        access,
+    } = services;
     match bound {
         Bound::Unix { listener, path } => {
+            let check = move |request: Request<()>| access.check(request);
             let result = Server::builder()
-                .add_service(publisher.into_server())
+                .add_service(InterceptedService::new(publisher.into_server(), check.clone()))
+                .add_service(InterceptedService::new(control.into_server(), check.clone()))
+                .add_service(InterceptedService::new(health, check.clone()))
+                .add_service(InterceptedService::new(v1, check.clone()))
+                .add_service(InterceptedService::new(v1alpha, check))
                 .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
                 .await;
             let _ = std::fs::remove_file(&path);
@@ -176,10 +317,11 @@ pub async fn serve(
                 )),
             };
             Server::builder()
-                .add_service(tonic::service::interceptor::InterceptedService::new(
-                    publisher.into_server(),
-                    check,
-                ))
+                .add_service(InterceptedService::new(publisher.into_server(), check.clone()))
+                .add_service(InterceptedService::new(control.into_server(), check.clone()))
+                .add_service(InterceptedService::new(health, check.clone()))
+                .add_service(InterceptedService::new(v1, check.clone()))
+                .add_service(InterceptedService::new(v1alpha, check))
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
                 .await?;
         }

@@ -272,3 +272,41 @@ pub fn uid_of(name: &str) -> Option<u32> {
     };
     (rc == 0 && !result.is_null()).then_some(pwd.pw_uid)
 }
+
+/// The gid of group `name` and the names of its listed members, if the group database knows
+/// it.
+pub fn group_of(name: &str) -> Option<(u32, Vec<String>)> {
+    let c_name = CString::new(name).ok()?;
+    let mut buf = vec![0u8; 16 * 1024];
+    // SAFETY: an all-zero `group` is a valid value of this plain C struct.
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            c_name.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    if rc != 0 || result.is_null() {
+        return None;
+    }
+    let mut members = Vec::new();
+    let mut member = grp.gr_mem;
+    // SAFETY: `gr_mem` is a NULL-terminated array of NUL-terminated strings in `buf`, which
+    // outlives this loop.
+    unsafe {
+        while !member.is_null() && !(*member).is_null() {
+            members.push(
+                std::ffi::CStr::from_ptr(*member)
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+            member = member.add(1);
+        }
+    }
+    Some((grp.gr_gid, members))
+}

@@ -1,0 +1,570 @@
+//! The `Control` service: what operators see and do, on top of the engine's owned snapshots
+//! (the supervisor's view, the dispatcher's counters, the ledger) and its event hub. Calls
+//! that wait on the engine run on blocking threads, never on the runtime's workers.
+
+use std::{pin::Pin, sync::Arc, time::Duration};
+
+use tokio_stream::{Stream, wrappers::ReceiverStream};
+use tonic::{Request, Response, Status};
+
+use super::pb::{self, control_server};
+use crate::{
+    delivery::{AttemptResult, Delivery, State},
+    dispatch::InstanceStats,
+    engine::Engine,
+    events::Event,
+    ledger::{DeadLetterFilter, Forget, LedgerError, Selection},
+    loader,
+    supervisor::{InstanceView, Refused},
+};
+
+/// How many events a `Watch` subscriber may be behind before it is ended.
+pub const WATCH_BUFFER: usize = 256;
+
+/// How much of a payload `ShowMessage` returns.
+const PREVIEW: usize = 256;
+
+/// Sets the daemon's log filter; returns the filter now in force.
+pub type SetLogLevel = Arc<dyn Fn(&str) -> Result<String, String> + Send + Sync>;
+
+/// The `Control` service of one engine.
+#[derive(Clone)]
+pub struct ControlService {
+    engine: Arc<Engine>,
+    durability: String,
+    log_level: SetLogLevel,
+}
+
+impl std::fmt::Debug for ControlService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlService")
+            .field("durability", &self.durability)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ControlService {
+    pub fn new(engine: Arc<Engine>, durability: &str, log_level: SetLogLevel) -> Self {
+        Self {
+            engine,
+            durability: durability.to_owned(),
+            log_level,
+        }
+    }
+
+    pub fn into_server(self) -> control_server::ControlServer<Self> {
+        control_server::ControlServer::new(self)
+    }
+
+    /// Runs `work` on a blocking thread with the engine.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Engine) -> Result<T, Status> + Send + 'static,
+    ) -> Result<T, Status> {
+        let engine = self.engine.clone();
+        tokio::task::spawn_blocking(move || work(&engine))
+            .await
+            .map_err(|e| Status::internal(format!("the call failed: {e}")))?
+    }
+
+    /// The instance's id, or NOT_FOUND naming it.
+    fn instance(engine: &Engine, name: &str) -> Result<crate::routing::InstanceId, Status> {
+        engine
+            .instance(name)
+            .ok_or_else(|| Status::not_found(format!("no instance `{name}` is running or waiting")))
+    }
+}
+
+/// A ledger failure as a status.
+fn ledger_status(e: &LedgerError) -> Status {
+    match e {
+        LedgerError::Full(_) => Status::resource_exhausted(e.to_string()),
+        LedgerError::Unsupported(_) | LedgerError::Refused(_) => {
+            Status::failed_precondition(e.to_string())
+        }
+        LedgerError::Fatal(_) | LedgerError::Corrupt(_) => Status::internal(e.to_string()),
+    }
+}
+
+/// One instance's state, combining the supervisor's view and the dispatcher's counters.
+fn state(view: &InstanceView, stats: Option<&InstanceStats>) -> String {
+    match stats.and_then(|s| s.circuit.as_ref()) {
+        Some(crate::circuit::State::Paused) if view.state == "running" => "paused".to_owned(),
+        _ => view.state.to_owned(),
+    }
+}
+
+fn circuit(stats: Option<&InstanceStats>) -> String {
+    match stats.and_then(|s| s.circuit.as_ref()) {
+        Some(crate::circuit::State::Closed) | None => "closed",
+        Some(crate::circuit::State::Open { probe: None, .. }) => "open",
+        Some(crate::circuit::State::Open { probe: Some(_), .. }) => "half-open",
+        Some(crate::circuit::State::Paused) => "paused",
+    }
+    .to_owned()
+}
+
+fn attempt_result(result: Option<&AttemptResult>) -> String {
+    match result {
+        None => "in flight".to_owned(),
+        Some(AttemptResult::Acked) => "acked".to_owned(),
+        Some(AttemptResult::Failed { reason }) => format!("failed: {reason}"),
+        Some(AttemptResult::Excused { reason }) => format!("failed (excused): {reason}"),
+        Some(AttemptResult::Rejected { reason }) => format!("rejected: {reason}"),
+        Some(AttemptResult::Released) => "released".to_owned(),
+    }
+}
+
+fn history(instance: String, dead_letter: bool, delivery: &Delivery) -> pb::DeliveryHistory {
+    let state = if dead_letter {
+        "dead_lettered"
+    } else if matches!(delivery.state, State::InFlight { .. }) {
+        "in_flight"
+    } else {
+        "pending"
+    };
+    pb::DeliveryHistory {
+        instance,
+        state: state.to_owned(),
+        deliveries: delivery.deliveries,
+        failures: delivery.failures,
+        last_reason: delivery.last_reason.clone().unwrap_or_default(),
+        attempts: delivery
+            .history
+            .iter()
+            .chain(delivery.current.as_ref())
+            .map(|a| pb::AttemptRecord {
+                number: a.number,
+                started_ms: a.started,
+                ended_ms: a.ended.unwrap_or_default(),
+                result: attempt_result(a.result.as_ref()),
+            })
+            .collect(),
+    }
+}
+
+fn selection(instance: String, ids: Vec<u64>, all: bool) -> Result<Selection, Status> {
+    if instance.is_empty() && ids.is_empty() && !all {
+        return Err(Status::invalid_argument(
+            "name an instance or message ids, or ask for all of them",
+        ));
+    }
+    Ok(Selection {
+        instance: (!instance.is_empty()).then_some(instance),
+        messages: ids,
+    })
+}
+
+/// An event as the `Watch` stream carries it.
+pub fn watch_event(event: &Event, snapshot: bool) -> pb::WatchEvent {
+    pb::WatchEvent {
+        seq: event.seq,
+        at_ms: event.at,
+        kind: event.kind.kind(),
+        instance: event.kind.instance().unwrap_or_default().to_owned(),
+        json: serde_json::to_string(&event.kind).unwrap_or_default(),
+        snapshot,
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl control_server::Control for ControlService {
+    async fn status(
+        &self,
+        _: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let durability = self.durability.clone();
+        self.blocking(move |engine| {
+            let view = engine.supervisor().view();
+            let snapshot = engine.snapshot();
+            let counts = engine.ledger().counts();
+            let stats = engine.ledger().stats();
+            Ok(pb::StatusResponse {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                pid: u64::from(std::process::id()),
+                uptime_ms: engine.uptime().as_millis() as u64,
+                config_path: view.config.display().to_string(),
+                config_sha256: view.config_sha256.clone(),
+                durability,
+                ledger: Some(pb::LedgerStatus {
+                    accepted: counts.accepted,
+                    acked: counts.acked,
+                    dead_lettered: counts.dead_lettered,
+                    commits: stats.commits,
+                    fsyncs: stats.fsyncs,
+                    commit_us: stats.latency_us.to_vec(),
+                }),
+                instances: view
+                    .instances
+                    .iter()
+                    .map(|v| {
+                        let s = snapshot.instances.iter().find(|s| s.name == v.name);
+                        pb::InstanceSummary {
+                            name: v.name.clone(),
+                            state: state(v, s),
+                            backlog: s.map_or(0, |s| s.backlog),
+                            in_flight: s.map_or(0, |s| s.in_flight),
+                        }
+                    })
+                    .collect(),
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn instances(
+        &self,
+        _: Request<pb::InstancesRequest>,
+    ) -> Result<Response<pb::InstancesResponse>, Status> {
+        self.blocking(|engine| {
+            let view = engine.supervisor().view();
+            let snapshot = engine.snapshot();
+            // Stored bytes per instance, where the ledger keeps them.
+            let stored = engine.ledger().backlog().unwrap_or_default();
+            Ok(pb::InstancesResponse {
+                instances: view
+                    .instances
+                    .iter()
+                    .map(|v| {
+                        let s = snapshot.instances.iter().find(|s| s.name == v.name);
+                        let backlog = s.map_or(0, |s| s.backlog);
+                        let in_flight = s.map_or(0, |s| s.in_flight);
+                        pb::InstanceDetail {
+                            name: v.name.clone(),
+                            state: state(v, s),
+                            plugin: v.plugin.clone(),
+                            version: v.version.clone(),
+                            generation: v.generation,
+                            draining: v.draining.clone(),
+                            library: v
+                                .library
+                                .as_ref()
+                                .map(|p| p.display().to_string())
+                                .unwrap_or_default(),
+                            sha256: v.sha256.clone().unwrap_or_default(),
+                            queue_depth: backlog.saturating_sub(in_flight),
+                            backlog,
+                            backlog_bytes: stored
+                                .iter()
+                                .find(|b| b.instance == v.name)
+                                .map_or(0, |b| b.bytes),
+                            in_flight,
+                            acked: s.map_or(0, |s| s.acked),
+                            failures: s.map_or(0, |s| s.failures),
+                            dead_lettered: s.map_or(0, |s| s.dead_lettered),
+                            circuit: circuit(s),
+                            hung: s.is_some_and(|s| s.hung),
+                            last_error: v.last_error.clone().unwrap_or_default(),
+                            topics: v.topics.clone(),
+                        }
+                    })
+                    .collect(),
+                retained: loader::retained()
+                    .into_iter()
+                    .map(|r| pb::RetainedLibrary {
+                        plugin: r.name,
+                        version: r.version,
+                        origin: r.origin.display().to_string(),
+                        size: r.size,
+                    })
+                    .collect(),
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn show_message(
+        &self,
+        request: Request<pb::ShowMessageRequest>,
+    ) -> Result<Response<pb::ShowMessageResponse>, Status> {
+        let id = request.into_inner().id;
+        self.blocking(move |engine| {
+            let ledger = engine.ledger();
+            let message = ledger.load(id).map_err(|e| ledger_status(&e))?;
+            let deliveries = ledger.history(id).map_err(|e| ledger_status(&e))?;
+            let Some(message) = message else {
+                return Err(Status::not_found(format!(
+                    "message {id} is not in the ledger (never accepted, or every delivery of it \
+                     ended and it was removed)"
+                )));
+            };
+            Ok(pb::ShowMessageResponse {
+                id,
+                topic: message.topic.clone(),
+                headers: message
+                    .headers
+                    .iter()
+                    .map(|(name, value)| pb::Header {
+                        name: name.clone(),
+                        value: value.clone(),
+                    })
+                    .collect(),
+                payload_size: message.payload.len() as u64,
+                payload_preview: message
+                    .payload
+                    .slice(..message.payload.len().min(PREVIEW)),
+                published_ms: message.publish_time.0,
+                deliveries: deliveries
+                    .into_iter()
+                    .map(|h| history(h.instance, h.dead_letter, &h.delivery))
+                    .collect(),
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn reload(
+        &self,
+        request: Request<pb::ReloadRequest>,
+    ) -> Result<Response<pb::ReloadResponse>, Status> {
+        let request = request.into_inner();
+        let expected = if request.expected_sha256.is_empty() {
+            None
+        } else {
+            let mut hash = [0u8; 32];
+            hex::decode_to_slice(&request.expected_sha256, &mut hash).map_err(|e| {
+                Status::invalid_argument(format!(
+                    "expected_sha256 {:?} is not a hex SHA-256: {e}",
+                    request.expected_sha256
+                ))
+            })?;
+            Some(hash)
+        };
+        let instance = (!request.instance.is_empty()).then_some(request.instance);
+        self.blocking(move |engine| {
+            let applied = engine
+                .supervisor()
+                .reload(expected, instance)
+                .map_err(|e| match e {
+                    Refused::Invalid(_) => Status::invalid_argument(e.to_string()),
+                    Refused::Changed { .. } => Status::aborted(e.to_string()),
+                    Refused::UnknownInstance(_) => Status::not_found(e.to_string()),
+                    Refused::Stopping => Status::unavailable(e.to_string()),
+                })?;
+            Ok(pb::ReloadResponse {
+                config_sha256: applied.sha256,
+                changes: applied
+                    .plan
+                    .instances
+                    .iter()
+                    .map(|(name, change)| pb::InstanceChange {
+                        instance: name.clone(),
+                        change: serde_json::to_value(change)
+                            .ok()
+                            .and_then(|v| v["action"].as_str().map(str::to_owned))
+                            .unwrap_or_default(),
+                    })
+                    .collect(),
+                restart_required: applied
+                    .plan
+                    .restart_required
+                    .iter()
+                    .map(|k| (*k).to_owned())
+                    .collect(),
+                failures: applied
+                    .failures
+                    .into_iter()
+                    .map(|f| pb::InstanceFailure {
+                        instance: f.instance,
+                        error: f.error,
+                    })
+                    .collect(),
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn pause(
+        &self,
+        request: Request<pb::InstanceRequest>,
+    ) -> Result<Response<pb::InstanceResponse>, Status> {
+        let name = request.into_inner().name;
+        self.blocking(move |engine| {
+            engine.pause(Self::instance(engine, &name)?);
+            Ok(pb::InstanceResponse {
+                name,
+                state: "paused".to_owned(),
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn resume(
+        &self,
+        request: Request<pb::InstanceRequest>,
+    ) -> Result<Response<pb::InstanceResponse>, Status> {
+        let name = request.into_inner().name;
+        self.blocking(move |engine| {
+            engine.resume(Self::instance(engine, &name)?);
+            Ok(pb::InstanceResponse {
+                name,
+                state: "resumed".to_owned(),
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn dead_letters(
+        &self,
+        request: Request<pb::DeadLettersRequest>,
+    ) -> Result<Response<pb::DeadLettersResponse>, Status> {
+        let r = request.into_inner();
+        let limit = if r.limit == 0 { 100 } else { r.limit as usize };
+        let filter = DeadLetterFilter {
+            instance: (!r.instance.is_empty()).then_some(r.instance),
+            after: (r.after_id > 0 || !r.after_instance.is_empty())
+                .then_some((r.after_id, r.after_instance)),
+            // One more than asked: whether there is a next page.
+            limit: limit + 1,
+        };
+        self.blocking(move |engine| {
+            let mut list = engine
+                .ledger()
+                .dead_letters(&filter)
+                .map_err(|e| ledger_status(&e))?;
+            let more = list.len() > limit;
+            list.truncate(limit);
+            let (next_id, next_instance) = match (more, list.last()) {
+                (true, Some(last)) => (last.message, last.instance.clone()),
+                _ => (0, String::new()),
+            };
+            Ok(pb::DeadLettersResponse {
+                dead_letters: list
+                    .into_iter()
+                    .map(|d| pb::DeadLetterEntry {
+                        id: d.message,
+                        instance: d.instance,
+                        topic: d.topic,
+                        at_ms: d.at,
+                        deliveries: d.delivery.deliveries,
+                        failures: d.delivery.failures,
+                        reason: d.delivery.last_reason.unwrap_or_default(),
+                    })
+                    .collect(),
+                next_id,
+                next_instance,
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn replay(
+        &self,
+        request: Request<pb::SelectionRequest>,
+    ) -> Result<Response<pb::ReplayResponse>, Status> {
+        let r = request.into_inner();
+        let selection = selection(r.instance, r.ids, r.all)?;
+        self.blocking(move |engine| {
+            let (queued, waiting) = engine.replay(&selection).map_err(|e| ledger_status(&e))?;
+            Ok(pb::ReplayResponse { queued, waiting })
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn purge(
+        &self,
+        request: Request<pb::SelectionRequest>,
+    ) -> Result<Response<pb::CountResponse>, Status> {
+        let r = request.into_inner();
+        let selection = selection(r.instance, r.ids, r.all)?;
+        self.blocking(move |engine| {
+            let count = engine
+                .ledger()
+                .purge(&selection)
+                .map_err(|e| ledger_status(&e))?;
+            Ok(pb::CountResponse { count })
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn forget(
+        &self,
+        request: Request<pb::ForgetRequest>,
+    ) -> Result<Response<pb::CountResponse>, Status> {
+        let r = request.into_inner();
+        if r.instance.is_empty() {
+            return Err(Status::invalid_argument("name the instance to forget"));
+        }
+        let how = if r.purge {
+            Forget::Purge
+        } else {
+            Forget::DeadLetter
+        };
+        self.blocking(move |engine| {
+            let count = engine
+                .forget(&r.instance, how)
+                .map_err(|e| ledger_status(&e))?;
+            Ok(pb::CountResponse { count })
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn set_log_level(
+        &self,
+        request: Request<pb::LogLevelRequest>,
+    ) -> Result<Response<pb::LogLevelResponse>, Status> {
+        let level = request.into_inner().level;
+        let now = (self.log_level)(&level).map_err(Status::invalid_argument)?;
+        tracing::info!(level = %now, "log level changed");
+        Ok(Response::new(pb::LogLevelResponse { level: now }))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        _: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let subscription = self.engine.events().subscribe(WATCH_BUFFER);
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        // A blocking thread moves events from the hub to the stream; when the client reads
+        // too slowly both buffers fill, the hub drops the subscriber, and the stream ends
+        // with RESOURCE_EXHAUSTED — never a silent gap.
+        tokio::task::spawn_blocking(move || {
+            for event in &subscription.history {
+                if tx.blocking_send(Ok(watch_event(event, true))).is_err() {
+                    return;
+                }
+            }
+            loop {
+                match subscription.events.recv_timeout(Duration::from_millis(500)) {
+                    Ok(event) => {
+                        if tx.blocking_send(Ok(watch_event(&event, false))).is_err() {
+                            return;
+                        }
+                    }
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                        if tx.is_closed() {
+                            return;
+                        }
+                    }
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                        let end = if subscription.lagged() {
+                            Status::resource_exhausted(format!(
+                                "this watcher fell more than {WATCH_BUFFER} events behind; \
+                                 watch again (the snapshot comes first)"
+                            ))
+                        } else {
+                            Status::unavailable("the daemon is shutting down")
+                        };
+                        let _ = tx.blocking_send(Err(end));
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

@@ -1,0 +1,96 @@
+//! The supervisor's side of the control plane: an owned snapshot of every instance,
+//! republished after each change, so a status call never waits for a reload in progress.
+
+use std::{path::PathBuf, sync::Arc};
+
+use arc_swap::ArcSwap;
+use serde::Serialize;
+
+use super::Supervisor;
+
+/// Where the snapshot is published.
+pub(super) type View = Arc<ArcSwap<SupervisorView>>;
+
+/// What the supervisor runs, as last published.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SupervisorView {
+    /// The configuration running (the last good one).
+    pub config: PathBuf,
+    pub config_sha256: String,
+    pub instances: Vec<InstanceView>,
+}
+
+/// One instance as the supervisor sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct InstanceView {
+    pub name: String,
+    /// `running`, `stopped`, `failed`, `quarantined` or `disabled`.
+    pub state: &'static str,
+    pub plugin: String,
+    /// Of the generation running (empty when none is).
+    pub version: String,
+    /// The generation running (0: none).
+    pub generation: u32,
+    /// Generations replaced or stopped, still finishing their call in hand.
+    pub draining: Vec<u32>,
+    /// The library file the running generation was loaded from.
+    pub library: Option<PathBuf>,
+    pub sha256: Option<String>,
+    /// Why it does not run (or why the last load failed while an older one kept serving).
+    pub last_error: Option<String>,
+    pub topics: Vec<String>,
+}
+
+impl Supervisor {
+    /// Publishes what runs now.
+    pub(super) fn publish_view(&self) {
+        let config = &self.parts.config;
+        let mut views: Vec<InstanceView> = self
+            .instances
+            .iter()
+            .map(|(name, inst)| {
+                let configured = config.instances.get(name);
+                let state = match (&inst.running, configured) {
+                    (Some(_), _) => "running",
+                    (None, Some(i)) if !i.enabled => "disabled",
+                    (None, _) if inst.quarantined => "quarantined",
+                    (None, _) if inst.reported.is_some() => "failed",
+                    (None, _) => "stopped",
+                };
+                let running = inst.running.as_ref();
+                InstanceView {
+                    name: name.clone(),
+                    state,
+                    plugin: running.map_or_else(
+                        || configured.map_or_else(|| name.clone(), |i| i.plugin.clone()),
+                        |g| g.library.manifest().name.clone(),
+                    ),
+                    version: running.map(|g| g.version.clone()).unwrap_or_default(),
+                    generation: running.map_or(0, |g| g.number),
+                    draining: inst.draining.clone(),
+                    library: running.map(|g| g.path.clone()),
+                    sha256: running.map(|g| hex::encode(g.key.sha256)),
+                    last_error: inst.reported.clone(),
+                    topics: inst.topics.iter().map(ToString::to_string).collect(),
+                }
+            })
+            .collect();
+        // Disabled entries that never ran in this process are instances too.
+        for (name, entry) in &config.instances {
+            if !self.instances.contains_key(name) {
+                views.push(InstanceView {
+                    name: name.clone(),
+                    state: if entry.enabled { "stopped" } else { "disabled" },
+                    plugin: entry.plugin.clone(),
+                    ..InstanceView::default()
+                });
+            }
+        }
+        views.sort_by(|a, b| a.name.cmp(&b.name));
+        self.view.store(Arc::new(SupervisorView {
+            config: config.source.clone(),
+            config_sha256: hex::encode(config.hash),
+            instances: views,
+        }));
+    }
+}
