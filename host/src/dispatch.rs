@@ -27,9 +27,9 @@ use crate::{
     clock::{Clock, Timestamp},
     config::{Circuit, Settings},
     delivery::{Delivery, Failure, Rules, Transition},
+    events::{EventKind, Events},
     ingress::{Accepted, Backlog, Ingress},
     ledger::{Forget, Ledger, LedgerError, Pending, Record, Wait},
-    events::{EventKind, Events},
     message::StoredMessage,
     routing::InstanceId,
 };

@@ -60,6 +60,26 @@ Examples:
         #[command(flatten)]
         client: cli::ClientArgs,
     },
+    /// Operate a running daemon: status, plugins, reloads, dead letters, events.
+    #[command(after_help = "\
+The daemon is found as `publish` finds it (--connect, $PLUGIND_CONNECT, the configuration's
+listen, unix:/run/plugind/plugind.sock). --json prints one JSON object (watch: one per line).
+
+Examples:
+  plugind ctl status
+  plugind ctl plugins --json | jq '.instances[] | select(.state != \"running\")'
+  plugind ctl disable orders-sink         # edits plugins.toml here, then reloads it
+  plugind ctl reload                      # as systemd's ExecReload: fails if refused
+  plugind ctl dead-letters --instance orders-sink
+  plugind ctl replay --instance orders-sink --yes
+  plugind ctl show 42
+  plugind ctl watch")]
+    Ctl {
+        #[command(flatten)]
+        client: cli::ClientArgs,
+        #[command(subcommand)]
+        action: cli::ctl::Action,
+    },
     /// Validate plugins.toml and every library the daemon would load, listing every problem.
     #[command(after_help = "\
 The configuration is found as the daemon finds it: -c FILE, then $PLUGIND_CONFIG, then
@@ -230,6 +250,7 @@ fn main() -> ExitCode {
             report,
             client,
         }),
+        Command::Ctl { client, action } => cli::ctl::run(&client, action),
         Command::Backup(args) => cli::backup::run(cli::backup::Action::Backup, &args),
         Command::Restore(args) => cli::backup::run(cli::backup::Action::Restore, &args),
         Command::Completions { shell } => {

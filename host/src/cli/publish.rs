@@ -10,7 +10,7 @@ use bytes::Bytes;
 
 use crate::{
     cli::{ClientArgs, EXIT_FAILURE, EXIT_USAGE, fail},
-    config::{self, Endpoint},
+    config,
     control::{client, pb},
 };
 
@@ -54,7 +54,7 @@ pub fn run(args: Args) -> ExitCode {
         Ok(found) => found,
         Err(e) => return fail(EXIT_FAILURE, format_args!("publish: {e}")),
     };
-    let token = token(&endpoint, args.client.config.as_deref());
+    let token = super::token(&endpoint, args.client.config.as_deref());
     let request = pb::PublishRequest {
         topic: args.topic.clone(),
         payload,
@@ -109,18 +109,4 @@ fn payload(data: Option<&str>, file: Option<&Path>) -> Result<Bytes, String> {
         (Some(data), None) => Ok(Bytes::from(data.to_owned())),
         (None, None) => Ok(Bytes::new()),
     }
-}
-
-/// The bearer token for a TCP endpoint: `$PLUGIND_TOKEN`, else the configuration's
-/// `tcp_token_file` when readable.
-fn token(endpoint: &Endpoint, config_flag: Option<&Path>) -> Option<String> {
-    if !matches!(endpoint, Endpoint::Tcp(_)) {
-        return None;
-    }
-    if let Ok(token) = std::env::var("PLUGIND_TOKEN") {
-        return Some(token);
-    }
-    let (path, _) = config::locate(config_flag).ok()?;
-    let file = config::load(&path).ok()?.host.tcp_token_file?;
-    crate::control::server::read_token(&file).ok()
 }

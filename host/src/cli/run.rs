@@ -24,6 +24,9 @@ use crate::{
     supervisor::SupervisorHandle,
 };
 
+/// How long connections may take to close once the daemon stopped.
+const CLOSE_CONNECTIONS: Duration = Duration::from_secs(2);
+
 /// Runs the daemon until a stop signal.
 pub fn run(config_flag: Option<&Path>) -> ExitCode {
     let path = match config::locate(config_flag) {
@@ -145,11 +148,24 @@ async fn serve(config: config::Config, log_level: SetLogLevel) -> ExitCode {
         .await
         .unwrap_or_default();
     let _ = drained.send(());
+    // Connections are closed gracefully, but a client that never reads (a stuck watcher, a
+    // suspended process) must not hold the exit: it gets a moment, then is dropped.
     let served = match early {
         Some(served) => served,
-        None => api.await,
+        None => match tokio::time::timeout(CLOSE_CONNECTIONS, &mut api).await {
+            Ok(served) => served,
+            Err(_) => {
+                tracing::warn!(after = ?CLOSE_CONNECTIONS, "clients still connected; closing their connections");
+                api.abort();
+                Ok(Ok(()))
+            }
+        },
     }
-    .unwrap_or_else(|e| Err(server::ServeError::Reflection(format!("the API task failed: {e}"))));
+    .unwrap_or_else(|e| {
+        Err(server::ServeError::Reflection(format!(
+            "the API task failed: {e}"
+        )))
+    });
     if let Err(e) = &served {
         tracing::error!(error = %e, "the API stopped");
     }
@@ -251,12 +267,50 @@ fn init_logging(format: LogFormat) -> SetLogLevel {
         LogFormat::Json => registry.with(output.json()).try_init(),
     };
     Arc::new(move |level: &str| {
-        let filter = EnvFilter::try_new(level)
-            .map_err(|e| format!("{level:?} is not a log filter (e.g. info, debug, plugind=trace): {e}"))?;
+        check_filter(level)?;
+        let filter = EnvFilter::try_new(level).map_err(|e| {
+            format!("{level:?} is not a log filter (e.g. info, debug, plugind=trace): {e}")
+        })?;
         let now = filter.to_string();
         handle
             .reload(filter)
             .map_err(|e| format!("cannot change the log filter: {e}"))?;
         Ok(now)
     })
+}
+
+/// A log filter as operators write it: comma-separated `LEVEL` or `TARGET=LEVEL` (env-filter
+/// would take most text as a target and silently match nothing).
+fn check_filter(text: &str) -> Result<(), String> {
+    let bad = |why: &str| {
+        Err(format!(
+            "{text:?} is not a log filter (e.g. info, debug, plugind=trace): {why}"
+        ))
+    };
+    if text.trim().is_empty() {
+        return bad("it is empty");
+    }
+    for directive in text.split(',') {
+        let (target, level) = match directive.trim().split_once('=') {
+            Some((target, level)) => (Some(target), level),
+            None => (None, directive.trim()),
+        };
+        if level
+            .parse::<tracing_subscriber::filter::LevelFilter>()
+            .is_err()
+        {
+            return bad(&format!(
+                "`{level}` is not a level (off, error, warn, info, debug, trace)"
+            ));
+        }
+        if let Some(target) = target
+            && (target.is_empty()
+                || !target
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | ':' | '-')))
+        {
+            return bad(&format!("`{target}` is not a module path"));
+        }
+    }
+    Ok(())
 }

@@ -1,4 +1,4 @@
-//! The client side of the API, for `plugind publish` (and `ctl` later): connecting to a Unix
+//! The client side of the API, for `plugind publish`, `bench` and `ctl`: connecting to a Unix
 //! or TCP endpoint and attaching the bearer token to every call.
 
 use hyper_util::rt::TokioIo;
@@ -8,13 +8,16 @@ use tonic::{
     transport::{Channel, Endpoint as TonicEndpoint, Uri},
 };
 
-use super::pb::publisher_client::PublisherClient;
+use super::pb::{control_client::ControlClient, publisher_client::PublisherClient};
 use crate::config::Endpoint;
 
 /// A connected client: the channel and the token to send (TCP).
 #[derive(Debug, Clone)]
 pub struct Client {
     pub publisher: PublisherClient<Channel>,
+    pub control: ControlClient<Channel>,
+    /// For other services on the same connection (health checking, reflection).
+    pub channel: Channel,
     token: Option<MetadataValue<tonic::metadata::Ascii>>,
 }
 
@@ -59,7 +62,9 @@ pub async fn connect(endpoint: &Endpoint, token: Option<&str>) -> Result<Client,
         None => None,
     };
     Ok(Client {
-        publisher: PublisherClient::new(channel),
+        publisher: PublisherClient::new(channel.clone()),
+        control: ControlClient::new(channel.clone()),
+        channel,
         token,
     })
 }

@@ -304,9 +304,7 @@ impl control_server::Control for ControlService {
                     })
                     .collect(),
                 payload_size: message.payload.len() as u64,
-                payload_preview: message
-                    .payload
-                    .slice(..message.payload.len().min(PREVIEW)),
+                payload_preview: message.payload.slice(..message.payload.len().min(PREVIEW)),
                 published_ms: message.publish_time.0,
                 deliveries: deliveries
                     .into_iter()

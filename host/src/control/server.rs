@@ -172,10 +172,12 @@ impl Access {
         }
         let mut uids: Vec<u32> = vec![0, rustix::process::geteuid().as_raw()];
         uids.extend(allowed_users.iter().filter_map(|u| loader::uid_of(u)));
-        let gid = socket_group.and_then(loader::group_of).map(|(gid, members)| {
-            uids.extend(members.iter().filter_map(|m| loader::uid_of(m)));
-            gid
-        });
+        let gid = socket_group
+            .and_then(loader::group_of)
+            .map(|(gid, members)| {
+                uids.extend(members.iter().filter_map(|m| loader::uid_of(m)));
+                gid
+            });
         Self {
             allowed: Some((uids, gid)),
         }
@@ -291,15 +293,27 @@ pub async fn serve(
         health,
         access,
     } = services;
-    match bound {
-        Bound::Unix { listener, path } => {
-            let check = move |request: Request<()>| access.check(request);
-            let result = Server::builder()
-                .add_service(InterceptedService::new(publisher.into_server(), check.clone()))
-                .add_service(InterceptedService::new(control.into_server(), check.clone()))
+    // Every service behind the one check of this listener.
+    macro_rules! routes {
+        ($check:expr) => {{
+            let check = $check;
+            Server::builder()
+                .add_service(InterceptedService::new(
+                    publisher.into_server(),
+                    check.clone(),
+                ))
+                .add_service(InterceptedService::new(
+                    control.into_server(),
+                    check.clone(),
+                ))
                 .add_service(InterceptedService::new(health, check.clone()))
                 .add_service(InterceptedService::new(v1, check.clone()))
                 .add_service(InterceptedService::new(v1alpha, check))
+        }};
+    }
+    match bound {
+        Bound::Unix { listener, path } => {
+            let result = routes!(move |request: Request<()>| access.check(request))
                 .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
                 .await;
             let _ = std::fs::remove_file(&path);
@@ -309,21 +323,17 @@ pub async fn serve(
             let expected: MetadataValue<Ascii> = format!("Bearer {token}")
                 .parse()
                 .expect("read_token admits only tokens that are valid header text");
-            let check = move |request: Request<()>| match request.metadata().get("authorization") {
-                Some(given) if given == expected => Ok(request),
-                Some(_) => Err(Status::unauthenticated("wrong token")),
-                None => Err(Status::unauthenticated(
-                    "this TCP endpoint needs `authorization: Bearer <token>` (tcp_token_file)",
-                )),
-            };
-            Server::builder()
-                .add_service(InterceptedService::new(publisher.into_server(), check.clone()))
-                .add_service(InterceptedService::new(control.into_server(), check.clone()))
-                .add_service(InterceptedService::new(health, check.clone()))
-                .add_service(InterceptedService::new(v1, check.clone()))
-                .add_service(InterceptedService::new(v1alpha, check))
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-                .await?;
+            routes!(
+                move |request: Request<()>| match request.metadata().get("authorization") {
+                    Some(given) if given == expected => Ok(request),
+                    Some(_) => Err(Status::unauthenticated("wrong token")),
+                    None => Err(Status::unauthenticated(
+                        "this TCP endpoint needs `authorization: Bearer <token>` (tcp_token_file)",
+                    )),
+                }
+            )
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .await?;
         }
     }
     Ok(())
