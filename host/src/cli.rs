@@ -6,6 +6,7 @@ pub mod bench;
 pub mod check;
 pub mod ctl;
 pub mod inspect;
+pub mod logging;
 pub mod publish;
 pub mod run;
 

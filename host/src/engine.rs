@@ -22,6 +22,7 @@ use crate::{
     ingress::{Backlog, Ingress},
     ledger::{Forget, Ledger, LedgerError, Selection},
     loader::{Policy, ProbeCommand},
+    notify::Notifier,
     quarantine::Quarantine,
     routing::{InstanceId, Registry, Routing},
     supervisor::{Parts, Supervisor, SupervisorHandle, desired},
@@ -41,6 +42,8 @@ pub struct Options {
     pub probe: Option<ProbeCommand>,
     /// Watch `plugin_dir` and the config file (hot plug) as `[host] watch` says.
     pub watch: bool,
+    /// The service manager to notify (reloads, status, watchdog).
+    pub notifier: Option<Arc<Notifier>>,
 }
 
 impl std::fmt::Debug for Options {
@@ -59,6 +62,7 @@ impl Options {
             clock: Arc::new(SystemClock),
             probe: ProbeCommand::current_exe(),
             watch: true,
+            notifier: Notifier::from_env().map(Arc::new),
         }
     }
 }
@@ -197,6 +201,7 @@ impl Engine {
                 probe: options.probe.clone(),
                 events: events.clone(),
                 watch,
+                notifier: options.notifier.clone(),
             },
             &wants,
         );

@@ -19,6 +19,11 @@
 //! - [`engine`]: all of it assembled, with the supervisor's start and the graceful stop.
 //! - [`control`]: the gRPC API (the only module that knows protobuf types).
 //! - [`watch`]: `plugin_dir` and the config file watched: settled change events (applies nothing).
+//! - [`supervisor`]: hot plug: desired state against running state, one reconcile at a time.
+//! - [`events`]: every transition as an event (log, history, `Watch` subscribers).
+//! - [`quarantine`]: the durable loading markers and the crash-loop verdict.
+//! - [`background`]: hot plug's heavy steps at a lower priority.
+//! - [`notify`]: the service manager's notification protocol.
 //! - [`cli`]: the commands of the `plugind` binary (`src/main.rs` only parses arguments).
 
 pub mod actor;
@@ -36,6 +41,7 @@ pub mod ingress;
 pub mod ledger;
 pub mod loader;
 pub mod message;
+pub mod notify;
 pub mod quarantine;
 pub mod routing;
 pub mod services;

@@ -26,6 +26,7 @@ use std::{collections::BTreeMap, path::PathBuf, sync::Arc, thread::JoinHandle, t
 
 use crossbeam_channel::{Receiver, Sender, bounded, select};
 use serde::Serialize;
+use sha2::Digest as _;
 
 use crate::{
     actor::{self, Deadlines},
@@ -36,6 +37,7 @@ use crate::{
     ingress::{Backlog, Ingress},
     ledger::Ledger,
     loader::{Policy, ProbeCommand},
+    notify::Notifier,
     quarantine::Quarantine,
     routing::{InstanceId, Registry, Routing},
     services::Limits,
@@ -191,6 +193,8 @@ pub struct Parts {
     pub probe: Option<ProbeCommand>,
     pub events: Arc<Events>,
     pub watch: Option<(Watcher, Receiver<Change>)>,
+    /// The service manager, when one started the daemon.
+    pub notifier: Option<Arc<Notifier>>,
 }
 
 impl std::fmt::Debug for Parts {
@@ -247,6 +251,11 @@ pub struct Supervisor {
     receiver: Receiver<Command>,
     /// What the control plane reads, republished after every change.
     view: view::View,
+    /// The configuration bytes refused last (a watcher event for them is not news).
+    refused: Option<[u8; 32]>,
+    /// The last `STATUS=` sent and the last watchdog ping.
+    status: String,
+    pinged: std::time::Instant,
 }
 
 impl Supervisor {
@@ -271,6 +280,9 @@ impl Supervisor {
             commands,
             receiver,
             view: view::View::default(),
+            refused: None,
+            status: String::new(),
+            pinged: std::time::Instant::now(),
         }
     }
 
@@ -328,6 +340,7 @@ impl Supervisor {
             }
             self.tick();
             self.publish_view();
+            self.ping_watchdog();
         }
     }
 
@@ -372,6 +385,18 @@ impl Supervisor {
             Command::Stop { .. } => unreachable!("handled by the loop"),
         }
         self.retiring.retain(|t| !t.is_finished());
+    }
+
+    /// `WATCHDOG=1` at half the interval the service manager asked for: sent from this loop,
+    /// so a supervisor stuck anywhere stops the pings.
+    fn ping_watchdog(&mut self) {
+        if let Some(notifier) = &self.parts.notifier
+            && let Some(interval) = notifier.watchdog()
+            && self.pinged.elapsed() >= interval / 2
+        {
+            notifier.watchdog_ping();
+            self.pinged = std::time::Instant::now();
+        }
     }
 
     /// Disarms the quarantine markers of generations that settled a delivery or ran long
@@ -426,9 +451,52 @@ impl Supervisor {
         }
     }
 
+    /// A reload, as the service manager sees it: `RELOADING=1`, the reload, `READY=1`.
+    fn reload(
+        &mut self,
+        expected: Option<[u8; 32]>,
+        instance: Option<String>,
+        quiet: bool,
+    ) -> Result<Applied, Refused> {
+        // A watcher event whose bytes equal what runs (or what was just refused) is no
+        // reload at all.
+        let same = || {
+            std::fs::read(&self.parts.config.source).is_ok_and(|bytes| {
+                let hash = <[u8; 32]>::from(sha2::Sha256::digest(&bytes));
+                hash == self.parts.config.hash || Some(hash) == self.refused
+            })
+        };
+        if quiet && same() {
+            let plan = config::plan(&self.parts.config, &self.parts.config);
+            return Ok(self.applied(plan, Vec::new()));
+        }
+        if let Some(notifier) = &self.parts.notifier {
+            notifier.reloading();
+        }
+        let result = self.apply_config(expected, instance, quiet);
+        self.refused = match &result {
+            Err(Refused::Invalid(_)) => std::fs::read(&self.parts.config.source)
+                .ok()
+                .map(|bytes| sha2::Sha256::digest(&bytes).into()),
+            _ => None,
+        };
+        if let Some(notifier) = &self.parts.notifier {
+            // Always READY again, after a refused reload too (the old configuration runs).
+            let summary = self.view.load().summary();
+            match &result {
+                Ok(_) => notifier.ready(&format!("reloaded; {summary}")),
+                Err(e) => notifier.ready(&format!(
+                    "reload refused ({}); {summary}",
+                    e.to_string().lines().next().unwrap_or_default()
+                )),
+            }
+        }
+        result
+    }
+
     /// Reads the configuration (and `plugin_dir`) again and applies it. `quiet`: an
     /// unchanged file is not news (a watcher event).
-    fn reload(
+    fn apply_config(
         &mut self,
         expected: Option<[u8; 32]>,
         instance: Option<String>,
@@ -557,6 +625,12 @@ impl Supervisor {
             };
             self.stop(&name, reason);
         }
+        // Routes before generations: a generation may publish from its first call, and a
+        // child routed by an older (at start: empty) table would find no target.
+        for (name, want) in &wants {
+            self.register(name, want);
+        }
+        self.route(&wants);
         let mut failures = Vec::new();
         for (name, want) in &wants {
             if let Err(error) = self.converge(name, want) {
@@ -566,7 +640,6 @@ impl Supervisor {
                 });
             }
         }
-        self.route(&wants);
         self.parts
             .quarantine
             .retain(&self.parts.libraries.digests());

@@ -113,6 +113,7 @@ fn main() {
         clock: Arc::new(SystemClock),
         probe: None,
         watch: false,
+        notifier: None,
     };
     let (engine, failures) = Engine::start(&config, MemoryLedger::new(), options).unwrap();
     assert!(failures.is_empty(), "{failures:?}");

@@ -171,13 +171,18 @@ impl Daemon {
 
     /// Sends SIGHUP (reload).
     pub fn hangup(&self) {
+        self.signal("HUP");
+    }
+
+    /// Sends signal `name` (`TERM`, `HUP`, …) and returns at once.
+    pub fn signal(&self, name: &str) {
         let pid = self.child.as_ref().expect("running").id();
         let status = Command::new("kill")
-            .arg("-HUP")
+            .arg(format!("-{name}"))
             .arg(pid.to_string())
             .status()
             .expect("kill runs");
-        assert!(status.success(), "kill -HUP {pid} failed");
+        assert!(status.success(), "kill -{name} {pid} failed");
     }
 
     /// Runs a `plugind` client command against the running daemon's default socket.

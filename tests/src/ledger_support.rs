@@ -158,7 +158,8 @@ pub fn recorded_ids(path: &Path) -> BTreeSet<u64> {
     };
     bytes
         .split_inclusive(|b| *b == b'\n')
-        .filter_map(|line| line.strip_suffix(b"\n"))
+        // Complete records only (see `fx-record`): blank separators and torn lines skipped.
+        .filter_map(|line| line.strip_suffix(b" .\n"))
         .map(|line| {
             let id = line.split(|b| *b == b' ').next().unwrap_or_default();
             std::str::from_utf8(id)
@@ -173,4 +174,22 @@ pub fn recorded_ids(path: &Path) -> BTreeSet<u64> {
                 })
         })
         .collect()
+}
+
+/// A sandbox with one `fx-block` instance `block` on `t.>` (a 10 s grace period), whose
+/// calls hold until the returned gate file exists: its configuration and the gate.
+pub fn block_sandbox(label: &str) -> (Sandbox, String, std::path::PathBuf) {
+    let s = Sandbox::new(label);
+    s.dir("plugins.d");
+    s.copy(
+        "plugins.d/fx-block.so",
+        &fixtures::library("fx-block", Profile::Dev),
+    );
+    let gate = s.path().join("gate");
+    let config = format!(
+        "[host]\nautoload = false\ngrace_period = \"10s\"\n\n[plugins.block]\nplugin = \
+         \"fx-block\"\ntopics = [\"t.>\"]\n[plugins.block.config]\ngate = \"{}\"\n",
+        gate.display()
+    );
+    (s, config, gate)
 }

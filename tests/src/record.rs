@@ -16,8 +16,9 @@ pub struct Recorded {
     pub payload: String,
 }
 
-/// Every delivery recorded in `path`, in the order they were written; empty if the file does
-/// not exist (no instance ever opened it).
+/// Every delivery recorded in `path`, in the order they were written (torn lines, cut by a
+/// kill during the write, skipped); empty if the file does not exist (no instance ever opened
+/// it).
 ///
 /// # Panics
 /// If the file cannot be read or a line is not one `fx-record` writes (with the file's text).
@@ -27,12 +28,10 @@ pub fn read_record(path: &Path) -> Vec<Recorded> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Vec::new(),
         Err(e) => panic!("cannot read the record {}: {e}", path.display()),
     };
-    assert!(
-        text.is_empty() || text.ends_with('\n'),
-        "the record {} ends in a partial line:\n{text}",
-        path.display()
-    );
+    // Blank lines separate records; a line without the trailing ` .` is torn (the process
+    // died while writing it): an attempt in progress, skipped.
     text.lines()
+        .filter_map(|line| line.strip_suffix(" ."))
         .map(|line| {
             parse(line).unwrap_or_else(|| {
                 panic!(
@@ -110,6 +109,24 @@ pub fn parse_swap(line: &str) -> Option<SwapLine> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_line_torn_by_a_kill_is_skipped_and_the_next_one_is_whole() {
+        let dir = std::env::temp_dir().join(format!("plugind-record-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("rec.txt");
+        // The second write was cut after its third field; the last one too.
+        fs::write(
+            &path,
+            "\n1 1 5 t.a a .\n\n2 1 6 \n3 1 7 t.a c d .\n\n4 1 8 t.a e",
+        )
+        .unwrap();
+        let records = read_record(&path);
+        let ids: Vec<u64> = records.iter().map(|r| r.id).collect();
+        assert_eq!(ids, [1, 3]);
+        assert_eq!(records[1].payload, "c d");
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn lines_parse_and_the_payload_keeps_its_spaces() {

@@ -403,18 +403,7 @@ fn a_watcher_that_falls_behind_is_ended_with_resource_exhausted() {
 
 #[test]
 fn health_says_not_serving_while_draining_and_reflection_lists_the_services() {
-    let s = Sandbox::new("ctl-health");
-    s.dir("plugins.d");
-    s.copy(
-        "plugins.d/fx-block.so",
-        &fixtures::library("fx-block", Profile::Dev),
-    );
-    let gate = s.path().join("gate");
-    let config = format!(
-        "[host]\nautoload = false\ngrace_period = \"10s\"\n\n[plugins.block]\nplugin = \
-         \"fx-block\"\ntopics = [\"t.>\"]\n[plugins.block.config]\ngate = \"{}\"\n",
-        gate.display()
-    );
+    let (s, config, gate) = plugind_tests::ledger_support::block_sandbox("ctl-health");
     let d = Daemon::start(s, &config);
     let endpoint = Endpoint::Unix(d.socket().to_owned());
     let rt = runtime();
@@ -466,11 +455,7 @@ fn health_says_not_serving_while_draining_and_reflection_lists_the_services() {
     // A call in hand keeps the drain going; meanwhile health says NOT_SERVING.
     d.publish("t.x", "held", &[]).unwrap();
     std::thread::sleep(Duration::from_millis(200));
-    let pid = d.pid();
-    Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
+    d.signal("TERM");
     let started = Instant::now();
     loop {
         if check(&c, "").ok() == Some(ServingStatus::NotServing as i32) {

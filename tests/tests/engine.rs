@@ -89,6 +89,7 @@ fn try_start_on(
         clock,
         probe: None,
         watch: false,
+        notifier: None,
     };
     let (engine, failures) = Engine::start(&config, ledger(&sandbox), options).unwrap();
     (

@@ -679,3 +679,44 @@ fn two_hundred_swaps_of_a_clean_plugin_leave_nothing_behind() {
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
 }
+
+#[test]
+fn children_published_by_the_first_calls_after_a_start_reach_their_targets() {
+    // Deliveries wait for a pipeline stage whose library is missing; at the next start they
+    // are handed out at once, and the children of those first calls must find the routes.
+    let s = Sandbox::new("hotplug-first-children");
+    s.dir("plugins.d");
+    s.copy(
+        "plugins.d/fx-record.so",
+        &fixtures::library("fx-record", Profile::Dev),
+    );
+    let sink = s.path().join("sink.txt");
+    let config = format!(
+        "[host]\nautoload = false\n\n[plugins.upper]\nplugin = \"fx-pipeline\"\n\
+         topics = [\"p.>\"]\n[plugins.upper.config]\nto = \"c.upper\"\n\n[plugins.sink]\n\
+         plugin = \"fx-record\"\ntopics = [\"c.>\"]\n[plugins.sink.config]\npath = \"{}\"\n",
+        sink.display()
+    );
+    let d = Daemon::start(s, &config);
+    let payloads: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
+    publish_all_to(&d, "p.x", &payloads);
+    let (status, s) = d.stop_keeping_state();
+    assert!(status.success());
+    s.copy(
+        "plugins.d/fx-pipeline.so",
+        &fixtures::library("fx-pipeline", Profile::Dev),
+    );
+    let d = Daemon::restart(s);
+    wait_until("every child reached the sink", &d, || {
+        plugind_tests::ledger_support::recorded_ids(&sink).len() == payloads.len()
+    });
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+}
+
+fn publish_all_to(d: &Daemon, topic: &str, payloads: &[String]) {
+    for payload in payloads {
+        d.publish(topic, payload, &[])
+            .unwrap_or_else(|e| panic!("publish refused: {e}\n{}", d.log()));
+    }
+}

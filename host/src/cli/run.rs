@@ -7,10 +7,11 @@
 
 use std::{path::Path, process::ExitCode, sync::Arc, time::Duration};
 
+use super::logging;
 use crate::{
     cli::{EXIT_CONFIG, EXIT_FAILURE, fail},
     clock::{Clock, SystemClock, Timestamp},
-    config::{self, ConfigError, Durability, LogFormat},
+    config::{self, ConfigError, Durability},
     control::{
         operator::{ControlService, SetLogLevel},
         publisher::PublisherService,
@@ -44,7 +45,7 @@ pub fn run(config_flag: Option<&Path>) -> ExitCode {
         }
         Err(e) => return fail(EXIT_CONFIG, format_args!("run: {e}")),
     };
-    let log_level = init_logging(config.host.log_format);
+    let log_level = logging::init(config.host.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("grpc")
@@ -87,7 +88,9 @@ async fn serve(config: config::Config, log_level: SetLogLevel) -> ExitCode {
     {
         return fail(EXIT_FAILURE, format_args!("run: {e}"));
     }
-    let (engine, failures) = match Engine::start(&config, ledger.clone(), Options::daemon()) {
+    let options = Options::daemon();
+    let notifier = options.notifier.clone();
+    let (engine, failures) = match Engine::start(&config, ledger.clone(), options) {
         Ok((engine, failures)) => (Arc::new(engine), failures),
         Err(e) => return fail(EXIT_FAILURE, format_args!("run: {e}")),
     };
@@ -103,6 +106,9 @@ async fn serve(config: config::Config, log_level: SetLogLevel) -> ExitCode {
         config = %config.source.display(),
         "plugind ready"
     );
+    if let Some(notifier) = &notifier {
+        notifier.ready(&engine.supervisor().view().summary());
+    }
     let now = SystemClock.now();
     let known = ledger.keys(Timestamp(
         now.0
@@ -139,6 +145,9 @@ async fn serve(config: config::Config, log_level: SetLogLevel) -> ExitCode {
         served = &mut api => Some(served),
     };
     reloads.abort();
+    if let Some(notifier) = &notifier {
+        notifier.stopping("draining: finishing the calls in hand");
+    }
     server::draining(&health_reporter).await;
     tracing::info!(grace_period = ?config.host.grace_period, "stopping: draining the calls in hand");
     let grace = config.host.grace_period.max(Duration::from_millis(1));
@@ -248,69 +257,4 @@ async fn stop_signal() {
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
         () = term => tracing::info!("SIGTERM received"),
     }
-}
-
-/// Logs to stderr: text, or one JSON object per line; `PLUGIND_LOG` (an env-filter
-/// directive) chooses the level, `info` by default. Returns how to change the filter while
-/// running (`plugind ctl log-level`).
-fn init_logging(format: LogFormat) -> SetLogLevel {
-    use tracing_subscriber::{EnvFilter, layer::SubscriberExt as _, util::SubscriberInitExt as _};
-    let filter = EnvFilter::try_from_env("PLUGIND_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
-    // Colour only for a person at a terminal, never into files or the journal.
-    let output = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let registry = tracing_subscriber::registry().with(filter);
-    let _ = match format {
-        LogFormat::Text => registry.with(output).try_init(),
-        LogFormat::Json => registry.with(output.json()).try_init(),
-    };
-    Arc::new(move |level: &str| {
-        check_filter(level)?;
-        let filter = EnvFilter::try_new(level).map_err(|e| {
-            format!("{level:?} is not a log filter (e.g. info, debug, plugind=trace): {e}")
-        })?;
-        let now = filter.to_string();
-        handle
-            .reload(filter)
-            .map_err(|e| format!("cannot change the log filter: {e}"))?;
-        Ok(now)
-    })
-}
-
-/// A log filter as operators write it: comma-separated `LEVEL` or `TARGET=LEVEL` (env-filter
-/// would take most text as a target and silently match nothing).
-fn check_filter(text: &str) -> Result<(), String> {
-    let bad = |why: &str| {
-        Err(format!(
-            "{text:?} is not a log filter (e.g. info, debug, plugind=trace): {why}"
-        ))
-    };
-    if text.trim().is_empty() {
-        return bad("it is empty");
-    }
-    for directive in text.split(',') {
-        let (target, level) = match directive.trim().split_once('=') {
-            Some((target, level)) => (Some(target), level),
-            None => (None, directive.trim()),
-        };
-        if level
-            .parse::<tracing_subscriber::filter::LevelFilter>()
-            .is_err()
-        {
-            return bad(&format!(
-                "`{level}` is not a level (off, error, warn, info, debug, trace)"
-            ));
-        }
-        if let Some(target) = target
-            && (target.is_empty()
-                || !target
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | ':' | '-')))
-        {
-            return bad(&format!("`{target}` is not a module path"));
-        }
-    }
-    Ok(())
 }

@@ -18,6 +18,32 @@ pub struct SupervisorView {
     pub config: PathBuf,
     pub config_sha256: String,
     pub instances: Vec<InstanceView>,
+    /// Payload bytes waiting, every instance together.
+    pub backlog_bytes: u64,
+}
+
+impl SupervisorView {
+    /// One line for the service manager's `STATUS=`.
+    pub fn summary(&self) -> String {
+        let count = |state: &str| self.instances.iter().filter(|i| i.state == state).count();
+        format!(
+            "{} instances up, {} failed, {} quarantined, {} disabled; backlog {}",
+            count("running"),
+            count("failed") + count("stopped"),
+            count("quarantined"),
+            count("disabled"),
+            bytes(self.backlog_bytes)
+        )
+    }
+}
+
+/// `1.5 MiB`.
+fn bytes(n: u64) -> String {
+    match n {
+        0..1024 => format!("{n} B"),
+        1024..1_048_576 => format!("{:.1} KiB", n as f64 / 1024.0),
+        _ => format!("{:.1} MiB", n as f64 / 1_048_576.0),
+    }
 }
 
 /// One instance as the supervisor sees it.
@@ -42,8 +68,8 @@ pub struct InstanceView {
 }
 
 impl Supervisor {
-    /// Publishes what runs now.
-    pub(super) fn publish_view(&self) {
+    /// Publishes what runs now (and tells the service manager when its summary changed).
+    pub(super) fn publish_view(&mut self) {
         let config = &self.parts.config;
         let mut views: Vec<InstanceView> = self
             .instances
@@ -87,10 +113,22 @@ impl Supervisor {
             }
         }
         views.sort_by(|a, b| a.name.cmp(&b.name));
-        self.view.store(Arc::new(SupervisorView {
+        let backlog = &self.parts.backlog;
+        let view = SupervisorView {
             config: config.source.clone(),
             config_sha256: hex::encode(config.hash),
             instances: views,
-        }));
+            backlog_bytes: (0..backlog.len())
+                .map(|id| backlog.bytes(id as crate::routing::InstanceId))
+                .sum(),
+        };
+        let summary = view.summary();
+        self.view.store(Arc::new(view));
+        if summary != self.status
+            && let Some(notifier) = &self.parts.notifier
+        {
+            notifier.status(&summary);
+            self.status = summary;
+        }
     }
 }
