@@ -303,3 +303,36 @@ fn every_example_plugin_loads_under_memory_deny_write_execute() {
         );
     }
 }
+
+#[test]
+fn log_format_json_writes_one_object_per_line_with_the_instance_fields() {
+    let s = Sandbox::new("systemd-json-logs");
+    s.dir("plugins.d");
+    s.copy(
+        "plugins.d/fx-echo.so",
+        &plugind_tests::fixtures::library("fx-echo", plugind_tests::fixtures::Profile::Dev),
+    );
+    let config = "[host]\nautoload = false\nlog_format = \"json\"\n\n[plugins.a]\nplugin = \
+                  \"fx-echo\"\ntopics = [\"echo.>\"]\n";
+    let d = Daemon::start(s, config);
+    d.publish("echo.x", "hello", &[]).unwrap();
+    let started = Instant::now();
+    while !d.log().contains("\"instance\":\"a\"") {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no plugin log line with its instance:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    for line in log.lines() {
+        let value: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not one JSON object ({e}): {line}"));
+        assert!(
+            value["level"].is_string() && value["timestamp"].is_string(),
+            "{line}"
+        );
+    }
+}
