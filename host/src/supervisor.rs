@@ -253,8 +253,9 @@ pub struct Supervisor {
     view: view::View,
     /// The configuration bytes refused last (a watcher event for them is not news).
     refused: Option<[u8; 32]>,
-    /// The last `STATUS=` sent and the last watchdog ping.
+    /// The last `STATUS=` sent, when, and the last watchdog ping.
     status: String,
+    status_at: std::time::Instant,
     pinged: std::time::Instant,
 }
 
@@ -282,6 +283,7 @@ impl Supervisor {
             view: view::View::default(),
             refused: None,
             status: String::new(),
+            status_at: std::time::Instant::now(),
             pinged: std::time::Instant::now(),
         }
     }

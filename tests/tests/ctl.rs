@@ -566,3 +566,46 @@ fn a_peer_that_is_not_allowed_is_refused_and_tcp_needs_its_token() {
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
 }
+
+#[test]
+fn watchers_beyond_the_limit_are_refused_until_one_ends() {
+    let d = Daemon::start(sandbox("ctl-watchers"), CONFIG);
+    let endpoint = Endpoint::Unix(d.socket().to_owned());
+    runtime().block_on(async {
+        let mut c = client::connect(&endpoint, None).await.unwrap();
+        let mut open = Vec::new();
+        for _ in 0..plugind::control::operator::MAX_WATCHERS {
+            let stream = c
+                .control
+                .watch(c.request(pb::WatchRequest {}))
+                .await
+                .expect("within the limit");
+            open.push(stream.into_inner());
+        }
+        let refused = c
+            .control
+            .watch(c.request(pb::WatchRequest {}))
+            .await
+            .expect_err("one too many");
+        assert_eq!(
+            refused.code(),
+            tonic::Code::ResourceExhausted,
+            "{refused:?}"
+        );
+        // One ends: there is room again (its thread notices within half a second).
+        open.pop();
+        let started = Instant::now();
+        loop {
+            match c.control.watch(c.request(pb::WatchRequest {})).await {
+                Ok(_) => break,
+                Err(status) => {
+                    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+                    assert!(started.elapsed() < Duration::from_secs(5), "no room again");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    });
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+}

@@ -2,7 +2,14 @@
 //! (the supervisor's view, the dispatcher's counters, the ledger) and its event hub. Calls
 //! that wait on the engine run on blocking threads, never on the runtime's workers.
 
-use std::{pin::Pin, sync::Arc, time::Duration};
+use std::{
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status};
@@ -21,6 +28,9 @@ use crate::{
 /// How many events a `Watch` subscriber may be behind before it is ended.
 pub const WATCH_BUFFER: usize = 256;
 
+/// How many `Watch` streams may be open at once (each holds a blocking thread).
+pub const MAX_WATCHERS: usize = 64;
+
 /// How much of a payload `ShowMessage` returns.
 const PREVIEW: usize = 256;
 
@@ -33,6 +43,8 @@ pub struct ControlService {
     engine: Arc<Engine>,
     durability: String,
     log_level: SetLogLevel,
+    /// `Watch` streams open now.
+    watchers: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for ControlService {
@@ -49,6 +61,7 @@ impl ControlService {
             engine,
             durability: durability.to_owned(),
             log_level,
+            watchers: Arc::default(),
         }
     }
 
@@ -525,12 +538,27 @@ impl control_server::Control for ControlService {
         &self,
         _: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        if self.watchers.fetch_add(1, Ordering::AcqRel) >= MAX_WATCHERS {
+            self.watchers.fetch_sub(1, Ordering::AcqRel);
+            return Err(Status::resource_exhausted(format!(
+                "{MAX_WATCHERS} watchers are open already; try again when one ends"
+            )));
+        }
+        let watchers = self.watchers.clone();
         let subscription = self.engine.events().subscribe(WATCH_BUFFER);
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         // A blocking thread moves events from the hub to the stream; when the client reads
         // too slowly both buffers fill, the hub drops the subscriber, and the stream ends
         // with RESOURCE_EXHAUSTED — never a silent gap.
         tokio::task::spawn_blocking(move || {
+            // Counted until this thread ends, however it ends.
+            struct Open(Arc<AtomicUsize>);
+            impl Drop for Open {
+                fn drop(&mut self) {
+                    self.0.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+            let _open = Open(watchers);
             for event in &subscription.history {
                 if tx.blocking_send(Ok(watch_event(event, true))).is_err() {
                     return;

@@ -1,7 +1,7 @@
 //! The supervisor's side of the control plane: an owned snapshot of every instance,
 //! republished after each change, so a status call never waits for a reload in progress.
 
-use std::{path::PathBuf, sync::Arc};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
@@ -124,11 +124,18 @@ impl Supervisor {
         };
         let summary = view.summary();
         self.view.store(Arc::new(view));
+        // Instance changes at once; a moving backlog at most once a second.
+        let instances_changed = || {
+            let head = |s: &str| s.split(';').next().map(str::to_owned);
+            head(&summary) != head(&self.status)
+        };
         if summary != self.status
+            && (instances_changed() || self.status_at.elapsed() >= Duration::from_secs(1))
             && let Some(notifier) = &self.parts.notifier
         {
             notifier.status(&summary);
             self.status = summary;
+            self.status_at = std::time::Instant::now();
         }
     }
 }
