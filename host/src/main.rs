@@ -19,9 +19,13 @@ enum Command {
     /// Run the daemon: serve the API and deliver messages to the configured plugins.
     #[command(after_help = "\
 The configuration is found as `check` finds it. An invalid one is refused whole (exit 78);
-a library that fails to load is logged and refused while the rest runs. SIGINT or SIGTERM
-stops accepting, lets the calls in hand finish within grace_period, and exits 0.
-Logs go to stderr; PLUGIND_LOG sets the level (e.g. PLUGIND_LOG=debug).
+a library that fails to load is logged and refused while the rest runs. While it runs,
+plugin_dir and the configuration are watched: a library copied in, replaced or removed,
+and an edited plugins.toml, take effect at once (an invalid edit is refused whole and the
+last good configuration keeps running). SIGHUP (or `plugind ctl reload`) reads both again.
+SIGINT or SIGTERM stops accepting, lets the calls in hand finish within grace_period, and
+exits 0. Logs go to stderr; PLUGIND_LOG sets the level (e.g. PLUGIND_LOG=debug). Under
+systemd it notifies readiness, reloads and the watchdog (deploy/plugind.service).
 
 Examples:
   plugind run
