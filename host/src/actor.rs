@@ -159,8 +159,6 @@ pub struct Actor {
     busy_since: Arc<AtomicU64>,
     /// When the plugin's `shutdown` started (ms since the epoch), 0 before.
     shutdown_since: Arc<AtomicU64>,
-    /// Calls finished so far.
-    calls: Arc<AtomicU64>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -193,12 +191,10 @@ impl Actor {
         let mailbox = Arc::new(Mailbox::default());
         let busy_since = Arc::new(AtomicU64::new(0));
         let shutdown_since = Arc::new(AtomicU64::new(0));
-        let calls = Arc::new(AtomicU64::new(0));
         let name = services.identity().instance.clone();
         let worker = Worker {
             instance,
             generation,
-            calls: calls.clone(),
             plugin,
             services,
             mailbox: mailbox.clone(),
@@ -221,7 +217,6 @@ impl Actor {
             outstanding: 0,
             busy_since,
             shutdown_since,
-            calls,
             thread: Some(thread),
         })
     }
@@ -232,11 +227,6 @@ impl Actor {
 
     pub fn generation(&self) -> u32 {
         self.generation
-    }
-
-    /// The count of calls this actor finished (shared: it keeps counting).
-    pub fn calls(&self) -> Arc<AtomicU64> {
-        self.calls.clone()
     }
 
     /// How many more hand-offs it may be offered now.
@@ -336,7 +326,6 @@ impl Actor {
 struct Worker {
     instance: InstanceId,
     generation: u32,
-    calls: Arc<AtomicU64>,
     plugin: PluginInstance,
     services: Arc<InstanceServices>,
     mailbox: Arc<Mailbox>,
@@ -407,7 +396,6 @@ impl Worker {
         let plugin = &mut self.plugin;
         let (result, children) = self.services.staged(hops, || plugin.handle(raw));
         self.busy_since.store(0, Ordering::Release);
-        self.calls.fetch_add(1, Ordering::Relaxed);
         if let Some(first_call) = self.first_call.take() {
             first_call();
         }

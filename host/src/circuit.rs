@@ -48,6 +48,11 @@ pub struct Breaker {
 }
 
 impl Breaker {
+    /// The settings it runs with.
+    pub fn settings(&self) -> &config::Circuit {
+        &self.settings
+    }
+
     pub fn new(settings: config::Circuit) -> Self {
         Self {
             settings,

@@ -25,7 +25,7 @@ use crate::{
     actor::{self, Actor, Handoff, Settlement, Stopped},
     circuit::{self, Breaker},
     clock::{Clock, Timestamp},
-    config::{Circuit, Settings},
+    config::Settings,
     delivery::{Delivery, Failure, Rules, Transition},
     events::{EventKind, Events},
     ingress::{Accepted, Backlog, Ingress},
@@ -84,8 +84,6 @@ pub enum Input {
 pub struct Slot {
     pub name: String,
     pub rules: Rules,
-    /// The circuit settings `breaker` was made with.
-    pub circuit: Circuit,
     pub breaker: Breaker,
     /// `None` while the instance is not running (failed to load, disabled): its deliveries
     /// wait.
@@ -106,7 +104,6 @@ impl Slot {
         let mut slot = Self {
             name: name.to_owned(),
             rules: Rules::from(settings),
-            circuit: settings.circuit.clone(),
             breaker: Breaker::new(settings.circuit.clone()),
             actor: None,
             hang_grace: Duration::ZERO,
@@ -120,8 +117,7 @@ impl Slot {
     /// Applies new delivery settings; the circuit restarts only if its own changed.
     pub fn configure(&mut self, settings: &Settings) {
         self.rules = Rules::from(settings);
-        if settings.circuit != self.circuit {
-            self.circuit = settings.circuit.clone();
+        if settings.circuit != *self.breaker.settings() {
             self.breaker = Breaker::new(settings.circuit.clone());
         }
         self.hang_grace = settings.hang_grace;

@@ -167,11 +167,22 @@ impl EventKind {
     }
 
     /// Its kind, as serialized (`loaded`, `dead_lettered`, …).
-    pub fn kind(&self) -> String {
-        serde_json::to_value(self)
-            .ok()
-            .and_then(|v| v.get("event").and_then(|k| k.as_str().map(str::to_owned)))
-            .unwrap_or_default()
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Loaded { .. } => "loaded",
+            Self::Swapped { .. } => "swapped",
+            Self::Draining { .. } => "draining",
+            Self::Retired { .. } => "retired",
+            Self::Failed { .. } => "failed",
+            Self::Quarantined { .. } => "quarantined",
+            Self::Stopped { .. } => "stopped",
+            Self::Updated { .. } => "updated",
+            Self::ConfigApplied { .. } => "config_applied",
+            Self::ConfigRefused { .. } => "config_refused",
+            Self::DeadLettered { .. } => "dead_lettered",
+            Self::Forgotten { .. } => "forgotten",
+            Self::Circuit { .. } => "circuit",
+        }
     }
 
     fn is_problem(&self) -> bool {
@@ -197,6 +208,9 @@ pub struct Event {
     pub at: u64,
     #[serde(flatten)]
     pub kind: EventKind,
+    /// `kind` as JSON, serialized once for the log and every subscriber.
+    #[serde(skip)]
+    pub json: Arc<str>,
 }
 
 /// A subscriber's end.
@@ -260,7 +274,7 @@ impl Events {
 
     /// Logs, numbers, keeps and sends one event; returns its number.
     pub fn emit(&self, kind: EventKind) -> u64 {
-        let fields = serde_json::to_string(&kind).unwrap_or_default();
+        let fields: Arc<str> = serde_json::to_string(&kind).unwrap_or_default().into();
         if kind.is_problem() {
             tracing::warn!(event = %fields, "{}", kind.describe());
         } else {
@@ -271,6 +285,7 @@ impl Events {
             seq: inner.next,
             at: self.clock.now().0,
             kind,
+            json: fields,
         };
         inner.next += 1;
         if inner.history.len() == HISTORY {
@@ -386,6 +401,33 @@ mod tests {
     }
 
     #[test]
+    fn the_kind_is_the_serialized_tag() {
+        let kinds = [
+            stopped("a"),
+            EventKind::Circuit {
+                instance: "a".into(),
+                state: "open".into(),
+            },
+            EventKind::ConfigRefused {
+                path: "p".into(),
+                error: "e".into(),
+            },
+            EventKind::DeadLettered {
+                instance: "a".into(),
+                id: 1,
+                reason: "r".into(),
+            },
+        ];
+        for kind in kinds {
+            assert_eq!(
+                serde_json::to_value(&kind).unwrap()["event"],
+                kind.kind(),
+                "{kind:?}"
+            );
+        }
+    }
+
+    #[test]
     fn events_serialize_with_their_kind_and_fields() {
         let json = serde_json::to_value(Event {
             seq: 7,
@@ -395,6 +437,7 @@ mod tests {
                 generation: 2,
                 how: Retirement::Retained,
             },
+            json: Arc::from(""),
         })
         .unwrap();
         assert_eq!(

@@ -142,15 +142,6 @@ impl Backlog {
         id as InstanceId
     }
 
-    /// How many instance ids it has.
-    pub fn len(&self) -> usize {
-        self.entries.load().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// A new `max_backlog` for an instance.
     pub fn set_limit(&self, instance: InstanceId, limit: u64) {
         self.entries.load()[instance as usize]

@@ -219,6 +219,8 @@ struct Inst {
     reported: Option<String>,
     /// The last failure is a quarantine.
     quarantined: bool,
+    /// An operator asked for a new generation (`reload NAME`).
+    renew: bool,
     generations: u32,
     /// Generations replaced or stopped and not yet retired.
     draining: Vec<u32>,
@@ -235,6 +237,7 @@ impl Inst {
             failed: None,
             reported: None,
             quarantined: false,
+            renew: false,
             generations: 0,
             draining: Vec::new(),
         }
@@ -401,13 +404,12 @@ impl Supervisor {
         }
     }
 
-    /// Disarms the quarantine markers of generations that settled a delivery or ran long
-    /// enough.
+    /// Disarms the quarantine markers of generations that ran long enough without a first
+    /// call.
     fn tick(&mut self) {
         for (name, inst) in &mut self.instances {
             if let Some(generation) = &mut inst.running
-                && generation.armed.is_some()
-                && generation.settled(SETTLE_AFTER)
+                && generation.ran_for(SETTLE_AFTER)
             {
                 generation.armed = None;
                 self.parts.quarantine.disarm(&generation.key.sha256, name);
@@ -460,26 +462,24 @@ impl Supervisor {
         instance: Option<String>,
         quiet: bool,
     ) -> Result<Applied, Refused> {
+        // Read once: what is compared, refused or applied is these bytes.
+        let text = std::fs::read_to_string(&self.parts.config.source);
+        let hash = text
+            .as_ref()
+            .ok()
+            .map(|t| <[u8; 32]>::from(sha2::Sha256::digest(t.as_bytes())));
         // A watcher event whose bytes equal what runs (or what was just refused) is no
         // reload at all.
-        let same = || {
-            std::fs::read(&self.parts.config.source).is_ok_and(|bytes| {
-                let hash = <[u8; 32]>::from(sha2::Sha256::digest(&bytes));
-                hash == self.parts.config.hash || Some(hash) == self.refused
-            })
-        };
-        if quiet && same() {
+        if quiet && hash.is_some_and(|h| h == self.parts.config.hash || Some(h) == self.refused) {
             let plan = config::plan(&self.parts.config, &self.parts.config);
             return Ok(self.applied(plan, Vec::new()));
         }
         if let Some(notifier) = &self.parts.notifier {
             notifier.reloading();
         }
-        let result = self.apply_config(expected, instance, quiet);
+        let result = self.apply_config(text, expected, instance, quiet);
         self.refused = match &result {
-            Err(Refused::Invalid(_)) => std::fs::read(&self.parts.config.source)
-                .ok()
-                .map(|bytes| sha2::Sha256::digest(&bytes).into()),
+            Err(Refused::Invalid(_)) => hash,
             _ => None,
         };
         if let Some(notifier) = &self.parts.notifier {
@@ -496,10 +496,11 @@ impl Supervisor {
         result
     }
 
-    /// Reads the configuration (and `plugin_dir`) again and applies it. `quiet`: an
-    /// unchanged file is not news (a watcher event).
+    /// Applies the configuration file's `text` (and reads `plugin_dir` again). `quiet`: a
+    /// watcher event, not an operator's reload.
     fn apply_config(
         &mut self,
+        text: std::io::Result<String>,
         expected: Option<[u8; 32]>,
         instance: Option<String>,
         quiet: bool,
@@ -512,12 +513,19 @@ impl Supervisor {
             });
             Err(Refused::Invalid(error))
         };
-        let new = match config::load(&path) {
-            Ok(new) => new,
-            Err(ConfigError::Invalid(invalid)) => {
-                return refuse(&self.parts.events, invalid.render());
+        let text = match text {
+            Ok(text) => text,
+            Err(source) => {
+                let error = ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                };
+                return refuse(&self.parts.events, error.to_string());
             }
-            Err(e) => return refuse(&self.parts.events, e.to_string()),
+        };
+        let new = match config::parse(&path, &text) {
+            Ok(new) => new,
+            Err(invalid) => return refuse(&self.parts.events, invalid.render()),
         };
         if let Some(expected) = expected
             && expected != new.hash
@@ -534,9 +542,6 @@ impl Supervisor {
             return Err(refused);
         }
         let unchanged = new.hash == self.parts.config.hash;
-        if unchanged && quiet {
-            return Ok(self.applied(config::plan(&new, &new), Vec::new()));
-        }
         if let Some(name) = &instance {
             let Some(inst) = self.instances.get_mut(name) else {
                 return Err(Refused::UnknownInstance(name.clone()));
@@ -586,8 +591,9 @@ impl Supervisor {
                 error: refusal.error,
             });
         }
-        if let Some(name) = &instance {
-            self.reinstantiate(name);
+        if let Some(inst) = instance.as_ref().and_then(|n| self.instances.get_mut(n)) {
+            // Instantiated anew at the reconcile below, even from the same bytes and config.
+            inst.renew = true;
         }
         let failures = self.reconcile();
         if !unchanged {
@@ -680,7 +686,7 @@ impl Supervisor {
             sha256: checked.sha256(),
             config: want.config.clone(),
         };
-        if inst.running.as_ref().is_some_and(|g| g.key == key) {
+        if !inst.renew && inst.running.as_ref().is_some_and(|g| g.key == key) {
             return Ok(());
         }
         if inst.failed.as_ref() == Some(&key) {
@@ -813,6 +819,7 @@ impl Supervisor {
             }
         };
         inst.generations = number;
+        inst.renew = false;
         inst.failed = None;
         inst.reported = None;
         inst.quarantined = false;
@@ -871,15 +878,6 @@ impl Supervisor {
         });
         if let Some(old_actor) = old_actor {
             self.retire(name, old, old_actor);
-        }
-    }
-
-    /// Forces a new generation of `name` at the next reconcile (operator reload).
-    fn reinstantiate(&mut self, name: &str) {
-        if let Some(inst) = self.instances.get_mut(name)
-            && let Some(running) = &mut inst.running
-        {
-            running.key.config = serde_json::Value::Null;
         }
     }
 

@@ -78,21 +78,6 @@ fn swap_in(d: &Daemon, build: SwapBuild) -> u64 {
     at
 }
 
-fn letter(build: SwapBuild) -> char {
-    match build {
-        SwapBuild::A => 'A',
-        SwapBuild::B => 'B',
-    }
-}
-
-fn other(swap: usize) -> SwapBuild {
-    if swap % 2 == 0 {
-        SwapBuild::B
-    } else {
-        SwapBuild::A
-    }
-}
-
 /// Reads a growing record from where the last call stopped.
 struct Tail {
     offset: usize,
@@ -122,14 +107,14 @@ fn first_by(record: &Path, tail: &mut Tail, build: SwapBuild, since: u64) -> Swa
         if let Some(line) = tail
             .next(record)
             .into_iter()
-            .find(|l| l.build == letter(build) && l.handled_us >= since)
+            .find(|l| l.build == build.letter() && l.handled_us >= since)
         {
             return line;
         }
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "build {} never took over",
-            letter(build)
+            build.letter()
         );
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -144,7 +129,7 @@ fn swap_latencies(watch: &str, durability: &str) -> Vec<f64> {
     let mut latencies = Vec::new();
     let mut tail = Tail { offset: 0 };
     for swap in 0..10 {
-        let build = other(swap);
+        let build = SwapBuild::nth_swap(swap);
         let at = swap_in(&d, build);
         let line = first_by(&record, &mut tail, build, at);
         latencies.push(line.handled_us.saturating_sub(at) as f64 / 1000.0);
@@ -176,7 +161,7 @@ fn paced(swaps: bool, durability: &str) -> Vec<u64> {
     let mut next = Instant::now() + Duration::from_secs(1);
     while bench.try_wait().unwrap().is_none() {
         if swaps && Instant::now() >= next {
-            swapped_at.push(swap_in(&d, other(swap)));
+            swapped_at.push(swap_in(&d, SwapBuild::nth_swap(swap)));
             swap += 1;
             next += Duration::from_secs(1);
         }

@@ -169,6 +169,52 @@ impl Daemon {
         self.child.as_ref().expect("running").id()
     }
 
+    /// `backlog` and `in_flight` of `instance`, as `plugind ctl status --json` reports them.
+    ///
+    /// # Panics
+    /// If the command fails or names no such instance.
+    pub fn counts(&self, instance: &str) -> (u64, u64) {
+        let out = self.cli(&["ctl", "status", "--json"]);
+        assert!(out.status.success(), "ctl status: {out:?}");
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        let entry = status["instances"]
+            .as_array()
+            .and_then(|list| list.iter().find(|i| i["name"] == instance))
+            .unwrap_or_else(|| panic!("no instance {instance} in {status}"));
+        (
+            entry["backlog"].as_u64().unwrap_or_default(),
+            entry["in_flight"].as_u64().unwrap_or_default(),
+        )
+    }
+
+    /// Waits (10 s at most) until `instance` holds a call in flight (handed to its plugin).
+    ///
+    /// # Panics
+    /// On timeout, with the log.
+    pub fn wait_in_flight(&self, instance: &str) {
+        self.wait_counts(instance, "a call in flight", |(_, in_flight)| in_flight > 0);
+    }
+
+    /// Waits (10 s at most) until nothing waits for `instance` or is in flight there.
+    ///
+    /// # Panics
+    /// On timeout, with the log.
+    pub fn wait_idle(&self, instance: &str) {
+        self.wait_counts(instance, "nothing waiting", |counts| counts == (0, 0));
+    }
+
+    fn wait_counts(&self, instance: &str, what: &str, done: impl Fn((u64, u64)) -> bool) {
+        let started = Instant::now();
+        while !done(self.counts(instance)) {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{instance}: not {what} after 10 s:\n{}",
+                self.history()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Sends SIGHUP (reload).
     pub fn hangup(&self) {
         self.signal("HUP");

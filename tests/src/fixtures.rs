@@ -307,6 +307,19 @@ impl SwapBuild {
         }
     }
 
+    /// The letter its output says it is.
+    pub fn letter(self) -> char {
+        match self {
+            Self::A => 'A',
+            Self::B => 'B',
+        }
+    }
+
+    /// The build the `n`th swap (from 0) puts in place, starting from A: B, A, B, …
+    pub fn nth_swap(n: usize) -> Self {
+        if n % 2 == 0 { Self::B } else { Self::A }
+    }
+
     /// The 16 label bytes embedded in this build (`fx-swap`'s `BUILD` static).
     fn label(self) -> &'static [u8; 16] {
         match self {

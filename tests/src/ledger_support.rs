@@ -143,10 +143,9 @@ pub fn ids(records: &[Recorded]) -> BTreeSet<u64> {
 }
 
 /// The distinct message ids of the complete lines of the `fx-record` file `path` (none if it
-/// does not exist), while an instance may still be writing it: a line is one `write`, but a
-/// reader can see a long one (payloads of KiBs) half written, so a last line without its
-/// newline is left out. Once the daemon stopped, [`crate::record::read_record`] reads it all
-/// and refuses a partial line.
+/// does not exist), while an instance may still be writing it: a reader can see a long line
+/// (payloads of KiBs) half written, and a kill can tear one, so only lines ending in ` .`
+/// count, as [`crate::record::read_record`] counts them.
 ///
 /// # Panics
 /// If the file cannot be read or a complete line does not start with an id.

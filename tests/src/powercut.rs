@@ -183,7 +183,6 @@ impl Syncs {
 #[derive(Debug)]
 pub struct Disk<'a> {
     log: &'a WriteLog,
-    syncs: Syncs,
     /// Per file: the indices (in `log.ops`) of its changes, then of its counted syncs.
     changes: [Vec<usize>; 2],
     synced: [Vec<usize>; 2],
@@ -213,7 +212,6 @@ impl<'a> Disk<'a> {
         }
         Self {
             log,
-            syncs,
             changes,
             synced,
             applied: [0; 2],
@@ -254,11 +252,6 @@ impl<'a> Disk<'a> {
             }
         }
         [&self.images[0], &self.images[1]]
-    }
-
-    /// Which fsyncs this disk counts.
-    pub fn syncs(&self) -> Syncs {
-        self.syncs
     }
 
     /// Makes a power cut at `t` and writes the files it leaves into `dir` (created if

@@ -112,20 +112,16 @@ mod tests {
 
     #[test]
     fn a_line_torn_by_a_kill_is_skipped_and_the_next_one_is_whole() {
-        let dir = std::env::temp_dir().join(format!("plugind-record-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("rec.txt");
+        let dir = crate::sandbox::Sandbox::new("record-unit");
         // The second write was cut after its third field; the last one too.
-        fs::write(
-            &path,
+        let path = dir.put(
+            "rec.txt",
             "\n1 1 5 t.a a .\n\n2 1 6 \n3 1 7 t.a c d .\n\n4 1 8 t.a e",
-        )
-        .unwrap();
+        );
         let records = read_record(&path);
         let ids: Vec<u64> = records.iter().map(|r| r.id).collect();
         assert_eq!(ids, [1, 3]);
         assert_eq!(records[1].payload, "c d");
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

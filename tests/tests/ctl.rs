@@ -20,6 +20,7 @@ use plugind_tests::{
     binary,
     daemon::Daemon,
     fixtures::{self, Profile},
+    ledger_support::wait_until,
     sandbox::Sandbox,
 };
 use tokio_stream::StreamExt as _;
@@ -81,18 +82,6 @@ fn json(d: &Daemon, args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {text}"))
 }
 
-fn wait(what: &str, d: &Daemon, mut done: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !done() {
-        assert!(
-            started.elapsed() < Duration::from_secs(15),
-            "timed out waiting until {what}:\n{}",
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn instance(status: &serde_json::Value, name: &str) -> serde_json::Value {
     status["instances"]
         .as_array()
@@ -109,7 +98,9 @@ fn status_plugins_show_pause_resume_dead_letters_replay_purge_forget_and_log_lev
     let status = ok(&d, &["status"]);
     assert!(status.contains("durability fsync"), "{status}");
     assert!(
-        status.contains('a') && status.contains("running"),
+        status
+            .lines()
+            .any(|l| l.split_whitespace().take(2).eq(["a", "running"])),
         "{status}"
     );
     let status = json(&d, &["status"]);
@@ -128,7 +119,7 @@ fn status_plugins_show_pause_resume_dead_letters_replay_purge_forget_and_log_lev
     let id = d
         .publish("echo.b", "no", &["-H", "outcome=reject"])
         .unwrap();
-    wait("two dead letters", &d, || {
+    wait_until("two dead letters", &d, || {
         json(&d, &["dead-letters"])["dead_letters"]
             .as_array()
             .unwrap()
@@ -155,7 +146,7 @@ fn status_plugins_show_pause_resume_dead_letters_replay_purge_forget_and_log_lev
     let replayed = json(&d, &["replay", "--instance", "a", "--yes"]);
     assert_eq!(replayed["queued"], 1);
     // Rejected again (its header says so), and purged for good.
-    wait("a's dead letter is back", &d, || {
+    wait_until("a's dead letter is back", &d, || {
         json(&d, &["dead-letters", "--instance", "a"])["dead_letters"]
             .as_array()
             .unwrap()
@@ -171,14 +162,14 @@ fn status_plugins_show_pause_resume_dead_letters_replay_purge_forget_and_log_lev
 
     // Pause: nothing more is handed out; resume: it flows again.
     assert!(ok(&d, &["pause", "a"]).contains("paused"));
-    wait("a is paused", &d, || {
+    wait_until("a is paused", &d, || {
         instance(&json(&d, &["status"]), "a")["state"] == "paused"
     });
     d.publish("echo.x", "held", &[]).unwrap();
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(instance(&json(&d, &["status"]), "a")["backlog"], 1);
     ok(&d, &["resume", "a"]);
-    wait("a's backlog drains", &d, || {
+    wait_until("a's backlog drains", &d, || {
         instance(&json(&d, &["status"]), "a")["backlog"] == 0
     });
     // Forget: an instance's waiting deliveries, for good.

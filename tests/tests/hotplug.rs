@@ -155,12 +155,8 @@ fn replace_while_publishing(label: &str, how: Placement) {
     let publisher = Publisher::start(&d, Duration::from_millis(1));
     wait_for_line(&d, "build A handles a message", |l| l.build == 'A');
     for swap in 0..SWAPS {
-        let build = if swap % 2 == 0 {
-            SwapBuild::B
-        } else {
-            SwapBuild::A
-        };
-        let letter = if swap % 2 == 0 { 'B' } else { 'A' };
+        let build = SwapBuild::nth_swap(swap);
+        let letter = build.letter();
         let before = read_swaps(&record(d.sandbox()))
             .iter()
             .map(|l| l.id)
@@ -228,7 +224,7 @@ fn an_attempt_that_spans_a_swap_is_settled_once_by_the_old_generation() {
     let d = Daemon::start(sandbox, &config);
     let held = publish_all(&d, &["hold".into()], None)[0];
     // Let it reach plugin code, then queue one behind it.
-    std::thread::sleep(Duration::from_millis(300));
+    d.wait_in_flight("swap");
     let behind = publish_all(&d, &["behind".into()], None)[0];
     place(d.sandbox(), SwapBuild::B, Placement::Rename);
     // The one not yet handed to plugin code goes to the new generation at once, while the
@@ -261,7 +257,7 @@ fn an_attempt_whose_lease_expires_while_draining_goes_to_the_new_generation_as_a
     );
     let d = Daemon::start(sandbox, &config);
     let held = publish_all(&d, &["hold".into()], None)[0];
-    std::thread::sleep(Duration::from_millis(300));
+    d.wait_in_flight("swap");
     place(d.sandbox(), SwapBuild::B, Placement::Rename);
     d.wait_for_log("instance swapped to a new generation", 1);
     // The old generation holds attempt 1 past its 1 s lease: a `timeout` failure, and
@@ -350,7 +346,7 @@ fn disable_stops_after_the_call_in_hand_and_enable_resumes_what_waited() {
     let off = config(&sandbox, "enabled = false", &hold);
     let d = Daemon::start(sandbox, &on);
     let held = publish_all(&d, &["hold".into()], None)[0];
-    std::thread::sleep(Duration::from_millis(300));
+    d.wait_in_flight("swap");
     let queued = publish_all(&d, &["q1".into(), "q2".into()], None);
     edit_config(&d, &off);
     d.wait_for_log("configuration applied", 1);
@@ -504,7 +500,7 @@ fn a_bad_config_is_refused_whole_and_the_last_good_one_keeps_running() {
         wait_for_line(&d, "still handled", |l| l.id == id).label,
         "good"
     );
-    assert!(!log.contains("instance swapped"), "{log}");
+    assert!(!d.log().contains("instance swapped"), "{}", d.log());
     // SIGHUP reloads too; fixed, the new config applies.
     fs::write(
         d.sandbox().path().join("plugins.toml"),
@@ -590,7 +586,8 @@ fn the_thread_local_fixture_leaves_with_its_generations_thread() {
     let d = Daemon::start(sandbox, config);
     for round in 1..=3 {
         publish_all(&d, &["x".into()], None);
-        std::thread::sleep(Duration::from_millis(100));
+        // Handled (the thread-local is set) before the generation retires.
+        d.wait_idle("tls");
         edit_config(
             &d,
             &config.replace("round = 0", &format!("round = {round}")),
@@ -615,7 +612,7 @@ fn an_old_generation_hung_past_its_deadlines_is_abandoned_and_counted_retained()
     );
     let d = Daemon::start(sandbox, &config);
     let held = publish_all(&d, &["hold".into()], None)[0];
-    std::thread::sleep(Duration::from_millis(100));
+    d.wait_in_flight("swap");
     place(d.sandbox(), SwapBuild::B, Placement::Rename);
     d.wait_for_log("\"how\":\"abandoned\"", 1);
     // The next generation serves meanwhile (the held message too, once its lease expired:
@@ -684,12 +681,7 @@ fn two_hundred_swaps_of_a_clean_plugin_leave_nothing_behind() {
 fn children_published_by_the_first_calls_after_a_start_reach_their_targets() {
     // Deliveries wait for a pipeline stage whose library is missing; at the next start they
     // are handed out at once, and the children of those first calls must find the routes.
-    let s = Sandbox::new("hotplug-first-children");
-    s.dir("plugins.d");
-    s.copy(
-        "plugins.d/fx-record.so",
-        &fixtures::library("fx-record", Profile::Dev),
-    );
+    let s = plugind_tests::ledger_support::sandbox("hotplug-first-children");
     let sink = s.path().join("sink.txt");
     let config = format!(
         "[host]\nautoload = false\n\n[plugins.upper]\nplugin = \"fx-pipeline\"\n\

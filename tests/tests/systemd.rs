@@ -316,15 +316,7 @@ fn log_format_json_writes_one_object_per_line_with_the_instance_fields() {
                   \"fx-echo\"\ntopics = [\"echo.>\"]\n";
     let d = Daemon::start(s, config);
     d.publish("echo.x", "hello", &[]).unwrap();
-    let started = Instant::now();
-    while !d.log().contains("\"instance\":\"a\"") {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "no plugin log line with its instance:\n{}",
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    d.wait_for_log("\"instance\":\"a\"", 1);
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
     for line in log.lines() {

@@ -6,10 +6,7 @@ use std::{path::PathBuf, process::ExitCode};
 use crate::{
     cli::{EXIT_CONFIG, EXIT_FAILURE, fail},
     config::{self, ConfigError},
-    ledger::{
-        LedgerError,
-        backup::{self, Contents},
-    },
+    ledger::backup::{self, Contents},
 };
 
 /// The arguments of both commands.
@@ -58,7 +55,6 @@ pub fn run(action: Action, args: &Args) -> ExitCode {
             print(action, &contents, json);
             ExitCode::SUCCESS
         }
-        Err(e @ LedgerError::Refused(_)) => fail(EXIT_FAILURE, format_args!("{name}: {e}")),
         Err(e) => fail(EXIT_FAILURE, format_args!("{name}: {e}")),
     }
 }

@@ -27,6 +27,19 @@ pub enum Change {
     Unchanged,
 }
 
+impl Change {
+    /// Its name, as serialized (`start`, `stop`, `reinstantiate`, `update`, `unchanged`).
+    pub fn action(&self) -> &'static str {
+        match self {
+            Self::Start => "start",
+            Self::Stop => "stop",
+            Self::Reinstantiate { .. } => "reinstantiate",
+            Self::Update { .. } => "update",
+            Self::Unchanged => "unchanged",
+        }
+    }
+}
+
 /// Why an instance must be created anew.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -116,5 +129,31 @@ fn compare(before: &Instance, after: &Instance) -> Change {
         Change::Update { reroute, retune }
     } else {
         Change::Unchanged
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_action_is_the_serialized_tag() {
+        for change in [
+            Change::Start,
+            Change::Stop,
+            Change::Reinstantiate {
+                reasons: vec![Reason::Config],
+            },
+            Change::Update {
+                reroute: true,
+                retune: false,
+            },
+            Change::Unchanged,
+        ] {
+            assert_eq!(
+                serde_json::to_value(&change).unwrap()["action"],
+                change.action()
+            );
+        }
     }
 }

@@ -173,9 +173,9 @@ pub fn watch_event(event: &Event, snapshot: bool) -> pb::WatchEvent {
     pb::WatchEvent {
         seq: event.seq,
         at_ms: event.at,
-        kind: event.kind.kind(),
+        kind: event.kind.kind().to_owned(),
         instance: event.kind.instance().unwrap_or_default().to_owned(),
-        json: serde_json::to_string(&event.kind).unwrap_or_default(),
+        json: event.json.to_string(),
         snapshot,
     }
 }
@@ -235,8 +235,6 @@ impl control_server::Control for ControlService {
         self.blocking(|engine| {
             let view = engine.supervisor().view();
             let snapshot = engine.snapshot();
-            // Stored bytes per instance, where the ledger keeps them.
-            let stored = engine.ledger().backlog().unwrap_or_default();
             Ok(pb::InstancesResponse {
                 instances: view
                     .instances
@@ -260,10 +258,7 @@ impl control_server::Control for ControlService {
                             sha256: v.sha256.clone().unwrap_or_default(),
                             queue_depth: backlog.saturating_sub(in_flight),
                             backlog,
-                            backlog_bytes: stored
-                                .iter()
-                                .find(|b| b.instance == v.name)
-                                .map_or(0, |b| b.bytes),
+                            backlog_bytes: v.backlog_bytes,
                             in_flight,
                             acked: s.map_or(0, |s| s.acked),
                             failures: s.map_or(0, |s| s.failures),
@@ -365,10 +360,7 @@ impl control_server::Control for ControlService {
                     .iter()
                     .map(|(name, change)| pb::InstanceChange {
                         instance: name.clone(),
-                        change: serde_json::to_value(change)
-                            .ok()
-                            .and_then(|v| v["action"].as_str().map(str::to_owned))
-                            .unwrap_or_default(),
+                        change: change.action().to_owned(),
                     })
                     .collect(),
                 restart_required: applied

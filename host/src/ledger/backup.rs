@@ -18,11 +18,17 @@ use super::{LedgerError, markers, store};
 /// What a backup or a restore holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Contents {
+    #[serde(serialize_with = "as_display")]
     pub file: PathBuf,
     pub bytes: u64,
     pub messages: u64,
     pub pending: u64,
     pub dead_letters: u64,
+}
+
+/// A path as text (any bytes: a non-UTF-8 name is shown, not refused).
+fn as_display<S: serde::Serializer>(path: &Path, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(&path.display())
 }
 
 fn contents(conn: &Connection, file: &Path) -> Result<Contents, LedgerError> {
@@ -96,12 +102,22 @@ pub fn backup(state_dir: &Path, dest: &Path) -> Result<Contents, LedgerError> {
         to.execute_batch("PRAGMA journal_mode = DELETE")
             .map_err(|e| store::classify(&temp.display().to_string(), &e))?;
     }
-    File::open(&temp).and_then(|f| f.sync_all()).map_err(io)?;
-    fs::rename(&temp, dest).map_err(io)?;
-    if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {
-        File::open(dir).and_then(|f| f.sync_all()).map_err(io)?;
-    }
-    verify(dest)
+    // Checked before it replaces anything: a bad copy never overwrites a good backup.
+    let finish = || {
+        let contents = verify(&temp)?;
+        File::open(&temp).and_then(|f| f.sync_all()).map_err(io)?;
+        fs::rename(&temp, dest).map_err(io)?;
+        if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {
+            File::open(dir).and_then(|f| f.sync_all()).map_err(io)?;
+        }
+        Ok(Contents {
+            file: dest.to_owned(),
+            ..contents
+        })
+    };
+    finish().inspect_err(|_| {
+        let _ = fs::remove_file(&temp);
+    })
 }
 
 /// Replaces the ledger in `state_dir` with the backup `source`. Refused while a daemon uses

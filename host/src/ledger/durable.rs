@@ -371,7 +371,7 @@ impl Ledger for DurableLedger {
             wal: self.dir.join(store::LOG),
             file: None,
             shared: self.shared.clone(),
-            checkpoints: Some(store::open_checkpointer(&self.dir)?),
+            checkpoints: store::open_checkpointer(&self.dir)?,
             last_checkpoint: Instant::now(),
         };
         std::thread::Builder::new()
@@ -450,11 +450,10 @@ impl Ledger for DurableLedger {
 
     fn load_many(&self, ids: &[u64]) -> Result<Vec<Option<Arc<StoredMessage>>>, LedgerError> {
         let reader = lock(&self.reader);
-        let map = |e: rusqlite::Error| store::classify("cannot read the ledger", &e);
-        reader.execute_batch("BEGIN").map_err(map)?;
-        let loaded = store::load_many(&reader, ids);
-        reader.execute_batch("COMMIT").map_err(map)?;
-        loaded
+        // One read transaction: one snapshot for every id.
+        store::in_transaction(&reader, "cannot read the ledger", || {
+            store::load_many(&reader, ids)
+        })
     }
 
     fn keys(&self, since: Timestamp) -> Vec<(String, u64, Timestamp)> {

@@ -174,7 +174,7 @@ pub(super) struct Syncer {
     /// Passive checkpoints run here, between two log fsyncs and only when no publish waits:
     /// the database's fsync never runs beside the log's, so a publish never waits for a
     /// checkpoint's writeback inside its own fsync.
-    pub(super) checkpoints: Option<Connection>,
+    pub(super) checkpoints: Connection,
     pub(super) last_checkpoint: Instant,
 }
 
@@ -210,13 +210,13 @@ impl Syncer {
     /// A passive checkpoint: copies what it can of the log into the database, never waits.
     pub(super) fn checkpoint(&mut self) {
         self.last_checkpoint = Instant::now();
-        let Some(conn) = &self.checkpoints else {
-            return;
-        };
         if self.shared.failed().is_some() {
             return;
         }
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+        if let Err(e) = self
+            .checkpoints
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+        {
             let error = store::classify("ledger checkpoint", &e);
             if matches!(error, LedgerError::Fatal(_)) {
                 self.shared.poison(&error);
@@ -442,19 +442,13 @@ impl Writer {
                     let _ = reply.send(Err(LedgerError::Full(reason.clone())));
                 }
                 let settle: Vec<&[Record]> = settles.iter().map(|(r, ..)| r.as_slice()).collect();
-                match self.transaction(&settle) {
-                    Err(LedgerError::Full(_)) => {
-                        release_reserve(&self.dir);
-                        self.reserve_released = true;
-                        self.transaction(&settle).map_err(|e| match e {
-                            LedgerError::Full(m) => LedgerError::Fatal(format!(
-                                "no space left even for settlements: {m}"
-                            )),
-                            other => other,
-                        })
-                    }
-                    other => other,
-                }
+                self.with_reserve(|w| w.transaction(&settle))
+                    .map_err(|e| match e {
+                        LedgerError::Full(m) => {
+                            LedgerError::Fatal(format!("no space left even for settlements: {m}"))
+                        }
+                        other => other,
+                    })
             }
             other => other,
         };

@@ -4,10 +4,7 @@
 
 use std::{
     path::PathBuf,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -43,16 +40,15 @@ pub struct Generation {
     pub path: PathBuf,
     pub version: String,
     pub library: Library,
-    /// Calls its actor finished (the quarantine marker goes after the first).
-    pub calls: Arc<AtomicU64>,
     /// When its quarantine marker was armed, until it is disarmed.
     pub armed: Option<Instant>,
 }
 
 impl Generation {
-    /// Whether its quarantine marker may go: it settled a delivery or ran long enough.
-    pub fn settled(&self, after: Duration) -> bool {
-        self.calls.load(Ordering::Relaxed) > 0 || self.armed.is_some_and(|t| t.elapsed() >= after)
+    /// Whether its quarantine marker may go for time alone (its first call disarms it
+    /// sooner: `Command::FirstCall`).
+    pub fn ran_for(&self, after: Duration) -> bool {
+        self.armed.is_some_and(|t| t.elapsed() >= after)
     }
 }
 
@@ -148,7 +144,6 @@ pub fn start(
                 },
                 path: checked.path().to_owned(),
                 version: library.manifest().version.clone(),
-                calls: actor.calls(),
                 library,
                 armed: armed.then(Instant::now),
             },

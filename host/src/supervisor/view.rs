@@ -65,6 +65,8 @@ pub struct InstanceView {
     /// Why it does not run (or why the last load failed while an older one kept serving).
     pub last_error: Option<String>,
     pub topics: Vec<String>,
+    /// Payload bytes of its deliveries waiting or in flight.
+    pub backlog_bytes: u64,
 }
 
 impl Supervisor {
@@ -98,6 +100,7 @@ impl Supervisor {
                     sha256: running.map(|g| hex::encode(g.key.sha256)),
                     last_error: inst.reported.clone(),
                     topics: inst.topics.iter().map(ToString::to_string).collect(),
+                    backlog_bytes: self.parts.backlog.bytes(inst.id),
                 }
             })
             .collect();
@@ -113,14 +116,11 @@ impl Supervisor {
             }
         }
         views.sort_by(|a, b| a.name.cmp(&b.name));
-        let backlog = &self.parts.backlog;
         let view = SupervisorView {
             config: config.source.clone(),
             config_sha256: hex::encode(config.hash),
+            backlog_bytes: views.iter().map(|v| v.backlog_bytes).sum(),
             instances: views,
-            backlog_bytes: (0..backlog.len())
-                .map(|id| backlog.bytes(id as crate::routing::InstanceId))
-                .sum(),
         };
         let summary = view.summary();
         self.view.store(Arc::new(view));
