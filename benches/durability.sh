@@ -6,7 +6,7 @@
 set -eu
 modes=${*:-fsync buffered memory}
 for mode in $modes; do
-    rm -rf state out/bench.json
+    rm -rf state out/bench.json; sync; sleep 5
     mkdir -p out
     sed "s/^durability = .*/durability = \"$mode\"/" plugins.toml > plugins-bench.toml
     ./target/release/plugind run -c plugins-bench.toml 2> out/daemon-$mode.log &

@@ -29,7 +29,7 @@ use crate::{
     delivery::{Delivery, Failure, Rules, Transition},
     events::{EventKind, Events},
     ingress::{Accepted, Backlog, Ingress},
-    ledger::{Forget, Ledger, LedgerError, Pending, Record, Wait},
+    ledger::{Forget, Ledger, LedgerError, Pending, Receipt, Record, Wait},
     message::StoredMessage,
     routing::InstanceId,
 };
@@ -236,7 +236,12 @@ pub struct Dispatcher {
     /// (lease end, message, instance, attempt); entries whose attempt moved on are skipped.
     leases: BinaryHeap<Reverse<(u64, u64, InstanceId, u32)>>,
     stale: u64,
+    /// Commits handed to the ledger without waiting, oldest first, until answered.
+    unanswered: VecDeque<Receipt>,
 }
+
+/// Commits the dispatcher leaves unanswered at most before it waits for them.
+const MAX_UNANSWERED: usize = 256;
 
 impl std::fmt::Debug for Dispatcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -271,6 +276,7 @@ impl Dispatcher {
             ),
             leases: BinaryHeap::new(),
             stale: 0,
+            unanswered: VecDeque::new(),
         };
         dispatcher.restore(pending);
         dispatcher
@@ -355,12 +361,46 @@ impl Dispatcher {
         }
     }
 
-    fn commit(&self, records: Vec<Record>) {
+    /// Hands `records` to the ledger. Acks (and hand-outs, which the in-flight markers
+    /// record) go without waiting: nothing the dispatcher does later depends on them being
+    /// written, and a crash before they are only means a redelivery. Every other record waits
+    /// until it is written, and with it everything handed over before (one writer, in order):
+    /// a child accepted must be in the ledger before plugin code sees it (a crash in its first
+    /// attempt is charged to its row), a delivery updated carries the failure count its retry
+    /// depends on, and dead letters, purges and releases are what operators list next.
+    fn commit(&mut self, records: Vec<Record>) {
         if records.is_empty() {
             return;
         }
-        if let Err(e) = self.ledger.commit(records, Wait::Written) {
-            fail_stop(&e);
+        let unawaited = records
+            .iter()
+            .all(|r| matches!(r, Record::Acked { .. } | Record::Attempt { .. }));
+        let receipt = self.ledger.submit(records, Wait::Written);
+        if !unawaited {
+            self.unanswered.clear();
+            if let Err(e) = receipt.wait() {
+                fail_stop(&e);
+            }
+            return;
+        }
+        self.unanswered.push_back(receipt);
+        while let Some(answer) = self.unanswered.front_mut().and_then(Receipt::try_answer) {
+            self.unanswered.pop_front();
+            if let Err(e) = answer {
+                fail_stop(&e);
+            }
+        }
+        if self.unanswered.len() > MAX_UNANSWERED {
+            self.written();
+        }
+    }
+
+    /// Waits until everything handed to the ledger is written.
+    fn written(&mut self) {
+        for receipt in self.unanswered.drain(..) {
+            if let Err(e) = receipt.wait() {
+                fail_stop(&e);
+            }
         }
     }
 
@@ -1056,6 +1096,7 @@ impl Dispatcher {
                 }
             }
         }
+        self.written();
         report
     }
 }

@@ -56,7 +56,6 @@ pub struct Accepted {
 #[derive(Debug)]
 pub struct Submitted {
     results: Vec<Result<u64, Refused>>,
-    accepted: Vec<Accepted>,
     receipt: Receipt,
 }
 
@@ -295,7 +294,6 @@ impl Ingress {
         if !self.open.load(Ordering::Acquire) {
             return Submitted {
                 results: batch.iter().map(|_| Err(Refused::ShuttingDown)).collect(),
-                accepted: Vec::new(),
                 receipt: Receipt::Ready(Ok(())),
             };
         }
@@ -330,28 +328,38 @@ impl Ingress {
         }
         let receipt = if records.is_empty() {
             Receipt::Ready(Ok(()))
-        } else {
+        } else if accepted.is_empty() {
             self.ledger.submit(records, Wait::Durable)
+        } else {
+            // Once durable, the messages go to the dispatcher straight from the ledger's
+            // thread (before the publisher hears of it): the publishing task's turn on the
+            // runtime is not on their way to the plugins.
+            let (backlog, dispatcher) = (self.backlog.clone(), self.dispatcher.clone());
+            let dispatch = move || {
+                for a in &accepted {
+                    for target in &a.targets {
+                        backlog.add(*target, a.message.payload.len() as u64);
+                    }
+                }
+                // The dispatcher ends only after the ingress closed; a failed send means it
+                // is gone.
+                let _ = dispatcher.send(dispatch::Input::Accepted(accepted));
+            };
+            self.ledger
+                .submit_then(records, Wait::Durable, Some(Box::new(dispatch)))
         };
-        Submitted {
-            results,
-            accepted,
-            receipt,
-        }
+        Submitted { results, receipt }
     }
 
-    /// Finishes a submitted batch with the ledger's answer: on success the messages go to
-    /// the dispatcher and count in their backlogs; otherwise each is refused with the reason.
+    /// Finishes a submitted batch with the ledger's answer: on success the messages are
+    /// already with the dispatcher (see [`Ingress::submit`]); otherwise each is refused with
+    /// the reason.
     pub fn complete(
         &self,
         submitted: Submitted,
         recorded: Result<(), LedgerError>,
     ) -> Vec<Result<u64, Refused>> {
-        let Submitted {
-            mut results,
-            accepted,
-            ..
-        } = submitted;
+        let Submitted { mut results, .. } = submitted;
         if let Err(e) = recorded {
             let refused = match e {
                 LedgerError::Full(m) => Refused::LedgerFull(m),
@@ -362,18 +370,7 @@ impl Ingress {
                     *result = Err(refused.clone());
                 }
             }
-            return results;
         }
-        if accepted.is_empty() {
-            return results;
-        }
-        for a in &accepted {
-            for target in &a.targets {
-                self.backlog.add(*target, a.message.payload.len() as u64);
-            }
-        }
-        // The dispatcher ends only after the ingress closed; a failed send means it is gone.
-        let _ = self.dispatcher.send(dispatch::Input::Accepted(accepted));
         results
     }
 

@@ -91,6 +91,9 @@ pub enum Wait {
 /// Where the answer to a submitted batch comes from: at once, or from the ledger's threads
 /// once the batch is as durable as asked. Wait for it on a plain thread
 /// ([`Receipt::wait`]) or in async code ([`Receipt::done`]).
+/// What a caller of [`Ledger::submit_then`] runs once its records are recorded.
+pub type Then = Box<dyn FnOnce() + Send>;
+
 #[derive(Debug)]
 pub enum Receipt {
     Ready(Result<(), LedgerError>),
@@ -110,6 +113,18 @@ impl Receipt {
         match self {
             Self::Ready(result) => result,
             Self::Pending(answer) => answer.blocking_recv().map_err(|_| gone())?,
+        }
+    }
+
+    /// The answer if it came, without waiting (once: a receipt answers one time).
+    pub fn try_answer(&mut self) -> Option<Result<(), LedgerError>> {
+        match self {
+            Self::Ready(result) => Some(std::mem::replace(result, Err(gone()))),
+            Self::Pending(answer) => match answer.try_recv() {
+                Ok(result) => Some(result),
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => None,
+                Err(tokio::sync::oneshot::error::TryRecvError::Closed) => Some(Err(gone())),
+            },
         }
     }
 
@@ -283,6 +298,10 @@ pub struct CommitStats {
     pub latency_us: [u64; 3],
     /// Latency of the log fsyncs that make publishes durable, in µs: p50, p99, max.
     pub fsync_us: [u64; 3],
+    /// Latency of the checkpoints that copy the log into the database, in µs: p50, p99, max.
+    pub checkpoint_us: [u64; 3],
+    /// Checkpoints the writer ran itself to restart a full write-ahead log.
+    pub log_restarts: u64,
     /// Bytes the store takes on disk (database and its write-ahead log).
     pub bytes: u64,
 }
@@ -292,6 +311,12 @@ pub trait Ledger: Send + Sync + 'static {
     /// Hands `records` over to be applied atomically; the receipt answers per `wait`.
     /// Batches are applied in the order they were submitted.
     fn submit(&self, records: Vec<Record>, wait: Wait) -> Receipt;
+
+    /// [`Ledger::submit`], and `then` runs once the records are recorded as `wait` asks,
+    /// before the receipt answers, on the thread that answers it (not if they fail). It must
+    /// be quick and must not block: the ingress hands durable messages to the dispatcher
+    /// there, without waiting for the publishing task to be scheduled.
+    fn submit_then(&self, records: Vec<Record>, wait: Wait, then: Option<Then>) -> Receipt;
 
     /// Applies `records` atomically, returning per `wait` (blocks: not for async code).
     ///
@@ -488,8 +513,15 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Ledger for MemoryLedger {
-    fn submit(&self, records: Vec<Record>, _wait: Wait) -> Receipt {
+    fn submit(&self, records: Vec<Record>, wait: Wait) -> Receipt {
+        self.submit_then(records, wait, None)
+    }
+
+    fn submit_then(&self, records: Vec<Record>, _wait: Wait, then: Option<Then>) -> Receipt {
         self.record(records);
+        if let Some(then) = then {
+            then();
+        }
         Receipt::Ready(Ok(()))
     }
 

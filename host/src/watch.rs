@@ -32,6 +32,10 @@ use std::{
     io::Read as _,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     thread::JoinHandle,
     time::{Duration, Instant, SystemTime},
 };
@@ -128,6 +132,8 @@ enum Backend {
 /// A running watch of `plugin_dir` and the config file. Dropping it stops watching, and the
 /// [`Receiver<Change>`] then disconnects.
 pub struct Watcher {
+    /// Files fingerprinted by the watch thread since it started.
+    fingerprinted: Arc<AtomicU64>,
     backend: Option<Backend>,
     thread: Option<JoinHandle<()>>,
     plugin_dir: PathBuf,
@@ -175,6 +181,7 @@ impl Watcher {
         let config = config_dir.join(name);
 
         let (raw_tx, raw_rx) = unbounded::<DebounceEventResult>();
+        let fingerprinted = Arc::new(AtomicU64::new(0));
         let watch_error = |path: &Path| {
             let path = path.to_owned();
             move |source| WatchError::Watch { path, source }
@@ -226,6 +233,7 @@ impl Watcher {
             config: config.clone(),
             settle,
             known: HashMap::new(),
+            fingerprinted: fingerprinted.clone(),
             pending: HashMap::new(),
             tx,
         };
@@ -244,6 +252,7 @@ impl Watcher {
             })?;
         Ok((
             Watcher {
+                fingerprinted,
                 backend: Some(backend),
                 thread: Some(thread),
                 plugin_dir,
@@ -252,6 +261,12 @@ impl Watcher {
             },
             rx,
         ))
+    }
+
+    /// How many files the watcher has read to fingerprint them (at start, and for each
+    /// change it considered).
+    pub fn fingerprinted(&self) -> u64 {
+        self.fingerprinted.load(Ordering::Relaxed)
     }
 
     /// The canonical `plugin_dir` being watched.
@@ -344,6 +359,7 @@ struct State {
     plugin_dir: PathBuf,
     config: PathBuf,
     settle: Duration,
+    fingerprinted: Arc<AtomicU64>,
     /// Reported (or present at start) paths and the bytes last reported; `None` when the file
     /// could not be read (it was reported all the same: the loader will say why).
     known: HashMap<PathBuf, Option<[u8; 32]>>,
@@ -382,9 +398,14 @@ impl State {
             paths.push(self.config.clone());
         }
         for path in paths {
-            let fp = fingerprint(&path).ok();
+            let fp = self.fingerprint(&path).ok();
             self.known.insert(path, fp);
         }
+    }
+
+    fn fingerprint(&self, path: &Path) -> io::Result<[u8; 32]> {
+        self.fingerprinted.fetch_add(1, Ordering::Relaxed);
+        fingerprint(path)
     }
 
     fn run(mut self, raw: Receiver<DebounceEventResult>) {
@@ -430,6 +451,12 @@ impl State {
                 event.kind,
                 EventKind::Access(AccessKind::Close(AccessMode::Write))
             );
+            // Opening, reading, mapping or closing a file unwritten changes nothing: these
+            // come from the loader, from readers, and from this watcher's own fingerprint
+            // reads (acting on those would hash the file again, for ever).
+            if matches!(event.kind, EventKind::Access(_)) && !closed {
+                continue;
+            }
             for path in &event.paths {
                 let Some(target) = self.classify(path) else {
                     continue;
@@ -501,7 +528,7 @@ impl State {
                 },
             }
         } else {
-            let fp = match fingerprint(path) {
+            let fp = match self.fingerprint(path) {
                 Ok(fp) => Some(fp),
                 Err(error) => {
                     tracing::warn!(path = %path.display(), %error, "cannot read a changed file");
@@ -591,6 +618,28 @@ mod tests {
 
     fn next(rx: &Receiver<Change>) -> Change {
         rx.recv_timeout(WAIT).expect("a change within 3 s")
+    }
+
+    /// Reading a library (as the loader and the watcher's own fingerprinting do) is no
+    /// change: the watcher neither reports it nor reads the file again. Acting on read events
+    /// once made it hash its own reads for ever, spending a tenth of a core when idle.
+    #[test]
+    fn reads_are_not_changes() {
+        let s = setup(Mode::Events);
+        let lib = s.plugins.join("liba.so");
+        install(&lib, b"version 1");
+        assert!(matches!(next(&s.rx), Change::Library { .. }));
+        let before = s.watcher.fingerprinted();
+        for _ in 0..5 {
+            assert_eq!(fs::read(&lib).unwrap(), b"version 1");
+            fs::read(&s.config).unwrap();
+        }
+        quiet(&s.rx);
+        assert_eq!(
+            s.watcher.fingerprinted(),
+            before,
+            "reads made the watcher hash files"
+        );
     }
 
     fn quiet(rx: &Receiver<Change>) {

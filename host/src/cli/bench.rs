@@ -8,7 +8,6 @@
 //! per-instance delivery order makes the report cover exactly this run.
 
 use std::{
-    collections::VecDeque,
     io::{IsTerminal as _, Write as _},
     path::{Path, PathBuf},
     process::ExitCode,
@@ -215,55 +214,40 @@ async fn publish_all(endpoint: &config::Endpoint, args: &Args) -> Result<(Durati
         None => return Err("the daemon closed the stream".to_owned()),
     }
     let payload = Bytes::from(vec![0x42u8; args.size]);
-    let start = Instant::now();
-    let start_unix = now_nanos();
-    let interval = (args.rate > 0).then(|| Duration::from_secs_f64(1.0 / args.rate as f64));
     let progress = std::io::stderr().is_terminal();
-    let mut in_flight: VecDeque<u64> = VecDeque::new();
-    let (mut sent, mut answered, mut refused, mut correlation) = (0u64, 0u64, 0u64, 0u64);
     let mut last_progress = Instant::now();
+    let (start, start_unix) = (Instant::now(), now_nanos());
+    let batches_of = Batches {
+        topic: args.topic.clone(),
+        payload,
+        count: args.count,
+        batch: args.batch as u64,
+    };
+    // At a rate, a thread of its own sends each batch when its last message is due (open
+    // loop: a slow daemon does not slow the offered load); flat out, a window of batches is
+    // kept in flight.
+    let pacer = (args.rate > 0).then(|| {
+        let every = Duration::from_secs_f64(1.0 / args.rate as f64);
+        let (sender, batches_of) = (batches.clone(), batches_of.clone());
+        std::thread::spawn(move || pace(start, start_unix, every, &batches_of, &sender))
+    });
+    let (mut sent, mut answered, mut refused, mut correlation) = (0u64, 0u64, 0u64, 0u64);
+    let mut in_flight = 0;
     while answered < args.count {
-        // Keep the window full.
-        while sent < args.count && in_flight.len() < WINDOW {
-            let n = (args.count - sent).min(args.batch as u64);
-            if let Some(every) = interval {
-                // Open loop: the batch leaves when its last message is due; each message is
-                // stamped with its own due time, so batching delay counts as latency.
-                pace(start + every.mul_f64((sent + n - 1) as f64)).await;
-            }
-            let messages = (0..n)
-                .map(|i| {
-                    let stamp = match interval {
-                        Some(every) => start_unix.saturating_add(
-                            u64::try_from(every.mul_f64((sent + i) as f64).as_nanos()).unwrap_or(0),
-                        ),
-                        None => now_nanos(),
-                    };
-                    pb::PublishRequest {
-                        topic: args.topic.clone(),
-                        payload: payload.clone(),
-                        headers: vec![pb::Header {
-                            name: SENT_HEADER.to_owned(),
-                            value: stamp.to_string(),
-                        }],
-                        key: String::new(),
-                    }
-                })
-                .collect();
+        while pacer.is_none() && sent < args.count && in_flight < WINDOW {
             correlation += 1;
+            let batch = batches_of.make(correlation, sent, |_| now_nanos());
+            sent += batch.messages.len() as u64;
             batches
-                .send(pb::PublishBatch {
-                    correlation_id: correlation,
-                    messages,
-                })
+                .send(batch)
                 .await
                 .map_err(|_| "the stream closed".to_owned())?;
-            in_flight.push_back(n);
-            sent += n;
+            in_flight += 1;
         }
         match answers.next().await {
             Some(Ok(result)) => {
-                answered += in_flight.pop_front().unwrap_or(0);
+                in_flight = in_flight.saturating_sub(1);
+                answered += result.outcomes.len() as u64;
                 refused += result
                     .outcomes
                     .iter()
@@ -287,6 +271,11 @@ async fn publish_all(endpoint: &config::Endpoint, args: &Args) -> Result<(Durati
     if progress {
         eprintln!("\r  {answered}/{} published (100%)   ", args.count);
     }
+    if let Some(pacer) = pacer {
+        correlation = pacer
+            .join()
+            .map_err(|_| "the pacing thread failed".to_owned())??;
+    }
     // The flush marker goes after everything, so the plugin reports once it saw it all.
     batches
         .send(marker(correlation + 1, FLUSH_HEADER))
@@ -297,22 +286,72 @@ async fn publish_all(endpoint: &config::Endpoint, args: &Args) -> Result<(Durati
     Ok((elapsed, refused))
 }
 
-/// Waits until `due` precisely: tokio's timer has a 1 ms grain, which at 10,000 msgs/s would
-/// itself add up to a millisecond of (honestly counted) latency. Sleeps for the coarse part,
-/// then yields until due (the connection task keeps running); the generator spends CPU on
-/// the last stretch, as precise load generators do.
-async fn pace(due: Instant) {
-    loop {
-        let left = due.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return;
-        }
-        if left > Duration::from_millis(2) {
-            tokio::time::sleep(left - Duration::from_millis(1)).await;
-        } else {
-            tokio::task::yield_now().await;
+/// The batches of one run, made as they are sent.
+#[derive(Clone)]
+struct Batches {
+    topic: String,
+    payload: Bytes,
+    count: u64,
+    batch: u64,
+}
+
+impl Batches {
+    /// The batch starting at message `first`; `stamp` gives message `i`'s send time.
+    fn make(
+        &self,
+        correlation_id: u64,
+        first: u64,
+        stamp: impl Fn(u64) -> u64,
+    ) -> pb::PublishBatch {
+        let n = (self.count - first).min(self.batch);
+        pb::PublishBatch {
+            correlation_id,
+            messages: (first..first + n)
+                .map(|i| pb::PublishRequest {
+                    topic: self.topic.clone(),
+                    payload: self.payload.clone(),
+                    headers: vec![pb::Header {
+                        name: SENT_HEADER.to_owned(),
+                        value: stamp(i).to_string(),
+                    }],
+                    key: String::new(),
+                })
+                .collect(),
         }
     }
+}
+
+/// Sends every batch when its last message is due (message `i` is due `i × every` after
+/// `start`, which is `start_unix` on the wall clock), sleeping in between: precise to the
+/// timer's slack (tens of µs) without spinning a core that the daemon, on the same machine,
+/// would miss. Each message carries its due time, so lateness counts as latency. Returns the
+/// last correlation id.
+fn pace(
+    start: Instant,
+    start_unix: u64,
+    every: Duration,
+    batches: &Batches,
+    sender: &tokio::sync::mpsc::Sender<pb::PublishBatch>,
+) -> Result<u64, String> {
+    let due = |i: u64| every.mul_f64(i as f64);
+    // Wake up on time: the default slack (50 µs) would be counted as latency. Best effort.
+    let _ = rustix::thread::set_current_timer_slack(std::num::NonZeroU64::new(1));
+    let mut correlation = 0;
+    for first in (0..batches.count).step_by(batches.batch as usize) {
+        correlation += 1;
+        let last = (first + batches.batch).min(batches.count) - 1;
+        let left = (start + due(last)).saturating_duration_since(Instant::now());
+        if !left.is_zero() {
+            std::thread::sleep(left);
+        }
+        let batch = batches.make(correlation, first, |i| {
+            start_unix.saturating_add(u64::try_from(due(i).as_nanos()).unwrap_or(u64::MAX))
+        });
+        sender
+            .blocking_send(batch)
+            .map_err(|_| "the stream closed".to_owned())?;
+    }
+    Ok(correlation)
 }
 
 fn read_report(path: &Path) -> Option<Latency> {

@@ -186,6 +186,8 @@ async fn serve(config: config::Config, log_level: SetLogLevel) -> ExitCode {
             messages_per_commit = format_args!("{:.1}", stats.messages as f64 / stats.commits as f64),
             commit_us = ?stats.latency_us,
             fsync_us = ?stats.fsync_us,
+            checkpoint_us = ?stats.checkpoint_us,
+            log_restarts = stats.log_restarts,
             "ledger: commits since start (latency p50, p99, max)"
         );
     }

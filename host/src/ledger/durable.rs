@@ -36,9 +36,12 @@ use rusqlite::Connection;
 
 use super::{
     BacklogEntry, CommitStats, Counts, DeadLetter, DeadLetterFilter, Forget, HistoryEntry, Ledger,
-    LedgerError, Pending, Receipt, Record, Recovered, Replayed, Selection, Wait, lock, markers,
-    store,
-    writer::{Done, Op, Request, Shared, Stats, Syncer, Writer, ensure_reserve, release_reserve},
+    LedgerError, Pending, Receipt, Record, Recovered, Replayed, Selection, Then, Wait, lock,
+    markers, store,
+    writer::{
+        Done, Log, Op, Reply, Request, Shared, Stats, Syncer, Writer, ensure_reserve,
+        release_reserve,
+    },
 };
 use crate::{
     clock::{Clock, Timestamp},
@@ -145,6 +148,9 @@ impl DurableLedger {
                 records: 0,
                 latency: Histogram::new_with_bounds(1, 60_000_000, 2).expect("valid bounds"),
                 fsync_latency: Histogram::new_with_bounds(1, 60_000_000, 2).expect("valid bounds"),
+                checkpoint_latency: Histogram::new_with_bounds(1, 60_000_000, 2)
+                    .expect("valid bounds"),
+                log_restarts: 0,
             }),
             bytes: AtomicU64::new(0),
         });
@@ -187,18 +193,18 @@ impl DurableLedger {
         }
     }
 
-    fn send(&self, records: Vec<Record>, wait: Wait) -> Receipt {
+    fn send(&self, records: Vec<Record>, wait: Wait, then: Option<Then>) -> Receipt {
         if let Some(e) = self.shared.failed() {
             return Receipt::Ready(Err(e));
         }
-        let (reply, answer) = tokio::sync::oneshot::channel();
+        let (answer, receipt) = tokio::sync::oneshot::channel();
         // A send fails only once the writer ended: the receipt then says it is gone.
         let _ = self.requests.send(Request::Commit {
             records,
             wait,
-            reply,
+            reply: Reply { answer, then },
         });
-        Receipt::Pending(answer)
+        Receipt::Pending(receipt)
     }
 }
 
@@ -251,6 +257,10 @@ fn delivery_of(
 
 impl Ledger for DurableLedger {
     fn submit(&self, records: Vec<Record>, wait: Wait) -> Receipt {
+        self.submit_then(records, wait, None)
+    }
+
+    fn submit_then(&self, records: Vec<Record>, wait: Wait, then: Option<Then>) -> Receipt {
         let (mut accepted, mut attempts, mut acked, mut dead) = (0, 0, 0, 0);
         for record in &records {
             match record {
@@ -269,8 +279,11 @@ impl Ledger for DurableLedger {
         s.acked.fetch_add(acked, Ordering::Relaxed);
         s.dead_lettered.fetch_add(dead, Ordering::Relaxed);
         if attempts < records.len() {
-            self.send(records, wait)
+            self.send(records, wait, then)
         } else {
+            if let Some(then) = then {
+                then();
+            }
             Receipt::Ready(Ok(()))
         }
     }
@@ -368,8 +381,7 @@ impl Ledger for DurableLedger {
         })?;
         let (syncs, to_sync) = unbounded();
         let syncer = Syncer {
-            wal: self.dir.join(store::LOG),
-            file: None,
+            log: Log::new(self.dir.join(store::LOG)),
             shared: self.shared.clone(),
             checkpoints: store::open_checkpointer(&self.dir)?,
             last_checkpoint: Instant::now(),
@@ -382,8 +394,11 @@ impl Ledger for DurableLedger {
         recovered
             .pending
             .sort_unstable_by_key(|p| (p.message, p.instance));
+        let page_size = store::page_size(&conn)?;
         let mut writer = Writer {
             syncs,
+            queue: receiver.clone(),
+            log: Log::new(self.dir.join(store::LOG)),
             conn,
             shared: self.shared.clone(),
             mode: self.options.mode,
@@ -394,6 +409,7 @@ impl Ledger for DurableLedger {
             dir: self.dir.clone(),
             sync: None,
             used: 0,
+            page_size,
             commits_since_measure: 0,
             reserved: recovered.next_id,
             reserve_released: self.reserve_released,
@@ -418,10 +434,12 @@ impl Ledger for DurableLedger {
             ))
         })?);
         // Checkpoints run in the syncer, between log fsyncs, not inside the writer's commits.
+        // (Turning automatic checkpoints off clears the log hook: it is set after.)
         writer
             .conn
             .execute_batch("PRAGMA wal_autocheckpoint = 0")
             .map_err(|e| store::classify("ledger", &e))?;
+        writer.conn.wal_hook(Some(super::writer::count_log_frames));
         let thread = std::thread::Builder::new()
             .name("ledger".into())
             .spawn(move || writer.run(&receiver))
@@ -558,6 +576,8 @@ impl Ledger for DurableLedger {
             records: stats.records,
             latency_us: summary(&stats.latency),
             fsync_us: summary(&stats.fsync_latency),
+            checkpoint_us: summary(&stats.checkpoint_latency),
+            log_restarts: stats.log_restarts,
             bytes: self.shared.bytes.load(Ordering::Relaxed),
         }
     }

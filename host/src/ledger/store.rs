@@ -554,6 +554,11 @@ pub(super) fn expire(
     Ok((keys, dead))
 }
 
+/// The database's page size in bytes.
+pub(super) fn page_size(conn: &Connection) -> Result<u64, LedgerError> {
+    pragma(conn, "page_size").map(|size| size.max(512) as u64)
+}
+
 /// Bytes in use by live pages (the file may be larger until it is vacuumed).
 pub(super) fn used_bytes(conn: &Connection) -> rusqlite::Result<u64> {
     let count: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
@@ -570,6 +575,11 @@ pub(super) fn vacuum(conn: &Connection) -> rusqlite::Result<()> {
     let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
     if free > 4096 && free * 4 > pages {
         // Each step frees one page: step to the end.
+        tracing::debug!(
+            free,
+            pages,
+            "ledger: giving free pages back to the file system"
+        );
         let mut stmt = conn.prepare_cached("PRAGMA incremental_vacuum(1024)")?;
         let mut rows = stmt.query([])?;
         while rows.next()?.is_some() {}

@@ -420,6 +420,36 @@ fn commits_are_counted_and_publishes_fsync() {
     assert!(after.latency_us[2] >= after.latency_us[0]);
 }
 
+/// Under a constant stream of commits the write-ahead log is restarted once it holds
+/// `LOG_RESTART_BYTES` of frames, counted by SQLite's log hook; not after every 32 commits
+/// once the file has grown (the file keeps its size when the log restarts), as when the
+/// file's size was the measure.
+#[test]
+fn the_log_restarts_when_its_frames_fill_it_not_by_the_file_size() {
+    let (dir, ledger) = fresh(5);
+    let payload = "x".repeat(64 << 10);
+    for id in 1..=800 {
+        ledger
+            .commit(
+                vec![Record::Accepted {
+                    message: message(id, &payload),
+                    targets: smallvec![0],
+                }],
+                Wait::Written,
+            )
+            .unwrap();
+        ack(&ledger, id, 0);
+    }
+    // About 17 frames a message (its payload overflows into 16 pages): some 55 MiB of
+    // frames, 2 restarts at 24 MiB (the file-size measure made dozens).
+    let restarts = ledger.stats().log_restarts;
+    assert!((1..=8).contains(&restarts), "{restarts} restarts");
+    let log = std::fs::metadata(dir.path().join(store::LOG))
+        .unwrap()
+        .len();
+    assert!(log <= 40 << 20, "the log file grew to {log} bytes");
+}
+
 fn dead_letter(ledger: &DurableLedger, id: u64, instance: u32) {
     let mut delivery = Delivery::new(T0);
     delivery.begin(&rules(1), T0);

@@ -4,6 +4,7 @@
 //! callers. `durable` opens the ledger, recovers it and starts them.
 
 use std::{
+    cell::Cell,
     fs::{self, File},
     io::Write as _,
     path::{Path, PathBuf},
@@ -19,7 +20,7 @@ use hdrhistogram::Histogram;
 use rusqlite::Connection;
 
 use super::{
-    Forget, LedgerError, Record, Selection, Wait,
+    Forget, LedgerError, Record, Selection, Then, Wait,
     durable::{FailStop, Mode},
     lock, store,
 };
@@ -39,8 +40,24 @@ pub(super) const HOUSEKEEPING: Duration = Duration::from_secs(1);
 /// One caller's batch as the writer takes it, with where to answer.
 pub(super) type Commit = (Vec<Record>, Wait, Reply);
 
-/// Where a batch's answer goes.
-pub(super) type Reply = tokio::sync::oneshot::Sender<Result<(), LedgerError>>;
+/// Where a batch's answer goes, and what its caller asked to run first on success.
+pub(super) struct Reply {
+    pub(super) answer: tokio::sync::oneshot::Sender<Result<(), LedgerError>>,
+    pub(super) then: Option<Then>,
+}
+
+impl Reply {
+    /// Runs the caller's [`Then`] if the batch was recorded, then answers the receipt.
+    pub(super) fn send(self, result: Result<(), LedgerError>) {
+        if result.is_ok()
+            && let Some(then) = self.then
+        {
+            then();
+        }
+        // The caller may have stopped waiting: that is its business.
+        let _ = self.answer.send(result);
+    }
+}
 
 /// An operator's change, run by the writer in a transaction of its own.
 pub(super) enum Op {
@@ -93,6 +110,10 @@ pub(super) struct Stats {
     pub(super) records: u64,
     pub(super) latency: Histogram<u64>,
     pub(super) fsync_latency: Histogram<u64>,
+    /// The syncer's passive checkpoints (copy into the database and its fsync).
+    pub(super) checkpoint_latency: Histogram<u64>,
+    /// Checkpoints the writer ran itself to restart a full log.
+    pub(super) log_restarts: u64,
 }
 
 impl Shared {
@@ -168,8 +189,7 @@ pub(super) type Waiting = Vec<Reply>;
 /// The syncer thread: fsyncs the write-ahead log for the commits handed to it, then answers
 /// their publishes.
 pub(super) struct Syncer {
-    pub(super) wal: PathBuf,
-    pub(super) file: Option<File>,
+    pub(super) log: Log,
     pub(super) shared: Arc<Shared>,
     /// Passive checkpoints run here, between two log fsyncs and only when no publish waits:
     /// the database's fsync never runs beside the log's, so a publish never waits for a
@@ -190,16 +210,7 @@ impl Syncer {
                 waiting.extend(more);
             }
             if !waiting.is_empty() {
-                let result = match self.shared.failed() {
-                    Some(e) => Err(e),
-                    None => self.sync(),
-                };
-                if let Err(e) = &result {
-                    self.shared.poison(e);
-                }
-                for reply in waiting {
-                    let _ = reply.send(result.clone());
-                }
+                self.log.sync_and_answer(&self.shared, waiting);
             }
             if requests.is_empty() && self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
                 self.checkpoint();
@@ -222,32 +233,84 @@ impl Syncer {
                 self.shared.poison(&error);
             }
         }
+        let micros = self.last_checkpoint.elapsed().as_micros() as u64;
+        let _ = lock(&self.shared.stats)
+            .checkpoint_latency
+            .record(micros.max(1));
+        if micros > 1000 {
+            tracing::debug!(micros, "slow ledger checkpoint");
+        }
+    }
+}
+
+/// The write-ahead log, opened for fsyncs (by the syncer, and by the writer when idle).
+pub(super) struct Log {
+    pub(super) path: PathBuf,
+    pub(super) file: Option<File>,
+}
+
+impl Log {
+    pub(super) fn new(path: PathBuf) -> Self {
+        Self { path, file: None }
     }
 
     /// One `fdatasync` of the log. A failure is final: it is never retried (after a failed
     /// fsync the kernel may have dropped the dirty pages; a retry would report success).
-    pub(super) fn sync(&mut self) -> Result<(), LedgerError> {
+    pub(super) fn sync(&mut self, shared: &Shared) -> Result<(), LedgerError> {
         let started = Instant::now();
         let file = match &self.file {
             Some(file) => file,
-            None => self.file.insert(File::open(&self.wal).map_err(|e| {
-                LedgerError::Fatal(format!("cannot open {}: {e}", self.wal.display()))
+            None => self.file.insert(File::open(&self.path).map_err(|e| {
+                LedgerError::Fatal(format!("cannot open {}: {e}", self.path.display()))
             })?),
         };
         file.sync_data().map_err(|e| {
-            LedgerError::Fatal(format!("fsync of {} failed: {e}", self.wal.display()))
+            LedgerError::Fatal(format!("fsync of {} failed: {e}", self.path.display()))
         })?;
-        let mut stats = lock(&self.shared.stats);
+        let micros = started.elapsed().as_micros() as u64;
+        if micros > 10_000 {
+            tracing::debug!(micros, "slow log fsync");
+        }
+        let mut stats = lock(&shared.stats);
         stats.fsyncs += 1;
-        let _ = stats
-            .fsync_latency
-            .record((started.elapsed().as_micros() as u64).max(1));
+        let _ = stats.fsync_latency.record(micros.max(1));
         Ok(())
+    }
+
+    /// [`Log::sync`] unless the ledger failed already; then answers `waiting` (and poisons
+    /// the ledger on a failure).
+    pub(super) fn sync_and_answer(&mut self, shared: &Shared, waiting: Waiting) {
+        let result = match shared.failed() {
+            Some(e) => Err(e),
+            None => self.sync(shared),
+        };
+        if let Err(e) = &result {
+            shared.poison(e);
+        }
+        for reply in waiting {
+            reply.send(result.clone());
+        }
     }
 }
 
 /// The log size past which the writer waits for a complete checkpoint.
 pub(super) const LOG_RESTART_BYTES: u64 = 24 << 20;
+
+thread_local! {
+    /// Frames in the log after the last commit of this thread's connection (the writer
+    /// thread's: every commit is the writer's).
+    static LOG_FRAMES: Cell<u64> = const { Cell::new(0) };
+}
+
+/// SQLite's log hook on the writer's connection: called after each commit with the number of
+/// frames the log holds.
+pub(super) fn count_log_frames(
+    _: &rusqlite::hooks::Wal,
+    frames: std::ffi::c_int,
+) -> rusqlite::Result<()> {
+    LOG_FRAMES.set(u64::try_from(frames).unwrap_or(0));
+    Ok(())
+}
 
 /// Message ids reserved in `meta` at a time.
 pub(super) const ID_BLOCK: u64 = 1 << 16;
@@ -332,6 +395,10 @@ fn apply(
 pub(super) struct Writer {
     /// To the syncer: publishes of committed transactions, in `fsync` mode.
     pub(super) syncs: Sender<Waiting>,
+    /// The writer's own queue, to see whether more is waiting.
+    pub(super) queue: Receiver<Request>,
+    /// For the fsyncs the writer makes when nothing else waits.
+    pub(super) log: Log,
     pub(super) conn: Connection,
     pub(super) shared: Arc<Shared>,
     pub(super) mode: Mode,
@@ -344,6 +411,8 @@ pub(super) struct Writer {
     pub(super) sync: Option<store::Sync>,
     /// Bytes of live pages, measured every so often.
     pub(super) used: u64,
+    /// The database's page size.
+    pub(super) page_size: u64,
     pub(super) commits_since_measure: u32,
     /// The id high-water mark in `meta`: every id recorded is below it.
     pub(super) reserved: u64,
@@ -415,7 +484,7 @@ impl Writer {
     pub(super) fn commit_requests(&mut self, commits: Vec<Commit>) {
         if let Some(e) = self.shared.failed() {
             for (_, _, reply) in commits {
-                let _ = reply.send(Err(e.clone()));
+                reply.send(Err(e.clone()));
             }
             return;
         }
@@ -426,7 +495,7 @@ impl Writer {
             && !publishes.is_empty()
         {
             for (_, _, reply) in publishes.drain(..) {
-                let _ = reply.send(Err(refusal.clone()));
+                reply.send(Err(refusal.clone()));
             }
         }
         let all: Vec<&[Record]> = publishes
@@ -439,7 +508,7 @@ impl Writer {
             Err(LedgerError::Full(reason)) => {
                 // Publishes are refused; settlements must still be written (reserved space).
                 for (_, _, reply) in publishes.drain(..) {
-                    let _ = reply.send(Err(LedgerError::Full(reason.clone())));
+                    reply.send(Err(LedgerError::Full(reason.clone())));
                 }
                 let settle: Vec<&[Record]> = settles.iter().map(|(r, ..)| r.as_slice()).collect();
                 self.with_reserve(|w| w.transaction(&settle))
@@ -456,15 +525,22 @@ impl Writer {
             self.shared.poison(e);
         }
         for (_, _, reply) in settles {
-            let _ = reply.send(result.clone());
+            reply.send(result.clone());
         }
         if result.is_ok() && self.mode == Mode::Fsync && !publishes.is_empty() {
             let waiting = publishes.into_iter().map(|(_, _, reply)| reply).collect();
-            // The syncer ends only after the writer; a failed send means it is gone.
-            let _ = self.syncs.send(waiting);
+            if self.queue.is_empty() {
+                // Nothing else to commit: the writer fsyncs itself rather than wake the
+                // syncer, one thread less on the publishes' way. Under load the syncer's
+                // fsyncs overlap the next commits instead.
+                self.log.sync_and_answer(&self.shared, waiting);
+            } else {
+                // The syncer ends only after the writer; a failed send means it is gone.
+                let _ = self.syncs.send(waiting);
+            }
         } else {
             for (_, _, reply) in publishes {
-                let _ = reply.send(result.clone());
+                reply.send(result.clone());
             }
         }
     }
@@ -559,15 +635,21 @@ impl Writer {
 
     /// Keeps the write-ahead log bounded. Passive checkpoints (in the syncer) copy it
     /// into the database, but under a constant stream of commits the log is never entirely
-    /// copied when a commit starts, so it is never reused and grows without end. Past
-    /// [`LOG_RESTART_BYTES`] the writer runs one passive checkpoint itself, between two of
-    /// its transactions: nothing is written meanwhile, so it copies the rest of the log
-    /// (little: the syncer's checkpoints did most) unless a reader still uses it, and the next
-    /// commit starts the log from the beginning (truncated to `journal_size_limit`). A
-    /// passive checkpoint never waits for a lock.
+    /// copied when a commit starts, so it is never reused and grows without end. Once it
+    /// holds more than [`LOG_RESTART_BYTES`] of frames the writer runs one passive checkpoint
+    /// itself, between two of its transactions: nothing is written meanwhile, so it copies
+    /// the rest of the log (little: the syncer's checkpoints did most) unless a reader still
+    /// uses it, and the next commit starts the log from the beginning, overwriting the file
+    /// in place (it keeps its size up to `journal_size_limit`). A passive checkpoint never
+    /// waits for a lock.
+    ///
+    /// The frames are counted by SQLite's log hook ([`count_log_frames`]), not from the
+    /// file's size: the file keeps its size when the log restarts, so its size would ask for
+    /// a checkpoint after every commit once it had grown once.
     pub(super) fn bound_log(&mut self) {
-        let log = self.dir.join(store::LOG);
-        if fs::metadata(&log).is_ok_and(|m| m.len() > LOG_RESTART_BYTES) {
+        // A frame is a page and its 24-byte header.
+        if LOG_FRAMES.get() * (self.page_size + 24) > LOG_RESTART_BYTES {
+            lock(&self.shared.stats).log_restarts += 1;
             let done = self
                 .conn
                 .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
@@ -631,6 +713,7 @@ impl Writer {
         if self.shared.failed().is_some() {
             return;
         }
+        let started = Instant::now();
         let now = self.clock.now();
         let keys_before = Timestamp(now.0.saturating_sub(self.dedupe_window.as_millis() as u64));
         let dead_before = self
@@ -653,6 +736,10 @@ impl Writer {
             Err(e) => self.shared.poison(&e),
         }
         self.measure();
+        let micros = started.elapsed().as_micros() as u64;
+        if micros > 1000 {
+            tracing::debug!(micros, "slow ledger housekeeping");
+        }
         if !self.dir.join(RESERVE).exists() && ensure_reserve(&self.dir) && self.reserve_released {
             self.reserve_released = false;
             tracing::info!("space reserved for settlements again: publishing resumes");
