@@ -234,7 +234,9 @@ pub struct Dispatcher {
     /// Keyed by small integers: FxHash, not SipHash (measured: ~3% of the engine's time).
     live: FxHashMap<(u64, InstanceId), Live>,
     /// (lease end, message, instance, attempt); entries whose attempt moved on are skipped.
-    leases: BinaryHeap<Reverse<(u64, u64, InstanceId, u32)>>,
+    leases: Leases,
+    /// Leases left by the last sweep ([`Dispatcher::sweep_leases`]).
+    leases_swept: usize,
     stale: u64,
     /// Commits handed to the ledger without waiting, oldest first, until answered.
     unanswered: VecDeque<Receipt>,
@@ -242,6 +244,9 @@ pub struct Dispatcher {
 
 /// Commits the dispatcher leaves unanswered at most before it waits for them.
 const MAX_UNANSWERED: usize = 256;
+
+/// Leases kept without a sweep however few are in flight.
+const LEASE_SWEEP_FLOOR: usize = 4096;
 
 impl std::fmt::Debug for Dispatcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -275,6 +280,7 @@ impl Dispatcher {
                 Default::default(),
             ),
             leases: BinaryHeap::new(),
+            leases_swept: 0,
             stale: 0,
             unanswered: VecDeque::new(),
         };
@@ -758,7 +764,25 @@ impl Dispatcher {
                 self.dead_letter(key, records);
             }
         }
+        self.sweep_leases();
         handoffs
+    }
+
+    /// A lease stays in the heap after its attempt ended (a heap cannot remove an entry)
+    /// until its time comes, `ack_timeout` later. Past twice what was in flight at the last
+    /// sweep (and a floor), the ended ones are swept out: the heap holds about what is in
+    /// flight, not every hand-out of the last `ack_timeout` (3,000,000 entries after a
+    /// minute of 100,000 msgs/s, whose expiry then cost the dispatcher's loop for 30 s).
+    fn sweep_leases(&mut self) {
+        let live = &self.live;
+        sweep(
+            &mut self.leases,
+            &mut self.leases_swept,
+            |message, instance, attempt| {
+                live.get(&(message, instance))
+                    .is_some_and(|l| l.delivery.in_flight() == Some(attempt))
+            },
+        );
     }
 
     fn event(&mut self, event: actor::Event, records: &mut Vec<Record>) {
@@ -1101,9 +1125,51 @@ impl Dispatcher {
     }
 }
 
+/// The heap of leases: (lease end, message, instance, attempt).
+type Leases = BinaryHeap<Reverse<(u64, u64, InstanceId, u32)>>;
+
+/// Keeps only the leases of attempts still in flight, once the heap holds more than twice
+/// what the last sweep kept (`swept`) plus [`LEASE_SWEEP_FLOOR`]: amortized O(1) a lease.
+fn sweep(leases: &mut Leases, swept: &mut usize, in_flight: impl Fn(u64, InstanceId, u32) -> bool) {
+    if leases.len() <= 2 * *swept + LEASE_SWEEP_FLOOR {
+        return;
+    }
+    leases.retain(|Reverse((_, message, instance, attempt))| {
+        in_flight(*message, *instance, *attempt)
+    });
+    *swept = leases.len();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ended_leases_are_swept_once_they_outnumber_the_live_ones() {
+        let mut leases = Leases::new();
+        let mut swept = 0;
+        // Messages below 10 are in flight; the others ended long before their lease.
+        let in_flight = |message: u64, _, _| message < 10;
+        for message in 0..LEASE_SWEEP_FLOOR as u64 {
+            leases.push(Reverse((1_000 + message, message, 0, 1)));
+            sweep(&mut leases, &mut swept, in_flight);
+        }
+        assert_eq!((leases.len(), swept), (LEASE_SWEEP_FLOOR, 0), "not yet");
+        leases.push(Reverse((1, 99_999, 0, 1)));
+        sweep(&mut leases, &mut swept, in_flight);
+        assert_eq!((leases.len(), swept), (10, 10), "only the live ones stay");
+        // The earliest live lease is still first.
+        assert_eq!(leases.peek(), Some(&Reverse((1_000, 0, 0, 1))));
+        for message in 10_000..10_000 + LEASE_SWEEP_FLOOR as u64 + 20 {
+            leases.push(Reverse((5, message, 0, 1)));
+            sweep(&mut leases, &mut swept, in_flight);
+        }
+        assert!(
+            leases.len() <= 2 * 10 + LEASE_SWEEP_FLOOR,
+            "{}",
+            leases.len()
+        );
+    }
 
     #[test]
     fn a_compacted_payload_owns_only_its_bytes() {

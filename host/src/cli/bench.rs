@@ -322,10 +322,10 @@ impl Batches {
 }
 
 /// Sends every batch when its last message is due (message `i` is due `i × every` after
-/// `start`, which is `start_unix` on the wall clock), sleeping in between: precise to the
-/// timer's slack (tens of µs) without spinning a core that the daemon, on the same machine,
-/// would miss. Each message carries its due time, so lateness counts as latency. Returns the
-/// last correlation id.
+/// `start`, which is `start_unix` on the wall clock), sleeping in between with the timer
+/// slack at its minimum: late by the wake-up latency (tens of µs), without spinning a core
+/// that the daemon, on the same machine, would miss. Each message carries its due time, so
+/// lateness counts as latency. Returns the last correlation id.
 fn pace(
     start: Instant,
     start_unix: u64,
