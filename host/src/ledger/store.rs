@@ -345,6 +345,49 @@ static INSERT_ROWS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     )
 });
 
+/// One `messages` row as stored: the message's columns, its headers encoded, its checksum,
+/// and its target when it has exactly one (`solo`: no `deliveries` row until it changes).
+struct Row<'m> {
+    id: i64,
+    topic: &'m str,
+    headers: Vec<u8>,
+    payload: &'m [u8],
+    published: i64,
+    crc: u32,
+    solo: Option<u32>,
+}
+
+impl<'m> Row<'m> {
+    fn of(m: &'m StoredMessage, targets: &[u32]) -> Self {
+        let headers = encode_headers(&m.headers);
+        Self {
+            id: m.id as i64,
+            topic: &m.topic,
+            crc: checksum(m.id, &m.topic, &headers, &m.payload, m.publish_time.0),
+            headers,
+            payload: &m.payload,
+            published: m.publish_time.0 as i64,
+            solo: match targets {
+                [one] => Some(*one),
+                _ => None,
+            },
+        }
+    }
+
+    /// The values of the insert's placeholders, in the order of its column list.
+    fn columns(&self) -> [&dyn rusqlite::ToSql; 7] {
+        [
+            &self.id,
+            &self.topic,
+            &self.headers,
+            &self.payload,
+            &self.published,
+            &self.crc,
+            &self.solo,
+        ]
+    }
+}
+
 /// The statements of one write transaction, prepared once for it.
 pub(super) struct Writes<'c> {
     insert_message: CachedStatement<'c>,
@@ -390,24 +433,17 @@ impl<'c> Writes<'c> {
 
     /// A message and the deliveries to its targets (instance keys).
     pub(super) fn accept(&mut self, m: &StoredMessage, targets: &[u32]) -> rusqlite::Result<()> {
-        let headers = encode_headers(&m.headers);
-        let crc = checksum(m.id, &m.topic, &headers, &m.payload, m.publish_time.0);
-        let solo = match targets {
-            [one] => Some(*one),
-            _ => None,
-        };
-        self.insert_message.execute(params![
-            m.id as i64,
-            m.topic,
-            headers,
-            &m.payload[..],
-            m.publish_time.0 as i64,
-            crc,
-            solo
-        ])?;
+        let row = Row::of(m, targets);
+        self.insert_message.execute(&row.columns()[..])?;
+        self.deliveries(m.id, targets, row.solo)
+    }
+
+    /// The `deliveries` rows of a message with more than one target (a single target is
+    /// the message row's `solo`).
+    fn deliveries(&mut self, id: u64, targets: &[u32], solo: Option<u32>) -> rusqlite::Result<()> {
         if solo.is_none() {
             for inst in targets {
-                self.insert_delivery.execute(params![m.id as i64, inst])?;
+                self.insert_delivery.execute(params![id as i64, inst])?;
             }
         }
         Ok(())
@@ -422,45 +458,12 @@ impl<'c> Writes<'c> {
     ) -> rusqlite::Result<()> {
         let mut chunks = messages.chunks_exact(ROWS);
         for chunk in &mut chunks {
-            let encoded: Vec<(Vec<u8>, u32, Option<u32>)> = chunk
-                .iter()
-                .map(|(m, targets)| {
-                    let headers = encode_headers(&m.headers);
-                    let crc = checksum(m.id, &m.topic, &headers, &m.payload, m.publish_time.0);
-                    let solo = match targets {
-                        [one] => Some(*one),
-                        _ => None,
-                    };
-                    (headers, crc, solo)
-                })
-                .collect();
-            let ids: Vec<(i64, i64)> = chunk
-                .iter()
-                .map(|(m, _)| (m.id as i64, m.publish_time.0 as i64))
-                .collect();
-            let payloads: Vec<&[u8]> = chunk.iter().map(|(m, _)| &m.payload[..]).collect();
-            let mut values: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(ROWS * 7);
-            for ((((m, _), (headers, crc, solo)), (id, published)), payload) in
-                chunk.iter().zip(&encoded).zip(&ids).zip(&payloads)
-            {
-                values.extend([
-                    id as &dyn rusqlite::ToSql,
-                    &m.topic,
-                    headers,
-                    payload,
-                    published,
-                    crc,
-                    solo,
-                ]);
-            }
+            let rows: Vec<Row<'_>> = chunk.iter().map(|(m, t)| Row::of(m, t)).collect();
+            let values: Vec<&dyn rusqlite::ToSql> = rows.iter().flat_map(Row::columns).collect();
             conn.prepare_cached(&INSERT_ROWS)?
                 .execute(rusqlite::params_from_iter(values))?;
-            for ((m, targets), (_, _, solo)) in chunk.iter().zip(&encoded) {
-                if solo.is_none() {
-                    for inst in *targets {
-                        self.insert_delivery.execute(params![m.id as i64, inst])?;
-                    }
-                }
+            for ((m, targets), row) in chunk.iter().zip(&rows) {
+                self.deliveries(m.id, targets, row.solo)?;
             }
         }
         for (m, targets) in chunks.remainder() {
