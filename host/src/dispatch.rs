@@ -330,7 +330,10 @@ impl Dispatcher {
             select! {
                 recv(inputs) -> input => match input {
                     Ok(input) => stop = self.input(input),
-                    Err(_) => return,
+                    Err(_) => {
+                        self.written();
+                        return;
+                    }
                 },
                 recv(events) -> event => match event {
                     Ok(event) => self.event(event, &mut records),

@@ -88,12 +88,12 @@ pub enum Wait {
     Written,
 }
 
-/// Where the answer to a submitted batch comes from: at once, or from the ledger's threads
-/// once the batch is as durable as asked. Wait for it on a plain thread
-/// ([`Receipt::wait`]) or in async code ([`Receipt::done`]).
 /// What a caller of [`Ledger::submit_then`] runs once its records are recorded.
 pub type Then = Box<dyn FnOnce() + Send>;
 
+/// Where the answer to a submitted batch comes from: at once, or from the ledger's threads
+/// once the batch is as durable as asked. Wait for it on a plain thread
+/// ([`Receipt::wait`]) or in async code ([`Receipt::done`]).
 #[derive(Debug)]
 pub enum Receipt {
     Ready(Result<(), LedgerError>),
@@ -300,7 +300,8 @@ pub struct CommitStats {
     pub fsync_us: [u64; 3],
     /// Latency of the checkpoints that copy the log into the database, in µs: p50, p99, max.
     pub checkpoint_us: [u64; 3],
-    /// Checkpoints the writer ran itself to restart a full write-ahead log.
+    /// Checkpoints the writer ran itself because the write-ahead log was full (each lets the
+    /// log restart, unless a reader still uses it).
     pub log_restarts: u64,
     /// Bytes the store takes on disk (database and its write-ahead log).
     pub bytes: u64,

@@ -397,8 +397,6 @@ impl Ledger for DurableLedger {
         let page_size = store::page_size(&conn)?;
         let mut writer = Writer {
             syncs,
-            queue: receiver.clone(),
-            log: Log::new(self.dir.join(store::LOG)),
             conn,
             shared: self.shared.clone(),
             mode: self.options.mode,

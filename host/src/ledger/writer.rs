@@ -243,7 +243,7 @@ impl Syncer {
     }
 }
 
-/// The write-ahead log, opened for fsyncs (by the syncer, and by the writer when idle).
+/// The write-ahead log, opened for the syncer's fsyncs.
 pub(super) struct Log {
     pub(super) path: PathBuf,
     pub(super) file: Option<File>,
@@ -395,10 +395,6 @@ fn apply(
 pub(super) struct Writer {
     /// To the syncer: publishes of committed transactions, in `fsync` mode.
     pub(super) syncs: Sender<Waiting>,
-    /// The writer's own queue, to see whether more is waiting.
-    pub(super) queue: Receiver<Request>,
-    /// For the fsyncs the writer makes when nothing else waits.
-    pub(super) log: Log,
     pub(super) conn: Connection,
     pub(super) shared: Arc<Shared>,
     pub(super) mode: Mode,
@@ -529,15 +525,11 @@ impl Writer {
         }
         if result.is_ok() && self.mode == Mode::Fsync && !publishes.is_empty() {
             let waiting = publishes.into_iter().map(|(_, _, reply)| reply).collect();
-            if self.queue.is_empty() {
-                // Nothing else to commit: the writer fsyncs itself rather than wake the
-                // syncer, one thread less on the publishes' way. Under load the syncer's
-                // fsyncs overlap the next commits instead.
-                self.log.sync_and_answer(&self.shared, waiting);
-            } else {
-                // The syncer ends only after the writer; a failed send means it is gone.
-                let _ = self.syncs.send(waiting);
-            }
+            // Only the syncer answers publishes, in commit order: their messages reach the
+            // dispatcher in that order (an fsync by the writer beside the syncer's could
+            // answer a later commit first).
+            // The syncer ends only after the writer; a failed send means it is gone.
+            let _ = self.syncs.send(waiting);
         } else {
             for (_, _, reply) in publishes {
                 reply.send(result.clone());
