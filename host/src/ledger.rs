@@ -311,7 +311,9 @@ pub struct CommitStats {
 pub trait Ledger: Send + Sync + 'static {
     /// Hands `records` over to be applied atomically; the receipt answers per `wait`.
     /// Batches are applied in the order they were submitted.
-    fn submit(&self, records: Vec<Record>, wait: Wait) -> Receipt;
+    fn submit(&self, records: Vec<Record>, wait: Wait) -> Receipt {
+        self.submit_then(records, wait, None)
+    }
 
     /// [`Ledger::submit`], and `then` runs once the records are recorded as `wait` asks,
     /// before the receipt answers, on the thread that answers it (not if they fail). It must
@@ -514,10 +516,6 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Ledger for MemoryLedger {
-    fn submit(&self, records: Vec<Record>, wait: Wait) -> Receipt {
-        self.submit_then(records, wait, None)
-    }
-
     fn submit_then(&self, records: Vec<Record>, _wait: Wait, then: Option<Then>) -> Receipt {
         self.record(records);
         if let Some(then) = then {

@@ -246,7 +246,9 @@ async fn publish_all(endpoint: &config::Endpoint, args: &Args) -> Result<(Durati
         }
         match answers.next().await {
             Some(Ok(result)) => {
-                in_flight = in_flight.saturating_sub(1);
+                if pacer.is_none() {
+                    in_flight -= 1;
+                }
                 answered += result.outcomes.len() as u64;
                 refused += result
                     .outcomes
@@ -340,13 +342,14 @@ fn pace(
     for first in (0..batches.count).step_by(batches.batch as usize) {
         correlation += 1;
         let last = (first + batches.batch).min(batches.count) - 1;
+        // Made while there is time: the stamps are the due times, known in advance.
+        let batch = batches.make(correlation, first, |i| {
+            start_unix.saturating_add(u64::try_from(due(i).as_nanos()).unwrap_or(u64::MAX))
+        });
         let left = (start + due(last)).saturating_duration_since(Instant::now());
         if !left.is_zero() {
             std::thread::sleep(left);
         }
-        let batch = batches.make(correlation, first, |i| {
-            start_unix.saturating_add(u64::try_from(due(i).as_nanos()).unwrap_or(u64::MAX))
-        });
         sender
             .blocking_send(batch)
             .map_err(|_| "the stream closed".to_owned())?;

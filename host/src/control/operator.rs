@@ -86,6 +86,29 @@ impl ControlService {
             .instance(name)
             .ok_or_else(|| Status::not_found(format!("no instance `{name}` is running or waiting")))
     }
+
+    /// `Pause` and `Resume`.
+    async fn set_paused(
+        &self,
+        request: Request<pb::InstanceRequest>,
+        paused: bool,
+    ) -> Result<Response<pb::InstanceResponse>, Status> {
+        let name = request.into_inner().name;
+        self.blocking(move |engine| {
+            let instance = Self::instance(engine, &name)?;
+            if paused {
+                engine.pause(instance);
+            } else {
+                engine.resume(instance);
+            }
+            Ok(pb::InstanceResponse {
+                name,
+                state: if paused { "paused" } else { "resumed" }.to_owned(),
+            })
+        })
+        .await
+        .map(Response::new)
+    }
 }
 
 /// A ledger failure as a status.
@@ -387,32 +410,14 @@ impl control_server::Control for ControlService {
         &self,
         request: Request<pb::InstanceRequest>,
     ) -> Result<Response<pb::InstanceResponse>, Status> {
-        let name = request.into_inner().name;
-        self.blocking(move |engine| {
-            engine.pause(Self::instance(engine, &name)?);
-            Ok(pb::InstanceResponse {
-                name,
-                state: "paused".to_owned(),
-            })
-        })
-        .await
-        .map(Response::new)
+        self.set_paused(request, true).await
     }
 
     async fn resume(
         &self,
         request: Request<pb::InstanceRequest>,
     ) -> Result<Response<pb::InstanceResponse>, Status> {
-        let name = request.into_inner().name;
-        self.blocking(move |engine| {
-            engine.resume(Self::instance(engine, &name)?);
-            Ok(pb::InstanceResponse {
-                name,
-                state: "resumed".to_owned(),
-            })
-        })
-        .await
-        .map(Response::new)
+        self.set_paused(request, false).await
     }
 
     async fn dead_letters(

@@ -256,10 +256,6 @@ fn delivery_of(
 }
 
 impl Ledger for DurableLedger {
-    fn submit(&self, records: Vec<Record>, wait: Wait) -> Receipt {
-        self.submit_then(records, wait, None)
-    }
-
     fn submit_then(&self, records: Vec<Record>, wait: Wait, then: Option<Then>) -> Receipt {
         let (mut accepted, mut attempts, mut acked, mut dead) = (0, 0, 0, 0);
         for record in &records {
