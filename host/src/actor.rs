@@ -45,6 +45,12 @@ use crate::{
 /// Settlements are sent back at least this often (in hand-offs) within a long batch.
 const SETTLE_EVERY: usize = 64;
 
+/// A batch of settlements covers at most this much time of calls: it is sent back once this
+/// long has passed since its first call started (or when the queue runs dry). Fast calls
+/// still share one settlement batch; a slow plugin's outcome goes back (and its ack to the
+/// ledger) as soon as its call returns, so a crash redelivers only what was not yet written.
+const SETTLE_WITHIN: Duration = Duration::from_millis(1);
+
 /// Runs on the actor's thread once its first call returned (the supervisor's quarantine
 /// marker goes then).
 pub type FirstCall = Box<dyn FnOnce() + Send>;
@@ -341,6 +347,8 @@ struct Worker {
 impl Worker {
     fn run(mut self) {
         let mut settled = Vec::new();
+        // When the first call of the batch in `settled` started.
+        let mut batch_started = None;
         loop {
             let next = self.mailbox.next(|| {
                 // The queue ran dry: settle what is done, then sleep.
@@ -352,8 +360,12 @@ impl Worker {
             let Some(handoff) = next else {
                 break;
             };
+            if settled.is_empty() {
+                batch_started = None;
+            }
+            let started = *batch_started.get_or_insert_with(std::time::Instant::now);
             settled.push(self.call(handoff));
-            if settled.len() >= SETTLE_EVERY {
+            if settled.len() >= SETTLE_EVERY || started.elapsed() >= SETTLE_WITHIN {
                 self.flush(&mut settled);
             }
         }

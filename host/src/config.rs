@@ -26,7 +26,7 @@ mod resolve;
 
 pub use diagnostic::Problem;
 pub use plan::{Change, Plan, Reason, plan};
-pub use raw::{Durability, LogFormat, WatchMode};
+pub use raw::{Durability, LogFormat, Unrouted, WatchMode};
 
 #[cfg(test)]
 mod tests;
@@ -82,6 +82,8 @@ pub struct HostSettings {
     pub dedupe_window: Duration,
     pub dead_letter_retention: Duration,
     pub hop_limit: u32,
+    /// What a publish that matches no instance gets.
+    pub unrouted: Unrouted,
 }
 
 /// Where the daemon listens and where clients connect.
@@ -162,6 +164,9 @@ pub struct Settings {
     pub init_timeout: Duration,
     pub shutdown_timeout: Duration,
     pub hang_grace: Duration,
+    /// Waiting deliveries older than this (since acceptance) are dead-lettered with reason
+    /// `expired`; `None`: never.
+    pub max_age: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -204,6 +209,7 @@ impl Default for Settings {
             init_timeout: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(10),
             hang_grace: Duration::from_secs(5),
+            max_age: None,
         }
     }
 }
@@ -317,15 +323,27 @@ pub enum ConnectOrigin {
     Default,
 }
 
+/// Where a client command connects, and what is wrong with the local configuration if
+/// anything is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Connect {
+    pub endpoint: Endpoint,
+    pub origin: ConnectOrigin,
+    /// The configuration [`locate`] found cannot be used: what is wrong with it (the daemon
+    /// keeps running its last good one; the endpoint came from elsewhere, or from the
+    /// broken file's `listen`).
+    pub config_problem: Option<String>,
+}
+
 /// Where a client command connects: `--connect`, then `$PLUGIND_CONNECT`, then the `listen`
-/// of the configuration [`locate`] finds (with `-c` if given), then [`DEFAULT_CONNECT`].
+/// of the configuration [`locate`] finds (with `-c` if given), then [`DEFAULT_CONNECT`]. A
+/// configuration that does not validate still gives its `[host] listen` when that can be
+/// read from it (the daemon runs its last good configuration meanwhile), and its problem is
+/// reported.
 ///
 /// # Errors
 /// A message naming the bad endpoint, or the configuration that cannot be read.
-pub fn client_endpoint(
-    flag: Option<&str>,
-    config_flag: Option<&Path>,
-) -> Result<(Endpoint, ConnectOrigin), String> {
+pub fn client_endpoint(flag: Option<&str>, config_flag: Option<&Path>) -> Result<Connect, String> {
     let env = std::env::var(CONNECT_ENV).ok();
     client_endpoint_in(flag, env, locate(config_flag).ok().map(|(path, _)| path))
 }
@@ -334,27 +352,90 @@ fn client_endpoint_in(
     flag: Option<&str>,
     env: Option<String>,
     config: Option<PathBuf>,
-) -> Result<(Endpoint, ConnectOrigin), String> {
+) -> Result<Connect, String> {
     let cwd = Path::new(".");
+    let loaded = config.as_ref().map(|path| (path, load(path)));
+    let config_problem = match &loaded {
+        Some((_, Err(e))) => Some(problem_summary(e)),
+        _ => None,
+    };
+    let connect = |endpoint, origin| Connect {
+        endpoint,
+        origin,
+        config_problem: config_problem.clone(),
+    };
     if let Some(flag) = flag {
         return Endpoint::parse(flag, cwd)
-            .map(|e| (e, ConnectOrigin::Flag))
+            .map(|e| connect(e, ConnectOrigin::Flag))
             .map_err(|e| format!("--connect: {e}"));
     }
     if let Some(env) = env.filter(|e| !e.is_empty()) {
         return Endpoint::parse(&env, cwd)
-            .map(|e| (e, ConnectOrigin::Env))
+            .map(|e| connect(e, ConnectOrigin::Env))
             .map_err(|e| format!("${CONNECT_ENV}: {e}"));
     }
-    if let Some(path) = config {
-        return match load(&path) {
-            Ok(config) => Ok((config.host.listen, ConnectOrigin::Config)),
-            Err(e) => Err(format!("{e}; fix it or pass --connect")),
-        };
+    match loaded {
+        Some((_, Ok(config))) => Ok(connect(config.host.listen, ConnectOrigin::Config)),
+        Some((path, Err(e))) => match listen_of_broken(path) {
+            Some(endpoint) => Ok(connect(endpoint, ConnectOrigin::Config)),
+            None => Err(format!(
+                "{e}, and its [host] listen cannot be read from it; fix it, or pass --connect \
+                 (or set ${CONNECT_ENV})"
+            )),
+        },
+        None => Endpoint::parse(DEFAULT_CONNECT, cwd)
+            .map(|e| connect(e, ConnectOrigin::Default))
+            .map_err(|e| format!("the default endpoint: {e}")),
     }
-    Endpoint::parse(DEFAULT_CONNECT, cwd)
-        .map(|e| (e, ConnectOrigin::Default))
-        .map_err(|e| format!("the default endpoint: {e}"))
+}
+
+/// One line on what is wrong with a configuration: its first problem (and how many more).
+fn problem_summary(e: &ConfigError) -> String {
+    match e {
+        ConfigError::Invalid(invalid) => {
+            let first = invalid
+                .problems
+                .first()
+                .map(|p| p.render(&invalid.path, &invalid.text))
+                .and_then(|r| r.lines().next().map(str::to_owned))
+                .unwrap_or_default();
+            let more = invalid.problems.len().saturating_sub(1);
+            if more == 0 {
+                format!("invalid configuration: {first}")
+            } else {
+                format!("invalid configuration: {first} (and {more} more problems)")
+            }
+        }
+        other => other.to_string(),
+    }
+}
+
+/// The `[host] listen` of a configuration file that does not validate: from its TOML when it
+/// parses, else from a `listen = "…"` line in its `[host]` section.
+fn listen_of_broken(path: &Path) -> Option<Endpoint> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let listen = match text.parse::<toml::Table>() {
+        Ok(table) => table.get("host")?.get("listen")?.as_str()?.to_owned(),
+        Err(_) => {
+            let mut in_host = false;
+            let mut found = None;
+            for line in text.lines().map(str::trim) {
+                if line.starts_with('[') {
+                    in_host = line.trim_end_matches(|c| c != ']') == "[host]";
+                } else if in_host
+                    && let Some((key, value)) = line.split_once('=')
+                    && key.trim() == "listen"
+                {
+                    let value = value.trim();
+                    let value = value.strip_prefix('"')?;
+                    found = Some(value[..value.find('"')?].to_owned());
+                }
+            }
+            found?
+        }
+    };
+    let base = path.parent().filter(|p| !p.as_os_str().is_empty());
+    Endpoint::parse(&listen, base.unwrap_or(Path::new("."))).ok()
 }
 
 /// Where a config file was found.
@@ -453,7 +534,9 @@ mod locate_tests {
         let config = dir.join("plugins.toml");
         std::fs::write(&config, "[host]\nlisten = \"unix:run/d.sock\"\n").unwrap();
         let env = Some("tcp:127.0.0.1:7000".to_owned());
-        let resolve = |flag, env, config| client_endpoint_in(flag, env, config);
+        let resolve = |flag, env, config| {
+            client_endpoint_in(flag, env, config).map(|c| (c.endpoint, c.origin))
+        };
         assert_eq!(
             resolve(Some("unix:/x.sock"), env.clone(), Some(config.clone())),
             Ok((Endpoint::Unix("/x.sock".into()), ConnectOrigin::Flag))
@@ -482,12 +565,52 @@ mod locate_tests {
                 .starts_with("--connect: ")
         );
         std::fs::write(&config, "[host]\nlisten = 3\n").unwrap();
-        let e = resolve(None, None, Some(config)).unwrap_err();
+        let e = resolve(None, None, Some(config.clone())).unwrap_err();
         assert!(
             e.contains("invalid configuration") && e.contains("--connect"),
             "{e}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_broken_configuration_still_names_its_socket_and_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("plugins.toml");
+        // Valid TOML, invalid configuration: the listen comes from the parsed table.
+        std::fs::write(
+            &config,
+            "[host]\nlisten = \"unix:run/d.sock\"  # x\nretries = 3\n",
+        )
+        .unwrap();
+        let c = client_endpoint_in(None, None, Some(config.clone())).unwrap();
+        assert_eq!(c.endpoint, Endpoint::Unix(dir.path().join("run/d.sock")));
+        let problem = c.config_problem.unwrap();
+        assert!(
+            problem.contains("plugins.toml:3:1") && problem.contains("retries"),
+            "{problem}"
+        );
+        // Broken TOML: the listen line of [host] is still found.
+        std::fs::write(
+            &config,
+            "[host]\nlisten = \"unix:run/e.sock\"\n[plugins.a\nplugin = \n",
+        )
+        .unwrap();
+        let c = client_endpoint_in(None, None, Some(config.clone())).unwrap();
+        assert_eq!(c.endpoint, Endpoint::Unix(dir.path().join("run/e.sock")));
+        assert!(c.config_problem.is_some());
+        // $PLUGIND_CONNECT wins, and the problem is still told.
+        let c =
+            client_endpoint_in(None, Some("unix:/x.sock".into()), Some(config.clone())).unwrap();
+        assert_eq!(
+            (c.endpoint, c.origin),
+            (Endpoint::Unix("/x.sock".into()), ConnectOrigin::Env)
+        );
+        assert!(c.config_problem.is_some());
+        // No listen to be read: refused, saying how to get on.
+        std::fs::write(&config, "[host\n").unwrap();
+        let e = client_endpoint_in(None, None, Some(config)).unwrap_err();
+        assert!(e.contains("--connect"), "{e}");
     }
 
     #[test]

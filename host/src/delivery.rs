@@ -424,18 +424,29 @@ impl Delivery {
     /// An operator forgets the backlog this delivery waits in: it becomes a dead letter
     /// (reason `forgotten`), counting no failure.
     pub fn forget(&mut self, now: Timestamp) {
+        self.abandon("forgotten", now);
+    }
+
+    /// It waited longer than its instance's `max_age`: it becomes a dead letter (reason
+    /// `expired`), counting no failure.
+    pub fn outlived(&mut self, now: Timestamp) {
+        self.abandon("expired", now);
+    }
+
+    /// Ends a delivery no plugin code settled, as a dead letter with `reason`.
+    fn abandon(&mut self, reason: &str, now: Timestamp) {
         if self.is_settled() {
             return;
         }
         self.end(
             now,
             AttemptResult::Failed {
-                reason: "forgotten".to_owned(),
+                reason: reason.to_owned(),
             },
         );
-        self.last_reason = Some("forgotten".to_owned());
+        self.last_reason = Some(reason.to_owned());
         self.state = State::DeadLettered {
-            reason: "forgotten".to_owned(),
+            reason: reason.to_owned(),
         };
     }
 

@@ -28,7 +28,7 @@ use crate::{
     config::Settings,
     delivery::{Delivery, Failure, Rules, Transition},
     events::{EventKind, Events},
-    ingress::{Accepted, Backlog, Ingress},
+    ingress::{Accepted, Backlog, Ingress, Source},
     ledger::{Forget, Ledger, LedgerError, Pending, Receipt, Record, Wait},
     message::StoredMessage,
     routing::InstanceId,
@@ -96,6 +96,8 @@ pub struct Slot {
     /// max_in_flight`), hand-offs included; the others are read back from a ledger that
     /// [reloads](Ledger::reloads) when their turn comes.
     pub keep: usize,
+    /// Waiting deliveries older than this are dead-lettered (`expired`).
+    pub max_age: Option<Duration>,
 }
 
 impl Slot {
@@ -109,6 +111,7 @@ impl Slot {
             hang_grace: Duration::ZERO,
             shutdown_timeout: Duration::ZERO,
             keep: 0,
+            max_age: None,
         };
         slot.configure(settings);
         slot
@@ -123,6 +126,7 @@ impl Slot {
         self.hang_grace = settings.hang_grace;
         self.shutdown_timeout = settings.shutdown_timeout;
         self.keep = (settings.queue_capacity + settings.max_in_flight) as usize;
+        self.max_age = settings.max_age;
     }
 }
 
@@ -141,7 +145,10 @@ pub struct InstanceStats {
     /// Of those, the ones whose payload is held in memory (the rest are read back from the
     /// ledger when their turn comes).
     pub resident: u64,
+    /// Hand-offs leased to its actor (in its mailbox or in a call).
     pub in_flight: u64,
+    /// Calls to its plugin code in progress now.
+    pub calling: u64,
     pub circuit: Option<circuit::State>,
     /// A call outlived its lease and is still running.
     pub hung: bool,
@@ -187,6 +194,8 @@ struct Live {
     /// The payload's size, for the backlog.
     size: u64,
     delivery: Delivery,
+    /// Since when it waits (ms since the epoch): `max_age` counts from here.
+    since: u64,
 }
 
 struct Inst {
@@ -200,6 +209,8 @@ struct Inst {
     stats: InstanceStats,
     /// The circuit state last announced.
     circuit: &'static str,
+    /// When its waiting deliveries are next checked against `max_age`.
+    age_check: Timestamp,
 }
 
 impl Inst {
@@ -214,6 +225,7 @@ impl Inst {
             waiting: BinaryHeap::new(),
             unloaded: 0,
             circuit: "closed",
+            age_check: Timestamp(0),
         }
     }
 
@@ -309,6 +321,7 @@ impl Dispatcher {
                     message: p.stored,
                     size: p.size,
                     delivery: p.delivery,
+                    since: p.since.0,
                 },
             );
         }
@@ -357,6 +370,7 @@ impl Dispatcher {
             }
             let now = self.clock.now();
             self.expire(now, &mut records);
+            self.outlive(now, &mut records);
             self.promote(now);
             let handoffs = self.hand_out(now, &mut records);
             // Recorded first: an attempt is in the ledger before plugin code sees it.
@@ -489,6 +503,7 @@ impl Dispatcher {
                     message,
                     size: accepted.message.payload.len() as u64,
                     delivery: Delivery::new(now),
+                    since: now.0,
                 },
             );
         }
@@ -569,6 +584,12 @@ impl Dispatcher {
                     running: i.slot.actor.is_some(),
                     generation: i.slot.actor.as_ref().map_or(0, Actor::generation),
                     in_flight,
+                    calling: u64::from(
+                        i.slot
+                            .actor
+                            .as_ref()
+                            .is_some_and(|a| a.busy_since().is_some()),
+                    ),
                     resident: i.resident() as u64,
                     circuit: Some(i.slot.breaker.state().clone()),
                     hung: i.stats.hung
@@ -593,7 +614,63 @@ impl Dispatcher {
             .iter()
             .filter_map(|i| i.slot.breaker.next_wakeup());
         let leases = self.leases.peek().map(|Reverse((at, ..))| Timestamp(*at));
-        retries.chain(probes).chain(leases).min()
+        let ages = self
+            .instances
+            .iter()
+            .filter(|i| i.slot.max_age.is_some() && i.stats.backlog > 0)
+            .map(|i| i.age_check);
+        retries.chain(probes).chain(leases).chain(ages).min()
+    }
+
+    /// Waiting deliveries (not in flight) older than their instance's `max_age` become dead
+    /// letters with reason `expired`, so that a long-disabled instance need not fill up to
+    /// `max_backlog`. An instance is checked every tenth of its `max_age` (at least a
+    /// second, at most a minute apart): a check walks its whole queue.
+    fn outlive(&mut self, now: Timestamp, records: &mut Vec<Record>) {
+        for id in 0..self.instances.len() {
+            let inst = &mut self.instances[id];
+            let Some(max_age) = inst.slot.max_age else {
+                continue;
+            };
+            if now < inst.age_check || inst.stats.backlog == 0 {
+                continue;
+            }
+            inst.age_check =
+                now.after((max_age / 10).clamp(Duration::from_secs(1), Duration::from_secs(60)));
+            let instance = id as InstanceId;
+            let cutoff = now.0.saturating_sub(max_age.as_millis() as u64);
+            let live = &self.live;
+            let old: Vec<u64> = inst
+                .ready
+                .iter()
+                .chain(inst.waiting.iter().map(|Reverse((_, m))| m))
+                .copied()
+                .filter(|m| {
+                    live.get(&(*m, instance))
+                        .is_some_and(|l| l.since < cutoff && l.delivery.in_flight().is_none())
+                })
+                .collect();
+            if old.is_empty() {
+                continue;
+            }
+            for message in &old {
+                let key = (*message, instance);
+                if let Some(live) = self.live.get_mut(&key) {
+                    live.delivery.outlived(now);
+                }
+                self.record_dead_letter(key, records);
+            }
+            let live = &self.live;
+            let inst = &mut self.instances[id];
+            inst.ready.retain(|m| live.contains_key(&(*m, instance)));
+            inst.waiting
+                .retain(|Reverse((_, m))| live.contains_key(&(*m, instance)));
+            tracing::info!(instance = %inst.slot.name, count = old.len(), "waiting deliveries older than max_age dead-lettered");
+            self.events.emit(EventKind::Expired {
+                instance: inst.slot.name.clone(),
+                count: old.len() as u64,
+            });
+        }
     }
 
     /// Due retries join the ready queue.
@@ -884,7 +961,7 @@ impl Dispatcher {
                 // Children commit in the same batch as their parent's ack.
                 let mut children = Vec::new();
                 for child in s.children {
-                    match self.ingress.prepare(child.into(), false, now) {
+                    match self.ingress.prepare(child.into(), Source::Child, now) {
                         Ok((accepted, _)) if !accepted.targets.is_empty() => {
                             records.push(Record::Accepted {
                                 message: accepted.message.clone(),

@@ -25,7 +25,7 @@ use crate::{
     notify::Notifier,
     quarantine::Quarantine,
     routing::{InstanceId, Registry, Routing},
-    supervisor::{Parts, Supervisor, SupervisorHandle, desired},
+    supervisor::{ActRefused, Parts, Supervisor, SupervisorHandle, desired},
     watch::{self, Watcher},
 };
 
@@ -126,7 +126,9 @@ impl Engine {
                 error: refusal.error,
             });
         }
-        let wants = desired::wants(config, &libraries);
+        // Subscriptions outlive a missing library and a restart: the ledger remembers them.
+        let remembered = ledger.remembered()?;
+        let wants = desired::wants(config, &libraries, &remembered);
         let rules: Vec<(String, Rules)> = wants
             .iter()
             .map(|(name, want)| (name.clone(), Rules::from(&want.settings)))
@@ -169,7 +171,9 @@ impl Engine {
             backlog.clone(),
             config.host.max_message_size,
             options.clock.clone(),
+            events.clone(),
         ));
+        ingress.set_unrouted(config.host.unrouted);
         let slots = wants
             .iter()
             .map(|(name, want)| Slot::new(name, &want.settings))
@@ -204,6 +208,7 @@ impl Engine {
                 notifier: options.notifier.clone(),
             },
             &wants,
+            remembered,
         );
         // The first reconcile runs here: the caller learns which instances did not start.
         let failures = supervisor.reconcile();
@@ -277,37 +282,23 @@ impl Engine {
         Ok((queued, replayed.waiting))
     }
 
-    /// Ends the waiting deliveries of instance `name` for good (dead letters or gone); the
-    /// ones in flight finish. Works for instances not configured now too. Returns how many.
+    /// Ends instance `name`'s subscription and its waiting deliveries for good (dead
+    /// letters or gone); the ones in flight finish. Returns how many.
     ///
     /// # Errors
-    /// [`LedgerError`] when the ledger cannot do it.
-    pub fn forget(&self, name: &str, how: Forget) -> Result<u64, LedgerError> {
-        match self.instance(name) {
-            Some(instance) => {
-                let (reply, answer) = bounded(1);
-                self.inputs
-                    .send(Input::Forget {
-                        instance,
-                        how,
-                        reply,
-                    })
-                    .map_err(|_| LedgerError::Fatal("the dispatcher is gone".into()))?;
-                answer
-                    .recv()
-                    .map_err(|_| LedgerError::Fatal("the dispatcher is gone".into()))
-            }
-            None => self.ledger.forget(name, how, self.ingress.clock().now()),
-        }
+    /// [`ActRefused`] when `plugins.toml` configures it, its autoloaded library is still in
+    /// `plugin_dir`, it is unknown, or the ledger cannot do it.
+    pub fn forget(&self, name: &str, how: Forget) -> Result<u64, ActRefused> {
+        self.supervisor.forget(name, how)
     }
 
-    /// An operator pauses an instance (nothing more is handed to it).
-    pub fn pause(&self, instance: InstanceId) {
-        let _ = self.inputs.send(Input::Pause(instance));
-    }
-
-    pub fn resume(&self, instance: InstanceId) {
-        let _ = self.inputs.send(Input::Resume(instance));
+    /// An operator pauses (`true`) or resumes an instance: nothing more is handed to it
+    /// until resumed, across restarts too.
+    ///
+    /// # Errors
+    /// [`ActRefused`] for an unknown instance or when the ledger cannot record it.
+    pub fn pause(&self, name: &str, paused: bool) -> Result<(), ActRefused> {
+        self.supervisor.pause(name, paused)
     }
 
     /// Graceful stop: stop accepting, let every actor finish its call in hand, release the

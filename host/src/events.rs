@@ -46,6 +46,20 @@ pub enum StopReason {
     Removed,
     /// Its library left `plugin_dir` (or no longer provides it).
     LibraryGone,
+    /// An autoloaded instance, while `autoload` is off or a table claims its plugin (it stays
+    /// subscribed until forgotten).
+    Autoload,
+}
+
+/// How a subscription ended (always an operator's act).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Unsubscribed {
+    /// Its table was removed from `plugins.toml` (its waiting deliveries stay until
+    /// forgotten).
+    Removed,
+    /// `ctl forget`.
+    Forgotten,
 }
 
 /// One transition.
@@ -95,6 +109,17 @@ pub enum EventKind {
         instance: String,
         reason: StopReason,
     },
+    /// An instance's subscription ended: nothing more is routed to it.
+    Unsubscribed {
+        instance: String,
+        reason: Unsubscribed,
+    },
+    /// Waiting deliveries older than the instance's `max_age` were dead-lettered (reason
+    /// `expired`).
+    Expired { instance: String, count: u64 },
+    /// Publishes that matched no instance (accepted and not stored, or refused with
+    /// `unrouted = "refuse"`), at most one event a second: the last topic and how many.
+    Unrouted { topic: String, count: u64 },
     /// An instance's routing or delivery settings changed in place.
     Updated {
         instance: String,
@@ -144,6 +169,9 @@ impl EventKind {
             Self::ConfigRefused { .. } => "configuration refused; the last good one keeps running",
             Self::DeadLettered { .. } => "delivery dead-lettered",
             Self::Forgotten { .. } => "waiting deliveries forgotten",
+            Self::Unsubscribed { .. } => "subscription ended: nothing more is routed to it",
+            Self::Expired { .. } => "waiting deliveries older than max_age dead-lettered",
+            Self::Unrouted { .. } => "published to a topic no instance subscribes to",
             Self::Circuit { .. } => "circuit changed",
         }
     }
@@ -160,9 +188,11 @@ impl EventKind {
             | Self::Updated { instance, .. }
             | Self::DeadLettered { instance, .. }
             | Self::Forgotten { instance, .. }
+            | Self::Unsubscribed { instance, .. }
+            | Self::Expired { instance, .. }
             | Self::Circuit { instance, .. } => Some(instance),
             Self::Failed { instance, .. } => instance.as_deref(),
-            Self::ConfigApplied { .. } | Self::ConfigRefused { .. } => None,
+            Self::ConfigApplied { .. } | Self::ConfigRefused { .. } | Self::Unrouted { .. } => None,
         }
     }
 
@@ -181,6 +211,9 @@ impl EventKind {
             Self::ConfigRefused { .. } => "config_refused",
             Self::DeadLettered { .. } => "dead_lettered",
             Self::Forgotten { .. } => "forgotten",
+            Self::Unsubscribed { .. } => "unsubscribed",
+            Self::Expired { .. } => "expired",
+            Self::Unrouted { .. } => "unrouted",
             Self::Circuit { .. } => "circuit",
         }
     }
@@ -191,6 +224,7 @@ impl EventKind {
             Self::Failed { .. }
                 | Self::Quarantined { .. }
                 | Self::ConfigRefused { .. }
+                | Self::Unrouted { .. }
                 | Self::Retired {
                     how: Retirement::Abandoned | Retirement::Retained,
                     ..

@@ -16,7 +16,9 @@ use plugind_api::{MessageId, PublishError, PublishErrorKind};
 
 use crate::{
     clock::{Clock, Timestamp},
+    config::Unrouted,
     dispatch,
+    events::{EventKind, Events},
     ledger::{Ledger, LedgerError, Receipt, Record, Wait},
     message::StoredMessage,
     routing::{InstanceId, Routing, Targets},
@@ -45,6 +47,25 @@ impl From<Child> for NewMessage {
     }
 }
 
+/// A message accepted: its id, and how many instances it goes to (0: no instance subscribes
+/// to its topic, and it was not stored).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    pub id: u64,
+    pub instances: u32,
+}
+
+/// Who publishes a message: the unrouted policy differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// A producer (the API) or a plugin outside `handle`: `max_backlog` and `unrouted =
+    /// "refuse"` apply.
+    Producer,
+    /// The child of an acked attempt, committed with its parent's ack (its parent was
+    /// already accepted): counted when unrouted, never refused.
+    Child,
+}
+
 /// A message accepted, with the instances it goes to.
 #[derive(Debug, Clone)]
 pub struct Accepted {
@@ -55,7 +76,7 @@ pub struct Accepted {
 /// A batch handed to the ledger, waiting for its receipt.
 #[derive(Debug)]
 pub struct Submitted {
-    results: Vec<Result<u64, Refused>>,
+    results: Vec<Result<Published, Refused>>,
     receipt: Receipt,
 }
 
@@ -82,6 +103,11 @@ pub enum Refused {
     },
     #[error("the ledger is full: {0}")]
     LedgerFull(String),
+    #[error(
+        "no instance subscribes to topic \"{0}\", and unrouted = \"refuse\" (check the topics \
+         in plugins.toml, or `plugind ctl plugins`)"
+    )]
+    Unrouted(String),
     #[error("the daemon is shutting down")]
     ShuttingDown,
     #[error("the ledger failed: {0}")]
@@ -91,7 +117,7 @@ pub enum Refused {
 impl From<&Refused> for PublishError {
     fn from(refused: &Refused) -> Self {
         let kind = match refused {
-            Refused::Invalid(_) => PublishErrorKind::Invalid,
+            Refused::Invalid(_) | Refused::Unrouted(_) => PublishErrorKind::Invalid,
             Refused::Backlog { .. } | Refused::LedgerFull(_) => PublishErrorKind::ResourceExhausted,
             Refused::ShuttingDown => PublishErrorKind::ShuttingDown,
             Refused::LedgerFailed(_) => PublishErrorKind::Unavailable,
@@ -116,6 +142,8 @@ struct BacklogEntry {
     name: String,
     limit: AtomicU64,
     bytes: AtomicU64,
+    /// Deliveries waiting or in flight.
+    count: AtomicU64,
 }
 
 impl Backlog {
@@ -135,6 +163,7 @@ impl Backlog {
             name: name.to_owned(),
             limit: AtomicU64::new(limit),
             bytes: AtomicU64::new(0),
+            count: AtomicU64::new(0),
         }));
         let id = entries.len() - 1;
         self.entries.store(Arc::new(entries));
@@ -154,18 +183,32 @@ impl Backlog {
             .load(Ordering::Relaxed)
     }
 
-    pub(crate) fn add(&self, instance: InstanceId, size: u64) {
+    /// Deliveries waiting or in flight for an instance.
+    pub fn count(&self, instance: InstanceId) -> u64 {
         self.entries.load()[instance as usize]
-            .bytes
-            .fetch_add(size, Ordering::Relaxed);
+            .count
+            .load(Ordering::Relaxed)
     }
 
+    /// One delivery of `size` payload bytes joins the instance's backlog.
+    pub(crate) fn add(&self, instance: InstanceId, size: u64) {
+        let entries = self.entries.load();
+        let entry = &entries[instance as usize];
+        entry.bytes.fetch_add(size, Ordering::Relaxed);
+        entry.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One delivery of `size` payload bytes left it.
     pub(crate) fn remove(&self, instance: InstanceId, size: u64) {
-        let _ = self.entries.load()[instance as usize].bytes.fetch_update(
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-            |b| Some(b.saturating_sub(size)),
-        );
+        let entries = self.entries.load();
+        let entry = &entries[instance as usize];
+        let less = |n: u64| move |b: u64| Some(b.saturating_sub(n));
+        let _ = entry
+            .bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, less(size));
+        let _ = entry
+            .count
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, less(1));
     }
 
     fn check(&self, instance: InstanceId, size: u64) -> Result<(), Refused> {
@@ -194,8 +237,14 @@ pub struct Ingress {
     max_message_size: u64,
     clock: Arc<dyn Clock>,
     open: AtomicBool,
-    /// Messages accepted that no instance subscribes to (counted, not stored).
+    /// Refuse publishes that match no instance (`unrouted = "refuse"`).
+    refuse_unrouted: AtomicBool,
+    /// Publishes that matched no instance (accepted and not stored, or refused).
     unrouted: AtomicU64,
+    /// Of those, the ones already reported in an event, and the second of the last one.
+    unrouted_reported: AtomicU64,
+    unrouted_second: AtomicU64,
+    events: Arc<Events>,
 }
 
 impl std::fmt::Debug for Ingress {
@@ -208,6 +257,7 @@ impl std::fmt::Debug for Ingress {
 }
 
 impl Ingress {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         routing: Routing,
         next_id: u64,
@@ -216,6 +266,7 @@ impl Ingress {
         backlog: Arc<Backlog>,
         max_message_size: u64,
         clock: Arc<dyn Clock>,
+        events: Arc<Events>,
     ) -> Self {
         Self {
             routing: ArcSwap::from_pointee(routing),
@@ -226,7 +277,44 @@ impl Ingress {
             max_message_size,
             clock,
             open: AtomicBool::new(true),
+            refuse_unrouted: AtomicBool::new(false),
             unrouted: AtomicU64::new(0),
+            unrouted_reported: AtomicU64::new(0),
+            unrouted_second: AtomicU64::new(0),
+            events,
+        }
+    }
+
+    /// What a publish that matches no instance gets from now on.
+    pub fn set_unrouted(&self, policy: Unrouted) {
+        self.refuse_unrouted
+            .store(policy == Unrouted::Refuse, Ordering::Relaxed);
+    }
+
+    /// Whether a publish to `topic` now would reach an instance, or would be accepted all
+    /// the same (`unrouted = "accept"`).
+    pub fn admits(&self, topic: &str) -> bool {
+        !self.refuse_unrouted.load(Ordering::Relaxed)
+            || !self.routing.load().targets(topic).is_empty()
+    }
+
+    /// Counts a publish that matched no instance, and reports it at most once a second (an
+    /// event, logged: the topic and how many since the last report).
+    fn unrouted_publish(&self, topic: &str, now: Timestamp) {
+        let total = self.unrouted.fetch_add(1, Ordering::Relaxed) + 1;
+        let second = now.0 / 1000;
+        let last = self.unrouted_second.load(Ordering::Relaxed);
+        if second != last
+            && self
+                .unrouted_second
+                .compare_exchange(last, second, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let count = total - self.unrouted_reported.swap(total, Ordering::Relaxed);
+            self.events.emit(EventKind::Unrouted {
+                topic: topic.to_owned(),
+                count,
+            });
         }
     }
 
@@ -245,17 +333,22 @@ impl Ingress {
         &self.clock
     }
 
+    /// The id the next accepted message gets (every id below it was given out).
+    pub fn next_id(&self) -> u64 {
+        self.next_id.load(Ordering::Relaxed)
+    }
+
     /// Messages accepted that no instance subscribes to.
     pub fn unrouted(&self) -> u64 {
         self.unrouted.load(Ordering::Relaxed)
     }
 
-    /// Validates and routes one message and gives it an id. `check_backlog` is off for the
-    /// children of an acked attempt (their parent was already accepted).
+    /// Validates and routes one message and gives it an id (none when it matches no
+    /// instance and is refused).
     pub(crate) fn prepare(
         &self,
         message: NewMessage,
-        check_backlog: bool,
+        source: Source,
         now: Timestamp,
     ) -> Result<(Accepted, Option<String>), Refused> {
         topic::validate_topic(&message.topic)
@@ -268,7 +361,13 @@ impl Ingress {
             )));
         }
         let targets = self.routing.load().targets(&message.topic);
-        if check_backlog {
+        if targets.is_empty() {
+            self.unrouted_publish(&message.topic, now);
+            if source == Source::Producer && self.refuse_unrouted.load(Ordering::Relaxed) {
+                return Err(Refused::Unrouted(message.topic));
+            }
+        }
+        if source == Source::Producer {
             for target in &targets {
                 self.backlog.check(*target, size)?;
             }
@@ -303,9 +402,12 @@ impl Ingress {
         // One clock read per batch: the batch is accepted at one time.
         let now = self.clock.now();
         for message in batch {
-            match self.prepare(message, true, now) {
+            match self.prepare(message, Source::Producer, now) {
                 Ok((a, key)) => {
-                    results.push(Ok(a.message.id));
+                    results.push(Ok(Published {
+                        id: a.message.id,
+                        instances: a.targets.len() as u32,
+                    }));
                     if let Some(key) = key {
                         records.push(Record::Key {
                             key,
@@ -313,9 +415,7 @@ impl Ingress {
                             at: now,
                         });
                     }
-                    if a.targets.is_empty() {
-                        self.unrouted.fetch_add(1, Ordering::Relaxed);
-                    } else {
+                    if !a.targets.is_empty() {
                         records.push(Record::Accepted {
                             message: a.message.clone(),
                             targets: a.targets.clone(),
@@ -358,7 +458,7 @@ impl Ingress {
         &self,
         submitted: Submitted,
         recorded: Result<(), LedgerError>,
-    ) -> Vec<Result<u64, Refused>> {
+    ) -> Vec<Result<Published, Refused>> {
         let Submitted { mut results, .. } = submitted;
         if let Err(e) = recorded {
             let refused = match e {
@@ -376,14 +476,14 @@ impl Ingress {
 
     /// Publishes a batch: each message gets its id or its refusal; the accepted ones are
     /// durable in the ledger when this returns. Blocks: for plain threads.
-    pub fn publish(&self, batch: Vec<NewMessage>) -> Vec<Result<u64, Refused>> {
+    pub fn publish(&self, batch: Vec<NewMessage>) -> Vec<Result<Published, Refused>> {
         let mut submitted = self.submit(batch);
         let receipt = submitted.take_receipt();
         self.complete(submitted, receipt.wait())
     }
 
     /// [`Ingress::publish`] for async code: waits for the ledger without blocking a thread.
-    pub async fn publish_async(&self, batch: Vec<NewMessage>) -> Vec<Result<u64, Refused>> {
+    pub async fn publish_async(&self, batch: Vec<NewMessage>) -> Vec<Result<Published, Refused>> {
         let mut submitted = self.submit(batch);
         let receipt = submitted.take_receipt();
         self.complete(submitted, receipt.done().await)
@@ -393,7 +493,7 @@ impl Ingress {
     ///
     /// # Errors
     /// [`Refused`] with the reason.
-    pub fn publish_one(&self, message: NewMessage) -> Result<u64, Refused> {
+    pub fn publish_one(&self, message: NewMessage) -> Result<Published, Refused> {
         self.publish(vec![message])
             .pop()
             .expect("one result per message")
@@ -403,7 +503,11 @@ impl Ingress {
 impl Publisher for Ingress {
     fn publish(&self, child: Child) -> Result<MessageId, PublishError> {
         self.publish_one(child.into())
-            .map(MessageId)
+            .map(|p| MessageId(p.id))
             .map_err(|e| PublishError::from(&e))
+    }
+
+    fn admits(&self, topic: &str) -> bool {
+        Ingress::admits(self, topic)
     }
 }

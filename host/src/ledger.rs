@@ -196,6 +196,37 @@ pub enum Forget {
     Purge,
 }
 
+/// How an instance's subscription came to be; it ends only by an operator's act (its table
+/// removed from `plugins.toml`, or `ctl forget`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// A `[plugins.NAME]` table in `plugins.toml`.
+    Configured,
+    /// Autoloaded from a library in `plugin_dir` that no table names.
+    Autoloaded,
+}
+
+/// An instance's subscription, as kept across restarts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Subscription {
+    pub origin: Origin,
+    /// The manifest name of the plugin it runs.
+    pub plugin: String,
+    /// That plugin's own topics as last seen in its library (`None`: never loaded). They
+    /// route its messages while the library is missing or refused.
+    pub topics: Option<Vec<String>>,
+}
+
+/// What the ledger keeps of one instance besides its deliveries (ledger format 2).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Remembered {
+    /// `None`: not subscribed (its subscription ended, or it never had one).
+    pub subscription: Option<Subscription>,
+    /// An operator paused it (`ctl pause`); it stays paused across restarts until resumed.
+    pub paused: bool,
+}
+
 /// What waits for one instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct BacklogEntry {
@@ -252,6 +283,9 @@ pub struct Pending {
     /// The payload's size, for the backlog.
     pub size: u64,
     pub delivery: Delivery,
+    /// Since when it waits (its message's acceptance; a replay's time): `max_age` counts
+    /// from here.
+    pub since: Timestamp,
     /// The message, when the ledger holds it in memory anyway.
     pub stored: Option<Arc<StoredMessage>>,
 }
@@ -349,6 +383,25 @@ pub trait Ledger: Send + Sync + 'static {
     /// [`LedgerError::Fatal`] if the store cannot be read or `id` is not the next one.
     fn attach(&self, id: InstanceId, name: &str) -> Result<Vec<Pending>, LedgerError>;
 
+    /// What is remembered of every instance with a subscription or a pause, by name (read
+    /// at start, before [`Ledger::recover`]).
+    ///
+    /// # Errors
+    /// [`LedgerError::Fatal`] if the store cannot be read.
+    fn remembered(&self) -> Result<std::collections::BTreeMap<String, Remembered>, LedgerError> {
+        Ok(std::collections::BTreeMap::new())
+    }
+
+    /// Records what is remembered of instance `name`, durably before it returns (a ledger
+    /// that keeps nothing across restarts keeps nothing).
+    ///
+    /// # Errors
+    /// [`LedgerError`] when the store fails.
+    fn remember(&self, name: &str, remembered: &Remembered) -> Result<(), LedgerError> {
+        let _ = (name, remembered);
+        Ok(())
+    }
+
     /// Whether payloads may leave memory: [`Ledger::load`] reads them back.
     fn reloads(&self) -> bool {
         false
@@ -391,6 +444,12 @@ pub trait Ledger: Send + Sync + 'static {
     /// # Errors
     /// [`LedgerError::Fatal`] if the store cannot be read.
     fn dead_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>, LedgerError>;
+
+    /// How many dead letters each instance has now (instances with none are left out).
+    ///
+    /// # Errors
+    /// [`LedgerError::Fatal`] if the store cannot be read.
+    fn dead_letter_counts(&self) -> Result<std::collections::BTreeMap<String, u64>, LedgerError>;
 
     /// Moves dead letters back to pending: failures reset, history kept.
     ///
@@ -560,6 +619,14 @@ impl Ledger for MemoryLedger {
         Ok(list)
     }
 
+    fn dead_letter_counts(&self) -> Result<std::collections::BTreeMap<String, u64>, LedgerError> {
+        let mut counts = std::collections::BTreeMap::new();
+        for (d, _) in lock(&self.dead).iter() {
+            *counts.entry(d.instance.clone()).or_default() += 1;
+        }
+        Ok(counts)
+    }
+
     fn replay(&self, selection: &Selection, now: Timestamp) -> Result<Replayed, LedgerError> {
         let names = lock(&self.names).clone();
         let mut replayed = Replayed::default();
@@ -575,6 +642,7 @@ impl Ledger for MemoryLedger {
                     instance: instance as InstanceId,
                     size: stored.as_ref().map_or(0, |m| m.payload.len() as u64),
                     delivery,
+                    since: now,
                     stored: stored.clone(),
                 }),
                 None => replayed.waiting += 1,

@@ -41,6 +41,13 @@ pub trait Publisher: Send + Sync + 'static {
     /// # Errors
     /// [`PublishError`] when the message is refused.
     fn publish(&self, child: Child) -> Result<MessageId, PublishError>;
+
+    /// Whether a message to `topic` would be taken now (`unrouted = "refuse"` refuses the
+    /// ones no instance subscribes to); a child staged inside `handle` is checked here.
+    fn admits(&self, topic: &str) -> bool {
+        let _ = topic;
+        true
+    }
 }
 
 /// The limits a publish is checked against.
@@ -226,6 +233,12 @@ impl Services for InstanceServices {
         });
         if let Some(hops) = staged_hops {
             self.check(topic, payload, hops)?;
+            if !self.publisher.admits(topic) {
+                return Err(Self::refuse(
+                    PublishErrorKind::Invalid,
+                    crate::ingress::Refused::Unrouted(topic.to_owned()).to_string(),
+                ));
+            }
             let child = Child {
                 topic: topic.to_owned(),
                 payload: Bytes::copy_from_slice(payload),

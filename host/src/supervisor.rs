@@ -33,9 +33,9 @@ use crate::{
     clock::Clock,
     config::{self, Config, ConfigError, Settings},
     dispatch::{self, Input, Slot},
-    events::{EventKind, Events, Retirement, StopReason},
+    events::{EventKind, Events, Retirement, StopReason, Unsubscribed},
     ingress::{Backlog, Ingress},
-    ledger::Ledger,
+    ledger::{Forget, Ledger, LedgerError, Origin, Remembered},
     loader::{Policy, ProbeCommand},
     notify::Notifier,
     quarantine::Quarantine,
@@ -91,6 +91,30 @@ pub enum Refused {
     Stopping,
 }
 
+/// Why an operator's act on an instance (forget, pause, resume) was refused (nothing
+/// changed).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ActRefused {
+    #[error(
+        "instance `{instance}` is configured by [plugins.{instance}] in {}: remove that table \
+         to end its subscription (its waiting deliveries stay), then forget it to drop them",
+        config.display()
+    )]
+    Configured { instance: String, config: PathBuf },
+    #[error(
+        "instance `{instance}` is autoloaded from {}, which is still in plugin_dir: remove the \
+         file first (it would be loaded and subscribed again at once), then forget it",
+        library.display()
+    )]
+    LibraryPresent { instance: String, library: PathBuf },
+    #[error("no instance `{0}` is subscribed, running or waiting")]
+    Unknown(String),
+    #[error("{0}")]
+    Ledger(LedgerError),
+    #[error("the daemon is stopping")]
+    Stopping,
+}
+
 /// What the supervisor is told.
 enum Command {
     /// Read the configuration and `plugin_dir` again and apply them. `expected`: refuse
@@ -100,6 +124,18 @@ enum Command {
         expected: Option<[u8; 32]>,
         instance: Option<String>,
         reply: Option<Sender<Result<Applied, Refused>>>,
+    },
+    /// An operator pauses (or resumes) an instance; the pause is kept across restarts.
+    Pause {
+        name: String,
+        paused: bool,
+        reply: Sender<Result<(), ActRefused>>,
+    },
+    /// An operator ends an instance's subscription and its waiting deliveries.
+    Forget {
+        name: String,
+        how: Forget,
+        reply: Sender<Result<u64, ActRefused>>,
     },
     /// A generation's first call came back: its quarantine marker goes.
     FirstCall { name: String, generation: u32 },
@@ -124,6 +160,8 @@ impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Self::Reload { .. } => "Reload",
+            Self::Pause { .. } => "Pause",
+            Self::Forget { .. } => "Forget",
             Self::FirstCall { .. } => "FirstCall",
             Self::Retired { .. } => "Retired",
             Self::Stop { .. } => "Stop",
@@ -151,6 +189,42 @@ impl SupervisorHandle {
             })
             .map_err(|_| Refused::Stopping)?;
         answer.recv().map_err(|_| Refused::Stopping)?
+    }
+
+    /// Pauses (`paused`) or resumes an instance: nothing more is handed to it until it is
+    /// resumed, across restarts too.
+    ///
+    /// # Errors
+    /// [`ActRefused::Unknown`] for an instance that is not registered,
+    /// [`ActRefused::Ledger`] when the pause cannot be recorded.
+    pub fn pause(&self, name: &str, paused: bool) -> Result<(), ActRefused> {
+        let (reply, answer) = bounded(1);
+        self.commands
+            .send(Command::Pause {
+                name: name.to_owned(),
+                paused,
+                reply,
+            })
+            .map_err(|_| ActRefused::Stopping)?;
+        answer.recv().map_err(|_| ActRefused::Stopping)?
+    }
+
+    /// Ends instance `name`'s subscription and its waiting deliveries (dead-lettered or
+    /// purged, per `how`); returns how many. Refused for an instance that `plugins.toml`
+    /// configures or whose autoloaded library is still in `plugin_dir`.
+    ///
+    /// # Errors
+    /// [`ActRefused`] with why; nothing changed.
+    pub fn forget(&self, name: &str, how: Forget) -> Result<u64, ActRefused> {
+        let (reply, answer) = bounded(1);
+        self.commands
+            .send(Command::Forget {
+                name: name.to_owned(),
+                how,
+                reply,
+            })
+            .map_err(|_| ActRefused::Stopping)?;
+        answer.recv().map_err(|_| ActRefused::Stopping)?
     }
 
     /// What runs, as the supervisor last published it (never waits for a reload in
@@ -224,6 +298,12 @@ struct Inst {
     generations: u32,
     /// Generations replaced or stopped and not yet retired.
     draining: Vec<u32>,
+    /// Its subscription now (`None`: ended; its waiting deliveries stay until forgotten).
+    subscribed: Option<Origin>,
+    /// Whether a generation of it should run.
+    run: bool,
+    /// Whether its topics are known (see [`Want::topics_known`]).
+    topics_known: bool,
 }
 
 impl Inst {
@@ -240,6 +320,9 @@ impl Inst {
             renew: false,
             generations: 0,
             draining: Vec::new(),
+            subscribed: None,
+            run: false,
+            topics_known: true,
         }
     }
 }
@@ -256,6 +339,8 @@ pub struct Supervisor {
     view: view::View,
     /// The configuration bytes refused last (a watcher event for them is not news).
     refused: Option<[u8; 32]>,
+    /// What the ledger remembers of each instance (subscriptions, pauses), as last written.
+    remembered: BTreeMap<String, Remembered>,
     /// The last `STATUS=` sent, when, and the last watchdog ping.
     status: String,
     status_at: std::time::Instant,
@@ -264,8 +349,13 @@ pub struct Supervisor {
 
 impl Supervisor {
     /// The supervisor of `parts`, whose instances (the ones recovered) already have ids and
-    /// dispatcher slots, running nothing yet.
-    pub fn new(parts: Parts, recovered: &BTreeMap<String, Want>) -> Self {
+    /// dispatcher slots, running nothing yet; `remembered` is what the ledger keeps of
+    /// instances (their subscriptions and pauses).
+    pub fn new(
+        parts: Parts,
+        recovered: &BTreeMap<String, Want>,
+        remembered: BTreeMap<String, Remembered>,
+    ) -> Self {
         let (commands, receiver) = crossbeam_channel::unbounded();
         let instances = recovered
             .iter()
@@ -274,6 +364,10 @@ impl Supervisor {
                     .registry
                     .id(name)
                     .expect("recovered instances are registered");
+                if remembered.get(name).is_some_and(|r| r.paused) {
+                    // An operator's pause outlives a restart.
+                    let _ = parts.inputs.send(Input::Pause(id));
+                }
                 (name.clone(), Inst::new(id, &want.settings))
             })
             .collect();
@@ -285,6 +379,7 @@ impl Supervisor {
             receiver,
             view: view::View::default(),
             refused: None,
+            remembered,
             status: String::new(),
             status_at: std::time::Instant::now(),
             pinged: std::time::Instant::now(),
@@ -360,6 +455,16 @@ impl Supervisor {
                 if let Some(reply) = reply {
                     let _ = reply.send(result);
                 }
+            }
+            Command::Pause {
+                name,
+                paused,
+                reply,
+            } => {
+                let _ = reply.send(self.pause(&name, paused));
+            }
+            Command::Forget { name, how, reply } => {
+                let _ = reply.send(self.forget(&name, how));
             }
             Command::FirstCall { name, generation } => {
                 if let Some(running) = self
@@ -580,6 +685,7 @@ impl Supervisor {
             .iter()
             .map(|k| (*k).to_owned())
             .collect();
+        self.parts.ingress.set_unrouted(new.host.unrouted);
         self.parts.config = new;
         let (libraries, refusals) =
             Libraries::rescan(&self.parts.libraries, &self.parts.config, &self.policy());
@@ -596,6 +702,22 @@ impl Supervisor {
             inst.renew = true;
         }
         let failures = self.reconcile();
+        let mut plan = plan;
+        if let Some(name) = &instance
+            && !failures.iter().any(|f| f.instance == *name)
+            && self
+                .instances
+                .get(name)
+                .is_some_and(|i| i.running.is_some())
+        {
+            // Instantiated anew on the operator's word, whatever else the plan says.
+            plan.instances.insert(
+                name.clone(),
+                config::Change::Reinstantiate {
+                    reasons: vec![config::Reason::Operator],
+                },
+            );
+        }
         if !unchanged {
             self.parts.events.emit(EventKind::ConfigApplied {
                 path: self.parts.config.source.clone(),
@@ -614,33 +736,37 @@ impl Supervisor {
         }
     }
 
-    /// Makes the running state what the configuration and `plugin_dir` say; returns the
-    /// instances that should run and do not.
+    /// Makes the running state what the configuration, `plugin_dir` and the remembered
+    /// subscriptions say; returns the instances that should run and do not.
     pub fn reconcile(&mut self) -> Vec<StartFailure> {
-        let wants = desired::wants(&self.parts.config, &self.parts.libraries);
+        let wants = desired::wants(&self.parts.config, &self.parts.libraries, &self.remembered);
         let stopping: Vec<String> = self
             .instances
             .iter()
-            .filter(|(name, inst)| inst.running.is_some() && !wants.contains_key(*name))
+            .filter(|(name, inst)| {
+                inst.running.is_some() && !wants.get(*name).is_some_and(|w| w.run)
+            })
             .map(|(name, _)| name.clone())
             .collect();
         for name in stopping {
             let reason = match self.parts.config.instances.get(&name) {
                 Some(i) if !i.enabled => StopReason::Disabled,
                 Some(_) => StopReason::LibraryGone,
+                None if wants.contains_key(&name) => StopReason::Autoload,
                 None if self.parts.libraries.provider(&name).is_err() => StopReason::LibraryGone,
                 None => StopReason::Removed,
             };
             self.stop(&name, reason);
         }
         // Routes before generations: a generation may publish from its first call, and a
-        // child routed by an older (at start: empty) table would find no target.
+        // child routed by an older (at start: empty) table would find no target. Every
+        // subscribed instance is routed, running or not: its deliveries wait for it.
         for (name, want) in &wants {
             self.register(name, want);
         }
         self.route(&wants);
         let mut failures = Vec::new();
-        for (name, want) in &wants {
+        for (name, want) in wants.iter().filter(|(_, w)| w.run) {
             if let Err(error) = self.converge(name, want) {
                 failures.push(StartFailure {
                     instance: name.clone(),
@@ -648,11 +774,177 @@ impl Supervisor {
                 });
             }
         }
+        self.remember(&wants);
         self.parts
             .quarantine
             .retain(&self.parts.libraries.digests());
         self.publish_view();
         failures
+    }
+
+    /// Keeps every subscription in the ledger (it outlives a missing library and a restart);
+    /// a subscription that ended is evented. A write that fails is logged and tried again at
+    /// the next reconcile.
+    fn remember(&mut self, wants: &BTreeMap<String, Want>) {
+        let mut changes = Vec::new();
+        for (name, want) in wants {
+            let old = self.remembered.get(name).cloned().unwrap_or_default();
+            let new = Remembered {
+                subscription: Some(want.subscription.clone()),
+                ..old.clone()
+            };
+            if new != old {
+                changes.push((name.clone(), new));
+            }
+        }
+        let ended: Vec<String> = self
+            .instances
+            .iter()
+            .filter(|(name, inst)| inst.subscribed.is_some() && !wants.contains_key(*name))
+            .map(|(name, _)| name.clone())
+            .chain(
+                self.remembered
+                    .iter()
+                    .filter(|(name, r)| r.subscription.is_some() && !wants.contains_key(*name))
+                    .map(|(name, _)| name.clone()),
+            )
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        for name in &ended {
+            if let Some(old) = self
+                .remembered
+                .get(name)
+                .filter(|r| r.subscription.is_some())
+            {
+                changes.push((
+                    name.clone(),
+                    Remembered {
+                        subscription: None,
+                        ..old.clone()
+                    },
+                ));
+            }
+            if let Some(inst) = self.instances.get_mut(name) {
+                inst.subscribed = None;
+                self.parts.events.emit(EventKind::Unsubscribed {
+                    instance: name.clone(),
+                    reason: Unsubscribed::Removed,
+                });
+            }
+        }
+        for (name, want) in wants {
+            if let Some(inst) = self.instances.get_mut(name) {
+                inst.subscribed = Some(want.subscription.origin);
+                inst.run = want.run;
+                inst.topics_known = want.topics_known;
+            }
+        }
+        for (name, remembered) in changes {
+            match self.parts.ledger.remember(&name, &remembered) {
+                Ok(()) => {
+                    self.remembered.insert(name, remembered);
+                }
+                Err(e) => tracing::error!(
+                    instance = %name,
+                    error = %e,
+                    "cannot record the instance's subscription in the ledger; trying again at \
+                     the next reload"
+                ),
+            }
+        }
+    }
+
+    /// An operator's pause or resume: recorded in the ledger (kept across restarts), then
+    /// applied by the dispatcher.
+    fn pause(&mut self, name: &str, paused: bool) -> Result<(), ActRefused> {
+        let Some(id) = self.instances.get(name).map(|i| i.id) else {
+            return Err(ActRefused::Unknown(name.to_owned()));
+        };
+        let mut remembered = self.remembered.get(name).cloned().unwrap_or_default();
+        remembered.paused = paused;
+        self.parts
+            .ledger
+            .remember(name, &remembered)
+            .map_err(ActRefused::Ledger)?;
+        self.remembered.insert(name.to_owned(), remembered);
+        let _ = self.parts.inputs.send(if paused {
+            Input::Pause(id)
+        } else {
+            Input::Resume(id)
+        });
+        Ok(())
+    }
+
+    /// An operator forgets an instance: its subscription ends (durably, routes first) and
+    /// its waiting deliveries are dead-lettered or purged.
+    fn forget(&mut self, name: &str, how: Forget) -> Result<u64, ActRefused> {
+        if self.parts.config.instances.contains_key(name) {
+            return Err(ActRefused::Configured {
+                instance: name.to_owned(),
+                config: self.parts.config.source.clone(),
+            });
+        }
+        let wants = desired::wants(&self.parts.config, &self.parts.libraries, &self.remembered);
+        if let Some(want) = wants.get(name)
+            && let Ok(library) = self.parts.libraries.provider(&want.plugin)
+        {
+            return Err(ActRefused::LibraryPresent {
+                instance: name.to_owned(),
+                library: library.path().to_owned(),
+            });
+        }
+        let registered = self.instances.get(name).map(|i| i.id);
+        let known = registered.is_some()
+            || self.remembered.contains_key(name)
+            || self
+                .parts
+                .ledger
+                .backlog()
+                .is_ok_and(|b| b.iter().any(|e| e.instance == name));
+        if !known {
+            return Err(ActRefused::Unknown(name.to_owned()));
+        }
+        // The subscription ends first, durably: nothing new is routed to it from here on.
+        self.parts
+            .ledger
+            .remember(name, &Remembered::default())
+            .map_err(ActRefused::Ledger)?;
+        let was_subscribed = self
+            .remembered
+            .remove(name)
+            .is_some_and(|r| r.subscription.is_some());
+        if let Some(inst) = self.instances.get_mut(name) {
+            let subscribed = inst.subscribed.take().is_some();
+            if subscribed || was_subscribed {
+                self.parts.events.emit(EventKind::Unsubscribed {
+                    instance: name.to_owned(),
+                    reason: Unsubscribed::Forgotten,
+                });
+            }
+        }
+        self.reconcile();
+        let count = match registered {
+            Some(instance) => {
+                let (reply, answer) = bounded(1);
+                self.parts
+                    .inputs
+                    .send(Input::Forget {
+                        instance,
+                        how,
+                        reply,
+                    })
+                    .map_err(|_| ActRefused::Stopping)?;
+                answer.recv().map_err(|_| ActRefused::Stopping)?
+            }
+            None => self
+                .parts
+                .ledger
+                .forget(name, how, self.parts.clock.now())
+                .map_err(ActRefused::Ledger)?,
+        };
+        self.publish_view();
+        Ok(count)
     }
 
     /// Brings one instance that should run to what `want` says.
@@ -766,6 +1058,10 @@ impl Supervisor {
             slot: Box::new(Slot::new(name, &want.settings)),
             pending,
         });
+        if self.remembered.get(name).is_some_and(|r| r.paused) {
+            // An operator's pause outlives a restart.
+            let _ = self.parts.inputs.send(Input::Pause(id));
+        }
         self.instances
             .insert(name.to_owned(), Inst::new(id, &want.settings));
         id

@@ -58,12 +58,23 @@ impl Daemon {
     /// # Panics
     /// If the sandbox has no `plugins.toml`, or as [`Daemon::start`].
     pub fn restart(sandbox: Sandbox) -> Self {
+        Self::restart_unwatched(sandbox).wait_ready()
+    }
+
+    /// Runs `plugind run` again as [`Daemon::restart`] does, without waiting for it to be
+    /// ready: as a service manager restarts a daemon that may die again before it is (a
+    /// plugin that aborts the process on a message redelivered at start). Follow with
+    /// [`Daemon::wait_exit`], then [`Daemon::wait_ready`].
+    ///
+    /// # Panics
+    /// If the sandbox has no `plugins.toml`.
+    pub fn restart_unwatched(sandbox: Sandbox) -> Self {
         assert!(
             sandbox.path().join("plugins.toml").exists(),
             "restart needs the plugins.toml of a previous start in {}",
             sandbox.path().display()
         );
-        Self::spawn(sandbox, &[])
+        Self::launch(sandbox, &[])
     }
 
     /// Starts it as [`Daemon::start`] does, running the release build (benchmarks).
@@ -119,7 +130,11 @@ impl Daemon {
         Self::launch(sandbox, env).wait_ready()
     }
 
-    fn wait_ready(mut self) -> Self {
+    /// Waits until it logged readiness (10 s at most).
+    ///
+    /// # Panics
+    /// If it exits or does not become ready in time (with its log).
+    pub fn wait_ready(mut self) -> Self {
         let started = Instant::now();
         loop {
             if self.log().contains("plugind ready") {

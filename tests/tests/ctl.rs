@@ -131,7 +131,20 @@ fn status_plugins_show_pause_resume_dead_letters_replay_purge_forget_and_log_lev
     assert_eq!(shown["payload_preview"], "no");
     assert_eq!(shown["deliveries"][0]["state"], "dead_lettered");
     let text = ok(&d, &["show", &id.to_string()]);
-    assert!(text.contains("rejected"), "{text}");
+    assert!(
+        text.contains("a: dead lettered after 1 delivery: rejected: asked to reject"),
+        "a reject is shown as the plugin's verdict, not as 0 failures: {text}"
+    );
+    assert!(!text.contains("rejected: rejected"), "{text}");
+    assert!(!text.contains("0 failures"), "{text}");
+    // Times to the millisecond: `published 2026-12-06 04:39:04.527`.
+    let published = text.lines().next().unwrap();
+    assert!(
+        published
+            .rsplit_once(':')
+            .is_some_and(|(_, s)| s.len() == 6 && s.as_bytes()[2] == b'.'),
+        "{published}"
+    );
     // Paged: one at a time, the cursor printed.
     let page = json(&d, &["dead-letters", "--limit", "1"]);
     assert_eq!(page["dead_letters"].as_array().unwrap().len(), 1);
@@ -155,9 +168,16 @@ fn status_plugins_show_pause_resume_dead_letters_replay_purge_forget_and_log_lev
     });
     assert_eq!(json(&d, &["purge", "--all", "--yes"])["purged"], 2);
     assert!(ok(&d, &["dead-letters"]).contains("no dead letters"));
+    let gone = ctl(&d, &["show", &id.to_string()]);
+    assert!(!gone.status.success(), "gone");
     assert!(
-        !ctl(&d, &["show", &id.to_string()]).status.success(),
-        "gone"
+        String::from_utf8_lossy(&gone.stderr).contains("every delivery of it ended"),
+        "a message that was accepted and settled is not called unknown: {gone:?}"
+    );
+    let never = ctl(&d, &["show", "999999"]);
+    assert!(
+        String::from_utf8_lossy(&never.stderr).contains("no message 999999 has been accepted"),
+        "{never:?}"
     );
 
     // Pause: nothing more is handed out; resume: it flows again.
@@ -172,11 +192,51 @@ fn status_plugins_show_pause_resume_dead_letters_replay_purge_forget_and_log_lev
     wait_until("a's backlog drains", &d, || {
         instance(&json(&d, &["status"]), "a")["backlog"] == 0
     });
-    // Forget: an instance's waiting deliveries, for good.
+    // Forget is refused while plugins.toml configures the instance, naming the table…
     ok(&d, &["pause", "a"]);
     d.publish("echo.x", "waiting", &[]).unwrap();
+    let refused = ctl(&d, &["forget", "a", "--purge", "--yes"]);
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.starts_with("plugind: ctl forget: instance `a` is configured by [plugins.a]"),
+        "{stderr}"
+    );
+    // …its table removed, its subscription ends and what waits for it stays…
+    let path = d.sandbox().path().join("plugins.toml");
+    let without_a = CONFIG.replace(
+        "# The first instance.\n[plugins.a]\nplugin = \"fx-echo\"\ntopics = [\"echo.>\"]   # everything\n\n",
+        "",
+    );
+    assert_ne!(without_a, CONFIG);
+    fs::write(&path, &without_a).unwrap();
+    ok(&d, &["reload"]);
+    let a = instance(&json(&d, &["plugins"]), "a");
+    assert_eq!(
+        (&a["state"], &a["backlog"], &a["subscription"]),
+        (&"removed".into(), &1.into(), &serde_json::Value::Null),
+        "{a}"
+    );
+    assert!(ok(&d, &["plugins"]).contains("`plugind ctl forget a` drops them"));
+    // (nothing more is routed to it: echo.x reaches no instance now)
+    let unrouted = d.cli(&["publish", "echo.x", "nobody"]);
+    assert!(unrouted.status.success());
+    assert!(
+        String::from_utf8_lossy(&unrouted.stderr).contains("no instance subscribes to this topic"),
+        "{unrouted:?}"
+    );
+    assert_eq!(instance(&json(&d, &["plugins"]), "a")["backlog"], 1);
+    // …until it is forgotten: its deliveries go, and so does the instance.
     let forgotten = json(&d, &["forget", "a", "--purge", "--yes"]);
     assert_eq!(forgotten["forgotten"], 1);
+    assert!(
+        json(&d, &["plugins"])["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["name"] != "a")
+    );
+    assert_eq!(json(&d, &["status"])["unrouted"], 1);
     // Unknown names and bad input are clear errors.
     let unknown = ctl(&d, &["pause", "nope"]);
     assert!(!unknown.status.success());
@@ -189,12 +249,12 @@ fn status_plugins_show_pause_resume_dead_letters_replay_purge_forget_and_log_lev
     let bad = ctl(&d, &["log-level", "no such level!"]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("is not a log filter"));
-    // Reload: nothing changed, said so; with a name, that instance anew.
+    // Reload: nothing changed, said so; with a name, that instance anew, said so.
     assert!(ok(&d, &["reload"]).contains("nothing changed"));
-    ok(&d, &["reload", "b"]);
+    let renewed = ok(&d, &["reload", "b"]);
+    assert!(renewed.contains("b instantiated anew"), "{renewed}");
     assert_eq!(instance(&json(&d, &["plugins"]), "b")["generation"], 2);
     // A refused configuration fails the command (ExecReload), naming the place.
-    let path = d.sandbox().path().join("plugins.toml");
     fs::write(&path, format!("{CONFIG}\n[plugins.c]\nplugin = 7\n")).unwrap();
     let refused = ctl(&d, &["reload"]);
     assert_eq!(refused.status.code(), Some(1));
@@ -213,7 +273,7 @@ fn enable_and_disable_edit_plugins_toml_keeping_its_comments_and_layout() {
     let path = d.sandbox().path().join("plugins.toml");
     let out = ok(&d, &["disable", "b"]);
     assert!(
-        out.contains("b: disabled") && out.contains("b stop"),
+        out.contains("b: disabled") && out.contains("b stopped"),
         "{out}"
     );
     let edited = fs::read_to_string(&path).unwrap();

@@ -58,9 +58,20 @@ fn every_acknowledged_message_survives_sigkill_and_waits_for_an_instance_not_run
         ],
     );
     let d = Daemon::start(s, &disabled);
-    assert!(
-        d.log().contains("orphaned=300"),
-        "held's deliveries wait:\n{}",
+    // A disabled instance keeps its subscription: its deliveries wait in its queue.
+    let plugins = d.cli(&["ctl", "plugins", "--json"]);
+    let plugins: serde_json::Value = serde_json::from_slice(&plugins.stdout).unwrap();
+    let held_now = plugins["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == "held")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        (&held_now["state"], &held_now["backlog"]),
+        (&"disabled".into(), &300.into()),
+        "held's deliveries wait: {plugins}\n{}",
         d.log()
     );
     let s = d.kill9();
@@ -144,17 +155,20 @@ fn a_message_that_aborts_the_process_is_dead_lettered_for_crash_and_the_rest_is_
         "fsync",
         &[("rec", "", record_config(&rec, "abort_on = \"boom\""))],
     );
-    let mut d = Daemon::start(s, &text);
-    // Act as the service manager: restart it each time it dies, until it stays up.
+    s.put("plugins.toml", &text);
+    let mut d = Daemon::restart_unwatched(s);
+    // Act as the service manager: restart it each time it dies (before it is ready too: boom
+    // may be the first message handed out), until it stays up.
     let mut starts = 1;
     loop {
         if d.wait_exit(Duration::from_secs(3)).is_none() {
             break;
         }
         assert!(starts < 10, "a crash loop:\n{}", d.history());
-        d = Daemon::restart(d.kill9());
+        d = Daemon::restart_unwatched(d.kill9());
         starts += 1;
     }
+    let d = d.wait_ready();
     wait_until("every other message is recorded", &d, || {
         ids(&read_record(&rec)).len() == published.len()
     });

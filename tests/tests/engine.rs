@@ -18,6 +18,7 @@ use plugind::{
         DeadLetterFilter, Forget, Ledger, MemoryLedger, Selection,
         durable::{self, DurableLedger, Mode},
     },
+    supervisor::ActRefused,
 };
 use plugind_tests::{
     fixtures::{self, Profile},
@@ -107,12 +108,15 @@ impl Deployment {
     }
 
     fn publish(&self, topic: &str, payload: &str) -> Result<u64, Refused> {
-        self.engine().ingress().publish_one(NewMessage {
-            topic: topic.into(),
-            payload: Bytes::from(payload.to_owned()),
-            headers: vec![],
-            key: None,
-        })
+        self.engine()
+            .ingress()
+            .publish_one(NewMessage {
+                topic: topic.into(),
+                payload: Bytes::from(payload.to_owned()),
+                headers: vec![],
+                key: None,
+            })
+            .map(|p| p.id)
     }
 
     fn stats(&self, name: &str) -> InstanceStats {
@@ -722,10 +726,18 @@ fail = \"handle-panic\"
         2,
         "the attempt before the replay is kept: {history:?}"
     );
-    // Nothing is pending for `bad`; forgetting an instance not configured works on the
-    // ledger alone.
-    assert_eq!(d.engine().forget("bad", Forget::Purge).unwrap(), 0);
-    assert_eq!(d.engine().forget("gone", Forget::DeadLetter).unwrap(), 0);
+    // `bad` is configured: its subscription ends only when its table goes, so forget is
+    // refused naming the table; an instance never heard of is not found.
+    let refused = d.engine().forget("bad", Forget::Purge).unwrap_err();
+    assert!(
+        matches!(&refused, ActRefused::Configured { instance, .. } if instance == "bad"),
+        "{refused:?}"
+    );
+    assert!(refused.to_string().contains("[plugins.bad]"), "{refused}");
+    assert!(matches!(
+        d.engine().forget("gone", Forget::DeadLetter),
+        Err(ActRefused::Unknown(_))
+    ));
 }
 
 /// The config file's hash, as `Reload` expects it.

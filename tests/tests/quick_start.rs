@@ -25,14 +25,34 @@ fn readme_line(prefix: &str) -> String {
 
 fn wait(what: &str, limit: Duration, log: &Path, mut done: impl FnMut() -> bool) {
     let start = Instant::now();
+    let mut told = Instant::now();
     while !done() {
         assert!(
             start.elapsed() < limit,
             "{what} not within {limit:?}; daemon output:\n{}",
             fs::read_to_string(log).unwrap_or_default()
         );
+        // A release build of the clone takes minutes where its cache is cold: say so, and
+        // what cargo is at, rather than sit silent.
+        if told.elapsed() >= Duration::from_secs(30) {
+            told = Instant::now();
+            let output = fs::read_to_string(log).unwrap_or_default();
+            let last = output.lines().rev().find(|l| !l.trim().is_empty());
+            say(&format!(
+                "quick start: waiting for {what} ({} s so far); last output: {}",
+                start.elapsed().as_secs(),
+                last.unwrap_or("(none yet)")
+            ));
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A progress line on the terminal: written to stderr itself, which the test harness does not
+/// capture (it captures only `print!` and `eprint!`).
+fn say(line: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// Kills the process group on drop, so a failing test leaves no daemon behind.
@@ -89,6 +109,12 @@ fn the_readme_quick_start_works_in_a_fresh_clone() {
         .unwrap();
     let group = daemon.id();
     let _reaper = Reaper(group);
+    say(&format!(
+        "quick start: running the README's command 1 in {} (a release build of the clone, \
+         cached in {}: minutes when cold)",
+        clone.display(),
+        cache.display()
+    ));
     let ready = || {
         fs::read_to_string(&log)
             .unwrap_or_default()

@@ -87,11 +87,11 @@ pub fn run(args: Args) -> ExitCode {
     if args.count == 0 || args.batch == 0 {
         return fail(EXIT_USAGE, "bench: --count and --batch must be at least 1");
     }
-    let (endpoint, _) = match config::client_endpoint(
+    let endpoint = match config::client_endpoint(
         args.client.connect.as_deref(),
         args.client.config.as_deref(),
     ) {
-        Ok(found) => found,
+        Ok(found) => found.endpoint,
         Err(e) => return fail(EXIT_FAILURE, format_args!("bench: {e}")),
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()

@@ -58,6 +58,10 @@ struct InstanceReport {
     autoloaded: bool,
     library: Option<PathBuf>,
     error: Option<String>,
+    /// The patterns routed to it: configured, or its library's own; `None` when it takes
+    /// them from a library that is not there (nothing is routed to it yet, unless a daemon
+    /// that ran it before remembers them).
+    topics: Option<Vec<String>>,
 }
 
 /// Runs `check`.
@@ -173,15 +177,23 @@ fn check_libraries(config: &Config, probe: Option<&ProbeCommand>, report: &mut R
     };
     // Manifest name → the libraries claiming it, in path order.
     let mut by_name: BTreeMap<String, Vec<(PathBuf, [u8; 32])>> = BTreeMap::new();
+    // Manifest name → that plugin's own topics.
+    let mut manifests: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (path, checked) in scanned {
+        // Probed only what the checks of the file alone accepted.
+        let probed = probe.is_some() && checked.is_ok();
         let checked = checked.and_then(|checked| match probe {
             Some(command) => checked.probe(command).map(|()| checked),
             None => Ok(checked),
         });
         report
             .libraries
-            .push(library_report(&path, &checked, probe.is_some()));
+            .push(library_report(&path, &checked, probed));
         if let Ok(checked) = checked {
+            manifests.insert(
+                checked.manifest().name.clone(),
+                checked.manifest().topics.clone(),
+            );
             by_name
                 .entry(checked.manifest().name.clone())
                 .or_default()
@@ -236,6 +248,10 @@ fn check_libraries(config: &Config, probe: Option<&ProbeCommand>, report: &mut R
             }
         };
         used.push(instance.plugin.clone());
+        let topics = match &instance.topics {
+            Some(configured) => Some(configured.iter().map(|p| p.as_str().to_owned()).collect()),
+            None => manifests.get(&instance.plugin).cloned(),
+        };
         report.instances.push(InstanceReport {
             name: instance.name.clone(),
             plugin: instance.plugin.clone(),
@@ -243,6 +259,7 @@ fn check_libraries(config: &Config, probe: Option<&ProbeCommand>, report: &mut R
             autoloaded: false,
             library,
             error,
+            topics,
         });
     }
     if config.host.autoload {
@@ -257,6 +274,7 @@ fn check_libraries(config: &Config, probe: Option<&ProbeCommand>, report: &mut R
                 autoloaded: true,
                 library: Some(claims[0].0.clone()),
                 error: None,
+                topics: manifests.get(name).cloned(),
             });
         }
     }
@@ -306,9 +324,11 @@ fn print_text(config: &Config, report: &Report, config_only: bool) {
         }
     }
     for instance in &report.instances {
-        let line = match (&instance.error, &instance.library) {
+        let mut line = match (&instance.error, &instance.library) {
             (Some(error), _) => format!("cannot start: {error}"),
-            (None, _) if !instance.enabled => "disabled".to_owned(),
+            (None, _) if !instance.enabled => {
+                "disabled (its messages wait in the ledger until it is enabled)".to_owned()
+            }
             (None, Some(library)) if instance.autoloaded => format!(
                 "autoloaded with the defaults from {} (no [plugins.{}] entry)",
                 library.display(),
@@ -317,6 +337,13 @@ fn print_text(config: &Config, report: &Report, config_only: bool) {
             (None, Some(library)) => format!("runs {} from {}", instance.plugin, library.display()),
             (None, None) => "disabled".to_owned(),
         };
+        if instance.topics.is_none() {
+            line.push_str(
+                "; nothing is routed to it yet: it takes its topics from its plugin's library, \
+                 which is not in plugin_dir (a daemon that loaded it before keeps routing by \
+                 the topics it last saw)",
+            );
+        }
         println!("instance {}: {line}", instance.name);
     }
     if report.ok {

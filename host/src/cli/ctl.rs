@@ -183,8 +183,22 @@ pub fn run(client_args: &ClientArgs, action: Action) -> ExitCode {
 }
 
 async fn execute(args: &ClientArgs, action: Action) -> Result<(), Failure> {
-    let (endpoint, _) = config::client_endpoint(args.connect.as_deref(), args.config.as_deref())
-        .map_err(|e| Failure(EXIT_FAILURE, e.to_string()))?;
+    let config::Connect {
+        endpoint,
+        config_problem,
+        ..
+    } = config::client_endpoint(args.connect.as_deref(), args.config.as_deref())
+        .map_err(|e| Failure(EXIT_FAILURE, e.clone()))?;
+    // (`reload` is answered with the daemon's own account of the file.)
+    if let Some(problem) = config_problem.filter(|_| !matches!(action, Action::Reload { .. })) {
+        // The daemon runs its last good configuration; the operator should know this one
+        // would be refused.
+        eprintln!(
+            "plugind: warning: ctl {}: {problem}; the daemon keeps running its last good \
+             configuration (`plugind check` lists every problem)",
+            name(&action)
+        );
+    }
     let token = super::token(&endpoint, args.config.as_deref());
     let mut c = client::connect(&endpoint, token.as_deref())
         .await
@@ -353,7 +367,15 @@ async fn execute(args: &ClientArgs, action: Action) -> Result<(), Failure> {
                 let Some(event) = stream.next().await else {
                     break;
                 };
-                let event = event?;
+                let event = event.map_err(|status| match status.code() {
+                    // The daemon's own words: shutting down, or this watcher fell behind.
+                    Code::Unavailable | Code::ResourceExhausted => Failure::from(status),
+                    // The transport's (an HTTP/2 reset when the daemon went away).
+                    _ => Failure(
+                        EXIT_FAILURE,
+                        "the connection to the daemon closed (it stopped or restarted)".into(),
+                    ),
+                })?;
                 seen += 1;
                 let line = if json {
                     format!(
@@ -464,16 +486,26 @@ async fn toggle(
             instance: String::new(),
         }))
         .await
-        .map_err(|status| match status.code() {
-            Code::Aborted => Failure(
-                EXIT_FAILURE,
-                format!(
-                    "{} changed again before the daemon read it; nothing applied: {}",
-                    path.display(),
-                    status.message()
+        .map_err(|status| {
+            // The file is written whatever the daemon answers: say so.
+            let written = format!("{} was written (enabled = {enabled})", path.display());
+            match status.code() {
+                Code::Aborted => Failure(
+                    EXIT_FAILURE,
+                    format!(
+                        "{written}, but it changed again before the daemon read it; nothing \
+                         applied: {}",
+                        status.message()
+                    ),
                 ),
-            ),
-            _ => Failure::from(status),
+                _ => Failure(
+                    EXIT_FAILURE,
+                    format!(
+                        "{written}, but the daemon did not apply it: {}",
+                        Failure::from(status).1
+                    ),
+                ),
+            }
         })?;
     let r = r.into_inner();
     let verb = if enabled { "enabled" } else { "disabled" };

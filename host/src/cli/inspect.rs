@@ -43,7 +43,13 @@ pub fn run(library: &Path, probe: bool, json: bool, trusted: &[String]) -> ExitC
         ..Policy::default()
     };
     let checked = loader::check(library, &policy);
-    let verdict_kind = if probe { "probed" } else { "declared" };
+    // Refused before any loading (the file, the ELF, the manifest): a declared verdict even
+    // with --probe, since no child process ever loaded it.
+    let verdict_kind = if probe && checked.is_ok() {
+        "probed"
+    } else {
+        "declared"
+    };
     let error = match (&checked, probe) {
         (Err(e), _) => Some(e.to_string()),
         (Ok(checked), true) => {
@@ -106,8 +112,9 @@ fn print_text(report: &Report<'_>) {
         println!("  sha256       {sha}");
         println!("  size         {size} bytes");
     }
-    let how = match report.verdict_kind {
-        "probed" => "probed: loaded and checked in a child process",
+    let how = match (report.verdict_kind, &report.error) {
+        ("probed", _) => "probed: loaded and checked in a child process",
+        ("declared", Some(_)) => "declared: refused from the file alone, before any loading",
         _ => "declared: checked without loading; --probe also checks the ABI",
     };
     match &report.error {

@@ -47,11 +47,11 @@ pub fn run(args: Args) -> ExitCode {
             }
         }
     }
-    let (endpoint, _) = match config::client_endpoint(
+    let endpoint = match config::client_endpoint(
         args.client.connect.as_deref(),
         args.client.config.as_deref(),
     ) {
-        Ok(found) => found,
+        Ok(found) => found.endpoint,
         Err(e) => return fail(EXIT_FAILURE, format_args!("publish: {e}")),
     };
     let token = super::token(&endpoint, args.client.config.as_deref());
@@ -75,16 +75,30 @@ pub fn run(args: Args) -> ExitCode {
             .publisher
             .publish(request)
             .await
-            .map(|r| r.into_inner().id)
+            .map(tonic::Response::into_inner)
             .map_err(|status| format!("{:?}: {}", status.code(), status.message()))
     });
     match result {
-        Ok(id) if args.client.json => {
-            println!("{}", serde_json::json!({ "id": id, "topic": args.topic }));
-            ExitCode::SUCCESS
-        }
-        Ok(id) => {
-            println!("{id}");
+        Ok(r) => {
+            if r.instances == 0 && !r.duplicate {
+                eprintln!(
+                    "plugind: warning: publish {}: no instance subscribes to this topic; the \
+                     message was accepted and not stored (see `plugind ctl plugins` for the \
+                     topics routed)",
+                    args.topic
+                );
+            }
+            if args.client.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "id": r.id, "topic": args.topic, "instances": r.instances,
+                        "duplicate": r.duplicate,
+                    })
+                );
+            } else {
+                println!("{}", r.id);
+            }
             ExitCode::SUCCESS
         }
         Err(e) => fail(EXIT_FAILURE, format_args!("publish {}: {e}", args.topic)),

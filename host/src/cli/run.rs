@@ -31,7 +31,9 @@ const CLOSE_CONNECTIONS: Duration = Duration::from_secs(2);
 /// Runs the daemon until a stop signal.
 pub fn run(config_flag: Option<&Path>) -> ExitCode {
     let path = match config::locate(config_flag) {
-        Ok((path, _)) => path,
+        // Absolute, once: the daemon reports it (`ctl status`), and `ctl enable` edits it
+        // from whatever folder the operator is in.
+        Ok((path, _)) => std::path::absolute(&path).unwrap_or(path),
         Err(e) => return fail(EXIT_CONFIG, format_args!("run: {e}")),
     };
     let config = match config::load(&path) {

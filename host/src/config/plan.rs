@@ -50,6 +50,8 @@ pub enum Reason {
     Plugin,
     /// Its sha256 pin changed.
     Pin,
+    /// An operator asked for it (`ctl reload NAME`).
+    Operator,
 }
 
 /// The changes from one configuration to the next.

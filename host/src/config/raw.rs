@@ -30,6 +30,7 @@ pub(super) struct Host {
     pub(super) dedupe_window: Option<Spanned<HumanDuration>>,
     pub(super) dead_letter_retention: Option<Spanned<HumanDuration>>,
     pub(super) hop_limit: Option<Spanned<u32>>,
+    pub(super) unrouted: Option<Unrouted>,
 }
 
 /// The per-instance delivery settings: `[defaults]`, and overridable in each instance.
@@ -46,6 +47,7 @@ pub(super) struct Settings {
     pub(super) init_timeout: Option<Spanned<HumanDuration>>,
     pub(super) shutdown_timeout: Option<Spanned<HumanDuration>>,
     pub(super) hang_grace: Option<Spanned<HumanDuration>>,
+    pub(super) max_age: Option<Spanned<MaxAge>>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -87,6 +89,7 @@ pub(super) struct Instance {
     pub(super) init_timeout: Option<Spanned<HumanDuration>>,
     pub(super) shutdown_timeout: Option<Spanned<HumanDuration>>,
     pub(super) hang_grace: Option<Spanned<HumanDuration>>,
+    pub(super) max_age: Option<Spanned<MaxAge>>,
 }
 
 impl Instance {
@@ -103,6 +106,7 @@ impl Instance {
             init_timeout: self.init_timeout.clone(),
             shutdown_timeout: self.shutdown_timeout.clone(),
             hang_grace: self.hang_grace.clone(),
+            max_age: self.max_age.clone(),
         }
     }
 }
@@ -128,6 +132,17 @@ pub enum WatchMode {
     Inotify,
     /// For filesystems without change events (NFS, some overlays).
     Poll,
+}
+
+/// What a publish that matches no instance gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Unrouted {
+    /// Accepted and not stored (pub/sub semantics): counted, logged, and the answer says it
+    /// reached 0 instances.
+    Accept,
+    /// Refused with FAILED_PRECONDITION.
+    Refuse,
 }
 
 /// The log line format.
@@ -162,6 +177,27 @@ impl<'de> Deserialize<'de> for HumanDuration {
             }
         }
         deserializer.deserialize_str(Visitor)
+    }
+}
+
+/// `max_age`: a duration, or `"off"` (an instance's way to undo a `[defaults]` value).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct MaxAge(pub(super) Option<Duration>);
+
+impl<'de> Deserialize<'de> for MaxAge {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        if text == "off" {
+            return Ok(Self(None));
+        }
+        humantime::parse_duration(&text)
+            .map(|d| Self(Some(d)))
+            .map_err(|e| {
+                de::Error::custom(format!(
+                    "invalid max_age \"{text}\" ({e}); expected a duration such as \"7d\" or \
+                     \"12h\", or \"off\""
+                ))
+            })
     }
 }
 

@@ -18,7 +18,7 @@ use toml::{
 
 use super::{
     Backoff, Circuit, Config, Endpoint, HostSettings, Instance, Problem, Settings,
-    raw::{self, Durability, HumanDuration, LogFormat, Size, WatchMode},
+    raw::{self, Durability, HumanDuration, LogFormat, Size, Unrouted, WatchMode},
 };
 use crate::topic::Pattern;
 
@@ -369,6 +369,7 @@ fn host_settings(problems: &mut Problems<'_>, raw: raw::Host, base: &Path) -> Op
         dedupe_window,
         dead_letter_retention,
         hop_limit,
+        unrouted: raw.unrouted.unwrap_or(Unrouted::Accept),
     })
 }
 
@@ -486,6 +487,24 @@ fn settings(problems: &mut Problems<'_>, base: &Settings, raw: &raw::Settings) -
             base.hang_grace,
             (Duration::ZERO, HOUR),
         ),
+        max_age: match &raw.max_age {
+            None => base.max_age,
+            Some(value) => {
+                let age = value.get_ref().0;
+                if let Some(d) = age
+                    && !(Duration::from_secs(1)..=3650 * DAY).contains(&d)
+                {
+                    problems.at(
+                        Some(value.span()),
+                        format!(
+                            "`max_age` is {}, expected between 1s and 3650days, or \"off\"",
+                            humantime::format_duration(d)
+                        ),
+                    );
+                }
+                age
+            }
+        },
     };
     if merged.backoff.initial > merged.backoff.max {
         let span = backoff

@@ -20,9 +20,9 @@ use crate::{
     dispatch::InstanceStats,
     engine::Engine,
     events::Event,
-    ledger::{DeadLetterFilter, Forget, LedgerError, Selection},
+    ledger::{DeadLetterFilter, Forget, LedgerError, Origin, Selection},
     loader,
-    supervisor::{InstanceView, Refused},
+    supervisor::{ActRefused, InstanceView, Refused},
 };
 
 /// How many events a `Watch` subscriber may be behind before it is ended.
@@ -80,13 +80,6 @@ impl ControlService {
             .map_err(|e| Status::internal(format!("the call failed: {e}")))?
     }
 
-    /// The instance's id, or NOT_FOUND naming it.
-    fn instance(engine: &Engine, name: &str) -> Result<crate::routing::InstanceId, Status> {
-        engine
-            .instance(name)
-            .ok_or_else(|| Status::not_found(format!("no instance `{name}` is running or waiting")))
-    }
-
     /// `Pause` and `Resume`.
     async fn set_paused(
         &self,
@@ -95,12 +88,7 @@ impl ControlService {
     ) -> Result<Response<pb::InstanceResponse>, Status> {
         let name = request.into_inner().name;
         self.blocking(move |engine| {
-            let instance = Self::instance(engine, &name)?;
-            if paused {
-                engine.pause(instance);
-            } else {
-                engine.resume(instance);
-            }
+            engine.pause(&name, paused).map_err(|e| act_status(&e))?;
             Ok(pb::InstanceResponse {
                 name,
                 state: if paused { "paused" } else { "resumed" }.to_owned(),
@@ -119,6 +107,18 @@ fn ledger_status(e: &LedgerError) -> Status {
             Status::failed_precondition(e.to_string())
         }
         LedgerError::Fatal(_) | LedgerError::Corrupt(_) => Status::internal(e.to_string()),
+    }
+}
+
+/// An operator's act refused, as a status.
+fn act_status(e: &ActRefused) -> Status {
+    match e {
+        ActRefused::Configured { .. } | ActRefused::LibraryPresent { .. } => {
+            Status::failed_precondition(e.to_string())
+        }
+        ActRefused::Unknown(_) => Status::not_found(e.to_string()),
+        ActRefused::Ledger(e) => ledger_status(e),
+        ActRefused::Stopping => Status::unavailable(e.to_string()),
     }
 }
 
@@ -146,7 +146,8 @@ fn attempt_result(result: Option<&AttemptResult>) -> String {
         Some(AttemptResult::Acked) => "acked".to_owned(),
         Some(AttemptResult::Failed { reason }) => format!("failed: {reason}"),
         Some(AttemptResult::Excused { reason }) => format!("failed (excused): {reason}"),
-        Some(AttemptResult::Rejected { reason }) => format!("rejected: {reason}"),
+        // The reason already says "rejected: …".
+        Some(AttemptResult::Rejected { reason }) => reason.clone(),
         Some(AttemptResult::Released) => "released".to_owned(),
     }
 }
@@ -224,6 +225,7 @@ impl control_server::Control for ControlService {
                 config_path: view.config.display().to_string(),
                 config_sha256: view.config_sha256.clone(),
                 durability,
+                unrouted: engine.ingress().unrouted(),
                 ledger: Some(pb::LedgerStatus {
                     accepted: counts.accepted,
                     acked: counts.acked,
@@ -242,6 +244,7 @@ impl control_server::Control for ControlService {
                             state: state(v, s),
                             backlog: s.map_or(0, |s| s.backlog),
                             in_flight: s.map_or(0, |s| s.in_flight),
+                            calling: s.map_or(0, |s| s.calling),
                         }
                     })
                     .collect(),
@@ -258,6 +261,10 @@ impl control_server::Control for ControlService {
         self.blocking(|engine| {
             let view = engine.supervisor().view();
             let snapshot = engine.snapshot();
+            let dead_letters = engine
+                .ledger()
+                .dead_letter_counts()
+                .map_err(|e| ledger_status(&e))?;
             Ok(pb::InstancesResponse {
                 instances: view
                     .instances
@@ -290,6 +297,19 @@ impl control_server::Control for ControlService {
                             hung: s.is_some_and(|s| s.hung),
                             last_error: v.last_error.clone().unwrap_or_default(),
                             topics: v.topics.clone(),
+                            subscription: match v.subscribed {
+                                Some(Origin::Configured) => "configured",
+                                Some(Origin::Autoloaded) => "autoloaded",
+                                None => "",
+                            }
+                            .to_owned(),
+                            topics_known: v.topics_known,
+                            calling: s.map_or(0, |s| s.calling),
+                            paused: matches!(
+                                s.and_then(|s| s.circuit.as_ref()),
+                                Some(crate::circuit::State::Paused)
+                            ),
+                            dead_letters: dead_letters.get(&v.name).copied().unwrap_or(0),
                         }
                     })
                     .collect(),
@@ -318,10 +338,16 @@ impl control_server::Control for ControlService {
             let message = ledger.load(id).map_err(|e| ledger_status(&e))?;
             let deliveries = ledger.history(id).map_err(|e| ledger_status(&e))?;
             let Some(message) = message else {
-                return Err(Status::not_found(format!(
-                    "message {id} is not in the ledger (never accepted, or every delivery of it \
-                     ended and it was removed)"
-                )));
+                let next = engine.ingress().next_id();
+                return Err(Status::not_found(if id >= next {
+                    format!("no message {id} has been accepted yet (the next id is {next})")
+                } else {
+                    format!(
+                        "message {id} was accepted and is no longer in the ledger: every \
+                         delivery of it ended (acked, or purged by an operator) and its record \
+                         was removed — or it matched no instance and was never stored"
+                    )
+                }));
             };
             Ok(pb::ShowMessageResponse {
                 id,
@@ -512,7 +538,7 @@ impl control_server::Control for ControlService {
         self.blocking(move |engine| {
             let count = engine
                 .forget(&r.instance, how)
-                .map_err(|e| ledger_status(&e))?;
+                .map_err(|e| act_status(&e))?;
             Ok(pb::CountResponse { count })
         })
         .await

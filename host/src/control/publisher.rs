@@ -18,7 +18,7 @@ use super::pb::{
 };
 use crate::{
     clock::{Clock, SystemClock, Timestamp},
-    ingress::{Ingress, NewMessage, Refused, Submitted},
+    ingress::{Ingress, NewMessage, Published, Refused, Submitted},
     ledger::LedgerError,
 };
 
@@ -32,7 +32,7 @@ const STREAM_BUFFER: usize = 64;
 #[derive(Debug)]
 struct Keys {
     window: Duration,
-    seen: HashMap<String, (u64, Timestamp)>,
+    seen: HashMap<String, (Published, Timestamp)>,
     /// The size at which the next sweep of expired keys runs.
     sweep_at: usize,
 }
@@ -45,7 +45,7 @@ impl Keys {
         now.since(at) < self.window
     }
 
-    fn get(&mut self, key: &str, now: Timestamp) -> Option<u64> {
+    fn get(&mut self, key: &str, now: Timestamp) -> Option<Published> {
         // Expired keys are dropped in amortised sweeps: a sweep only when the table doubled
         // since the last one, never on every publish.
         if self.seen.len() > self.sweep_at {
@@ -56,7 +56,7 @@ impl Keys {
         self.seen
             .get(key)
             .filter(|(_, at)| self.fresh(*at, now))
-            .map(|(id, _)| *id)
+            .map(|(published, _)| *published)
     }
 }
 
@@ -76,9 +76,10 @@ impl PublisherService {
         dedupe_window: Duration,
         known: Vec<(String, u64, Timestamp)>,
     ) -> Self {
-        let seen: HashMap<String, (u64, Timestamp)> = known
+        // How many instances a key's message reached is not kept across restarts.
+        let seen: HashMap<String, (Published, Timestamp)> = known
             .into_iter()
-            .map(|(key, id, at)| (key, (id, at)))
+            .map(|(key, id, at)| (key, (Published { id, instances: 0 }, at)))
             .collect();
         Self {
             ingress,
@@ -95,13 +96,14 @@ impl PublisherService {
     }
 
     /// Publishes a batch, honouring idempotency keys.
-    async fn publish(&self, requests: Vec<PublishRequest>) -> Vec<Result<u64, Refused>> {
+    async fn publish(&self, requests: Vec<PublishRequest>) -> Vec<Result<Outcome, Refused>> {
         let keyed = requests.iter().any(|r| !r.key.is_empty());
         if !keyed {
-            return self
-                .ingress
-                .publish_async(requests.into_iter().map(message).collect())
-                .await;
+            return fresh(
+                self.ingress
+                    .publish_async(requests.into_iter().map(message).collect())
+                    .await,
+            );
         }
         // Keyed batches are serialized so two publishes of one key cannot both pass.
         let mut keys = self.keys.lock().await;
@@ -109,9 +111,12 @@ impl PublisherService {
         let mut results = Vec::with_capacity(requests.len());
         for request in requests {
             if !request.key.is_empty()
-                && let Some(id) = keys.get(&request.key, now)
+                && let Some(published) = keys.get(&request.key, now)
             {
-                results.push(Ok(id));
+                results.push(Ok(Outcome {
+                    published,
+                    duplicate: true,
+                }));
                 continue;
             }
             let key = request.key.clone();
@@ -121,13 +126,36 @@ impl PublisherService {
                 .await
                 .pop()
                 .expect("one result per message");
-            if let (Ok(id), false) = (&result, key.is_empty()) {
-                keys.seen.insert(key, (*id, now));
+            if let (Ok(published), false) = (&result, key.is_empty()) {
+                keys.seen.insert(key, (*published, now));
             }
-            results.push(result);
+            results.push(result.map(|published| Outcome {
+                published,
+                duplicate: false,
+            }));
         }
         results
     }
+}
+
+/// One message's answer: what the ingress said, and whether its key was a duplicate.
+#[derive(Debug, Clone, Copy)]
+struct Outcome {
+    published: Published,
+    duplicate: bool,
+}
+
+/// Answers of messages published without a key seen before.
+fn fresh(results: Vec<Result<Published, Refused>>) -> Vec<Result<Outcome, Refused>> {
+    results
+        .into_iter()
+        .map(|r| {
+            r.map(|published| Outcome {
+                published,
+                duplicate: false,
+            })
+        })
+        .collect()
 }
 
 fn message(request: PublishRequest) -> NewMessage {
@@ -147,6 +175,7 @@ fn message(request: PublishRequest) -> NewMessage {
 pub fn status(refused: &Refused) -> Status {
     match refused {
         Refused::Invalid(_) => Status::invalid_argument(refused.to_string()),
+        Refused::Unrouted(_) => Status::failed_precondition(refused.to_string()),
         Refused::Backlog { .. } | Refused::LedgerFull(_) => {
             Status::resource_exhausted(refused.to_string())
         }
@@ -155,18 +184,24 @@ pub fn status(refused: &Refused) -> Status {
     }
 }
 
-fn outcome(result: Result<u64, Refused>) -> PublishOutcome {
-    PublishOutcome {
-        outcome: Some(match result {
-            Ok(id) => publish_outcome::Outcome::Id(id),
-            Err(refused) => {
-                let status = status(&refused);
-                publish_outcome::Outcome::Refused(pb::Refusal {
+fn outcome(result: Result<Outcome, Refused>) -> PublishOutcome {
+    match result {
+        Ok(o) => PublishOutcome {
+            outcome: Some(publish_outcome::Outcome::Id(o.published.id)),
+            instances: o.published.instances,
+            duplicate: o.duplicate,
+        },
+        Err(refused) => {
+            let status = status(&refused);
+            PublishOutcome {
+                outcome: Some(publish_outcome::Outcome::Refused(pb::Refusal {
                     code: status.code() as i32,
                     message: status.message().to_owned(),
-                })
+                })),
+                instances: 0,
+                duplicate: false,
             }
-        }),
+        }
     }
 }
 
@@ -182,12 +217,15 @@ impl InFlight {
     fn answer(self, ingress: &Ingress, recorded: Result<(), LedgerError>) -> PublishBatchResult {
         batch_result(
             self.correlation_id,
-            ingress.complete(self.submitted, recorded),
+            fresh(ingress.complete(self.submitted, recorded)),
         )
     }
 }
 
-fn batch_result(correlation_id: u64, outcomes: Vec<Result<u64, Refused>>) -> PublishBatchResult {
+fn batch_result(
+    correlation_id: u64,
+    outcomes: Vec<Result<Outcome, Refused>>,
+) -> PublishBatchResult {
     PublishBatchResult {
         correlation_id,
         outcomes: outcomes.into_iter().map(outcome).collect(),
@@ -204,7 +242,11 @@ impl publisher_server::Publisher for PublisherService {
     ) -> Result<Response<PublishResponse>, Status> {
         let result = self.publish(vec![request.into_inner()]).await;
         match result.into_iter().next().expect("one result per message") {
-            Ok(id) => Ok(Response::new(PublishResponse { id })),
+            Ok(o) => Ok(Response::new(PublishResponse {
+                id: o.published.id,
+                instances: o.published.instances,
+                duplicate: o.duplicate,
+            })),
             Err(refused) => Err(status(&refused)),
         }
     }
@@ -318,6 +360,7 @@ mod tests {
             ),
             (Refused::LedgerFull("disk".into()), Code::ResourceExhausted),
             (Refused::ShuttingDown, Code::Unavailable),
+            (Refused::Unrouted("a.b".into()), Code::FailedPrecondition),
         ];
         for (refused, code) in cases {
             let s = status(&refused);

@@ -36,8 +36,8 @@ use rusqlite::Connection;
 
 use super::{
     BacklogEntry, CommitStats, Counts, DeadLetter, DeadLetterFilter, Forget, HistoryEntry, Ledger,
-    LedgerError, Pending, Receipt, Record, Recovered, Replayed, Selection, Then, Wait, lock,
-    markers, store,
+    LedgerError, Pending, Receipt, Record, Recovered, Remembered, Replayed, Selection, Then, Wait,
+    lock, markers, store,
     writer::{
         Done, Log, Op, Reply, Request, Shared, Stats, Syncer, Writer, ensure_reserve,
         release_reserve,
@@ -371,6 +371,7 @@ impl Ledger for DurableLedger {
                 instance,
                 size,
                 delivery,
+                since: Timestamp(stored.published),
                 stored: None,
             });
             Ok(())
@@ -479,6 +480,10 @@ impl Ledger for DurableLedger {
         store::dead_letters(&lock(&self.reader), filter)
     }
 
+    fn dead_letter_counts(&self) -> Result<std::collections::BTreeMap<String, u64>, LedgerError> {
+        store::dead_letter_counts(&lock(&self.reader)).map(|rows| rows.into_iter().collect())
+    }
+
     fn replay(&self, selection: &Selection, now: Timestamp) -> Result<Replayed, LedgerError> {
         let Done::Replayed(rows) = self.run(Op::Replay(selection.clone(), now))? else {
             unreachable!("a replay answers with what it replayed");
@@ -492,6 +497,7 @@ impl Ledger for DurableLedger {
                     instance: instance as InstanceId,
                     size,
                     delivery,
+                    since: now,
                     stored: None,
                 }),
                 None => replayed.waiting += 1,
@@ -528,6 +534,7 @@ impl Ledger for DurableLedger {
                 instance: id,
                 size,
                 delivery: delivery_of(&stored, name)?,
+                since: Timestamp(stored.published),
                 stored: None,
             });
         }
@@ -541,6 +548,15 @@ impl Ledger for DurableLedger {
 
     fn forget(&self, instance: &str, how: Forget, now: Timestamp) -> Result<u64, LedgerError> {
         self.count(Op::Forget(instance.to_owned(), how, now))
+    }
+
+    fn remembered(&self) -> Result<std::collections::BTreeMap<String, Remembered>, LedgerError> {
+        store::remembered(&lock(&self.reader)).map(|rows| rows.into_iter().collect())
+    }
+
+    fn remember(&self, name: &str, remembered: &Remembered) -> Result<(), LedgerError> {
+        self.count(Op::Remember(name.to_owned(), remembered.clone()))
+            .map(drop)
     }
 
     fn history(&self, message: u64) -> Result<Vec<HistoryEntry>, LedgerError> {

@@ -12,12 +12,13 @@ use bytes::Bytes;
 use rusqlite::{CachedStatement, Connection, ErrorCode, OpenFlags, OptionalExtension, params};
 
 use super::{
-    BacklogEntry, DeadLetter, DeadLetterFilter, Forget, HistoryEntry, LedgerError, Selection,
+    BacklogEntry, DeadLetter, DeadLetterFilter, Forget, HistoryEntry, LedgerError, Origin,
+    Remembered, Selection, Subscription,
 };
 use crate::{clock::Timestamp, delivery::Delivery, message::StoredMessage};
 
 /// The format this build writes, and the newest it reads.
-pub(super) const FORMAT: i64 = 1;
+pub(super) const FORMAT: i64 = 2;
 
 /// `PRAGMA application_id`: "plgd". A database without it is not a plugind ledger.
 const APPLICATION_ID: i64 = 0x706c_6764;
@@ -29,7 +30,17 @@ pub(super) const LOG: &str = "ledger.db-wal";
 
 const SCHEMA: &str = "
 CREATE TABLE meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
-CREATE TABLE instances(key INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+-- Every instance ever named, with what outlives a run: its subscription (0 none, 1 by its
+-- table in plugins.toml, 2 autoloaded), the plugin and that plugin's own topics as last seen
+-- (JSON; NULL: never loaded), and an operator's pause (format 2).
+CREATE TABLE instances(
+    key INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    subscribed INTEGER NOT NULL DEFAULT 0,
+    plugin TEXT,
+    topics TEXT,
+    paused INTEGER NOT NULL DEFAULT 0
+);
 CREATE TABLE messages(
     id INTEGER PRIMARY KEY,
     topic TEXT NOT NULL,
@@ -185,13 +196,32 @@ pub(super) fn check_format(conn: &Connection, path: &Path) -> Result<(bool, i64)
     Ok((empty == 0, format))
 }
 
-/// The upgrade rule: each format step is one function here, run in order in one transaction
-/// (format 1 is the first; nothing to do yet).
+/// The upgrade rule: each format step is one function here, run in order in one transaction.
+/// Format 1 is the first; format 2 remembers subscriptions and pauses per instance.
 fn upgrade(conn: &Connection, from: i64) -> Result<(), LedgerError> {
-    Err(LedgerError::Refused(format!(
-        "{}: the ledger has format {from}, which no plugind ever wrote (formats start at 1)",
-        conn.path().unwrap_or("ledger")
-    )))
+    if from < 1 {
+        return Err(LedgerError::Refused(format!(
+            "{}: the ledger has format {from}, which no plugind ever wrote (formats start at 1)",
+            conn.path().unwrap_or("ledger")
+        )));
+    }
+    in_transaction(conn, "cannot upgrade the ledger", || {
+        let step = |sql: &str| {
+            conn.execute_batch(sql)
+                .map_err(fatal("cannot upgrade the ledger"))
+        };
+        if from < 2 {
+            step(
+                "ALTER TABLE instances ADD COLUMN subscribed INTEGER NOT NULL DEFAULT 0;
+                 ALTER TABLE instances ADD COLUMN plugin TEXT;
+                 ALTER TABLE instances ADD COLUMN topics TEXT;
+                 ALTER TABLE instances ADD COLUMN paused INTEGER NOT NULL DEFAULT 0;",
+            )?;
+        }
+        step(&format!("PRAGMA user_version = {FORMAT}"))
+    })?;
+    tracing::info!(from, to = FORMAT, "ledger format upgraded");
+    Ok(())
 }
 
 /// The syncer's checkpoint connection (it writes the database file, never the log).
@@ -267,6 +297,108 @@ pub(super) fn instance_keys(conn: &Connection, names: &[String]) -> Result<Vec<u
                 .map_err(fatal("cannot register an instance in the ledger"))
         })
         .collect()
+}
+
+/// How many dead letters each instance has now, by name.
+pub(super) fn dead_letter_counts(conn: &Connection) -> Result<Vec<(String, u64)>, LedgerError> {
+    conn.prepare_cached(
+        "SELECT i.name, count(*) FROM dead_letters d JOIN instances i ON i.key = d.inst
+          GROUP BY d.inst",
+    )
+    .and_then(|mut s| {
+        s.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?
+            .collect()
+    })
+    .map_err(fatal("cannot count dead letters"))
+}
+
+/// What is remembered of every instance that has a subscription or a pause, by name.
+pub(super) fn remembered(conn: &Connection) -> Result<Vec<(String, Remembered)>, LedgerError> {
+    let map = fatal("cannot read the instances of the ledger");
+    let mut stmt = conn
+        .prepare(
+            "SELECT name, subscribed, plugin, topics, paused FROM instances
+              WHERE subscribed != 0 OR paused != 0 ORDER BY name",
+        )
+        .map_err(&map)?;
+    type Row = (String, i64, Option<String>, Option<String>, bool);
+    let rows: Vec<Row> = stmt
+        .query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })
+        .and_then(Iterator::collect)
+        .map_err(&map)?;
+    rows.into_iter()
+        .map(|(name, subscribed, plugin, topics, paused)| {
+            let origin = match subscribed {
+                0 => None,
+                1 => Some(Origin::Configured),
+                2 => Some(Origin::Autoloaded),
+                other => {
+                    return Err(LedgerError::Fatal(format!(
+                        "the ledger is corrupt: instance `{name}` has subscription kind {other}"
+                    )));
+                }
+            };
+            let topics = topics
+                .map(|t| serde_json::from_str::<Vec<String>>(&t))
+                .transpose()
+                .map_err(|e| {
+                    LedgerError::Fatal(format!(
+                        "the ledger is corrupt: the topics of instance `{name}` cannot be read: \
+                         {e}"
+                    ))
+                })?;
+            let subscription = origin.map(|origin| Subscription {
+                origin,
+                plugin: plugin.unwrap_or_else(|| name.clone()),
+                topics,
+            });
+            Ok((
+                name,
+                Remembered {
+                    subscription,
+                    paused,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// Records what is remembered of instance `name` (registering the name if it is new).
+pub(super) fn remember(
+    conn: &Connection,
+    name: &str,
+    remembered: &Remembered,
+) -> Result<(), LedgerError> {
+    let map = fatal("cannot record an instance in the ledger");
+    let sub = remembered.subscription.as_ref();
+    let subscribed: i64 = match sub.map(|s| s.origin) {
+        None => 0,
+        Some(Origin::Configured) => 1,
+        Some(Origin::Autoloaded) => 2,
+    };
+    let topics = sub
+        .and_then(|s| s.topics.as_ref())
+        .map(|t| serde_json::to_string(t).expect("strings always serialize"));
+    conn.prepare_cached("INSERT OR IGNORE INTO instances(name) VALUES (?1)")
+        .and_then(|mut s| s.execute([name]))
+        .map_err(&map)?;
+    conn.prepare_cached(
+        "UPDATE instances SET subscribed = ?2, plugin = ?3, topics = ?4, paused = ?5
+          WHERE name = ?1",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            name,
+            subscribed,
+            sub.map(|s| s.plugin.as_str()),
+            topics,
+            remembered.paused
+        ])
+    })
+    .map(drop)
+    .map_err(&map)
 }
 
 /// Every instance name by key.
@@ -933,6 +1065,8 @@ pub(super) fn forget(
     let Some(inst) = instance_key(conn, name).map_err(&map)? else {
         return Ok(0);
     };
+    // Its subscription ends with its backlog, and a pause with it.
+    remember(conn, name, &Remembered::default())?;
     let rows: Vec<(i64, Option<Vec<u8>>, i64)> = conn
         .prepare_cached(
             "SELECT d.msg, d.state, coalesce(m.published, 0) FROM pending d

@@ -9,7 +9,8 @@ use bytes::Bytes;
 use smallvec::smallvec;
 
 use super::{
-    DeadLetterFilter, Forget, Ledger, LedgerError, Record, Selection, Wait,
+    DeadLetterFilter, Forget, Ledger, LedgerError, Origin, Record, Remembered, Selection,
+    Subscription, Wait,
     durable::{DurableLedger, Mode, Options},
     store,
 };
@@ -330,6 +331,98 @@ fn idempotency_keys_survive_a_restart() {
 }
 
 #[test]
+fn subscriptions_and_pauses_are_remembered_across_a_restart_and_forget_ends_both() {
+    let (dir, ledger) = fresh(5);
+    accept(&ledger, 1, "one");
+    let auto = Remembered {
+        subscription: Some(Subscription {
+            origin: Origin::Autoloaded,
+            plugin: "a".into(),
+            topics: Some(vec!["orders.>".into(), "audit.*".into()]),
+        }),
+        paused: true,
+    };
+    let never_loaded = Remembered {
+        subscription: Some(Subscription {
+            origin: Origin::Configured,
+            plugin: "x".into(),
+            topics: None,
+        }),
+        paused: false,
+    };
+    ledger.remember("a", &auto).unwrap();
+    ledger.remember("new", &never_loaded).unwrap();
+    ledger.close();
+    drop(ledger);
+    let ledger = open(dir.path());
+    let remembered = ledger.remembered().unwrap();
+    assert_eq!(remembered.get("a"), Some(&auto));
+    assert_eq!(remembered.get("new"), Some(&never_loaded));
+    assert!(!remembered.contains_key("b"), "nothing remembered of b");
+    ledger.recover(&instances(5), T0).unwrap();
+    // Forgetting `a` ends its subscription, its pause and its backlog at once.
+    assert_eq!(ledger.forget("a", Forget::Purge, T0).unwrap(), 1);
+    assert_eq!(ledger.remembered().unwrap().get("a"), None);
+    ledger.remember("new", &Remembered::default()).unwrap();
+    assert!(ledger.remembered().unwrap().is_empty());
+}
+
+#[test]
+fn a_format_1_ledger_is_upgraded_in_place_and_keeps_what_it_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        // The format-1 schema, as plugind 1.0 wrote it.
+        let conn = rusqlite::Connection::open(dir.path().join(store::FILE)).unwrap();
+        conn.execute_batch(
+            "PRAGMA auto_vacuum = INCREMENTAL; PRAGMA journal_mode = WAL;
+             CREATE TABLE meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+             CREATE TABLE instances(key INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+             CREATE TABLE messages(id INTEGER PRIMARY KEY, topic TEXT NOT NULL,
+                 headers BLOB NOT NULL, payload BLOB NOT NULL, published INTEGER NOT NULL,
+                 crc INTEGER NOT NULL, solo INTEGER);
+             CREATE TABLE deliveries(msg INTEGER NOT NULL, inst INTEGER NOT NULL, state BLOB,
+                 PRIMARY KEY(msg, inst)) WITHOUT ROWID;
+             CREATE TABLE dead_letters(msg INTEGER NOT NULL, inst INTEGER NOT NULL,
+                 at INTEGER NOT NULL, state BLOB NOT NULL, PRIMARY KEY(msg, inst)) WITHOUT ROWID;
+             CREATE INDEX dead_letters_at ON dead_letters(at);
+             CREATE TABLE keys(key TEXT PRIMARY KEY, msg INTEGER NOT NULL, at INTEGER NOT NULL)
+                 WITHOUT ROWID;
+             CREATE INDEX keys_at ON keys(at);
+             CREATE VIEW pending(msg, inst, state) AS
+                 SELECT m.id, m.solo, NULL FROM messages m
+                  WHERE m.solo IS NOT NULL AND NOT EXISTS
+                        (SELECT 1 FROM deliveries d WHERE d.msg = m.id AND d.inst = m.solo)
+                 UNION ALL SELECT msg, inst, state FROM deliveries;
+             INSERT INTO meta VALUES ('next_id', 100), ('clean', 1);
+             INSERT INTO instances(key, name) VALUES (1, 'a'), (2, 'b');
+             PRAGMA application_id = 1886152548; PRAGMA user_version = 1;",
+        )
+        .unwrap();
+    }
+    let ledger = open(dir.path());
+    assert!(ledger.remembered().unwrap().is_empty());
+    let recovered = ledger.recover(&instances(5), T0).unwrap();
+    assert_eq!(recovered.next_id, 100, "the id high-water mark is kept");
+    ledger
+        .remember(
+            "b",
+            &Remembered {
+                subscription: None,
+                paused: true,
+            },
+        )
+        .unwrap();
+    assert!(ledger.remembered().unwrap()["b"].paused);
+    ledger.close();
+    drop(ledger);
+    let conn = rusqlite::Connection::open(dir.path().join(store::FILE)).unwrap();
+    let format: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(format, store::FORMAT);
+}
+
+#[test]
 fn a_newer_format_and_a_foreign_file_are_refused_with_the_reason() {
     let (dir, ledger) = fresh(5);
     ledger.close();
@@ -342,8 +435,10 @@ fn a_newer_format_and_a_foreign_file_are_refused_with_the_reason() {
         panic!("a newer format must be refused");
     };
     assert!(
-        message.contains("format 2, written by a newer plugind")
-            && message.contains("reads formats up to 1"),
+        message.contains(&format!(
+            "format {}, written by a newer plugind",
+            store::FORMAT + 1
+        )) && message.contains(&format!("reads formats up to {}", store::FORMAT)),
         "{message}"
     );
 

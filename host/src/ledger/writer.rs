@@ -66,6 +66,8 @@ pub(super) enum Op {
     Forget(String, Forget, Timestamp),
     /// An instance added while running: its key, registered if new, and what waits for it.
     Attach(String),
+    /// What is remembered of an instance (its subscription, a pause).
+    Remember(String, super::Remembered),
 }
 
 pub(super) enum Done {
@@ -569,6 +571,9 @@ impl Writer {
             Op::Replay(selection, now) => store::replay(conn, &selection, now).map(Done::Replayed),
             Op::Purge(selection) => store::purge(conn, &selection).map(Done::Count),
             Op::Forget(name, how, now) => store::forget(conn, &name, how, now).map(Done::Count),
+            Op::Remember(name, remembered) => {
+                store::remember(conn, &name, &remembered).map(|()| Done::Count(0))
+            }
             Op::Attach(name) => {
                 let [key] = store::instance_keys(conn, &[name])?[..] else {
                     unreachable!("one key per name");

@@ -9,6 +9,7 @@ use std::{
 use crate::{
     background,
     config::{Config, Settings},
+    ledger::{Origin, Remembered, Subscription},
     loader::{self, Checked, Policy},
     topic::Pattern,
 };
@@ -197,70 +198,124 @@ impl Libraries {
     }
 }
 
-/// One instance that should run.
+/// One instance with a subscription: what it runs, what is routed to it, and whether a
+/// generation of it should run.
 #[derive(Debug, Clone)]
 pub struct Want {
     pub plugin: String,
     pub settings: Settings,
-    /// Configured, or else the library's default topics (none when there is no library).
+    /// The patterns routed to it: its configured `topics`, else its plugin's own (from the
+    /// library, or as last seen when the library is missing or refused); empty when neither
+    /// is known.
     pub topics: Vec<Pattern>,
+    /// Whether `topics` is known: `false` for an instance that takes its topics from a
+    /// library never loaded (nothing is routed to it yet).
+    pub topics_known: bool,
     pub config: serde_json::Value,
     pub pin: Option<[u8; 32]>,
+    /// Whether a generation should run: `false` for a disabled instance, and for an
+    /// autoloaded one while `autoload` is off or a table claims its plugin. Its deliveries
+    /// wait either way.
+    pub run: bool,
+    /// The subscription to keep in the ledger (it outlives the library and a restart).
+    pub subscription: Subscription,
 }
 
-/// The enabled instances of `config`, then (with `autoload`) one per library that no entry
-/// names.
-pub fn wants(config: &Config, libraries: &Libraries) -> BTreeMap<String, Want> {
-    let default_topics = |plugin: &str| -> Vec<Pattern> {
-        libraries.provider(plugin).map_or_else(
-            |_| Vec::new(),
-            |c| {
-                c.manifest()
-                    .topics
-                    .iter()
-                    .filter_map(|t| Pattern::parse(t).ok())
-                    .collect()
-            },
-        )
+/// Every instance with a subscription, from the configuration, the libraries of
+/// `plugin_dir` and what the ledger remembers (DESIGN.md §7: a subscription ends only when
+/// its table is removed from `plugins.toml` or an operator forgets it):
+/// - every `[plugins.NAME]` table, enabled or not;
+/// - with `autoload`, one instance per library that no table names;
+/// - every autoloaded instance the ledger remembers, its library present or not.
+pub fn wants(
+    config: &Config,
+    libraries: &Libraries,
+    remembered: &BTreeMap<String, Remembered>,
+) -> BTreeMap<String, Want> {
+    // The plugin's own topics: from its library, else as last seen for this instance.
+    let own_topics = |name: &str, plugin: &str| -> Option<Vec<String>> {
+        match libraries.provider(plugin) {
+            Ok(library) => Some(library.manifest().topics.clone()),
+            Err(_) => remembered
+                .get(name)
+                .and_then(|r| r.subscription.as_ref())
+                .filter(|s| s.plugin == plugin)
+                .and_then(|s| s.topics.clone()),
+        }
+    };
+    let parse = |topics: &[String]| -> Vec<Pattern> {
+        topics
+            .iter()
+            .filter_map(|t| Pattern::parse(t).ok())
+            .collect()
+    };
+    let claimed = |plugin: &str| {
+        config
+            .instances
+            .values()
+            .any(|i| i.plugin == plugin || i.name == plugin)
     };
     let mut wants: BTreeMap<String, Want> = config
         .instances
         .values()
-        .filter(|i| i.enabled)
         .map(|i| {
+            let own = own_topics(&i.name, &i.plugin);
+            let (topics, topics_known) = match (&i.topics, &own) {
+                (Some(configured), _) => (configured.clone(), true),
+                (None, Some(own)) => (parse(own), true),
+                (None, None) => (Vec::new(), false),
+            };
             (
                 i.name.clone(),
                 Want {
                     plugin: i.plugin.clone(),
                     settings: i.settings.clone(),
-                    topics: i
-                        .topics
-                        .clone()
-                        .unwrap_or_else(|| default_topics(&i.plugin)),
+                    topics,
+                    topics_known,
                     config: i.config.clone(),
                     pin: i.sha256,
+                    run: i.enabled,
+                    subscription: Subscription {
+                        origin: Origin::Configured,
+                        plugin: i.plugin.clone(),
+                        topics: own,
+                    },
                 },
             )
         })
         .collect();
+    let autoloaded = |name: &str, plugin: &str, run: bool| {
+        let own = own_topics(name, plugin);
+        Want {
+            plugin: plugin.to_owned(),
+            settings: config.defaults.clone(),
+            topics: own.as_deref().map(parse).unwrap_or_default(),
+            topics_known: own.is_some(),
+            config: serde_json::json!({}),
+            pin: None,
+            run,
+            subscription: Subscription {
+                origin: Origin::Autoloaded,
+                plugin: plugin.to_owned(),
+                topics: own,
+            },
+        }
+    };
     if config.host.autoload {
         for name in libraries.names() {
-            let named = config
-                .instances
-                .values()
-                .any(|i| i.plugin == name || i.name == name);
-            if !named {
-                wants.insert(
-                    name.clone(),
-                    Want {
-                        topics: default_topics(&name),
-                        plugin: name,
-                        settings: config.defaults.clone(),
-                        config: serde_json::json!({}),
-                        pin: None,
-                    },
-                );
+            if !claimed(&name) {
+                wants.insert(name.clone(), autoloaded(&name, &name, true));
             }
+        }
+    }
+    for (name, r) in remembered {
+        if let Some(s) = &r.subscription
+            && s.origin == Origin::Autoloaded
+            && !wants.contains_key(name)
+            && !config.instances.contains_key(name)
+        {
+            let run = config.host.autoload && !claimed(&s.plugin);
+            wants.insert(name.clone(), autoloaded(name, &s.plugin, run));
         }
     }
     wants

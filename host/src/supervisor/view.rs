@@ -7,6 +7,7 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 
 use super::Supervisor;
+use crate::ledger::Origin;
 
 /// Where the snapshot is published.
 pub(super) type View = Arc<ArcSwap<SupervisorView>>;
@@ -50,8 +51,14 @@ fn bytes(n: u64) -> String {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct InstanceView {
     pub name: String,
-    /// `running`, `stopped`, `failed`, `quarantined` or `disabled`.
+    /// `running`, `stopped`, `failed`, `quarantined`, `disabled` or `removed` (its
+    /// subscription ended; its waiting deliveries stay until forgotten).
     pub state: &'static str,
+    /// How it is subscribed (`None`: its subscription ended).
+    pub subscribed: Option<Origin>,
+    /// Whether its topics are known: `false` while it takes them from a library never
+    /// loaded (nothing is routed to it yet).
+    pub topics_known: bool,
     pub plugin: String,
     /// Of the generation running (empty when none is).
     pub version: String,
@@ -67,6 +74,8 @@ pub struct InstanceView {
     pub topics: Vec<String>,
     /// Payload bytes of its deliveries waiting or in flight.
     pub backlog_bytes: u64,
+    /// Its deliveries waiting or in flight.
+    pub backlog: u64,
 }
 
 impl Supervisor {
@@ -76,21 +85,41 @@ impl Supervisor {
         let mut views: Vec<InstanceView> = self
             .instances
             .iter()
+            // An instance whose subscription ended shows while deliveries wait for it.
+            .filter(|(_, inst)| {
+                inst.subscribed.is_some()
+                    || inst.running.is_some()
+                    || !inst.draining.is_empty()
+                    || self.parts.backlog.count(inst.id) > 0
+            })
             .map(|(name, inst)| {
                 let configured = config.instances.get(name);
                 let state = match (&inst.running, configured) {
                     (Some(_), _) => "running",
+                    (None, _) if inst.subscribed.is_none() => "removed",
                     (None, Some(i)) if !i.enabled => "disabled",
                     (None, _) if inst.quarantined => "quarantined",
-                    (None, _) if inst.reported.is_some() => "failed",
+                    (None, _) if inst.run && inst.reported.is_some() => "failed",
                     (None, _) => "stopped",
                 };
                 let running = inst.running.as_ref();
                 InstanceView {
                     name: name.clone(),
                     state,
+                    subscribed: inst.subscribed,
+                    topics_known: inst.topics_known,
                     plugin: running.map_or_else(
-                        || configured.map_or_else(|| name.clone(), |i| i.plugin.clone()),
+                        || {
+                            configured.map_or_else(
+                                || {
+                                    self.remembered
+                                        .get(name)
+                                        .and_then(|r| r.subscription.as_ref())
+                                        .map_or_else(|| name.clone(), |s| s.plugin.clone())
+                                },
+                                |i| i.plugin.clone(),
+                            )
+                        },
                         |g| g.library.manifest().name.clone(),
                     ),
                     version: running.map(|g| g.version.clone()).unwrap_or_default(),
@@ -98,23 +127,13 @@ impl Supervisor {
                     draining: inst.draining.clone(),
                     library: running.map(|g| g.path.clone()),
                     sha256: running.map(|g| hex::encode(g.key.sha256)),
-                    last_error: inst.reported.clone(),
+                    last_error: inst.reported.clone().filter(|_| inst.run),
                     topics: inst.topics.iter().map(ToString::to_string).collect(),
                     backlog_bytes: self.parts.backlog.bytes(inst.id),
+                    backlog: self.parts.backlog.count(inst.id),
                 }
             })
             .collect();
-        // Disabled entries that never ran in this process are instances too.
-        for (name, entry) in &config.instances {
-            if !self.instances.contains_key(name) {
-                views.push(InstanceView {
-                    name: name.clone(),
-                    state: if entry.enabled { "stopped" } else { "disabled" },
-                    plugin: entry.plugin.clone(),
-                    ..InstanceView::default()
-                });
-            }
-        }
         views.sort_by(|a, b| a.name.cmp(&b.name));
         let view = SupervisorView {
             config: config.source.clone(),

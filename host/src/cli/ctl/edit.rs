@@ -13,6 +13,9 @@ use sha2::{Digest as _, Sha256};
 /// a temporary file with the same mode and owner and renames it over `path`. Returns the
 /// new file's SHA-256.
 pub(super) fn edit_enabled(path: &Path, name: &str, enabled: bool) -> Result<[u8; 32], String> {
+    // Resolved once: the temporary file, the rename and the folder's sync use this one path.
+    let path = &std::path::absolute(path)
+        .map_err(|e| format!("cannot resolve {}: {e}", path.display()))?;
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let mut document: toml_edit::DocumentMut = text
@@ -30,11 +33,27 @@ pub(super) fn edit_enabled(path: &Path, name: &str, enabled: bool) -> Result<[u8
                 path.display()
             )
         })?;
-    table.insert("enabled", toml_edit::value(enabled));
+    match table
+        .get_mut("enabled")
+        .and_then(toml_edit::Item::as_value_mut)
+    {
+        // Only the value changes: its comment and spacing stay.
+        Some(value) => {
+            let decor = value.decor().clone();
+            *value = enabled.into();
+            *value.decor_mut() = decor;
+        }
+        None => {
+            table.insert("enabled", toml_edit::value(enabled));
+        }
+    }
     let edited = document.to_string();
     let metadata =
         std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(|| Path::new("."));
     let file_name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -47,12 +66,23 @@ pub(super) fn edit_enabled(path: &Path, name: &str, enabled: bool) -> Result<[u8
         // The same owner where this user may set it (root editing a service's file).
         let _ = std::os::unix::fs::fchown(&file, Some(metadata.uid()), Some(metadata.gid()));
         file.sync_all()?;
-        std::fs::rename(&temp, path)?;
-        std::fs::File::open(dir)?.sync_all()
+        std::fs::rename(&temp, path)
     };
     if let Err(e) = write() {
         let _ = std::fs::remove_file(&temp);
-        return Err(format!("cannot write {}: {e}", path.display()));
+        return Err(format!(
+            "cannot write {}: {e}; it was not changed",
+            path.display()
+        ));
+    }
+    // The file is in place from here on: a failure says so.
+    if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+        return Err(format!(
+            "{} was written (enabled = {enabled} for `{name}`), but its folder {} could not be \
+             synced ({e}); the reload was not asked for: run `plugind ctl reload`",
+            path.display(),
+            dir.display()
+        ));
     }
     Ok(Sha256::digest(edited.as_bytes()).into())
 }

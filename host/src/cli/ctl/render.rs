@@ -4,9 +4,9 @@ use std::{fmt::Write as _, time::Duration};
 
 use crate::control::pb;
 
-/// `2026-11-26 03:04:05` (UTC) from Unix ms.
+/// `2026-11-26 03:04:05.123` (UTC) from Unix ms.
 pub(super) fn time(ms: u64) -> String {
-    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms))
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms))
         .to_string()
         .replace('T', " ")
         .trim_end_matches('Z')
@@ -18,11 +18,13 @@ pub(super) fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
     serde_json::json!({
         "version": s.version, "pid": s.pid, "uptime_ms": s.uptime_ms,
         "config": s.config_path, "config_sha256": s.config_sha256, "durability": s.durability,
+        "unrouted": s.unrouted,
         "ledger": {"accepted": ledger.accepted, "acked": ledger.acked,
             "dead_lettered": ledger.dead_lettered, "commits": ledger.commits,
             "fsyncs": ledger.fsyncs, "commit_us": ledger.commit_us},
         "instances": s.instances.iter().map(|i| serde_json::json!({
             "name": i.name, "state": i.state, "backlog": i.backlog, "in_flight": i.in_flight,
+            "calling": i.calling,
         })).collect::<Vec<_>>(),
     })
 }
@@ -52,16 +54,23 @@ pub(super) fn status_text(s: &pb::StatusResponse) -> String {
             .map(|p99| format!(", commit p99 {p99} µs"))
             .unwrap_or_default()
     );
+    if s.unrouted > 0 {
+        let _ = writeln!(
+            out,
+            "unrouted: {} publishes since start matched no instance (not stored)",
+            s.unrouted
+        );
+    }
     let _ = writeln!(
         out,
-        "{:<24} {:<12} {:>9} {:>9}",
-        "INSTANCE", "STATE", "BACKLOG", "IN FLIGHT"
+        "{:<24} {:<12} {:>9} {:>7} {:>7}",
+        "INSTANCE", "STATE", "BACKLOG", "HANDED", "CALLING"
     );
     for i in &s.instances {
         let _ = writeln!(
             out,
-            "{:<24} {:<12} {:>9} {:>9}",
-            i.name, i.state, i.backlog, i.in_flight
+            "{:<24} {:<12} {:>9} {:>7} {:>7}",
+            i.name, i.state, i.backlog, i.in_flight, i.calling
         );
     }
     out
@@ -73,9 +82,12 @@ pub(super) fn instances_json(r: &pb::InstancesResponse) -> serde_json::Value {
             "name": i.name, "state": i.state, "plugin": i.plugin, "version": i.version,
             "generation": i.generation, "draining": i.draining, "library": i.library,
             "sha256": i.sha256, "queue_depth": i.queue_depth, "backlog": i.backlog,
-            "backlog_bytes": i.backlog_bytes, "in_flight": i.in_flight, "acked": i.acked,
-            "failures": i.failures, "dead_lettered": i.dead_lettered, "circuit": i.circuit,
+            "backlog_bytes": i.backlog_bytes, "in_flight": i.in_flight, "calling": i.calling,
+            "acked": i.acked, "failures": i.failures, "dead_lettered": i.dead_lettered,
+            "dead_letters": i.dead_letters, "circuit": i.circuit, "paused": i.paused,
             "hung": i.hung, "last_error": i.last_error, "topics": i.topics,
+            "topics_known": i.topics_known,
+            "subscription": (!i.subscription.is_empty()).then_some(&i.subscription),
         })).collect::<Vec<_>>(),
         "retained": r.retained.iter().map(|l| serde_json::json!({
             "plugin": l.plugin, "version": l.version, "origin": l.origin, "size": l.size,
@@ -84,9 +96,20 @@ pub(super) fn instances_json(r: &pb::InstancesResponse) -> serde_json::Value {
 }
 
 pub(super) fn instances_text(r: &pb::InstancesResponse) -> String {
+    // HANDED: deliveries leased to its actor (queued in its mailbox or in a call); CALLING:
+    // calls in progress; DEAD: its dead letters kept now (`ctl dead-letters --instance`).
     let mut out = format!(
-        "{:<20} {:<11} {:<24} {:>4} {:>7} {:>7} {:>5} {:>6} {:<9}\n",
-        "INSTANCE", "STATE", "PLUGIN", "GEN", "QUEUE", "BACKLOG", "FLY", "DEAD", "CIRCUIT"
+        "{:<20} {:<11} {:<24} {:>4} {:>7} {:>7} {:>6} {:>7} {:>6} {:<9}\n",
+        "INSTANCE",
+        "STATE",
+        "PLUGIN",
+        "GEN",
+        "QUEUE",
+        "BACKLOG",
+        "HANDED",
+        "CALLING",
+        "DEAD",
+        "CIRCUIT"
     );
     for i in &r.instances {
         let plugin = if i.version.is_empty() {
@@ -101,7 +124,7 @@ pub(super) fn instances_text(r: &pb::InstancesResponse) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<20} {:<11} {:<24} {:>4} {:>7} {:>7} {:>5} {:>6} {:<9}{}",
+            "{:<20} {:<11} {:<24} {:>4} {:>7} {:>7} {:>6} {:>7} {:>6} {:<9}{}",
             i.name,
             i.state,
             plugin,
@@ -109,12 +132,16 @@ pub(super) fn instances_text(r: &pb::InstancesResponse) -> String {
             i.queue_depth,
             i.backlog,
             i.in_flight,
-            i.dead_lettered,
+            i.calling,
+            i.dead_letters,
             i.circuit,
             if i.hung { " HUNG" } else { "" }
         );
         if !i.last_error.is_empty() {
             let _ = writeln!(out, "    last error: {}", i.last_error);
+        }
+        for note in notes(i) {
+            let _ = writeln!(out, "    {note}");
         }
     }
     if !r.retained.is_empty() {
@@ -125,6 +152,33 @@ pub(super) fn instances_text(r: &pb::InstancesResponse) -> String {
         );
     }
     out
+}
+
+/// What an operator should know about an instance beyond its row.
+fn notes(i: &pb::InstanceDetail) -> Vec<String> {
+    let mut notes = Vec::new();
+    if i.subscription.is_empty() {
+        notes.push(format!(
+            "its subscription ended (no table in plugins.toml): {} deliveries wait; `plugind \
+             ctl forget {}` drops them",
+            i.backlog, i.name
+        ));
+    } else if !i.topics_known {
+        notes.push(
+            "nothing is routed to it yet: it takes its topics from its plugin's library, which \
+             has never been loaded"
+                .to_owned(),
+        );
+    } else if i.state != "running" && i.backlog > 0 {
+        notes.push(format!(
+            "{} deliveries wait for it (routed to it while it does not run)",
+            i.backlog
+        ));
+    }
+    if i.paused {
+        notes.push("paused by an operator: `plugind ctl resume` hands it work again".to_owned());
+    }
+    notes
 }
 
 pub(super) fn message_json(m: &pb::ShowMessageResponse) -> serde_json::Value {
@@ -169,19 +223,27 @@ pub(super) fn message_text(m: &pb::ShowMessageResponse) -> String {
         let _ = writeln!(out, "no delivery waits or failed (acked, or never routed)");
     }
     for d in &m.deliveries {
-        let _ = writeln!(
-            out,
-            "{}: {}, {} deliveries, {} failures{}",
-            d.instance,
-            d.state.replace('_', " "),
-            d.deliveries,
-            d.failures,
-            if d.last_reason.is_empty() {
-                String::new()
-            } else {
-                format!(", last: {}", d.last_reason)
-            }
-        );
+        let plural = |n: u32, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+        let counts = if d.state == "dead_lettered" && d.last_reason.starts_with("rejected") {
+            // A reject is the plugin's verdict, not a failure: no failure count to show.
+            format!(
+                " after {}: {}",
+                plural(d.deliveries, "delivery"),
+                d.last_reason
+            )
+        } else {
+            format!(
+                ", {}, {}{}",
+                plural(d.deliveries, "delivery"),
+                plural(d.failures, "failure"),
+                if d.last_reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(", last: {}", d.last_reason)
+                }
+            )
+        };
+        let _ = writeln!(out, "{}: {}{counts}", d.instance, d.state.replace('_', " "),);
         for a in &d.attempts {
             let _ = writeln!(
                 out,
@@ -213,7 +275,16 @@ pub(super) fn reload_text(r: &pb::ReloadResponse) -> String {
         .changes
         .iter()
         .filter(|c| c.change != "unchanged")
-        .map(|c| format!("{} {}", c.instance, c.change.replace('_', " ")))
+        .map(|c| {
+            let done = match c.change.as_str() {
+                "start" => "started",
+                "stop" => "stopped",
+                "reinstantiate" => "instantiated anew",
+                "update" => "updated",
+                other => other,
+            };
+            format!("{} {done}", c.instance)
+        })
         .collect();
     let mut out = format!(
         "applied (config sha256 {}): {}\n",
