@@ -410,32 +410,51 @@ fn problem_summary(e: &ConfigError) -> String {
     }
 }
 
-/// The `[host] listen` of a configuration file that does not validate: from its TOML when it
-/// parses, else from a `listen = "…"` line in its `[host]` section.
+/// The `[host] listen` of a configuration file that does not validate, as the daemon would
+/// have taken it (without one: the socket in its `state_dir`): read from its TOML when that
+/// parses, else from the `key = "…"` lines of its `[host]` section. `None` when the file
+/// cannot be read or its TOML is broken before `[host]` says anything.
 fn listen_of_broken(path: &Path) -> Option<Endpoint> {
     let text = std::fs::read_to_string(path).ok()?;
-    let listen = match text.parse::<toml::Table>() {
-        Ok(table) => table.get("host")?.get("listen")?.as_str()?.to_owned(),
-        Err(_) => {
-            let mut in_host = false;
-            let mut found = None;
-            for line in text.lines().map(str::trim) {
-                if line.starts_with('[') {
-                    in_host = line.trim_end_matches(|c| c != ']') == "[host]";
-                } else if in_host
-                    && let Some((key, value)) = line.split_once('=')
-                    && key.trim() == "listen"
-                {
-                    let value = value.trim();
-                    let value = value.strip_prefix('"')?;
-                    found = Some(value[..value.find('"')?].to_owned());
-                }
-            }
-            found?
+    let host_key = |key: &str| -> Option<String> {
+        if let Ok(table) = text.parse::<toml::Table>() {
+            return Some(table.get("host")?.get(key)?.as_str()?.to_owned());
         }
+        let mut in_host = false;
+        let mut found = None;
+        for line in text.lines().map(str::trim) {
+            if line.starts_with('[') {
+                in_host = line.trim_end_matches(|c| c != ']') == "[host]";
+            } else if in_host
+                && let Some((name, value)) = line.split_once('=')
+                && name.trim() == key
+                && let Some(value) = value.trim().strip_prefix('"')
+                && let Some(end) = value.find('"')
+            {
+                found = Some(value[..end].to_owned());
+            }
+        }
+        found
     };
-    let base = path.parent().filter(|p| !p.as_os_str().is_empty());
-    Endpoint::parse(&listen, base.unwrap_or(Path::new("."))).ok()
+    // Parsed, and without a `listen` key at all (one of another type says nothing usable).
+    let parsed = text
+        .parse::<toml::Table>()
+        .is_ok_and(|t| t.get("host").and_then(|h| h.get("listen")).is_none());
+    let base = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    match host_key("listen") {
+        Some(listen) => Endpoint::parse(&listen, base).ok(),
+        // A broken TOML file may say anything after the point it breaks: only a listen it
+        // states is trusted. A parsed one without `listen` has the default.
+        None if parsed => {
+            let state_dir = host_key("state_dir");
+            let state_dir = base.join(state_dir.as_deref().unwrap_or(resolve::DEFAULT_STATE_DIR));
+            Some(Endpoint::Unix(state_dir.join("plugind.sock")))
+        }
+        None => None,
+    }
 }
 
 /// Where a config file was found.

@@ -23,6 +23,40 @@ pub fn plugind_release() -> PathBuf {
     BUILT.get_or_init(|| build(true)).clone()
 }
 
+/// The library of the example plugin `package` (`"file-sink"`, `"transform"`, `"bench"`), as
+/// `cargo test --workspace` builds it (its cdylib, debug build), built once per process.
+///
+/// # Panics
+/// If the build fails (with cargo's output).
+pub fn example_plugin(package: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let output = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .current_dir(repo_root())
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "file-sink",
+                "-p",
+                "transform",
+                "-p",
+                "bench",
+            ])
+            .output()
+            .expect("cargo runs");
+        assert!(
+            output.status.success(),
+            "building the example plugins failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    });
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| repo_root().join("target"), PathBuf::from)
+        .join("debug")
+        .join(format!("lib{}.so", package.replace('-', "_")))
+}
+
 fn build(release: bool) -> PathBuf {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut command = Command::new(cargo);

@@ -87,12 +87,27 @@ impl Daemon {
         daemon.wait_ready()
     }
 
+    /// Writes `config` and runs `plugind run` in the sandbox without `-c`, as an operator in
+    /// that folder would: the daemon finds `./plugins.toml` itself. Waits until it is ready.
+    ///
+    /// # Panics
+    /// As [`Daemon::start`].
+    pub fn start_in_folder(sandbox: Sandbox, config: &str) -> Self {
+        sandbox.put("plugins.toml", config);
+        Self::launch_with(sandbox, &[], &binary::plugind(), false).wait_ready()
+    }
+
     /// Starts `plugind run` without waiting for anything.
     fn launch(sandbox: Sandbox, env: &[(&str, &OsStr)]) -> Self {
         Self::launch_binary(sandbox, env, &binary::plugind())
     }
 
     fn launch_binary(sandbox: Sandbox, env: &[(&str, &OsStr)], binary: &Path) -> Self {
+        Self::launch_with(sandbox, env, binary, true)
+    }
+
+    /// Starts `binary run` in the sandbox, given its `plugins.toml` with `-c` if `flag`.
+    fn launch_with(sandbox: Sandbox, env: &[(&str, &OsStr)], binary: &Path, flag: bool) -> Self {
         let config_path = sandbox.path().join("plugins.toml");
         let log = sandbox.path().join("daemon.log");
         if log.exists() {
@@ -101,11 +116,13 @@ impl Daemon {
                 .expect("the previous log can be moved aside");
         }
         let mut command = Command::new(binary);
+        command.arg("run");
+        if flag {
+            command.arg("-c").arg(&config_path);
+        }
         command
-            .arg("run")
-            .arg("-c")
-            .arg(&config_path)
             .current_dir(sandbox.path())
+            .env_remove("PLUGIND_CONFIG")
             .env("PLUGIND_LOG", "info")
             .envs(env.iter().copied())
             .stdin(Stdio::null())

@@ -179,6 +179,14 @@ fn a_missing_plugin_and_a_wrong_pin_stop_only_their_instance() {
     assert_eq!(instance("echo")["error"], serde_json::Value::Null);
     let ghost = instance("ghost")["error"].as_str().unwrap().to_owned();
     assert!(ghost.contains("provides plugin `nope`"), "{ghost}");
+    // It takes its topics from a library that is not there: nothing is routed to it yet.
+    assert_eq!(instance("ghost")["topics"], serde_json::Value::Null);
+    let stdout = text(&check(&d, &[]).stdout);
+    assert!(
+        stdout.contains("instance ghost: cannot start")
+            && stdout.contains("nothing is routed to it yet"),
+        "{stdout}"
+    );
     let pinned = instance("pinned")["error"].as_str().unwrap().to_owned();
     assert!(
         pinned.contains(&format!("sha256 mismatch: expected {pin}")),

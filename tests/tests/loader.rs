@@ -409,6 +409,18 @@ fn inspect_shows_manifest_digest_size_and_the_probed_verdict() {
         .unwrap();
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stdout).contains("/nonexistent/lib.so: not found"));
+    // Refused from the file alone, before any loading: a declared verdict, even with
+    // --probe (no child process ever loaded it).
+    let missing = Command::new(binary::plugind())
+        .args(["inspect", "--probe", "/nonexistent/lib.so"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&missing.stdout);
+    assert!(
+        text.contains("refused (declared: refused from the file alone, before any loading)"),
+        "{text}"
+    );
 }
 
 fn message(topic: &str) -> plugind_api::abi::RawMessage {

@@ -233,31 +233,9 @@ fn the_unit_passes_systemd_analyze_verify_and_its_exposure_is_at_most_2_5() {
 
 /// The example plugins, as `cargo test --workspace` builds them (their cdylib).
 fn example_plugins() -> Vec<PathBuf> {
-    let output = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-        .current_dir(repo_root())
-        .args([
-            "build",
-            "--quiet",
-            "-p",
-            "file-sink",
-            "-p",
-            "transform",
-            "-p",
-            "bench",
-        ])
-        .output()
-        .expect("cargo runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| repo_root().join("target"), PathBuf::from)
-        .join("debug");
-    ["libfile_sink.so", "libtransform.so", "libbench.so"]
+    ["file-sink", "transform", "bench"]
         .iter()
-        .map(|name| target.join(name))
+        .map(|name| binary::example_plugin(name))
         .collect()
 }
 

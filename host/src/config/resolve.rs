@@ -38,6 +38,9 @@ impl Problems<'_> {
     }
 }
 
+/// `state_dir` when the file does not say (relative to the file's folder).
+pub(super) const DEFAULT_STATE_DIR: &str = "state";
+
 pub(super) fn resolve(path: &Path, text: &str) -> Result<Config, Vec<Problem>> {
     let mut problems = Problems {
         text,
@@ -215,7 +218,9 @@ fn host_settings(problems: &mut Problems<'_>, raw: raw::Host, base: &Path) -> Op
     );
     let state_dir = path_in(
         base,
-        raw.state_dir.as_ref().map_or("state", |p| p.get_ref()),
+        raw.state_dir
+            .as_ref()
+            .map_or(DEFAULT_STATE_DIR, |p| p.get_ref()),
     );
     if plugin_dir.starts_with(&state_dir) || state_dir.starts_with(&plugin_dir) {
         let span = raw

@@ -320,3 +320,95 @@ pub fn wants(
     }
     wants
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> Config {
+        crate::config::parse(std::path::Path::new("/etc/plugind/plugins.toml"), text).unwrap()
+    }
+
+    fn remembered(
+        name: &str,
+        origin: Origin,
+        plugin: &str,
+        topics: &[&str],
+    ) -> (String, Remembered) {
+        (
+            name.to_owned(),
+            Remembered {
+                subscription: Some(Subscription {
+                    origin,
+                    plugin: plugin.to_owned(),
+                    topics: Some(topics.iter().map(|t| (*t).to_owned()).collect()),
+                }),
+                paused: false,
+            },
+        )
+    }
+
+    fn topics(want: &Want) -> Vec<&str> {
+        want.topics.iter().map(Pattern::as_str).collect()
+    }
+
+    #[test]
+    fn a_disabled_instance_is_subscribed_and_does_not_run() {
+        let wants = wants(
+            &config("[plugins.a]\nenabled = false\ntopics = [\"x.>\"]\n"),
+            &Libraries::default(),
+            &BTreeMap::new(),
+        );
+        let a = &wants["a"];
+        assert!(!a.run);
+        assert!(a.topics_known);
+        assert_eq!(topics(a), ["x.>"]);
+        assert_eq!(a.subscription.origin, Origin::Configured);
+    }
+
+    #[test]
+    fn a_missing_library_routes_by_the_topics_last_seen_for_the_same_plugin_only() {
+        let config = config("[plugins.b]\nplugin = \"p\"\n[plugins.c]\nplugin = \"q\"\n");
+        let memory: BTreeMap<String, Remembered> = [
+            remembered("b", Origin::Configured, "p", &["p.>"]),
+            // `c` ran another plugin then: its topics say nothing about `q`.
+            remembered("c", Origin::Configured, "other", &["o.>"]),
+        ]
+        .into();
+        let wants = wants(&config, &Libraries::default(), &memory);
+        assert_eq!(topics(&wants["b"]), ["p.>"]);
+        assert!(wants["b"].topics_known);
+        assert_eq!(
+            wants["b"].subscription.topics,
+            Some(vec!["p.>".to_owned()]),
+            "kept as they were"
+        );
+        assert!(topics(&wants["c"]).is_empty());
+        assert!(!wants["c"].topics_known, "nothing is routed to it yet");
+    }
+
+    #[test]
+    fn an_autoloaded_instance_outlives_its_library_until_forgotten() {
+        let memory: BTreeMap<String, Remembered> =
+            [remembered("z", Origin::Autoloaded, "z", &["z.*"])].into();
+        let on = wants(&config(""), &Libraries::default(), &memory);
+        assert_eq!(topics(&on["z"]), ["z.*"]);
+        assert!(on["z"].run, "it runs when its library is back");
+        let off = wants(
+            &config("[host]\nautoload = false\n"),
+            &Libraries::default(),
+            &memory,
+        );
+        assert!(!off["z"].run, "subscribed, not run, while autoload is off");
+        // A table of the same name takes it over.
+        let table = wants(
+            &config("[plugins.z]\ntopics = [\"t\"]\n"),
+            &Libraries::default(),
+            &memory,
+        );
+        assert_eq!(table["z"].subscription.origin, Origin::Configured);
+        assert_eq!(topics(&table["z"]), ["t"]);
+        // Forgotten (not remembered, no table, no library): no subscription at all.
+        assert!(wants(&config(""), &Libraries::default(), &BTreeMap::new()).is_empty());
+    }
+}

@@ -119,6 +119,13 @@ mod tests {
                 .unwrap()
                 .ends_with("plugin = \"y\"\nenabled = false\n")
         );
+        // The edited line's trailing comment stays; only the value changes.
+        std::fs::write(&path, "[plugins.c]\nenabled = true   # keep me\n").unwrap();
+        edit_enabled(&path, "c", false).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "[plugins.c]\nenabled = false   # keep me\n"
+        );
         let missing = edit_enabled(&path, "zzz", true).unwrap_err();
         assert!(missing.contains("no [plugins.zzz] table"), "{missing}");
         assert_eq!(
