@@ -210,6 +210,8 @@ impl Engine {
             &wants,
             remembered,
         );
+        // What waits for instances whose subscriptions ended is shown (`removed`), not hidden.
+        supervisor.adopt(&recovered.orphaned_in);
         // The first reconcile runs here: the caller learns which instances did not start.
         let failures = supervisor.reconcile();
         let handle = supervisor.handle();

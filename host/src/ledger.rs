@@ -304,6 +304,8 @@ pub struct Recovered {
     pub crashed_in: std::collections::BTreeSet<String>,
     /// Deliveries waiting for instances that are not configured now (kept, not handed out).
     pub orphaned: u64,
+    /// The instances those wait for (their subscriptions ended; an operator forgets them).
+    pub orphaned_in: std::collections::BTreeSet<String>,
     /// Whether the previous run ended without a graceful stop.
     pub unclean: bool,
 }

@@ -736,6 +736,15 @@ impl Supervisor {
         }
     }
 
+    /// Registers instances whose subscriptions ended while deliveries still wait for them
+    /// (found at recovery): they show as `removed`, with their backlog, until forgotten.
+    pub fn adopt(&mut self, names: &std::collections::BTreeSet<String>) {
+        let defaults = self.parts.config.defaults.clone();
+        for name in names {
+            self.register(name, &defaults);
+        }
+    }
+
     /// Makes the running state what the configuration, `plugin_dir` and the remembered
     /// subscriptions say; returns the instances that should run and do not.
     pub fn reconcile(&mut self) -> Vec<StartFailure> {
@@ -762,7 +771,7 @@ impl Supervisor {
         // child routed by an older (at start: empty) table would find no target. Every
         // subscribed instance is routed, running or not: its deliveries wait for it.
         for (name, want) in &wants {
-            self.register(name, want);
+            self.register(name, &want.settings);
         }
         self.route(&wants);
         let mut failures = Vec::new();
@@ -949,7 +958,7 @@ impl Supervisor {
 
     /// Brings one instance that should run to what `want` says.
     fn converge(&mut self, name: &str, want: &Want) -> Result<(), String> {
-        let id = self.register(name, want);
+        let id = self.register(name, &want.settings);
         let inst = self.instances.get_mut(name).expect("registered above");
         if inst.settings != want.settings {
             inst.settings = want.settings.clone();
@@ -1035,12 +1044,12 @@ impl Supervisor {
 
     /// The id of instance `name`, registering it (id, backlog entry, ledger key, dispatcher
     /// slot with what the ledger holds for it) if it has none.
-    fn register(&mut self, name: &str, want: &Want) -> InstanceId {
+    fn register(&mut self, name: &str, settings: &Settings) -> InstanceId {
         if let Some(inst) = self.instances.get(name) {
             return inst.id;
         }
         let id = self.parts.registry.push(name);
-        let backlog_id = self.parts.backlog.push(name, want.settings.max_backlog);
+        let backlog_id = self.parts.backlog.push(name, settings.max_backlog);
         assert_eq!(id, backlog_id, "ids are given in one order");
         let pending = self
             .parts
@@ -1055,7 +1064,7 @@ impl Supervisor {
             );
         }
         let _ = self.parts.inputs.send(Input::Add {
-            slot: Box::new(Slot::new(name, &want.settings)),
+            slot: Box::new(Slot::new(name, settings)),
             pending,
         });
         if self.remembered.get(name).is_some_and(|r| r.paused) {
@@ -1063,7 +1072,7 @@ impl Supervisor {
             let _ = self.parts.inputs.send(Input::Pause(id));
         }
         self.instances
-            .insert(name.to_owned(), Inst::new(id, &want.settings));
+            .insert(name.to_owned(), Inst::new(id, settings));
         id
     }
 

@@ -532,3 +532,39 @@ fn ctl_watch_says_the_connection_closed_when_the_daemon_is_killed() {
         "{stderr}"
     );
 }
+
+#[test]
+fn what_waits_for_a_removed_instance_shows_after_a_restart_until_it_is_forgotten() {
+    let s = sandbox("subs-removed");
+    let rec = s.path().join("rec.txt");
+    let held = s.path().join("held.txt");
+    let both = config(
+        "fsync",
+        &[
+            ("rec", "", record_config(&rec, "")),
+            ("held", "enabled = false", record_config(&held, "")),
+        ],
+    );
+    let d = Daemon::start(s, &both);
+    let payloads: Vec<String> = (0..3).map(|i| format!("m{i}")).collect();
+    publish_all(&d, &payloads, None);
+    let s = d.stop_keeping_state().1;
+    // Its table is gone when the daemon starts again: its subscription has ended, and what
+    // waited for it is still there, shown, until an operator forgets it.
+    let only_rec = config("fsync", &[("rec", "", record_config(&rec, ""))]);
+    let d = Daemon::start(s, &only_rec);
+    let held_now = plugin(&d, "held");
+    assert_eq!(
+        (&held_now["state"], &held_now["backlog"], &held_now["subscription"]),
+        (&"removed".into(), &3.into(), &serde_json::Value::Null),
+        "{held_now}"
+    );
+    publish_all(&d, &["more".to_owned()], None);
+    assert_eq!(plugin(&d, "held")["backlog"], 3, "nothing more is routed to it");
+    let forgotten = ctl_json(&d, &["forget", "held", "--purge", "--yes"]);
+    assert_eq!(forgotten["forgotten"], 3);
+    assert!(plugin(&d, "held").is_null());
+    assert!(read_record(&held).is_empty());
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+}

@@ -331,6 +331,9 @@ impl Ledger for DurableLedger {
             recovered.next_id = recovered.next_id.max(stored.message + 1);
             let Some(&id) = by_key.get(&stored.inst) else {
                 recovered.orphaned += 1;
+                if !recovered.orphaned_in.contains(name) {
+                    recovered.orphaned_in.insert(name.to_owned());
+                }
                 return Ok(());
             };
             let mut delivery = delivery_of(&stored, name)?;

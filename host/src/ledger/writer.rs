@@ -646,14 +646,25 @@ impl Writer {
     pub(super) fn bound_log(&mut self) {
         // A frame is a page and its 24-byte header.
         if LOG_FRAMES.get() * (self.page_size + 24) > LOG_RESTART_BYTES {
-            lock(&self.shared.stats).log_restarts += 1;
+            // (busy, frames in the log, frames copied): the log restarts at the next commit
+            // only if all of it was copied. A checkpoint of the syncer's in progress makes
+            // this one give up at once; it is tried again after the next commit, and only a
+            // restart that happens is counted.
             let done = self
                 .conn
-                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
-            if let Err(e) = done {
-                let error = store::classify("ledger checkpoint", &e);
-                if matches!(error, LedgerError::Fatal(_)) {
-                    self.shared.poison(&error);
+                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                });
+            match done {
+                Ok((0, log, copied)) if log == copied => {
+                    lock(&self.shared.stats).log_restarts += 1;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let error = store::classify("ledger checkpoint", &e);
+                    if matches!(error, LedgerError::Fatal(_)) {
+                        self.shared.poison(&error);
+                    }
                 }
             }
         }
