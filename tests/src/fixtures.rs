@@ -62,6 +62,13 @@ impl Profile {
 
 /// The library file of fixture crate `name` (e.g. `"fx-echo"`) built with `profile`.
 ///
+/// The path is cargo's output in the shared target dir: a build of the fixtures by another
+/// process (any test binary of this checkout, after a source change) re-links it, unlink
+/// then link, so for a moment there is no file, then maybe other bytes. A test that opens
+/// it again and again over a long span loads a copy of its own instead ([`Sandbox::copy`]).
+///
+/// [`Sandbox::copy`]: crate::sandbox::Sandbox::copy
+///
 /// # Panics
 /// If the build fails (with cargo's output).
 pub fn library(name: &str, profile: Profile) -> PathBuf {
@@ -181,7 +188,8 @@ impl Variant {
     }
 }
 
-/// The library of the variant fixture `variant`, built with the dev profile.
+/// The library of the variant fixture `variant`, built with the dev profile. Like
+/// [`library`], cargo's output, which a build by another process re-links.
 ///
 /// # Panics
 /// If an edit's anchor is missing from `plugin-api/` or the build fails.

@@ -513,28 +513,48 @@ fn rss_bytes() -> u64 {
     pages * 4096
 }
 
-fn cycle(path: &Path, policy: &Policy) {
-    let lib = loader::load(path, policy).unwrap();
+/// One load, instantiate, call, shutdown and unload of `path`; a failing step names the
+/// cycle and the error.
+fn cycle(path: &Path, policy: &Policy, i: usize) {
+    let lib = loader::load(path, policy)
+        .unwrap_or_else(|e| panic!("cycle {i}: loading failed: {e} ({e:?})"));
     let recorder = Recorder::new("cycle", "0", 1);
-    let mut instance = lib.instantiate("{}", recorder.handle()).unwrap();
-    assert_eq!(instance.handle(message("echo.x")), Ok(Outcome::Ack));
-    instance.shutdown().unwrap();
+    let mut instance = lib
+        .instantiate("{}", recorder.handle())
+        .unwrap_or_else(|e| panic!("cycle {i}: instantiating failed: {e} ({e:?})"));
+    assert_eq!(
+        instance.handle(message("echo.x")),
+        Ok(Outcome::Ack),
+        "cycle {i}"
+    );
+    instance
+        .shutdown()
+        .unwrap_or_else(|e| panic!("cycle {i}: shutdown failed: {e:?}"));
 }
 
 #[test]
 fn five_hundred_load_unload_cycles_neither_crash_nor_grow() {
-    for path in [echo(), fixtures::variant(Variant::AppendedField)] {
+    // The cycles load private copies. The fixtures' own paths are cargo's output in the
+    // shared `target/fixtures`, which a fixture build by another test process of this
+    // checkout (after a source change) re-links, unlink then link: one of the thousand opens
+    // below falling into that gap failed with `NotFound` (and new bytes would fail the pin).
+    let d = dir();
+    let libraries = [
+        d.copy("echo.so", &echo()),
+        d.copy("appended.so", &fixtures::variant(Variant::AppendedField)),
+    ];
+    for path in libraries {
         // Pinned: these cycles exercise this process's loading, not the probe.
         let policy = Policy {
             sha256: Some(loader::check(&path, &no_probe()).unwrap().sha256()),
             ..Policy::default()
         };
-        for _ in 0..50 {
-            cycle(&path, &policy);
+        for i in 0..50 {
+            cycle(&path, &policy, i);
         }
         let after_50 = rss_bytes();
-        for _ in 50..500 {
-            cycle(&path, &policy);
+        for i in 50..500 {
+            cycle(&path, &policy, i);
         }
         let after_500 = rss_bytes();
         eprintln!(
