@@ -555,12 +555,20 @@ fn what_waits_for_a_removed_instance_shows_after_a_restart_until_it_is_forgotten
     let d = Daemon::start(s, &only_rec);
     let held_now = plugin(&d, "held");
     assert_eq!(
-        (&held_now["state"], &held_now["backlog"], &held_now["subscription"]),
+        (
+            &held_now["state"],
+            &held_now["backlog"],
+            &held_now["subscription"]
+        ),
         (&"removed".into(), &3.into(), &serde_json::Value::Null),
         "{held_now}"
     );
     publish_all(&d, &["more".to_owned()], None);
-    assert_eq!(plugin(&d, "held")["backlog"], 3, "nothing more is routed to it");
+    assert_eq!(
+        plugin(&d, "held")["backlog"],
+        3,
+        "nothing more is routed to it"
+    );
     let forgotten = ctl_json(&d, &["forget", "held", "--purge", "--yes"]);
     assert_eq!(forgotten["forgotten"], 3);
     assert!(plugin(&d, "held").is_null());
