@@ -32,6 +32,7 @@ use crate::{
     ledger::{Forget, Ledger, LedgerError, Pending, Receipt, Record, Wait},
     message::StoredMessage,
     routing::InstanceId,
+    throttle::Throttle,
 };
 
 /// What the dispatcher is told.
@@ -250,6 +251,8 @@ pub struct Dispatcher {
     /// Leases left by the last sweep ([`Dispatcher::sweep_leases`]).
     leases_swept: usize,
     stale: u64,
+    /// Stale settlements are logged at most once a second.
+    stale_log: Throttle,
     /// Commits handed to the ledger without waiting, oldest first, until answered.
     unanswered: VecDeque<Receipt>,
 }
@@ -294,6 +297,7 @@ impl Dispatcher {
             leases: BinaryHeap::new(),
             leases_swept: 0,
             stale: 0,
+            stale_log: Throttle::new(Duration::from_secs(1)),
             unanswered: VecDeque::new(),
         };
         dispatcher.restore(pending);
@@ -936,12 +940,17 @@ impl Dispatcher {
         let in_flight = self.live.get(&key).and_then(|l| l.delivery.in_flight());
         if in_flight != Some(s.attempt) {
             self.stale += 1;
-            tracing::info!(
-                instance = %self.instances[instance as usize].slot.name,
-                id = s.message,
-                attempt = s.attempt,
-                "stale settlement refused: the attempt is no longer in flight"
-            );
+            // A plugin stopped and resumed (SIGSTOP, a long GC pause) answers every lease
+            // that expired meanwhile: one line a second, with how many were left out.
+            if let Some(more) = self.stale_log.admit(std::time::Instant::now()) {
+                tracing::info!(
+                    instance = %self.instances[instance as usize].slot.name,
+                    id = s.message,
+                    attempt = s.attempt,
+                    left_out = more,
+                    "stale settlement refused: the attempt is no longer in flight"
+                );
+            }
             return;
         }
         let failure = match s.result {

@@ -24,6 +24,7 @@
 //! - [`quarantine`]: the durable loading markers and the crash-loop verdict.
 //! - [`background`]: hot plug's heavy steps at a lower priority.
 //! - [`notify`]: the service manager's notification protocol.
+//! - [`throttle`]: a log line that may repeat without bound, at most once an interval.
 //! - [`cli`]: the commands of the `plugind` binary (`src/main.rs` only parses arguments).
 
 pub mod actor;
@@ -46,5 +47,6 @@ pub mod quarantine;
 pub mod routing;
 pub mod services;
 pub mod supervisor;
+pub mod throttle;
 pub mod topic;
 pub mod watch;

@@ -201,7 +201,22 @@ fn sigterm_lets_the_call_in_hand_finish_and_exits_zero_within_the_grace_period()
     for i in 0..3 {
         d.publish("t.a", &i.to_string(), &[]).unwrap();
     }
-    std::thread::sleep(Duration::from_millis(100));
+    // One call in hand, two behind it in the actor's mailbox (a fixed sleep here was too
+    // short on a loaded machine: fewer were handed out, and fewer released).
+    let started = Instant::now();
+    loop {
+        let out = d.cli(&["ctl", "status", "--json"]);
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let slow = &status["instances"][0];
+        if slow["in_flight"] == 3 && slow["calling"] == 1 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "not 3 handed out with 1 call in hand: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let opener = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(300));
         std::fs::write(gate, b"").unwrap();
