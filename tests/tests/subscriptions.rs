@@ -360,6 +360,19 @@ fn a_broken_local_plugins_toml_still_reaches_the_daemon_and_says_what_is_wrong()
         );
         assert!(String::from_utf8_lossy(&out.stdout).contains("rec"));
     }
+    // An edit on top of the broken file: written, and refused by the daemon — said so.
+    let out = plugind_in(&folder, &["ctl", "disable", "rec"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("was written (enabled = false), but the daemon did not apply it"),
+        "{stderr}"
+    );
+    assert!(
+        fs::read_to_string(folder.join("plugins.toml"))
+            .unwrap()
+            .contains("enabled = false")
+    );
     let mut watch = Command::new(binary::plugind())
         .args(["ctl", "watch", "--count", "1"])
         .current_dir(&folder)
@@ -573,6 +586,32 @@ fn what_waits_for_a_removed_instance_shows_after_a_restart_until_it_is_forgotten
     assert_eq!(forgotten["forgotten"], 3);
     assert!(plugin(&d, "held").is_null());
     assert!(read_record(&held).is_empty());
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+}
+
+#[test]
+fn an_instance_whose_library_was_never_loaded_has_nothing_routed_to_it_yet() {
+    let s = sandbox("subs-never-loaded");
+    let rec = s.path().join("rec.txt");
+    let text = format!(
+        "{}\n[plugins.ghost]\nplugin = \"not-there\"\n",
+        config("fsync", &[("rec", "", record_config(&rec, ""))])
+    );
+    let d = Daemon::start(s, &text);
+    let ghost = plugin(&d, "ghost");
+    assert_eq!(
+        (&ghost["topics_known"], &ghost["topics"]),
+        (&false.into(), &serde_json::json!([])),
+        "{ghost}"
+    );
+    let text_view = String::from_utf8(d.cli(&["ctl", "plugins"]).stdout).unwrap();
+    assert!(
+        text_view.contains("nothing is routed to it yet"),
+        "{text_view}"
+    );
+    publish_all(&d, &["x".to_owned()], None);
+    assert_eq!(plugin(&d, "ghost")["backlog"], 0);
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
 }
