@@ -338,7 +338,7 @@ impl Ingress {
         self.next_id.load(Ordering::Relaxed)
     }
 
-    /// Messages accepted that no instance subscribes to.
+    /// Publishes since start that matched no instance (accepted and not stored, or refused).
     pub fn unrouted(&self) -> u64 {
         self.unrouted.load(Ordering::Relaxed)
     }

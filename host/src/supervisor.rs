@@ -919,10 +919,12 @@ impl Supervisor {
             .ledger
             .remember(name, &Remembered::default())
             .map_err(ActRefused::Ledger)?;
-        let was_subscribed = self
-            .remembered
-            .remove(name)
-            .is_some_and(|r| r.subscription.is_some());
+        let was = self.remembered.remove(name).unwrap_or_default();
+        let was_subscribed = was.subscription.is_some();
+        if let (true, Some(id)) = (was.paused, registered) {
+            // The pause went with it: should it come back, it starts afresh.
+            let _ = self.parts.inputs.send(Input::Resume(id));
+        }
         if let Some(inst) = self.instances.get_mut(name) {
             let subscribed = inst.subscribed.take().is_some();
             if subscribed || was_subscribed {
