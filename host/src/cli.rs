@@ -31,6 +31,10 @@ pub struct ClientArgs {
     /// The configuration whose `listen` to use.
     #[arg(short = 'c', long = "config", value_name = "FILE", global = true)]
     pub config: Option<std::path::PathBuf>,
+    /// For a tcps: endpoint: the CA certificate (PEM) that signed the daemon's certificate
+    /// (default: $PLUGIND_TLS_CA, else the configuration's tls_cert_file).
+    #[arg(long, value_name = "FILE", global = true)]
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 /// Prints `plugind: <message>` to stderr and returns `code`.
@@ -39,19 +43,63 @@ pub fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(code)
 }
 
-/// The bearer token for a TCP endpoint: `$PLUGIND_TOKEN`, else the configuration's
-/// `tcp_token_file` when readable.
-pub fn token(
+/// What a client command presents to a TCP endpoint.
+#[derive(Debug, Default)]
+pub struct Credentials {
+    /// The bearer token.
+    pub token: Option<String>,
+    /// The CA certificate (PEM) of a `tcps:` endpoint.
+    pub tls_ca: Option<Vec<u8>>,
+}
+
+/// The credentials for `endpoint`. The bearer token: `$PLUGIND_TOKEN`, else the
+/// configuration's token file for the permission the command needs (`operate`:
+/// `tcp_operator_token_file`, else `tcp_token_file`; publishing: the other way round) when
+/// readable. The CA of a `tcps:` endpoint: `--tls-ca`, `$PLUGIND_TLS_CA`, else the
+/// configuration's `tls_cert_file` (a self-signed certificate is its own CA).
+///
+/// # Errors
+/// A CA file named by `--tls-ca` or `$PLUGIND_TLS_CA` that cannot be read.
+pub fn credentials(
     endpoint: &crate::config::Endpoint,
-    config_flag: Option<&std::path::Path>,
-) -> Option<String> {
-    if !matches!(endpoint, crate::config::Endpoint::Tcp(_)) {
-        return None;
+    args: &ClientArgs,
+    operate: bool,
+) -> Result<Credentials, String> {
+    if endpoint.tcp_address().is_none() {
+        return Ok(Credentials::default());
     }
-    if let Ok(token) = std::env::var("PLUGIND_TOKEN") {
-        return Some(token);
-    }
-    let (path, _) = crate::config::locate(config_flag).ok()?;
-    let file = crate::config::load(&path).ok()?.host.tcp_token_file?;
-    crate::control::server::read_token(&file).ok()
+    let config = crate::config::locate(args.config.as_deref())
+        .ok()
+        .and_then(|(path, _)| crate::config::load(&path).ok());
+    let token = std::env::var("PLUGIND_TOKEN").ok().or_else(|| {
+        let host = &config.as_ref()?.host;
+        let mut files = [
+            ("tcp_operator_token_file", &host.tcp_operator_token_file),
+            ("tcp_token_file", &host.tcp_token_file),
+        ];
+        if !operate {
+            files.reverse();
+        }
+        files
+            .into_iter()
+            .find_map(|(key, file)| crate::control::server::read_token(key, file.as_ref()?).ok())
+    });
+    let tls_ca = if matches!(endpoint, crate::config::Endpoint::Tls(_)) {
+        let named =
+            args.tls_ca.clone().map(|p| ("--tls-ca", p)).or_else(|| {
+                std::env::var_os("PLUGIND_TLS_CA").map(|p| ("$PLUGIND_TLS_CA", p.into()))
+            });
+        match named {
+            Some((origin, path)) => Some(
+                std::fs::read(&path).map_err(|e| format!("{origin} {}: {e}", path.display()))?,
+            ),
+            None => config
+                .as_ref()
+                .and_then(|c| c.host.tls_cert_file.as_ref())
+                .and_then(|path| std::fs::read(path).ok()),
+        }
+    } else {
+        None
+    };
+    Ok(Credentials { token, tls_ca })
 }

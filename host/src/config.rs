@@ -76,7 +76,26 @@ pub struct HostSettings {
     pub socket_mode: u32,
     pub socket_group: Option<String>,
     pub allowed_users: Vec<String>,
+    /// The publish token of a TCP listener (publishing, health, reflection).
     pub tcp_token_file: Option<PathBuf>,
+    /// Users who may operate (the `Control` service) over the Unix socket, besides root and
+    /// the daemon's own user.
+    pub operator_users: Vec<String>,
+    /// Groups whose members may operate over the Unix socket.
+    pub operator_groups: Vec<String>,
+    /// The operator token of a TCP listener (`Control`, and publishing).
+    pub tcp_operator_token_file: Option<PathBuf>,
+    /// The certificate chain (PEM) a `tcps:` listener presents.
+    pub tls_cert_file: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub tls_key_file: Option<PathBuf>,
+    /// Connections served at once; one more is answered RESOURCE_EXHAUSTED and closed.
+    pub max_connections: u32,
+    /// A connection with no call open for this long is closed (GOAWAY).
+    pub idle_timeout: Duration,
+    /// A new connection must complete its TLS handshake (`tcps:`) and send its first call
+    /// within this.
+    pub handshake_timeout: Duration,
     pub log_format: LogFormat,
     pub max_ledger_bytes: Option<u64>,
     pub dedupe_window: Duration,
@@ -92,14 +111,16 @@ pub struct HostSettings {
 pub enum Endpoint {
     Unix(PathBuf),
     Tcp(String),
+    /// TCP with TLS: `tcps:HOST:PORT`.
+    Tls(String),
 }
 
 impl Endpoint {
     /// The longest Unix socket path the kernel accepts (`sun_path` is 108 bytes with NUL).
     pub const MAX_UNIX_PATH: usize = 107;
 
-    /// Parses `unix:PATH` or `tcp:HOST:PORT`; a relative Unix path is resolved against
-    /// `base`.
+    /// Parses `unix:PATH`, `tcp:HOST:PORT` or `tcps:HOST:PORT` (TLS); a relative Unix path
+    /// is resolved against `base`.
     ///
     /// # Errors
     /// A message saying what was expected.
@@ -119,20 +140,37 @@ impl Endpoint {
                 ));
             }
             Ok(Self::Unix(path))
-        } else if let Some(address) = text.strip_prefix("tcp:") {
+        } else if let Some((scheme, address)) = text
+            .strip_prefix("tcp:")
+            .map(|a| ("tcp", a))
+            .or_else(|| text.strip_prefix("tcps:").map(|a| ("tcps", a)))
+        {
             let port_ok = address
                 .rsplit_once(':')
                 .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
             if !port_ok {
                 return Err(format!(
-                    "`tcp:{address}` is not HOST:PORT, e.g. \"tcp:127.0.0.1:7070\""
+                    "`{scheme}:{address}` is not HOST:PORT, e.g. \"{scheme}:127.0.0.1:7070\""
                 ));
             }
-            Ok(Self::Tcp(address.to_owned()))
+            Ok(if scheme == "tcp" {
+                Self::Tcp(address.to_owned())
+            } else {
+                Self::Tls(address.to_owned())
+            })
         } else {
             Err(format!(
-                "`{text}` is not an endpoint; expected \"unix:PATH\" or \"tcp:HOST:PORT\""
+                "`{text}` is not an endpoint; expected \"unix:PATH\", \"tcp:HOST:PORT\" or \
+                 \"tcps:HOST:PORT\" (TLS)"
             ))
+        }
+    }
+
+    /// The `HOST:PORT` of a TCP endpoint (with or without TLS).
+    pub fn tcp_address(&self) -> Option<&str> {
+        match self {
+            Self::Unix(_) => None,
+            Self::Tcp(address) | Self::Tls(address) => Some(address),
         }
     }
 }
@@ -142,6 +180,7 @@ impl fmt::Display for Endpoint {
         match self {
             Self::Unix(path) => write!(f, "unix:{}", path.display()),
             Self::Tcp(address) => write!(f, "tcp:{address}"),
+            Self::Tls(address) => write!(f, "tcps:{address}"),
         }
     }
 }

@@ -577,16 +577,19 @@ fn a_peer_that_is_not_allowed_is_refused_and_tcp_needs_its_token() {
 
     // TCP: refused without the token, served with it; enable/disable refused over it.
     let s = sandbox("ctl-tcp");
-    let token = s.put("token", "s3cret\n");
+    let token = s.put("token", "publish-s3cret\n");
+    let operator_token = s.put("operator-token", "s3cret\n");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
     let config = format!(
-        "[host]\nautoload = false\nlisten = \"tcp:127.0.0.1:{port}\"\ntcp_token_file = \"{}\"\n\n\
+        "[host]\nautoload = false\nlisten = \"tcp:127.0.0.1:{port}\"\ntcp_token_file = \"{}\"\n\
+         tcp_operator_token_file = \"{}\"\n\n\
          [plugins.a]\nplugin = \"fx-echo\"\ntopics = [\"echo.>\"]\n",
-        token.display()
+        token.display(),
+        operator_token.display()
     );
     let d = Daemon::start(s, &config);
     let tcp = |args: &[&str], token: Option<&str>| {
@@ -619,13 +622,13 @@ fn a_peer_that_is_not_allowed_is_refused_and_tcp_needs_its_token() {
 }
 
 #[test]
-fn watchers_beyond_the_limit_are_refused_until_one_ends() {
+fn watchers_beyond_the_share_of_one_peer_are_refused_until_one_ends() {
     let d = Daemon::start(sandbox("ctl-watchers"), CONFIG);
     let endpoint = Endpoint::Unix(d.socket().to_owned());
     runtime().block_on(async {
         let mut c = client::connect(&endpoint, None).await.unwrap();
         let mut open = Vec::new();
-        for _ in 0..plugind::control::operator::MAX_WATCHERS {
+        for _ in 0..plugind::control::operator::WATCHERS_PER_PEER {
             let stream = c
                 .control
                 .watch(c.request(pb::WatchRequest {}))

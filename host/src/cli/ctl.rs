@@ -155,6 +155,9 @@ impl From<Status> for Failure {
         let message = status.message();
         let cause = if message.is_empty() {
             format!("{:?}", status.code())
+        } else if status.code() == Code::PermissionDenied {
+            // The daemon's message names the permission and how to grant it.
+            format!("permission denied: {message}")
         } else {
             message.to_owned()
         };
@@ -199,10 +202,14 @@ async fn execute(args: &ClientArgs, action: Action) -> Result<(), Failure> {
             name(&action)
         );
     }
-    let token = super::token(&endpoint, args.config.as_deref());
-    let mut c = client::connect(&endpoint, token.as_deref())
-        .await
-        .map_err(|e| Failure(EXIT_FAILURE, e))?;
+    let credentials = super::credentials(&endpoint, args, true).map_err(usage)?;
+    let mut c = client::connect_with(
+        &endpoint,
+        credentials.token.as_deref(),
+        credentials.tls_ca.as_deref(),
+    )
+    .await
+    .map_err(|e| Failure(EXIT_FAILURE, e))?;
     let json = args.json;
     match action {
         Action::Status => {
@@ -463,11 +470,11 @@ async fn toggle(
     enabled: bool,
     json: bool,
 ) -> Result<(), Failure> {
-    if let Endpoint::Tcp(address) = endpoint {
+    if endpoint.tcp_address().is_some() {
         return Err(Failure(
             EXIT_FAILURE,
             format!(
-                "refused over tcp:{address}: `enable` and `disable` edit the daemon's \
+                "refused over {endpoint}: `enable` and `disable` edit the daemon's \
                  plugins.toml on its own machine; run them there (Unix socket)"
             ),
         ));

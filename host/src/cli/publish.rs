@@ -54,7 +54,10 @@ pub fn run(args: Args) -> ExitCode {
         Ok(found) => found.endpoint,
         Err(e) => return fail(EXIT_FAILURE, format_args!("publish: {e}")),
     };
-    let token = super::token(&endpoint, args.client.config.as_deref());
+    let credentials = match super::credentials(&endpoint, &args.client, false) {
+        Ok(credentials) => credentials,
+        Err(e) => return fail(EXIT_USAGE, format_args!("publish: {e}")),
+    };
     let request = pb::PublishRequest {
         topic: args.topic.clone(),
         payload,
@@ -69,7 +72,12 @@ pub fn run(args: Args) -> ExitCode {
         Err(e) => return fail(EXIT_FAILURE, format_args!("publish: {e}")),
     };
     let result = runtime.block_on(async {
-        let mut client = client::connect(&endpoint, token.as_deref()).await?;
+        let mut client = client::connect_with(
+            &endpoint,
+            credentials.token.as_deref(),
+            credentials.tls_ca.as_deref(),
+        )
+        .await?;
         let request = client.request(request);
         client
             .publisher

@@ -75,13 +75,11 @@ async fn serve(config: config::Config, log_level: SetLogLevel) -> ExitCode {
         }
         Err(e) => return fail(EXIT_FAILURE, format_args!("run: {e}")),
     };
-    let bound = match server::bind(
-        &config.host.listen,
-        config.host.socket_mode,
-        config.host.tcp_token_file.as_deref(),
-    )
-    .await
-    {
+    let descriptors = raise_descriptor_limit();
+    for weakness in server::weaknesses(&config.host, descriptors) {
+        tracing::warn!("weak setting: {weakness}");
+    }
+    let bound = match server::bind(&config.host).await {
         Ok(bound) => bound,
         Err(e) => return fail(EXIT_FAILURE, format_args!("run: {e}")),
     };
@@ -131,15 +129,13 @@ async fn serve(config: config::Config, log_level: SetLogLevel) -> ExitCode {
             log_level,
         ),
         health,
-        access: server::Access::new(
-            &config.host.allowed_users,
-            config.host.socket_group.as_deref(),
-        ),
+        access: server::Access::new(&config.host),
     };
+    let limits = server::Limits::new(&config.host);
     // The API keeps serving while the daemon drains (health says NOT_SERVING, publishes are
     // refused, Watch streams end with UNAVAILABLE); it stops once the engine stopped.
     let (drained, shutdown) = tokio::sync::oneshot::channel::<()>();
-    let mut api = tokio::spawn(server::serve(bound, services, async {
+    let mut api = tokio::spawn(server::serve(bound, services, limits, async {
         let _ = shutdown.await;
     }));
     let early = tokio::select! {
@@ -202,6 +198,24 @@ async fn serve(config: config::Config, log_level: SetLogLevel) -> ExitCode {
         return ExitCode::from(EXIT_FAILURE);
     }
     ExitCode::SUCCESS
+}
+
+/// Raises the soft limit of open files to the hard one (as systemd expects of a daemon that
+/// needs many: the soft default of 1024 stays for `select(2)` users); returns the soft limit
+/// now in force (`None`: unlimited).
+fn raise_descriptor_limit() -> Option<u64> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if setrlimit(Resource::Nofile, raised).is_ok() {
+            limit = raised;
+        }
+    }
+    limit.current
 }
 
 /// The ledger `durability` asks for. A storage failure later stops the daemon at once

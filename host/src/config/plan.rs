@@ -91,7 +91,7 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
         .collect();
     let (a, b) = (&old.host, &new.host);
     let mut restart_required = Vec::new();
-    let keys: [(&'static str, bool); 7] = [
+    let keys: [(&'static str, bool); 17] = [
         ("plugin_dir", a.plugin_dir != b.plugin_dir),
         ("state_dir", a.state_dir != b.state_dir),
         ("listen", a.listen != b.listen),
@@ -99,6 +99,22 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
         ("durability", a.durability != b.durability),
         ("socket_mode", a.socket_mode != b.socket_mode),
         ("socket_group", a.socket_group != b.socket_group),
+        ("allowed_users", a.allowed_users != b.allowed_users),
+        ("tcp_token_file", a.tcp_token_file != b.tcp_token_file),
+        ("operator_users", a.operator_users != b.operator_users),
+        ("operator_groups", a.operator_groups != b.operator_groups),
+        (
+            "tcp_operator_token_file",
+            a.tcp_operator_token_file != b.tcp_operator_token_file,
+        ),
+        ("tls_cert_file", a.tls_cert_file != b.tls_cert_file),
+        ("tls_key_file", a.tls_key_file != b.tls_key_file),
+        ("max_connections", a.max_connections != b.max_connections),
+        ("idle_timeout", a.idle_timeout != b.idle_timeout),
+        (
+            "handshake_timeout",
+            a.handshake_timeout != b.handshake_timeout,
+        ),
     ];
     restart_required.extend(
         keys.into_iter()

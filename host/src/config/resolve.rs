@@ -254,15 +254,19 @@ fn host_settings(problems: &mut Problems<'_>, raw: raw::Host, base: &Path) -> Op
         .tcp_token_file
         .as_ref()
         .map(|p| path_in(base, p.get_ref()));
-    if let (Some(Endpoint::Tcp(address)), None) = (&listen, &tcp_token_file) {
+    if let (Some(tcp), None) = (
+        listen.as_ref().filter(|l| l.tcp_address().is_some()),
+        &tcp_token_file,
+    ) {
         problems.at(
             raw.listen.as_ref().map(Spanned::span),
             format!(
-                "`listen` is TCP (tcp:{address}) but there is no `tcp_token_file`: a TCP \
-                 listener needs a token every client must send"
+                "`listen` is TCP ({tcp}) but there is no `tcp_token_file`: a TCP listener \
+                 needs a token every client must send"
             ),
         );
     }
+    let access = access(problems, &raw, listen.as_ref(), base);
     let metrics = raw.metrics.as_ref().and_then(|text| {
         text.get_ref()
             .parse()
@@ -369,6 +373,14 @@ fn host_settings(problems: &mut Problems<'_>, raw: raw::Host, base: &Path) -> Op
         socket_group: raw.socket_group,
         allowed_users: raw.allowed_users.unwrap_or_default(),
         tcp_token_file,
+        operator_users: access.operator_users,
+        operator_groups: access.operator_groups,
+        tcp_operator_token_file: access.tcp_operator_token_file,
+        tls_cert_file: access.tls_cert_file,
+        tls_key_file: access.tls_key_file,
+        max_connections: access.max_connections,
+        idle_timeout: access.idle_timeout,
+        handshake_timeout: access.handshake_timeout,
         log_format: raw.log_format.unwrap_or(LogFormat::Text),
         max_ledger_bytes,
         dedupe_window,
@@ -376,6 +388,138 @@ fn host_settings(problems: &mut Problems<'_>, raw: raw::Host, base: &Path) -> Op
         hop_limit,
         unrouted: raw.unrouted.unwrap_or(Unrouted::Accept),
     })
+}
+
+/// The `[host]` keys of who may call and how connections are bounded, checked.
+struct AccessKeys {
+    operator_users: Vec<String>,
+    operator_groups: Vec<String>,
+    tcp_operator_token_file: Option<PathBuf>,
+    tls_cert_file: Option<PathBuf>,
+    tls_key_file: Option<PathBuf>,
+    max_connections: u32,
+    idle_timeout: Duration,
+    handshake_timeout: Duration,
+}
+
+fn access(
+    problems: &mut Problems<'_>,
+    raw: &raw::Host,
+    listen: Option<&Endpoint>,
+    base: &Path,
+) -> AccessKeys {
+    let unix = matches!(listen, Some(Endpoint::Unix(_)));
+    let names = |problems: &mut Problems<'_>,
+                 list: &Option<Vec<Spanned<String>>>,
+                 key: &str,
+                 known: fn(&str) -> bool,
+                 what: &str| {
+        let list = list.as_deref().unwrap_or_default();
+        if !unix && let (Some(first), Some(listen)) = (list.first(), listen) {
+            problems.at(
+                Some(first.span()),
+                format!(
+                    "`{key}` names who may operate over the Unix socket, but `listen` is \
+                     {listen}: over TCP the operator is whoever sends the token of \
+                     `tcp_operator_token_file`"
+                ),
+            );
+        }
+        for name in list {
+            if !known(name.get_ref()) {
+                problems.at(
+                    Some(name.span()),
+                    format!(
+                        "`{key}`: no {what} named `{}` on this system",
+                        name.get_ref()
+                    ),
+                );
+            }
+        }
+        list.iter().map(|n| n.get_ref().clone()).collect::<Vec<_>>()
+    };
+    let operator_users = names(
+        problems,
+        &raw.operator_users,
+        "operator_users",
+        |n| crate::loader::uid_of(n).is_some(),
+        "user",
+    );
+    let operator_groups = names(
+        problems,
+        &raw.operator_groups,
+        "operator_groups",
+        |n| crate::loader::group_of(n).is_some(),
+        "group",
+    );
+    let file = |key: &Option<Spanned<String>>| key.as_ref().map(|p| path_in(base, p.get_ref()));
+    let tcp_operator_token_file = file(&raw.tcp_operator_token_file);
+    if let Some(key) = &raw.tcp_operator_token_file {
+        if listen.is_some_and(|l| l.tcp_address().is_none()) {
+            problems.at(
+                Some(key.span()),
+                "`tcp_operator_token_file` is for a TCP `listen`; on the Unix socket, \
+                 `operator_users` and `operator_groups` say who may operate",
+            );
+        } else if tcp_operator_token_file == file(&raw.tcp_token_file) {
+            problems.at(
+                Some(key.span()),
+                "`tcp_operator_token_file` is the same file as `tcp_token_file`: the operator \
+                 token must differ from the publish token, or every publisher could operate",
+            );
+        }
+    }
+    let tls_cert_file = file(&raw.tls_cert_file);
+    let tls_key_file = file(&raw.tls_key_file);
+    let tls = matches!(listen, Some(Endpoint::Tls(_)));
+    match (&raw.tls_cert_file, &raw.tls_key_file) {
+        (Some(cert), Some(_)) if !tls && listen.is_some() => problems.at(
+            Some(cert.span()),
+            "`tls_cert_file` and `tls_key_file` serve a TLS listener: write `listen` as \
+             \"tcps:HOST:PORT\"",
+        ),
+        (Some(cert), None) => problems.at(
+            Some(cert.span()),
+            "`tls_cert_file` needs `tls_key_file` (the certificate's private key)",
+        ),
+        (None, Some(key)) => problems.at(
+            Some(key.span()),
+            "`tls_key_file` needs `tls_cert_file` (the certificate chain)",
+        ),
+        (None, None) if tls => problems.at(
+            raw.listen.as_ref().map(Spanned::span),
+            "`listen` is tcps: (TLS) but there is no `tls_cert_file` and `tls_key_file`",
+        ),
+        _ => {}
+    }
+    AccessKeys {
+        operator_users,
+        operator_groups,
+        tcp_operator_token_file,
+        tls_cert_file,
+        tls_key_file,
+        max_connections: number_in(
+            problems,
+            &raw.max_connections,
+            "max_connections",
+            1024,
+            (1, 1_000_000),
+        ),
+        idle_timeout: duration_in(
+            problems,
+            &raw.idle_timeout,
+            "idle_timeout",
+            Duration::from_secs(300),
+            (Duration::from_secs(1), 7 * DAY),
+        ),
+        handshake_timeout: duration_in(
+            problems,
+            &raw.handshake_timeout,
+            "handshake_timeout",
+            Duration::from_secs(10),
+            (Duration::from_millis(100), Duration::from_secs(600)),
+        ),
+    }
 }
 
 /// `raw` merged over `base`, field by field, every value range-checked.

@@ -340,3 +340,102 @@ fn disabling_stops_and_identical_configs_plan_nothing() {
     let moved = plan_of("[host]\n", "[host]\nlisten = \"unix:/run/x.sock\"\n");
     assert_eq!(moved.restart_required, ["listen"]);
 }
+
+#[test]
+fn access_and_connection_keys_are_checked_where_they_are_written() {
+    // (config, line, column, words the message must contain)
+    let cases: &[(&str, usize, usize, &[&str])] = &[
+        (
+            "[host]\noperator_users = [\"no-such-user-here\"]\n",
+            2,
+            19,
+            &["`operator_users`: no user named `no-such-user-here`"],
+        ),
+        (
+            "[host]\noperator_groups = [\"no-such-group-here\"]\n",
+            2,
+            20,
+            &["`operator_groups`: no group named `no-such-group-here`"],
+        ),
+        (
+            "[host]\nlisten = \"tcp:127.0.0.1:7070\"\ntcp_token_file = \"t\"\n\
+             operator_users = [\"root\"]\n",
+            4,
+            19,
+            &["`operator_users`", "over TCP", "tcp_operator_token_file"],
+        ),
+        (
+            "[host]\nlisten = \"tcp:127.0.0.1:7070\"\ntcp_token_file = \"t\"\n\
+             tcp_operator_token_file = \"t\"\n",
+            4,
+            27,
+            &["same file as `tcp_token_file`"],
+        ),
+        (
+            "[host]\ntcp_operator_token_file = \"t\"\n",
+            2,
+            27,
+            &["for a TCP `listen`", "operator_users"],
+        ),
+        (
+            "[host]\nlisten = \"tcps:127.0.0.1:7070\"\ntcp_token_file = \"t\"\n",
+            2,
+            10,
+            &["tcps: (TLS)", "tls_cert_file"],
+        ),
+        (
+            "[host]\nlisten = \"tcp:127.0.0.1:7070\"\ntcp_token_file = \"t\"\n\
+             tls_cert_file = \"c\"\ntls_key_file = \"k\"\n",
+            4,
+            17,
+            &["\"tcps:HOST:PORT\""],
+        ),
+        (
+            "[host]\ntls_key_file = \"k\"\n",
+            2,
+            16,
+            &["`tls_key_file` needs `tls_cert_file`"],
+        ),
+        (
+            "[host]\nmax_connections = 0\n",
+            2,
+            19,
+            &["`max_connections` is 0, expected between 1 and 1000000"],
+        ),
+        (
+            "[host]\nidle_timeout = \"10ms\"\n",
+            2,
+            16,
+            &["`idle_timeout` is 10ms, expected between 1s and 7days"],
+        ),
+        (
+            "[host]\nhandshake_timeout = \"1h\"\n",
+            2,
+            21,
+            &["`handshake_timeout` is 1h, expected between 100ms and 10m"],
+        ),
+    ];
+    for (text, line, column, words) in cases {
+        let (l, c, message) = one(text);
+        assert_eq!((l, c), (*line, *column), "{text}: {message}");
+        for word in *words {
+            assert!(message.contains(word), "{text}: {message} lacks {word}");
+        }
+    }
+    let config = ok(
+        "[host]\nlisten = \"tcps:127.0.0.1:7070\"\ntcp_token_file = \"t\"\n\
+         tcp_operator_token_file = \"o\"\ntls_cert_file = \"c\"\ntls_key_file = \"k\"\n\
+         max_connections = 10\nidle_timeout = \"1m\"\nhandshake_timeout = \"2s\"\n",
+    );
+    assert_eq!(config.host.listen, Endpoint::Tls("127.0.0.1:7070".into()));
+    assert_eq!(config.host.max_connections, 10);
+    assert_eq!(config.host.idle_timeout, Duration::from_secs(60));
+    assert_eq!(config.host.handshake_timeout, Duration::from_secs(2));
+    assert_eq!(
+        config.host.tls_cert_file.as_deref(),
+        Some(Path::new("/etc/plugind/c"))
+    );
+    let config = ok("[host]\noperator_users = [\"root\"]\noperator_groups = [\"root\"]\n");
+    assert_eq!(config.host.operator_users, ["root"]);
+    assert_eq!(config.host.max_connections, 1024);
+}

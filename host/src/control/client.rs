@@ -1,11 +1,12 @@
 //! The client side of the API, for `plugind publish`, `bench` and `ctl`: connecting to a Unix
-//! or TCP endpoint and attaching the bearer token to every call.
+//! or TCP endpoint (`tcps:`: TLS, the daemon's certificate checked against a CA certificate)
+//! and attaching the bearer token to every call.
 
 use hyper_util::rt::TokioIo;
 use tonic::{
     Request,
     metadata::MetadataValue,
-    transport::{Channel, Endpoint as TonicEndpoint, Uri},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint as TonicEndpoint, Uri},
 };
 
 use super::pb::{control_client::ControlClient, publisher_client::PublisherClient};
@@ -21,11 +22,24 @@ pub struct Client {
     token: Option<MetadataValue<tonic::metadata::Ascii>>,
 }
 
-/// Connects to `endpoint`.
+/// Connects to `endpoint` (not `tcps:`, which needs a CA: [`connect_with`]).
 ///
 /// # Errors
 /// A message naming the endpoint and the cause.
 pub async fn connect(endpoint: &Endpoint, token: Option<&str>) -> Result<Client, String> {
+    connect_with(endpoint, token, None).await
+}
+
+/// Connects to `endpoint`; a `tcps:` endpoint's certificate must be signed by `tls_ca` (PEM
+/// bytes: a self-signed certificate is its own CA).
+///
+/// # Errors
+/// A message naming the endpoint and the cause.
+pub async fn connect_with(
+    endpoint: &Endpoint,
+    token: Option<&str>,
+    tls_ca: Option<&[u8]>,
+) -> Result<Client, String> {
     let channel = match endpoint {
         Endpoint::Unix(path) => {
             let path = path.clone();
@@ -43,6 +57,28 @@ pub async fn connect(endpoint: &Endpoint, token: Option<&str>) -> Result<Client,
         }
         Endpoint::Tcp(address) => {
             TonicEndpoint::from_shared(format!("http://{address}"))
+                .map_err(|e| format!("{endpoint}: {e}"))?
+                .connect()
+                .await
+        }
+        Endpoint::Tls(address) => {
+            let Some(ca) = tls_ca else {
+                return Err(format!(
+                    "{endpoint}: TLS needs the CA certificate that signed the daemon's \
+                     certificate: --tls-ca FILE, $PLUGIND_TLS_CA, or the configuration's \
+                     tls_cert_file"
+                ));
+            };
+            let host = address
+                .rsplit_once(':')
+                .map_or(address.as_str(), |(host, _)| host)
+                .trim_start_matches('[')
+                .trim_end_matches(']');
+            let tls = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca))
+                .domain_name(host);
+            TonicEndpoint::from_shared(format!("https://{address}"))
+                .and_then(|e| e.tls_config(tls))
                 .map_err(|e| format!("{endpoint}: {e}"))?
                 .connect()
                 .await

@@ -3,11 +3,9 @@
 //! that wait on the engine run on blocking threads, never on the runtime's workers.
 
 use std::{
+    collections::HashMap,
     pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -31,6 +29,10 @@ pub const WATCH_BUFFER: usize = 256;
 /// How many `Watch` streams may be open at once (each holds a blocking thread).
 pub const MAX_WATCHERS: usize = 64;
 
+/// How many of them one peer (a uid on the Unix socket, an IP address over TCP) may hold:
+/// one peer cannot use them all up.
+pub const WATCHERS_PER_PEER: usize = MAX_WATCHERS / 4;
+
 /// How much of a payload `ShowMessage` returns.
 const PREVIEW: usize = 256;
 
@@ -44,7 +46,7 @@ pub struct ControlService {
     durability: String,
     log_level: SetLogLevel,
     /// `Watch` streams open now.
-    watchers: Arc<AtomicUsize>,
+    watchers: Arc<Watchers>,
 }
 
 impl std::fmt::Debug for ControlService {
@@ -559,29 +561,24 @@ impl control_server::Control for ControlService {
 
     async fn watch(
         &self,
-        _: Request<pb::WatchRequest>,
+        request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        if self.watchers.fetch_add(1, Ordering::AcqRel) >= MAX_WATCHERS {
-            self.watchers.fetch_sub(1, Ordering::AcqRel);
-            return Err(Status::resource_exhausted(format!(
-                "{MAX_WATCHERS} watchers are open already; try again when one ends"
-            )));
-        }
-        let watchers = self.watchers.clone();
+        let peer = request
+            .extensions()
+            .get::<super::server::Peer>()
+            .map_or_else(
+                || "an unknown peer".to_owned(),
+                super::server::Peer::identity,
+            );
+        // Counted until the thread below ends, however it ends.
+        let open = self.watchers.enter(peer)?;
         let subscription = self.engine.events().subscribe(WATCH_BUFFER);
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         // A blocking thread moves events from the hub to the stream; when the client reads
         // too slowly both buffers fill, the hub drops the subscriber, and the stream ends
         // with RESOURCE_EXHAUSTED — never a silent gap.
         tokio::task::spawn_blocking(move || {
-            // Counted until this thread ends, however it ends.
-            struct Open(Arc<AtomicUsize>);
-            impl Drop for Open {
-                fn drop(&mut self) {
-                    self.0.fetch_sub(1, Ordering::AcqRel);
-                }
-            }
-            let _open = Open(watchers);
+            let _open = open;
             for event in &subscription.history {
                 if tx.blocking_send(Ok(watch_event(event, true))).is_err() {
                     return;
@@ -615,5 +612,89 @@ impl control_server::Control for ControlService {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// The `Watch` streams open, in all and per peer.
+#[derive(Debug, Default)]
+struct Watchers {
+    open: Mutex<(usize, HashMap<String, usize>)>,
+}
+
+/// One open `Watch` stream; counted until dropped.
+#[derive(Debug)]
+struct Watching(Arc<Watchers>, String);
+
+impl Watchers {
+    /// Counts a stream of `peer`, within [`MAX_WATCHERS`] and [`WATCHERS_PER_PEER`].
+    #[allow(clippy::result_large_err)]
+    fn enter(self: &Arc<Self>, peer: String) -> Result<Watching, Status> {
+        let mut open = self
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (total, per_peer) = &mut *open;
+        let mine = per_peer.get(&peer).copied().unwrap_or(0);
+        if mine >= WATCHERS_PER_PEER {
+            return Err(Status::resource_exhausted(format!(
+                "{peer} has {mine} Watch streams open, the most one peer may hold (of \
+                 {MAX_WATCHERS} in all); end one first"
+            )));
+        }
+        if *total >= MAX_WATCHERS {
+            return Err(Status::resource_exhausted(format!(
+                "{MAX_WATCHERS} watchers are open already; try again when one ends"
+            )));
+        }
+        *total += 1;
+        *per_peer.entry(peer.clone()).or_default() += 1;
+        Ok(Watching(self.clone(), peer))
+    }
+}
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        let mut open = self
+            .0
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (total, per_peer) = &mut *open;
+        *total -= 1;
+        if let Some(mine) = per_peer.get_mut(&self.1) {
+            *mine -= 1;
+            if *mine == 0 {
+                per_peer.remove(&self.1);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_peer_holds_at_most_its_share_and_all_peers_the_limit() {
+        let watchers = Arc::new(Watchers::default());
+        let mut held = Vec::new();
+        for _ in 0..WATCHERS_PER_PEER {
+            held.push(watchers.enter("uid 7".into()).unwrap());
+        }
+        let refused = watchers.enter("uid 7".into()).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(refused.message().contains("uid 7 has 16"), "{refused:?}");
+        for peer in 1..MAX_WATCHERS / WATCHERS_PER_PEER {
+            for _ in 0..WATCHERS_PER_PEER {
+                held.push(watchers.enter(format!("uid {peer}")).unwrap());
+            }
+        }
+        let full = watchers.enter("uid 99".into()).unwrap_err();
+        assert!(full.message().contains("64 watchers are open"), "{full:?}");
+        held.pop();
+        held.push(watchers.enter("uid 99".into()).unwrap());
+        drop(held);
+        assert_eq!(watchers.open.lock().unwrap().0, 0);
+        assert!(watchers.open.lock().unwrap().1.is_empty());
     }
 }
