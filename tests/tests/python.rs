@@ -1,9 +1,9 @@
 //! The API from another language: a stock Python grpcio client (stubs generated from
 //! `host/proto` at test time) publishes and calls `Control.Status` over the Unix socket.
 //!
-//! Python with `grpcio` and `grpcio-tools` is required, never skipped: `.ci/run` installs
-//! them in a virtual environment and names its interpreter in `$PLUGIND_TEST_PYTHON`
-//! (default: `python3`).
+//! Python with `grpcio` and `grpcio-tools` is required, never skipped: `.ci/run` (and the
+//! README's test prerequisites) install them in the virtual environment `target/python`;
+//! `$PLUGIND_TEST_PYTHON` names another interpreter.
 
 use std::{path::PathBuf, process::Command};
 
@@ -13,8 +13,16 @@ use plugind_tests::{
     sandbox::Sandbox,
 };
 
+/// `$PLUGIND_TEST_PYTHON`, else the repository's `target/python` environment, else `python3`.
 fn python() -> String {
-    std::env::var("PLUGIND_TEST_PYTHON").unwrap_or_else(|_| "python3".to_owned())
+    if let Ok(python) = std::env::var("PLUGIND_TEST_PYTHON") {
+        return python;
+    }
+    let venv = fixtures::repo_root().join("target/python/bin/python");
+    if venv.exists() {
+        return venv.display().to_string();
+    }
+    "python3".to_owned()
 }
 
 /// The interpreter, checked: it runs and has grpcio and grpcio-tools.
@@ -28,8 +36,7 @@ fn checked_python() -> String {
         outcome => panic!(
             "the Python smoke test needs Python 3 with grpcio and grpcio-tools ({python}: \
              {}). Install them as .ci/run does: python3 -m venv target/python && \
-             target/python/bin/pip install grpcio grpcio-tools, then set \
-             PLUGIND_TEST_PYTHON=target/python/bin/python",
+             target/python/bin/pip install grpcio grpcio-tools (found there by default)",
             match outcome {
                 Ok(out) => String::from_utf8_lossy(&out.stderr).trim().to_owned(),
                 Err(e) => e.to_string(),
