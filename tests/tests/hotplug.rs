@@ -712,3 +712,58 @@ fn publish_all_to(d: &Daemon, topic: &str, payloads: &[String]) {
             .unwrap_or_else(|e| panic!("publish refused: {e}\n{}", d.log()));
     }
 }
+
+/// Found by the hostile-input campaign: a plugin_dir made unsafe (writable by others, or
+/// owned by an untrusted user) was reported on reload as "no library in plugin_dir provides
+/// …". The reload names the directory and its problem; what runs keeps running.
+#[test]
+fn an_unsafe_plugin_dir_on_reload_names_its_permission_problem() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let sandbox = sandbox("hotplug-unsafe-dir");
+    let config = config(&sandbox, "", "")
+        + "\n[plugins.late]\nplugin = \"fx-echo\"\ntopics = [\"late.>\"]\n";
+    let d = Daemon::start(sandbox, &config);
+    let dir = d.sandbox().path().join("plugins.d");
+    let reload = || -> serde_json::Value {
+        let out = d.cli(&["ctl", "reload", "--json"]);
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let failure = |result: &serde_json::Value, instance: &str| -> Option<String> {
+        result["failures"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["instance"] == instance)
+            .map(|f| f["error"].as_str().unwrap().to_owned())
+    };
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+    let result = reload();
+    let late = failure(&result, "late").expect("late cannot start");
+    assert!(
+        late.contains(&*dir.to_string_lossy()) && late.contains("writable by others"),
+        "{late}"
+    );
+    assert!(!late.contains("provides"), "{late}");
+    assert_eq!(
+        failure(&result, "swap"),
+        None,
+        "what ran keeps running: {result}"
+    );
+    let id = publish_all(&d, &["a".into()], None)[0];
+    wait_for_line(&d, "still handled", |l| l.id == id);
+    if fs::metadata(d.sandbox().path()).unwrap().uid() == 0 {
+        // Owned by someone not trusted.
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::chown(&dir, Some(65534), None).unwrap();
+        let late = failure(&reload(), "late").expect("late cannot start");
+        assert!(late.contains("who is not trusted"), "{late}");
+        std::os::unix::fs::chown(&dir, Some(0), None).unwrap();
+    }
+    // Safe again: the ordinary answer.
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    let late = failure(&reload(), "late").expect("late cannot start");
+    assert_eq!(late, "no library in plugin_dir provides plugin `fx-echo`");
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+}
