@@ -567,8 +567,14 @@ impl Supervisor {
         instance: Option<String>,
         quiet: bool,
     ) -> Result<Applied, Refused> {
-        // Read once: what is compared, refused or applied is these bytes.
-        let text = std::fs::read_to_string(&self.parts.config.source);
+        if !quiet && let Some((watcher, _)) = &self.parts.watch {
+            // An operator's reload also looks at the watched directories again: one deleted
+            // and made anew (or a symlink chain swapped) is watched from now on.
+            watcher.refresh();
+        }
+        // Read once: what is compared, refused or applied is these bytes (never blocking: a
+        // FIFO in the config's place is refused, not waited on).
+        let text = config::read_text(&self.parts.config.source);
         let hash = text
             .as_ref()
             .ok()
