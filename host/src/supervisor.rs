@@ -634,6 +634,25 @@ impl Supervisor {
                 return refuse(&self.parts.events, error.to_string());
             }
         };
+        if text.trim().is_empty() {
+            // What a truncation, or a write cut short, leaves behind: applying it would stop
+            // every instance. A configuration with no instances says so (a `[host]` table, a
+            // comment) and is applied as any other.
+            let what = if text.is_empty() {
+                "is empty (0 bytes)"
+            } else {
+                "holds only whitespace"
+            };
+            return refuse(
+                &self.parts.events,
+                format!(
+                    "{}: the file {what}: refused, the last good configuration keeps running \
+                     (a configuration with no instances says so with a [host] table or a \
+                     comment)",
+                    path.display()
+                ),
+            );
+        }
         let new = match config::parse(&path, &text) {
             Ok(new) => new,
             Err(invalid) => return refuse(&self.parts.events, invalid.render()),

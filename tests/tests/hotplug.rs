@@ -881,6 +881,50 @@ fn a_config_map_swap_of_plugins_toml_is_applied() {
     assert!(status.success(), "{log}");
 }
 
+/// Found by the hostile-input campaign: an empty (0-byte) `plugins.toml` written over a
+/// running configuration was applied, and stopped every instance. It is refused (the event
+/// says why) and the last good configuration keeps running; a configuration with no
+/// instances that says so is applied.
+#[test]
+fn an_empty_plugins_toml_is_refused_and_the_instances_keep_running() {
+    let sandbox = sandbox("hotplug-empty-config");
+    let good = config(&sandbox, "", "");
+    let d = Daemon::start(sandbox, &good);
+    let events = d.events();
+    let path = d.sandbox().path().join("plugins.toml");
+    // Truncated in place, as `> plugins.toml` does.
+    fs::write(&path, "").unwrap();
+    let (refused, _) = events.wait_for("the empty file is refused", |e| {
+        e["event"] == "config_refused"
+    });
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("empty (0 bytes)"),
+        "{refused}"
+    );
+    let id = publish_all(&d, &["still running".into()], None)[0];
+    wait_for_line(&d, "handled", |l| l.id == id);
+    // An operator's reload of it is refused too, saying why.
+    let out = d.cli(&["ctl", "reload"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("empty (0 bytes)"),
+        "{out:?}"
+    );
+    let id = publish_all(&d, &["after the reload".into()], None)[0];
+    wait_for_line(&d, "handled", |l| l.id == id);
+    // A configuration with no instances, explicitly: applied.
+    edit_config(&d, "[host]\nautoload = false\n");
+    events.wait_for(
+        "the explicit configuration with no instances is applied",
+        |e| e["event"] == "config_applied",
+    );
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+}
+
 /// Found by the hostile-input campaign: a plugin_dir made unsafe (writable by others, or
 /// owned by an untrusted user) was reported on reload as "no library in plugin_dir provides
 /// …". The reload names the directory and its problem; what runs keeps running.
