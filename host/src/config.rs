@@ -331,12 +331,73 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, Invalid> {
     })
 }
 
+/// The largest configuration file read (a guard against a runaway file in its place).
+const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
+/// Reads the configuration file at `path` (through symlinks: a Kubernetes ConfigMap is
+/// one), opened non-blocking and judged by `fstat` of the open file before any read: a FIFO
+/// or a device in its place is refused at once instead of blocking the reader (the
+/// supervisor, the watcher) for ever or never ending.
+///
+/// # Errors
+/// The open's or the read's error; `InvalidInput` for a file that is not a regular file or
+/// is larger than 16 MiB.
+pub fn read_bytes(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::{io::Read as _, os::unix::fs::OpenOptionsExt as _};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("not a regular file ({})", file_kind(&meta.file_type())),
+        ));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.take(MAX_CONFIG_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("larger than {} MiB", MAX_CONFIG_BYTES >> 20),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// [`read_bytes`] as UTF-8 text.
+///
+/// # Errors
+/// As [`read_bytes`]; `InvalidData` for bytes that are not UTF-8.
+pub fn read_text(path: &Path) -> std::io::Result<String> {
+    String::from_utf8(read_bytes(path)?)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+fn file_kind(kind: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt as _;
+    if kind.is_dir() {
+        "a directory"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else {
+        "not a regular file"
+    }
+}
+
 /// Reads and validates the config file at `path`.
 ///
 /// # Errors
 /// [`ConfigError::Read`] or [`ConfigError::Invalid`].
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = read_text(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
         source,
     })?;
@@ -454,7 +515,7 @@ fn problem_summary(e: &ConfigError) -> String {
 /// parses, else from the `key = "…"` lines of its `[host]` section. `None` when the file
 /// cannot be read or its TOML is broken before `[host]` says anything.
 fn listen_of_broken(path: &Path) -> Option<Endpoint> {
-    let text = std::fs::read_to_string(path).ok()?;
+    let text = read_text(path).ok()?;
     let host_key = |key: &str| -> Option<String> {
         if let Ok(table) = text.parse::<toml::Table>() {
             return Some(table.get("host")?.get(key)?.as_str()?.to_owned());

@@ -318,10 +318,12 @@ impl Engine {
         else {
             return StopReport::default();
         };
-        // No more swaps: what is draining finishes below, with everything else.
+        // Nothing more is accepted from here on, whatever else the stop waits for.
+        self.ingress.close();
+        // No more swaps: what is draining finishes below, with everything else. (The
+        // supervisor never waits for the file watcher: dropping it returns at once.)
         let retiring = self.supervisor.stop();
         let _ = supervisor.join();
-        self.ingress.close();
         let (reply, answer) = bounded(1);
         let report = if self
             .inputs

@@ -567,8 +567,14 @@ impl Supervisor {
         instance: Option<String>,
         quiet: bool,
     ) -> Result<Applied, Refused> {
-        // Read once: what is compared, refused or applied is these bytes.
-        let text = std::fs::read_to_string(&self.parts.config.source);
+        if !quiet && let Some((watcher, _)) = &self.parts.watch {
+            // An operator's reload also looks at the watched directories again: one deleted
+            // and made anew (or a symlink chain swapped) is watched from now on.
+            watcher.refresh();
+        }
+        // Read once: what is compared, refused or applied is these bytes (never blocking: a
+        // FIFO in the config's place is refused, not waited on).
+        let text = config::read_text(&self.parts.config.source);
         let hash = text
             .as_ref()
             .ok()
@@ -628,6 +634,25 @@ impl Supervisor {
                 return refuse(&self.parts.events, error.to_string());
             }
         };
+        if text.trim().is_empty() {
+            // What a truncation, or a write cut short, leaves behind: applying it would stop
+            // every instance. A configuration with no instances says so (a `[host]` table, a
+            // comment) and is applied as any other.
+            let what = if text.is_empty() {
+                "is empty (0 bytes)"
+            } else {
+                "holds only whitespace"
+            };
+            return refuse(
+                &self.parts.events,
+                format!(
+                    "{}: the file {what}: refused, the last good configuration keeps running \
+                     (a configuration with no instances says so with a [host] table or a \
+                     comment)",
+                    path.display()
+                ),
+            );
+        }
         let new = match config::parse(&path, &text) {
             Ok(new) => new,
             Err(invalid) => return refuse(&self.parts.events, invalid.render()),

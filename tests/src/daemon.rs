@@ -429,6 +429,76 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// `plugind ctl watch --json` against this daemon, in the background: the events it
+    /// kept, then the ones that happen (typed: the `event` object of each line).
+    pub fn events(&self) -> Events {
+        let mut child = Command::new(binary::plugind())
+            .args(["ctl", "watch", "--json"])
+            .arg("--connect")
+            .arg(format!("unix:{}", self.socket.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("plugind ctl watch starts");
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line)
+                    && tx.send(value["event"].clone()).is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Events { child, lines }
+    }
+}
+
+/// A running `plugind ctl watch --json`; killed when dropped.
+#[derive(Debug)]
+pub struct Events {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<serde_json::Value>,
+}
+
+impl Events {
+    /// Waits (20 s at most) for an event satisfying `found`; returns it and every event
+    /// received before it, in order.
+    ///
+    /// # Panics
+    /// On timeout, with the events seen.
+    pub fn wait_for(
+        &self,
+        what: &str,
+        found: impl Fn(&serde_json::Value) -> bool,
+    ) -> (serde_json::Value, Vec<serde_json::Value>) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut before = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(event) if found(&event) => return (event, before),
+                Ok(event) => before.push(event),
+                Err(_) => panic!("no event `{what}` within 20 s; seen: {before:#?}"),
+            }
+        }
+    }
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// `daemon.log.1`, `daemon.log.2`, … next to `log`, as long as they exist: oldest first.
 fn previous_logs(log: &Path) -> Vec<PathBuf> {
     (1..)

@@ -712,3 +712,270 @@ fn publish_all_to(d: &Daemon, topic: &str, payloads: &[String]) {
             .unwrap_or_else(|e| panic!("publish refused: {e}\n{}", d.log()));
     }
 }
+
+/// Creates a FIFO at `path`.
+fn mkfifo(path: &std::path::Path) {
+    let status = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(status.success(), "mkfifo {}", path.display());
+}
+
+/// Whether `event` is a refusal of the file at `path`.
+fn refusal_of(event: &serde_json::Value, path: &std::path::Path) -> bool {
+    event["event"] == "failed" && event["path"].as_str() == Some(&*path.to_string_lossy())
+}
+
+/// Found by the hostile-input campaign: a FIFO named `x.so` in plugin_dir wedged the
+/// watcher for ever (even after it was removed) and a symlink to /dev/zero spun it at 100%
+/// CPU; library and config changes then went unnoticed with nothing logged, and SIGTERM
+/// never completed (a publish was still answered OK 60 s after it). Each is now refused
+/// once, named, however often it is touched, while the rest runs and the stop completes.
+#[test]
+fn a_fifo_and_a_symlink_to_a_device_in_plugin_dir_are_refused_once_and_hot_plug_goes_on() {
+    let sandbox = Sandbox::new("hotplug-fifo");
+    sandbox.dir("plugins.d");
+    let config = config(&sandbox, "", "");
+    let d = Daemon::start(sandbox, &config);
+    let events = d.events();
+    let dir = d.sandbox().path().join("plugins.d");
+    let (fifo, zero) = (dir.join("fifo.so"), dir.join("zero.so"));
+    mkfifo(&fifo);
+    std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+    // Touched again and again: the same files, refused for the same reasons.
+    for round in 0..10u32 {
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::set_permissions(
+            &fifo,
+            fs::Permissions::from_mode(0o600 + (round % 2) * 0o44),
+        )
+        .unwrap();
+        let touched = std::process::Command::new("touch")
+            .arg("-h")
+            .arg(&zero)
+            .status()
+            .unwrap();
+        assert!(touched.success());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A library added afterwards is loaded and serves.
+    fs::copy(swap_build(SwapBuild::A), d.sandbox().path().join(LIBRARY)).unwrap();
+    let (_, mut seen) = events.wait_for("the library added after the junk is loaded", |e| {
+        e["event"] == "loaded" && e["instance"] == "swap"
+    });
+    let id = publish_all(&d, &["after the junk".into()], None)[0];
+    wait_for_line(&d, "handled", |l| l.id == id);
+    // Gone, the FIFO leaves nothing behind; a last piece of junk closes the account.
+    fs::remove_file(&fifo).unwrap();
+    let sentinel = dir.join("sentinel.so");
+    mkfifo(&sentinel);
+    let (last, more) = events.wait_for("the sentinel is refused", |e| refusal_of(e, &sentinel));
+    seen.extend(more);
+    assert!(
+        last["error"]
+            .as_str()
+            .unwrap()
+            .contains("a FIFO, not a regular file"),
+        "{last}"
+    );
+    let refusals = |path: &std::path::Path| -> Vec<String> {
+        seen.iter()
+            .filter(|e| refusal_of(e, path))
+            .map(|e| e["error"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let fifo_refusals = refusals(&fifo);
+    assert_eq!(fifo_refusals.len(), 1, "refused once: {seen:#?}");
+    assert!(fifo_refusals[0].contains("a FIFO"), "{fifo_refusals:?}");
+    let zero_refusals = refusals(&zero);
+    assert_eq!(zero_refusals.len(), 1, "refused once: {seen:#?}");
+    assert!(
+        zero_refusals[0].contains("symlinks are refused"),
+        "{zero_refusals:?}"
+    );
+    // The one refusal is its one log line (no event says what the watcher logged).
+    let log = d.log();
+    assert_eq!(
+        log.lines().filter(|l| l.contains("fifo.so")).count(),
+        1,
+        "{log}"
+    );
+    // SIGTERM completes (the test daemon waits 15 s at most; grace_period is 3 s).
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+}
+
+/// Found by the hostile-input campaign: a plugin_dir deleted and made anew was never
+/// watched again, not even after SIGHUP.
+#[test]
+fn a_plugin_dir_deleted_and_made_anew_is_watched_again() {
+    let sandbox = sandbox("hotplug-new-dir");
+    let config = config(&sandbox, "", "");
+    let d = Daemon::start(sandbox, &config);
+    let id = publish_all(&d, &["before".into()], None)[0];
+    assert_eq!(wait_for_line(&d, "handled", |l| l.id == id).build, 'A');
+    let events = d.events();
+    fs::remove_dir_all(d.sandbox().path().join("plugins.d")).unwrap();
+    events.wait_for("the instance stops with its library gone", |e| {
+        e["event"] == "stopped" && e["instance"] == "swap"
+    });
+    let waiting = publish_all(&d, &["while the directory is gone".into()], None)[0];
+    d.sandbox().dir("plugins.d");
+    place(d.sandbox(), SwapBuild::B, Placement::Rename);
+    let line = wait_for_line(&d, "the library in the new directory is loaded", |l| {
+        l.id == waiting
+    });
+    assert_eq!(line.build, 'B');
+    // Again, with an operator's reload between the directory's return and the library's.
+    fs::remove_dir_all(d.sandbox().path().join("plugins.d")).unwrap();
+    events.wait_for("the instance stops again", |e| {
+        e["event"] == "stopped" && e["instance"] == "swap"
+    });
+    d.sandbox().dir("plugins.d");
+    d.hangup();
+    place(d.sandbox(), SwapBuild::A, Placement::InPlace);
+    let waiting = publish_all(&d, &["after the reload".into()], None)[0];
+    let line = wait_for_line(
+        &d,
+        "the library copied in after the reload is loaded",
+        |l| l.id == waiting,
+    );
+    assert_eq!(line.build, 'A');
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+}
+
+/// Found by the hostile-input campaign: a `plugins.toml` in the Kubernetes ConfigMap layout
+/// (`plugins.toml -> ..data/plugins.toml`, `..data -> ..2026_12_06_…/`, updated by an atomic
+/// swap of the `..data` link) was not watched: updates were never applied.
+#[test]
+fn a_config_map_swap_of_plugins_toml_is_applied() {
+    let sandbox = sandbox("hotplug-config-map");
+    let root = sandbox.path().to_owned();
+    sandbox.dir("..2026_12_06_01");
+    std::os::unix::fs::symlink("..2026_12_06_01", root.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/plugins.toml", root.join("plugins.toml")).unwrap();
+    let one = config(&sandbox, "", "label = \"one\"");
+    // Written through the links, into ..2026_12_06_01.
+    let d = Daemon::start(sandbox, &one);
+    let id = publish_all(&d, &["a".into()], None)[0];
+    assert_eq!(wait_for_line(&d, "handled", |l| l.id == id).label, "one");
+    let events = d.events();
+    // The kubelet's update: a new directory, a new link renamed over `..data`, the old
+    // directory removed.
+    d.sandbox().dir("..2026_12_06_02");
+    d.sandbox().put(
+        "..2026_12_06_02/plugins.toml",
+        one.replace("\"one\"", "\"two\""),
+    );
+    std::os::unix::fs::symlink("..2026_12_06_02", root.join("..data_tmp")).unwrap();
+    fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
+    fs::remove_dir_all(root.join("..2026_12_06_01")).unwrap();
+    events.wait_for("the new configuration is applied", |e| {
+        e["event"] == "config_applied"
+    });
+    let id = publish_all(&d, &["b".into()], None)[0];
+    assert_eq!(wait_for_line(&d, "handled", |l| l.id == id).label, "two");
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+}
+
+/// Found by the hostile-input campaign: an empty (0-byte) `plugins.toml` written over a
+/// running configuration was applied, and stopped every instance. It is refused (the event
+/// says why) and the last good configuration keeps running; a configuration with no
+/// instances that says so is applied.
+#[test]
+fn an_empty_plugins_toml_is_refused_and_the_instances_keep_running() {
+    let sandbox = sandbox("hotplug-empty-config");
+    let good = config(&sandbox, "", "");
+    let d = Daemon::start(sandbox, &good);
+    let events = d.events();
+    let path = d.sandbox().path().join("plugins.toml");
+    // Truncated in place, as `> plugins.toml` does.
+    fs::write(&path, "").unwrap();
+    let (refused, _) = events.wait_for("the empty file is refused", |e| {
+        e["event"] == "config_refused"
+    });
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("empty (0 bytes)"),
+        "{refused}"
+    );
+    let id = publish_all(&d, &["still running".into()], None)[0];
+    wait_for_line(&d, "handled", |l| l.id == id);
+    // An operator's reload of it is refused too, saying why.
+    let out = d.cli(&["ctl", "reload"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("empty (0 bytes)"),
+        "{out:?}"
+    );
+    let id = publish_all(&d, &["after the reload".into()], None)[0];
+    wait_for_line(&d, "handled", |l| l.id == id);
+    // A configuration with no instances, explicitly: applied.
+    edit_config(&d, "[host]\nautoload = false\n");
+    events.wait_for(
+        "the explicit configuration with no instances is applied",
+        |e| e["event"] == "config_applied",
+    );
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+}
+
+/// Found by the hostile-input campaign: a plugin_dir made unsafe (writable by others, or
+/// owned by an untrusted user) was reported on reload as "no library in plugin_dir provides
+/// …". The reload names the directory and its problem; what runs keeps running.
+#[test]
+fn an_unsafe_plugin_dir_on_reload_names_its_permission_problem() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let sandbox = sandbox("hotplug-unsafe-dir");
+    let config = config(&sandbox, "", "")
+        + "\n[plugins.late]\nplugin = \"fx-echo\"\ntopics = [\"late.>\"]\n";
+    let d = Daemon::start(sandbox, &config);
+    let dir = d.sandbox().path().join("plugins.d");
+    let reload = || -> serde_json::Value {
+        let out = d.cli(&["ctl", "reload", "--json"]);
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let failure = |result: &serde_json::Value, instance: &str| -> Option<String> {
+        result["failures"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["instance"] == instance)
+            .map(|f| f["error"].as_str().unwrap().to_owned())
+    };
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+    let result = reload();
+    let late = failure(&result, "late").expect("late cannot start");
+    assert!(
+        late.contains(&*dir.to_string_lossy()) && late.contains("writable by others"),
+        "{late}"
+    );
+    assert!(!late.contains("provides"), "{late}");
+    assert_eq!(
+        failure(&result, "swap"),
+        None,
+        "what ran keeps running: {result}"
+    );
+    let id = publish_all(&d, &["a".into()], None)[0];
+    wait_for_line(&d, "still handled", |l| l.id == id);
+    if fs::metadata(d.sandbox().path()).unwrap().uid() == 0 {
+        // Owned by someone not trusted.
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::chown(&dir, Some(65534), None).unwrap();
+        let late = failure(&reload(), "late").expect("late cannot start");
+        assert!(late.contains("who is not trusted"), "{late}");
+        std::os::unix::fs::chown(&dir, Some(0), None).unwrap();
+    }
+    // Safe again: the ordinary answer.
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    let late = failure(&reload(), "late").expect("late cannot start");
+    assert_eq!(late, "no library in plugin_dir provides plugin `fx-echo`");
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+}

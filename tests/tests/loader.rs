@@ -222,6 +222,28 @@ fn a_truncated_library_is_incomplete_at_every_size() {
     ));
 }
 
+/// Found by the hostile-input campaign: a library with bytes after its section headers was
+/// refused as "incomplete". A file longer than its headers say is not a partial write: it
+/// loads; one shorter than its section-header table still is one.
+#[test]
+fn a_library_with_bytes_after_its_section_headers_loads() {
+    let d = dir();
+    let mut bytes = fs::read(echo()).unwrap();
+    let end = bytes.len();
+    bytes.extend_from_slice(&[0x5a; 4096]);
+    let long = d.put("long.so", &bytes);
+    let library = loader::load(&long, &probing()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(library.manifest().name, "fx-echo");
+    assert_eq!(library.size(), bytes.len() as u64);
+    let short = d.put("short.so", &bytes[..end - 1]);
+    match loader::check(&short, &no_probe()) {
+        Err(LoadError::Incomplete { size, expected, .. }) => {
+            assert_eq!((size, expected), (end as u64 - 1, end as u64))
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 /// `bytes` with the first occurrence of `from` replaced by `to` (same length).
 fn patched(bytes: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
     assert_eq!(from.len(), to.len(), "a patch keeps the file size");

@@ -439,3 +439,32 @@ fn access_and_connection_keys_are_checked_where_they_are_written() {
     assert_eq!(config.host.operator_users, ["root"]);
     assert_eq!(config.host.max_connections, 1024);
 }
+
+/// Found by the hostile-input campaign (the watcher's and the supervisor's reads of the
+/// config file): a FIFO or a device in the config file's place is refused at once, never
+/// waited on or read for ever; a symlink to a regular file is followed (a ConfigMap).
+#[test]
+fn the_config_file_is_read_only_when_it_is_a_regular_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo.toml");
+    let status = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let zero = dir.path().join("zero.toml");
+    std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+    for (path, kind) in [(&fifo, "a FIFO"), (&zero, "a character device")] {
+        let error = read_text(path).unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::InvalidInput, "{error}");
+        assert!(error.to_string().contains(kind), "{error}");
+        let ConfigError::Read { .. } = load(path).unwrap_err() else {
+            panic!("{}: not a read error", path.display());
+        };
+    }
+    let real = dir.path().join("real.toml");
+    std::fs::write(&real, "[host]\n").unwrap();
+    let link = dir.path().join("plugins.toml");
+    std::os::unix::fs::symlink("real.toml", &link).unwrap();
+    assert_eq!(read_text(&link).unwrap(), "[host]\n");
+}

@@ -2,8 +2,9 @@
 //! shared object for this machine, and its manifest section.
 //!
 //! Completeness matters: `dlopen` of a truncated ELF dies with SIGBUS inside the loader
-//! instead of returning an error, so the section-header table must end exactly at the end of
-//! the file (linkers put it last; a file cut anywhere fails this).
+//! instead of returning an error, so the file must reach the end of its section-header table
+//! (linkers put it last; a file cut anywhere fails this). Bytes after the table are accepted:
+//! a file longer than its headers say is not a partial write.
 
 use std::path::Path;
 
@@ -68,7 +69,12 @@ pub(super) fn check(path: &Path, bytes: &[u8]) -> Result<(), LoadError> {
     let shentsize = u64::from(u16_at(58));
     let shnum = u64::from(u16_at(60));
     let expected = shoff.saturating_add(shentsize.saturating_mul(shnum));
-    if shoff == 0 || expected != size {
+    if shoff == 0 {
+        return Err(refuse("no section header table".to_owned()));
+    }
+    // Bytes after the table (a signature appended, padding) are no sign of a partial write;
+    // a file that ends before the table does is one (linkers write the table last).
+    if expected > size {
         return Err(LoadError::Incomplete {
             path: path.to_owned(),
             size,
@@ -169,6 +175,21 @@ mod tests {
         match check(Path::new("cut"), cut) {
             Err(LoadError::Incomplete { size, expected, .. }) => assert_eq!(size + 1, expected),
             other => panic!("a truncated file passed or failed otherwise: {other:?}"),
+        }
+    }
+
+    /// Found by the hostile-input campaign: a library with bytes after its section headers
+    /// (a signature appended, say) was refused as "incomplete".
+    #[test]
+    fn bytes_after_the_section_headers_are_not_an_incomplete_file() {
+        let mut me = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+        me.extend_from_slice(b"appended after the section headers");
+        match check(Path::new("long"), &me) {
+            // The test binary is a PIE: refused as an executable, past the completeness check.
+            Err(LoadError::NotSharedObject { reason, .. }) => {
+                assert!(reason.contains("executable"), "{reason}")
+            }
+            other => panic!("a file with trailing bytes failed otherwise: {other:?}"),
         }
     }
 

@@ -10,7 +10,7 @@ use crate::{
     background,
     config::{Config, Settings},
     ledger::{Origin, Remembered, Subscription},
-    loader::{self, Checked, Policy},
+    loader::{self, Checked, LoadError, Policy},
     topic::Pattern,
 };
 
@@ -20,9 +20,14 @@ pub struct Libraries {
     /// Path → (arrival number, checked library). Files present at the first scan arrive as
     /// 0; later ones count up (a newcomer that claims a name already claimed is refused).
     by_path: BTreeMap<PathBuf, (u64, Checked)>,
-    /// Files refused, with why (reported once per distinct reason).
+    /// Files refused, with why (reported once per distinct reason); `plugin_dir` itself
+    /// when it is unsafe.
     refused: BTreeMap<PathBuf, String>,
     arrivals: u64,
+    /// Why `plugin_dir` itself is refused (writable by group or others, or owned by an
+    /// untrusted user): nothing is taken from it until that is fixed, and every instance
+    /// that needs a library it does not have yet is told this, not "no library provides".
+    unsafe_dir: Option<String>,
 }
 
 /// What a scan or a file change found worth reporting.
@@ -46,10 +51,27 @@ pub enum Found {
 }
 
 impl Libraries {
-    /// Every library file in `dir`, checked; refusals are returned to be reported.
+    /// Every library file in `dir`, checked; refusals are returned to be reported. An
+    /// unsafe `dir` is one refusal naming it and its permission problem, and nothing in it
+    /// is taken.
     pub fn scan(dir: &Path, policy: &Policy) -> (Self, Vec<Refusal>) {
         let mut libraries = Self::default();
         let mut refusals = Vec::new();
+        // A directory that cannot be read at all is reported by the scan below.
+        if let Err(e @ (LoadError::UnsafePermissions { .. } | LoadError::UntrustedOwner { .. })) =
+            loader::check_dir(dir, policy)
+        {
+            let error = format!(
+                "plugin_dir refused: {e}; no library is loaded from it until this is fixed"
+            );
+            libraries.refused.insert(dir.to_owned(), error.clone());
+            libraries.unsafe_dir = Some(error.clone());
+            refusals.push(Refusal {
+                path: dir.to_owned(),
+                error,
+            });
+            return (libraries, refusals);
+        }
         match background::run(|| loader::scan(dir, policy)) {
             Ok(scanned) => {
                 for (path, checked) in scanned {
@@ -76,9 +98,19 @@ impl Libraries {
     }
 
     /// `plugin_dir` read again (a reload): known files keep their arrival, new ones are
-    /// newcomers; only refusals not reported before are returned.
+    /// newcomers; only refusals not reported before are returned. When `plugin_dir` has
+    /// become unsafe, the libraries taken while it was safe stay (what runs keeps running,
+    /// as when one file is refused) and nothing new is taken from it.
     pub fn rescan(old: &Self, config: &Config, policy: &Policy) -> (Self, Vec<Refusal>) {
         let (mut new, refusals) = Self::scan(&config.host.plugin_dir, policy);
+        if new.unsafe_dir.is_some() {
+            new.by_path.clone_from(&old.by_path);
+            for (path, error) in &old.refused {
+                new.refused
+                    .entry(path.clone())
+                    .or_insert_with(|| error.clone());
+            }
+        }
         new.arrivals = old.arrivals;
         for (path, (arrival, _)) in &mut new.by_path {
             *arrival = match old.by_path.get(path) {
@@ -98,7 +130,8 @@ impl Libraries {
 
     /// The file at `path` changed (appeared, got new bytes or went): checks it again.
     pub fn update(&mut self, path: &Path, policy: &Policy) -> (Found, Option<Refusal>) {
-        if !path.exists() {
+        // A dangling symlink is there (and refused as a symlink), not gone.
+        if std::fs::symlink_metadata(path).is_err() {
             self.refused.remove(path);
             return match self.by_path.remove(path) {
                 Some(_) => (Found::Gone, None),
@@ -149,7 +182,10 @@ impl Libraries {
             .collect();
         claims.sort_by_key(|(n, c)| (*n, c.path().to_owned()));
         match claims.as_slice() {
-            [] => Err(format!("no library in plugin_dir provides plugin `{name}`")),
+            [] => Err(match &self.unsafe_dir {
+                Some(problem) => format!("plugin `{name}`: {problem}"),
+                None => format!("no library in plugin_dir provides plugin `{name}`"),
+            }),
             [(_, one)] => Ok(one),
             [(first, one), (second, _), ..] if first < second => Ok(one),
             _ => {
@@ -350,6 +386,37 @@ mod tests {
 
     fn topics(want: &Want) -> Vec<&str> {
         want.topics.iter().map(Pattern::as_str).collect()
+    }
+
+    /// Found by the hostile-input campaign: an unsafe plugin_dir was reported as "no library
+    /// in plugin_dir provides …" for every instance.
+    #[test]
+    fn an_unsafe_plugin_dir_is_one_refusal_naming_its_permissions() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("plugins.d");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let (libraries, refusals) = Libraries::scan(&dir, &Policy::default());
+        assert_eq!(refusals.len(), 1, "{refusals:?}");
+        assert_eq!(refusals[0].path, dir);
+        assert!(
+            refusals[0].error.contains("writable by others"),
+            "{}",
+            refusals[0].error
+        );
+        let error = libraries.provider("p").unwrap_err();
+        assert!(error.contains("writable by others"), "{error}");
+        assert!(!error.contains("provides"), "{error}");
+        // Safe again: the ordinary answer.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let (libraries, refusals) = Libraries::scan(&dir, &Policy::default());
+        assert!(refusals.is_empty(), "{refusals:?}");
+        assert_eq!(
+            libraries.provider("p").unwrap_err(),
+            "no library in plugin_dir provides plugin `p`"
+        );
     }
 
     #[test]
