@@ -170,7 +170,9 @@ fn number_in<T: Copy + PartialOrd + std::fmt::Display>(
         return default;
     };
     let n = *value.get_ref();
-    if n < range.0 || n > range.1 {
+    // `contains`, not `n < min || n > max`: NaN is neither, and `backoff.jitter = nan` passed
+    // (and made every backoff 0).
+    if !(range.0..=range.1).contains(&n) {
         problems.at(
             Some(value.span()),
             format!(

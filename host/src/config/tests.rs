@@ -340,3 +340,31 @@ fn disabling_stops_and_identical_configs_plan_nothing() {
     let moved = plan_of("[host]\n", "[host]\nlisten = \"unix:/run/x.sock\"\n");
     assert_eq!(moved.restart_required, ["listen"]);
 }
+
+#[test]
+fn float_settings_refuse_nan_and_infinities() {
+    // `backoff.jitter = nan` passed the range check (NaN compares false both ways) and made
+    // every backoff 0.
+    for (line, value) in [
+        ("jitter = nan", "NaN"),
+        ("jitter = -nan", "NaN"),
+        ("jitter = inf", "inf"),
+        ("multiplier = nan", "NaN"),
+        ("multiplier = inf", "inf"),
+        ("multiplier = -inf", "-inf"),
+    ] {
+        let key = line.split(' ').next().unwrap();
+        let (l, _, message) = one(&format!("[defaults.backoff]\n{line}\n"));
+        assert_eq!(l, 2, "{line}");
+        assert!(
+            message.starts_with(&format!("`backoff.{key}` is {value}, expected between")),
+            "{line}: {message}"
+        );
+        // In an instance's table too.
+        let (_, _, message) = one(&format!("[plugins.a.backoff]\n{line}\n"));
+        assert!(
+            message.contains(&format!("`backoff.{key}`")),
+            "{line}: {message}"
+        );
+    }
+}
