@@ -313,11 +313,12 @@ impl Backlog {
 #[derive(Debug)]
 struct Keys {
     window: Duration,
-    seen: HashMap<String, Seen>,
+    /// Each key is allocated once, shared with `order`.
+    seen: HashMap<Arc<str>, Seen>,
     /// (time, sequence number, key) in the order they were recorded: the oldest expire
     /// first. An entry whose key was recorded again since (another sequence number) is
     /// skipped.
-    order: VecDeque<(Timestamp, u64, String)>,
+    order: VecDeque<(Timestamp, u64, Arc<str>)>,
     sequence: u64,
 }
 
@@ -355,7 +356,7 @@ impl Keys {
                 instances: 0,
                 duplicate: true,
             };
-            keys.insert(key, published, at, None);
+            keys.insert(&key, published, at, None);
         }
         keys
     }
@@ -382,7 +383,7 @@ impl Keys {
 
     fn insert(
         &mut self,
-        key: String,
+        key: &str,
         published: Published,
         at: Timestamp,
         pending: Option<Arc<Decision>>,
@@ -392,6 +393,7 @@ impl Keys {
             duplicate: true,
             ..published
         };
+        let key: Arc<str> = Arc::from(key);
         self.order.push_back((at, self.sequence, key.clone()));
         self.seen.insert(
             key,
@@ -739,7 +741,7 @@ impl Ingress {
                     results.push(Ok(published));
                     if let (Some(keys), Some(key)) = (keys.as_mut(), key) {
                         let decision = decision.get_or_insert_with(Arc::default).clone();
-                        keys.insert(key.clone(), published, now, Some(decision));
+                        keys.insert(&key, published, now, Some(decision));
                         records.push(Record::Key {
                             key,
                             message: a.message.id,
