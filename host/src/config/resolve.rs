@@ -20,7 +20,7 @@ use super::{
     Backoff, Circuit, Config, Endpoint, HostSettings, Instance, Problem, Settings,
     raw::{self, Durability, HumanDuration, LogFormat, Size, Unrouted, WatchMode},
 };
-use crate::topic::Pattern;
+use crate::{quote::quote, topic::Pattern};
 
 /// Collects problems against the text they point into.
 struct Problems<'t> {
@@ -272,8 +272,8 @@ fn host_settings(problems: &mut Problems<'_>, raw: raw::Host, base: &Path) -> Op
                 problems.at(
                     Some(text.span()),
                     format!(
-                        "`metrics` \"{}\" is not an address such as \"127.0.0.1:9464\"",
-                        text.get_ref()
+                        "`metrics` {} is not an address such as \"127.0.0.1:9464\"",
+                        quote(text.get_ref())
                     ),
                 )
             })
@@ -303,8 +303,8 @@ fn host_settings(problems: &mut Problems<'_>, raw: raw::Host, base: &Path) -> Op
                 problems.at(
                     Some(text.span()),
                     format!(
-                        "`socket_mode` \"{}\" is not an octal mode such as \"0660\"",
-                        text.get_ref()
+                        "`socket_mode` {} is not an octal mode such as \"0660\"",
+                        quote(text.get_ref())
                     ),
                 );
                 0
@@ -576,7 +576,7 @@ fn instance(
                     .map_err(|e| {
                         problems.at(
                             Some(topic.span()),
-                            format!("topic pattern \"{}\": {e}", topic.get_ref()),
+                            format!("topic pattern {}: {e}", quote(topic.get_ref())),
                         )
                     })
                     .ok()
