@@ -3,6 +3,7 @@
 //! with a bearer token on every call; `plugind publish` uses its client side.
 
 pub mod client;
+pub mod codec;
 pub mod operator;
 pub mod publisher;
 pub mod server;

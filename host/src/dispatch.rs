@@ -95,7 +95,8 @@ pub struct Slot {
     pub shutdown_timeout: Duration,
     /// How many of its live deliveries may hold their payload in memory (`queue_capacity +
     /// max_in_flight`), hand-offs included; the others are read back from a ledger that
-    /// [reloads](Ledger::reloads) when their turn comes.
+    /// [reloads](Ledger::reloads) when their turn comes. Messages accepted while no actor
+    /// runs it are not held at all with such a ledger.
     pub keep: usize,
     /// Waiting deliveries older than this are dead-lettered (`expired`).
     pub max_age: Option<Duration>,
@@ -373,9 +374,16 @@ impl Dispatcher {
                 return;
             }
             let now = self.clock.now();
+            self.ingress.expire_keys(now);
             self.expire(now, &mut records);
             self.outlive(now, &mut records);
             self.promote(now);
+            // Children accepted this round (with their parents' acks) are written before
+            // the hand-outs, which may read their payloads back from the ledger (an instance
+            // that waits, or one past its resident payloads, holds none).
+            if records.iter().any(|r| matches!(r, Record::Accepted { .. })) {
+                self.commit(std::mem::take(&mut records));
+            }
             let handoffs = self.hand_out(now, &mut records);
             // Recorded first: an attempt is in the ledger before plugin code sees it.
             self.commit(records);
@@ -490,11 +498,14 @@ impl Dispatcher {
             let resident = inst.resident();
             inst.ready.push_back(accepted.message.id);
             inst.stats.backlog += 1;
-            let message = if reloads && resident >= inst.slot.keep {
-                // As many payloads as allowed are held: the ledger has this one.
+            let waits = inst.slot.actor.is_none();
+            let message = if reloads && (waits || resident >= inst.slot.keep) {
+                // The ledger has it: as many payloads as allowed are held, or nothing runs
+                // the instance (it may wait for long: a stopped instance's backlog must not
+                // be held in memory byte for byte). It is read back when handed out.
                 inst.unloaded += 1;
                 None
-            } else if inst.slot.actor.is_none() {
+            } else if waits {
                 // An instance that is not running keeps it for long: do not pin a receive
                 // buffer.
                 Some(compact(&accepted.message))
@@ -505,7 +516,7 @@ impl Dispatcher {
                 (accepted.message.id, target),
                 Live {
                     message,
-                    size: accepted.message.payload.len() as u64,
+                    size: accepted.size,
                     delivery: Delivery::new(now),
                     since: now.0,
                 },
@@ -985,8 +996,7 @@ impl Dispatcher {
                 self.finish(key);
                 for child in children {
                     for target in &child.targets {
-                        self.backlog
-                            .add(*target, child.message.payload.len() as u64);
+                        self.backlog.add(*target, child.size);
                     }
                     self.add(child, now);
                 }

@@ -163,6 +163,16 @@ impl Engine {
         ));
         let (inputs, inputs_rx) = unbounded();
         let (actor_events, actor_events_rx) = unbounded();
+        // Idempotency keys still within `dedupe_window` by the engine's clock: a key survives
+        // a restart, whichever way it came in.
+        let window = config.host.dedupe_window;
+        let known_keys = ledger.keys(crate::clock::Timestamp(
+            options
+                .clock
+                .now()
+                .0
+                .saturating_sub(u64::try_from(window.as_millis()).unwrap_or(u64::MAX)),
+        ));
         let ingress = Arc::new(Ingress::new(
             Routing::default(),
             recovered.next_id.max(1),
@@ -172,6 +182,8 @@ impl Engine {
             config.host.max_message_size,
             options.clock.clone(),
             events.clone(),
+            window,
+            known_keys,
         ));
         ingress.set_unrouted(config.host.unrouted);
         let slots = wants

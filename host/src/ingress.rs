@@ -1,18 +1,25 @@
-//! The ingress API: what `Publish` does inside the daemon. It validates a message, routes it
+//! The ingress API: what `Publish` does inside the daemon. It validates a message (topic,
+//! header and key bounds), deduplicates idempotency keys within `dedupe_window`, routes it
 //! from the current routing snapshot (fixing its target set for good), enforces
-//! `max_message_size` and `max_backlog`, assigns ids, records the batch in the ledger —
-//! answering only once it is durable — and hands it to the dispatcher. The gRPC service sits
-//! on top of it; plugins publishing outside `handle` come through it too.
+//! `max_message_size` and `max_backlog` (headers and key count in both), assigns ids, records
+//! the batch in the ledger — answering only once it is durable — and hands it to the
+//! dispatcher. The gRPC service sits on top of it; plugins publishing outside `handle` come
+//! through it too.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicBool, AtomicU64, Ordering},
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
 };
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use crossbeam_channel::Sender;
 use plugind_api::{MessageId, PublishError, PublishErrorKind};
+use tokio::sync::oneshot;
 
 use crate::{
     clock::{Clock, Timestamp},
@@ -20,7 +27,8 @@ use crate::{
     dispatch,
     events::{EventKind, Events},
     ledger::{Ledger, LedgerError, Receipt, Record, Wait},
-    message::StoredMessage,
+    message::{self, StoredMessage},
+    quote::quote,
     routing::{InstanceId, Routing, Targets},
     services::{Child, Publisher},
     topic,
@@ -32,7 +40,8 @@ pub struct NewMessage {
     pub topic: String,
     pub payload: Bytes,
     pub headers: Vec<(String, String)>,
-    /// An idempotency key, recorded with the message (the caller deduplicates).
+    /// An idempotency key: a key seen within `dedupe_window` gets the first publish's id
+    /// (recorded with the message: keys survive a restart).
     pub key: Option<String>,
 }
 
@@ -53,6 +62,10 @@ impl From<Child> for NewMessage {
 pub struct Published {
     pub id: u64,
     pub instances: u32,
+    /// Its idempotency key was seen within `dedupe_window`: `id` is the first publish's, and
+    /// `instances` what that one reached when this process accepted it (0 if an earlier run
+    /// did). Nothing was published this time.
+    pub duplicate: bool,
 }
 
 /// Who publishes a message: the unrouted policy differs.
@@ -71,20 +84,85 @@ pub(crate) enum Source {
 pub struct Accepted {
     pub message: Arc<StoredMessage>,
     pub targets: Targets,
+    /// What it counts for in each target's backlog: payload, headers and key
+    /// ([`message::check`]).
+    pub size: u64,
 }
 
-/// A batch handed to the ledger, waiting for its receipt.
+/// A batch handed to the ledger, waiting for its receipt: finish it with
+/// [`Submitted::wait`] or [`Submitted::done`].
 #[derive(Debug)]
 pub struct Submitted {
     results: Vec<Result<Published, Refused>>,
     receipt: Receipt,
+    /// Duplicates of keys whose first publish was not yet recorded when this batch came: (the
+    /// position in the batch, whether that publish was recorded).
+    following: Vec<(usize, oneshot::Receiver<bool>)>,
 }
 
 impl Submitted {
-    /// The ledger's receipt, to wait for (it is taken once).
-    pub fn take_receipt(&mut self) -> Receipt {
-        std::mem::replace(&mut self.receipt, Receipt::Ready(Ok(())))
+    /// Waits until the ledger answered; each message gets its id or its refusal. Blocks: for
+    /// plain threads.
+    pub fn wait(self) -> Vec<Result<Published, Refused>> {
+        let Self {
+            results,
+            receipt,
+            following,
+        } = self;
+        let recorded = receipt.wait();
+        let decided = following
+            .into_iter()
+            .map(|(i, first)| (i, first.blocking_recv().unwrap_or(false)))
+            .collect();
+        finish(results, recorded, decided)
     }
+
+    /// [`Submitted::wait`] for async code.
+    pub async fn done(self) -> Vec<Result<Published, Refused>> {
+        let Self {
+            results,
+            receipt,
+            following,
+        } = self;
+        let recorded = receipt.done().await;
+        let mut decided = Vec::with_capacity(following.len());
+        for (i, first) in following {
+            decided.push((i, first.await.unwrap_or(false)));
+        }
+        finish(results, recorded, decided)
+    }
+}
+
+/// A batch's answers once the ledger answered (`recorded`) and the first publishes of the
+/// keys it repeats were decided (`decided`: position, recorded).
+fn finish(
+    mut results: Vec<Result<Published, Refused>>,
+    recorded: Result<(), LedgerError>,
+    decided: Vec<(usize, bool)>,
+) -> Vec<Result<Published, Refused>> {
+    if let Err(e) = recorded {
+        let refused = match e {
+            LedgerError::Full(m) => Refused::LedgerFull(m),
+            other => Refused::LedgerFailed(other.to_string()),
+        };
+        for result in &mut results {
+            if result.is_ok() {
+                *result = Err(refused.clone());
+            }
+        }
+    }
+    for (i, first_recorded) in decided {
+        if let Ok(published) = results[i]
+            && !first_recorded
+        {
+            results[i] = Err(Refused::LedgerFailed(format!(
+                "the first publish with this idempotency key (message {}) was not recorded; \
+                 publish it again",
+                published.id
+            )));
+        }
+    }
+    results
 }
 
 /// Why a publish was refused. Retryable or not is in the variant.
@@ -104,8 +182,9 @@ pub enum Refused {
     #[error("the ledger is full: {0}")]
     LedgerFull(String),
     #[error(
-        "no instance subscribes to topic \"{0}\", and unrouted = \"refuse\" (check the topics \
-         in plugins.toml, or `plugind ctl plugins`)"
+        "no instance subscribes to topic {}, and unrouted = \"refuse\" (check the topics in \
+         plugins.toml, or `plugind ctl plugins`)",
+        quote(.0)
     )]
     Unrouted(String),
     #[error("the daemon is shutting down")]
@@ -227,6 +306,194 @@ impl Backlog {
     }
 }
 
+/// Idempotency keys seen within `dedupe_window`, with what their first publish got. Every
+/// way in goes through it (the API, and anything else that publishes with a key); it starts
+/// from the keys the ledger kept (a key survives a restart) and keys expire by time, however
+/// many there are.
+#[derive(Debug)]
+struct Keys {
+    window: Duration,
+    /// Each key is allocated once, shared with `order`.
+    seen: HashMap<Arc<str>, Seen>,
+    /// (time, sequence number, key) in the order they were recorded: the oldest expire
+    /// first. An entry whose key was recorded again since (another sequence number) is
+    /// skipped.
+    order: VecDeque<(Timestamp, u64, Arc<str>)>,
+    sequence: u64,
+}
+
+#[derive(Debug)]
+struct Seen {
+    published: Published,
+    at: Timestamp,
+    sequence: u64,
+    /// The batch that records it, until it is known to be recorded (`None`: it is).
+    pending: Option<Arc<Decision>>,
+}
+
+/// What a publish finds of its key.
+enum Lookup {
+    /// A duplicate of a recorded publish.
+    Recorded(Published),
+    /// A duplicate of a publish whose batch is not yet recorded: its answer waits for that.
+    Pending(Published, oneshot::Receiver<bool>),
+}
+
+impl Keys {
+    fn new(window: Duration, known: Vec<(String, u64, Timestamp)>) -> Self {
+        let mut keys = Self {
+            window,
+            seen: HashMap::with_capacity(known.len()),
+            order: VecDeque::with_capacity(known.len()),
+            sequence: 0,
+        };
+        let mut known = known;
+        known.sort_by_key(|(_, _, at)| *at);
+        for (key, id, at) in known {
+            // How many instances a key's message reached is not kept across restarts.
+            let published = Published {
+                id,
+                instances: 0,
+                duplicate: true,
+            };
+            keys.insert(&key, published, at, None);
+        }
+        keys
+    }
+
+    fn lookup(&mut self, key: &str, now: Timestamp) -> Option<Lookup> {
+        let seen = self.seen.get_mut(key)?;
+        if now.since(seen.at) >= self.window {
+            return None;
+        }
+        let published = seen.published;
+        let Some(decision) = &seen.pending else {
+            return Some(Lookup::Recorded(published));
+        };
+        match decision.follow() {
+            Ok(true) => {
+                seen.pending = None;
+                Some(Lookup::Recorded(published))
+            }
+            // Its first publish was refused by the ledger: this one is the first now.
+            Ok(false) => None,
+            Err(answer) => Some(Lookup::Pending(published, answer)),
+        }
+    }
+
+    fn insert(
+        &mut self,
+        key: &str,
+        published: Published,
+        at: Timestamp,
+        pending: Option<Arc<Decision>>,
+    ) {
+        self.sequence += 1;
+        let published = Published {
+            duplicate: true,
+            ..published
+        };
+        let key: Arc<str> = Arc::from(key);
+        self.order.push_back((at, self.sequence, key.clone()));
+        self.seen.insert(
+            key,
+            Seen {
+                published,
+                at,
+                sequence: self.sequence,
+                pending,
+            },
+        );
+    }
+
+    /// Drops the keys older than the window; returns when the next one expires (ms since the
+    /// epoch; `u64::MAX`: none held).
+    fn expire(&mut self, now: Timestamp) -> u64 {
+        while let Some((at, sequence, _)) = self.order.front() {
+            if now.since(*at) < self.window {
+                break;
+            }
+            let sequence = *sequence;
+            let (_, _, key) = self.order.pop_front().expect("a front");
+            if self.seen.get(&key).is_some_and(|s| s.sequence == sequence) {
+                self.seen.remove(&key);
+            }
+        }
+        // A burst of keys must not hold its table's memory once they expired.
+        if self.seen.capacity() > 4 * self.seen.len() + 1024 {
+            self.seen.shrink_to_fit();
+            self.order.shrink_to_fit();
+        }
+        self.order
+            .front()
+            .map_or(u64::MAX, |(at, ..)| at.after(self.window).0)
+    }
+}
+
+/// Whether the batch that first published some keys was recorded, for the publishes of the
+/// same keys that come before the ledger answered it: they answer with its id only once it
+/// is recorded (two publishes of one key never both pass, and a duplicate is never answered
+/// for a message that was not kept).
+#[derive(Debug, Default)]
+struct Decision(Mutex<Decided>);
+
+#[derive(Debug, Default)]
+enum Decided {
+    #[default]
+    Open,
+    Waiting(Vec<oneshot::Sender<bool>>),
+    Done(bool),
+}
+
+impl Decision {
+    /// The answer if known, or where it will come.
+    fn follow(&self) -> Result<bool, oneshot::Receiver<bool>> {
+        let mut state = lock(&self.0);
+        match &mut *state {
+            Decided::Done(recorded) => Ok(*recorded),
+            Decided::Open => {
+                let (tx, rx) = oneshot::channel();
+                *state = Decided::Waiting(vec![tx]);
+                Err(rx)
+            }
+            Decided::Waiting(waiting) => {
+                let (tx, rx) = oneshot::channel();
+                waiting.push(tx);
+                Err(rx)
+            }
+        }
+    }
+
+    fn decide(&self, recorded: bool) {
+        let state = std::mem::replace(&mut *lock(&self.0), Decided::Done(recorded));
+        if let Decided::Waiting(waiting) = state {
+            for tx in waiting {
+                let _ = tx.send(recorded);
+            }
+        }
+    }
+}
+
+/// Decides a batch's keys when dropped: recorded if the ledger ran the batch's `then` (it
+/// drops it unrun when the batch fails, or when it is gone).
+struct Decider {
+    decision: Arc<Decision>,
+    recorded: bool,
+}
+
+impl Drop for Decider {
+    fn drop(&mut self) {
+        self.decision.decide(self.recorded);
+    }
+}
+
+/// Locks, shrugging off a poisoned lock (the tables stay consistent at every step).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The ingress of one engine.
 pub struct Ingress {
     routing: ArcSwap<Routing>,
@@ -245,6 +512,10 @@ pub struct Ingress {
     unrouted_reported: AtomicU64,
     unrouted_second: AtomicU64,
     events: Arc<Events>,
+    keys: Mutex<Keys>,
+    /// When the oldest key held expires (ms since the epoch; `u64::MAX`: none held): checked
+    /// without the lock.
+    keys_expire: AtomicU64,
 }
 
 impl std::fmt::Debug for Ingress {
@@ -267,7 +538,11 @@ impl Ingress {
         max_message_size: u64,
         clock: Arc<dyn Clock>,
         events: Arc<Events>,
+        dedupe_window: Duration,
+        known_keys: Vec<(String, u64, Timestamp)>,
     ) -> Self {
+        let mut keys = Keys::new(dedupe_window, known_keys);
+        let keys_expire = keys.expire(clock.now());
         Self {
             routing: ArcSwap::from_pointee(routing),
             next_id: AtomicU64::new(next_id),
@@ -282,7 +557,30 @@ impl Ingress {
             unrouted_reported: AtomicU64::new(0),
             unrouted_second: AtomicU64::new(0),
             events,
+            keys: Mutex::new(keys),
+            keys_expire: AtomicU64::new(keys_expire),
         }
+    }
+
+    /// Drops the idempotency keys older than `dedupe_window`. Cheap when none is due (one
+    /// atomic load): the dispatcher calls it every round, so keys expire within a second of
+    /// their window whether or not anything is published.
+    pub fn expire_keys(&self, now: Timestamp) {
+        if now.0 < self.keys_expire.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut keys = lock(&self.keys);
+        self.keys_expire.store(keys.expire(now), Ordering::Relaxed);
+    }
+
+    /// The largest message it accepts (payload, headers and key).
+    pub fn max_message_size(&self) -> u64 {
+        self.max_message_size
+    }
+
+    /// Idempotency keys held now (each within `dedupe_window`).
+    pub fn keys_held(&self) -> usize {
+        lock(&self.keys).seen.len()
     }
 
     /// What a publish that matches no instance gets from now on.
@@ -352,14 +650,14 @@ impl Ingress {
         now: Timestamp,
     ) -> Result<(Accepted, Option<String>), Refused> {
         topic::validate_topic(&message.topic)
-            .map_err(|e| Refused::Invalid(format!("topic \"{}\" {e}", message.topic)))?;
-        let size = message.payload.len() as u64;
-        if size > self.max_message_size {
-            return Err(Refused::Invalid(format!(
-                "payload of {size} bytes is over max_message_size ({} bytes)",
-                self.max_message_size
-            )));
-        }
+            .map_err(|e| Refused::Invalid(format!("topic {} {e}", quote(&message.topic))))?;
+        let size = message::check(
+            message.payload.len(),
+            &message.headers,
+            message.key.as_deref(),
+            self.max_message_size,
+        )
+        .map_err(Refused::Invalid)?;
         let targets = self.routing.load().targets(&message.topic);
         if targets.is_empty() {
             self.unrouted_publish(&message.topic, now);
@@ -382,33 +680,68 @@ impl Ingress {
                 publish_time: now,
             }),
             targets,
+            size,
         };
         Ok((accepted, message.key))
     }
 
-    /// Validates, routes and numbers a batch and hands its records to the ledger. Ids follow
-    /// the order of the calls; finish with [`Ingress::complete`] once the receipt answered
-    /// (or use [`Ingress::publish`] / [`Ingress::publish_async`]).
+    /// Validates, deduplicates, routes and numbers a batch and hands its records to the
+    /// ledger, in one submission whatever its keys. Ids follow the order of the calls; finish
+    /// with [`Submitted::wait`] or [`Submitted::done`] (or use [`Ingress::publish`] /
+    /// [`Ingress::publish_async`]).
     pub fn submit(&self, batch: Vec<NewMessage>) -> Submitted {
         if !self.open.load(Ordering::Acquire) {
             return Submitted {
                 results: batch.iter().map(|_| Err(Refused::ShuttingDown)).collect(),
                 receipt: Receipt::Ready(Ok(())),
+                following: Vec::new(),
             };
         }
         let mut results = Vec::with_capacity(batch.len());
         let mut accepted = Vec::with_capacity(batch.len());
         let mut records = Vec::with_capacity(batch.len());
+        let mut following = Vec::new();
         // One clock read per batch: the batch is accepted at one time.
         let now = self.clock.now();
+        self.expire_keys(now);
+        // Held over the batch when it carries a key (checking a key and recording it is one
+        // step: two publishes of one key cannot both pass); a batch without keys never
+        // takes it.
+        let mut keys = batch
+            .iter()
+            .any(|m| m.key.is_some())
+            .then(|| lock(&self.keys));
+        // The batch's keys are decided (recorded or not) when the ledger answers it.
+        let mut decision: Option<Arc<Decision>> = None;
         for message in batch {
+            if let (Some(keys), Some(key)) = (keys.as_mut(), message.key.as_deref())
+                // An oversized key is refused below, and never hashed.
+                && key.len() <= message::MAX_KEY
+            {
+                match keys.lookup(key, now) {
+                    Some(Lookup::Recorded(published)) => {
+                        results.push(Ok(published));
+                        continue;
+                    }
+                    Some(Lookup::Pending(published, answer)) => {
+                        following.push((results.len(), answer));
+                        results.push(Ok(published));
+                        continue;
+                    }
+                    None => {}
+                }
+            }
             match self.prepare(message, Source::Producer, now) {
                 Ok((a, key)) => {
-                    results.push(Ok(Published {
+                    let published = Published {
                         id: a.message.id,
                         instances: a.targets.len() as u32,
-                    }));
-                    if let Some(key) = key {
+                        duplicate: false,
+                    };
+                    results.push(Ok(published));
+                    if let (Some(keys), Some(key)) = (keys.as_mut(), key) {
+                        let decision = decision.get_or_insert_with(Arc::default).clone();
+                        keys.insert(&key, published, now, Some(decision));
                         records.push(Record::Key {
                             key,
                             message: a.message.id,
@@ -426,67 +759,59 @@ impl Ingress {
                 Err(e) => results.push(Err(e)),
             }
         }
+        if let Some(keys) = &keys {
+            let next = keys
+                .order
+                .front()
+                .map_or(u64::MAX, |(at, ..)| at.after(keys.window).0);
+            self.keys_expire.fetch_min(next, Ordering::Relaxed);
+        }
+        drop(keys);
+        let mut decider = decision.map(|decision| Decider {
+            decision,
+            recorded: false,
+        });
         let receipt = if records.is_empty() {
             Receipt::Ready(Ok(()))
-        } else if accepted.is_empty() {
-            self.ledger.submit(records, Wait::Durable)
         } else {
             // Once durable, the messages go to the dispatcher straight from the ledger's
             // thread (before the publisher hears of it): the publishing task's turn on the
             // runtime is not on their way to the plugins.
             let (backlog, dispatcher) = (self.backlog.clone(), self.dispatcher.clone());
-            let dispatch = move || {
-                for a in &accepted {
-                    for target in &a.targets {
-                        backlog.add(*target, a.message.payload.len() as u64);
+            let then = move || {
+                if !accepted.is_empty() {
+                    for a in &accepted {
+                        for target in &a.targets {
+                            backlog.add(*target, a.size);
+                        }
                     }
+                    // The dispatcher ends only after the ingress closed; a failed send means
+                    // it is gone.
+                    let _ = dispatcher.send(dispatch::Input::Accepted(accepted));
                 }
-                // The dispatcher ends only after the ingress closed; a failed send means it
-                // is gone.
-                let _ = dispatcher.send(dispatch::Input::Accepted(accepted));
+                if let Some(decider) = &mut decider {
+                    decider.recorded = true;
+                }
             };
             self.ledger
-                .submit_then(records, Wait::Durable, Some(Box::new(dispatch)))
+                .submit_then(records, Wait::Durable, Some(Box::new(then)))
         };
-        Submitted { results, receipt }
-    }
-
-    /// Finishes a submitted batch with the ledger's answer: on success the messages are
-    /// already with the dispatcher (see [`Ingress::submit`]); otherwise each is refused with
-    /// the reason.
-    pub fn complete(
-        &self,
-        submitted: Submitted,
-        recorded: Result<(), LedgerError>,
-    ) -> Vec<Result<Published, Refused>> {
-        let Submitted { mut results, .. } = submitted;
-        if let Err(e) = recorded {
-            let refused = match e {
-                LedgerError::Full(m) => Refused::LedgerFull(m),
-                other => Refused::LedgerFailed(other.to_string()),
-            };
-            for result in &mut results {
-                if result.is_ok() {
-                    *result = Err(refused.clone());
-                }
-            }
+        Submitted {
+            results,
+            receipt,
+            following,
         }
-        results
     }
 
     /// Publishes a batch: each message gets its id or its refusal; the accepted ones are
     /// durable in the ledger when this returns. Blocks: for plain threads.
     pub fn publish(&self, batch: Vec<NewMessage>) -> Vec<Result<Published, Refused>> {
-        let mut submitted = self.submit(batch);
-        let receipt = submitted.take_receipt();
-        self.complete(submitted, receipt.wait())
+        self.submit(batch).wait()
     }
 
     /// [`Ingress::publish`] for async code: waits for the ledger without blocking a thread.
     pub async fn publish_async(&self, batch: Vec<NewMessage>) -> Vec<Result<Published, Refused>> {
-        let mut submitted = self.submit(batch);
-        let receipt = submitted.take_receipt();
-        self.complete(submitted, receipt.done().await)
+        self.submit(batch).done().await
     }
 
     /// Publishes one message.
@@ -509,5 +834,233 @@ impl Publisher for Ingress {
 
     fn admits(&self, topic: &str) -> bool {
         Ingress::admits(self, topic)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::{
+        clock::ManualClock,
+        delivery::Rules,
+        ledger::{
+            DeadLetter, DeadLetterFilter, MemoryLedger, Pending, Recovered, Replayed, Selection,
+            Then,
+        },
+        topic::Pattern,
+    };
+
+    const T0: Timestamp = Timestamp(1_700_000_000_000);
+    const WINDOW: Duration = Duration::from_secs(60);
+
+    /// An ingress routing `t.>` to instance 0, on `ledger`, with the clock it returns.
+    fn ingress_on(
+        ledger: Arc<dyn Ledger>,
+        known: Vec<(String, u64, Timestamp)>,
+    ) -> (
+        Ingress,
+        Arc<ManualClock>,
+        crossbeam_channel::Receiver<dispatch::Input>,
+    ) {
+        let clock = Arc::new(ManualClock::at(T0));
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let routing = Routing::new(&BTreeMap::from([(0, vec![Pattern::parse("t.>").unwrap()])]));
+        let ingress = Ingress::new(
+            routing,
+            1,
+            ledger,
+            tx,
+            Arc::new(Backlog::new(&[("sink".to_owned(), 1 << 20)])),
+            1 << 20,
+            clock.clone(),
+            Events::new(clock.clone()),
+            WINDOW,
+            known,
+        );
+        (ingress, clock, rx)
+    }
+
+    fn keyed(key: &str) -> NewMessage {
+        NewMessage {
+            topic: "t.a".into(),
+            payload: Bytes::from_static(b"x"),
+            headers: vec![],
+            key: Some(key.into()),
+        }
+    }
+
+    fn ids(results: &[Result<Published, Refused>]) -> Vec<(u64, bool)> {
+        results
+            .iter()
+            .map(|r| {
+                let p = r.as_ref().unwrap();
+                (p.id, p.duplicate)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_keyed_batch_is_one_submission_and_its_repeats_get_the_first_id() {
+        let (ingress, _, dispatched) = ingress_on(MemoryLedger::new(), vec![]);
+        let first = ingress.publish(vec![keyed("a"), keyed("a"), keyed("b")]);
+        assert_eq!(ids(&first), [(1, false), (1, true), (2, false)]);
+        // One submission: the dispatcher got both messages in one hand-over.
+        match dispatched.try_recv() {
+            Ok(dispatch::Input::Accepted(batch)) => assert_eq!(batch.len(), 2),
+            other => panic!("{other:?}"),
+        }
+        let again = ingress.publish(vec![keyed("b"), keyed("c")]);
+        assert_eq!(ids(&again), [(2, true), (3, false)]);
+        assert_eq!(again[0].as_ref().unwrap().instances, 1);
+    }
+
+    #[test]
+    fn keys_expire_by_dedupe_window_however_few_there_are() {
+        // The keys table was swept only once it held 4096 keys: 200 keys of 3 MB stayed
+        // for ever.
+        let (ingress, clock, _rx) = ingress_on(MemoryLedger::new(), vec![]);
+        ingress.publish((0..10).map(|i| keyed(&format!("k{i}"))).collect());
+        assert_eq!(ingress.keys_held(), 10);
+        clock.advance(WINDOW - Duration::from_millis(1));
+        ingress.expire_keys(clock.now());
+        assert_eq!(ingress.keys_held(), 10, "within the window");
+        assert!(
+            ingress.publish(vec![keyed("k3")])[0]
+                .as_ref()
+                .unwrap()
+                .duplicate
+        );
+        clock.advance(Duration::from_millis(1));
+        // No publish needed: the dispatcher's round expires them.
+        ingress.expire_keys(clock.now());
+        assert_eq!(ingress.keys_held(), 0);
+        assert!(
+            !ingress.publish(vec![keyed("k3")])[0]
+                .as_ref()
+                .unwrap()
+                .duplicate
+        );
+    }
+
+    #[test]
+    fn keys_from_the_ledger_count_by_the_engines_clock() {
+        let known = vec![
+            ("old".to_owned(), 7, Timestamp(T0.0 - 30_000)),
+            ("older".to_owned(), 5, Timestamp(T0.0 - 120_000)),
+        ];
+        let (ingress, clock, _rx) = ingress_on(MemoryLedger::new(), known);
+        assert_eq!(ingress.keys_held(), 1, "a key past the window is not kept");
+        let dup = ingress.publish(vec![keyed("old")]).remove(0).unwrap();
+        assert_eq!((dup.id, dup.duplicate, dup.instances), (7, true, 0));
+        clock.advance(WINDOW + Duration::from_secs(1));
+        let fresh = ingress.publish(vec![keyed("old")]).remove(0).unwrap();
+        assert!(!fresh.duplicate);
+    }
+
+    #[test]
+    fn an_oversized_key_is_refused_before_it_is_looked_up() {
+        let (ingress, _, _rx) = ingress_on(MemoryLedger::new(), vec![]);
+        let key = "k".repeat(message::MAX_KEY + 1);
+        let refused = ingress.publish(vec![keyed(&key)]).remove(0).unwrap_err();
+        assert_eq!(
+            refused,
+            Refused::Invalid("the idempotency key is 257 bytes, more than 256".into())
+        );
+        assert_eq!(ingress.keys_held(), 0);
+    }
+
+    /// A batch held: what runs once it is recorded, and where its answer goes.
+    type HeldBatch = (Option<Then>, oneshot::Sender<Result<(), LedgerError>>);
+
+    /// A ledger that answers when the test says so.
+    #[derive(Default)]
+    struct Held {
+        batches: Mutex<Vec<HeldBatch>>,
+    }
+
+    impl Held {
+        /// Answers the oldest batch held: recorded (its `then` runs) or failed.
+        fn answer(&self, recorded: bool) {
+            let (then, answer) = lock(&self.batches).remove(0);
+            if recorded {
+                if let Some(then) = then {
+                    then();
+                }
+                let _ = answer.send(Ok(()));
+            } else {
+                drop(then);
+                let _ = answer.send(Err(LedgerError::Full("disk".into())));
+            }
+        }
+    }
+
+    impl Ledger for Held {
+        fn submit_then(&self, _: Vec<Record>, _: Wait, then: Option<Then>) -> Receipt {
+            let (tx, rx) = oneshot::channel();
+            lock(&self.batches).push((then, tx));
+            Receipt::Pending(rx)
+        }
+        fn recover(&self, _: &[(String, Rules)], _: Timestamp) -> Result<Recovered, LedgerError> {
+            Ok(Recovered::default())
+        }
+        fn attach(&self, _: InstanceId, _: &str) -> Result<Vec<Pending>, LedgerError> {
+            Ok(Vec::new())
+        }
+        fn dead_letters(&self, _: &DeadLetterFilter) -> Result<Vec<DeadLetter>, LedgerError> {
+            Ok(Vec::new())
+        }
+        fn dead_letter_counts(&self) -> Result<BTreeMap<String, u64>, LedgerError> {
+            Ok(BTreeMap::new())
+        }
+        fn replay(&self, _: &Selection, _: Timestamp) -> Result<Replayed, LedgerError> {
+            Ok(Replayed::default())
+        }
+        fn purge(&self, _: &Selection) -> Result<u64, LedgerError> {
+            Ok(0)
+        }
+        fn counts(&self) -> crate::ledger::Counts {
+            crate::ledger::Counts::default()
+        }
+    }
+
+    #[test]
+    fn a_repeat_of_a_key_not_yet_recorded_is_answered_only_once_the_first_is() {
+        let ledger = Arc::new(Held::default());
+        let (ingress, _, _rx) = ingress_on(ledger.clone(), vec![]);
+        let first = ingress.submit(vec![keyed("a")]);
+        let repeat = ingress.submit(vec![keyed("a")]);
+        let waiting = std::thread::spawn(move || repeat.wait());
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            !waiting.is_finished(),
+            "answered before the first was recorded"
+        );
+        ledger.answer(true);
+        assert_eq!(ids(&first.wait()), [(1, false)]);
+        assert_eq!(ids(&waiting.join().unwrap()), [(1, true)]);
+        // The repeat added nothing to the ledger.
+        assert!(lock(&ledger.batches).is_empty());
+    }
+
+    #[test]
+    fn a_repeat_of_a_key_whose_first_publish_failed_is_refused_and_the_next_is_fresh() {
+        let ledger = Arc::new(Held::default());
+        let (ingress, _, _rx) = ingress_on(ledger.clone(), vec![]);
+        let first = ingress.submit(vec![keyed("a")]);
+        let repeat = ingress.submit(vec![keyed("a")]);
+        ledger.answer(false);
+        assert!(matches!(first.wait()[0], Err(Refused::LedgerFull(_))));
+        match &repeat.wait()[0] {
+            Err(Refused::LedgerFailed(why)) => {
+                assert!(why.contains("was not recorded; publish it again"), "{why}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Published again, the key is a first publish with an id of its own.
+        let again = ingress.submit(vec![keyed("a")]);
+        ledger.answer(true);
+        assert_eq!(ids(&again.wait()), [(2, false)]);
     }
 }

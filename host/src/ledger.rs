@@ -280,7 +280,7 @@ pub enum LedgerError {
 pub struct Pending {
     pub message: u64,
     pub instance: InstanceId,
-    /// The payload's size, for the backlog.
+    /// Its message's size (payload and headers as stored), for the backlog.
     pub size: u64,
     pub delivery: Delivery,
     /// Since when it waits (its message's acceptance; a replay's time): `max_age` counts
@@ -642,7 +642,7 @@ impl Ledger for MemoryLedger {
                 Some(instance) => replayed.pending.push(Pending {
                     message: d.message,
                     instance: instance as InstanceId,
-                    size: stored.as_ref().map_or(0, |m| m.payload.len() as u64),
+                    size: stored.as_ref().map_or(0, |m| m.size()),
                     delivery,
                     since: now,
                     stored: stored.clone(),

@@ -6,6 +6,7 @@
 //!   that loads libraries).
 //! - [`config`]: `plugins.toml`: search order, schema, validation, the plan between two.
 //! - [`topic`]: topics and topic patterns.
+//! - [`quote`]: untrusted text in error messages, bounded and escaped.
 //! - [`clock`]: injected time for the delivery engine.
 //! - [`delivery`]: the rules of one delivery (counters, backoff, leases, dead letters).
 //! - [`circuit`]: the circuit breaker of one instance.
@@ -44,6 +45,7 @@ pub mod loader;
 pub mod message;
 pub mod notify;
 pub mod quarantine;
+pub mod quote;
 pub mod routing;
 pub mod services;
 pub mod supervisor;

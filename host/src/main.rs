@@ -148,7 +148,8 @@ of the bench plugin subscribed to --topic).
 Examples:
   plugind bench --count 1000000 --report out/bench.json
   plugind bench --count 100000 --rate 10000 --report out/bench.json   # open loop
-  plugind bench --batch 1 --count 20000 --json")]
+  plugind bench --batch 1 --count 20000 --json
+  plugind bench --keyed --count 200000            # every message with a key of its own")]
     Bench {
         /// Messages to publish.
         #[arg(long, default_value_t = 100_000)]
@@ -168,6 +169,9 @@ Examples:
         /// The bench plugin's output file, for the latency report.
         #[arg(long, value_name = "FILE")]
         report: Option<PathBuf>,
+        /// Give every message an idempotency key of its own (measures keyed publishing).
+        #[arg(long)]
+        keyed: bool,
         #[command(flatten)]
         client: cli::ClientArgs,
     },
@@ -244,6 +248,7 @@ fn main() -> ExitCode {
             rate,
             topic,
             report,
+            keyed,
             client,
         } => cli::bench::run(cli::bench::Args {
             count,
@@ -252,6 +257,7 @@ fn main() -> ExitCode {
             rate,
             topic,
             report,
+            keyed,
             client,
         }),
         Command::Ctl { client, action } => cli::ctl::run(&client, action),

@@ -15,7 +15,11 @@ use plugind_api::{
     Level, MessageId, PublishError, PublishErrorKind, abi::KeyValue, hosting::Services,
 };
 
-use crate::{message::HOP_HEADER, topic};
+use crate::{
+    message::{self, HOP_HEADER},
+    quote::quote,
+    topic,
+};
 
 /// Who an instance generation is, for its log lines and its plugin.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,20 +130,24 @@ impl InstanceServices {
         PublishError { kind, message }
     }
 
-    fn check(&self, topic: &str, payload: &[u8], hops: u32) -> Result<(), PublishError> {
+    /// The ingress's rules, checked before a child is staged (a child the ingress refused
+    /// at its parent's ack would be lost): topic, header and size bounds — with the hop
+    /// header it will carry — and the hop limit.
+    fn check(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        headers: &[(String, String)],
+        hops: u32,
+    ) -> Result<(), PublishError> {
         topic::validate_topic(topic).map_err(|e| {
-            Self::refuse(PublishErrorKind::Invalid, format!("topic \"{topic}\" {e}"))
-        })?;
-        if payload.len() as u64 > self.limits.max_message_size {
-            return Err(Self::refuse(
+            Self::refuse(
                 PublishErrorKind::Invalid,
-                format!(
-                    "payload of {} bytes is over max_message_size ({} bytes)",
-                    payload.len(),
-                    self.limits.max_message_size
-                ),
-            ));
-        }
+                format!("topic {} {e}", quote(topic)),
+            )
+        })?;
+        message::check(payload.len(), headers, None, self.limits.max_message_size)
+            .map_err(|e| Self::refuse(PublishErrorKind::Invalid, e))?;
         if hops > self.limits.hop_limit {
             return Err(Self::refuse(
                 PublishErrorKind::HopLimit,
@@ -232,7 +240,8 @@ impl Services for InstanceServices {
                 .map(|s| s.parent_hops + 1)
         });
         if let Some(hops) = staged_hops {
-            self.check(topic, payload, hops)?;
+            let headers = with_hops(headers, hops);
+            self.check(topic, payload, &headers, hops)?;
             if !self.publisher.admits(topic) {
                 return Err(Self::refuse(
                     PublishErrorKind::Invalid,
@@ -242,7 +251,7 @@ impl Services for InstanceServices {
             let child = Child {
                 topic: topic.to_owned(),
                 payload: Bytes::copy_from_slice(payload),
-                headers: with_hops(headers, hops),
+                headers,
             };
             STAGE.with(|stage| {
                 if let Some(stage) = stage.borrow_mut().as_mut() {
@@ -257,11 +266,12 @@ impl Services for InstanceServices {
             .find(|kv| kv.key.as_str() == HOP_HEADER)
             .and_then(|kv| kv.value.as_str().parse::<u32>().ok())
             .unwrap_or(0);
-        self.check(topic, payload, hops)?;
+        let headers = with_hops(headers, hops);
+        self.check(topic, payload, &headers, hops)?;
         self.publisher.publish(Child {
             topic: topic.to_owned(),
             payload: Bytes::copy_from_slice(payload),
-            headers: with_hops(headers, hops),
+            headers,
         })
     }
 }
@@ -292,7 +302,7 @@ mod tests {
                 generation: 3,
             },
             Limits {
-                max_message_size: 16,
+                max_message_size: 64,
                 hop_limit: 2,
             },
             publisher,
@@ -356,11 +366,56 @@ mod tests {
         let e = s.publish("bad..topic", b"x", &[]).unwrap_err();
         assert_eq!(e.kind, PublishErrorKind::Invalid);
         assert!(e.message.contains("empty token"), "{}", e.message);
-        let e = s.publish("ok", &[0; 17], &[]).unwrap_err();
+        let e = s.publish("ok", &[0; 65], &[]).unwrap_err();
         assert!(
-            e.message.contains("over max_message_size (16 bytes)"),
+            e.message.contains("over max_message_size (64 bytes)"),
             "{}",
             e.message
         );
+    }
+
+    #[test]
+    fn plugin_publishes_follow_the_ingress_rules_for_topics_and_headers() {
+        let publisher = Arc::new(Recording::default());
+        let s = InstanceServices::new(
+            Identity {
+                instance: "sink".into(),
+                plugin: "file-sink".into(),
+                version: "1.0.0".into(),
+                generation: 1,
+            },
+            Limits {
+                max_message_size: 1 << 20,
+                hop_limit: 4,
+            },
+            publisher.clone(),
+        );
+        let e = s.publish("out.a\u{200b}", b"x", &[]).unwrap_err();
+        assert!(
+            e.message.contains("invisible format character"),
+            "{}",
+            e.message
+        );
+        let e = s
+            .publish("out.a", b"x", &[KeyValue::new("", "v")])
+            .unwrap_err();
+        assert!(e.message.contains("the name is empty"), "{}", e.message);
+        let (result, staged) = s.staged(0, || {
+            s.publish("out.a", b"x", &[KeyValue::new("bad\rname", "v")])
+        });
+        assert_eq!(result.unwrap_err().kind, PublishErrorKind::Invalid);
+        assert!(staged.is_empty());
+        // Headers count in the size, the hop header a staged child will carry included.
+        let value = "v".repeat(crate::message::MAX_HEADER_VALUE);
+        let headers: Vec<_> = (0..64).map(|_| KeyValue::new("h", &value)).collect();
+        let (result, staged) = s.staged(0, || s.publish("out.a", b"x", &headers));
+        let e = result.unwrap_err();
+        assert!(
+            e.message.contains("65 headers, more than 64"),
+            "{}",
+            e.message
+        );
+        assert!(staged.is_empty());
+        assert!(publisher.0.lock().unwrap().is_empty());
     }
 }

@@ -39,6 +39,7 @@ use crate::{
     loader::{Policy, ProbeCommand},
     notify::Notifier,
     quarantine::Quarantine,
+    quote::quote,
     routing::{InstanceId, Registry, Routing},
     services::Limits,
     topic::Pattern,
@@ -85,7 +86,7 @@ pub enum Refused {
         expected: String,
         found: String,
     },
-    #[error("no instance `{0}` is configured or loaded")]
+    #[error("no instance {} is configured or loaded", quote(.0))]
     UnknownInstance(String),
     #[error("the daemon is stopping")]
     Stopping,
@@ -107,7 +108,7 @@ pub enum ActRefused {
         library.display()
     )]
     LibraryPresent { instance: String, library: PathBuf },
-    #[error("no instance `{0}` is subscribed, running or waiting")]
+    #[error("no instance {} is subscribed, running or waiting", quote(.0))]
     Unknown(String),
     #[error("{0}")]
     Ledger(LedgerError),

@@ -3,6 +3,8 @@
 
 use std::fmt;
 
+use crate::quote::{invisible, quote};
+
 /// The longest topic or pattern accepted, in bytes.
 pub const MAX_LEN: usize = 255;
 
@@ -15,7 +17,7 @@ pub enum TopicError {
     TooLong { len: usize },
     #[error("has an empty token at position {position} (two dots, or a dot at an end)")]
     EmptyToken { position: usize },
-    #[error("token {position} `{token}` contains {what}")]
+    #[error("token {position} {} contains {what}", quote(token))]
     BadChar {
         position: usize,
         token: String,
@@ -62,6 +64,13 @@ fn check_token(position: usize, token: &str, allow_wildcards: bool) -> Result<()
         match c {
             c if c.is_whitespace() => return Err(bad("whitespace")),
             c if c.is_control() => return Err(bad("a control character")),
+            // Zero-width and bidirectional characters make two different topics look alike
+            // (and a topic look like what it is not) in logs, `ctl` and plugins.
+            c if invisible(c) => {
+                return Err(bad(
+                    "an invisible format character (zero-width or bidirectional)",
+                ));
+            }
             '*' | '>' => return Err(bad("a wildcard inside a token (use it as a whole token)")),
             _ => {}
         }
@@ -184,6 +193,31 @@ mod tests {
             Pattern::parse(&"a".repeat(300)),
             Err(TopicError::TooLong { len: 300 })
         );
+    }
+
+    #[test]
+    fn topics_refuse_control_zero_width_and_bidirectional_characters() {
+        for (topic, what) in [
+            ("orders.e\u{1}u", "a control character"),
+            ("orders.\u{7f}", "a control character"),
+            ("orders.e\u{200b}u", "an invisible format character"),
+            ("orders.\u{feff}eu", "an invisible format character"),
+            ("orders.\u{202e}ue", "an invisible format character"),
+            ("orders.eu\u{2066}", "an invisible format character"),
+        ] {
+            match validate_topic(topic) {
+                Err(e @ TopicError::BadChar { position: 2, .. }) => {
+                    let text = e.to_string();
+                    assert!(text.contains(what), "{topic:?}: {text}");
+                    // The token is quoted with the character escaped, never raw.
+                    assert!(text.contains("\\u{"), "{topic:?}: {text}");
+                }
+                other => panic!("{topic:?}: {other:?}"),
+            }
+        }
+        assert!(Pattern::parse("orders.\u{200d}.>").is_err());
+        // Visible non-ASCII text is a topic like any other.
+        assert!(validate_topic("commandes.été.nouvelle").is_ok());
     }
 
     #[test]

@@ -242,7 +242,7 @@ fn status_plugins_show_pause_resume_dead_letters_replay_purge_forget_and_log_lev
     assert!(!unknown.status.success());
     assert!(
         String::from_utf8_lossy(&unknown.stderr)
-            .starts_with("plugind: ctl pause: no instance `nope`"),
+            .starts_with("plugind: ctl pause: no instance \"nope\""),
         "{unknown:?}"
     );
     assert_eq!(json(&d, &["log-level", "debug"])["level"], "debug");
@@ -662,4 +662,83 @@ fn watchers_beyond_the_share_of_one_peer_are_refused_until_one_ends() {
     });
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
+}
+
+#[test]
+fn replay_and_purge_of_an_unknown_instance_are_not_found_pages_are_capped_and_forget_says_dead_lettered()
+ {
+    let d = Daemon::start(sandbox("ctl-rough-edges"), CONFIG);
+    // Replay and purge answered "0" for a name no instance has (a typo looked like an
+    // instance with nothing to do).
+    for action in ["replay", "purge"] {
+        let out = ctl(&d, &[action, "--instance", "nope", "--yes"]);
+        assert_eq!(out.status.code(), Some(1), "{action}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.starts_with(&format!(
+                "plugind: ctl {action}: no instance \"nope\" is subscribed, running or has dead letters"
+            )),
+            "{stderr}"
+        );
+    }
+    // A known instance without dead letters is not an error.
+    assert_eq!(
+        json(&d, &["purge", "--instance", "b", "--yes"])["purged"],
+        0
+    );
+    // A page holds at most 1000 dead letters, whatever the limit asked: 1001 rejected.
+    let endpoint = Endpoint::Unix(d.socket().to_owned());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut c = client::connect(&endpoint, None).await.unwrap();
+        let batch = pb::PublishBatch {
+            correlation_id: 1,
+            messages: (0..1001)
+                .map(|i| pb::PublishRequest {
+                    topic: "echo.x".into(),
+                    payload: format!("{i}").into(),
+                    headers: vec![pb::Header {
+                        name: "outcome".into(),
+                        value: "reject".into(),
+                    }],
+                    key: String::new(),
+                })
+                .collect(),
+        };
+        let request = c.request(tokio_stream::iter(vec![batch]));
+        let mut answers = c
+            .publisher
+            .publish_stream(request)
+            .await
+            .unwrap()
+            .into_inner();
+        while let Some(answer) = answers.next().await {
+            answer.unwrap();
+        }
+    });
+    wait_until("1001 dead letters", &d, || {
+        instance(&json(&d, &["plugins"]), "a")["dead_letters"] == 1001
+    });
+    let page = json(&d, &["dead-letters", "--limit", "5000"]);
+    assert_eq!(page["dead_letters"].as_array().unwrap().len(), 1000);
+    assert!(page["next"].is_string(), "the next page is offered");
+    // Forget in text: "dead-lettered", not "dead-letterd".
+    ok(&d, &["pause", "b"]);
+    wait_until("b is paused", &d, || {
+        instance(&json(&d, &["status"]), "b")["state"] == "paused"
+    });
+    d.publish("echo.b", "waiting", &[]).unwrap();
+    let path = d.sandbox().path().join("plugins.toml");
+    let without_b = CONFIG.replace(
+        "[plugins.b]\nplugin   = \"fx-echo\"\ntopics   = [\"echo.b\"]\n",
+        "",
+    );
+    assert_ne!(without_b, CONFIG);
+    fs::write(&path, &without_b).unwrap();
+    ok(&d, &["reload"]);
+    let text = ok(&d, &["forget", "b", "--yes"]);
+    assert_eq!(text, "b: 1 waiting deliveries forgotten (dead-lettered)\n");
 }

@@ -5,7 +5,8 @@
 //! `bench` example plugin turns the stamps into a publish→handle latency histogram and writes
 //! it to the file in its config. Before the first message the tool sends a reset marker
 //! (header `plugind-bench-reset`), after the last a flush marker (`plugind-bench-flush`);
-//! per-instance delivery order makes the report cover exactly this run.
+//! per-instance delivery order makes the report cover exactly this run. With `--keyed` every
+//! message carries an idempotency key of its own (unique to the run).
 
 use std::{
     io::{IsTerminal as _, Write as _},
@@ -45,6 +46,8 @@ pub struct Args {
     pub topic: String,
     /// The bench plugin's `output` file.
     pub report: Option<PathBuf>,
+    /// Every message with an idempotency key of its own.
+    pub keyed: bool,
     /// `--json`, `--connect`, `-c`.
     pub client: ClientArgs,
 }
@@ -70,6 +73,7 @@ struct Report {
     messages: u64,
     size: usize,
     batch: usize,
+    keyed: bool,
     rate: Option<u64>,
     refused: u64,
     seconds: f64,
@@ -123,6 +127,7 @@ pub fn run(args: Args) -> ExitCode {
         messages: args.count,
         size: args.size,
         batch: args.batch,
+        keyed: args.keyed,
         rate: (args.rate > 0).then_some(args.rate),
         refused,
         seconds: elapsed.as_secs_f64(),
@@ -148,8 +153,15 @@ fn print_text(report: &Report) {
         .rate
         .map_or_else(|| "flat out".to_owned(), |r| format!("{r} msgs/s offered"));
     println!(
-        "{} messages of {} bytes, batches of {}, {rate}",
-        report.messages, report.size, report.batch
+        "{} messages of {} bytes, batches of {}, {rate}{}",
+        report.messages,
+        report.size,
+        report.batch,
+        if report.keyed {
+            ", each with an idempotency key"
+        } else {
+            ""
+        }
     );
     println!(
         "  published in {:.2} s: {:.0} msgs/s{}",
@@ -222,6 +234,8 @@ async fn publish_all(endpoint: &config::Endpoint, args: &Args) -> Result<(Durati
         payload,
         count: args.count,
         batch: args.batch as u64,
+        // Keys unique to this run: an earlier run's are still within dedupe_window.
+        keys: args.keyed.then(|| format!("bench-{start_unix}-")),
     };
     // At a rate, a thread of its own sends each batch when its last message is due (open
     // loop: a slow daemon does not slow the offered load); flat out, a window of batches is
@@ -295,6 +309,8 @@ struct Batches {
     payload: Bytes,
     count: u64,
     batch: u64,
+    /// The prefix of every message's key (`None`: no keys).
+    keys: Option<String>,
 }
 
 impl Batches {
@@ -316,7 +332,10 @@ impl Batches {
                         name: SENT_HEADER.to_owned(),
                         value: stamp(i).to_string(),
                     }],
-                    key: String::new(),
+                    key: self
+                        .keys
+                        .as_ref()
+                        .map_or_else(String::new, |prefix| format!("{prefix}{i}")),
                 })
                 .collect(),
         }

@@ -75,7 +75,7 @@ pub enum Action {
         /// Only this instance's.
         #[arg(long, value_name = "NAME")]
         instance: Option<String>,
-        /// At most this many.
+        /// At most this many (the daemon sends at most 1000 a page).
         #[arg(long, default_value_t = 100)]
         limit: u32,
         /// Continue after ID/INSTANCE (printed at the end of a full page).
@@ -347,8 +347,9 @@ async fn execute(args: &ClientArgs, action: Action) -> Result<(), Failure> {
                 &serde_json::json!({"instance": name, "forgotten": r.count, "purged": purge}),
                 || {
                     format!(
-                        "{name}: {} waiting deliveries forgotten ({what}d)\n",
-                        r.count
+                        "{name}: {} waiting deliveries forgotten ({})\n",
+                        r.count,
+                        if purge { "removed" } else { "dead-lettered" }
                     )
                 },
             );

@@ -14,7 +14,7 @@ use tracing_subscriber::{
     util::SubscriberInitExt as _,
 };
 
-use crate::{config::LogFormat, control::operator::SetLogLevel};
+use crate::{config::LogFormat, control::operator::SetLogLevel, quote::quote};
 
 /// Logs to stderr: text, or one JSON object per line; `PLUGIND_LOG` (an env-filter
 /// directive) chooses the level, `info` by default. Returns how to change the filter while
@@ -41,7 +41,10 @@ pub fn init(format: LogFormat) -> SetLogLevel {
     Arc::new(move |level: &str| {
         check_filter(level)?;
         let filter = EnvFilter::try_new(level).map_err(|e| {
-            format!("{level:?} is not a log filter (e.g. info, debug, plugind=trace): {e}")
+            format!(
+                "{} is not a log filter (e.g. info, debug, plugind=trace): {e}",
+                quote(level)
+            )
         })?;
         let now = filter.to_string();
         handle
@@ -56,7 +59,8 @@ pub fn init(format: LogFormat) -> SetLogLevel {
 fn check_filter(text: &str) -> Result<(), String> {
     let bad = |why: &str| {
         Err(format!(
-            "{text:?} is not a log filter (e.g. info, debug, plugind=trace): {why}"
+            "{} is not a log filter (e.g. info, debug, plugind=trace): {why}",
+            quote(text)
         ))
     };
     if text.trim().is_empty() {
@@ -72,7 +76,8 @@ fn check_filter(text: &str) -> Result<(), String> {
             .is_err()
         {
             return bad(&format!(
-                "`{level}` is not a level (off, error, warn, info, debug, trace)"
+                "{} is not a level (off, error, warn, info, debug, trace)",
+                quote(level)
             ));
         }
         if let Some(target) = target
@@ -81,7 +86,7 @@ fn check_filter(text: &str) -> Result<(), String> {
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | ':' | '-')))
         {
-            return bad(&format!("`{target}` is not a module path"));
+            return bad(&format!("{} is not a module path", quote(target)));
         }
     }
     Ok(())

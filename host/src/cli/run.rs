@@ -10,7 +10,7 @@ use std::{path::Path, process::ExitCode, sync::Arc, time::Duration};
 use super::logging;
 use crate::{
     cli::{EXIT_CONFIG, EXIT_FAILURE, fail},
-    clock::{Clock, SystemClock, Timestamp},
+    clock::SystemClock,
     config::{self, ConfigError, Durability},
     control::{
         operator::{ControlService, SetLogLevel},
@@ -109,13 +109,7 @@ async fn serve(config: config::Config, log_level: SetLogLevel) -> ExitCode {
     if let Some(notifier) = &notifier {
         notifier.ready(&engine.supervisor().view().summary());
     }
-    let now = SystemClock.now();
-    let known = ledger.keys(Timestamp(
-        now.0
-            .saturating_sub(config.host.dedupe_window.as_millis() as u64),
-    ));
-    let publisher =
-        PublisherService::new(engine.ingress().clone(), config.host.dedupe_window, known);
+    let publisher = PublisherService::new(engine.ingress().clone());
     let (health_reporter, health) = server::health().await;
     let services = server::Services {
         publisher,

@@ -20,7 +20,7 @@ use super::{
     Backoff, Circuit, Config, Endpoint, HostSettings, Instance, Problem, Settings,
     raw::{self, Durability, HumanDuration, LogFormat, Size, Unrouted, WatchMode},
 };
-use crate::topic::Pattern;
+use crate::{quote::quote, topic::Pattern};
 
 /// Collects problems against the text they point into.
 struct Problems<'t> {
@@ -170,7 +170,9 @@ fn number_in<T: Copy + PartialOrd + std::fmt::Display>(
         return default;
     };
     let n = *value.get_ref();
-    if n < range.0 || n > range.1 {
+    // `contains`, not `n < min || n > max`: NaN is neither, and `backoff.jitter = nan` passed
+    // (and made every backoff 0).
+    if !(range.0..=range.1).contains(&n) {
         problems.at(
             Some(value.span()),
             format!(
@@ -274,8 +276,8 @@ fn host_settings(problems: &mut Problems<'_>, raw: raw::Host, base: &Path) -> Op
                 problems.at(
                     Some(text.span()),
                     format!(
-                        "`metrics` \"{}\" is not an address such as \"127.0.0.1:9464\"",
-                        text.get_ref()
+                        "`metrics` {} is not an address such as \"127.0.0.1:9464\"",
+                        quote(text.get_ref())
                     ),
                 )
             })
@@ -305,8 +307,8 @@ fn host_settings(problems: &mut Problems<'_>, raw: raw::Host, base: &Path) -> Op
                 problems.at(
                     Some(text.span()),
                     format!(
-                        "`socket_mode` \"{}\" is not an octal mode such as \"0660\"",
-                        text.get_ref()
+                        "`socket_mode` {} is not an octal mode such as \"0660\"",
+                        quote(text.get_ref())
                     ),
                 );
                 0
@@ -718,7 +720,7 @@ fn instance(
                     .map_err(|e| {
                         problems.at(
                             Some(topic.span()),
-                            format!("topic pattern \"{}\": {e}", topic.get_ref()),
+                            format!("topic pattern {}: {e}", quote(topic.get_ref())),
                         )
                     })
                     .ok()

@@ -468,3 +468,31 @@ fn the_config_file_is_read_only_when_it_is_a_regular_file() {
     std::os::unix::fs::symlink("real.toml", &link).unwrap();
     assert_eq!(read_text(&link).unwrap(), "[host]\n");
 }
+
+#[test]
+fn float_settings_refuse_nan_and_infinities() {
+    // `backoff.jitter = nan` passed the range check (NaN compares false both ways) and made
+    // every backoff 0.
+    for (line, value) in [
+        ("jitter = nan", "NaN"),
+        ("jitter = -nan", "NaN"),
+        ("jitter = inf", "inf"),
+        ("multiplier = nan", "NaN"),
+        ("multiplier = inf", "inf"),
+        ("multiplier = -inf", "-inf"),
+    ] {
+        let key = line.split(' ').next().unwrap();
+        let (l, _, message) = one(&format!("[defaults.backoff]\n{line}\n"));
+        assert_eq!(l, 2, "{line}");
+        assert!(
+            message.starts_with(&format!("`backoff.{key}` is {value}, expected between")),
+            "{line}: {message}"
+        );
+        // In an instance's table too.
+        let (_, _, message) = one(&format!("[plugins.a.backoff]\n{line}\n"));
+        assert!(
+            message.contains(&format!("`backoff.{key}`")),
+            "{line}: {message}"
+        );
+    }
+}

@@ -20,6 +20,7 @@ use crate::{
     events::Event,
     ledger::{DeadLetterFilter, Forget, LedgerError, Origin, Selection},
     loader,
+    quote::quote,
     supervisor::{ActRefused, InstanceView, Refused},
 };
 
@@ -35,6 +36,10 @@ pub const WATCHERS_PER_PEER: usize = MAX_WATCHERS / 4;
 
 /// How much of a payload `ShowMessage` returns.
 const PREVIEW: usize = 256;
+
+/// The most dead letters one `DeadLetters` page holds (a larger `limit` is cut to it; the
+/// page says where the next one starts).
+pub const MAX_PAGE: usize = 1000;
 
 /// Sets the daemon's log filter; returns the filter now in force.
 pub type SetLogLevel = Arc<dyn Fn(&str) -> Result<String, String> + Send + Sync>;
@@ -192,6 +197,28 @@ fn selection(instance: String, ids: Vec<u64>, all: bool) -> Result<Selection, St
         instance: (!instance.is_empty()).then_some(instance),
         messages: ids,
     })
+}
+
+/// Refuses (NOT_FOUND) a selection naming an instance this daemon does not know: neither
+/// registered in this run nor holding dead letters. Replaying or purging it would answer 0,
+/// as if a name mistyped were an instance with nothing to do.
+fn known(engine: &Engine, selection: &Selection) -> Result<(), Status> {
+    let Some(name) = &selection.instance else {
+        return Ok(());
+    };
+    if engine.instance(name).is_some()
+        || engine
+            .ledger()
+            .dead_letter_counts()
+            .map_err(|e| ledger_status(&e))?
+            .contains_key(name)
+    {
+        return Ok(());
+    }
+    Err(Status::not_found(format!(
+        "no instance {} is subscribed, running or has dead letters",
+        quote(name)
+    )))
 }
 
 /// An event as the `Watch` stream carries it.
@@ -386,8 +413,8 @@ impl control_server::Control for ControlService {
             let mut hash = [0u8; 32];
             hex::decode_to_slice(&request.expected_sha256, &mut hash).map_err(|e| {
                 Status::invalid_argument(format!(
-                    "expected_sha256 {:?} is not a hex SHA-256: {e}",
-                    request.expected_sha256
+                    "expected_sha256 {} is not a hex SHA-256: {e}",
+                    quote(&request.expected_sha256)
                 ))
             })?;
             Some(hash)
@@ -453,7 +480,11 @@ impl control_server::Control for ControlService {
         request: Request<pb::DeadLettersRequest>,
     ) -> Result<Response<pb::DeadLettersResponse>, Status> {
         let r = request.into_inner();
-        let limit = if r.limit == 0 { 100 } else { r.limit as usize };
+        let limit = if r.limit == 0 {
+            100
+        } else {
+            (r.limit as usize).min(MAX_PAGE)
+        };
         let filter = DeadLetterFilter {
             instance: (!r.instance.is_empty()).then_some(r.instance),
             after: (r.after_id > 0 || !r.after_instance.is_empty())
@@ -500,6 +531,7 @@ impl control_server::Control for ControlService {
         let r = request.into_inner();
         let selection = selection(r.instance, r.ids, r.all)?;
         self.blocking(move |engine| {
+            known(engine, &selection)?;
             let (queued, waiting) = engine.replay(&selection).map_err(|e| ledger_status(&e))?;
             Ok(pb::ReplayResponse { queued, waiting })
         })
@@ -514,6 +546,7 @@ impl control_server::Control for ControlService {
         let r = request.into_inner();
         let selection = selection(r.instance, r.ids, r.all)?;
         self.blocking(move |engine| {
+            known(engine, &selection)?;
             let count = engine
                 .ledger()
                 .purge(&selection)

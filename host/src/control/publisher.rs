@@ -1,13 +1,8 @@
-//! The `Publisher` service: `Publish` and `PublishStream` on top of the ingress API, with
-//! idempotency keys and precise status codes.
+//! The `Publisher` service: `Publish` and `PublishStream` on top of the ingress API (which
+//! deduplicates idempotency keys), with precise status codes and a request size limit that
+//! follows `max_message_size`.
 
-use std::{
-    collections::{HashMap, VecDeque},
-    future::Future,
-    pin::Pin,
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::VecDeque, future::Future, pin::Pin, sync::Arc};
 
 use tokio_stream::{Stream, StreamExt as _, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
@@ -17,145 +12,61 @@ use super::pb::{
     publish_outcome, publisher_server,
 };
 use crate::{
-    clock::{Clock, SystemClock, Timestamp},
-    ingress::{Ingress, NewMessage, Published, Refused, Submitted},
-    ledger::LedgerError,
+    ingress::{Ingress, NewMessage, Published, Refused},
+    message,
 };
 
 /// How many batch results of one stream may wait for the client before the server stops
 /// reading its requests (HTTP/2 flow control then holds the client back).
 const STREAM_BUFFER: usize = 64;
 
-/// Idempotency keys seen within `dedupe_window`, with the id they got. Each key is recorded
-/// in the ledger with its message, and the table starts from the ledger's keys: a key
-/// survives a restart.
-#[derive(Debug)]
-struct Keys {
-    window: Duration,
-    seen: HashMap<String, (Published, Timestamp)>,
-    /// The size at which the next sweep of expired keys runs.
-    sweep_at: usize,
-}
+/// The largest request the transport takes below `max_message_size`: gRPC's usual 4 MiB, so
+/// that streams keep batching small messages whatever the limit.
+const TRANSPORT_FLOOR: usize = 4 << 20;
 
-/// The table size below which expired keys are never swept.
-const SWEEP_MIN: usize = 4096;
+/// What a request carries besides its payload at most: every header at its bounds, the
+/// topic, the key, and protobuf's framing, with room to spare.
+const ENVELOPE: usize = message::MAX_HEADERS
+    * (message::MAX_HEADER_NAME + message::MAX_HEADER_VALUE + 16)
+    + crate::topic::MAX_LEN
+    + message::MAX_KEY
+    + (64 << 10);
 
-impl Keys {
-    fn fresh(&self, at: Timestamp, now: Timestamp) -> bool {
-        now.since(at) < self.window
-    }
-
-    fn get(&mut self, key: &str, now: Timestamp) -> Option<Published> {
-        // Expired keys are dropped in amortised sweeps: a sweep only when the table doubled
-        // since the last one, never on every publish.
-        if self.seen.len() > self.sweep_at {
-            let window = self.window;
-            self.seen.retain(|_, (_, at)| now.since(*at) < window);
-            self.sweep_at = (self.seen.len() * 2).max(SWEEP_MIN);
-        }
-        self.seen
-            .get(key)
-            .filter(|(_, at)| self.fresh(*at, now))
-            .map(|(published, _)| *published)
-    }
+/// The largest request (or stream message) the transport decodes for `max_message_size`: a
+/// message of that size always passes the transport, and one a little over it reaches the
+/// ingress, which says why it is refused.
+pub fn transport_limit(max_message_size: u64) -> usize {
+    usize::try_from(max_message_size)
+        .unwrap_or(usize::MAX)
+        .saturating_add(ENVELOPE)
+        .max(TRANSPORT_FLOOR)
 }
 
 /// The service implementation.
 #[derive(Debug, Clone)]
 pub struct PublisherService {
     ingress: Arc<Ingress>,
-    /// Held across a keyed publish (until its key is recorded): two publishes of one key
-    /// cannot both pass.
-    keys: Arc<tokio::sync::Mutex<Keys>>,
 }
 
 impl PublisherService {
-    /// `known`: the keys the ledger kept from earlier runs (key, id, time).
-    pub fn new(
-        ingress: Arc<Ingress>,
-        dedupe_window: Duration,
-        known: Vec<(String, u64, Timestamp)>,
-    ) -> Self {
-        // How many instances a key's message reached is not kept across restarts.
-        let seen: HashMap<String, (Published, Timestamp)> = known
-            .into_iter()
-            .map(|(key, id, at)| (key, (Published { id, instances: 0 }, at)))
-            .collect();
-        Self {
-            ingress,
-            keys: Arc::new(tokio::sync::Mutex::new(Keys {
-                window: dedupe_window,
-                sweep_at: (seen.len() * 2).max(SWEEP_MIN),
-                seen,
-            })),
-        }
+    pub fn new(ingress: Arc<Ingress>) -> Self {
+        Self { ingress }
     }
 
+    /// The server, decoding requests up to [`transport_limit`] (tonic's default, 4 MiB,
+    /// refused every publish above it whatever `max_message_size` said).
     pub fn into_server(self) -> publisher_server::PublisherServer<Self> {
-        publisher_server::PublisherServer::new(self)
+        let limit = transport_limit(self.ingress.max_message_size());
+        publisher_server::PublisherServer::new(self).max_decoding_message_size(limit)
     }
 
-    /// Publishes a batch, honouring idempotency keys.
-    async fn publish(&self, requests: Vec<PublishRequest>) -> Vec<Result<Outcome, Refused>> {
-        let keyed = requests.iter().any(|r| !r.key.is_empty());
-        if !keyed {
-            return fresh(
-                self.ingress
-                    .publish_async(requests.into_iter().map(message).collect())
-                    .await,
-            );
-        }
-        // Keyed batches are serialized so two publishes of one key cannot both pass.
-        let mut keys = self.keys.lock().await;
-        let now = SystemClock.now();
-        let mut results = Vec::with_capacity(requests.len());
-        for request in requests {
-            if !request.key.is_empty()
-                && let Some(published) = keys.get(&request.key, now)
-            {
-                results.push(Ok(Outcome {
-                    published,
-                    duplicate: true,
-                }));
-                continue;
-            }
-            let key = request.key.clone();
-            let result = self
-                .ingress
-                .publish_async(vec![message(request)])
-                .await
-                .pop()
-                .expect("one result per message");
-            if let (Ok(published), false) = (&result, key.is_empty()) {
-                keys.seen.insert(key, (*published, now));
-            }
-            results.push(result.map(|published| Outcome {
-                published,
-                duplicate: false,
-            }));
-        }
-        results
+    /// Publishes a batch (one submission, keyed or not).
+    async fn publish(&self, requests: Vec<PublishRequest>) -> Vec<Result<Published, Refused>> {
+        self.ingress
+            .submit(requests.into_iter().map(message).collect())
+            .done()
+            .await
     }
-}
-
-/// One message's answer: what the ingress said, and whether its key was a duplicate.
-#[derive(Debug, Clone, Copy)]
-struct Outcome {
-    published: Published,
-    duplicate: bool,
-}
-
-/// Answers of messages published without a key seen before.
-fn fresh(results: Vec<Result<Published, Refused>>) -> Vec<Result<Outcome, Refused>> {
-    results
-        .into_iter()
-        .map(|r| {
-            r.map(|published| Outcome {
-                published,
-                duplicate: false,
-            })
-        })
-        .collect()
 }
 
 fn message(request: PublishRequest) -> NewMessage {
@@ -184,12 +95,12 @@ pub fn status(refused: &Refused) -> Status {
     }
 }
 
-fn outcome(result: Result<Outcome, Refused>) -> PublishOutcome {
+fn outcome(result: Result<Published, Refused>) -> PublishOutcome {
     match result {
-        Ok(o) => PublishOutcome {
-            outcome: Some(publish_outcome::Outcome::Id(o.published.id)),
-            instances: o.published.instances,
-            duplicate: o.duplicate,
+        Ok(published) => PublishOutcome {
+            outcome: Some(publish_outcome::Outcome::Id(published.id)),
+            instances: published.instances,
+            duplicate: published.duplicate,
         },
         Err(refused) => {
             let status = status(&refused);
@@ -205,26 +116,18 @@ fn outcome(result: Result<Outcome, Refused>) -> PublishOutcome {
     }
 }
 
+/// Every message's answer of a batch, once the ledger answered it.
+type Answers = Pin<Box<dyn Future<Output = Vec<Result<Published, Refused>>> + Send>>;
+
 /// A batch of a stream waiting for the ledger.
 struct InFlight {
     correlation_id: u64,
-    submitted: Submitted,
-    receipt: Pin<Box<dyn Future<Output = Result<(), LedgerError>> + Send>>,
-}
-
-impl InFlight {
-    /// The stream's answer for this batch, once the ledger answered.
-    fn answer(self, ingress: &Ingress, recorded: Result<(), LedgerError>) -> PublishBatchResult {
-        batch_result(
-            self.correlation_id,
-            fresh(ingress.complete(self.submitted, recorded)),
-        )
-    }
+    answers: Answers,
 }
 
 fn batch_result(
     correlation_id: u64,
-    outcomes: Vec<Result<Outcome, Refused>>,
+    outcomes: Vec<Result<Published, Refused>>,
 ) -> PublishBatchResult {
     PublishBatchResult {
         correlation_id,
@@ -242,10 +145,10 @@ impl publisher_server::Publisher for PublisherService {
     ) -> Result<Response<PublishResponse>, Status> {
         let result = self.publish(vec![request.into_inner()]).await;
         match result.into_iter().next().expect("one result per message") {
-            Ok(o) => Ok(Response::new(PublishResponse {
-                id: o.published.id,
-                instances: o.published.instances,
-                duplicate: o.duplicate,
+            Ok(published) => Ok(Response::new(PublishResponse {
+                id: published.id,
+                instances: published.instances,
+                duplicate: published.duplicate,
             })),
             Err(refused) => Err(status(&refused)),
         }
@@ -261,42 +164,33 @@ impl publisher_server::Publisher for PublisherService {
         let (results, stream) = tokio::sync::mpsc::channel(STREAM_BUFFER);
         let service = self.clone();
         tokio::spawn(async move {
-            // Batches are submitted as they arrive (ids in arrival order) and answered in
-            // that order once durable: many batches share one group commit.
+            // Batches are submitted as they arrive (ids in arrival order), keyed or not, and
+            // answered in that order once durable: many batches share one group commit. A
+            // key repeated from a batch still in flight is answered once that one is
+            // recorded (the ingress sees to it).
             let mut in_flight: VecDeque<InFlight> = VecDeque::new();
             let mut reading = true;
             let mut error = None;
             while reading || !in_flight.is_empty() {
                 tokio::select! {
                     biased;
-                    recorded = async { (&mut in_flight.front_mut().expect("checked").receipt).await },
+                    answers = async { (&mut in_flight.front_mut().expect("checked").answers).await },
                         if !in_flight.is_empty() =>
                     {
                         let done = in_flight.pop_front().expect("checked");
                         // A client gone is no reason to stop: what was submitted must
                         // still reach the dispatcher.
-                        let _ = results.send(Ok(done.answer(&service.ingress, recorded))).await;
+                        let _ = results.send(Ok(batch_result(done.correlation_id, answers))).await;
                     }
                     batch = batches.next(), if reading && in_flight.len() < STREAM_BUFFER => {
                         match batch {
-                            Some(Ok(batch)) if batch.messages.iter().any(|m| !m.key.is_empty()) => {
-                                // A keyed batch waits for the ones before it, then goes alone.
-                                for mut done in in_flight.drain(..) {
-                                    let recorded = (&mut done.receipt).await;
-                                    let _ = results.send(Ok(done.answer(&service.ingress, recorded))).await;
-                                }
-                                let outcomes = service.publish(batch.messages).await;
-                                let _ = results.send(Ok(batch_result(batch.correlation_id, outcomes))).await;
-                            }
                             Some(Ok(batch)) => {
-                                let mut submitted = service
+                                let submitted = service
                                     .ingress
                                     .submit(batch.messages.into_iter().map(message).collect());
-                                let receipt = Box::pin(submitted.take_receipt().done());
                                 in_flight.push_back(InFlight {
                                     correlation_id: batch.correlation_id,
-                                    submitted,
-                                    receipt,
+                                    answers: Box::pin(submitted.done()),
                                 });
                             }
                             Some(Err(status)) => {

@@ -230,8 +230,8 @@ pub(super) fn lock_state_dir(dir: &Path) -> Result<File, LedgerError> {
     Ok(lock)
 }
 
-/// The payload size of a stored pending delivery; `None`, reported, when its message is
-/// missing (corruption: the delivery is kept and not handed out).
+/// The size (payload and headers) of a stored pending delivery; `None`, reported, when its
+/// message is missing (corruption: the delivery is kept and not handed out).
 fn readable(stored: &store::StoredDelivery, name: &str) -> Option<u64> {
     if stored.size.is_none() {
         tracing::error!(

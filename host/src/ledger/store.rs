@@ -764,7 +764,7 @@ pub(super) fn scan(
     let fail = |e: rusqlite::Error| located(conn, "cannot read the ledger", &e);
     let mut stmt = conn
         .prepare(
-            "SELECT d.msg, d.inst, d.state, length(m.payload), m.published
+            "SELECT d.msg, d.inst, d.state, length(m.payload) + length(m.headers), m.published
                FROM pending d LEFT JOIN messages m ON m.id = d.msg
               WHERE ?1 IS NULL OR d.inst = ?1",
         )
@@ -1006,7 +1006,7 @@ fn selected(
 }
 
 /// Moves the selected dead letters back to pending (failures reset, history kept).
-/// Returns (message, instance key, delivery, payload size) of each.
+/// Returns (message, instance key, delivery, size: payload and headers) of each.
 pub(super) fn replay(
     conn: &Connection,
     selection: &Selection,
@@ -1027,7 +1027,7 @@ pub(super) fn replay(
         .map_err(&map)?;
         let size: i64 = conn
             .query_row(
-                "SELECT coalesce(length(payload), 0) FROM messages WHERE id = ?1",
+                "SELECT coalesce(length(payload) + length(headers), 0) FROM messages WHERE id = ?1",
                 [msg as i64],
                 |r| r.get(0),
             )
@@ -1141,7 +1141,7 @@ pub(super) fn history(conn: &Connection, message: u64) -> Result<Vec<HistoryEntr
 /// What waits per instance (every instance ever registered that has something).
 pub(super) fn backlog(conn: &Connection) -> Result<Vec<BacklogEntry>, LedgerError> {
     conn.prepare_cached(
-        "SELECT i.name, count(*), coalesce(sum(length(m.payload)), 0)
+        "SELECT i.name, count(*), coalesce(sum(length(m.payload) + length(m.headers)), 0)
            FROM pending d JOIN instances i ON i.key = d.inst
            LEFT JOIN messages m ON m.id = d.msg
           GROUP BY d.inst ORDER BY i.name",

@@ -130,7 +130,10 @@ fn a_reopened_ledger_recovers_pending_deliveries_without_their_payloads() {
         .iter()
         .map(|p| (p.message, p.instance, p.size))
         .collect();
-    assert_eq!(pending, vec![(1, 1, 3), (2, 0, 3), (2, 1, 3)]);
+    // Sizes count the payload and the headers as stored (what the backlog counted).
+    let size = message(0, "abc").size();
+    assert_eq!(size, 3 + 20);
+    assert_eq!(pending, vec![(1, 1, size), (2, 0, size), (2, 1, size)]);
     assert!(recovered.next_id >= 3, "past every id recorded");
     assert!(recovered.unclean, "dropped without close");
     assert_eq!(recovered.crashed, 0, "nothing was in flight");
@@ -604,7 +607,7 @@ fn dead_letters_page_replay_and_purge() {
         .iter()
         .map(|p| (p.message, p.instance, p.size))
         .collect();
-    assert_eq!(back, vec![(2, 0, 1), (3, 0, 1)]);
+    assert_eq!(back, vec![(2, 0, 1 + 20), (3, 0, 1 + 20)]);
     let d = &replayed.pending[0].delivery;
     assert_eq!(
         (d.failures, d.deliveries, d.history.len()),
@@ -663,7 +666,8 @@ fn forgetting_an_instance_not_running_ends_its_backlog_for_good() {
             .iter()
             .map(|b| (b.instance.as_str(), b.deliveries, b.bytes))
             .collect::<Vec<_>>(),
-        vec![("a", 3, 9), ("b", 3, 9)]
+        vec![("a", 3, 3 * (3 + 20)), ("b", 3, 3 * (3 + 20))],
+        "payloads and headers"
     );
     assert_eq!(ledger.forget("a", Forget::DeadLetter, T0).unwrap(), 3);
     assert_eq!(ledger.forget("b", Forget::Purge, T0).unwrap(), 3);
