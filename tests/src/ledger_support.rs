@@ -22,13 +22,7 @@ use crate::{
 
 /// A new sandbox (named after `label`) with the `fx-record` fixture in `plugins.d`.
 pub fn sandbox(label: &str) -> Sandbox {
-    let sandbox = Sandbox::new(label);
-    sandbox.dir("plugins.d");
-    sandbox.copy(
-        "plugins.d/fx-record.so",
-        &fixtures::library("fx-record", Profile::Dev),
-    );
-    sandbox
+    Sandbox::with_fixtures(label, &["fx-record"])
 }
 
 /// A `plugins.toml` with `durability`, no autoload, a 2 s grace period, `max_attempts = 3`

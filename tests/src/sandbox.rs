@@ -52,6 +52,20 @@ impl Sandbox {
     pub fn copy(&self, relative: &str, from: &Path) -> PathBuf {
         self.put(relative, fs::read(from).expect("the source is readable"))
     }
+
+    /// A new sandbox (named after `label`) whose `plugins.d` holds the dev build of each
+    /// fixture crate of `fixtures` (`"fx-echo"` → `plugins.d/fx-echo.so`).
+    pub fn with_fixtures(label: &str, fixtures: &[&str]) -> Self {
+        let sandbox = Self::new(label);
+        sandbox.dir("plugins.d");
+        for fixture in fixtures {
+            sandbox.copy(
+                &format!("plugins.d/{fixture}.so"),
+                &crate::fixtures::library(fixture, crate::fixtures::Profile::Dev),
+            );
+        }
+        sandbox
+    }
 }
 
 impl Drop for Sandbox {

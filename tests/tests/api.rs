@@ -14,23 +14,12 @@ use std::{
     time::Duration,
 };
 
-use plugind_tests::{
-    binary,
-    daemon::Daemon,
-    fixtures::{self, Profile},
-    ledger_support::wait_until,
-    sandbox::Sandbox,
-};
+use plugind_tests::{binary, daemon::Daemon, ledger_support::wait_until, sandbox::Sandbox};
 
 /// A sandbox with `fx-echo` in `plugins.d`, reachable by other users (its folder 0755).
 fn sandbox(label: &str) -> Sandbox {
-    let sandbox = Sandbox::new(label);
+    let sandbox = Sandbox::with_fixtures(label, &["fx-echo"]);
     fs::set_permissions(sandbox.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    sandbox.dir("plugins.d");
-    sandbox.copy(
-        "plugins.d/fx-echo.so",
-        &fixtures::library("fx-echo", Profile::Dev),
-    );
     sandbox
 }
 

@@ -16,24 +16,12 @@ use plugind::{
     config::Endpoint,
     control::{client, pb},
 };
-use plugind_tests::{
-    binary,
-    daemon::Daemon,
-    fixtures::{self, Profile},
-    ledger_support::wait_until,
-    sandbox::Sandbox,
-};
+use plugind_tests::{binary, daemon::Daemon, ledger_support::wait_until, sandbox::Sandbox};
 use tokio_stream::StreamExt as _;
 
 /// A sandbox with `fx-echo` (acks; the `outcome` header asks for `reject`) in `plugins.d`.
 fn sandbox(label: &str) -> Sandbox {
-    let sandbox = Sandbox::new(label);
-    sandbox.dir("plugins.d");
-    sandbox.copy(
-        "plugins.d/fx-echo.so",
-        &fixtures::library("fx-echo", Profile::Dev),
-    );
-    sandbox
+    Sandbox::with_fixtures(label, &["fx-echo"])
 }
 
 /// Two echo instances, with comments and a layout `enable`/`disable` must keep.

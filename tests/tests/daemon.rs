@@ -17,15 +17,7 @@ use plugind_tests::{
 };
 
 fn sandbox(libraries: &[&str]) -> Sandbox {
-    let sandbox = Sandbox::new("daemon");
-    sandbox.dir("plugins.d");
-    for fixture in libraries {
-        sandbox.copy(
-            &format!("plugins.d/{fixture}.so"),
-            &fixtures::library(fixture, Profile::Dev),
-        );
-    }
-    sandbox
+    Sandbox::with_fixtures("daemon", libraries)
 }
 
 const ECHO: &str = "\

@@ -5,13 +5,9 @@
 //! README's test prerequisites) install them in the virtual environment `target/python`;
 //! `$PLUGIND_TEST_PYTHON` names another interpreter.
 
-use std::{path::PathBuf, process::Command};
+use std::process::Command;
 
-use plugind_tests::{
-    daemon::Daemon,
-    fixtures::{self, Profile},
-    sandbox::Sandbox,
-};
+use plugind_tests::{daemon::Daemon, fixtures, sandbox::Sandbox};
 
 /// `$PLUGIND_TEST_PYTHON`, else the repository's `target/python` environment, else `python3`.
 fn python() -> String {
@@ -48,16 +44,8 @@ fn checked_python() -> String {
 #[test]
 fn a_stock_python_grpcio_client_publishes_and_operates_over_the_unix_socket() {
     let python = checked_python();
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned();
-    let s = Sandbox::new("python");
-    s.dir("plugins.d");
-    s.copy(
-        "plugins.d/fx-echo.so",
-        &fixtures::library("fx-echo", Profile::Dev),
-    );
+    let repo = fixtures::repo_root();
+    let s = Sandbox::with_fixtures("python", &["fx-echo"]);
     let stubs = s.dir("stubs");
     let generated = Command::new(&python)
         .args(["-m", "grpc_tools.protoc", "-I"])

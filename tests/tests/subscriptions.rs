@@ -16,7 +16,6 @@ use std::{
 use plugind_tests::{
     binary,
     daemon::Daemon,
-    fixtures::{self, Profile},
     ledger_support::{
         config, ids, publish_all, record_config, sandbox, try_publish_all, wait_until,
     },
@@ -516,12 +515,7 @@ fn after_sigkill_a_slow_plugin_gets_again_only_the_call_in_hand_and_a_handful_mo
 
 #[test]
 fn ctl_watch_says_the_connection_closed_when_the_daemon_is_killed() {
-    let s = Sandbox::new("subs-watch");
-    s.dir("plugins.d");
-    s.copy(
-        "plugins.d/fx-echo.so",
-        &fixtures::library("fx-echo", Profile::Dev),
-    );
+    let s = Sandbox::with_fixtures("subs-watch", &["fx-echo"]);
     let d = Daemon::start(
         s,
         "[host]\nautoload = false\n[plugins.a]\nplugin = \"fx-echo\"\ntopics = [\"a\"]\n",
