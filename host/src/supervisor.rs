@@ -340,6 +340,10 @@ pub struct Supervisor {
     view: view::View,
     /// The configuration bytes refused last (a watcher event for them is not news).
     refused: Option<[u8; 32]>,
+    /// The bytes applied last and what applying them changed: the answer to an operator's
+    /// reload of exactly those bytes when the watcher applied them first (`ctl enable`
+    /// writes the file, and the watcher may read it before the reload arrives).
+    last_change: Option<([u8; 32], config::Plan)>,
     /// What the ledger remembers of each instance (subscriptions, pauses), as last written.
     remembered: BTreeMap<String, Remembered>,
     /// The last `STATUS=` sent, when, and the last watchdog ping.
@@ -380,6 +384,7 @@ impl Supervisor {
             receiver,
             view: view::View::default(),
             refused: None,
+            last_change: None,
             remembered,
             status: String::new(),
             status_at: std::time::Instant::now(),
@@ -699,8 +704,19 @@ impl Supervisor {
                 inst.reported = None;
             }
         }
-        let plan = config::plan(&self.parts.config, &new);
-        for key in &plan.restart_required {
+        let mut plan = config::plan(&self.parts.config, &new);
+        if unchanged
+            && instance.is_none()
+            && let (Some(expected), Some((hash, applied))) = (expected, &self.last_change)
+            && expected == *hash
+        {
+            // The operator expects these bytes and they run already: the watcher applied
+            // them first. The answer is what applying them changed, not "unchanged".
+            plan = applied.clone();
+        } else if !unchanged {
+            self.last_change = Some((new.hash, plan.clone()));
+        }
+        for key in plan.restart_required.iter().filter(|_| !unchanged) {
             tracing::warn!(
                 key,
                 "a [host] setting changed; it takes effect at the next start"
@@ -728,7 +744,6 @@ impl Supervisor {
             inst.renew = true;
         }
         let failures = self.reconcile();
-        let mut plan = plan;
         if let Some(name) = &instance
             && !failures.iter().any(|f| f.instance == *name)
             && self

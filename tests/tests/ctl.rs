@@ -17,6 +17,7 @@ use plugind::{
     control::{client, pb},
 };
 use plugind_tests::{binary, daemon::Daemon, ledger_support::wait_until, sandbox::Sandbox};
+use sha2::Digest as _;
 use tokio_stream::StreamExt as _;
 
 /// A sandbox with `fx-echo` (acks; the `outcome` header asks for `reject`) in `plugins.d`.
@@ -288,6 +289,64 @@ fn enable_and_disable_edit_plugins_toml_keeping_its_comments_and_layout() {
     let missing = ctl(&d, &["enable", "zzz"]);
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no [plugins.zzz] table"));
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+}
+
+#[test]
+fn an_edit_the_watcher_applied_first_is_answered_with_what_it_changed() {
+    // `ctl enable` writes the file and then asks for a reload of exactly those bytes; the
+    // watcher may read the file first. The answer is still what applying them changed.
+    let d = Daemon::start(sandbox("ctl-raced"), CONFIG);
+    let path = d.sandbox().path().join("plugins.toml");
+    let edited = CONFIG.replace(
+        "topics   = [\"echo.b\"]\n",
+        "topics   = [\"echo.b\"]\nenabled = false\n",
+    );
+    let temp = d.sandbox().path().join(".plugins.toml.new");
+    fs::write(&temp, &edited).unwrap();
+    fs::rename(&temp, &path).unwrap();
+    d.wait_for_log("configuration applied", 1);
+    let endpoint = Endpoint::Unix(d.socket().to_owned());
+    let reload = |expected_sha256: String| {
+        runtime().block_on(async {
+            let mut c = client::connect(&endpoint, None).await.unwrap();
+            c.control
+                .reload(c.request(pb::ReloadRequest {
+                    expected_sha256,
+                    instance: String::new(),
+                }))
+                .await
+                .unwrap()
+                .into_inner()
+        })
+    };
+    let change = |r: &pb::ReloadResponse, name: &str| {
+        r.changes
+            .iter()
+            .find(|c| c.instance == name)
+            .map(|c| c.change.clone())
+    };
+    let hash = sha2::Sha256::digest(edited.as_bytes());
+    let raced = reload(hex::encode(hash));
+    assert_eq!(change(&raced, "b").as_deref(), Some("stop"), "{raced:?}");
+    assert_eq!(
+        change(&raced, "a").as_deref(),
+        Some("unchanged"),
+        "{raced:?}"
+    );
+    // A plain reload of the same bytes changes nothing, and says so.
+    let plain = reload(String::new());
+    assert_eq!(
+        change(&plain, "b").as_deref(),
+        Some("unchanged"),
+        "{plain:?}"
+    );
+    // `ctl disable` of what the file already says leaves the file alone and says so.
+    let modified = fs::metadata(&path).unwrap().modified().unwrap();
+    let out = ok(&d, &["disable", "b"]);
+    assert!(out.starts_with("b: already disabled in "), "{out}");
+    assert_eq!(fs::metadata(&path).unwrap().modified().unwrap(), modified);
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
 }

@@ -487,10 +487,12 @@ async fn toggle(
         .into_inner();
     let path = Path::new(&status.config_path);
     let hash = edit::edit_enabled(path, name, enabled).map_err(|e| Failure(EXIT_FAILURE, e))?;
+    // The daemon is asked to apply exactly the bytes written; when the file already said so,
+    // whatever it holds now (the daemon may not have applied it yet).
     let r = c
         .control
         .reload(c.request(pb::ReloadRequest {
-            expected_sha256: hex::encode(hash),
+            expected_sha256: hash.map(hex::encode).unwrap_or_default(),
             instance: String::new(),
         }))
         .await
@@ -517,8 +519,13 @@ async fn toggle(
         })?;
     let r = r.into_inner();
     let verb = if enabled { "enabled" } else { "disabled" };
+    let already = if hash.is_none() { "already " } else { "" };
     print(json, &reload_json(&r), || {
-        format!("{name}: {verb} in {}\n{}", path.display(), reload_text(&r))
+        format!(
+            "{name}: {already}{verb} in {}\n{}",
+            path.display(),
+            reload_text(&r)
+        )
     });
     Ok(())
 }

@@ -11,8 +11,12 @@ use sha2::{Digest as _, Sha256};
 
 /// Sets `enabled` of `[plugins.NAME]` in `path`, keeping everything else as written; writes
 /// a temporary file with the same mode and owner and renames it over `path`. Returns the
-/// new file's SHA-256.
-pub(super) fn edit_enabled(path: &Path, name: &str, enabled: bool) -> Result<[u8; 32], String> {
+/// new file's SHA-256, or `None` when the file already said so and was left alone.
+pub(super) fn edit_enabled(
+    path: &Path,
+    name: &str,
+    enabled: bool,
+) -> Result<Option<[u8; 32]>, String> {
     // Resolved once: the temporary file, the rename and the folder's sync use this one path.
     let path = &std::path::absolute(path)
         .map_err(|e| format!("cannot resolve {}: {e}", path.display()))?;
@@ -48,6 +52,9 @@ pub(super) fn edit_enabled(path: &Path, name: &str, enabled: bool) -> Result<[u8
         }
     }
     let edited = document.to_string();
+    if edited == text {
+        return Ok(None);
+    }
     let metadata =
         std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let dir = path
@@ -84,7 +91,7 @@ pub(super) fn edit_enabled(path: &Path, name: &str, enabled: bool) -> Result<[u8
             dir.display()
         ));
     }
-    Ok(Sha256::digest(edited.as_bytes()).into())
+    Ok(Some(Sha256::digest(edited.as_bytes()).into()))
 }
 
 #[cfg(test)]
@@ -107,7 +114,17 @@ mod tests {
             edited,
             TEXT.replace("# aligned\n", "# aligned\nenabled = false\n")
         );
-        assert_eq!(hash, <[u8; 32]>::from(Sha256::digest(edited.as_bytes())));
+        assert_eq!(hash, Some(Sha256::digest(edited.as_bytes()).into()));
+        let modified = std::fs::metadata(&path).unwrap().modified().unwrap();
+        assert_eq!(
+            edit_enabled(&path, "a", false),
+            Ok(None),
+            "already so: left alone"
+        );
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().modified().unwrap(),
+            modified
+        );
         assert_eq!(
             std::fs::metadata(&path).unwrap().mode() & 0o777,
             0o640,
