@@ -728,6 +728,10 @@ impl Ledger for DurableLedger {
                 None => replayed.waiting += 1,
             }
         }
+        // Acceptance order, as recovery hands them over.
+        replayed
+            .pending
+            .sort_unstable_by_key(|p| (p.message, p.instance));
         Ok(replayed)
     }
 

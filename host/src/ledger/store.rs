@@ -164,12 +164,16 @@ pub(super) fn open(dir: &Path, create: Create, ours: bool) -> Result<Connection,
             "holds no ledger (an empty database)",
         )));
     }
-    // auto_vacuum must be chosen before the first table exists.
+    // auto_vacuum must be chosen before the first table exists. Statement journals (the
+    // undo of one statement inside a transaction: multi-row inserts, deletes with RETURNING,
+    // INSERT OR REPLACE) stay in memory: they are never needed after a crash, and written to
+    // a temporary file they were a sixth of an operator's replay.
     conn.execute_batch(
         "PRAGMA auto_vacuum = INCREMENTAL;
          PRAGMA journal_mode = WAL;
          PRAGMA synchronous = FULL;
          PRAGMA journal_size_limit = 33554432;
+         PRAGMA temp_store = MEMORY;
          PRAGMA foreign_keys = OFF;",
     )
     .map_err(fatal("cannot configure the ledger"))?;
@@ -1085,13 +1089,13 @@ pub(super) fn instance_key(conn: &Connection, name: &str) -> rusqlite::Result<Op
 
 /// The dead letters a selection names, taken a chunk at a time (each chunk in a transaction
 /// of its own, so that an operator's replay or purge of 100,000 ids interleaves with the
-/// publishes instead of stopping them): a list of ids is looked up id by id through the
-/// primary key; "every dead letter (of an instance)" is a scan in (message, instance) order
-/// from a cursor, up to the newest message dead-lettered when the sweep began (what is
+/// publishes instead of stopping them): a list of ids is taken id by id through the primary
+/// key; "every dead letter (of an instance)" is a scan in (message, instance) order from a
+/// cursor, up to the newest message dead-lettered when the sweep began (what is
 /// dead-lettered meanwhile is not chased).
 #[derive(Debug)]
 pub(super) struct Sweep {
-    /// `None` until the first chunk resolves the selection.
+    /// `None` until the first step resolves the selection.
     inst: Option<Option<u32>>,
     instance: Option<String>,
     /// Sorted and without repeats; `None`: every dead letter.
@@ -1104,6 +1108,9 @@ pub(super) struct Sweep {
     upto: i64,
     finished: bool,
 }
+
+/// Dead letters a step takes (a chunk takes steps until its time is up).
+const STEP: usize = 64;
 
 impl Sweep {
     pub(super) fn new(selection: &Selection) -> Self {
@@ -1129,12 +1136,9 @@ impl Sweep {
         self.finished
     }
 
-    /// The next at most `limit` dead letters selected: (message, instance key, state).
-    fn chunk(
-        &mut self,
-        conn: &Connection,
-        limit: usize,
-    ) -> Result<Vec<(u64, u32, Vec<u8>)>, LedgerError> {
+    /// The messages of the next [`STEP`] dead letters selected (their dead letters of the
+    /// selected instance, or of any when it is `None`), and that instance's key.
+    fn step(&mut self, conn: &Connection) -> Result<(Vec<u64>, Option<u32>), LedgerError> {
         let map = fatal("cannot read dead letters");
         let inst = match self.inst {
             Some(inst) => inst,
@@ -1145,7 +1149,7 @@ impl Sweep {
                         // Never registered: it has no dead letters.
                         None => {
                             self.finished = true;
-                            return Ok(Vec::new());
+                            return Ok((Vec::new(), None));
                         }
                     },
                     None => None,
@@ -1159,104 +1163,158 @@ impl Sweep {
                 inst
             }
         };
-        let mut out = Vec::new();
         if let Some(ids) = &self.ids {
-            let mut stmt = conn
-                .prepare_cached("SELECT inst, state FROM dead_letters WHERE msg = ?1")
-                .map_err(&map)?;
-            let end = (self.next + limit).min(ids.len());
-            for &id in &ids[self.next..end] {
-                let mut rows = stmt.query([id as i64]).map_err(&map)?;
-                while let Some(row) = rows.next().map_err(&map)? {
-                    let key: u32 = row.get(0).map_err(&map)?;
-                    if inst.is_none_or(|i| i == key) {
-                        out.push((id, key, row.get(1).map_err(&map)?));
-                    }
-                }
-            }
+            let end = (self.next + STEP).min(ids.len());
+            let step = ids[self.next..end].to_vec();
             self.next = end;
             self.finished = end == ids.len();
-            return Ok(out);
+            return Ok((step, inst));
         }
-        let rows: Vec<(i64, u32, Vec<u8>)> = conn
+        let rows: Vec<(i64, u32)> = conn
             .prepare_cached(
-                "SELECT msg, inst, state FROM dead_letters
+                "SELECT msg, inst FROM dead_letters
                   WHERE (msg, inst) > (?1, ?2) AND msg <= ?3 AND (?4 IS NULL OR inst = ?4)
                   ORDER BY msg, inst LIMIT ?5",
             )
             .and_then(|mut s| {
                 s.query_map(
-                    params![self.after.0, self.after.1, self.upto, inst, limit as i64],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    params![self.after.0, self.after.1, self.upto, inst, STEP as i64],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
                 )?
                 .collect()
             })
             .map_err(&map)?;
-        if let Some((msg, key, _)) = rows.last() {
+        if let Some((msg, key)) = rows.last() {
             self.after = (*msg, i64::from(*key));
         }
-        self.finished = rows.len() < limit;
-        out.extend(rows.into_iter().map(|(m, i, s)| (m as u64, i, s)));
-        Ok(out)
+        self.finished = rows.len() < STEP;
+        // Every dead letter of these messages that the selection takes goes in this step (a
+        // message whose dead letters straddle the step's end included: the next step finds
+        // them gone).
+        let mut msgs: Vec<u64> = rows.into_iter().map(|(m, _)| m as u64).collect();
+        msgs.dedup();
+        Ok((msgs, inst))
+    }
+
+    /// Steps until `budget` is spent (at least one), the sweep is finished, or a chunk's
+    /// worth was taken; `each` is called with the statements' connection for every step.
+    fn chunk(
+        &mut self,
+        conn: &Connection,
+        budget: Duration,
+        mut each: impl FnMut(&[u64], Option<u32>) -> Result<usize, LedgerError>,
+    ) -> Result<(), LedgerError> {
+        let started = std::time::Instant::now();
+        let mut taken = 0;
+        while !self.finished && taken < super::writer::CHUNK && started.elapsed() < budget {
+            let (msgs, inst) = self.step(conn)?;
+            if !msgs.is_empty() {
+                taken += each(&msgs, inst)?;
+            }
+        }
+        Ok(())
     }
 }
 
-/// Moves the next chunk (at most `limit`) of the dead letters `sweep` selects back to
-/// pending (failures reset, history kept). Returns (message, instance key, delivery, payload
-/// size) of each.
+/// `DELETE … WHERE msg IN (` [`STEP`] placeholders `) AND (?65 IS NULL OR inst = ?65)
+/// RETURNING …`: one statement takes a step's dead letters (unused placeholders are NULL,
+/// which matches nothing).
+fn take_step(returning: &str) -> String {
+    format!(
+        "DELETE FROM dead_letters WHERE msg IN ({}) AND (?{n} IS NULL OR inst = ?{n})
+         RETURNING {returning}",
+        vec!["?"; STEP].join(", "),
+        n = STEP + 1
+    )
+}
+
+/// The parameters of [`take_step`]: `msgs` padded with NULLs, then `inst`.
+fn step_params(msgs: &[u64], inst: Option<u32>) -> Vec<Option<i64>> {
+    let mut params: Vec<Option<i64>> = msgs.iter().map(|m| Some(*m as i64)).collect();
+    params.resize(STEP, None);
+    params.push(inst.map(i64::from));
+    params
+}
+
+static REPLAY_STEP: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    take_step(
+        "msg, inst, state,
+         (SELECT coalesce(length(payload), 0) FROM messages WHERE id = dead_letters.msg)",
+    )
+});
+static PURGE_STEP: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| take_step("msg, inst"));
+
+/// Moves the next chunk (what `budget` allows, at most [`super::writer::CHUNK`]) of the dead
+/// letters `sweep` selects back to pending (failures reset, history kept). Returns (message,
+/// instance key, delivery, payload size) of each.
 pub(super) fn replay(
     conn: &Connection,
     sweep: &mut Sweep,
-    limit: usize,
+    budget: Duration,
     now: Timestamp,
 ) -> Result<Vec<(u64, u32, Delivery, u64)>, LedgerError> {
     let map = fatal("cannot replay dead letters");
-    let chosen = sweep.chunk(conn, limit)?;
-    let mut delete = conn
-        .prepare_cached("DELETE FROM dead_letters WHERE msg = ?1 AND inst = ?2")
-        .map_err(&map)?;
+    // One statement finds, removes and sizes a step's dead letters.
+    let mut take = conn.prepare_cached(&REPLAY_STEP).map_err(&map)?;
     let mut insert = conn
         .prepare_cached("INSERT OR REPLACE INTO deliveries(msg, inst, state) VALUES (?1, ?2, ?3)")
         .map_err(&map)?;
-    let mut size = conn
-        .prepare_cached("SELECT length(payload) FROM messages WHERE id = ?1")
-        .map_err(&map)?;
-    let mut out = Vec::with_capacity(chosen.len());
-    for (msg, inst, state) in chosen {
-        let mut delivery = decode_delivery(&state, msg, &format!("#{inst}"))?;
-        delivery.replay(now);
-        delete.execute(params![msg as i64, inst]).map_err(&map)?;
-        insert
-            .execute(params![msg as i64, inst, encode_delivery(&delivery)])
+    let mut out = Vec::new();
+    sweep.chunk(conn, budget, |msgs, inst| {
+        let rows: Vec<(i64, u32, Vec<u8>, Option<i64>)> = take
+            .query_map(rusqlite::params_from_iter(step_params(msgs, inst)), |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
+            .and_then(Iterator::collect)
             .map_err(&map)?;
-        let bytes: i64 = size
-            .query_row([msg as i64], |r| r.get(0))
-            .optional()
-            .map_err(&map)?
-            .unwrap_or(0);
-        out.push((msg, inst, delivery, bytes as u64));
-    }
+        for (msg, inst, state, size) in &rows {
+            let mut delivery: Delivery = serde_json::from_slice(state).map_err(|e| {
+                LedgerError::Fatal(format!(
+                    "the ledger is corrupt: the dead letter of message {msg} to instance \
+                     #{inst} cannot be read: {e}"
+                ))
+            })?;
+            delivery.replay(now);
+            insert
+                .execute(params![msg, inst, encode_delivery(&delivery)])
+                .map_err(&map)?;
+            out.push((*msg as u64, *inst, delivery, size.unwrap_or(0) as u64));
+        }
+        Ok(rows.len())
+    })?;
     Ok(out)
 }
 
-/// Removes the next chunk (at most `limit`) of the dead letters `sweep` selects (and their
-/// messages once nothing refers to them); returns how many.
+/// Removes the next chunk (what `budget` allows, at most [`super::writer::CHUNK`]) of the
+/// dead letters `sweep` selects (and their messages once nothing refers to them); returns
+/// how many.
 pub(super) fn purge(
     conn: &Connection,
     sweep: &mut Sweep,
-    limit: usize,
+    budget: Duration,
 ) -> Result<u64, LedgerError> {
     let map = fatal("cannot purge dead letters");
-    let chosen = sweep.chunk(conn, limit)?;
-    let mut delete = conn
-        .prepare_cached("DELETE FROM dead_letters WHERE msg = ?1 AND inst = ?2")
-        .map_err(&map)?;
+    let mut take = conn.prepare_cached(&PURGE_STEP).map_err(&map)?;
     let mut writes = Writes::new(conn).map_err(&map)?;
-    for (msg, inst, _) in &chosen {
-        delete.execute(params![*msg as i64, inst]).map_err(&map)?;
-        writes.unreferenced(*msg).map_err(&map)?;
-    }
-    Ok(chosen.len() as u64)
+    let mut count = 0;
+    sweep.chunk(conn, budget, |msgs, inst| {
+        let mut removed: Vec<i64> = take
+            .query_map(rusqlite::params_from_iter(step_params(msgs, inst)), |r| {
+                r.get(0)
+            })
+            .and_then(Iterator::collect)
+            .map_err(&map)?;
+        let taken = removed.len();
+        removed.sort_unstable();
+        removed.dedup();
+        for msg in removed {
+            writes.unreferenced(msg as u64).map_err(&map)?;
+        }
+        count += taken as u64;
+        Ok(taken)
+    })?;
+    Ok(count)
 }
 
 /// Ends every waiting delivery of instance `name`: dead letters (reason `forgotten`) or

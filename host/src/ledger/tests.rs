@@ -979,3 +979,72 @@ fn a_long_replay_runs_in_chunks_and_publishes_are_committed_between_them() {
     assert!(ledger.dead_letter_counts().unwrap().is_empty());
     assert!(ledger.load(1).unwrap().is_some(), "pending for a again");
 }
+
+/// The mark beside the database (issue 18, items 2 and 6): what the database lost is
+/// reported by id, once; a lost database is refused unless started afresh, and then ids
+/// continue; a damaged mark is made again.
+#[test]
+fn the_mark_reports_what_the_database_lost_and_keeps_ids_past_a_lost_database() {
+    let (dir, ledger) = fresh(5);
+    for id in 1..=3 {
+        accept(&ledger, id, "x");
+    }
+    drop(ledger);
+    // The database loses its last commits (as a log cut short does): its last id goes back.
+    let conn = rusqlite::Connection::open(dir.path().join(store::FILE)).unwrap();
+    conn.execute_batch(
+        "DELETE FROM messages WHERE id > 1; UPDATE meta SET value = 1 WHERE key = 'last_id'",
+    )
+    .unwrap();
+    drop(conn);
+    let ledger = open(dir.path());
+    let recovered = ledger.recover(&instances(5), T0).unwrap();
+    assert_eq!(
+        recovered.lost,
+        Some(super::Lost { first: 2, last: 3 }),
+        "ids 2 and 3 were answered OK and are gone"
+    );
+    drop(ledger);
+    let ledger = open(dir.path());
+    let recovered = ledger.recover(&instances(5), T0).unwrap();
+    assert_eq!(recovered.lost, None, "said once");
+    let next = recovered.next_id;
+    accept(&ledger, next, "y");
+    drop(ledger);
+
+    // The database deleted: refused, nothing created.
+    for file in [store::FILE, store::LOG] {
+        let _ = std::fs::remove_file(dir.path().join(file));
+    }
+    let refused = DurableLedger::open(dir.path(), options(None)).unwrap_err();
+    assert!(
+        matches!(&refused, LedgerError::Refused(m) if m.contains("is missing") && m.contains("--fresh-ledger")),
+        "{refused}"
+    );
+    assert!(!dir.path().join(store::FILE).exists());
+    // Started afresh on purpose: ids continue past every id given out.
+    let ledger = DurableLedger::open(
+        dir.path(),
+        Options {
+            fresh: true,
+            ..options(None)
+        },
+    )
+    .unwrap();
+    let recovered = ledger.recover(&instances(5), T0).unwrap();
+    assert!(recovered.next_id > next, "{} > {next}", recovered.next_id);
+    accept(&ledger, recovered.next_id, "z");
+    drop(ledger);
+
+    // A mark damaged in both slots: reported, made again from the database.
+    let mark = dir.path().join(super::mark::FILE);
+    std::fs::write(&mark, [0xA5; 96]).unwrap();
+    let ledger = open(dir.path());
+    let again = ledger.recover(&instances(5), T0).unwrap();
+    assert!(again.next_id > recovered.next_id);
+    assert_eq!(again.lost, None);
+    assert!(
+        super::mark::read(dir.path()).unwrap().is_some(),
+        "made again"
+    );
+}

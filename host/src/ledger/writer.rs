@@ -62,9 +62,13 @@ impl Reply {
     }
 }
 
-/// Dead letters an operator's replay or purge takes per transaction: the writer commits
-/// what queued up between two chunks, so publishes go on during a long one.
+/// The most dead letters an operator's replay or purge takes per transaction; a chunk also
+/// ends once [`CHUNK_TIME`] is spent. The writer commits what queued up between two chunks,
+/// so publishes go on during a long one.
 pub(super) const CHUNK: usize = 1024;
+/// How long one chunk of an operator's replay or purge may hold the writer (a publish
+/// queued behind it waits about that long).
+pub(super) const CHUNK_TIME: Duration = Duration::from_millis(2);
 
 /// An operator's change, run by the writer: replays, purges and forgets in turn, a
 /// replay or purge a chunk at a time ([`CHUNK`]); the others at once, between two chunks.
@@ -798,13 +802,14 @@ impl Writer {
         match now {
             Some(now) => {
                 let rows = store::in_transaction(conn, "ledger", || {
-                    store::replay(conn, sweep, CHUNK, now)
+                    store::replay(conn, sweep, CHUNK_TIME, now)
                 })?;
                 replayed.extend(rows);
             }
             None => {
-                *count +=
-                    store::in_transaction(conn, "ledger", || store::purge(conn, sweep, CHUNK))?;
+                *count += store::in_transaction(conn, "ledger", || {
+                    store::purge(conn, sweep, CHUNK_TIME)
+                })?;
             }
         }
         if !sweep.finished() {
