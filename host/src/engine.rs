@@ -93,6 +93,8 @@ pub struct Engine {
     /// The dispatcher's and the supervisor's threads, until [`Engine::stop`] joins them.
     threads: Mutex<Option<(JoinHandle<()>, JoinHandle<()>)>>,
     started: std::time::Instant,
+    /// What the ledger found lost at start (messages answered OK it no longer holds).
+    lost: Option<crate::ledger::Lost>,
 }
 
 impl Engine {
@@ -142,6 +144,14 @@ impl Engine {
                 unclean = recovered.unclean,
                 "ledger recovered"
             );
+        }
+        // Said loudly (the ledger logged it as an error): an event, and the status.
+        let recovered_lost = recovered.lost;
+        if let Some(lost) = recovered.lost {
+            events.emit(EventKind::LedgerLost {
+                first: lost.first,
+                last: lost.last,
+            });
         }
         // A library that crashed the previous run while loading counts towards quarantine.
         let quarantine_dir = config.host.state_dir.join(crate::quarantine::DIR);
@@ -238,6 +248,7 @@ impl Engine {
                 supervisor: handle,
                 threads: Mutex::new(Some((thread, supervisor_thread))),
                 started: std::time::Instant::now(),
+                lost: recovered_lost,
             },
             failures,
         ))
@@ -265,6 +276,11 @@ impl Engine {
     /// How long it has run.
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()
+    }
+
+    /// Messages answered OK that the ledger no longer held at start, if any.
+    pub fn lost(&self) -> Option<crate::ledger::Lost> {
+        self.lost
     }
 
     /// Reloads, waits and returns the result (the `Reload` entry point).

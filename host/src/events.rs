@@ -149,6 +149,9 @@ pub enum EventKind {
     },
     /// An instance's circuit changed: `closed`, `open` (tripped) or `paused` (by hand).
     Circuit { instance: String, state: String },
+    /// At start, the ledger no longer held messages that were answered OK (ids `first` to
+    /// `last`): its write-ahead log was damaged or cut short.
+    LedgerLost { first: u64, last: u64 },
 }
 
 impl EventKind {
@@ -173,6 +176,9 @@ impl EventKind {
             Self::Expired { .. } => "waiting deliveries older than max_age dead-lettered",
             Self::Unrouted { .. } => "published to a topic no instance subscribes to",
             Self::Circuit { .. } => "circuit changed",
+            Self::LedgerLost { .. } => {
+                "the ledger lost messages answered OK (damaged or cut short); see the ids"
+            }
         }
     }
 
@@ -192,7 +198,10 @@ impl EventKind {
             | Self::Expired { instance, .. }
             | Self::Circuit { instance, .. } => Some(instance),
             Self::Failed { instance, .. } => instance.as_deref(),
-            Self::ConfigApplied { .. } | Self::ConfigRefused { .. } | Self::Unrouted { .. } => None,
+            Self::ConfigApplied { .. }
+            | Self::ConfigRefused { .. }
+            | Self::Unrouted { .. }
+            | Self::LedgerLost { .. } => None,
         }
     }
 
@@ -215,6 +224,7 @@ impl EventKind {
             Self::Expired { .. } => "expired",
             Self::Unrouted { .. } => "unrouted",
             Self::Circuit { .. } => "circuit",
+            Self::LedgerLost { .. } => "ledger_lost",
         }
     }
 
@@ -225,6 +235,7 @@ impl EventKind {
                 | Self::Quarantined { .. }
                 | Self::ConfigRefused { .. }
                 | Self::Unrouted { .. }
+                | Self::LedgerLost { .. }
                 | Self::Retired {
                     how: Retirement::Abandoned | Retirement::Retained,
                     ..

@@ -14,6 +14,7 @@
 
 pub mod backup;
 pub mod durable;
+mod mark;
 mod markers;
 mod store;
 #[cfg(test)]
@@ -180,9 +181,17 @@ pub struct Selection {
 }
 
 impl Selection {
-    fn admits(&self, message: u64, instance: &str) -> bool {
+    /// Whether a dead letter is selected: `messages` sorted (see [`Selection::sorted`]).
+    fn admits_sorted(&self, messages: &[u64], message: u64, instance: &str) -> bool {
         self.instance.as_deref().is_none_or(|i| i == instance)
-            && (self.messages.is_empty() || self.messages.contains(&message))
+            && (messages.is_empty() || messages.binary_search(&message).is_ok())
+    }
+
+    /// The selected messages, sorted: a selection of 100,000 ids is searched, not scanned.
+    fn sorted(&self) -> Vec<u64> {
+        let mut messages = self.messages.clone();
+        messages.sort_unstable();
+        messages
     }
 }
 
@@ -266,9 +275,14 @@ pub enum LedgerError {
     /// rest of the ledger is usable.
     #[error("{0}")]
     Corrupt(String),
-    /// The state directory holds what this build cannot use (a newer format, another file).
+    /// The state directory holds what this build cannot use (a newer format, another file, a
+    /// damaged or lost ledger) or is in use: nothing was changed.
     #[error("{0}")]
     Refused(String),
+    /// The state directory cannot be created or written: the configuration (or the service
+    /// manager's sandbox) must change, a restart cannot fix it.
+    #[error("{0}")]
+    Unusable(String),
     /// The operation needs a durable ledger.
     #[error("{0} needs a durable ledger (durability = \"fsync\" or \"buffered\")")]
     Unsupported(&'static str),
@@ -308,6 +322,19 @@ pub struct Recovered {
     pub orphaned_in: std::collections::BTreeSet<String>,
     /// Whether the previous run ended without a graceful stop.
     pub unclean: bool,
+    /// Messages answered OK that the ledger no longer holds (its log damaged or cut short).
+    pub lost: Option<Lost>,
+}
+
+/// Messages answered OK that the ledger lost, found at start by comparing the last id it holds
+/// with the last id answered (kept beside it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Lost {
+    /// The first id that may be missing (ids in between that were never answered OK, a refused
+    /// publish's say, are among them).
+    pub first: u64,
+    /// The last id answered OK.
+    pub last: u64,
 }
 
 /// Counts of what the ledger recorded since start.
@@ -632,8 +659,9 @@ impl Ledger for MemoryLedger {
     fn replay(&self, selection: &Selection, now: Timestamp) -> Result<Replayed, LedgerError> {
         let names = lock(&self.names).clone();
         let mut replayed = Replayed::default();
+        let messages = selection.sorted();
         lock(&self.dead).retain(|(d, stored)| {
-            if !selection.admits(d.message, &d.instance) {
+            if !selection.admits_sorted(&messages, d.message, &d.instance) {
                 return true;
             }
             let mut delivery = d.delivery.clone();
@@ -657,7 +685,8 @@ impl Ledger for MemoryLedger {
     fn purge(&self, selection: &Selection) -> Result<u64, LedgerError> {
         let mut dead = lock(&self.dead);
         let before = dead.len();
-        dead.retain(|(d, _)| !selection.admits(d.message, &d.instance));
+        let messages = selection.sorted();
+        dead.retain(|(d, _)| !selection.admits_sorted(&messages, d.message, &d.instance));
         Ok((before - dead.len()) as u64)
     }
 

@@ -27,13 +27,27 @@ SIGINT or SIGTERM stops accepting, lets the calls in hand finish within grace_pe
 exits 0. Logs go to stderr; PLUGIND_LOG sets the level (e.g. PLUGIND_LOG=debug). Under
 systemd it notifies readiness, reloads and the watchdog (deploy/plugind.service).
 
+A state dir whose ledger.db is missing or empty while its ledger.mark says a ledger lived
+there is refused (exit 1): the ledger was lost with its pending deliveries. Restore a backup
+(`plugind restore FILE`), or start a new, empty one on purpose with --fresh-ledger, once
+(message ids continue after the last one given out).
+
+Exit status: 0 stopped, 1 a runtime failure (the ledger failed, lost or in use by another
+plugind; restarting may help once that is fixed), 78 the configuration is invalid or
+state_dir cannot be created or written (restarting cannot help).
+
 Examples:
   plugind run
-  plugind run -c /etc/plugind/plugins.toml")]
+  plugind run -c /etc/plugind/plugins.toml
+  plugind run --fresh-ledger           # once, after the ledger was lost and not restored")]
     Run {
         /// The configuration file.
         #[arg(short = 'c', long = "config", value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Start a new, empty ledger where state_dir's ledger.db is missing or empty (refused
+        /// without it). Its pending deliveries and dead letters are gone; ids continue.
+        #[arg(long)]
+        fresh_ledger: bool,
     },
     /// Publish one message and print its id.
     #[command(after_help = "\
@@ -180,17 +194,21 @@ Examples:
     #[command(after_help = "\
 Reads one consistent snapshot of state_dir/ledger.db through SQLite's online backup (the
 daemon keeps running and accepting; what it commits after the snapshot is not in the copy),
-writes it to FILE.partial, checks it, fsyncs it and renames it to FILE.
+writes it to FILE.partial, checks it, fsyncs it and renames it to FILE. Refused inside
+state_dir and over anything but a regular file; an existing FILE is replaced only with
+--force.
 
 Examples:
   plugind backup /var/backups/plugind/ledger-$(date +%F).db
-  plugind backup -c /etc/plugind/plugins.toml /tmp/ledger.db --json")]
-    Backup(cli::backup::Args),
+  plugind backup -c /etc/plugind/plugins.toml /tmp/ledger.db --json --force")]
+    Backup(cli::backup::BackupArgs),
     /// Replace the ledger with a backup; the daemon must be stopped.
     #[command(after_help = "\
 Checks the backup (format, integrity), then replaces state_dir/ledger.db with it and removes
 the old write-ahead log and in-flight markers. Refused while a daemon holds the state dir.
 Deliveries pending in the backup are delivered again when the daemon starts (at least once).
+Message ids continue past every id the state dir gave out before (state_dir/ledger.mark),
+never from where the backup left off: an id never names two messages.
 
 Examples:
   systemctl stop plugind && plugind restore /var/backups/plugind/ledger-2026-11-25.db \\
@@ -219,7 +237,10 @@ Examples:
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config } => cli::run::run(config.as_deref()),
+        Command::Run {
+            config,
+            fresh_ledger,
+        } => cli::run::run(config.as_deref(), fresh_ledger),
         Command::Publish {
             topic,
             data,
@@ -261,7 +282,10 @@ fn main() -> ExitCode {
             client,
         }),
         Command::Ctl { client, action } => cli::ctl::run(&client, action),
-        Command::Backup(args) => cli::backup::run(cli::backup::Action::Backup, &args),
+        Command::Backup(args) => cli::backup::run(
+            cli::backup::Action::Backup { force: args.force },
+            &args.common,
+        ),
         Command::Restore(args) => cli::backup::run(cli::backup::Action::Restore, &args),
         Command::Completions { shell } => {
             let mut script = Vec::new();

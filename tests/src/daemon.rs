@@ -77,6 +77,16 @@ impl Daemon {
         Self::launch(sandbox, &[])
     }
 
+    /// Writes `config` and runs `plugind run` on it with the options `args` added
+    /// (`--fresh-ledger`, say); waits until it is ready, as [`Daemon::start`] does.
+    ///
+    /// # Panics
+    /// As [`Daemon::start`].
+    pub fn start_with_args(sandbox: Sandbox, config: &str, args: &[&str]) -> Self {
+        sandbox.put("plugins.toml", config);
+        Self::launch_args(sandbox, &[], &binary::plugind(), true, args).wait_ready()
+    }
+
     /// Starts it as [`Daemon::start`] does, running the release build (benchmarks).
     ///
     /// # Panics
@@ -108,6 +118,17 @@ impl Daemon {
 
     /// Starts `binary run` in the sandbox, given its `plugins.toml` with `-c` if `flag`.
     fn launch_with(sandbox: Sandbox, env: &[(&str, &OsStr)], binary: &Path, flag: bool) -> Self {
+        Self::launch_args(sandbox, env, binary, flag, &[])
+    }
+
+    /// Starts `binary run [-c plugins.toml] ARGS` in the sandbox.
+    fn launch_args(
+        sandbox: Sandbox,
+        env: &[(&str, &OsStr)],
+        binary: &Path,
+        flag: bool,
+        args: &[&str],
+    ) -> Self {
         let config_path = sandbox.path().join("plugins.toml");
         let log = sandbox.path().join("daemon.log");
         if log.exists() {
@@ -120,6 +141,7 @@ impl Daemon {
         if flag {
             command.arg("-c").arg(&config_path);
         }
+        command.args(args);
         command
             .current_dir(sandbox.path())
             .env_remove("PLUGIND_CONFIG")

@@ -3,7 +3,10 @@
 //! OK is delivered after the restart; deliveries for an instance that is not running wait
 //! across restarts; a retry scheduled before a kill is not run earlier after it; a message
 //! that aborts the process is dead-lettered with reason `crash` after `max_attempts` while
-//! every other message is acked; idempotency keys survive; a newer format is refused.
+//! every other message is acked; idempotency keys survive; a newer format is refused; a lost
+//! ledger is refused at start (`--fresh-ledger` starts a new one); ids are never reused,
+//! after a restore either; backups are never written inside the state dir or over anything
+//! but a regular file.
 
 use std::{
     collections::BTreeSet,
@@ -224,8 +227,10 @@ fn an_idempotency_key_survives_a_restart() {
     d.stop();
 }
 
+/// Refused with exit 1, not 78: only an invalid configuration exits 78 (the unit does not
+/// restart it); a newer ledger is not one (issue 18, item 16).
 #[test]
-fn a_state_dir_of_a_newer_format_is_refused_with_exit_78() {
+fn a_state_dir_of_a_newer_format_is_refused_with_exit_1() {
     let s = sandbox("durable");
     let rec = s.path().join("rec.txt");
     let text = config("fsync", &[("rec", "", record_config(&rec, ""))]);
@@ -241,7 +246,7 @@ fn a_state_dir_of_a_newer_format_is_refused_with_exit_78() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
         err.contains("format 99, written by a newer plugind")
             && err.contains(&db.display().to_string()),
@@ -304,4 +309,168 @@ fn a_backup_taken_while_running_restores_into_a_fresh_daemon() {
     });
     d.stop();
     drop(old);
+}
+
+/// The log a daemon started with [`Daemon::start_expecting_exit`] left.
+fn last_log(s: &plugind_tests::sandbox::Sandbox) -> String {
+    std::fs::read_to_string(s.path().join("daemon.log")).unwrap_or_default()
+}
+
+/// Hostile input (issue 18, item 2): a `ledger.db` emptied or deleted between two runs
+/// used to start as a fresh ledger, silently: its pending deliveries gone and ids restarting
+/// at 1, so that one id named two messages. The start is refused (exit 1, nothing changed)
+/// naming the way out; started afresh on purpose, ids continue past every id given out.
+#[test]
+fn a_deleted_or_emptied_ledger_is_refused_at_start_and_a_fresh_one_never_reuses_an_id() {
+    let s = sandbox("durable");
+    let waiting = config("fsync", &[("rec", "", unstartable_config(&s, ""))]);
+    let d = Daemon::start(s, &waiting);
+    let payloads: Vec<String> = (0..3).map(|i| format!("m{i}")).collect();
+    let before = publish_all(&d, &payloads, None);
+    let (status, s) = d.stop_keeping_state();
+    assert!(status.success());
+    let db = s.path().join("state/ledger.db");
+
+    std::fs::write(&db, b"").unwrap();
+    let (status, s) = Daemon::start_expecting_exit(s, &waiting, Duration::from_secs(10));
+    let log = last_log(&s);
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "an empty ledger.db is refused:\n{log}"
+    );
+    assert!(
+        log.contains("ledger.db")
+            && log.contains("empty")
+            && log.contains("plugind restore")
+            && log.contains("--fresh-ledger"),
+        "the refusal names the file and the way out:\n{log}"
+    );
+    assert_eq!(std::fs::metadata(&db).unwrap().len(), 0, "nothing written");
+
+    std::fs::remove_file(&db).unwrap();
+    let (status, s) = Daemon::start_expecting_exit(s, &waiting, Duration::from_secs(10));
+    let log = last_log(&s);
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "a missing ledger.db is refused:\n{log}"
+    );
+    assert!(
+        log.contains("missing")
+            && log.contains("plugind restore")
+            && log.contains("--fresh-ledger"),
+        "{log}"
+    );
+    assert!(!db.exists(), "nothing created");
+
+    let d = Daemon::start_with_args(s, &waiting, &["--fresh-ledger"]);
+    let after = publish_all(&d, &payloads, None);
+    let last = before.iter().max().copied().unwrap_or_default();
+    assert!(
+        after.iter().all(|id| *id > last),
+        "ids continue past {last} (given out before the ledger was lost): {after:?}"
+    );
+    // Once started, the new ledger is the ledger: the flag is not needed again.
+    let s = d.kill9();
+    let d = Daemon::restart(s);
+    d.stop();
+}
+
+/// Hostile input (issue 18, item 3): `plugind restore` put back a backup's id high-water
+/// mark, so ids given out after the backup was taken were given again (65538 and 65539
+/// each named two messages). Ids are never reused on one state dir, whatever is restored.
+#[test]
+fn a_restored_backup_never_gives_an_id_twice() {
+    let s = sandbox("durable");
+    let waiting = config("fsync", &[("rec", "", unstartable_config(&s, ""))]);
+    let d = Daemon::start(s, &waiting);
+    let payloads: Vec<String> = (0..3).map(|i| format!("m{i}")).collect();
+    let mut given: BTreeSet<u64> = publish_all(&d, &payloads, None).into_iter().collect();
+    let backup = d.sandbox().path().join("backup.db");
+    let out = d.command(&["backup", backup.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    // Another run after the backup: its ids come from the next block.
+    let d = Daemon::restart(d.kill9());
+    given.extend(publish_all(&d, &payloads, None));
+    let (status, s) = d.stop_keeping_state();
+    assert!(status.success());
+
+    let out = std::process::Command::new(plugind_tests::binary::plugind())
+        .args(["restore", "-c"])
+        .arg(s.path().join("plugins.toml"))
+        .arg(&backup)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let d = Daemon::restart(s);
+    let after = publish_all(&d, &payloads, None);
+    let last = given.iter().max().copied().unwrap_or_default();
+    assert!(
+        after.iter().all(|id| *id > last),
+        "ids after the restore continue past {last}, the last given out: {after:?}"
+    );
+    // The backup's deliveries are back (the instance cannot start: they wait).
+    let out = d.cli(&["ctl", "plugins", "--json"]);
+    let plugins: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        plugins["instances"][0]["backlog"], 6,
+        "the backup's 3 and the 3 published after the restore wait: {plugins}"
+    );
+    d.stop();
+}
+
+/// Hostile input (issue 18, item 4): `plugind backup PATH` renamed its copy over anything:
+/// `state/ledger.db` replaced the live ledger (messages answered OK afterwards were lost at
+/// the next restart) and `/dev/full` replaced the device node. Destinations inside
+/// `state_dir` and non-regular files are refused, and an existing file unless `--force`.
+#[test]
+fn a_backup_is_refused_inside_the_state_dir_over_a_non_regular_file_and_over_a_file_unforced() {
+    use std::os::unix::fs::FileTypeExt as _;
+    let s = sandbox("durable");
+    let waiting = config("fsync", &[("rec", "", unstartable_config(&s, ""))]);
+    let d = Daemon::start(s, &waiting);
+    let payloads: Vec<String> = (0..3).map(|i| format!("m{i}")).collect();
+    publish_all(&d, &payloads, None);
+    let refused = |args: &[&str], what: &str| {
+        let out = d.command(args);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(1), "{what} is refused: {err}");
+        err
+    };
+
+    let err = refused(&["backup", "state/ledger.db"], "the live ledger");
+    assert!(err.contains("state_dir"), "{err}");
+    let err = refused(&["backup", "state/copy.db"], "a file in the state dir");
+    assert!(err.contains("state_dir"), "{err}");
+    assert!(!d.sandbox().path().join("state/copy.db").exists());
+
+    let fifo = d.sandbox().path().join("fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let err = refused(&["backup", "fifo"], "a FIFO");
+    assert!(err.contains("not a regular file"), "{err}");
+    let err = refused(&["backup", "fifo", "--force"], "a FIFO, even forced");
+    assert!(err.contains("not a regular file"), "{err}");
+    assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
+
+    let old = d.sandbox().put("old.db", "keep me");
+    let err = refused(&["backup", "old.db"], "an existing file");
+    assert!(err.contains("--force"), "{err}");
+    assert_eq!(std::fs::read_to_string(&old).unwrap(), "keep me");
+    let out = d.command(&["backup", "old.db", "--force", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["pending"], 3, "{report}");
+
+    // The live ledger was never touched: what is published now survives a kill.
+    publish_all(&d, &payloads, None);
+    let d = Daemon::restart(d.kill9());
+    let out = d.cli(&["ctl", "plugins", "--json"]);
+    let plugins: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(plugins["instances"][0]["backlog"], 6, "{plugins}");
+    d.stop();
 }

@@ -61,6 +61,7 @@ fn start_durable(libraries: &[&str], config_text: &str) -> Deployment {
                 dead_letter_retention: None,
                 clock: Arc::new(SystemClock),
                 fail_stop: None,
+                fresh: false,
             },
         )
         .unwrap()

@@ -491,3 +491,233 @@ fn a_damaged_database_page_stops_the_start_with_where_the_damage_is() {
         "the error names the file, the damage and where:\n{err}"
     );
 }
+
+/// Hostile input (issue 18, item 6): a flipped bit in the write-ahead log silently truncated
+/// history — SQLite stops reading the log at the first frame whose checksum fails, and what
+/// follows is gone (1,123 of 2,000 answered messages remained, nothing said). The ledger
+/// keeps the last id it answered OK beside the database (`state_dir/ledger.mark`) and says
+/// what the ledger lost at the next start: the status shows the ids.
+#[test]
+fn a_flipped_byte_in_the_write_ahead_log_after_a_kill_is_reported_with_the_ids_lost() {
+    let s = sandbox("faults-wal");
+    let waiting = config("fsync", &[("rec", "", unstartable_config(&s, ""))]);
+    let d = Daemon::start(s, &waiting);
+    let db = d.sandbox().path().join("state/ledger.db");
+    // A reader holding a snapshot from before the publishes: no checkpoint copies them into
+    // ledger.db and the log cannot start over, so they are in the log alone when the daemon
+    // is killed, as the commits since the last checkpoint of a busy daemon are. (It does not
+    // checkpoint when it closes.)
+    let reader = rusqlite::Connection::open(&db).unwrap();
+    reader
+        .set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+            true,
+        )
+        .unwrap();
+    reader.execute_batch("BEGIN").unwrap();
+    let _: i64 = reader
+        .query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
+        .unwrap();
+    let payloads: Vec<String> = (0..300).map(|i| format!("m{i}")).collect();
+    let answered: BTreeSet<u64> = try_publish_all(&d, &payloads, None)
+        .into_iter()
+        .map(|r| r.expect("accepted"))
+        .collect();
+    let s = d.kill9();
+    drop(reader);
+
+    let wal = s.path().join("state/ledger.db-wal");
+    let mut bytes = fs::read(&wal).unwrap();
+    let page = u32::from_be_bytes(bytes[8..12].try_into().unwrap()) as usize;
+    let frames = (bytes.len() - 32) / (24 + page);
+    assert!(
+        frames > 100,
+        "the publishes are in the log: {frames} frames"
+    );
+    let at = 32 + frames / 2 * (24 + page) + 24 + 100;
+    bytes[at] ^= 0x01;
+    fs::write(&wal, &bytes).unwrap();
+
+    let d = Daemon::restart(s);
+    let out = d.cli(&["ctl", "status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {out:?}\n{}", d.history()));
+    let lost = &status["ledger"]["lost"];
+    let last = *answered.iter().max().unwrap();
+    assert_eq!(
+        lost["last_id"].as_u64(),
+        Some(last),
+        "the loss is reported up to the last id answered OK: {status}\n{}",
+        d.history()
+    );
+    let first = lost["first_id"].as_u64().expect("the first id lost");
+    let kept = answered.iter().filter(|id| **id < first).count() as u64;
+    assert!(kept < answered.len() as u64, "{status}");
+    // What the ledger still holds is exactly what came before the first id reported lost.
+    let out = d.cli(&["ctl", "plugins", "--json"]);
+    let plugins: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        plugins["instances"][0]["backlog"].as_u64(),
+        Some(kept),
+        "{plugins}\n{status}"
+    );
+    // Said once: the next start has nothing new to report.
+    let d = Daemon::restart(d.kill9());
+    let out = d.cli(&["ctl", "status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(status["ledger"]["lost"].is_null(), "{status}");
+    d.stop();
+}
+
+/// Hostile input (issue 18, item 16): a state dir in use by another daemon and a damaged
+/// ledger exited 78, which the systemd unit takes as "do not restart" (only an invalid
+/// configuration exits 78), and a damaged header said "not a plugind ledger".
+#[test]
+fn a_state_dir_in_use_and_a_damaged_ledger_exit_1_saying_what_to_do() {
+    let s = sandbox("faults");
+    let rec = s.path().join("rec.txt");
+    let good = config("fsync", &[("rec", "", record_config(&rec, ""))]);
+    let d = Daemon::start(s, &good);
+    let run = |s: &Path| {
+        Command::new(plugind_tests::binary::plugind())
+            .args(["run", "-c"])
+            .arg(s.join("plugins.toml"))
+            .output()
+            .unwrap()
+    };
+    let out = run(d.sandbox().path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("in use by another plugind"), "{err}");
+    let (status, s) = d.stop_keeping_state();
+    assert!(status.success());
+
+    let db = s.path().join("state/ledger.db");
+    let mut bytes = fs::read(&db).unwrap();
+    bytes[..16].copy_from_slice(b"garbage-garbage!");
+    fs::write(&db, &bytes).unwrap();
+    let out = run(s.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("damaged")
+            && err.contains("restore a backup")
+            && !err.contains("not a plugind ledger"),
+        "{err}"
+    );
+}
+
+/// Hostile input (issue 18, item 16): `check --config-only` (the unit's ExecStartPre)
+/// passed a read-only state dir, and the start then failed (exit 1) in a loop. The check
+/// refuses it, and so does the start, with exit 78: a state_dir the daemon cannot write is
+/// the configuration's to fix (or the unit's), a restart cannot.
+#[test]
+fn a_read_only_state_dir_fails_check_config_only_and_the_start_with_exit_78() {
+    let s = sandbox("faults");
+    let tmpfs = Tmpfs::mount("1m");
+    let remounted = Command::new("mount")
+        .args(["-o", "remount,ro"])
+        .arg(tmpfs.path())
+        .status()
+        .unwrap();
+    assert!(remounted.success(), "the tmpfs can be made read-only");
+    std::os::unix::fs::symlink(tmpfs.path(), s.path().join("state"))
+        .expect("the sandbox is writable");
+    let rec = s.path().join("rec.txt");
+    let path = s.put(
+        "plugins.toml",
+        config("fsync", &[("rec", "", record_config(&rec, ""))]),
+    );
+    let out = Command::new(plugind_tests::binary::plugind())
+        .args(["check", "--config-only", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(
+        err.contains("state_dir") && err.contains("read-only"),
+        "the check names state_dir and why: {err}"
+    );
+    let out = Command::new(plugind_tests::binary::plugind())
+        .args(["run", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(err.contains("read-only"), "{err}");
+    drop(s);
+    drop(tmpfs);
+}
+
+/// Hostile input (issue 18, item 23): once the disk was full and the space reserved for
+/// settlements was used, freeing the disk with `ctl forget --purge` did not bring publishing
+/// back: the freed pages stayed in ledger.db, the reserve could not be made again, and
+/// publishes were refused until a restart.
+#[test]
+fn after_a_full_disk_is_freed_by_forget_purge_publishing_resumes_without_a_restart() {
+    let s = sandbox("faults");
+    let tmpfs = Tmpfs::mount("24m");
+    std::os::unix::fs::symlink(tmpfs.path(), s.path().join("state"))
+        .expect("the sandbox is writable");
+    let rec = s.path().join("rec.txt");
+    let missing = s.path().join("missing/held.txt");
+    let both = config(
+        "fsync",
+        &[
+            ("rec", "", record_config(&rec, "")),
+            ("held", "", record_config(&missing, "")),
+        ],
+    );
+    let d = Daemon::start(s, &both);
+    let mut refused_in_a_row = 0;
+    let mut next = 0;
+    let started = Instant::now();
+    while refused_in_a_row < 20 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the disk never filled up:\n{}\n{}",
+            tmpfs.usage(),
+            d.history()
+        );
+        let batch: Vec<String> = (next..next + 50).map(payload).collect();
+        next += batch.len();
+        for answer in try_publish_all(&d, &batch, None) {
+            match answer {
+                Ok(_) => refused_in_a_row = 0,
+                Err(status) if status.code() == Code::ResourceExhausted => refused_in_a_row += 1,
+                Err(status) => panic!("{status:?}\n{}", d.history()),
+            }
+        }
+    }
+    // `held`'s table removed (its subscription ends, its backlog stays), then its backlog
+    // purged: the space it held is free again.
+    let only_rec = config("fsync", &[("rec", "", record_config(&rec, ""))]);
+    d.sandbox().put("plugins.toml", &only_rec);
+    let out = d.cli(&["ctl", "reload"]);
+    assert!(out.status.success(), "{out:?}\n{}", d.history());
+    let out = d.cli(&["ctl", "forget", "held", "--purge", "--yes"]);
+    assert!(out.status.success(), "{out:?}\n{}", d.history());
+
+    let started = Instant::now();
+    let id = loop {
+        if let [Ok(id)] = try_publish_all(&d, &[payload(next)], None)[..] {
+            break id;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "publishing did not resume after the purge:\n{}\n{}",
+            tmpfs.usage(),
+            d.history()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    wait_until("rec gets the message published after the purge", &d, || {
+        recorded_ids(&rec).contains(&id)
+    });
+    let (status, s) = d.stop_keeping_state();
+    assert!(status.success());
+    drop(s);
+    drop(tmpfs);
+}

@@ -6,7 +6,10 @@ use std::{path::PathBuf, process::ExitCode};
 use crate::{
     cli::{EXIT_CONFIG, EXIT_FAILURE, fail},
     config::{self, ConfigError},
-    ledger::backup::{self, Contents},
+    ledger::{
+        LedgerError,
+        backup::{self, Contents},
+    },
 };
 
 /// The arguments of both commands.
@@ -22,10 +25,23 @@ pub struct Args {
     pub json: bool,
 }
 
+/// The arguments of `backup`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BackupArgs {
+    #[command(flatten)]
+    pub common: Args,
+    /// Replace FILE if it exists (a regular file only; never one inside state_dir).
+    #[arg(long)]
+    pub force: bool,
+}
+
 /// What to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
-    Backup,
+    /// `backup`, replacing an existing file if `force`.
+    Backup {
+        force: bool,
+    },
     Restore,
 }
 
@@ -34,7 +50,7 @@ pub enum Action {
 pub fn run(action: Action, args: &Args) -> ExitCode {
     let (file, config_flag, json) = (&args.file, args.config.as_deref(), args.json);
     let name = match action {
-        Action::Backup => "backup",
+        Action::Backup { .. } => "backup",
         Action::Restore => "restore",
     };
     let config = match config::locate(config_flag).and_then(|(path, _)| config::load(&path)) {
@@ -47,7 +63,7 @@ pub fn run(action: Action, args: &Args) -> ExitCode {
     };
     let state_dir = &config.host.state_dir;
     let done = match action {
-        Action::Backup => backup::backup(state_dir, file),
+        Action::Backup { force } => backup::backup(state_dir, file, force),
         Action::Restore => backup::restore(state_dir, file),
     };
     match done {
@@ -55,6 +71,7 @@ pub fn run(action: Action, args: &Args) -> ExitCode {
             print(action, &contents, json);
             ExitCode::SUCCESS
         }
+        Err(e @ LedgerError::Unusable(_)) => fail(EXIT_CONFIG, format_args!("{name}: {e}")),
         Err(e) => fail(EXIT_FAILURE, format_args!("{name}: {e}")),
     }
 }
@@ -68,7 +85,7 @@ fn print(action: Action, contents: &Contents, json: bool) {
         return;
     }
     let verb = match action {
-        Action::Backup => "backed up to",
+        Action::Backup { .. } => "backed up to",
         Action::Restore => "restored into",
     };
     println!(
@@ -79,4 +96,10 @@ fn print(action: Action, contents: &Contents, json: bool) {
         contents.pending,
         contents.dead_letters
     );
+    if action == Action::Restore {
+        println!(
+            "message ids continue from {} (never one the state dir gave out before)",
+            contents.next_id
+        );
+    }
 }

@@ -2,8 +2,9 @@
 //! and runs the loader's checks on every library the daemon would load, listing every
 //! problem. No side effects: nothing is loaded into this process, nothing is written.
 //!
-//! Exit status: 0 all good; 78 the configuration is invalid; 1 the configuration is valid
-//! but a library is refused or missing (the daemon would start and run the rest).
+//! Exit status: 0 all good; 78 the configuration is invalid, or its `state_dir` cannot be
+//! created or written (the daemon could not start); 1 the configuration is valid but a
+//! library is refused or missing (the daemon would start and run the rest).
 
 use std::{
     collections::BTreeMap,
@@ -34,6 +35,8 @@ struct ConfigReport {
     path: PathBuf,
     valid: bool,
     problems: Vec<Problem>,
+    /// Why `state_dir` cannot be used, if it cannot.
+    state_dir: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -98,6 +101,18 @@ pub fn run(config_flag: Option<&Path>, probe: bool, config_only: bool, json: boo
         }
         Err(e) => return fail(EXIT_CONFIG, format_args!("check: {e}")),
     };
+    // The state dir must be usable: a read-only one passed here, and the start then failed
+    // over and over.
+    if let Some(problem) = state_dir_problem(&config.host.state_dir) {
+        report.config.state_dir = Some(problem.clone());
+        if json {
+            print_json(&report);
+        }
+        return fail(
+            EXIT_CONFIG,
+            format_args!("{}: {problem}; the daemon cannot start", path.display()),
+        );
+    }
     report.config.valid = true;
     if !config_only {
         let probe = if probe {
@@ -145,6 +160,57 @@ pub fn run(config_flag: Option<&Path>, probe: bool, config_only: bool, json: boo
             ),
         )
     }
+}
+
+/// Why the daemon could not use `dir` as its state dir, if it could not: it must be a
+/// directory this user can write and enter, or one it can create (the nearest existing
+/// folder above it writable). Nothing is written to find out.
+pub fn state_dir_problem(dir: &Path) -> Option<String> {
+    use rustix::fs::{Access, AtFlags, CWD, accessat};
+    let mut existing = dir;
+    let missing = loop {
+        match std::fs::metadata(existing) {
+            Ok(meta) if meta.is_dir() => break existing != dir,
+            Ok(_) => {
+                return Some(format!(
+                    "state_dir {}: {} is not a directory",
+                    dir.display(),
+                    existing.display()
+                ));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && existing != Path::new(".") => {
+                existing = existing
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."));
+            }
+            Err(e) => return Some(format!("state_dir {}: {e}", dir.display())),
+        }
+    };
+    let access = accessat(
+        CWD,
+        existing,
+        Access::WRITE_OK | Access::EXEC_OK,
+        AtFlags::EACCESS,
+    );
+    let why = match access {
+        Ok(()) => return None,
+        Err(rustix::io::Errno::ROFS) => "is on a read-only file system".to_owned(),
+        Err(rustix::io::Errno::ACCESS | rustix::io::Errno::PERM) => format!(
+            "is not writable by this user (uid {})",
+            rustix::process::geteuid().as_raw()
+        ),
+        Err(e) => e.to_string(),
+    };
+    Some(if missing {
+        format!(
+            "state_dir {} does not exist and cannot be created: {} {why}",
+            dir.display(),
+            existing.display()
+        )
+    } else {
+        format!("state_dir {} {why}", dir.display())
+    })
 }
 
 fn print_json(report: &Report) {

@@ -28,8 +28,9 @@ use crate::{
 /// How long connections may take to close once the daemon stopped.
 const CLOSE_CONNECTIONS: Duration = Duration::from_secs(2);
 
-/// Runs the daemon until a stop signal.
-pub fn run(config_flag: Option<&Path>) -> ExitCode {
+/// Runs the daemon until a stop signal. `fresh_ledger`: start a new, empty ledger where the
+/// state dir's was lost (`--fresh-ledger`).
+pub fn run(config_flag: Option<&Path>, fresh_ledger: bool) -> ExitCode {
     let path = match config::locate(config_flag) {
         // Absolute, once: the daemon reports it (`ctl status`), and `ctl enable` edits it
         // from whatever folder the operator is in.
@@ -62,17 +63,19 @@ pub fn run(config_flag: Option<&Path>) -> ExitCode {
             );
         }
     };
-    runtime.block_on(serve(config, log_level))
+    runtime.block_on(serve(config, log_level, fresh_ledger))
 }
 
-async fn serve(config: config::Config, log_level: SetLogLevel) -> ExitCode {
-    // The state dir first: it holds the default socket, and a state dir this build cannot
-    // use is a configuration problem (exit 78), not one a restart fixes.
-    let ledger = match open_ledger(&config) {
+async fn serve(config: config::Config, log_level: SetLogLevel, fresh_ledger: bool) -> ExitCode {
+    // The state dir first: it holds the default socket and the ledger. One this user cannot
+    // create or write is a configuration problem (exit 78: the unit does not restart it); a
+    // ledger in use, damaged or lost is not (exit 1: it may start once that is dealt with).
+    if let Some(problem) = super::check::state_dir_problem(&config.host.state_dir) {
+        return fail(EXIT_CONFIG, format_args!("run: {problem}"));
+    }
+    let ledger = match open_ledger(&config, fresh_ledger) {
         Ok(ledger) => ledger,
-        Err(e @ LedgerError::Refused(_)) => {
-            return fail(EXIT_CONFIG, format_args!("run: {e}"));
-        }
+        Err(e @ LedgerError::Unusable(_)) => return fail(EXIT_CONFIG, format_args!("run: {e}")),
         Err(e) => return fail(EXIT_FAILURE, format_args!("run: {e}")),
     };
     let descriptors = raise_descriptor_limit();
@@ -215,7 +218,10 @@ fn raise_descriptor_limit() -> Option<u64> {
 /// The ledger `durability` asks for. A storage failure later stops the daemon at once
 /// (DESIGN.md §7: fail-stop, exit 1): nothing more can be recorded, so nothing more may be
 /// accepted or handed out.
-fn open_ledger(config: &config::Config) -> Result<Arc<dyn Ledger>, LedgerError> {
+fn open_ledger(
+    config: &config::Config,
+    fresh_ledger: bool,
+) -> Result<Arc<dyn Ledger>, LedgerError> {
     let mode = match config.host.durability {
         Durability::Memory => return Ok(MemoryLedger::new()),
         Durability::Fsync => Mode::Fsync,
@@ -234,6 +240,7 @@ fn open_ledger(config: &config::Config) -> Result<Arc<dyn Ledger>, LedgerError> 
             dead_letter_retention: Some(config.host.dead_letter_retention),
             clock: Arc::new(SystemClock),
             fail_stop: Some(fail_stop),
+            fresh: fresh_ledger,
         },
     )?;
     Ok(ledger)

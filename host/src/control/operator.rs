@@ -110,7 +110,7 @@ impl ControlService {
 fn ledger_status(e: &LedgerError) -> Status {
     match e {
         LedgerError::Full(_) => Status::resource_exhausted(e.to_string()),
-        LedgerError::Unsupported(_) | LedgerError::Refused(_) => {
+        LedgerError::Unsupported(_) | LedgerError::Refused(_) | LedgerError::Unusable(_) => {
             Status::failed_precondition(e.to_string())
         }
         LedgerError::Fatal(_) | LedgerError::Corrupt(_) => Status::internal(e.to_string()),
@@ -262,6 +262,10 @@ impl control_server::Control for ControlService {
                     commits: stats.commits,
                     fsyncs: stats.fsyncs,
                     commit_us: stats.latency_us.to_vec(),
+                    lost: engine.lost().map(|lost| pb::LedgerLoss {
+                        first_id: lost.first,
+                        last_id: lost.last,
+                    }),
                 }),
                 instances: view
                     .instances

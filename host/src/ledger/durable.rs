@@ -36,8 +36,10 @@ use rusqlite::Connection;
 
 use super::{
     BacklogEntry, CommitStats, Counts, DeadLetter, DeadLetterFilter, Forget, HistoryEntry, Ledger,
-    LedgerError, Pending, Receipt, Record, Recovered, Remembered, Replayed, Selection, Then, Wait,
-    lock, markers, store,
+    LedgerError, Lost, Pending, Receipt, Record, Recovered, Remembered, Replayed, Selection, Then,
+    Wait, lock,
+    mark::{self, Mark, MarkError, Marks},
+    markers, store,
     writer::{
         Done, Log, Op, Reply, Request, Shared, Stats, Syncer, Writer, ensure_reserve,
         release_reserve,
@@ -71,6 +73,9 @@ pub struct Options {
     pub dead_letter_retention: Option<Duration>,
     pub clock: Arc<dyn Clock>,
     pub fail_stop: Option<FailStop>,
+    /// Start a new, empty ledger where the state dir's is missing or empty (`plugind run
+    /// --fresh-ledger`): refused without it, since a ledger that should be there is lost.
+    pub fresh: bool,
 }
 
 impl std::fmt::Debug for Options {
@@ -98,6 +103,10 @@ pub struct DurableLedger {
     /// The reserve file was released (or could not be made) at open: the writer starts
     /// refusing publishes.
     reserve_released: bool,
+    /// The state dir's mark as found at open (`None`: none, or damaged).
+    marks: Option<Marks>,
+    /// A new, empty ledger was started where one was lost (`--fresh-ledger`).
+    fresh: bool,
     /// Held for the ledger's life: one daemon per state dir.
     _lock: File,
 }
@@ -115,23 +124,85 @@ impl DurableLedger {
     /// Opens (or creates) the ledger in `dir`.
     ///
     /// # Errors
-    /// [`LedgerError::Refused`] for a state dir in use by another daemon, or holding a newer
-    /// format or another file; [`LedgerError::Fatal`] when it cannot be read.
+    /// [`LedgerError::Unusable`] for a state dir that cannot be created or written;
+    /// [`LedgerError::Refused`] for a state dir in use by another daemon, a ledger that is
+    /// missing or empty where the state dir's mark says one lives (unless
+    /// [`Options::fresh`]), damaged, of a newer format or another program's file;
+    /// [`LedgerError::Fatal`] when it cannot be read.
     pub fn open(dir: &Path, options: Options) -> Result<Arc<Self>, LedgerError> {
         fs::create_dir_all(dir).map_err(|e| {
-            LedgerError::Refused(format!("cannot create state dir {}: {e}", dir.display()))
+            LedgerError::Unusable(format!(
+                "state_dir {}: cannot create it: {e}",
+                dir.display()
+            ))
         })?;
         let lock = lock_state_dir(dir)?;
+        let (marks, ours) = match mark::read(dir) {
+            Ok(marks) => {
+                let ours = marks.is_some() || had_a_ledger(dir);
+                (marks, ours)
+            }
+            Err(e @ MarkError::Damaged { .. }) => {
+                tracing::error!(
+                    error = %e,
+                    "the ledger's mark is damaged: it is made again from the database (a loss \
+                     of answered messages before this start cannot be detected)"
+                );
+                (None, true)
+            }
+            Err(e @ MarkError::Io { .. }) => return Err(LedgerError::Fatal(e.to_string())),
+        };
+        let db = dir.join(store::FILE);
+        let size = match fs::symlink_metadata(&db) {
+            Ok(meta) => Some(meta.len()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(LedgerError::Fatal(format!("{}: {e}", db.display()))),
+        };
+        let gone = match size {
+            None => Some("is missing"),
+            Some(0) => Some("is empty (0 bytes)"),
+            Some(_) => None,
+        };
+        let fresh = ours && gone.is_some() && options.fresh;
+        if ours
+            && let Some(what) = gone
+            && !options.fresh
+        {
+            return Err(LedgerError::Refused(store::lost(&db, what)));
+        }
+        if fresh {
+            forget_stale_files(dir)?;
+        } else if options.fresh && gone.is_none() {
+            tracing::warn!(
+                path = %db.display(),
+                "--fresh-ledger ignored: the ledger is there and is used as it is (the option \
+                 only allows starting without one; remove it)"
+            );
+        }
+        let create = if ours && !fresh {
+            store::Create::Refused
+        } else {
+            store::Create::Allowed
+        };
         // On a full disk even opening writes (the log's recovery, the settings): the reserve
         // goes, so that the daemon starts and delivers what is pending.
-        let (conn, reserve_released) = match store::open(dir) {
-            Err(LedgerError::Full(_)) if release_reserve(dir) => (store::open(dir)?, true),
+        let (conn, reserve_released) = match store::open(dir, create, ours) {
+            Err(LedgerError::Full(_)) if release_reserve(dir) => {
+                (store::open(dir, create, ours)?, true)
+            }
             opened => (opened?, false),
         };
         let reader = store::open_reader(dir)?;
         // A reserve that cannot be made (the disk is about full) counts as released: publishes
         // are refused until housekeeping can make it (see `Writer::reserve_released`).
-        let reserve_released = reserve_released || !ensure_reserve(dir);
+        let reserve_made = ensure_reserve(dir).inspect_err(|e| {
+            tracing::warn!(
+                path = %dir.join(super::writer::RESERVE).display(),
+                error = %e,
+                "cannot reserve space for settlements; publishing waits until it can be reserved"
+            );
+        });
+        let reserve_released = reserve_released || reserve_made.is_err();
         let (requests, receiver) = unbounded();
         let shared = Arc::new(Shared {
             keys: RwLock::default(),
@@ -164,6 +235,8 @@ impl DurableLedger {
             slots: Mutex::new(None),
             shared,
             reserve_released,
+            marks,
+            fresh,
             _lock: lock,
         }))
     }
@@ -208,6 +281,67 @@ impl DurableLedger {
     }
 }
 
+impl DurableLedger {
+    /// The ledger's identity (the database's, or a new one), and what the database lost that
+    /// the mark says was answered OK. Says it loudly, once: the mark starts over for this run.
+    fn compare_with_mark(&self, conn: &Connection) -> Result<(u64, Option<Lost>), LedgerError> {
+        let stored = store::meta(conn, "identity")? as u64;
+        let identity = if stored == 0 {
+            mark::new_identity()
+        } else {
+            stored
+        };
+        let db = self.dir.join(store::FILE);
+        if self.fresh {
+            tracing::warn!(
+                path = %db.display(),
+                "a new, empty ledger replaces the lost one (--fresh-ledger); message ids continue \
+                 after the last one given out"
+            );
+            return Ok((identity, None));
+        }
+        let Some(marks) = &self.marks else {
+            return Ok((identity, None));
+        };
+        if stored != marks.identity {
+            if stored != 0 {
+                tracing::warn!(
+                    path = %db.display(),
+                    ledger = format_args!("{stored:016x}"),
+                    expected = format_args!("{:016x}", marks.identity),
+                    "ledger.db is not the ledger this state dir ran last: it was replaced \
+                     by hand (use `plugind restore`); message ids continue after the last one \
+                     this state dir gave out"
+                );
+            }
+            return Ok((identity, None));
+        }
+        let last = store::meta(conn, "last_id")? as u64;
+        let lost = marks
+            .answered
+            .filter(|answered| *answered > last)
+            .map(|answered| Lost {
+                first: last + 1,
+                last: answered,
+            });
+        if let Some(lost) = &lost {
+            tracing::error!(
+                path = %db.display(),
+                first = lost.first,
+                last = lost.last,
+                "THE LEDGER LOST MESSAGES ANSWERED OK: the messages with ids {} to {} were \
+                 answered OK, but the ledger no longer holds them (nor their deliveries or dead \
+                 letters): its write-ahead log was damaged or cut short, or the database was \
+                 replaced by an older copy of itself. Starting with what it holds; restore a \
+                 newer backup if you have one",
+                lost.first,
+                lost.last
+            );
+        }
+        Ok((identity, lost))
+    }
+}
+
 /// Takes the state dir for this process: an exclusive lock on `state_dir/lock`, held as long
 /// as the returned file is open (the kernel drops it when the process dies).
 ///
@@ -220,7 +354,10 @@ pub(super) fn lock_state_dir(dir: &Path) -> Result<File, LedgerError> {
         .truncate(false)
         .write(true)
         .open(&path)
-        .map_err(|e| LedgerError::Fatal(format!("{}: {e}", path.display())))?;
+        .map_err(|e| {
+            unusable(dir, &e)
+                .unwrap_or_else(|| LedgerError::Fatal(format!("{}: {e}", path.display())))
+        })?;
     if lock.try_lock().is_err() {
         return Err(LedgerError::Refused(format!(
             "state dir {} is in use by another plugind (stop it first)",
@@ -228,6 +365,55 @@ pub(super) fn lock_state_dir(dir: &Path) -> Result<File, LedgerError> {
         )));
     }
     Ok(lock)
+}
+
+/// The refusal of a state dir this user cannot write (a configuration problem: no restart
+/// fixes it), if that is what `e` says.
+fn unusable(dir: &Path, e: &std::io::Error) -> Option<LedgerError> {
+    let why = match e.raw_os_error() {
+        Some(code) if code == rustix::io::Errno::ROFS.raw_os_error() => {
+            "is on a read-only file system"
+        }
+        Some(code)
+            if code == rustix::io::Errno::ACCESS.raw_os_error()
+                || code == rustix::io::Errno::PERM.raw_os_error() =>
+        {
+            "is not writable by this user"
+        }
+        _ => return None,
+    };
+    Some(LedgerError::Unusable(format!(
+        "state_dir {} {why}: {e}",
+        dir.display()
+    )))
+}
+
+/// Whether the ledger's other files say a ledger lived in `dir` before marks existed (a state
+/// dir of an older plugind, its `ledger.db` lost).
+fn had_a_ledger(dir: &Path) -> bool {
+    [store::LOG, markers::FILE, super::writer::RESERVE]
+        .iter()
+        .any(|f| dir.join(f).exists())
+}
+
+/// A new ledger replaces a lost one (`--fresh-ledger`): the files of the old one that SQLite
+/// or recovery would read with it (its log, the log's index, its in-flight markers) go.
+fn forget_stale_files(dir: &Path) -> Result<(), LedgerError> {
+    for stale in [
+        store::LOG.to_owned(),
+        format!("{}-shm", store::FILE),
+        markers::FILE.to_owned(),
+    ] {
+        let path = dir.join(stale);
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                tracing::warn!(path = %path.display(), "removed: it belonged to the lost ledger")
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(LedgerError::Fatal(format!("{}: {e}", path.display()))),
+        }
+    }
+    Ok(())
 }
 
 /// The size (payload and headers) of a stored pending delivery; `None`, reported, when its
@@ -322,6 +508,13 @@ impl Ledger for DurableLedger {
             unclean: !clean,
             ..Recovered::default()
         };
+        let (identity, lost) = self.compare_with_mark(&conn)?;
+        recovered.lost = lost;
+        // Ids are never reused on one state dir: the mark is never behind the database, and
+        // outlives it.
+        if let Some(marks) = &self.marks {
+            recovered.next_id = recovered.next_id.max(marks.reserved);
+        }
         let mut records = Vec::new();
         store::scan(&conn, None, |stored| {
             let name = all_names.get(&stored.inst).map_or("?", String::as_str);
@@ -379,12 +572,34 @@ impl Ledger for DurableLedger {
             });
             Ok(())
         })?;
+        // The mark says this ledger and where its ids start, before anything is handed out.
+        let start = |dir: &Path| Mark::start(dir, identity, recovered.next_id, self.marks.as_ref());
+        let mut reserve_released = self.reserve_released;
+        let made = match start(&self.dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::StorageFull && release_reserve(&self.dir) => {
+                reserve_released = true;
+                start(&self.dir)
+            }
+            made => made,
+        };
+        let mark = made.map_err(|e| {
+            LedgerError::Fatal(format!(
+                "cannot write {}: {e}",
+                self.dir.join(mark::FILE).display()
+            ))
+        })?;
+        let answerer = || {
+            mark.answerer().map_err(|e| {
+                LedgerError::Fatal(format!("cannot open {}: {e}", mark.path().display()))
+            })
+        };
         let (syncs, to_sync) = unbounded();
         let syncer = Syncer {
             log: Log::new(self.dir.join(store::LOG)),
             shared: self.shared.clone(),
             checkpoints: store::open_checkpointer(&self.dir)?,
             last_checkpoint: Instant::now(),
+            answerer: answerer()?,
         };
         std::thread::Builder::new()
             .name("ledger-sync".into())
@@ -410,11 +625,18 @@ impl Ledger for DurableLedger {
             page_size,
             commits_since_measure: 0,
             reserved: recovered.next_id,
-            reserve_released: self.reserve_released,
+            marked: recovered.next_id,
+            answerer: (self.options.mode == Mode::Buffered)
+                .then(answerer)
+                .transpose()?,
+            mark,
+            tasks: std::collections::VecDeque::new(),
+            reserve_released,
+            reserve_warned: false,
         };
         // The charges, and "running" (an exit before the next graceful stop is unclean),
         // are durable before anything is handed out.
-        writer.recovery_commit(&records, recovered.next_id)?;
+        writer.recovery_commit(&records, recovered.next_id, identity)?;
         writer.measure();
         // Its space is taken now (with the reserve, on a full disk): a marker is written
         // before every call to plugin code.
@@ -506,6 +728,10 @@ impl Ledger for DurableLedger {
                 None => replayed.waiting += 1,
             }
         }
+        // Acceptance order, as recovery hands them over.
+        replayed
+            .pending
+            .sort_unstable_by_key(|p| (p.message, p.instance));
         Ok(replayed)
     }
 

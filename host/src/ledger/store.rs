@@ -75,7 +75,7 @@ CREATE VIEW pending(msg, inst, state) AS
      WHERE m.solo IS NOT NULL
        AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.msg = m.id AND d.inst = m.solo)
     UNION ALL SELECT msg, inst, state FROM deliveries;
-INSERT INTO meta VALUES ('next_id', 1), ('clean', 1);
+INSERT INTO meta VALUES ('next_id', 1), ('clean', 1), ('last_id', 0);
 ";
 
 /// How commits reach the disk.
@@ -136,18 +136,44 @@ fn wait_briefly(conn: &Connection) -> Result<(), LedgerError> {
     conn.busy_handler(Some(retry)).map_err(fatal("ledger"))
 }
 
-/// Opens (creating or upgrading) the database, with the writer's settings.
-pub(super) fn open(dir: &Path) -> Result<Connection, LedgerError> {
+/// Whether [`open`] may create a new ledger where it finds none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Create {
+    /// Yes: nothing says a ledger was here.
+    Allowed,
+    /// No: the state dir had a ledger (its mark says so); a missing or empty database is
+    /// refused with the way out.
+    Refused,
+}
+
+/// Opens (creating or upgrading) the database, with the writer's settings. `ours`: the state
+/// dir's mark says a plugind ledger lives here (a file SQLite cannot read is then damaged,
+/// not someone else's).
+///
+/// # Errors
+/// [`LedgerError::Refused`] for a database that is empty where `create` refuses one, damaged,
+/// not a plugind ledger, or of a newer format; [`LedgerError::Fatal`] when it cannot be read.
+pub(super) fn open(dir: &Path, create: Create, ours: bool) -> Result<Connection, LedgerError> {
     let path = dir.join(FILE);
     let conn = Connection::open(&path).map_err(fatal("cannot open the ledger"))?;
     wait_briefly(&conn)?;
-    let (empty, format) = check_format(&conn, &path)?;
-    // auto_vacuum must be chosen before the first table exists.
+    let (empty, format) = check_format(&conn, &path, ours)?;
+    if empty && create == Create::Refused {
+        return Err(LedgerError::Refused(lost(
+            &path,
+            "holds no ledger (an empty database)",
+        )));
+    }
+    // auto_vacuum must be chosen before the first table exists. Statement journals (the
+    // undo of one statement inside a transaction: multi-row inserts, deletes with RETURNING,
+    // INSERT OR REPLACE) stay in memory: they are never needed after a crash, and written to
+    // a temporary file they were a sixth of an operator's replay.
     conn.execute_batch(
         "PRAGMA auto_vacuum = INCREMENTAL;
          PRAGMA journal_mode = WAL;
          PRAGMA synchronous = FULL;
          PRAGMA journal_size_limit = 33554432;
+         PRAGMA temp_store = MEMORY;
          PRAGMA foreign_keys = OFF;",
     )
     .map_err(fatal("cannot configure the ledger"))?;
@@ -163,22 +189,68 @@ pub(super) fn open(dir: &Path) -> Result<Connection, LedgerError> {
     Ok(conn)
 }
 
+/// The refusal of a state dir whose ledger is gone: `path` `what` (is missing, is empty),
+/// and the ways out.
+pub(super) fn lost(path: &Path, what: &str) -> String {
+    format!(
+        "{} {what}, but this state dir had a ledger: it was deleted or lost, with its pending \
+         deliveries and dead letters. Nothing was changed. Restore a backup (`plugind restore \
+         FILE`), or start a new, empty ledger on purpose with `plugind run --fresh-ledger` \
+         (message ids continue after the last one given out)",
+        path.display()
+    )
+}
+
+/// The refusal of a database SQLite cannot use as a ledger.
+fn damaged(path: &Path, why: &str) -> LedgerError {
+    LedgerError::Refused(format!(
+        "{} is damaged ({why}) — restore a backup (`plugind restore FILE`), or move it away and \
+         start a new, empty ledger with `plugind run --fresh-ledger`",
+        path.display()
+    ))
+}
+
 /// Checks that `conn` is a plugind ledger of a format this build reads (or an empty
-/// database). Returns (whether it is empty, its format).
-pub(super) fn check_format(conn: &Connection, path: &Path) -> Result<(bool, i64), LedgerError> {
+/// database). Returns (whether it is empty, its format). `ours`: the state dir's mark says a
+/// plugind ledger lives there.
+///
+/// # Errors
+/// [`LedgerError::Refused`] naming the file and what is wrong with it.
+pub(super) fn check_format(
+    conn: &Connection,
+    path: &Path,
+    ours: bool,
+) -> Result<(bool, i64), LedgerError> {
+    // A file that starts as SQLite's do is a damaged database, not someone else's file.
+    let sqlite = std::fs::File::open(path)
+        .and_then(|f| {
+            let mut magic = [0u8; 16];
+            std::io::Read::read_exact(&mut &f, &mut magic).map(|()| magic)
+        })
+        .is_ok_and(|magic| &magic == b"SQLite format 3\0");
     let empty: i64 = conn
         .query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))
         .map_err(|e| match e.sqlite_error_code() {
+            Some(ErrorCode::NotADatabase) if ours || sqlite => {
+                damaged(path, "SQLite cannot read it: file is not a database")
+            }
             Some(ErrorCode::NotADatabase) => LedgerError::Refused(format!(
-                "{}: not a plugind ledger (not an SQLite database); move it away or point \
-                 state_dir elsewhere",
+                "{}: not an SQLite database: damaged, or not a plugind ledger; restore a backup \
+                 (`plugind restore FILE`), or move it away, or point state_dir elsewhere",
                 path.display()
             )),
+            Some(ErrorCode::DatabaseCorrupt) => damaged(path, &e.to_string()),
             _ => classify("cannot read the ledger", &e),
         })?;
     let application: i64 = pragma(conn, "application_id")?;
     let format: i64 = pragma(conn, "user_version")?;
     if empty != 0 && application != APPLICATION_ID {
+        if ours {
+            return Err(damaged(
+                path,
+                &format!("its application id is {application:#x}, not plugind's"),
+            ));
+        }
         return Err(LedgerError::Refused(format!(
             "{}: not a plugind ledger (application id {application:#x}); move it away or point \
              state_dir elsewhere",
@@ -276,10 +348,26 @@ pub(super) fn set_meta(conn: &Connection, key: &str, value: i64) -> Result<(), L
         .map_err(fatal("cannot write the ledger"))
 }
 
+/// Sets `meta` `key` to `value` unless it has a value.
+pub(super) fn init_meta(conn: &Connection, key: &str, value: i64) -> Result<(), LedgerError> {
+    conn.prepare_cached("INSERT OR IGNORE INTO meta VALUES (?1, ?2)")
+        .and_then(|mut s| s.execute(params![key, value]))
+        .map(drop)
+        .map_err(fatal("cannot write the ledger"))
+}
+
 /// Raises the id high-water mark (ids are never reused, even once their messages are gone).
 pub(super) fn raise_next_id(conn: &Connection, next: u64) -> rusqlite::Result<()> {
     conn.prepare_cached("UPDATE meta SET value = max(value, ?1) WHERE key = 'next_id'")?
         .execute([next as i64])
+        .map(drop)
+}
+
+/// Raises the last id recorded (`meta.last_id`, one row written by every transaction that
+/// accepts messages): recovery compares it with the mark's last id answered OK.
+pub(super) fn raise_last_id(conn: &Connection, last: u64) -> rusqlite::Result<()> {
+    conn.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'last_id' AND value < ?1")?
+        .execute([last as i64])
         .map(drop)
 }
 
@@ -722,6 +810,36 @@ pub(super) fn vacuum(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Gives the file system back every free page of the database and the whole log (copied
+/// first), once the database has at least `enough` free pages (an operator's `purge` or
+/// `forget --purge` freed them): the log is checkpointed and cut to nothing, the free pages
+/// vacuumed, the log cut again. Never waits for a reader (a busy checkpoint leaves the log as
+/// it is: the caller tries again later).
+///
+/// # Errors
+/// [`LedgerError::Full`] when even the vacuum finds no room; [`LedgerError::Fatal`] else.
+pub(super) fn give_back(conn: &Connection, enough: u64) -> Result<(), LedgerError> {
+    let run = || -> rusqlite::Result<()> {
+        let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+        if (free.max(0) as u64) < enough {
+            return Ok(());
+        }
+        // The log first (what the vacuum writes needs room in it), then the free pages, then
+        // the log again (the vacuum's own frames, and the database's new end).
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        let mut stmt = conn.prepare_cached("PRAGMA incremental_vacuum")?;
+        let mut rows = stmt.query([])?;
+        while rows.next()?.is_some() {}
+        drop(rows);
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        Ok(())
+    };
+    conn.busy_handler(None).map_err(fatal("ledger"))?;
+    let done = run().map_err(|e| classify("ledger", &e));
+    wait_briefly(conn)?;
+    done
+}
+
 /// [`classify`], plus where the damage is when the database is corrupt (SQLite's
 /// `integrity_check`: the pages and what is wrong with them, at most 8 findings).
 fn located(conn: &Connection, context: &str, e: &rusqlite::Error) -> LedgerError {
@@ -969,88 +1087,234 @@ pub(super) fn instance_key(conn: &Connection, name: &str) -> rusqlite::Result<Op
     .optional()
 }
 
-/// The dead letters a selection names: (message, instance key, state).
-fn selected(
-    conn: &Connection,
-    selection: &Selection,
-) -> Result<Vec<(u64, u32, Vec<u8>)>, LedgerError> {
-    let inst = match &selection.instance {
-        Some(name) => match instance_key(conn, name).map_err(fatal("cannot read the ledger"))? {
-            Some(key) => Some(key),
-            None => return Ok(Vec::new()),
-        },
-        None => None,
-    };
-    let mut stmt = conn
-        .prepare_cached(
-            "SELECT msg, inst, state FROM dead_letters
-              WHERE (?1 IS NULL OR inst = ?1) AND (?2 IS NULL OR msg = ?2) ORDER BY msg, inst",
-        )
-        .map_err(fatal("cannot read dead letters"))?;
-    let ids: Vec<Option<i64>> = if selection.messages.is_empty() {
-        vec![None]
-    } else {
-        selection.messages.iter().map(|m| Some(*m as i64)).collect()
-    };
-    let mut out = Vec::new();
-    for id in ids {
-        let rows = stmt
-            .query_map(params![inst, id], |r| {
-                Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?))
-            })
-            .and_then(Iterator::collect::<rusqlite::Result<Vec<_>>>)
-            .map_err(fatal("cannot read dead letters"))?;
-        out.extend(rows);
-    }
-    Ok(out)
+/// The dead letters a selection names, taken a chunk at a time (each chunk in a transaction
+/// of its own, so that an operator's replay or purge of 100,000 ids interleaves with the
+/// publishes instead of stopping them): a list of ids is taken id by id through the primary
+/// key; "every dead letter (of an instance)" is a scan in (message, instance) order from a
+/// cursor, up to the newest message dead-lettered when the sweep began (what is
+/// dead-lettered meanwhile is not chased).
+#[derive(Debug)]
+pub(super) struct Sweep {
+    /// `None` until the first step resolves the selection.
+    inst: Option<Option<u32>>,
+    instance: Option<String>,
+    /// Sorted and without repeats; `None`: every dead letter.
+    ids: Option<Vec<u64>>,
+    /// The next index into `ids`.
+    next: usize,
+    /// The scan's cursor: after this (message, instance key).
+    after: (i64, i64),
+    /// The scan's end: the newest message dead-lettered when it began.
+    upto: i64,
+    finished: bool,
 }
 
-/// Moves the selected dead letters back to pending (failures reset, history kept).
-/// Returns (message, instance key, delivery, size: payload and headers) of each.
+/// Dead letters a step takes (a chunk takes steps until its time is up).
+const STEP: usize = 64;
+
+impl Sweep {
+    pub(super) fn new(selection: &Selection) -> Self {
+        let ids = (!selection.messages.is_empty()).then(|| {
+            let mut ids = selection.messages.clone();
+            ids.sort_unstable();
+            ids.dedup();
+            ids
+        });
+        Self {
+            inst: None,
+            instance: selection.instance.clone(),
+            ids,
+            next: 0,
+            after: (-1, -1),
+            upto: 0,
+            finished: false,
+        }
+    }
+
+    /// Whether every chunk was taken.
+    pub(super) fn finished(&self) -> bool {
+        self.finished
+    }
+
+    /// The messages of the next [`STEP`] dead letters selected (their dead letters of the
+    /// selected instance, or of any when it is `None`), and that instance's key.
+    fn step(&mut self, conn: &Connection) -> Result<(Vec<u64>, Option<u32>), LedgerError> {
+        let map = fatal("cannot read dead letters");
+        let inst = match self.inst {
+            Some(inst) => inst,
+            None => {
+                let inst = match &self.instance {
+                    Some(name) => match instance_key(conn, name).map_err(&map)? {
+                        Some(key) => Some(key),
+                        // Never registered: it has no dead letters.
+                        None => {
+                            self.finished = true;
+                            return Ok((Vec::new(), None));
+                        }
+                    },
+                    None => None,
+                };
+                self.upto = conn
+                    .query_row("SELECT coalesce(max(msg), 0) FROM dead_letters", [], |r| {
+                        r.get(0)
+                    })
+                    .map_err(&map)?;
+                self.inst = Some(inst);
+                inst
+            }
+        };
+        if let Some(ids) = &self.ids {
+            let end = (self.next + STEP).min(ids.len());
+            let step = ids[self.next..end].to_vec();
+            self.next = end;
+            self.finished = end == ids.len();
+            return Ok((step, inst));
+        }
+        let rows: Vec<(i64, u32)> = conn
+            .prepare_cached(
+                "SELECT msg, inst FROM dead_letters
+                  WHERE (msg, inst) > (?1, ?2) AND msg <= ?3 AND (?4 IS NULL OR inst = ?4)
+                  ORDER BY msg, inst LIMIT ?5",
+            )
+            .and_then(|mut s| {
+                s.query_map(
+                    params![self.after.0, self.after.1, self.upto, inst, STEP as i64],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?
+                .collect()
+            })
+            .map_err(&map)?;
+        if let Some((msg, key)) = rows.last() {
+            self.after = (*msg, i64::from(*key));
+        }
+        self.finished = rows.len() < STEP;
+        // Every dead letter of these messages that the selection takes goes in this step (a
+        // message whose dead letters straddle the step's end included: the next step finds
+        // them gone).
+        let mut msgs: Vec<u64> = rows.into_iter().map(|(m, _)| m as u64).collect();
+        msgs.dedup();
+        Ok((msgs, inst))
+    }
+
+    /// Steps until `budget` is spent (at least one), the sweep is finished, or a chunk's
+    /// worth was taken; `each` is called with the statements' connection for every step.
+    fn chunk(
+        &mut self,
+        conn: &Connection,
+        budget: Duration,
+        mut each: impl FnMut(&[u64], Option<u32>) -> Result<usize, LedgerError>,
+    ) -> Result<(), LedgerError> {
+        let started = std::time::Instant::now();
+        let mut taken = 0;
+        while !self.finished && taken < super::writer::CHUNK && started.elapsed() < budget {
+            let (msgs, inst) = self.step(conn)?;
+            if !msgs.is_empty() {
+                taken += each(&msgs, inst)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `DELETE … WHERE msg IN (` [`STEP`] placeholders `) AND (?65 IS NULL OR inst = ?65)
+/// RETURNING …`: one statement takes a step's dead letters (unused placeholders are NULL,
+/// which matches nothing).
+fn take_step(returning: &str) -> String {
+    format!(
+        "DELETE FROM dead_letters WHERE msg IN ({}) AND (?{n} IS NULL OR inst = ?{n})
+         RETURNING {returning}",
+        vec!["?"; STEP].join(", "),
+        n = STEP + 1
+    )
+}
+
+/// The parameters of [`take_step`]: `msgs` padded with NULLs, then `inst`.
+fn step_params(msgs: &[u64], inst: Option<u32>) -> Vec<Option<i64>> {
+    let mut params: Vec<Option<i64>> = msgs.iter().map(|m| Some(*m as i64)).collect();
+    params.resize(STEP, None);
+    params.push(inst.map(i64::from));
+    params
+}
+
+static REPLAY_STEP: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    take_step(
+        "msg, inst, state,
+         (SELECT coalesce(length(payload) + length(headers), 0) FROM messages WHERE id = dead_letters.msg)",
+    )
+});
+static PURGE_STEP: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| take_step("msg, inst"));
+
+/// Moves the next chunk (what `budget` allows, at most [`super::writer::CHUNK`]) of the dead
+/// letters `sweep` selects back to pending (failures reset, history kept). Returns (message,
+/// instance key, delivery, size: payload and headers) of each.
 pub(super) fn replay(
     conn: &Connection,
-    selection: &Selection,
+    sweep: &mut Sweep,
+    budget: Duration,
     now: Timestamp,
 ) -> Result<Vec<(u64, u32, Delivery, u64)>, LedgerError> {
     let map = fatal("cannot replay dead letters");
-    let mut out = Vec::new();
-    for (msg, inst, state) in selected(conn, selection)? {
-        let mut delivery = decode_delivery(&state, msg, &format!("#{inst}"))?;
-        delivery.replay(now);
-        conn.prepare_cached("DELETE FROM dead_letters WHERE msg = ?1 AND inst = ?2")
-            .and_then(|mut s| s.execute(params![msg as i64, inst]))
-            .map_err(&map)?;
-        conn.prepare_cached(
-            "INSERT OR REPLACE INTO deliveries(msg, inst, state) VALUES (?1, ?2, ?3)",
-        )
-        .and_then(|mut s| s.execute(params![msg as i64, inst, encode_delivery(&delivery)]))
+    // One statement finds, removes and sizes a step's dead letters.
+    let mut take = conn.prepare_cached(&REPLAY_STEP).map_err(&map)?;
+    let mut insert = conn
+        .prepare_cached("INSERT OR REPLACE INTO deliveries(msg, inst, state) VALUES (?1, ?2, ?3)")
         .map_err(&map)?;
-        let size: i64 = conn
-            .query_row(
-                "SELECT coalesce(length(payload) + length(headers), 0) FROM messages WHERE id = ?1",
-                [msg as i64],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(&map)?
-            .unwrap_or(0);
-        out.push((msg, inst, delivery, size as u64));
-    }
+    let mut out = Vec::new();
+    sweep.chunk(conn, budget, |msgs, inst| {
+        let rows: Vec<(i64, u32, Vec<u8>, Option<i64>)> = take
+            .query_map(rusqlite::params_from_iter(step_params(msgs, inst)), |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
+            .and_then(Iterator::collect)
+            .map_err(&map)?;
+        for (msg, inst, state, size) in &rows {
+            let mut delivery: Delivery = serde_json::from_slice(state).map_err(|e| {
+                LedgerError::Fatal(format!(
+                    "the ledger is corrupt: the dead letter of message {msg} to instance \
+                     #{inst} cannot be read: {e}"
+                ))
+            })?;
+            delivery.replay(now);
+            insert
+                .execute(params![msg, inst, encode_delivery(&delivery)])
+                .map_err(&map)?;
+            out.push((*msg as u64, *inst, delivery, size.unwrap_or(0) as u64));
+        }
+        Ok(rows.len())
+    })?;
     Ok(out)
 }
 
-/// Removes the selected dead letters; returns how many.
-pub(super) fn purge(conn: &Connection, selection: &Selection) -> Result<u64, LedgerError> {
+/// Removes the next chunk (what `budget` allows, at most [`super::writer::CHUNK`]) of the
+/// dead letters `sweep` selects (and their messages once nothing refers to them); returns
+/// how many.
+pub(super) fn purge(
+    conn: &Connection,
+    sweep: &mut Sweep,
+    budget: Duration,
+) -> Result<u64, LedgerError> {
     let map = fatal("cannot purge dead letters");
-    let chosen = selected(conn, selection)?;
+    let mut take = conn.prepare_cached(&PURGE_STEP).map_err(&map)?;
     let mut writes = Writes::new(conn).map_err(&map)?;
-    for (msg, inst, _) in &chosen {
-        conn.prepare_cached("DELETE FROM dead_letters WHERE msg = ?1 AND inst = ?2")
-            .and_then(|mut s| s.execute(params![*msg as i64, inst]))
+    let mut count = 0;
+    sweep.chunk(conn, budget, |msgs, inst| {
+        let mut removed: Vec<i64> = take
+            .query_map(rusqlite::params_from_iter(step_params(msgs, inst)), |r| {
+                r.get(0)
+            })
+            .and_then(Iterator::collect)
             .map_err(&map)?;
-        writes.unreferenced(*msg).map_err(&map)?;
-    }
-    Ok(chosen.len() as u64)
+        let taken = removed.len();
+        removed.sort_unstable();
+        removed.dedup();
+        for msg in removed {
+            writes.unreferenced(msg as u64).map_err(&map)?;
+        }
+        count += taken as u64;
+        Ok(taken)
+    })?;
+    Ok(count)
 }
 
 /// Ends every waiting delivery of instance `name`: dead letters (reason `forgotten`) or

@@ -44,6 +44,7 @@ fn options(max_bytes: Option<u64>) -> Options {
         dead_letter_retention: None,
         clock: Arc::new(ManualClock::at(T0)),
         fail_stop: None,
+        fresh: false,
     }
 }
 
@@ -868,5 +869,186 @@ fn a_large_batch_is_stored_whole_across_multi_row_statements() {
             .flatten()
             .count(),
         70
+    );
+}
+
+/// Hostile input (issue 18, item 5): a replay (or purge) of a list of ids ran in one
+/// transaction of the writer, each id a scan of every dead letter: 100,000 ids stopped every
+/// publish for 51–192 s. It runs in chunks, each committed on its own, and what was
+/// published meanwhile is committed (and answered) between two chunks.
+#[test]
+fn a_long_replay_runs_in_chunks_and_publishes_are_committed_between_them() {
+    const N: u64 = 16 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = DurableLedger::open(
+        dir.path(),
+        Options {
+            // Publishes are answered by the writer itself, as soon as they are committed.
+            mode: Mode::Buffered,
+            ..options(None)
+        },
+    )
+    .unwrap();
+    ledger.recover(&instances(5), T0).unwrap();
+    let ids: Vec<u64> = (1..=N).collect();
+    for chunk in ids.chunks(2048) {
+        let accepted = chunk
+            .iter()
+            .map(|id| Record::Accepted {
+                message: message(*id, "x"),
+                targets: smallvec![0, 1],
+            })
+            .collect();
+        ledger.commit(accepted, Wait::Durable).unwrap();
+        let mut delivery = Delivery::new(T0);
+        delivery.begin(&rules(1), T0);
+        delivery.reject(1, "bad", T0).unwrap();
+        let dead = chunk
+            .iter()
+            .flat_map(|id| [0, 1].map(|instance| (*id, instance)))
+            .map(|(message, instance)| Record::DeadLettered {
+                message,
+                instance,
+                delivery: delivery.clone(),
+                at: T0,
+                stored: None,
+            })
+            .collect();
+        ledger.commit(dead, Wait::Written).unwrap();
+    }
+    let of_a = || {
+        ledger
+            .dead_letter_counts()
+            .unwrap()
+            .get("a")
+            .copied()
+            .unwrap_or(0)
+    };
+    assert_eq!(of_a(), N);
+    // A list of ids in no order, with repeats and ids that are no dead letter.
+    let mut selected: Vec<u64> = ids.iter().rev().copied().collect();
+    selected.extend([1, 2, N + 100]);
+    let (replayed, interleaved) = std::thread::scope(|scope| {
+        let replay = scope.spawn(|| {
+            ledger.replay(
+                &Selection {
+                    instance: Some("a".into()),
+                    messages: selected,
+                },
+                T0,
+            )
+        });
+        let (mut interleaved, mut next) = (0, N + 1);
+        while !replay.is_finished() {
+            let before = of_a();
+            accept(&ledger, next, "published during the replay");
+            next += 1;
+            // Some of the replay was committed before this publish was sent, and some was
+            // not yet when it was answered: it went in between two chunks.
+            if before < N && of_a() > 0 {
+                interleaved += 1;
+            }
+        }
+        (replay.join().unwrap().unwrap(), interleaved)
+    });
+    assert!(
+        interleaved > 0,
+        "no publish was committed while the replay ran: it held the writer throughout"
+    );
+    assert_eq!(
+        replayed.pending.len() as u64,
+        N,
+        "each dead letter of a once"
+    );
+    assert_eq!(of_a(), 0);
+    let counts = ledger.dead_letter_counts().unwrap();
+    assert_eq!(counts.get("b"), Some(&N), "b's are not selected");
+
+    // Every dead letter of an instance, many chunks, publishes going on: all of them.
+    let purged = std::thread::scope(|scope| {
+        let purge = scope.spawn(|| {
+            ledger.purge(&Selection {
+                instance: Some("b".into()),
+                messages: vec![],
+            })
+        });
+        let mut next = 10 * N;
+        while !purge.is_finished() {
+            accept(&ledger, next, "published during the purge");
+            next += 1;
+        }
+        purge.join().unwrap().unwrap()
+    });
+    assert_eq!(purged, N);
+    assert!(ledger.dead_letter_counts().unwrap().is_empty());
+    assert!(ledger.load(1).unwrap().is_some(), "pending for a again");
+}
+
+/// The mark beside the database (issue 18, items 2 and 6): what the database lost is
+/// reported by id, once; a lost database is refused unless started afresh, and then ids
+/// continue; a damaged mark is made again.
+#[test]
+fn the_mark_reports_what_the_database_lost_and_keeps_ids_past_a_lost_database() {
+    let (dir, ledger) = fresh(5);
+    for id in 1..=3 {
+        accept(&ledger, id, "x");
+    }
+    drop(ledger);
+    // The database loses its last commits (as a log cut short does): its last id goes back.
+    let conn = rusqlite::Connection::open(dir.path().join(store::FILE)).unwrap();
+    conn.execute_batch(
+        "DELETE FROM messages WHERE id > 1; UPDATE meta SET value = 1 WHERE key = 'last_id'",
+    )
+    .unwrap();
+    drop(conn);
+    let ledger = open(dir.path());
+    let recovered = ledger.recover(&instances(5), T0).unwrap();
+    assert_eq!(
+        recovered.lost,
+        Some(super::Lost { first: 2, last: 3 }),
+        "ids 2 and 3 were answered OK and are gone"
+    );
+    drop(ledger);
+    let ledger = open(dir.path());
+    let recovered = ledger.recover(&instances(5), T0).unwrap();
+    assert_eq!(recovered.lost, None, "said once");
+    let next = recovered.next_id;
+    accept(&ledger, next, "y");
+    drop(ledger);
+
+    // The database deleted: refused, nothing created.
+    for file in [store::FILE, store::LOG] {
+        let _ = std::fs::remove_file(dir.path().join(file));
+    }
+    let refused = DurableLedger::open(dir.path(), options(None)).unwrap_err();
+    assert!(
+        matches!(&refused, LedgerError::Refused(m) if m.contains("is missing") && m.contains("--fresh-ledger")),
+        "{refused}"
+    );
+    assert!(!dir.path().join(store::FILE).exists());
+    // Started afresh on purpose: ids continue past every id given out.
+    let ledger = DurableLedger::open(
+        dir.path(),
+        Options {
+            fresh: true,
+            ..options(None)
+        },
+    )
+    .unwrap();
+    let recovered = ledger.recover(&instances(5), T0).unwrap();
+    assert!(recovered.next_id > next, "{} > {next}", recovered.next_id);
+    accept(&ledger, recovered.next_id, "z");
+    drop(ledger);
+
+    // A mark damaged in both slots: reported, made again from the database.
+    let mark = dir.path().join(super::mark::FILE);
+    std::fs::write(&mark, [0xA5; 96]).unwrap();
+    let ledger = open(dir.path());
+    let again = ledger.recover(&instances(5), T0).unwrap();
+    assert!(again.next_id > recovered.next_id);
+    assert_eq!(again.lost, None);
+    assert!(
+        super::mark::read(dir.path()).unwrap().is_some(),
+        "made again"
     );
 }

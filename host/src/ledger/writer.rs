@@ -5,6 +5,7 @@
 
 use std::{
     cell::Cell,
+    collections::VecDeque,
     fs::{self, File},
     io::Write as _,
     path::{Path, PathBuf},
@@ -22,7 +23,9 @@ use rusqlite::Connection;
 use super::{
     Forget, LedgerError, Record, Selection, Then, Wait,
     durable::{FailStop, Mode},
-    lock, store,
+    lock,
+    mark::{Answerer, Mark},
+    store,
 };
 use crate::{
     clock::{Clock, Timestamp},
@@ -59,7 +62,16 @@ impl Reply {
     }
 }
 
-/// An operator's change, run by the writer in a transaction of its own.
+/// The most dead letters an operator's replay or purge takes per transaction; a chunk also
+/// ends once [`CHUNK_TIME`] is spent. The writer commits what queued up between two chunks,
+/// so publishes go on during a long one.
+pub(super) const CHUNK: usize = 1024;
+/// How long one chunk of an operator's replay or purge may hold the writer (a publish
+/// queued behind it waits about that long).
+pub(super) const CHUNK_TIME: Duration = Duration::from_millis(2);
+
+/// An operator's change, run by the writer: replays, purges and forgets in turn, a
+/// replay or purge a chunk at a time ([`CHUNK`]); the others at once, between two chunks.
 pub(super) enum Op {
     Replay(Selection, Timestamp),
     Purge(Selection),
@@ -74,6 +86,29 @@ pub(super) enum Done {
     Replayed(Vec<(u64, u32, Delivery, u64)>),
     Count(u64),
     Attached(u32, Vec<store::StoredDelivery>),
+}
+
+/// A replay or purge under way, or a forget waiting its turn behind one.
+pub(super) struct Task {
+    op: Op,
+    sweep: Option<store::Sweep>,
+    /// What the chunks so far did.
+    replayed: Vec<(u64, u32, Delivery, u64)>,
+    count: u64,
+    started: Instant,
+    reported: Instant,
+    reply: Sender<Result<Done, LedgerError>>,
+}
+
+impl Task {
+    fn name(&self) -> &'static str {
+        match self.op {
+            Op::Replay(..) => "replay",
+            Op::Purge(..) => "purge",
+            Op::Forget(..) => "forget",
+            Op::Attach(..) | Op::Remember(..) => "instance",
+        }
+    }
 }
 
 pub(super) enum Request {
@@ -164,11 +199,13 @@ pub(super) fn release_reserve(dir: &Path) -> bool {
 }
 
 /// Keeps a reserve file so that settlements can still be written when the disk is full.
-/// Returns whether it is in place.
-pub(super) fn ensure_reserve(dir: &Path) -> bool {
+///
+/// # Errors
+/// Why it is not in place (the partial file is removed).
+pub(super) fn ensure_reserve(dir: &Path) -> std::io::Result<()> {
     let path = dir.join(RESERVE);
     if fs::metadata(&path).is_ok_and(|m| m.len() >= RESERVE_BYTES as u64) {
-        return true;
+        return Ok(());
     }
     let made = File::create(&path).and_then(|mut f| {
         let chunk = vec![0u8; 1 << 20];
@@ -177,16 +214,18 @@ pub(super) fn ensure_reserve(dir: &Path) -> bool {
         }
         f.sync_all()
     });
-    if let Err(e) = made {
+    if made.is_err() {
         let _ = fs::remove_file(&path);
-        tracing::warn!(path = %path.display(), error = %e, "cannot reserve space for settlements");
-        return false;
     }
-    true
+    made
 }
 
-/// Publishes waiting for the fsync that covers them.
-pub(super) type Waiting = Vec<Reply>;
+/// Publishes waiting for the fsync that covers them, and the highest id among them (0:
+/// none), recorded in the mark before they are answered.
+pub(super) struct Waiting {
+    pub(super) replies: Vec<Reply>,
+    pub(super) answered: u64,
+}
 
 /// The syncer thread: fsyncs the write-ahead log for the commits handed to it, then answers
 /// their publishes.
@@ -198,6 +237,8 @@ pub(super) struct Syncer {
     /// checkpoint's writeback inside its own fsync.
     pub(super) checkpoints: Connection,
     pub(super) last_checkpoint: Instant,
+    /// Records the last id answered OK in the mark, after the fsync, before the answers.
+    pub(super) answerer: Answerer,
 }
 
 impl Syncer {
@@ -205,14 +246,19 @@ impl Syncer {
         loop {
             let mut waiting = match requests.recv_timeout(CHECKPOINT_EVERY) {
                 Ok(waiting) => waiting,
-                Err(RecvTimeoutError::Timeout) => Vec::new(),
+                Err(RecvTimeoutError::Timeout) => Waiting {
+                    replies: Vec::new(),
+                    answered: 0,
+                },
                 Err(RecvTimeoutError::Disconnected) => return,
             };
             for more in requests.try_iter() {
-                waiting.extend(more);
+                waiting.replies.extend(more.replies);
+                waiting.answered = waiting.answered.max(more.answered);
             }
-            if !waiting.is_empty() {
-                self.log.sync_and_answer(&self.shared, waiting);
+            if !waiting.replies.is_empty() {
+                self.log
+                    .sync_and_answer(&self.shared, waiting, &mut self.answerer);
             }
             if requests.is_empty() && self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
                 self.checkpoint();
@@ -279,20 +325,57 @@ impl Log {
         Ok(())
     }
 
-    /// [`Log::sync`] unless the ledger failed already; then answers `waiting` (and poisons
-    /// the ledger on a failure).
-    pub(super) fn sync_and_answer(&mut self, shared: &Shared, waiting: Waiting) {
+    /// [`Log::sync`] unless the ledger failed already, and the last id answered recorded in
+    /// the mark; then answers `waiting` (and poisons the ledger on a failure).
+    pub(super) fn sync_and_answer(
+        &mut self,
+        shared: &Shared,
+        waiting: Waiting,
+        answerer: &mut Answerer,
+    ) {
         let result = match shared.failed() {
             Some(e) => Err(e),
-            None => self.sync(shared),
+            None => self
+                .sync(shared)
+                .and_then(|()| record_answered(answerer, waiting.answered)),
         };
         if let Err(e) = &result {
             shared.poison(e);
         }
-        for reply in waiting {
+        for reply in waiting.replies {
             reply.send(result.clone());
         }
     }
+}
+
+/// Records in the mark that ids up to `id` are answered OK (0: none in this batch).
+fn record_answered(answerer: &mut Answerer, id: u64) -> Result<(), LedgerError> {
+    if id == 0 {
+        return Ok(());
+    }
+    answerer.answered(id).map_err(|e| {
+        LedgerError::Fatal(format!(
+            "cannot record the last id answered in {}: {e}",
+            super::mark::FILE
+        ))
+    })
+}
+
+/// The highest id accepted in `batches` (0: none), and the id high-water mark they need:
+/// past every id they record.
+fn ids(batches: &[&[Record]]) -> (u64, u64) {
+    let (mut accepted, mut needed) = (0, 0);
+    for record in batches.iter().flat_map(|b| b.iter()) {
+        match record {
+            Record::Accepted { message, .. } => {
+                accepted = accepted.max(message.id);
+                needed = needed.max(message.id + 1);
+            }
+            Record::Key { message, .. } => needed = needed.max(message + 1),
+            _ => {}
+        }
+    }
+    (accepted, needed)
 }
 
 /// The log size past which the writer waits for a complete checkpoint.
@@ -321,16 +404,17 @@ pub(super) const ID_BLOCK: u64 = 1 << 16;
 pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
 /// Applies `batches` inside the caller's transaction: the messages first (32 rows per
-/// statement), then every other record in order. Raises the id high-water mark past
-/// `reserved` when needed. Returns (messages accepted, the new high-water mark).
+/// statement), then every other record in order; raises the id high-water mark in `meta` to
+/// `reserve` when given (the mark beside the database was raised first) and the last id
+/// recorded to `accepted` (0: no message in them). Returns how many messages it accepted.
 fn apply(
     conn: &Connection,
     shared: &Shared,
     batches: &[&[Record]],
-    reserved: u64,
-) -> Result<(usize, u64), LedgerError> {
+    reserve: Option<u64>,
+    accepted: u64,
+) -> Result<usize, LedgerError> {
     let map = |e: rusqlite::Error| store::classify("cannot write the ledger", &e);
-    let mut next_id = 0;
     let keys = shared.keys_now();
     let key = |instance: crate::routing::InstanceId| {
         keys.get(instance as usize)
@@ -346,12 +430,11 @@ fn apply(
                 .map(|t| key(*t))
                 .collect::<Result<Vec<u32>, _>>()?;
             keyed.push((message, keys));
-            next_id = next_id.max(message.id + 1);
         }
     }
-    let accepted: Vec<(&StoredMessage, &[u32])> =
+    let messages: Vec<(&StoredMessage, &[u32])> =
         keyed.iter().map(|(m, k)| (*m, k.as_slice())).collect();
-    writes.accept_all(conn, &accepted).map_err(map)?;
+    writes.accept_all(conn, &messages).map_err(map)?;
     for record in batches.iter().flat_map(|b| b.iter()) {
         match record {
             // Inserted together, before the rest: nothing else in a batch refers to a
@@ -359,7 +442,6 @@ fn apply(
             Record::Accepted { .. } | Record::Attempt { .. } => {}
             Record::Key { key, message, at } => {
                 writes.key(key, *message, *at).map_err(map)?;
-                next_id = next_id.max(message + 1);
             }
             Record::Updated {
                 message,
@@ -383,14 +465,13 @@ fn apply(
         }
     }
     drop(writes);
-    if next_id <= reserved {
-        return Ok((accepted.len(), reserved));
+    if accepted > 0 {
+        store::raise_last_id(conn, accepted).map_err(map)?;
     }
-    // Ids are reserved a block at a time: one write of `meta` per block, not per commit.
-    // After a crash the next ids start past the block (never reused).
-    let reserved = next_id + ID_BLOCK;
-    store::raise_next_id(conn, reserved).map_err(map)?;
-    Ok((accepted.len(), reserved))
+    if let Some(reserve) = reserve {
+        store::raise_next_id(conn, reserve).map_err(map)?;
+    }
+    Ok(messages.len())
 }
 
 /// The writer thread's state.
@@ -412,20 +493,39 @@ pub(super) struct Writer {
     /// The database's page size.
     pub(super) page_size: u64,
     pub(super) commits_since_measure: u32,
-    /// The id high-water mark in `meta`: every id recorded is below it.
+    /// The id high-water mark in `meta` and in the mark beside the database: every id
+    /// recorded is below it.
     pub(super) reserved: u64,
+    /// The mark beside the database (its high-water mark is raised before `meta`'s).
+    pub(super) mark: Mark,
+    /// The mark's high-water mark (never below `reserved`; above it when a transaction that
+    /// raised it failed).
+    pub(super) marked: u64,
+    /// Records the last id answered OK, in `buffered` mode (the syncer does in `fsync` mode).
+    pub(super) answerer: Option<Answerer>,
+    /// Replays, purges and forgets, in the order asked; the first one runs a chunk at a time
+    /// between commits.
+    pub(super) tasks: VecDeque<Task>,
     /// The reserve file was deleted to let settlements through on a full disk. Until
     /// housekeeping can reserve it again, publishes are refused: otherwise they would take
     /// the space freed for settlements, and the next settlement would find none (a fail-stop
     /// on a full disk, which must only refuse publishes).
     pub(super) reserve_released: bool,
+    /// That the reserve cannot be made was said (once until it can be).
+    pub(super) reserve_warned: bool,
 }
 
 impl Writer {
     pub(super) fn run(mut self, requests: &Receiver<Request>) {
         let mut housekeeping = Instant::now() + HOUSEKEEPING;
         loop {
-            let wait = housekeeping.saturating_duration_since(Instant::now());
+            // With an operator's task under way the writer does not wait: it commits what
+            // queued up, then runs the task's next chunk.
+            let wait = if self.tasks.is_empty() {
+                housekeeping.saturating_duration_since(Instant::now())
+            } else {
+                Duration::ZERO
+            };
             match requests.recv_timeout(wait) {
                 Ok(first) => {
                     let mut batch = vec![first];
@@ -442,6 +542,7 @@ impl Writer {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
             }
+            self.step();
             if Instant::now() >= housekeeping {
                 self.housekeep();
                 housekeeping = Instant::now() + HOUSEKEEPING;
@@ -467,10 +568,30 @@ impl Writer {
         }
         self.commit_requests(commits);
         for (op, reply) in ops {
-            let _ = reply.send(self.operate(op));
+            match op {
+                Op::Replay(..) | Op::Purge(..) | Op::Forget(..) => {
+                    let now = Instant::now();
+                    self.tasks.push_back(Task {
+                        op,
+                        sweep: None,
+                        replayed: Vec::new(),
+                        count: 0,
+                        started: now,
+                        reported: now,
+                        reply,
+                    });
+                }
+                Op::Attach(..) | Op::Remember(..) => {
+                    let _ = reply.send(self.operate(op));
+                }
+            }
         }
         if closes.is_empty() {
             return false;
+        }
+        // What operators asked for is finished first (each chunk is short).
+        while !self.tasks.is_empty() {
+            self.step();
         }
         self.close();
         for reply in closes {
@@ -525,14 +646,30 @@ impl Writer {
         for (_, _, reply) in settles {
             reply.send(result.clone());
         }
+        // The highest id the publishes accepted: recorded in the mark before they are
+        // answered, so that recovery can tell if the ledger later lost any of them.
+        let answered = ids(&publishes
+            .iter()
+            .map(|(r, ..)| r.as_slice())
+            .collect::<Vec<_>>())
+        .0;
         if result.is_ok() && self.mode == Mode::Fsync && !publishes.is_empty() {
-            let waiting = publishes.into_iter().map(|(_, _, reply)| reply).collect();
+            let replies = publishes.into_iter().map(|(_, _, reply)| reply).collect();
             // Only the syncer answers publishes, in commit order: their messages reach the
             // dispatcher in that order (an fsync by the writer beside the syncer's could
             // answer a later commit first).
             // The syncer ends only after the writer; a failed send means it is gone.
-            let _ = self.syncs.send(waiting);
+            let _ = self.syncs.send(Waiting { replies, answered });
         } else {
+            let result = match (&result, &mut self.answerer) {
+                (Ok(()), Some(answerer)) if !publishes.is_empty() => {
+                    record_answered(answerer, answered)
+                }
+                _ => result,
+            };
+            if let Err(e @ LedgerError::Fatal(_)) = &result {
+                self.shared.poison(e);
+            }
             for (_, _, reply) in publishes {
                 reply.send(result.clone());
             }
@@ -560,7 +697,7 @@ impl Writer {
         })
     }
 
-    /// An operator's change, fsynced in a transaction of its own.
+    /// An instance attached or remembered, fsynced in a transaction of its own.
     pub(super) fn operate(&mut self, op: Op) -> Result<Done, LedgerError> {
         if let Some(e) = self.shared.failed() {
             return Err(e);
@@ -568,9 +705,6 @@ impl Writer {
         self.set_sync(store::Sync::Full)?;
         let conn = &self.conn;
         let done = store::in_transaction(conn, "ledger", || match op {
-            Op::Replay(selection, now) => store::replay(conn, &selection, now).map(Done::Replayed),
-            Op::Purge(selection) => store::purge(conn, &selection).map(Done::Count),
-            Op::Forget(name, how, now) => store::forget(conn, &name, how, now).map(Done::Count),
             Op::Remember(name, remembered) => {
                 store::remember(conn, &name, &remembered).map(|()| Done::Count(0))
             }
@@ -585,11 +719,109 @@ impl Writer {
                 })?;
                 Ok(Done::Attached(key, waiting))
             }
+            Op::Replay(..) | Op::Purge(..) | Op::Forget(..) => {
+                unreachable!("replays, purges and forgets are tasks")
+            }
         });
         if let Err(e @ LedgerError::Fatal(_)) = &done {
             self.shared.poison(e);
         }
         done
+    }
+
+    /// Runs the next chunk of the first operator's task, in a transaction of its own
+    /// (written to the OS; the last one fsynced), and answers it once it is done.
+    pub(super) fn step(&mut self) {
+        let Some(mut task) = self.tasks.pop_front() else {
+            return;
+        };
+        match self.chunk(&mut task) {
+            Ok(false) => {
+                if task.reported.elapsed() >= Duration::from_secs(1) {
+                    task.reported = Instant::now();
+                    tracing::info!(
+                        operation = task.name(),
+                        done = task.count + task.replayed.len() as u64,
+                        "operator's operation in progress"
+                    );
+                }
+                self.tasks.push_front(task);
+            }
+            Ok(true) => {
+                let done = task.count + task.replayed.len() as u64;
+                tracing::info!(
+                    operation = task.name(),
+                    done,
+                    micros = task.started.elapsed().as_micros() as u64,
+                    "operator's operation done"
+                );
+                let result = match task.op {
+                    Op::Replay(..) => Done::Replayed(task.replayed),
+                    _ => Done::Count(task.count),
+                };
+                let _ = task.reply.send(Ok(result));
+            }
+            Err(e) => {
+                if matches!(e, LedgerError::Fatal(_)) {
+                    self.shared.poison(&e);
+                }
+                let _ = task.reply.send(Err(e));
+            }
+        }
+    }
+
+    /// One chunk of `task`; whether it is finished (and durable).
+    fn chunk(&mut self, task: &mut Task) -> Result<bool, LedgerError> {
+        if let Some(e) = self.shared.failed() {
+            return Err(e);
+        }
+        let Task {
+            op,
+            sweep,
+            replayed,
+            count,
+            ..
+        } = task;
+        let (selection, now) = match op {
+            // A forget is one transaction (the backlog of an instance that does not run).
+            Op::Forget(name, how, now) => {
+                self.set_sync(store::Sync::Full)?;
+                let conn = &self.conn;
+                *count = store::in_transaction(conn, "ledger", || {
+                    store::forget(conn, name, *how, *now)
+                })?;
+                return Ok(true);
+            }
+            Op::Replay(selection, now) => (selection, Some(*now)),
+            Op::Purge(selection) => (selection, None),
+            Op::Attach(..) | Op::Remember(..) => unreachable!("run at once, not as tasks"),
+        };
+        let sweep = sweep.get_or_insert_with(|| store::Sweep::new(selection));
+        self.set_sync(store::Sync::Written)?;
+        let conn = &self.conn;
+        match now {
+            Some(now) => {
+                let rows = store::in_transaction(conn, "ledger", || {
+                    store::replay(conn, sweep, CHUNK_TIME, now)
+                })?;
+                replayed.extend(rows);
+            }
+            None => {
+                *count += store::in_transaction(conn, "ledger", || {
+                    store::purge(conn, sweep, CHUNK_TIME)
+                })?;
+            }
+        }
+        if !sweep.finished() {
+            return Ok(false);
+        }
+        // Durable before it is answered: one fsync of the log covers every chunk.
+        if *count + replayed.len() as u64 > 0 {
+            self.set_sync(store::Sync::Full)?;
+            let conn = &self.conn;
+            store::in_transaction(conn, "ledger", || store::set_meta(conn, "clean", 0))?;
+        }
+        Ok(true)
     }
 
     pub(super) fn set_sync(&mut self, sync: store::Sync) -> Result<(), LedgerError> {
@@ -607,11 +839,27 @@ impl Writer {
         }
         self.set_sync(store::Sync::Written)?;
         let started = Instant::now();
-        let (messages, reserved) =
-            store::in_transaction(&self.conn, "cannot write the ledger", || {
-                apply(&self.conn, &self.shared, batches, self.reserved)
+        let (accepted, needed) = ids(batches);
+        // Ids are reserved a block at a time: one fsync of the mark and one write of `meta`
+        // per block, not per commit. The mark is raised first (it is never behind `meta`),
+        // and before anything of the block is answered; after a crash, or a lost database,
+        // the next ids start past the block (never reused).
+        let reserve = (needed > self.reserved).then(|| needed + ID_BLOCK);
+        if let Some(reserve) = reserve.filter(|r| *r > self.marked) {
+            self.mark.reserve(reserve).map_err(|e| {
+                LedgerError::Fatal(format!(
+                    "cannot raise the id high-water mark in {}: {e}",
+                    self.mark.path().display()
+                ))
             })?;
-        self.reserved = reserved;
+            self.marked = reserve;
+        }
+        let messages = store::in_transaction(&self.conn, "cannot write the ledger", || {
+            apply(&self.conn, &self.shared, batches, reserve, accepted)
+        })?;
+        if let Some(reserve) = reserve {
+            self.reserved = reserve;
+        }
         let micros = started.elapsed().as_micros() as u64;
         let records = batches.iter().map(|b| b.len() as u64).sum::<u64>();
         let mut stats = lock(&self.shared.stats);
@@ -681,13 +929,17 @@ impl Writer {
         &mut self,
         records: &[Record],
         next_id: u64,
+        identity: u64,
     ) -> Result<(), LedgerError> {
         self.with_reserve(|w| w.transaction(&[records]))?;
         self.with_reserve(|w| {
             w.set_sync(store::Sync::Full)?;
             store::in_transaction(&w.conn, "ledger", || {
                 store::set_meta(&w.conn, "clean", 0)?;
-                store::set_meta(&w.conn, "next_id", next_id as i64)
+                store::set_meta(&w.conn, "next_id", next_id as i64)?;
+                store::set_meta(&w.conn, "identity", identity as i64)?;
+                // A ledger made before `last_id` existed starts counting now.
+                store::init_meta(&w.conn, "last_id", 0)
             })
         })
     }
@@ -752,9 +1004,47 @@ impl Writer {
         if micros > 1000 {
             tracing::debug!(micros, "slow ledger housekeeping");
         }
-        if !self.dir.join(RESERVE).exists() && ensure_reserve(&self.dir) && self.reserve_released {
-            self.reserve_released = false;
-            tracing::info!("space reserved for settlements again: publishing resumes");
+        if !self.dir.join(RESERVE).exists() {
+            self.remake_reserve();
+        }
+    }
+
+    /// The reserve is gone (settlements used it on a full disk) or was never made: once the
+    /// ledger holds a quarter of a reserve's worth of free pages (an operator's `forget
+    /// --purge` or `purge` freed them; acks alone free little while an instance keeps its
+    /// backlog), they go back to the file system, with its log (copied and cut to nothing);
+    /// and the reserve is made again if it now fits. Publishing resumes then, without a
+    /// restart. (Housekeeping's usual vacuum waits for more free pages than a small disk ever
+    /// frees: publishing never resumed.)
+    fn remake_reserve(&mut self) {
+        let enough = RESERVE_BYTES as u64 / 4 / self.page_size.max(512);
+        if let Err(e) = self
+            .set_sync(store::Sync::Written)
+            .and_then(|()| store::give_back(&self.conn, enough))
+        {
+            // Out of space, or a reader in the way: tried again at the next housekeeping.
+            tracing::debug!(error = %e, "cannot give the ledger's free space back yet");
+        }
+        self.measure();
+        match ensure_reserve(&self.dir) {
+            Ok(()) => {
+                self.reserve_warned = false;
+                if self.reserve_released {
+                    self.reserve_released = false;
+                    tracing::info!("space reserved for settlements again: publishing resumes");
+                }
+            }
+            // Said once until it changes: housekeeping tries every second.
+            Err(e) if !self.reserve_warned => {
+                self.reserve_warned = true;
+                tracing::warn!(
+                    path = %self.dir.join(RESERVE).display(),
+                    error = %e,
+                    "cannot reserve space for settlements; publishing resumes once it can be \
+                     reserved (tried every second)"
+                );
+            }
+            Err(_) => {}
         }
     }
 

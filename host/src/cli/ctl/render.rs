@@ -21,7 +21,10 @@ pub(super) fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
         "unrouted": s.unrouted,
         "ledger": {"accepted": ledger.accepted, "acked": ledger.acked,
             "dead_lettered": ledger.dead_lettered, "commits": ledger.commits,
-            "fsyncs": ledger.fsyncs, "commit_us": ledger.commit_us},
+            "fsyncs": ledger.fsyncs, "commit_us": ledger.commit_us,
+            "lost": ledger.lost.map(|l| serde_json::json!({
+                "first_id": l.first_id, "last_id": l.last_id,
+            }))},
         "instances": s.instances.iter().map(|i| serde_json::json!({
             "name": i.name, "state": i.state, "backlog": i.backlog, "in_flight": i.in_flight,
             "calling": i.calling,
@@ -54,6 +57,14 @@ pub(super) fn status_text(s: &pb::StatusResponse) -> String {
             .map(|p99| format!(", commit p99 {p99} µs"))
             .unwrap_or_default()
     );
+    if let Some(lost) = ledger.lost {
+        let _ = writeln!(
+            out,
+            "LOST at start: messages with ids {} to {} were answered OK and the ledger no longer \
+             holds them (its write-ahead log was damaged or cut short; see the daemon's log)",
+            lost.first_id, lost.last_id
+        );
+    }
     if s.unrouted > 0 {
         let _ = writeln!(
             out,
