@@ -1052,3 +1052,32 @@ fn the_mark_reports_what_the_database_lost_and_keeps_ids_past_a_lost_database() 
         "made again"
     );
 }
+
+/// Another ledger copied over this one by hand (not `plugind restore`): no false loss is
+/// reported, and ids still continue past every id this state dir gave out.
+#[test]
+fn a_ledger_replaced_by_hand_keeps_ids_past_the_state_dirs_mark() {
+    let (dir, ledger) = fresh(5);
+    for id in 1..=3 {
+        accept(&ledger, id, "x");
+    }
+    drop(ledger);
+    let (other, copied) = fresh(5);
+    accept(&copied, 1, "from another state dir");
+    drop(copied);
+    for file in [store::FILE, store::LOG] {
+        let _ = std::fs::remove_file(dir.path().join(file));
+    }
+    for file in [store::FILE, store::LOG] {
+        if other.path().join(file).exists() {
+            std::fs::copy(other.path().join(file), dir.path().join(file)).unwrap();
+        }
+    }
+    let ledger = open(dir.path());
+    let recovered = ledger.recover(&instances(5), T0).unwrap();
+    assert_eq!(
+        recovered.lost, None,
+        "another ledger, not a loss of this one"
+    );
+    assert!(recovered.next_id > 3, "next id {}", recovered.next_id);
+}
