@@ -145,7 +145,10 @@ impl Daemon {
         command
             .current_dir(sandbox.path())
             .env_remove("PLUGIND_CONFIG")
-            .env("PLUGIND_LOG", "info")
+            .env(
+                "PLUGIND_LOG",
+                std::env::var("PLUGIND_TEST_LOG").unwrap_or_else(|_| "info".to_owned()),
+            )
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())

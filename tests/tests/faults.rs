@@ -76,13 +76,17 @@ impl Tmpfs {
     }
 
     /// `df`'s view of it, for failure messages.
+    /// `df` of the file system and `ls -l` of what is on it.
     fn usage(&self) -> String {
-        Command::new("df")
-            .arg("-k")
-            .arg(&self.dir)
-            .output()
-            .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
-            .unwrap_or_default()
+        let run = |program: &str, args: &[&str]| {
+            Command::new(program)
+                .args(args)
+                .arg(&self.dir)
+                .output()
+                .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+                .unwrap_or_default()
+        };
+        run("df", &["-k"]) + &run("ls", &["-l"])
     }
 }
 
@@ -657,19 +661,38 @@ fn a_read_only_state_dir_fails_check_config_only_and_the_start_with_exit_78() {
 /// publishes were refused until a restart.
 #[test]
 fn after_a_full_disk_is_freed_by_forget_purge_publishing_resumes_without_a_restart() {
+    full_disk_freed_by_forget_purge(true);
+}
+
+/// The same with no settlement while the disk fills (`rec` is subscribed to other topics
+/// then), so the reserve is still there when the operator acts: the table's removal and
+/// the purge failed with "the ledger is full" (they now may use the reserve, as settlements
+/// do); and a purge that freed much space could not give it back (one vacuum of every free
+/// page needed more log than the disk had: it is done in steps, the log cut between them).
+#[test]
+fn a_full_disk_with_its_reserve_intact_is_freed_by_forget_purge() {
+    full_disk_freed_by_forget_purge(false);
+}
+
+/// `settling`: `rec` acks what is published while the disk fills (the reserve is used up by
+/// settlements); else it is subscribed to other topics until the disk is full.
+fn full_disk_freed_by_forget_purge(settling: bool) {
     let s = sandbox("faults");
     let tmpfs = Tmpfs::mount("24m");
     std::os::unix::fs::symlink(tmpfs.path(), s.path().join("state"))
         .expect("the sandbox is writable");
     let rec = s.path().join("rec.txt");
     let missing = s.path().join("missing/held.txt");
-    let both = config(
+    let mut both = config(
         "fsync",
         &[
             ("rec", "", record_config(&rec, "")),
             ("held", "", record_config(&missing, "")),
         ],
     );
+    if !settling {
+        both = both.replacen("topics = [\"t.>\"]", "topics = [\"r.>\"]", 1);
+    }
     let d = Daemon::start(s, &both);
     let mut refused_in_a_row = 0;
     let mut next = 0;

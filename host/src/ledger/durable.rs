@@ -633,6 +633,7 @@ impl Ledger for DurableLedger {
             tasks: std::collections::VecDeque::new(),
             reserve_released,
             reserve_warned: false,
+            giving_back: false,
         };
         // The charges, and "running" (an exit before the next graceful stop is unclean),
         // are durable before anything is handed out.

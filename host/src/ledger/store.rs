@@ -810,29 +810,50 @@ pub(super) fn vacuum(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// Gives the file system back every free page of the database and the whole log (copied
+/// Free pages one step of [`give_back`] vacuums. Moving a page writes it, its parent and
+/// the pointer map into the log (several pages per page moved): one step's log must fit in
+/// the room a full disk has (what the log held before it was cut), so the log is cut again
+/// after each step. (One vacuum of every free page at once filled the disk with its log and
+/// failed again at every try: 10 MiB of log for 14 MiB freed.)
+const GIVE_BACK_STEP: u32 = 64;
+
+/// Gives the file system back the free pages of the database and the whole log (copied
 /// first), once the database has at least `enough` free pages (an operator's `purge` or
-/// `forget --purge` freed them): the log is checkpointed and cut to nothing, the free pages
-/// vacuumed, the log cut again. Never waits for a reader (a busy checkpoint leaves the log as
-/// it is: the caller tries again later).
+/// `forget --purge` freed them; 0: go on with a give-back begun before): the log is
+/// checkpointed and cut to nothing, then [`GIVE_BACK_STEP`] free pages at a time are vacuumed
+/// and the log cut again, until none is left or `budget` is spent. Never waits for a reader
+/// (a busy checkpoint stops it: the caller tries again later). Returns the free pages left
+/// (0: done).
 ///
 /// # Errors
-/// [`LedgerError::Full`] when even the vacuum finds no room; [`LedgerError::Fatal`] else.
-pub(super) fn give_back(conn: &Connection, enough: u64) -> Result<(), LedgerError> {
-    let run = || -> rusqlite::Result<()> {
-        let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
-        if (free.max(0) as u64) < enough {
-            return Ok(());
+/// [`LedgerError::Full`] when even one step finds no room; [`LedgerError::Fatal`] else.
+pub(super) fn give_back(
+    conn: &Connection,
+    enough: u64,
+    budget: Duration,
+) -> Result<u64, LedgerError> {
+    let started = std::time::Instant::now();
+    let free = || -> rusqlite::Result<u64> {
+        conn.query_row("PRAGMA freelist_count", [], |r| r.get::<_, i64>(0))
+            .map(|f| f.max(0) as u64)
+    };
+    let run = || -> rusqlite::Result<u64> {
+        if free()? < enough.max(1) {
+            return Ok(0);
         }
-        // The log first (what the vacuum writes needs room in it), then the free pages, then
-        // the log again (the vacuum's own frames, and the database's new end).
-        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
-        let mut stmt = conn.prepare_cached("PRAGMA incremental_vacuum")?;
-        let mut rows = stmt.query([])?;
-        while rows.next()?.is_some() {}
-        drop(rows);
-        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
-        Ok(())
+        let mut step =
+            conn.prepare_cached(&format!("PRAGMA incremental_vacuum({GIVE_BACK_STEP})"))?;
+        loop {
+            // The log first: what the step writes needs room in it, and the database's new
+            // end is written by the checkpoint.
+            let busy: i64 = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
+            let left = free()?;
+            if busy != 0 || left == 0 || started.elapsed() >= budget {
+                return Ok(left);
+            }
+            let mut rows = step.query([])?;
+            while rows.next()?.is_some() {}
+        }
     };
     conn.busy_handler(None).map_err(fatal("ledger"))?;
     let done = run().map_err(|e| classify("ledger", &e));
@@ -1093,7 +1114,7 @@ pub(super) fn instance_key(conn: &Connection, name: &str) -> rusqlite::Result<Op
 /// key; "every dead letter (of an instance)" is a scan in (message, instance) order from a
 /// cursor, up to the newest message dead-lettered when the sweep began (what is
 /// dead-lettered meanwhile is not chased).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(super) struct Sweep {
     /// `None` until the first step resolves the selection.
     inst: Option<Option<u32>>,

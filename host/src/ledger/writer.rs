@@ -36,6 +36,9 @@ use crate::{
 /// Bytes kept free for settlements when the disk fills up.
 pub(super) const RESERVE_BYTES: usize = 8 << 20;
 pub(super) const RESERVE: &str = "reserve";
+/// How long one housekeeping pass may give free pages back to the file system (the writer
+/// commits nothing meanwhile; publishes are refused anyway until the reserve is made again).
+const GIVE_BACK_BUDGET: Duration = Duration::from_millis(200);
 /// The most requests one transaction takes.
 pub(super) const MAX_BATCH: usize = 4096;
 pub(super) const HOUSEKEEPING: Duration = Duration::from_secs(1);
@@ -513,6 +516,9 @@ pub(super) struct Writer {
     pub(super) reserve_released: bool,
     /// That the reserve cannot be made was said (once until it can be).
     pub(super) reserve_warned: bool,
+    /// A give-back of free pages ran out of its time with pages left: the next housekeeping
+    /// goes on with it, however few are left.
+    pub(super) giving_back: bool,
 }
 
 impl Writer {
@@ -702,31 +708,21 @@ impl Writer {
         if let Some(e) = self.shared.failed() {
             return Err(e);
         }
-        self.set_sync(store::Sync::Full)?;
-        let conn = &self.conn;
-        let done = store::in_transaction(conn, "ledger", || match op {
-            Op::Remember(name, remembered) => {
-                store::remember(conn, &name, &remembered).map(|()| Done::Count(0))
-            }
-            Op::Attach(name) => {
-                let [key] = store::instance_keys(conn, &[name])?[..] else {
-                    unreachable!("one key per name");
-                };
-                let mut waiting = Vec::new();
-                store::scan(conn, Some(key), |stored| {
-                    waiting.push(stored);
-                    Ok(())
-                })?;
-                Ok(Done::Attached(key, waiting))
-            }
-            Op::Replay(..) | Op::Purge(..) | Op::Forget(..) => {
-                unreachable!("replays, purges and forgets are tasks")
-            }
+        // On a full disk an operator's act may use the reserve, as settlements do: ending a
+        // subscription is how space is freed.
+        let mut done = None;
+        let result = self.with_reserve(|w| {
+            w.set_sync(store::Sync::Full)?;
+            let conn = &w.conn;
+            done = Some(store::in_transaction(conn, "ledger", || {
+                operate(conn, &op)
+            })?);
+            Ok(())
         });
-        if let Err(e @ LedgerError::Fatal(_)) = &done {
+        if let Err(e @ LedgerError::Fatal(_)) = &result {
             self.shared.poison(e);
         }
-        done
+        result.map(|()| done.expect("set when the transaction succeeded"))
     }
 
     /// Runs the next chunk of the first operator's task, in a transaction of its own
@@ -784,11 +780,16 @@ impl Writer {
         } = task;
         let (selection, now) = match op {
             // A forget is one transaction (the backlog of an instance that does not run).
+            // On a full disk it may use the reserve, as settlements do: it frees space.
             Op::Forget(name, how, now) => {
-                self.set_sync(store::Sync::Full)?;
-                let conn = &self.conn;
-                *count = store::in_transaction(conn, "ledger", || {
-                    store::forget(conn, name, *how, *now)
+                let (how, now) = (*how, *now);
+                self.with_reserve(|w| {
+                    w.set_sync(store::Sync::Full)?;
+                    let conn = &w.conn;
+                    *count = store::in_transaction(conn, "ledger", || {
+                        store::forget(conn, name, how, now)
+                    })?;
+                    Ok(())
                 })?;
                 return Ok(true);
             }
@@ -807,8 +808,16 @@ impl Writer {
                 replayed.extend(rows);
             }
             None => {
-                *count += store::in_transaction(conn, "ledger", || {
-                    store::purge(conn, sweep, CHUNK_TIME)
+                // A purge frees space: on a full disk it may use the reserve. A chunk rolled
+                // back is taken again from where it began.
+                let from = sweep.clone();
+                self.with_reserve(|w| {
+                    *sweep = from.clone();
+                    let conn = &w.conn;
+                    *count += store::in_transaction(conn, "ledger", || {
+                        store::purge(conn, sweep, CHUNK_TIME)
+                    })?;
+                    Ok(())
                 })?;
             }
         }
@@ -1017,13 +1026,20 @@ impl Writer {
     /// restart. (Housekeeping's usual vacuum waits for more free pages than a small disk ever
     /// frees: publishing never resumed.)
     fn remake_reserve(&mut self) {
-        let enough = RESERVE_BYTES as u64 / 4 / self.page_size.max(512);
-        if let Err(e) = self
+        let enough = if self.giving_back {
+            0
+        } else {
+            RESERVE_BYTES as u64 / 4 / self.page_size.max(512)
+        };
+        match self
             .set_sync(store::Sync::Written)
-            .and_then(|()| store::give_back(&self.conn, enough))
+            .and_then(|()| store::give_back(&self.conn, enough, GIVE_BACK_BUDGET))
         {
+            Ok(left) => self.giving_back = left > 0,
             // Out of space, or a reader in the way: tried again at the next housekeeping.
-            tracing::debug!(error = %e, "cannot give the ledger's free space back yet");
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot give the ledger's free space back yet");
+            }
         }
         self.measure();
         match ensure_reserve(&self.dir) {
@@ -1061,6 +1077,30 @@ impl Writer {
         });
         if let Err(e) = result {
             tracing::error!(error = %e, "cannot mark the ledger clean; the next start charges attempts left in flight");
+        }
+    }
+}
+
+/// An instance attached (its waiting deliveries read) or remembered, inside the caller's
+/// transaction.
+fn operate(conn: &rusqlite::Connection, op: &Op) -> Result<Done, LedgerError> {
+    match op {
+        Op::Remember(name, remembered) => {
+            store::remember(conn, name, remembered).map(|()| Done::Count(0))
+        }
+        Op::Attach(name) => {
+            let [key] = store::instance_keys(conn, std::slice::from_ref(name))?[..] else {
+                unreachable!("one key per name");
+            };
+            let mut waiting = Vec::new();
+            store::scan(conn, Some(key), |stored| {
+                waiting.push(stored);
+                Ok(())
+            })?;
+            Ok(Done::Attached(key, waiting))
+        }
+        Op::Replay(..) | Op::Purge(..) | Op::Forget(..) => {
+            unreachable!("replays, purges and forgets are tasks")
         }
     }
 }
