@@ -457,6 +457,9 @@ gate = \"{}\"
 
 #[test]
 fn failures_on_distinct_messages_open_the_circuit_then_one_probe_per_interval() {
+    // Retries wait for the manual clock (1 s): with a backoff of 1 ms, which jitter can round
+    // to 0, a message published first could use its three attempts before the publisher,
+    // slow on a loaded machine, had sent the others.
     let clock = ManualClock::at(Timestamp(1_000_000));
     let d = start_with(
         &["fx-flaky"],
@@ -465,7 +468,7 @@ fn failures_on_distinct_messages_open_the_circuit_then_one_probe_per_interval() 
 plugin = \"fx-flaky\"
 topics = [\"t.>\"]
 max_attempts = 3
-backoff = { initial = \"1ms\", max = \"1ms\" }
+backoff = { initial = \"1s\", max = \"1s\" }
 circuit = { failures = 3, window = \"30s\", probe = \"10s\" }
 [plugins.down.config]
 fail_times = 1000
