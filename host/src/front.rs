@@ -38,6 +38,7 @@ pub use messages::{
 };
 pub use status::{
     CircuitState, DaemonStatus, InstanceState, InstanceStatus, Instances, LedgerStatus,
+    UnknownState,
 };
 pub use watch::{WATCH_BUFFER, Watch, WatchEnd, WatchStep};
 

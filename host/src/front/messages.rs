@@ -1,11 +1,11 @@
 //! Messages as operators see them: one message's history, dead letters a page at a time, and
 //! the selection an operator's replay or purge acts on.
 
-use std::fmt;
+use std::{fmt, str::FromStr};
 
 use bytes::Bytes;
 
-use super::OperateError;
+use super::{OperateError, UnknownState};
 use crate::{
     clock::Timestamp,
     delivery::{self, AttemptResult, Delivery},
@@ -47,13 +47,35 @@ pub enum DeliveryStage {
     DeadLettered,
 }
 
-impl fmt::Display for DeliveryStage {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl DeliveryStage {
+    /// Every stage.
+    pub const ALL: [Self; 3] = [Self::Pending, Self::InFlight, Self::DeadLettered];
+
+    /// The operator's name of the stage (what [`fmt::Display`] writes).
+    pub fn name(self) -> &'static str {
+        match self {
             Self::Pending => "pending",
             Self::InFlight => "in_flight",
             Self::DeadLettered => "dead_lettered",
-        })
+        }
+    }
+}
+
+impl FromStr for DeliveryStage {
+    type Err = UnknownState;
+
+    /// The stage [`DeliveryStage::name`] names (a client reads the wire's words back).
+    fn from_str(name: &str) -> Result<Self, UnknownState> {
+        Self::ALL
+            .into_iter()
+            .find(|s| s.name() == name)
+            .ok_or_else(|| UnknownState(name.to_owned()))
+    }
+}
+
+impl fmt::Display for DeliveryStage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -301,6 +323,17 @@ mod tests {
             ..Pick::default()
         };
         assert_eq!(all.selection().unwrap(), Selection::default());
+    }
+
+    #[test]
+    fn a_stage_reads_back_as_the_word_it_writes() {
+        for stage in DeliveryStage::ALL {
+            assert_eq!(stage.to_string().parse(), Ok(stage));
+        }
+        assert_eq!(
+            "dead lettered".parse::<DeliveryStage>(),
+            Err(UnknownState("dead lettered".into()))
+        );
     }
 
     #[test]

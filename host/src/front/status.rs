@@ -6,6 +6,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     fmt,
     path::PathBuf,
+    str::FromStr,
     time::Duration,
 };
 
@@ -15,6 +16,7 @@ use crate::{
     dispatch::{InstanceStats, Snapshot},
     ledger::{CommitStats, Counts, Lost, Origin},
     loader::RetainedLibrary,
+    quote::quote,
     supervisor::{InstanceView, SupervisorView},
 };
 
@@ -71,17 +73,31 @@ impl InstanceState {
     /// The supervisor's view names its lifecycle with the same words [`InstanceState::name`]
     /// writes; this is the one place that reads them.
     fn join(view: &InstanceView, circuit: CircuitState) -> Self {
-        let lifecycle = Self::ALL
-            .into_iter()
-            .find(|s| s.name() == view.state)
-            .unwrap_or_else(|| {
-                debug_assert!(false, "the supervisor's view names no state {}", view.state);
-                Self::Stopped
-            });
+        let lifecycle = view.state.parse().unwrap_or_else(|e| {
+            debug_assert!(false, "the supervisor's view: {e}");
+            Self::Stopped
+        });
         match (lifecycle, circuit) {
             (Self::Running, CircuitState::Paused) => Self::Paused,
             (lifecycle, _) => lifecycle,
         }
+    }
+}
+
+/// A name that is no state's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("no state is called {}", quote(.0))]
+pub struct UnknownState(pub String);
+
+impl FromStr for InstanceState {
+    type Err = UnknownState;
+
+    /// The state [`InstanceState::name`] names (a client reads the wire's words back).
+    fn from_str(name: &str) -> Result<Self, UnknownState> {
+        Self::ALL
+            .into_iter()
+            .find(|s| s.name() == name)
+            .ok_or_else(|| UnknownState(name.to_owned()))
     }
 }
 
