@@ -40,12 +40,16 @@ pub struct Options {
     /// Each notification reloads the configuration and `plugin_dir` (the command's SIGHUP);
     /// the result is logged and evented.
     pub reloads: Arc<Notify>,
+    /// The engine's clock, probe, watching and service manager
+    /// ([`EngineOptions::daemon`] for `plugind run`: its probe re-executes this binary).
+    pub engine: EngineOptions,
 }
 
 impl std::fmt::Debug for Options {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Options")
             .field("fresh_ledger", &self.fresh_ledger)
+            .field("engine", &self.engine)
             .finish_non_exhaustive()
     }
 }
@@ -115,7 +119,7 @@ pub async fn run(
     if let Some(group) = &config.host.socket_group {
         server::set_group(&bound, group).map_err(DaemonError::Endpoint)?;
     }
-    let engine_options = EngineOptions::daemon();
+    let engine_options = options.engine;
     let notifier = engine_options.notifier.clone();
     let (engine, failures) =
         Engine::start(&config, ledger.clone(), engine_options).map_err(DaemonError::Engine)?;

@@ -1,7 +1,8 @@
-//! The front — the daemon's use cases as plain typed Rust — on a real engine with real
-//! fixture plugins and a durable ledger, with no transport in between: what every API adapter
-//! maps (publish with keys, the joined instance status, pause, a message's history, dead
-//! letters paged, replay, purge, forget, the watch, the errors).
+//! The daemon as a library: the front — the daemon's use cases as plain typed Rust — on a
+//! real engine with real fixture plugins and a durable ledger, with no transport in between
+//! (publish with keys, the joined instance status, pause, a message's history, dead letters
+//! paged, replay, purge, forget, the watch, the errors); and `daemon::run(config, options,
+//! shutdown)` serving the API in process until its shutdown resolves.
 
 use std::{
     sync::Arc,
@@ -12,6 +13,8 @@ use bytes::Bytes;
 use plugind::{
     clock::SystemClock,
     config::{self, Durability},
+    control::{client, pb},
+    daemon::{self, DaemonError},
     engine::{Engine, Options},
     front::{
         AttemptOutcome, CircuitState, DeliveryStage, Forget, Front, InstanceState, InstanceStatus,
@@ -323,4 +326,107 @@ fn a_watch_gives_the_snapshot_then_live_events_and_the_log_level_is_checked() {
         Err(OperateError::LogLevel(_))
     ));
     r.front.pause("good", false).unwrap();
+}
+
+fn daemon_options() -> daemon::Options {
+    daemon::Options {
+        fresh_ledger: false,
+        log_level: Arc::new(|level: &str| Ok(level.to_owned())),
+        fail_stop: Arc::new(|error: &str| panic!("the ledger failed: {error}")),
+        reloads: Arc::default(),
+        engine: Options {
+            clock: Arc::new(SystemClock),
+            probe: None,
+            watch: false,
+            notifier: None,
+        },
+    }
+}
+
+#[test]
+fn daemon_run_serves_the_api_until_its_shutdown_resolves() {
+    let sandbox = Sandbox::new("daemon-run");
+    sandbox.dir("plugins.d");
+    sandbox.copy(
+        "plugins.d/fx-echo.so",
+        &fixtures::library("fx-echo", Profile::Dev),
+    );
+    let text = "\
+[host]
+autoload = false
+listen = \"unix:api.sock\"
+
+[plugins.good]
+plugin = \"fx-echo\"
+topics = [\"good.>\"]
+";
+    let path = sandbox.put("plugins.toml", text);
+    let config = config::parse(&path, text).unwrap_or_else(|e| panic!("{}", e.render()));
+    let endpoint = config.host.listen.clone();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let daemon = tokio::spawn(daemon::run(config, daemon_options(), async {
+            let _ = stopped.await;
+        }));
+        let start = Instant::now();
+        let mut api = loop {
+            match client::connect(&endpoint, None).await {
+                Ok(api) => break api,
+                Err(e) => assert!(start.elapsed() < Duration::from_secs(30), "{e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let status = api
+            .control
+            .status(pb::StatusRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(status.durability, "fsync");
+        assert_eq!(status.instances.len(), 1);
+        assert_eq!(status.instances[0].state, "running");
+        let published = api
+            .publisher
+            .publish(pb::PublishRequest {
+                topic: "good.a".into(),
+                payload: Bytes::from_static(b"x"),
+                headers: vec![],
+                key: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(published.instances, 1);
+        stop.send(()).unwrap();
+        let stopped = daemon.await.unwrap().unwrap();
+        assert!(stopped.api.is_ok(), "{:?}", stopped.api);
+        assert!(stopped.report.abandoned.is_empty(), "{:?}", stopped.report);
+    });
+}
+
+#[test]
+fn daemon_run_refuses_a_state_dir_it_cannot_use_as_a_configuration_problem() {
+    let sandbox = Sandbox::new("daemon-run-state");
+    let text = "[host]\nstate_dir = \"plugins.toml\"\n";
+    let path = sandbox.put("plugins.toml", text);
+    let config = config::parse(&path, text).unwrap_or_else(|e| panic!("{}", e.render()));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let refused = runtime
+        .block_on(daemon::run(
+            config,
+            daemon_options(),
+            std::future::pending(),
+        ))
+        .unwrap_err();
+    assert!(matches!(refused, DaemonError::StateDir(_)), "{refused:?}");
+    assert!(refused.is_configuration());
+    assert!(refused.to_string().contains("not a directory"), "{refused}");
 }

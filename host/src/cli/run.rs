@@ -15,6 +15,7 @@ use crate::{
     cli::{EXIT_CONFIG, EXIT_FAILURE, fail},
     config::{self, ConfigError},
     daemon::{self, DaemonError},
+    engine,
     ledger::durable,
 };
 
@@ -61,6 +62,7 @@ pub fn run(config_flag: Option<&Path>, fresh_ledger: bool) -> ExitCode {
             log_level,
             fail_stop: exit_on_ledger_failure(),
             reloads,
+            engine: engine::Options::daemon(),
         };
         match daemon::run(config, options, stop_signal()).await {
             // The daemon logged how the API ended.
