@@ -8,8 +8,9 @@
 //! another API (metrics, GraphQL) would map the same calls. Nothing here knows protobuf,
 //! tonic or a peer.
 //!
-//! Calls that wait on the engine (every call but [`Front::publish`], whose answer is a
-//! future-or-blocking [`Submitted`]) block: async callers run them on blocking threads.
+//! The calls that ask the engine's threads or the ledger block: async callers run them on
+//! blocking threads. [`Front::publish`] does not: its [`Submitted`] is finished with
+//! `done().await` or `wait()`.
 
 mod messages;
 mod status;
