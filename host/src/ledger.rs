@@ -216,6 +216,15 @@ pub enum Origin {
     Autoloaded,
 }
 
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Configured => "configured",
+            Self::Autoloaded => "autoloaded",
+        })
+    }
+}
+
 /// An instance's subscription, as kept across restarts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Subscription {

@@ -18,7 +18,9 @@
 //! - [`ledger`]: the only writer of delivery state (interface + in-memory ledger).
 //! - [`dispatch`]: the event loop that owns the live deliveries and feeds the actors.
 //! - [`engine`]: all of it assembled, with the supervisor's start and the graceful stop.
-//! - [`control`]: the gRPC API (the only module that knows protobuf types).
+//! - [`front`]: the product's use cases as plain typed Rust (every API maps these).
+//! - [`daemon`]: `plugind run` as a library call: `daemon::run(config, options, shutdown)`.
+//! - [`control`]: the gRPC API on top of the front (the only module that knows protobuf types).
 //! - [`watch`]: `plugin_dir` and the config file watched: settled change events (applies nothing).
 //! - [`supervisor`]: hot plug: desired state against running state, one reconcile at a time.
 //! - [`events`]: every transition as an event (log, history, `Watch` subscribers).
@@ -35,10 +37,12 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod control;
+pub mod daemon;
 pub mod delivery;
 pub mod dispatch;
 pub mod engine;
 pub mod events;
+pub mod front;
 pub mod ingress;
 pub mod ledger;
 pub mod loader;

@@ -103,7 +103,7 @@ pub fn run(config_flag: Option<&Path>, probe: bool, config_only: bool, json: boo
     };
     // The state dir must be usable: a read-only one passed here, and the start then failed
     // over and over.
-    if let Some(problem) = state_dir_problem(&config.host.state_dir) {
+    if let Some(problem) = crate::daemon::state_dir_problem(&config.host.state_dir) {
         report.config.state_dir = Some(problem.clone());
         if json {
             print_json(&report);
@@ -160,57 +160,6 @@ pub fn run(config_flag: Option<&Path>, probe: bool, config_only: bool, json: boo
             ),
         )
     }
-}
-
-/// Why the daemon could not use `dir` as its state dir, if it could not: it must be a
-/// directory this user can write and enter, or one it can create (the nearest existing
-/// folder above it writable). Nothing is written to find out.
-pub fn state_dir_problem(dir: &Path) -> Option<String> {
-    use rustix::fs::{Access, AtFlags, CWD, accessat};
-    let mut existing = dir;
-    let missing = loop {
-        match std::fs::metadata(existing) {
-            Ok(meta) if meta.is_dir() => break existing != dir,
-            Ok(_) => {
-                return Some(format!(
-                    "state_dir {}: {} is not a directory",
-                    dir.display(),
-                    existing.display()
-                ));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && existing != Path::new(".") => {
-                existing = existing
-                    .parent()
-                    .filter(|p| !p.as_os_str().is_empty())
-                    .unwrap_or(Path::new("."));
-            }
-            Err(e) => return Some(format!("state_dir {}: {e}", dir.display())),
-        }
-    };
-    let access = accessat(
-        CWD,
-        existing,
-        Access::WRITE_OK | Access::EXEC_OK,
-        AtFlags::EACCESS,
-    );
-    let why = match access {
-        Ok(()) => return None,
-        Err(rustix::io::Errno::ROFS) => "is on a read-only file system".to_owned(),
-        Err(rustix::io::Errno::ACCESS | rustix::io::Errno::PERM) => format!(
-            "is not writable by this user (uid {})",
-            rustix::process::geteuid().as_raw()
-        ),
-        Err(e) => e.to_string(),
-    };
-    Some(if missing {
-        format!(
-            "state_dir {} does not exist and cannot be created: {} {why}",
-            dir.display(),
-            existing.display()
-        )
-    } else {
-        format!("state_dir {} {why}", dir.display())
-    })
 }
 
 fn print_json(report: &Report) {

@@ -14,7 +14,7 @@ use tracing_subscriber::{
     util::SubscriberInitExt as _,
 };
 
-use crate::{config::LogFormat, control::operator::SetLogLevel, quote::quote};
+use crate::{config::LogFormat, front::SetLogLevel, quote::quote};
 
 /// Logs to stderr: text, or one JSON object per line; `PLUGIND_LOG` (an env-filter
 /// directive) chooses the level, `info` by default. Returns how to change the filter while

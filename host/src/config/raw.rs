@@ -131,6 +131,16 @@ pub enum Durability {
     Memory,
 }
 
+impl std::fmt::Display for Durability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Fsync => "fsync",
+            Self::Buffered => "buffered",
+            Self::Memory => "memory",
+        })
+    }
+}
+
 /// How `plugin_dir` and the config file are watched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -1,18 +1,23 @@
-//! The `Publisher` service: `Publish` and `PublishStream` on top of the ingress API (which
-//! deduplicates idempotency keys), with precise status codes and a request size limit that
-//! follows `max_message_size`.
+//! The `Publisher` service: `Publish` and `PublishStream`, request → [`Front::publish`] →
+//! response. The front (the ingress behind it) validates, deduplicates idempotency keys,
+//! routes and records; this maps protobuf to its messages and its answers back (refusals
+//! through [`code::publish`]), and keeps what belongs to the transport: the request size
+//! limit that follows `max_message_size`, and a stream's batches in flight.
 
-use std::{collections::VecDeque, future::Future, pin::Pin, sync::Arc};
+use std::{collections::VecDeque, future::Future, pin::Pin};
 
 use tokio_stream::{Stream, StreamExt as _, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::pb::{
-    self, PublishBatch, PublishBatchResult, PublishOutcome, PublishRequest, PublishResponse,
-    publish_outcome, publisher_server,
+use super::{
+    code,
+    pb::{
+        self, PublishBatch, PublishBatchResult, PublishOutcome, PublishRequest, PublishResponse,
+        publish_outcome, publisher_server,
+    },
 };
 use crate::{
-    ingress::{Ingress, NewMessage, Published, Refused},
+    front::{Front, NewMessage, Published, Refused},
     message,
 };
 
@@ -45,30 +50,31 @@ pub fn transport_limit(max_message_size: u64) -> usize {
 /// The service implementation.
 #[derive(Debug, Clone)]
 pub struct PublisherService {
-    ingress: Arc<Ingress>,
+    front: Front,
 }
 
 impl PublisherService {
-    pub fn new(ingress: Arc<Ingress>) -> Self {
-        Self { ingress }
+    pub fn new(front: Front) -> Self {
+        Self { front }
     }
 
     /// The server, decoding requests up to [`transport_limit`] (tonic's default, 4 MiB,
     /// refused every publish above it whatever `max_message_size` said).
     pub fn into_server(self) -> publisher_server::PublisherServer<Self> {
-        let limit = transport_limit(self.ingress.max_message_size());
+        let limit = transport_limit(self.front.max_message_size());
         publisher_server::PublisherServer::new(self).max_decoding_message_size(limit)
     }
 
     /// Publishes a batch (one submission, keyed or not).
     async fn publish(&self, requests: Vec<PublishRequest>) -> Vec<Result<Published, Refused>> {
-        self.ingress
-            .submit(requests.into_iter().map(message).collect())
+        self.front
+            .publish(requests.into_iter().map(message).collect())
             .done()
             .await
     }
 }
 
+/// A request as the front's message (protobuf's empty key: none).
 fn message(request: PublishRequest) -> NewMessage {
     NewMessage {
         key: (!request.key.is_empty()).then(|| request.key.clone()),
@@ -82,19 +88,6 @@ fn message(request: PublishRequest) -> NewMessage {
     }
 }
 
-/// The gRPC status for a refusal: the code says whether to retry, the message says why.
-pub fn status(refused: &Refused) -> Status {
-    match refused {
-        Refused::Invalid(_) => Status::invalid_argument(refused.to_string()),
-        Refused::Unrouted(_) => Status::failed_precondition(refused.to_string()),
-        Refused::Backlog { .. } | Refused::LedgerFull(_) => {
-            Status::resource_exhausted(refused.to_string())
-        }
-        Refused::ShuttingDown => Status::unavailable(refused.to_string()),
-        Refused::LedgerFailed(_) => Status::unavailable(refused.to_string()),
-    }
-}
-
 fn outcome(result: Result<Published, Refused>) -> PublishOutcome {
     match result {
         Ok(published) => PublishOutcome {
@@ -103,7 +96,7 @@ fn outcome(result: Result<Published, Refused>) -> PublishOutcome {
             duplicate: published.duplicate,
         },
         Err(refused) => {
-            let status = status(&refused);
+            let status = code::publish(&refused);
             PublishOutcome {
                 outcome: Some(publish_outcome::Outcome::Refused(pb::Refusal {
                     code: status.code() as i32,
@@ -150,7 +143,7 @@ impl publisher_server::Publisher for PublisherService {
                 instances: published.instances,
                 duplicate: published.duplicate,
             })),
-            Err(refused) => Err(status(&refused)),
+            Err(refused) => Err(code::publish(&refused)),
         }
     }
 
@@ -186,8 +179,8 @@ impl publisher_server::Publisher for PublisherService {
                         match batch {
                             Some(Ok(batch)) => {
                                 let submitted = service
-                                    .ingress
-                                    .submit(batch.messages.into_iter().map(message).collect());
+                                    .front
+                                    .publish(batch.messages.into_iter().map(message).collect());
                                 in_flight.push_back(InFlight {
                                     correlation_id: batch.correlation_id,
                                     answers: Box::pin(submitted.done()),
@@ -234,32 +227,5 @@ mod tests {
             "no copy"
         );
         assert_eq!(decoded.payload.len(), 4096);
-    }
-
-    #[test]
-    fn refusals_map_to_codes_that_say_whether_to_retry() {
-        use tonic::Code;
-        let cases = [
-            (
-                Refused::Invalid("empty topic".into()),
-                Code::InvalidArgument,
-            ),
-            (
-                Refused::Backlog {
-                    instance: "sink".into(),
-                    backlog: 10,
-                    limit: 5,
-                },
-                Code::ResourceExhausted,
-            ),
-            (Refused::LedgerFull("disk".into()), Code::ResourceExhausted),
-            (Refused::ShuttingDown, Code::Unavailable),
-            (Refused::Unrouted("a.b".into()), Code::FailedPrecondition),
-        ];
-        for (refused, code) in cases {
-            let s = status(&refused);
-            assert_eq!(s.code(), code, "{refused}");
-            assert_eq!(s.message(), refused.to_string());
-        }
     }
 }

@@ -2,7 +2,10 @@
 
 use std::{fmt::Write as _, time::Duration};
 
-use crate::control::pb;
+use crate::{
+    control::pb,
+    front::{DeliveryStage, InstanceState},
+};
 
 /// `2026-11-26 03:04:05.123` (UTC) from Unix ms.
 pub(super) fn time(ms: u64) -> String {
@@ -180,7 +183,7 @@ fn notes(i: &pb::InstanceDetail) -> Vec<String> {
              has never been loaded"
                 .to_owned(),
         );
-    } else if i.state != "running" && i.backlog > 0 {
+    } else if i.state.parse() != Ok(InstanceState::Running) && i.backlog > 0 {
         notes.push(format!(
             "{} deliveries wait for it (routed to it while it does not run)",
             i.backlog
@@ -235,7 +238,9 @@ pub(super) fn message_text(m: &pb::ShowMessageResponse) -> String {
     }
     for d in &m.deliveries {
         let plural = |n: u32, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
-        let counts = if d.state == "dead_lettered" && d.last_reason.starts_with("rejected") {
+        let counts = if d.state.parse() == Ok(DeliveryStage::DeadLettered)
+            && d.last_reason.starts_with("rejected")
+        {
             // A reject is the plugin's verdict, not a failure: no failure count to show.
             format!(
                 " after {}: {}",

@@ -1,0 +1,395 @@
+//! What the daemon and each instance are doing, as one typed, joined picture: the
+//! supervisor's view (lifecycle, plugin, library, topics) and the dispatcher's counters
+//! (backlog, calls, circuit) joined by instance name, here and nowhere else.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    path::PathBuf,
+    str::FromStr,
+    time::Duration,
+};
+
+use crate::{
+    circuit,
+    config::Durability,
+    dispatch::{InstanceStats, Snapshot},
+    ledger::{CommitStats, Counts, Lost, Origin},
+    loader::RetainedLibrary,
+    quote::quote,
+    supervisor::{InstanceView, SupervisorView},
+};
+
+/// Where an instance is in its life, with an operator's pause of a running one shown as
+/// [`InstanceState::Paused`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceState {
+    /// A generation runs and takes deliveries.
+    Running,
+    /// A generation runs; an operator paused it (nothing is handed to it until resumed).
+    Paused,
+    /// No generation runs, and none failed (not started yet, or stopped).
+    Stopped,
+    /// Its last start failed; `last_error` says why.
+    Failed,
+    /// Its library crashed the daemon while loading too often; not loaded again until it
+    /// changes or an operator reloads it.
+    Quarantined,
+    /// Its table says `enabled = false`: it keeps its subscription, nothing runs.
+    Disabled,
+    /// Its subscription ended; its waiting deliveries stay until forgotten.
+    Removed,
+}
+
+impl InstanceState {
+    /// Every state, in the order above.
+    pub const ALL: [Self; 7] = [
+        Self::Running,
+        Self::Paused,
+        Self::Stopped,
+        Self::Failed,
+        Self::Quarantined,
+        Self::Disabled,
+        Self::Removed,
+    ];
+
+    /// The operator's name of the state (what [`fmt::Display`] writes).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::Stopped => "stopped",
+            Self::Failed => "failed",
+            Self::Quarantined => "quarantined",
+            Self::Disabled => "disabled",
+            Self::Removed => "removed",
+        }
+    }
+
+    /// The state of an instance from the supervisor's view and its circuit: a running
+    /// instance whose circuit an operator paused is [`InstanceState::Paused`].
+    ///
+    /// The supervisor's view names its lifecycle with the same words [`InstanceState::name`]
+    /// writes; this is the one place that reads them.
+    fn join(view: &InstanceView, circuit: CircuitState) -> Self {
+        let lifecycle = view.state.parse().unwrap_or_else(|e| {
+            debug_assert!(false, "the supervisor's view: {e}");
+            Self::Stopped
+        });
+        match (lifecycle, circuit) {
+            (Self::Running, CircuitState::Paused) => Self::Paused,
+            (lifecycle, _) => lifecycle,
+        }
+    }
+}
+
+/// A name that is no state's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("no state is called {}", quote(.0))]
+pub struct UnknownState(pub String);
+
+impl FromStr for InstanceState {
+    type Err = UnknownState;
+
+    /// The state [`InstanceState::name`] names (a client reads the wire's words back).
+    fn from_str(name: &str) -> Result<Self, UnknownState> {
+        Self::ALL
+            .into_iter()
+            .find(|s| s.name() == name)
+            .ok_or_else(|| UnknownState(name.to_owned()))
+    }
+}
+
+impl fmt::Display for InstanceState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An instance's circuit breaker, as operators see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CircuitState {
+    /// Deliveries flow (also: no circuit yet).
+    Closed,
+    /// Tripped: nothing goes out until the next probe is due.
+    Open,
+    /// Tripped, with one probe out.
+    HalfOpen,
+    /// Paused by an operator.
+    Paused,
+}
+
+impl CircuitState {
+    /// The operator's name of the state (what [`fmt::Display`] writes).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::Open => "open",
+            Self::HalfOpen => "half-open",
+            Self::Paused => "paused",
+        }
+    }
+}
+
+impl From<Option<&circuit::State>> for CircuitState {
+    fn from(state: Option<&circuit::State>) -> Self {
+        match state {
+            Some(circuit::State::Closed) | None => Self::Closed,
+            Some(circuit::State::Open { probe: None, .. }) => Self::Open,
+            Some(circuit::State::Open { probe: Some(_), .. }) => Self::HalfOpen,
+            Some(circuit::State::Paused) => Self::Paused,
+        }
+    }
+}
+
+impl fmt::Display for CircuitState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One instance: everything the daemon knows of it, joined.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct InstanceStatus {
+    pub name: String,
+    pub state: InstanceState,
+    pub circuit: CircuitState,
+    /// How it is subscribed (`None`: its subscription ended).
+    pub subscription: Option<Origin>,
+    /// Whether its topics are known (`false` while it takes them from a library never
+    /// loaded: nothing is routed to it yet).
+    pub topics_known: bool,
+    pub topics: Vec<String>,
+    pub plugin: String,
+    /// Of the generation running (empty when none is).
+    pub version: String,
+    /// The generation running (0: none).
+    pub generation: u32,
+    /// Generations replaced or stopped, still finishing their call in hand.
+    pub draining: Vec<u32>,
+    /// The library file the running generation was loaded from.
+    pub library: Option<PathBuf>,
+    pub sha256: Option<String>,
+    /// Why it does not run (or why the last load failed while an older one kept serving).
+    pub last_error: Option<String>,
+    /// Deliveries waiting or in flight.
+    pub backlog: u64,
+    /// Payload bytes of those.
+    pub backlog_bytes: u64,
+    /// Hand-offs leased to its actor (in its mailbox or in a call).
+    pub in_flight: u64,
+    /// Calls to its plugin code in progress now.
+    pub calling: u64,
+    pub acked: u64,
+    pub failures: u64,
+    pub dead_lettered: u64,
+    /// A call outlived its lease and is still running.
+    pub hung: bool,
+    /// Its dead letters in the ledger (`None`: not counted; a status does not ask the
+    /// ledger).
+    pub dead_letters: Option<u64>,
+}
+
+impl InstanceStatus {
+    /// Deliveries waiting for their turn (the backlog less what is in flight).
+    pub fn queue_depth(&self) -> u64 {
+        self.backlog.saturating_sub(self.in_flight)
+    }
+
+    /// Whether an operator paused it (running or not).
+    pub fn paused(&self) -> bool {
+        self.circuit == CircuitState::Paused
+    }
+
+    /// The join of one instance's view and its dispatcher counters (`None`: the dispatcher
+    /// has no slot for it yet).
+    fn join(
+        view: &InstanceView,
+        stats: Option<&InstanceStats>,
+        dead_letters: Option<&BTreeMap<String, u64>>,
+    ) -> Self {
+        let circuit = CircuitState::from(stats.and_then(|s| s.circuit.as_ref()));
+        let count = |f: fn(&InstanceStats) -> u64| stats.map_or(0, f);
+        Self {
+            name: view.name.clone(),
+            state: InstanceState::join(view, circuit),
+            circuit,
+            subscription: view.subscribed,
+            topics_known: view.topics_known,
+            topics: view.topics.clone(),
+            plugin: view.plugin.clone(),
+            version: view.version.clone(),
+            generation: view.generation,
+            draining: view.draining.clone(),
+            library: view.library.clone(),
+            sha256: view.sha256.clone(),
+            last_error: view.last_error.clone(),
+            backlog: count(|s| s.backlog),
+            backlog_bytes: view.backlog_bytes,
+            in_flight: count(|s| s.in_flight),
+            calling: count(|s| s.calling),
+            acked: count(|s| s.acked),
+            failures: count(|s| s.failures),
+            dead_lettered: count(|s| s.dead_lettered),
+            hung: stats.is_some_and(|s| s.hung),
+            dead_letters: dead_letters.map(|d| d.get(&view.name).copied().unwrap_or(0)),
+        }
+    }
+}
+
+/// Every instance the supervisor shows, in its order (by name), joined with the
+/// dispatcher's counters (and the dead letters, when counted).
+pub(super) fn join(
+    view: &SupervisorView,
+    snapshot: &Snapshot,
+    dead_letters: Option<&BTreeMap<String, u64>>,
+) -> Vec<InstanceStatus> {
+    let stats: HashMap<&str, &InstanceStats> = snapshot
+        .instances
+        .iter()
+        .map(|s| (s.name.as_str(), s))
+        .collect();
+    view.instances
+        .iter()
+        .map(|v| InstanceStatus::join(v, stats.get(v.name.as_str()).copied(), dead_letters))
+        .collect()
+}
+
+/// The ledger's part of a status.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LedgerStatus {
+    /// What it recorded since start.
+    pub counts: Counts,
+    /// How its group commit goes.
+    pub commits: CommitStats,
+    /// Messages answered OK that it no longer held at start, if any.
+    pub lost: Option<Lost>,
+}
+
+/// The daemon at a glance.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DaemonStatus {
+    pub version: &'static str,
+    pub pid: u32,
+    pub uptime: Duration,
+    /// The configuration running (the last good one).
+    pub config_path: PathBuf,
+    pub config_sha256: String,
+    pub durability: Durability,
+    /// Publishes that matched no instance since start.
+    pub unrouted: u64,
+    pub ledger: LedgerStatus,
+    /// Every instance (without its dead letters: a status does not ask the ledger for them).
+    pub instances: Vec<InstanceStatus>,
+}
+
+/// Every instance in full, and the libraries still mapped after their unload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instances {
+    pub instances: Vec<InstanceStatus>,
+    pub retained: Vec<RetainedLibrary>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(name: &str, state: &'static str) -> InstanceView {
+        InstanceView {
+            name: name.into(),
+            state,
+            ..InstanceView::default()
+        }
+    }
+
+    fn stats(name: &str, circuit: Option<circuit::State>) -> InstanceStats {
+        InstanceStats {
+            name: name.into(),
+            running: true,
+            generation: 1,
+            acked: 3,
+            failures: 1,
+            dead_lettered: 0,
+            backlog: 5,
+            resident: 5,
+            in_flight: 2,
+            calling: 1,
+            circuit,
+            hung: false,
+        }
+    }
+
+    #[test]
+    fn a_state_reads_back_as_the_word_it_writes() {
+        for state in InstanceState::ALL {
+            if state == InstanceState::Paused {
+                continue;
+            }
+            let v = view("a", state.name());
+            assert_eq!(InstanceState::join(&v, CircuitState::Closed), state);
+            assert_eq!(state.to_string(), state.name());
+        }
+    }
+
+    #[test]
+    fn a_paused_circuit_shows_a_running_instance_as_paused_and_no_other() {
+        let running = view("a", "running");
+        let failed = view("a", "failed");
+        assert_eq!(
+            InstanceState::join(&running, CircuitState::Paused),
+            InstanceState::Paused
+        );
+        assert_eq!(
+            InstanceState::join(&failed, CircuitState::Paused),
+            InstanceState::Failed
+        );
+    }
+
+    #[test]
+    fn circuits_are_named_as_operators_see_them() {
+        let open = circuit::State::Open {
+            next_probe: 1,
+            probe: None,
+        };
+        let probing = circuit::State::Open {
+            next_probe: 1,
+            probe: Some(7),
+        };
+        let names: Vec<String> = [
+            None,
+            Some(&circuit::State::Closed),
+            Some(&open),
+            Some(&probing),
+            Some(&circuit::State::Paused),
+        ]
+        .into_iter()
+        .map(|s| CircuitState::from(s).to_string())
+        .collect();
+        assert_eq!(names, ["closed", "closed", "open", "half-open", "paused"]);
+    }
+
+    #[test]
+    fn the_join_matches_by_name_and_counts_nothing_it_does_not_know() {
+        let supervisor = SupervisorView {
+            instances: vec![view("a", "running"), view("b", "stopped")],
+            ..SupervisorView::default()
+        };
+        let snapshot = Snapshot {
+            instances: vec![stats("a", Some(circuit::State::Paused))],
+            stale: 0,
+        };
+        let counted = BTreeMap::from([("a".to_owned(), 4)]);
+        let joined = join(&supervisor, &snapshot, Some(&counted));
+        assert_eq!(joined[0].state, InstanceState::Paused);
+        assert!(joined[0].paused());
+        assert_eq!(joined[0].queue_depth(), 3);
+        assert_eq!(joined[0].dead_letters, Some(4));
+        assert_eq!(joined[1].state, InstanceState::Stopped);
+        assert_eq!((joined[1].backlog, joined[1].acked), (0, 0));
+        assert_eq!(joined[1].circuit, CircuitState::Closed);
+        assert_eq!(joined[1].dead_letters, Some(0));
+        assert_eq!(join(&supervisor, &snapshot, None)[0].dead_letters, None);
+    }
+}
