@@ -25,7 +25,7 @@ mod raw;
 mod resolve;
 
 pub use diagnostic::Problem;
-pub use plan::{Change, Plan, Reason, plan};
+pub use plan::{Change, Plan, Reason, keep_restart_only, plan};
 pub use raw::{Durability, LogFormat, Unrouted, WatchMode};
 
 #[cfg(test)]

@@ -659,7 +659,7 @@ impl Supervisor {
                 ),
             );
         }
-        let new = match config::parse(&path, &text) {
+        let mut new = match config::parse(&path, &text) {
             Ok(new) => new,
             Err(invalid) => return refuse(&self.parts.events, invalid.render()),
         };
@@ -728,6 +728,8 @@ impl Supervisor {
             .map(|k| (*k).to_owned())
             .collect();
         self.parts.ingress.set_unrouted(new.host.unrouted);
+        // What needs a restart keeps running as it was until then.
+        config::keep_restart_only(&self.parts.config.host, &mut new.host);
         self.parts.config = new;
         let (libraries, refusals) =
             Libraries::rescan(&self.parts.libraries, &self.parts.config, &self.policy());

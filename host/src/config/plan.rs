@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-use super::{Config, Instance};
+use super::{Config, HostSettings, Instance};
 
 /// What happens to one instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -74,6 +74,60 @@ fn running(config: &Config, name: &str) -> Option<Instance> {
     config.instances.get(name).filter(|i| i.enabled).cloned()
 }
 
+/// The `[host]` keys that take effect only at the next start, as one list: what a reload
+/// reports as needing a restart and what it keeps running as it was are the same keys.
+/// Every other `[host]` key is applied by a reload (`autoload`, `trusted_owners`,
+/// `unrouted`).
+macro_rules! restart_only {
+    ($($key:ident),* $(,)?) => {
+        /// The restart-only `[host]` keys that differ between `running` and `new`.
+        fn restart_only_changes(running: &HostSettings, new: &HostSettings) -> Vec<&'static str> {
+            let mut changed = Vec::new();
+            $(
+                if running.$key != new.$key {
+                    changed.push(stringify!($key));
+                }
+            )*
+            changed
+        }
+
+        /// Gives `new` the running values of the restart-only keys: what a reload applies is
+        /// what runs until the next start (a plugin's generation started after a reload
+        /// checks its publishes against the same `max_message_size` as the API).
+        pub fn keep_restart_only(running: &HostSettings, new: &mut HostSettings) {
+            $( new.$key = running.$key.clone(); )*
+        }
+    };
+}
+
+restart_only!(
+    plugin_dir,
+    state_dir,
+    listen,
+    metrics,
+    durability,
+    grace_period,
+    max_message_size,
+    watch,
+    socket_mode,
+    socket_group,
+    allowed_users,
+    tcp_token_file,
+    operator_users,
+    operator_groups,
+    tcp_operator_token_file,
+    tls_cert_file,
+    tls_key_file,
+    max_connections,
+    idle_timeout,
+    handshake_timeout,
+    log_format,
+    max_ledger_bytes,
+    dedupe_window,
+    dead_letter_retention,
+    hop_limit,
+);
+
 /// Compares the running configuration `old` with `new`.
 pub fn plan(old: &Config, new: &Config) -> Plan {
     let names: BTreeSet<&String> = old.instances.keys().chain(new.instances.keys()).collect();
@@ -90,37 +144,7 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
         })
         .collect();
     let (a, b) = (&old.host, &new.host);
-    let mut restart_required = Vec::new();
-    let keys: [(&'static str, bool); 17] = [
-        ("plugin_dir", a.plugin_dir != b.plugin_dir),
-        ("state_dir", a.state_dir != b.state_dir),
-        ("listen", a.listen != b.listen),
-        ("metrics", a.metrics != b.metrics),
-        ("durability", a.durability != b.durability),
-        ("socket_mode", a.socket_mode != b.socket_mode),
-        ("socket_group", a.socket_group != b.socket_group),
-        ("allowed_users", a.allowed_users != b.allowed_users),
-        ("tcp_token_file", a.tcp_token_file != b.tcp_token_file),
-        ("operator_users", a.operator_users != b.operator_users),
-        ("operator_groups", a.operator_groups != b.operator_groups),
-        (
-            "tcp_operator_token_file",
-            a.tcp_operator_token_file != b.tcp_operator_token_file,
-        ),
-        ("tls_cert_file", a.tls_cert_file != b.tls_cert_file),
-        ("tls_key_file", a.tls_key_file != b.tls_key_file),
-        ("max_connections", a.max_connections != b.max_connections),
-        ("idle_timeout", a.idle_timeout != b.idle_timeout),
-        (
-            "handshake_timeout",
-            a.handshake_timeout != b.handshake_timeout,
-        ),
-    ];
-    restart_required.extend(
-        keys.into_iter()
-            .filter(|(_, changed)| *changed)
-            .map(|(key, _)| key),
-    );
+    let restart_required = restart_only_changes(a, b);
     Plan {
         instances,
         restart_required,

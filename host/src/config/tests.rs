@@ -341,6 +341,45 @@ fn disabling_stops_and_identical_configs_plan_nothing() {
     assert_eq!(moved.restart_required, ["listen"]);
 }
 
+/// Keys read only at the start (the API's message limit, the drain, the ledger's options,
+/// the log format, the watcher) were neither applied by a reload nor reported as needing a
+/// restart; and a plugin generation started after the reload used the new
+/// `max_message_size` while the API kept the old one.
+#[test]
+fn keys_read_only_at_the_start_are_reported_and_keep_running_as_they_were() {
+    let old = ok("[host]\nautoload = true\n");
+    let changed = "[host]\nautoload = false\nunrouted = \"refuse\"\n\
+                   max_message_size = \"2MiB\"\ngrace_period = \"9s\"\nhop_limit = 3\n\
+                   dedupe_window = \"9m\"\ndead_letter_retention = \"9d\"\n\
+                   max_ledger_bytes = \"1GiB\"\nlog_format = \"json\"\nwatch = \"poll\"\n";
+    let mut new = ok(changed);
+    let p = plan(&old, &new);
+    assert_eq!(
+        p.restart_required,
+        [
+            "grace_period",
+            "max_message_size",
+            "watch",
+            "log_format",
+            "max_ledger_bytes",
+            "dedupe_window",
+            "dead_letter_retention",
+            "hop_limit"
+        ]
+    );
+    crate::config::keep_restart_only(&old.host, &mut new.host);
+    assert_eq!(new.host.max_message_size, old.host.max_message_size);
+    assert_eq!(new.host.hop_limit, old.host.hop_limit);
+    assert_eq!(new.host.grace_period, old.host.grace_period);
+    // Applied by the reload: kept as written.
+    assert!(!new.host.autoload);
+    assert_eq!(new.host.unrouted, crate::config::Unrouted::Refuse);
+    assert!(
+        plan(&new, &ok(changed)).restart_required.len() == 8,
+        "still pending"
+    );
+}
+
 #[test]
 fn access_and_connection_keys_are_checked_where_they_are_written() {
     // (config, line, column, words the message must contain)
