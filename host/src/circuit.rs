@@ -1,4 +1,4 @@
-//! The circuit breaker of one instance (DESIGN.md §7): when it fails on `failures` distinct
+//! The circuit breaker of one instance (docs/design.md §7): when it fails on `failures` distinct
 //! messages within `window` it is paused, and those failures are excused (an outage must not
 //! burn every message's attempts); while open, one probe message goes out every `probe`, and
 //! the probe's success closes it. Operators pause and resume by hand.

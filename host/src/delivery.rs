@@ -1,5 +1,5 @@
 //! The rules of one delivery — one message to one instance — as a pure state machine
-//! (DESIGN.md §7): the `deliveries` / `failures` / `defers` counters, backoff with jitter and
+//! (docs/design.md §7): the `deliveries` / `failures` / `defers` counters, backoff with jitter and
 //! the plugin's override, dead-lettering when failures reach `max_attempts`, leases, stale
 //! settlements refused, a graceful stop's release, a crash's charge, replay.
 //!

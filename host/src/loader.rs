@@ -2,7 +2,7 @@
 //! `libloading` and abi_stable's loading machinery, and the one path every caller uses
 //! (`plugind run`, `check`, `inspect`, the supervisor).
 //!
-//! The path from file to code (DESIGN.md §9, `research/native-plugins.md`):
+//! The path from file to code (docs/design.md §9):
 //! 1. [`file`]: open the file relative to its directory's fd without following symlinks,
 //!    judge the open fd (regular file, permissions, owner) and its directories, read it once;
 //! 2. [`elf`]: on those bytes, check the ELF is a complete shared library, decode the

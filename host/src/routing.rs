@@ -67,7 +67,7 @@ pub struct Routing {
 
 impl Routing {
     /// A table from each instance's patterns. Every enabled instance is listed, loaded or
-    /// not: deliveries to an instance that is down wait in the ledger (DESIGN.md §7).
+    /// not: deliveries to an instance that is down wait in the ledger (docs/design.md §7).
     pub fn new(patterns: &BTreeMap<InstanceId, Vec<Pattern>>) -> Self {
         let routes = patterns
             .iter()

@@ -1,5 +1,5 @@
 //! Property tests of the delivery state machine (`plugind::delivery`) against a small model of
-//! the rules in DESIGN.md §7, and of the circuit breaker (`plugind::circuit`) driven the way
+//! the rules in docs/design.md §7, and of the circuit breaker (`plugind::circuit`) driven the way
 //! `dispatch.rs` drives it: the breaker's verdict decides whether a failure is `charged`, and the
 //! earlier failures it excuses when it trips get `excuse(1)` on the deliveries still live.
 //!
@@ -43,7 +43,7 @@ fn millis(d: Duration) -> u64 {
 // The model of one delivery.
 // ---------------------------------------------------------------------------------------------
 
-/// What DESIGN.md §7 says one delivery is, written without looking at how `Delivery` does it
+/// What docs/design.md §7 says one delivery is, written without looking at how `Delivery` does it
 /// (the plain data types `State`, `Attempt` and `AttemptResult` are shared so the two compare).
 #[derive(Debug, Clone)]
 struct Model {
@@ -788,7 +788,7 @@ proptest! {
 // The circuit: a few deliveries of one instance behind one breaker, driven as dispatch.rs does.
 // ---------------------------------------------------------------------------------------------
 
-/// The breaker's documented rules (circuit.rs, DESIGN.md §7), written out.
+/// The breaker's documented rules (circuit.rs, docs/design.md §7), written out.
 #[derive(Debug)]
 struct BreakerModel {
     failures: usize,
@@ -1254,7 +1254,7 @@ proptest! {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Discrepancies with DESIGN.md §7 this test found (now fixed), with the smallest sequence.
+// Discrepancies with docs/design.md §7 this test found (now fixed), with the smallest sequence.
 // ---------------------------------------------------------------------------------------------
 
 /// §7: "one probe message goes out every `probe`". dispatch.rs `settle` dead-letters a

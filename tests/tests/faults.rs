@@ -1,4 +1,4 @@
-//! The durable ledger's fault rules end to end (DESIGN.md §7), on the real daemon in `fsync`
+//! The durable ledger's fault rules end to end (docs/design.md §7), on the real daemon in `fsync`
 //! mode with the real `fx-record` fixture, over the real gRPC API:
 //!
 //! - a full disk (the state dir on a small tmpfs) refuses publishes with RESOURCE_EXHAUSTED

@@ -1,4 +1,4 @@
-//! Nothing routed is ever dropped (DESIGN.md §7): a subscription outlives `enabled = false`,
+//! Nothing routed is ever dropped (docs/design.md §7): a subscription outlives `enabled = false`,
 //! a missing library and a restart, and ends only by the operator's act (the instance's
 //! table removed, or `ctl forget`). Around it: unrouted publishes made visible, `max_age`,
 //! pauses kept across restarts, `ctl enable`/`disable` from any folder, a broken local

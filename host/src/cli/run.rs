@@ -84,7 +84,7 @@ fn exit_code(e: &DaemonError) -> u8 {
     }
 }
 
-/// A storage failure stops the daemon at once (DESIGN.md §7: fail-stop, exit 1): nothing
+/// A storage failure stops the daemon at once (docs/design.md §7: fail-stop, exit 1): nothing
 /// more can be recorded, so nothing more may be accepted or handed out.
 fn exit_on_ledger_failure() -> durable::FailStop {
     Arc::new(|error: &str| {

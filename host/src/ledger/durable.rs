@@ -13,7 +13,7 @@
 //! does inside the commit: SQLite already syncs the log before each checkpoint and the
 //! database after it, and the log header when the log is reused.)
 //!
-//! Faults (DESIGN.md §7): out of space refuses the publishes of the batch and retries the
+//! Faults (docs/design.md §7): out of space refuses the publishes of the batch and retries the
 //! settlements alone (releasing the reserve file if needed; publishes are then refused until
 //! it can be made again, and opening on a full disk may release it too); any other storage
 //! error poisons the ledger — every later commit fails — and calls the fail-stop hook.

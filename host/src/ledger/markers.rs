@@ -1,6 +1,6 @@
 //! In-flight markers: "plugin code is being called for this attempt", recorded just before
 //! the call in a form that survives a crash of the process without an fsync per call
-//! (DESIGN.md §7). One file in `state_dir` holds a fixed-size slot per running actor; the
+//! (docs/design.md §7). One file in `state_dir` holds a fixed-size slot per running actor; the
 //! actor overwrites its slot with one `pwrite` before each call and marks it idle when its
 //! queue runs dry. Once `pwrite` returned the bytes are the kernel's and outlive the
 //! process, so after an unclean exit each slot names the attempt its actor was running —

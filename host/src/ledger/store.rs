@@ -88,7 +88,7 @@ pub(super) enum Sync {
 }
 
 /// Classifies a storage error: out of space is [`LedgerError::Full`], anything else is
-/// fatal (DESIGN.md §7: never retry an fsync, never continue on unrecorded state).
+/// fatal (docs/design.md §7: never retry an fsync, never continue on unrecorded state).
 pub(super) fn classify(context: &str, e: &rusqlite::Error) -> LedgerError {
     match e.sqlite_error_code() {
         Some(ErrorCode::DiskFull) => LedgerError::Full(format!("{context}: no space left: {e}")),
