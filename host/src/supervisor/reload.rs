@@ -1,0 +1,223 @@
+//! The reload protocol: read the configuration once, refuse it (the last good one keeps
+//! running) or apply it, and answer with what changed; the service manager is told.
+
+use sha2::Digest as _;
+
+use super::{Applied, Refused, StartFailure, Supervisor, desired::Libraries};
+use crate::{
+    config::{self, ConfigError},
+    events::{EventKind, Events},
+};
+
+impl Supervisor {
+    /// A reload, as the service manager sees it: `RELOADING=1`, the reload, `READY=1`.
+    pub(super) fn reload(
+        &mut self,
+        expected: Option<[u8; 32]>,
+        instance: Option<String>,
+        quiet: bool,
+    ) -> Result<Applied, Refused> {
+        if !quiet && let Some((watcher, _)) = &self.parts.watch {
+            // An operator's reload also looks at the watched directories again: one deleted
+            // and made anew (or a symlink chain swapped) is watched from now on.
+            watcher.refresh();
+        }
+        // Read once: what is compared, refused or applied is these bytes (never blocking: a
+        // FIFO in the config's place is refused, not waited on).
+        let text = config::read_text(&self.parts.config.source);
+        let hash = text
+            .as_ref()
+            .ok()
+            .map(|t| <[u8; 32]>::from(sha2::Sha256::digest(t.as_bytes())));
+        // A watcher event whose bytes equal what runs (or what was just refused) is no
+        // reload at all.
+        if quiet && hash.is_some_and(|h| h == self.parts.config.hash || Some(h) == self.refused) {
+            let plan = config::plan(&self.parts.config, &self.parts.config);
+            return Ok(self.applied(plan, Vec::new()));
+        }
+        if let Some(notifier) = &self.parts.notifier {
+            notifier.reloading();
+        }
+        let result = self.apply_config(text, expected, instance, quiet);
+        self.refused = match &result {
+            Err(Refused::Invalid(_)) => hash,
+            _ => None,
+        };
+        if let Some(notifier) = &self.parts.notifier {
+            // Always READY again, after a refused reload too (the old configuration runs).
+            let summary = self.view.load().summary();
+            match &result {
+                Ok(_) => notifier.ready(&format!("reloaded; {summary}")),
+                Err(e) => notifier.ready(&format!(
+                    "reload refused ({}); {summary}",
+                    e.to_string().lines().next().unwrap_or_default()
+                )),
+            }
+        }
+        result
+    }
+
+    /// Applies the configuration file's `text` (and reads `plugin_dir` again). `quiet`: a
+    /// watcher event, not an operator's reload.
+    pub(super) fn apply_config(
+        &mut self,
+        text: std::io::Result<String>,
+        expected: Option<[u8; 32]>,
+        instance: Option<String>,
+        quiet: bool,
+    ) -> Result<Applied, Refused> {
+        let path = self.parts.config.source.clone();
+        let refuse = |events: &Events, error: String| {
+            events.emit(EventKind::ConfigRefused {
+                path: path.clone(),
+                error: error.clone(),
+            });
+            Err(Refused::Invalid(error))
+        };
+        let text = match text {
+            Ok(text) => text,
+            Err(source) => {
+                let error = ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                };
+                return refuse(&self.parts.events, error.to_string());
+            }
+        };
+        if text.trim().is_empty() {
+            // What a truncation, or a write cut short, leaves behind: applying it would stop
+            // every instance. A configuration with no instances says so (a `[host]` table, a
+            // comment) and is applied as any other.
+            let what = if text.is_empty() {
+                "is empty (0 bytes)"
+            } else {
+                "holds only whitespace"
+            };
+            return refuse(
+                &self.parts.events,
+                format!(
+                    "{}: the file {what}: refused, the last good configuration keeps running \
+                     (a configuration with no instances says so with a [host] table or a \
+                     comment)",
+                    path.display()
+                ),
+            );
+        }
+        let new = match config::parse(&path, &text) {
+            Ok(new) => new,
+            Err(invalid) => return refuse(&self.parts.events, invalid.render()),
+        };
+        if let Some(expected) = expected
+            && expected != new.hash
+        {
+            let refused = Refused::Changed {
+                path: path.display().to_string(),
+                expected: hex::encode(expected),
+                found: hex::encode(new.hash),
+            };
+            self.parts.events.emit(EventKind::ConfigRefused {
+                path,
+                error: refused.to_string(),
+            });
+            return Err(refused);
+        }
+        let unchanged = new.hash == self.parts.config.hash;
+        if let Some(name) = &instance {
+            let Some(inst) = self.instances.get_mut(name) else {
+                return Err(Refused::UnknownInstance(name.clone()));
+            };
+            // An operator's reload of one instance: released from quarantine, tried again,
+            // re-instantiated if it runs.
+            inst.failed = None;
+            inst.reported = None;
+            if let Some(running) = &inst.running {
+                self.parts.quarantine.release(&running.key.sha256);
+            }
+            let plugin = new
+                .instances
+                .get(name)
+                .map_or_else(|| name.clone(), |i| i.plugin.clone());
+            if let Ok(checked) = self.parts.libraries.provider(&plugin) {
+                self.parts.quarantine.release(&checked.sha256());
+            }
+        } else if !quiet {
+            // An operator's reload: every failed or quarantined load is tried again.
+            self.parts.quarantine.release_all();
+            for inst in self.instances.values_mut() {
+                inst.failed = None;
+                inst.reported = None;
+            }
+        }
+        let mut plan = config::plan(&self.parts.config, &new);
+        if unchanged
+            && instance.is_none()
+            && let (Some(expected), Some((hash, applied))) = (expected, &self.last_change)
+            && expected == *hash
+        {
+            // The operator expects these bytes and they run already: the watcher applied
+            // them first. The answer is what applying them changed, not "unchanged".
+            plan = applied.clone();
+        } else if !unchanged {
+            self.last_change = Some((new.hash, plan.clone()));
+        }
+        for key in plan.restart_required.iter().filter(|_| !unchanged) {
+            tracing::warn!(
+                key,
+                "a [host] setting changed; it takes effect at the next start"
+            );
+        }
+        let restart_required = plan
+            .restart_required
+            .iter()
+            .map(|k| (*k).to_owned())
+            .collect();
+        self.parts.ingress.set_unrouted(new.host.unrouted);
+        self.parts.config = new;
+        let (libraries, refusals) =
+            Libraries::rescan(&self.parts.libraries, &self.parts.config, &self.policy());
+        self.parts.libraries = libraries;
+        for refusal in refusals {
+            self.parts.events.emit(EventKind::Failed {
+                instance: None,
+                path: Some(refusal.path),
+                error: refusal.error,
+            });
+        }
+        if let Some(inst) = instance.as_ref().and_then(|n| self.instances.get_mut(n)) {
+            // Instantiated anew at the reconcile below, even from the same bytes and config.
+            inst.renew = true;
+        }
+        let failures = self.reconcile();
+        if let Some(name) = &instance
+            && !failures.iter().any(|f| f.instance == *name)
+            && self
+                .instances
+                .get(name)
+                .is_some_and(|i| i.running.is_some())
+        {
+            // Instantiated anew on the operator's word, whatever else the plan says.
+            plan.instances.insert(
+                name.clone(),
+                config::Change::Reinstantiate {
+                    reasons: vec![config::Reason::Operator],
+                },
+            );
+        }
+        if !unchanged {
+            self.parts.events.emit(EventKind::ConfigApplied {
+                path: self.parts.config.source.clone(),
+                sha256: hex::encode(self.parts.config.hash),
+                restart_required,
+            });
+        }
+        Ok(self.applied(plan, failures))
+    }
+
+    pub(super) fn applied(&self, plan: config::Plan, failures: Vec<StartFailure>) -> Applied {
+        Applied {
+            sha256: hex::encode(self.parts.config.hash),
+            plan,
+            failures,
+        }
+    }
+}
