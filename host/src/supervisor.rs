@@ -45,7 +45,7 @@ use crate::{
     quote::quote,
     routing::{InstanceId, Registry},
     topic::Pattern,
-    watch::{Change, Watcher},
+    watch::{FileChange, Watcher},
 };
 
 use desired::{Libraries, Want};
@@ -77,7 +77,7 @@ pub struct Applied {
 
 /// Why a reload was refused (the last good configuration keeps running).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Refused {
+pub enum ReloadRefused {
     #[error("{0}")]
     Invalid(String),
     #[error(
@@ -126,7 +126,7 @@ enum Command {
     Reload {
         expected: Option<[u8; 32]>,
         instance: Option<String>,
-        reply: Option<Sender<Result<Applied, Refused>>>,
+        reply: Option<Sender<Result<Applied, ReloadRefused>>>,
     },
     /// An operator pauses (or resumes) an instance; the pause is kept across restarts.
     Pause {
@@ -176,13 +176,13 @@ impl SupervisorHandle {
     /// Reloads and waits for the result: applied, or refused with why.
     ///
     /// # Errors
-    /// [`Refused`] when the configuration is invalid, is not the expected one, or names no
+    /// [`ReloadRefused`] when the configuration is invalid, is not the expected one, or names no
     /// such instance; the last good one keeps running.
     pub fn reload(
         &self,
         expected: Option<[u8; 32]>,
         instance: Option<String>,
-    ) -> Result<Applied, Refused> {
+    ) -> Result<Applied, ReloadRefused> {
         let (reply, answer) = bounded(1);
         self.commands
             .send(Command::Reload {
@@ -190,8 +190,8 @@ impl SupervisorHandle {
                 instance,
                 reply: Some(reply),
             })
-            .map_err(|_| Refused::Stopping)?;
-        answer.recv().map_err(|_| Refused::Stopping)?
+            .map_err(|_| ReloadRefused::Stopping)?;
+        answer.recv().map_err(|_| ReloadRefused::Stopping)?
     }
 
     /// Pauses (`paused`) or resumes an instance: nothing more is handed to it until it is
@@ -255,8 +255,11 @@ impl SupervisorHandle {
     }
 }
 
-/// What the supervisor is connected to.
-pub struct Parts {
+/// What the supervisor holds and drives: its desired state as first read (the
+/// configuration, the libraries of `plugin_dir`, the quarantine), the engine's parts it keeps
+/// in step (registry, dispatcher inputs, ingress, ledger, backlog, events), the clock, the
+/// probe command, the watch of `plugin_dir` and the config file, and the service manager.
+pub struct SupervisorDeps {
     pub config: Config,
     pub libraries: Libraries,
     pub quarantine: Quarantine,
@@ -269,23 +272,24 @@ pub struct Parts {
     pub clock: Arc<dyn Clock>,
     pub probe: Option<ProbeCommand>,
     pub events: Arc<Events>,
-    pub watch: Option<(Watcher, Receiver<Change>)>,
+    pub watch: Option<(Watcher, Receiver<FileChange>)>,
     /// The service manager, when one started the daemon.
     pub notifier: Option<Arc<Notifier>>,
 }
 
-impl std::fmt::Debug for Parts {
+impl std::fmt::Debug for SupervisorDeps {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Parts")
+        f.debug_struct("SupervisorDeps")
             .field("config", &self.config.source)
             .field("libraries", &self.libraries)
             .finish_non_exhaustive()
     }
 }
 
-/// One instance with an id.
+/// One instance as the supervisor holds it: its id, the generation running and draining,
+/// its last failure, its subscription (`dispatch` keeps its own per-instance state).
 #[derive(Debug)]
-struct Inst {
+struct Supervised {
     id: InstanceId,
     running: Option<Generation>,
     settings: Settings,
@@ -309,7 +313,7 @@ struct Inst {
     topics_known: bool,
 }
 
-impl Inst {
+impl Supervised {
     /// An instance just given id `id`, running nothing yet.
     fn new(id: InstanceId, settings: &Settings) -> Self {
         Self {
@@ -333,8 +337,8 @@ impl Inst {
 /// The supervisor's state, on its thread.
 #[derive(Debug)]
 pub struct Supervisor {
-    parts: Parts,
-    instances: BTreeMap<String, Inst>,
+    deps: SupervisorDeps,
+    instances: BTreeMap<String, Supervised>,
     retiring: Vec<JoinHandle<()>>,
     commands: Sender<Command>,
     receiver: Receiver<Command>,
@@ -355,11 +359,11 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    /// The supervisor of `parts`, whose instances (the ones recovered) already have ids and
+    /// The supervisor of `deps`, whose instances (the ones recovered) already have ids and
     /// dispatcher slots, running nothing yet; `remembered` is what the ledger keeps of
     /// instances (their subscriptions and pauses).
     pub fn new(
-        parts: Parts,
+        deps: SupervisorDeps,
         recovered: &BTreeMap<String, Want>,
         remembered: BTreeMap<String, Remembered>,
     ) -> Self {
@@ -367,19 +371,19 @@ impl Supervisor {
         let instances = recovered
             .iter()
             .map(|(name, want)| {
-                let id = parts
+                let id = deps
                     .registry
                     .id(name)
                     .expect("recovered instances are registered");
                 if remembered.get(name).is_some_and(|r| r.paused) {
                     // An operator's pause outlives a restart.
-                    let _ = parts.inputs.send(Input::Pause(id));
+                    let _ = deps.inputs.send(Input::Pause(id));
                 }
-                (name.clone(), Inst::new(id, &want.settings))
+                (name.clone(), Supervised::new(id, &want.settings))
             })
             .collect();
         Self {
-            parts,
+            deps,
             instances,
             retiring: Vec::new(),
             commands,
@@ -403,9 +407,9 @@ impl Supervisor {
 
     fn policy(&self) -> Policy {
         Policy {
-            trusted_owners: self.parts.config.host.trusted_owner_uids.clone(),
+            trusted_owners: self.deps.config.host.trusted_owner_uids.clone(),
             sha256: None,
-            probe: self.parts.probe.clone(),
+            probe: self.deps.probe.clone(),
         }
     }
 }

@@ -1,8 +1,8 @@
-//! Watching `plugin_dir` and the config file: file-system activity in, settled [`Change`]s out.
+//! Watching `plugin_dir` and the config file: file-system activity in, settled [`FileChange`]s out.
 //!
 //! This module has one job: turn what happens on disk into a short stream of changes that are
 //! worth acting on. It applies nothing; the supervisor (the next step of hot plug) consumes the
-//! [`Receiver<Change>`] returned by [`Watcher::start`] and decides what each change means.
+//! [`Receiver<FileChange>`] returned by [`Watcher::start`] and decides what each change means.
 //!
 //! - `plugin_dir` is watched non-recursively; only `*.so` entries that are not directories
 //!   count. The config file is watched through its parent directory, filtered by name,
@@ -121,7 +121,7 @@ pub enum LibraryChange {
 
 /// A settled change worth the supervisor's attention.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Change {
+pub enum FileChange {
     /// A `*.so` entry in `plugin_dir` (a non-regular one too, once: the loader refuses it).
     Library { path: PathBuf, kind: LibraryChange },
     /// The config file has new bytes (or is gone: the supervisor's load will say so).
@@ -164,7 +164,7 @@ enum Control {
 }
 
 /// A running watch of `plugin_dir` and the config file. Dropping it ends the watch thread
-/// without waiting for it, and the [`Receiver<Change>`] then disconnects.
+/// without waiting for it, and the [`Receiver<FileChange>`] then disconnects.
 pub struct Watcher {
     /// Files fingerprinted by the watch thread since it started.
     fingerprinted: Arc<AtomicU64>,
@@ -189,7 +189,7 @@ impl Watcher {
     /// Starts watching `plugin_dir` (which must exist) and `config` (whose parent must exist).
     /// `settle` is the interval between the two looks at a file written in place.
     ///
-    /// The paths in the [`Change`]s are under the canonical forms of `plugin_dir` and of the
+    /// The paths in the [`FileChange`]s are under the canonical forms of `plugin_dir` and of the
     /// config file's parent.
     ///
     /// # Errors
@@ -200,7 +200,7 @@ impl Watcher {
         config: &Path,
         mode: Mode,
         settle: Duration,
-    ) -> Result<(Watcher, Receiver<Change>), WatchError> {
+    ) -> Result<(Watcher, Receiver<FileChange>), WatchError> {
         let canonical = |path: &Path| {
             fs::canonicalize(path).map_err(|source| WatchError::Resolve {
                 path: path.to_owned(),
@@ -513,7 +513,7 @@ struct State {
     polled_config: Option<(Option<Ident>, Chain)>,
     /// Watch errors already logged (each is logged once).
     errors_logged: HashSet<String>,
-    tx: Sender<Change>,
+    tx: Sender<FileChange>,
 }
 
 impl State {
@@ -778,11 +778,11 @@ impl State {
                     return;
                 }
                 match target {
-                    Target::Library => Change::Library {
+                    Target::Library => FileChange::Library {
                         path: path.to_owned(),
                         kind: LibraryChange::Removed,
                     },
-                    Target::Config => Change::Config {
+                    Target::Config => FileChange::Config {
                         path: path.to_owned(),
                     },
                 }
@@ -793,7 +793,7 @@ impl State {
                     return;
                 }
                 match target {
-                    Target::Library => Change::Library {
+                    Target::Library => FileChange::Library {
                         path: path.to_owned(),
                         kind: if previous.is_some() {
                             LibraryChange::Replaced
@@ -801,7 +801,7 @@ impl State {
                             LibraryChange::Added
                         },
                     },
-                    Target::Config => Change::Config {
+                    Target::Config => FileChange::Config {
                         path: path.to_owned(),
                     },
                 }
@@ -958,7 +958,7 @@ mod tests {
         plugins: PathBuf,
         config: PathBuf,
         watcher: Watcher,
-        rx: Receiver<Change>,
+        rx: Receiver<FileChange>,
     }
 
     fn setup(mode: Mode) -> Setup {
@@ -988,7 +988,7 @@ mod tests {
         fs::rename(&tmp, dest).unwrap();
     }
 
-    fn next(rx: &Receiver<Change>) -> Change {
+    fn next(rx: &Receiver<FileChange>) -> FileChange {
         rx.recv_timeout(WAIT).expect("a change within 3 s")
     }
 
@@ -1000,7 +1000,7 @@ mod tests {
         let s = setup(Mode::Events);
         let lib = s.plugins.join("liba.so");
         install(&lib, b"version 1");
-        assert!(matches!(next(&s.rx), Change::Library { .. }));
+        assert!(matches!(next(&s.rx), FileChange::Library { .. }));
         let before = s.watcher.fingerprinted();
         for _ in 0..5 {
             assert_eq!(fs::read(&lib).unwrap(), b"version 1");
@@ -1014,14 +1014,14 @@ mod tests {
         );
     }
 
-    fn quiet(rx: &Receiver<Change>) {
+    fn quiet(rx: &Receiver<FileChange>) {
         if let Ok(change) = rx.recv_timeout(QUIET) {
             panic!("unexpected change: {change:?}");
         }
     }
 
-    fn library(path: &Path, kind: LibraryChange) -> Change {
-        Change::Library {
+    fn library(path: &Path, kind: LibraryChange) -> FileChange {
+        FileChange::Library {
             path: path.to_owned(),
             kind,
         }
@@ -1177,7 +1177,7 @@ mod tests {
         fs::rename(&tmp, &s.config).unwrap();
         assert_eq!(
             next(&s.rx),
-            Change::Config {
+            FileChange::Config {
                 path: s.config.clone()
             }
         );
@@ -1360,7 +1360,7 @@ mod tests {
             std::os::unix::fs::symlink("..data/plugins.toml", mount.join("plugins.toml")).unwrap();
             let config = mount.join("plugins.toml");
             let (_w, rx) = Watcher::start(&plugins, &config, mode, SETTLE).unwrap();
-            let changed = Change::Config {
+            let changed = FileChange::Config {
                 path: config.clone(),
             };
             config_map_swap(

@@ -752,7 +752,7 @@ fn hash_of(path: &std::path::Path) -> [u8; 32] {
 
 #[test]
 fn reload_applies_a_new_config_and_refuses_a_stale_hash_an_invalid_file_or_an_unknown_name() {
-    use plugind::{config::Change, supervisor::Refused};
+    use plugind::{config::Change, supervisor::ReloadRefused};
     let one = "[plugins.a]\nplugin = \"fx-echo\"\ntopics = [\"echo.>\"]\n";
     let d = start(&["fx-echo"], one);
     let path = d.sandbox.path().join("plugins.toml");
@@ -761,7 +761,10 @@ fn reload_applies_a_new_config_and_refuses_a_stale_hash_an_invalid_file_or_an_un
     std::fs::write(&path, &two).unwrap();
     // Someone else's edit since the caller read the file: refused, nothing applied.
     let stale = d.engine().supervisor().reload(Some(before), None);
-    assert!(matches!(stale, Err(Refused::Changed { .. })), "{stale:?}");
+    assert!(
+        matches!(stale, Err(ReloadRefused::Changed { .. })),
+        "{stale:?}"
+    );
     assert!(d.engine().instance("b").is_none());
     let applied = d
         .engine()
@@ -776,7 +779,7 @@ fn reload_applies_a_new_config_and_refuses_a_stale_hash_an_invalid_file_or_an_un
     });
     // A mistake: refused whole with its position; what ran keeps running.
     std::fs::write(&path, format!("{two}\n[plugins.c]\nplugin = 7\n")).unwrap();
-    let Err(Refused::Invalid(error)) = d.engine().supervisor().reload(None, None) else {
+    let Err(ReloadRefused::Invalid(error)) = d.engine().supervisor().reload(None, None) else {
         panic!("an invalid file is refused");
     };
     assert!(error.contains("plugins.toml:"), "{error}");
@@ -791,7 +794,7 @@ fn reload_applies_a_new_config_and_refuses_a_stale_hash_an_invalid_file_or_an_un
     std::fs::write(&path, &two).unwrap();
     assert!(matches!(
         d.engine().supervisor().reload(None, Some("nope".into())),
-        Err(Refused::UnknownInstance(_))
+        Err(ReloadRefused::UnknownInstance(_))
     ));
 }
 

@@ -21,7 +21,7 @@ use crate::{
     ledger::{DeadLetterFilter, Forget, LedgerError, Origin, Selection},
     loader,
     quote::quote,
-    supervisor::{ActRefused, InstanceView, Refused},
+    supervisor::{ActRefused, InstanceView, ReloadRefused},
 };
 
 /// How many events a `Watch` subscriber may be behind before it is ended.
@@ -429,10 +429,10 @@ impl control_server::Control for ControlService {
                 .supervisor()
                 .reload(expected, instance)
                 .map_err(|e| match e {
-                    Refused::Invalid(_) => Status::invalid_argument(e.to_string()),
-                    Refused::Changed { .. } => Status::aborted(e.to_string()),
-                    Refused::UnknownInstance(_) => Status::not_found(e.to_string()),
-                    Refused::Stopping => Status::unavailable(e.to_string()),
+                    ReloadRefused::Invalid(_) => Status::invalid_argument(e.to_string()),
+                    ReloadRefused::Changed { .. } => Status::aborted(e.to_string()),
+                    ReloadRefused::UnknownInstance(_) => Status::not_found(e.to_string()),
+                    ReloadRefused::Stopping => Status::unavailable(e.to_string()),
                 })?;
             Ok(pb::ReloadResponse {
                 config_sha256: applied.sha256,

@@ -18,12 +18,12 @@ impl Supervisor {
         };
         let mut remembered = self.remembered.get(name).cloned().unwrap_or_default();
         remembered.paused = paused;
-        self.parts
+        self.deps
             .ledger
             .remember(name, &remembered)
             .map_err(ActRefused::Ledger)?;
         self.remembered.insert(name.to_owned(), remembered);
-        let _ = self.parts.inputs.send(if paused {
+        let _ = self.deps.inputs.send(if paused {
             Input::Pause(id)
         } else {
             Input::Resume(id)
@@ -34,15 +34,15 @@ impl Supervisor {
     /// An operator forgets an instance: its subscription ends (durably, routes first) and
     /// its waiting deliveries are dead-lettered or purged.
     pub(super) fn forget(&mut self, name: &str, how: Forget) -> Result<u64, ActRefused> {
-        if self.parts.config.instances.contains_key(name) {
+        if self.deps.config.instances.contains_key(name) {
             return Err(ActRefused::Configured {
                 instance: name.to_owned(),
-                config: self.parts.config.source.clone(),
+                config: self.deps.config.source.clone(),
             });
         }
-        let wants = desired::wants(&self.parts.config, &self.parts.libraries, &self.remembered);
+        let wants = desired::wants(&self.deps.config, &self.deps.libraries, &self.remembered);
         if let Some(want) = wants.get(name)
-            && let Ok(library) = self.parts.libraries.provider(&want.plugin)
+            && let Ok(library) = self.deps.libraries.provider(&want.plugin)
         {
             return Err(ActRefused::LibraryPresent {
                 instance: name.to_owned(),
@@ -53,7 +53,7 @@ impl Supervisor {
         let known = registered.is_some()
             || self.remembered.contains_key(name)
             || self
-                .parts
+                .deps
                 .ledger
                 .backlog()
                 .is_ok_and(|b| b.iter().any(|e| e.instance == name));
@@ -61,7 +61,7 @@ impl Supervisor {
             return Err(ActRefused::Unknown(name.to_owned()));
         }
         // The subscription ends first, durably: nothing new is routed to it from here on.
-        self.parts
+        self.deps
             .ledger
             .remember(name, &Remembered::default())
             .map_err(ActRefused::Ledger)?;
@@ -69,12 +69,12 @@ impl Supervisor {
         let was_subscribed = was.subscription.is_some();
         if let (true, Some(id)) = (was.paused, registered) {
             // The pause went with it: should it come back, it starts afresh.
-            let _ = self.parts.inputs.send(Input::Resume(id));
+            let _ = self.deps.inputs.send(Input::Resume(id));
         }
         if let Some(inst) = self.instances.get_mut(name) {
             let subscribed = inst.subscribed.take().is_some();
             if subscribed || was_subscribed {
-                self.parts.events.emit(EventKind::Unsubscribed {
+                self.deps.events.emit(EventKind::Unsubscribed {
                     instance: name.to_owned(),
                     reason: Unsubscribed::Forgotten,
                 });
@@ -84,7 +84,7 @@ impl Supervisor {
         let count = match registered {
             Some(instance) => {
                 let (reply, answer) = bounded(1);
-                self.parts
+                self.deps
                     .inputs
                     .send(Input::Forget {
                         instance,
@@ -95,9 +95,9 @@ impl Supervisor {
                 answer.recv().map_err(|_| ActRefused::Stopping)?
             }
             None => self
-                .parts
+                .deps
                 .ledger
-                .forget(name, how, self.parts.clock.now())
+                .forget(name, how, self.deps.clock.now())
                 .map_err(ActRefused::Ledger)?,
         };
         self.publish_view();

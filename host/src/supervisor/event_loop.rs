@@ -6,7 +6,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::select;
 
 use super::{Command, SETTLE_AFTER, Supervisor, TICK, desired::Found};
-use crate::{events::EventKind, watch::Change};
+use crate::{events::EventKind, watch::FileChange};
 
 impl Supervisor {
     /// Runs on its own thread until stopped.
@@ -18,7 +18,7 @@ impl Supervisor {
 
     pub(super) fn run(mut self) {
         let mut changes = self
-            .parts
+            .deps
             .watch
             .as_ref()
             .map_or_else(crossbeam_channel::never, |(_, r)| r.clone());
@@ -27,8 +27,8 @@ impl Supervisor {
             select! {
                 recv(receiver) -> command => match command {
                     Ok(Command::Stop { reply }) => {
-                        self.parts.watch = None;
-                        self.parts.quarantine.disarm_all();
+                        self.deps.watch = None;
+                        self.deps.quarantine.disarm_all();
                         let _ = reply.send(std::mem::take(&mut self.retiring));
                         return;
                     }
@@ -83,7 +83,7 @@ impl Supervisor {
                 {
                     running.armed = None;
                     let sha256 = running.key.sha256;
-                    self.parts.quarantine.disarm(&sha256, &name);
+                    self.deps.quarantine.disarm(&sha256, &name);
                 }
             }
             Command::Retired {
@@ -94,7 +94,7 @@ impl Supervisor {
                 if let Some(inst) = self.instances.get_mut(&name) {
                     inst.draining.retain(|g| *g != generation);
                 }
-                self.parts.events.emit(EventKind::Retired {
+                self.deps.events.emit(EventKind::Retired {
                     instance: name,
                     generation,
                     how,
@@ -108,7 +108,7 @@ impl Supervisor {
     /// `WATCHDOG=1` at half the interval the service manager asked for: sent from this loop,
     /// so a supervisor stuck anywhere stops the pings.
     pub(super) fn ping_watchdog(&mut self) {
-        if let Some(notifier) = &self.parts.notifier
+        if let Some(notifier) = &self.deps.notifier
             && let Some(interval) = notifier.watchdog()
             && self.pinged.elapsed() >= interval / 2
         {
@@ -125,32 +125,32 @@ impl Supervisor {
                 && generation.ran_for(SETTLE_AFTER)
             {
                 generation.armed = None;
-                self.parts.quarantine.disarm(&generation.key.sha256, name);
+                self.deps.quarantine.disarm(&generation.key.sha256, name);
             }
         }
     }
 
     /// Library files changed, or the config file did.
-    pub(super) fn files(&mut self, changes: Vec<Change>) {
+    pub(super) fn files(&mut self, changes: Vec<FileChange>) {
         let mut config = false;
         let mut libraries = false;
         let policy = self.policy();
         for change in changes {
             match change {
-                Change::Config { .. } => config = true,
-                Change::Library { path, .. } => {
-                    let (found, refusal) = self.parts.libraries.update(&path, &policy);
+                FileChange::Config { .. } => config = true,
+                FileChange::Library { path, .. } => {
+                    let (found, refusal) = self.deps.libraries.update(&path, &policy);
                     if let Some(refusal) = refusal {
-                        self.parts.events.emit(EventKind::Failed {
+                        self.deps.events.emit(EventKind::Failed {
                             instance: None,
                             path: Some(refusal.path),
                             error: refusal.error,
                         });
                     }
                     if found == Found::Changed
-                        && let Some(error) = self.parts.libraries.is_newcomer(&path)
+                        && let Some(error) = self.deps.libraries.is_newcomer(&path)
                     {
-                        self.parts.events.emit(EventKind::Failed {
+                        self.deps.events.emit(EventKind::Failed {
                             instance: None,
                             path: Some(path.clone()),
                             error,

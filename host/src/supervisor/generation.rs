@@ -52,9 +52,11 @@ impl Generation {
     }
 }
 
-/// What a new generation is connected to.
+/// What a new generation is started with: the ingress (its publishes), the dispatcher's actor
+/// events, the ledger (its in-flight marker), the clock, the load policy and the limits of its
+/// host services.
 #[allow(missing_debug_implementations)]
-pub struct Wiring<'a> {
+pub struct GenerationDeps<'a> {
     pub ingress: &'a Arc<crate::ingress::Ingress>,
     pub events: &'a Sender<actor::Event>,
     pub ledger: &'a Arc<dyn Ledger>,
@@ -78,7 +80,7 @@ pub fn start(
     number: u32,
     want: &Want,
     checked: &Checked,
-    wiring: &Wiring<'_>,
+    wiring: &GenerationDeps<'_>,
     quarantine: &mut Quarantine,
     mut first_call: Option<actor::FirstCall>,
 ) -> Result<(Generation, Actor), String> {

@@ -6,9 +6,9 @@ use std::{collections::BTreeMap, path::PathBuf};
 use crossbeam_channel::bounded;
 
 use super::{
-    Command, Inst, StartFailure, Supervisor,
+    Command, StartFailure, Supervised, Supervisor,
     desired::{self, Want},
-    generation::{self, Generation, Key, Wiring},
+    generation::{self, Generation, GenerationDeps, Key},
 };
 use crate::{
     actor::{self, Deadlines},
@@ -25,7 +25,7 @@ impl Supervisor {
     /// Registers instances whose subscriptions ended while deliveries still wait for them
     /// (found at recovery): they show as `removed`, with their backlog, until forgotten.
     pub fn adopt(&mut self, names: &std::collections::BTreeSet<String>) {
-        let defaults = self.parts.config.defaults.clone();
+        let defaults = self.deps.config.defaults.clone();
         for name in names {
             self.register(name, &defaults);
         }
@@ -34,7 +34,7 @@ impl Supervisor {
     /// Makes the running state what the configuration, `plugin_dir` and the remembered
     /// subscriptions say; returns the instances that should run and do not.
     pub fn reconcile(&mut self) -> Vec<StartFailure> {
-        let wants = desired::wants(&self.parts.config, &self.parts.libraries, &self.remembered);
+        let wants = desired::wants(&self.deps.config, &self.deps.libraries, &self.remembered);
         let stopping: Vec<String> = self
             .instances
             .iter()
@@ -44,11 +44,11 @@ impl Supervisor {
             .map(|(name, _)| name.clone())
             .collect();
         for name in stopping {
-            let reason = match self.parts.config.instances.get(&name) {
+            let reason = match self.deps.config.instances.get(&name) {
                 Some(i) if !i.enabled => StopReason::Disabled,
                 Some(_) => StopReason::LibraryGone,
                 None if wants.contains_key(&name) => StopReason::Autoload,
-                None if self.parts.libraries.provider(&name).is_err() => StopReason::LibraryGone,
+                None if self.deps.libraries.provider(&name).is_err() => StopReason::LibraryGone,
                 None => StopReason::Removed,
             };
             self.stop(&name, reason);
@@ -70,9 +70,7 @@ impl Supervisor {
             }
         }
         self.remember(&wants);
-        self.parts
-            .quarantine
-            .retain(&self.parts.libraries.digests());
+        self.deps.quarantine.retain(&self.deps.libraries.digests());
         self.publish_view();
         failures
     }
@@ -122,7 +120,7 @@ impl Supervisor {
             }
             if let Some(inst) = self.instances.get_mut(name) {
                 inst.subscribed = None;
-                self.parts.events.emit(EventKind::Unsubscribed {
+                self.deps.events.emit(EventKind::Unsubscribed {
                     instance: name.clone(),
                     reason: Unsubscribed::Removed,
                 });
@@ -136,7 +134,7 @@ impl Supervisor {
             }
         }
         for (name, remembered) in changes {
-            match self.parts.ledger.remember(&name, &remembered) {
+            match self.deps.ledger.remember(&name, &remembered) {
                 Ok(()) => {
                     self.remembered.insert(name, remembered);
                 }
@@ -156,18 +154,18 @@ impl Supervisor {
         let inst = self.instances.get_mut(name).expect("registered above");
         if inst.settings != want.settings {
             inst.settings = want.settings.clone();
-            self.parts.backlog.set_limit(id, want.settings.max_backlog);
-            let _ = self.parts.inputs.send(Input::Configure {
+            self.deps.backlog.set_limit(id, want.settings.max_backlog);
+            let _ = self.deps.inputs.send(Input::Configure {
                 instance: id,
                 settings: Box::new(want.settings.clone()),
             });
-            self.parts.events.emit(EventKind::Updated {
+            self.deps.events.emit(EventKind::Updated {
                 instance: name.to_owned(),
                 topics: false,
                 settings: true,
             });
         }
-        let checked = match self.parts.libraries.provider(&want.plugin) {
+        let checked = match self.deps.libraries.provider(&want.plugin) {
             Ok(checked) => checked.clone(),
             Err(error) => {
                 if inst.running.is_some() {
@@ -187,7 +185,7 @@ impl Supervisor {
         if inst.failed.as_ref() == Some(&key) {
             return Err(inst.reported.clone().unwrap_or_default());
         }
-        if let Some(unclean_exits) = self.parts.quarantine.quarantined(&key.sha256) {
+        if let Some(unclean_exits) = self.deps.quarantine.quarantined(&key.sha256) {
             inst.failed = Some(key.clone());
             inst.quarantined = true;
             let error = format!(
@@ -197,7 +195,7 @@ impl Supervisor {
             );
             if inst.reported.as_deref() != Some(&error) {
                 inst.reported = Some(error.clone());
-                self.parts.events.emit(EventKind::Quarantined {
+                self.deps.events.emit(EventKind::Quarantined {
                     instance: name.to_owned(),
                     path: checked.path().to_owned(),
                     sha256: hex::encode(key.sha256),
@@ -227,7 +225,7 @@ impl Supervisor {
             .expect("reported instances exist");
         if inst.reported.as_deref() != Some(&error) {
             inst.reported = Some(error.clone());
-            self.parts.events.emit(EventKind::Failed {
+            self.deps.events.emit(EventKind::Failed {
                 instance: Some(name.to_owned()),
                 path,
                 error: error.clone(),
@@ -242,11 +240,11 @@ impl Supervisor {
         if let Some(inst) = self.instances.get(name) {
             return inst.id;
         }
-        let id = self.parts.registry.push(name);
-        let backlog_id = self.parts.backlog.push(name, settings.max_backlog);
+        let id = self.deps.registry.push(name);
+        let backlog_id = self.deps.backlog.push(name, settings.max_backlog);
         assert_eq!(id, backlog_id, "ids are given in one order");
         let pending = self
-            .parts
+            .deps
             .ledger
             .attach(id, name)
             .unwrap_or_else(|e| dispatch::fail_stop(&e));
@@ -257,16 +255,16 @@ impl Supervisor {
                 "deliveries waiting in the ledger resume"
             );
         }
-        let _ = self.parts.inputs.send(Input::Add {
+        let _ = self.deps.inputs.send(Input::Add {
             slot: Box::new(Slot::new(name, settings)),
             pending,
         });
         if self.remembered.get(name).is_some_and(|r| r.paused) {
             // An operator's pause outlives a restart.
-            let _ = self.parts.inputs.send(Input::Pause(id));
+            let _ = self.deps.inputs.send(Input::Pause(id));
         }
         self.instances
-            .insert(name.to_owned(), Inst::new(id, settings));
+            .insert(name.to_owned(), Supervised::new(id, settings));
         id
     }
 
@@ -280,15 +278,15 @@ impl Supervisor {
         checked: &crate::loader::Checked,
         key: Key,
     ) -> Result<(), String> {
-        let wiring = Wiring {
-            ingress: &self.parts.ingress,
-            events: &self.parts.actor_events,
-            ledger: &self.parts.ledger,
-            clock: &self.parts.clock,
+        let wiring = GenerationDeps {
+            ingress: &self.deps.ingress,
+            events: &self.deps.actor_events,
+            ledger: &self.deps.ledger,
+            clock: &self.deps.clock,
             policy: self.policy(),
             limits: Limits {
-                max_message_size: self.parts.config.host.max_message_size,
-                hop_limit: self.parts.config.host.hop_limit,
+                max_message_size: self.deps.config.host.max_message_size,
+                hop_limit: self.deps.config.host.hop_limit,
             },
         };
         let inst = self.instances.get_mut(name).expect("registered");
@@ -307,7 +305,7 @@ impl Supervisor {
             want,
             checked,
             &wiring,
-            &mut self.parts.quarantine,
+            &mut self.deps.quarantine,
             Some(first_call),
         );
         let (generation, actor) = match started {
@@ -340,7 +338,7 @@ impl Supervisor {
         };
         let old = inst.running.replace(generation);
         let old_actor = self.run_actor(id, Some(actor));
-        self.parts.events.emit(event);
+        self.deps.events.emit(event);
         if let (Some(old), Some(old_actor)) = (old, old_actor) {
             self.retire(name, old, old_actor);
         }
@@ -354,7 +352,7 @@ impl Supervisor {
         actor: Option<actor::Actor>,
     ) -> Option<actor::Actor> {
         let (reply, answer) = bounded(1);
-        self.parts
+        self.deps
             .inputs
             .send(Input::Run {
                 instance: id,
@@ -375,7 +373,7 @@ impl Supervisor {
         };
         let id = inst.id;
         let old_actor = self.run_actor(id, None);
-        self.parts.events.emit(EventKind::Stopped {
+        self.deps.events.emit(EventKind::Stopped {
             instance: name.to_owned(),
             reason,
         });
@@ -387,14 +385,14 @@ impl Supervisor {
     /// Drains and retires a generation on a thread of its own.
     pub(super) fn retire(&mut self, name: &str, old: Generation, actor: actor::Actor) {
         if old.armed.is_some() {
-            self.parts.quarantine.disarm(&old.key.sha256, name);
+            self.deps.quarantine.disarm(&old.key.sha256, name);
         }
         let settings = &self.instances[name].settings;
         let deadlines = Deadlines {
             total: settings.ack_timeout + settings.hang_grace + settings.shutdown_timeout,
             shutdown: settings.shutdown_timeout,
         };
-        self.parts.events.emit(EventKind::Draining {
+        self.deps.events.emit(EventKind::Draining {
             instance: name.to_owned(),
             generation: old.number,
         });
@@ -403,19 +401,13 @@ impl Supervisor {
         }
         let commands = self.commands.clone();
         let (name, number) = (name.to_owned(), old.number);
-        match generation::retire(
-            actor,
-            old,
-            deadlines,
-            self.parts.clock.clone(),
-            move |how| {
-                let _ = commands.send(Command::Retired {
-                    name,
-                    generation: number,
-                    how,
-                });
-            },
-        ) {
+        match generation::retire(actor, old, deadlines, self.deps.clock.clone(), move |how| {
+            let _ = commands.send(Command::Retired {
+                name,
+                generation: number,
+                how,
+            });
+        }) {
             Ok(thread) => self.retiring.push(thread),
             Err(e) => {
                 tracing::error!(error = %e, "cannot start a retire thread; the generation is left running its call")
@@ -433,7 +425,7 @@ impl Supervisor {
                 .unwrap_or_default();
             if inst.topics != topics {
                 if inst.running.is_some() && !inst.topics.is_empty() && !topics.is_empty() {
-                    self.parts.events.emit(EventKind::Updated {
+                    self.deps.events.emit(EventKind::Updated {
                         instance: name.clone(),
                         topics: true,
                         settings: false,
@@ -445,6 +437,6 @@ impl Supervisor {
                 patterns.insert(inst.id, topics);
             }
         }
-        self.parts.ingress.set_routing(Routing::new(&patterns));
+        self.deps.ingress.set_routing(Routing::new(&patterns));
     }
 }

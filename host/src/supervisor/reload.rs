@@ -3,7 +3,7 @@
 
 use sha2::Digest as _;
 
-use super::{Applied, Refused, StartFailure, Supervisor, desired::Libraries};
+use super::{Applied, ReloadRefused, StartFailure, Supervisor, desired::Libraries};
 use crate::{
     config::{self, ConfigError},
     events::{EventKind, Events},
@@ -16,34 +16,34 @@ impl Supervisor {
         expected: Option<[u8; 32]>,
         instance: Option<String>,
         quiet: bool,
-    ) -> Result<Applied, Refused> {
-        if !quiet && let Some((watcher, _)) = &self.parts.watch {
+    ) -> Result<Applied, ReloadRefused> {
+        if !quiet && let Some((watcher, _)) = &self.deps.watch {
             // An operator's reload also looks at the watched directories again: one deleted
             // and made anew (or a symlink chain swapped) is watched from now on.
             watcher.refresh();
         }
         // Read once: what is compared, refused or applied is these bytes (never blocking: a
         // FIFO in the config's place is refused, not waited on).
-        let text = config::read_text(&self.parts.config.source);
+        let text = config::read_text(&self.deps.config.source);
         let hash = text
             .as_ref()
             .ok()
             .map(|t| <[u8; 32]>::from(sha2::Sha256::digest(t.as_bytes())));
         // A watcher event whose bytes equal what runs (or what was just refused) is no
         // reload at all.
-        if quiet && hash.is_some_and(|h| h == self.parts.config.hash || Some(h) == self.refused) {
-            let plan = config::plan(&self.parts.config, &self.parts.config);
+        if quiet && hash.is_some_and(|h| h == self.deps.config.hash || Some(h) == self.refused) {
+            let plan = config::plan(&self.deps.config, &self.deps.config);
             return Ok(self.applied(plan, Vec::new()));
         }
-        if let Some(notifier) = &self.parts.notifier {
+        if let Some(notifier) = &self.deps.notifier {
             notifier.reloading();
         }
         let result = self.apply_config(text, expected, instance, quiet);
         self.refused = match &result {
-            Err(Refused::Invalid(_)) => hash,
+            Err(ReloadRefused::Invalid(_)) => hash,
             _ => None,
         };
-        if let Some(notifier) = &self.parts.notifier {
+        if let Some(notifier) = &self.deps.notifier {
             // Always READY again, after a refused reload too (the old configuration runs).
             let summary = self.view.load().summary();
             match &result {
@@ -65,14 +65,14 @@ impl Supervisor {
         expected: Option<[u8; 32]>,
         instance: Option<String>,
         quiet: bool,
-    ) -> Result<Applied, Refused> {
-        let path = self.parts.config.source.clone();
+    ) -> Result<Applied, ReloadRefused> {
+        let path = self.deps.config.source.clone();
         let refuse = |events: &Events, error: String| {
             events.emit(EventKind::ConfigRefused {
                 path: path.clone(),
                 error: error.clone(),
             });
-            Err(Refused::Invalid(error))
+            Err(ReloadRefused::Invalid(error))
         };
         let text = match text {
             Ok(text) => text,
@@ -81,7 +81,7 @@ impl Supervisor {
                     path: path.clone(),
                     source,
                 };
-                return refuse(&self.parts.events, error.to_string());
+                return refuse(&self.deps.events, error.to_string());
             }
         };
         if text.trim().is_empty() {
@@ -94,7 +94,7 @@ impl Supervisor {
                 "holds only whitespace"
             };
             return refuse(
-                &self.parts.events,
+                &self.deps.events,
                 format!(
                     "{}: the file {what}: refused, the last good configuration keeps running \
                      (a configuration with no instances says so with a [host] table or a \
@@ -105,50 +105,50 @@ impl Supervisor {
         }
         let new = match config::parse(&path, &text) {
             Ok(new) => new,
-            Err(invalid) => return refuse(&self.parts.events, invalid.render()),
+            Err(invalid) => return refuse(&self.deps.events, invalid.render()),
         };
         if let Some(expected) = expected
             && expected != new.hash
         {
-            let refused = Refused::Changed {
+            let refused = ReloadRefused::Changed {
                 path: path.display().to_string(),
                 expected: hex::encode(expected),
                 found: hex::encode(new.hash),
             };
-            self.parts.events.emit(EventKind::ConfigRefused {
+            self.deps.events.emit(EventKind::ConfigRefused {
                 path,
                 error: refused.to_string(),
             });
             return Err(refused);
         }
-        let unchanged = new.hash == self.parts.config.hash;
+        let unchanged = new.hash == self.deps.config.hash;
         if let Some(name) = &instance {
             let Some(inst) = self.instances.get_mut(name) else {
-                return Err(Refused::UnknownInstance(name.clone()));
+                return Err(ReloadRefused::UnknownInstance(name.clone()));
             };
             // An operator's reload of one instance: released from quarantine, tried again,
             // re-instantiated if it runs.
             inst.failed = None;
             inst.reported = None;
             if let Some(running) = &inst.running {
-                self.parts.quarantine.release(&running.key.sha256);
+                self.deps.quarantine.release(&running.key.sha256);
             }
             let plugin = new
                 .instances
                 .get(name)
                 .map_or_else(|| name.clone(), |i| i.plugin.clone());
-            if let Ok(checked) = self.parts.libraries.provider(&plugin) {
-                self.parts.quarantine.release(&checked.sha256());
+            if let Ok(checked) = self.deps.libraries.provider(&plugin) {
+                self.deps.quarantine.release(&checked.sha256());
             }
         } else if !quiet {
             // An operator's reload: every failed or quarantined load is tried again.
-            self.parts.quarantine.release_all();
+            self.deps.quarantine.release_all();
             for inst in self.instances.values_mut() {
                 inst.failed = None;
                 inst.reported = None;
             }
         }
-        let mut plan = config::plan(&self.parts.config, &new);
+        let mut plan = config::plan(&self.deps.config, &new);
         if unchanged
             && instance.is_none()
             && let (Some(expected), Some((hash, applied))) = (expected, &self.last_change)
@@ -171,13 +171,13 @@ impl Supervisor {
             .iter()
             .map(|k| (*k).to_owned())
             .collect();
-        self.parts.ingress.set_unrouted(new.host.unrouted);
-        self.parts.config = new;
+        self.deps.ingress.set_unrouted(new.host.unrouted);
+        self.deps.config = new;
         let (libraries, refusals) =
-            Libraries::rescan(&self.parts.libraries, &self.parts.config, &self.policy());
-        self.parts.libraries = libraries;
+            Libraries::rescan(&self.deps.libraries, &self.deps.config, &self.policy());
+        self.deps.libraries = libraries;
         for refusal in refusals {
-            self.parts.events.emit(EventKind::Failed {
+            self.deps.events.emit(EventKind::Failed {
                 instance: None,
                 path: Some(refusal.path),
                 error: refusal.error,
@@ -204,9 +204,9 @@ impl Supervisor {
             );
         }
         if !unchanged {
-            self.parts.events.emit(EventKind::ConfigApplied {
-                path: self.parts.config.source.clone(),
-                sha256: hex::encode(self.parts.config.hash),
+            self.deps.events.emit(EventKind::ConfigApplied {
+                path: self.deps.config.source.clone(),
+                sha256: hex::encode(self.deps.config.hash),
                 restart_required,
             });
         }
@@ -215,7 +215,7 @@ impl Supervisor {
 
     pub(super) fn applied(&self, plan: config::Plan, failures: Vec<StartFailure>) -> Applied {
         Applied {
-            sha256: hex::encode(self.parts.config.hash),
+            sha256: hex::encode(self.deps.config.hash),
             plan,
             failures,
         }
