@@ -50,6 +50,7 @@ use crate::{
 
 use desired::{Libraries, Want};
 use generation::{Generation, Key};
+use reload::Trigger;
 
 /// A quarantine marker is disarmed at the latest this long after its instance started.
 pub const SETTLE_AFTER: Duration = Duration::from_secs(30);
@@ -124,6 +125,7 @@ enum Command {
     /// unless the file has this sha256. `instance`: also release its quarantine and
     /// re-instantiate it. Without `reply` (SIGHUP) the result is only logged and evented.
     Reload {
+        trigger: Trigger,
         expected: Option<[u8; 32]>,
         instance: Option<String>,
         reply: Option<Sender<Result<Applied, ReloadRefused>>>,
@@ -186,6 +188,7 @@ impl SupervisorHandle {
         let (reply, answer) = bounded(1);
         self.commands
             .send(Command::Reload {
+                trigger: Trigger::Operator,
                 expected,
                 instance,
                 reply: Some(reply),
@@ -239,6 +242,7 @@ impl SupervisorHandle {
     /// Asks for a reload without waiting (SIGHUP).
     pub fn request_reload(&self) {
         let _ = self.commands.send(Command::Reload {
+            trigger: Trigger::Signal,
             expected: None,
             instance: None,
             reply: None,

@@ -5,7 +5,7 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::select;
 
-use super::{Command, SETTLE_AFTER, Supervisor, TICK, desired::Found};
+use super::{Command, SETTLE_AFTER, Supervisor, TICK, desired::Found, reload::Trigger};
 use crate::{events::EventKind, watch::FileChange};
 
 impl Supervisor {
@@ -55,11 +55,12 @@ impl Supervisor {
     pub(super) fn command(&mut self, command: Command) {
         match command {
             Command::Reload {
+                trigger,
                 expected,
                 instance,
                 reply,
             } => {
-                let result = self.reload(expected, instance, false);
+                let result = self.reload(expected, instance, trigger);
                 if let Some(reply) = reply {
                     let _ = reply.send(result);
                 }
@@ -162,7 +163,7 @@ impl Supervisor {
         }
         if config {
             // It rescans `plugin_dir` and reconciles too.
-            let _ = self.reload(None, None, true);
+            let _ = self.reload(None, None, Trigger::Watcher);
         } else if libraries {
             self.reconcile();
         }

@@ -9,17 +9,49 @@ use crate::{
     events::{EventKind, Events},
 };
 
+/// What asked for a reload. It decides what the reload looks at again and what it forgives;
+/// each difference is one method below, so a new trigger is one variant and its answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Trigger {
+    /// The watcher saw the config file change (new bytes, or gone).
+    Watcher,
+    /// SIGHUP (`systemctl reload`): an operator's reload nobody waits to hear the result of.
+    Signal,
+    /// An operator's `Reload` call (`plugind ctl reload`, `enable`, `disable`), answered.
+    Operator,
+}
+
+impl Trigger {
+    /// Whether bytes equal to what runs (or to what was refused last) are no reload at all.
+    /// An operator who asks is answered, and retried failures are retried, whatever the
+    /// bytes.
+    pub(super) fn skips_same_bytes(self) -> bool {
+        self == Self::Watcher
+    }
+
+    /// Whether the watched directories are looked at again (one deleted and made anew, or a
+    /// symlink chain swapped, is watched from now on).
+    pub(super) fn refreshes_watch(self) -> bool {
+        self != Self::Watcher
+    }
+
+    /// Whether every failed or quarantined load is tried again.
+    pub(super) fn retries_failures(self) -> bool {
+        self != Self::Watcher
+    }
+}
+
 impl Supervisor {
     /// A reload, as the service manager sees it: `RELOADING=1`, the reload, `READY=1`.
     pub(super) fn reload(
         &mut self,
         expected: Option<[u8; 32]>,
         instance: Option<String>,
-        quiet: bool,
+        trigger: Trigger,
     ) -> Result<Applied, ReloadRefused> {
-        if !quiet && let Some((watcher, _)) = &self.deps.watch {
-            // An operator's reload also looks at the watched directories again: one deleted
-            // and made anew (or a symlink chain swapped) is watched from now on.
+        if trigger.refreshes_watch()
+            && let Some((watcher, _)) = &self.deps.watch
+        {
             watcher.refresh();
         }
         // Read once: what is compared, refused or applied is these bytes (never blocking: a
@@ -31,14 +63,16 @@ impl Supervisor {
             .map(|t| <[u8; 32]>::from(sha2::Sha256::digest(t.as_bytes())));
         // A watcher event whose bytes equal what runs (or what was just refused) is no
         // reload at all.
-        if quiet && hash.is_some_and(|h| h == self.deps.config.hash || Some(h) == self.refused) {
+        if trigger.skips_same_bytes()
+            && hash.is_some_and(|h| h == self.deps.config.hash || Some(h) == self.refused)
+        {
             let plan = config::plan(&self.deps.config, &self.deps.config);
             return Ok(self.applied(plan, Vec::new()));
         }
         if let Some(notifier) = &self.deps.notifier {
             notifier.reloading();
         }
-        let result = self.apply_config(text, expected, instance, quiet);
+        let result = self.apply_config(text, expected, instance, trigger);
         self.refused = match &result {
             Err(ReloadRefused::Invalid(_)) => hash,
             _ => None,
@@ -57,14 +91,14 @@ impl Supervisor {
         result
     }
 
-    /// Applies the configuration file's `text` (and reads `plugin_dir` again). `quiet`: a
-    /// watcher event, not an operator's reload.
+    /// Applies the configuration file's `text` (and reads `plugin_dir` again), as `trigger`
+    /// asks.
     pub(super) fn apply_config(
         &mut self,
         text: std::io::Result<String>,
         expected: Option<[u8; 32]>,
         instance: Option<String>,
-        quiet: bool,
+        trigger: Trigger,
     ) -> Result<Applied, ReloadRefused> {
         let path = self.deps.config.source.clone();
         let refuse = |events: &Events, error: String| {
@@ -140,7 +174,7 @@ impl Supervisor {
             if let Ok(checked) = self.deps.libraries.provider(&plugin) {
                 self.deps.quarantine.release(&checked.sha256());
             }
-        } else if !quiet {
+        } else if trigger.retries_failures() {
             // An operator's reload: every failed or quarantined load is tried again.
             self.deps.quarantine.release_all();
             for inst in self.instances.values_mut() {
