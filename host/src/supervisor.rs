@@ -354,6 +354,8 @@ pub struct Supervisor {
     /// reload of exactly those bytes when the watcher applied them first (`ctl enable`
     /// writes the file, and the watcher may read it before the reload arrives).
     last_change: Option<([u8; 32], config::Plan)>,
+    /// How many reconciles ran (one for a batch of watcher changes is enough).
+    reconciles: u64,
     /// What the ledger remembers of each instance (subscriptions, pauses), as last written.
     remembered: BTreeMap<String, Remembered>,
     /// The last `STATUS=` sent, when, and the last watchdog ping.
@@ -395,6 +397,7 @@ impl Supervisor {
             view: view::View::default(),
             refused: None,
             last_change: None,
+            reconciles: 0,
             remembered,
             status: String::new(),
             status_at: std::time::Instant::now(),

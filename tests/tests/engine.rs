@@ -885,3 +885,78 @@ fn an_idempotency_key_is_deduplicated_by_the_ingress_whichever_way_a_message_com
     assert_eq!(d.engine().ledger().counts().accepted, 2);
     d.until("the first of each key delivered", |s| acked(s, "a") == 2);
 }
+
+/// Waits (20 s at most) until `done` holds for what the supervisor publishes.
+fn until_view(
+    engine: &Engine,
+    what: &str,
+    done: impl Fn(&plugind::supervisor::SupervisorView) -> bool,
+) -> Arc<plugind::supervisor::SupervisorView> {
+    let start = Instant::now();
+    loop {
+        let view = engine.supervisor().view();
+        if done(&view) {
+            return view;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{what}: {view:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A change of `plugins.toml` alone made the supervisor read and check every library in
+/// `plugin_dir` again (a config event from the watcher rescanned the directory). Libraries
+/// are read again when the watcher reports one of them, or an operator reloads.
+#[test]
+fn a_config_change_seen_by_the_watcher_does_not_check_the_libraries_again() {
+    let sandbox = Sandbox::with_fixtures("engine", &["fx-echo", "fx-noop"]);
+    let one = "[host]\nautoload = false\n\n[plugins.a]\nplugin = \"fx-echo\"\n";
+    let path = sandbox.put("plugins.toml", one);
+    let config = config::parse(&path, one).unwrap_or_else(|e| panic!("{}", e.render()));
+    let options = Options {
+        clock: Arc::new(SystemClock),
+        probe: None,
+        watch: true,
+        notifier: None,
+    };
+    let (engine, failures) = Engine::start(&config, MemoryLedger::new(), options).unwrap();
+    assert!(failures.is_empty(), "{failures:?}");
+    let checks = engine.supervisor().view().library_checks;
+    assert_eq!(checks, 2, "the first scan checks each library once");
+
+    // plugins.toml alone changes (renamed into place, as editors do): applied, and no library
+    // is read for it.
+    let two = format!("{one}\n[plugins.b]\nplugin = \"fx-noop\"\n");
+    let tmp = sandbox.put("plugins.toml.tmp", &two);
+    std::fs::rename(&tmp, &path).unwrap();
+    let sha256 = hex::encode(hash_of(&path));
+    let view = until_view(&engine, "the new configuration is applied", |v| {
+        v.config_sha256 == sha256
+            && v.instances
+                .iter()
+                .any(|i| i.name == "b" && i.state == "running")
+    });
+    assert_eq!(
+        view.library_checks, checks,
+        "a config-only change re-read the libraries"
+    );
+
+    // A library's own change is read (once the watcher reports it).
+    sandbox.copy(
+        "plugins.d/fx-record.so",
+        &fixtures::library("fx-record", Profile::Dev),
+    );
+    let view = until_view(&engine, "the new library is checked", |v| {
+        v.library_checks > checks
+    });
+    // An operator's reload reads plugin_dir again, every library.
+    let before = view.library_checks;
+    engine.supervisor().reload(None, None).unwrap();
+    assert!(
+        engine.supervisor().view().library_checks >= before + 3,
+        "an operator's reload checks every library again"
+    );
+    engine.stop(Duration::from_secs(5));
+}

@@ -28,6 +28,8 @@ pub struct Libraries {
     /// untrusted user): nothing is taken from it until that is fixed, and every instance
     /// that needs a library it does not have yet is told this, not "no library provides".
     unsafe_dir: Option<String>,
+    /// Library files read and checked since the first scan (carried across rescans).
+    checks: u64,
 }
 
 /// What a scan or a file change found worth reporting.
@@ -74,6 +76,7 @@ impl Libraries {
         }
         match background::run(|| loader::scan(dir, policy)) {
             Ok(scanned) => {
+                libraries.checks = scanned.len() as u64;
                 for (path, checked) in scanned {
                     match checked {
                         Ok(checked) => {
@@ -112,6 +115,7 @@ impl Libraries {
             }
         }
         new.arrivals = old.arrivals;
+        new.checks += old.checks;
         for (path, (arrival, _)) in &mut new.by_path {
             *arrival = match old.by_path.get(path) {
                 Some((known, _)) => *known,
@@ -138,6 +142,7 @@ impl Libraries {
                 None => (Found::Same, None),
             };
         }
+        self.checks += 1;
         match background::run(|| loader::check(path, policy)) {
             Ok(checked) => {
                 self.refused.remove(path);
@@ -226,6 +231,12 @@ impl Libraries {
         names.sort();
         names.dedup();
         names
+    }
+
+    /// How many library files were read and checked since the first scan: every file of
+    /// each scan of `plugin_dir`, and each file the watcher reported.
+    pub fn checks(&self) -> u64 {
+        self.checks
     }
 
     /// The sha256 of every library present.

@@ -161,10 +161,13 @@ impl Supervisor {
                 }
             }
         }
+        let reconciles = self.reconciles;
         if config {
-            // It rescans `plugin_dir` and reconciles too.
             let _ = self.reload(None, None, Trigger::Watcher);
-        } else if libraries {
+        }
+        if libraries && self.reconciles == reconciles {
+            // The libraries taken in above count even when the config's bytes were refused
+            // or equal what runs (then the reload reconciled nothing).
             self.reconcile();
         }
     }

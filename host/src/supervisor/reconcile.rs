@@ -34,6 +34,7 @@ impl Supervisor {
     /// Makes the running state what the configuration, `plugin_dir` and the remembered
     /// subscriptions say; returns the instances that should run and do not.
     pub fn reconcile(&mut self) -> Vec<StartFailure> {
+        self.reconciles += 1;
         let wants = desired::wants(&self.deps.config, &self.deps.libraries, &self.remembered);
         let stopping: Vec<String> = self
             .instances

@@ -35,6 +35,14 @@ impl Trigger {
         self != Self::Watcher
     }
 
+    /// Whether `plugin_dir` is read again, every library checked anew. Not for the watcher's
+    /// config event: the watcher reports each library that changes on its own, so the
+    /// libraries held are current (unless what a check depends on changed: see
+    /// `apply_config`).
+    pub(super) fn rescans_libraries(self) -> bool {
+        self != Self::Watcher
+    }
+
     /// Whether every failed or quarantined load is tried again.
     pub(super) fn retries_failures(self) -> bool {
         self != Self::Watcher
@@ -91,8 +99,8 @@ impl Supervisor {
         result
     }
 
-    /// Applies the configuration file's `text` (and reads `plugin_dir` again), as `trigger`
-    /// asks.
+    /// Applies the configuration file's `text` (and reads `plugin_dir` again when `trigger`
+    /// asks for it, or `plugin_dir` or `trusted_owner_uids` changed).
     pub(super) fn apply_config(
         &mut self,
         text: std::io::Result<String>,
@@ -205,17 +213,23 @@ impl Supervisor {
             .iter()
             .map(|k| (*k).to_owned())
             .collect();
+        // What a library's check depends on besides its bytes: where it is, and whose files
+        // are trusted.
+        let checks_changed = new.host.plugin_dir != self.deps.config.host.plugin_dir
+            || new.host.trusted_owner_uids != self.deps.config.host.trusted_owner_uids;
         self.deps.ingress.set_unrouted(new.host.unrouted);
         self.deps.config = new;
-        let (libraries, refusals) =
-            Libraries::rescan(&self.deps.libraries, &self.deps.config, &self.policy());
-        self.deps.libraries = libraries;
-        for refusal in refusals {
-            self.deps.events.emit(EventKind::Failed {
-                instance: None,
-                path: Some(refusal.path),
-                error: refusal.error,
-            });
+        if trigger.rescans_libraries() || checks_changed {
+            let (libraries, refusals) =
+                Libraries::rescan(&self.deps.libraries, &self.deps.config, &self.policy());
+            self.deps.libraries = libraries;
+            for refusal in refusals {
+                self.deps.events.emit(EventKind::Failed {
+                    instance: None,
+                    path: Some(refusal.path),
+                    error: refusal.error,
+                });
+            }
         }
         if let Some(inst) = instance.as_ref().and_then(|n| self.instances.get_mut(n)) {
             // Instantiated anew at the reconcile below, even from the same bytes and config.

@@ -21,6 +21,9 @@ pub struct SupervisorView {
     pub instances: Vec<InstanceView>,
     /// Payload bytes waiting, every instance together.
     pub backlog_bytes: u64,
+    /// Library files read and checked since the start (the first scan, each file the watcher
+    /// reported, each rescan of `plugin_dir`).
+    pub library_checks: u64,
 }
 
 impl SupervisorView {
@@ -140,6 +143,7 @@ impl Supervisor {
             config_sha256: hex::encode(config.hash),
             backlog_bytes: views.iter().map(|v| v.backlog_bytes).sum(),
             instances: views,
+            library_checks: self.deps.libraries.checks(),
         };
         let summary = view.summary();
         self.view.store(Arc::new(view));
