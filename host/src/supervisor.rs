@@ -39,7 +39,7 @@ use crate::{
     events::{Events, Retirement},
     ingress::{Backlog, Ingress},
     ledger::{Forget, Ledger, LedgerError, Origin, Remembered},
-    loader::{Policy, ProbeCommand},
+    loader::{LoadError, Policy, ProbeCommand},
     notify::Notifier,
     quarantine::Quarantine,
     quote::quote,
@@ -48,7 +48,7 @@ use crate::{
     watch::{FileChange, Watcher},
 };
 
-use desired::{Libraries, Want};
+use desired::{Libraries, NoProvider, Want};
 use generation::{Generation, Key};
 use reload::Trigger;
 
@@ -59,14 +59,58 @@ pub const SETTLE_AFTER: Duration = Duration::from_secs(30);
 const TICK: Duration = Duration::from_millis(100);
 
 /// An instance that did not start, and why.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct StartFailure {
     pub instance: String,
-    pub error: String,
+    #[serde(serialize_with = "as_text")]
+    pub error: StartError,
+}
+
+/// Why a generation of an instance did not start (what ran before, if anything, keeps
+/// serving). Its text is what operators see: the event, the status's last error, the
+/// reload's answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StartError {
+    /// No usable library in `plugin_dir` provides its plugin.
+    #[error(transparent)]
+    NoLibrary(#[from] NoProvider),
+    /// The daemon exited uncleanly while loading these bytes too often.
+    #[error(
+        "{} is quarantined: the daemon exited uncleanly {unclean_exits} times while loading \
+         it; replace the file or reload the instance to try again",
+        path.display()
+    )]
+    Quarantined { path: PathBuf, unclean_exits: u32 },
+    /// The library's bytes are not the ones its `sha256` pin names.
+    #[error(transparent)]
+    Pin(Arc<LoadError>),
+    /// The library could not be loaded (probe, `dlopen`, layout, version, manifest).
+    #[error(transparent)]
+    Load(Arc<LoadError>),
+    /// The plugin's `new` failed or panicked.
+    #[error(transparent)]
+    New(Arc<LoadError>),
+    /// The plugin's `new` did not return within `init_timeout`.
+    #[error(
+        "`new` did not finish within init_timeout ({}); its thread is abandoned",
+        humantime::format_duration(*.0)
+    )]
+    InitTimeout(Duration),
+    /// No thread could be started for `new`.
+    #[error("cannot start a thread for `new`: {0}")]
+    NewThread(Arc<std::io::Error>),
+    /// No thread could be started for its actor.
+    #[error("cannot start its thread: {0}")]
+    ActorThread(Arc<std::io::Error>),
+}
+
+/// A [`StartError`] serialized as its text.
+fn as_text<S: serde::Serializer>(error: &StartError, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(error)
 }
 
 /// What a reload applied.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Applied {
     /// The configuration running now.
     pub sha256: String,
@@ -300,7 +344,7 @@ struct Supervised {
     topics: Vec<Pattern>,
     /// The last load that failed (not tried again until what it is made of changes, or an
     /// operator reloads), and the error reported last (reported once).
-    failed: Option<Key>,
+    failed: Option<(Key, StartError)>,
     reported: Option<String>,
     /// The last failure is a quarantine.
     quarantined: bool,

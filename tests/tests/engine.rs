@@ -533,6 +533,7 @@ topics = [\"t.>\"]
     assert!(
         failures[0]
             .error
+            .to_string()
             .contains("did not finish within init_timeout (200ms)"),
         "{}",
         failures[0].error

@@ -456,7 +456,7 @@ impl control_server::Control for ControlService {
                     .into_iter()
                     .map(|f| pb::InstanceFailure {
                         instance: f.instance,
-                        error: f.error,
+                        error: f.error.to_string(),
                     })
                     .collect(),
             })

@@ -32,6 +32,24 @@ pub struct Libraries {
     checks: u64,
 }
 
+/// Why no library provides a plugin.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NoProvider {
+    /// `plugin_dir` itself is refused, and nothing taken from it while it was safe claims
+    /// the name.
+    #[error("plugin `{plugin}`: {problem}")]
+    UnsafeDir { plugin: String, problem: String },
+    #[error("no library in plugin_dir provides plugin `{0}`")]
+    Missing(String),
+    /// Several libraries present from the start claim the name: none is chosen.
+    #[error(
+        "{} libraries claim the plugin name `{plugin}`: {}; none is loaded",
+        .paths.len(),
+        .paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" and ")
+    )]
+    Claimed { plugin: String, paths: Vec<PathBuf> },
+}
+
 /// What a scan or a file change found worth reporting.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
@@ -178,7 +196,7 @@ impl Libraries {
     /// The library providing plugin `name`: the only one claiming it, or the first to arrive
     /// among several (a newcomer is refused, naming both paths); several present from the
     /// start: none, naming all.
-    pub fn provider(&self, name: &str) -> Result<&Checked, String> {
+    pub fn provider(&self, name: &str) -> Result<&Checked, NoProvider> {
         let mut claims: Vec<(u64, &Checked)> = self
             .by_path
             .values()
@@ -188,22 +206,18 @@ impl Libraries {
         claims.sort_by_key(|(n, c)| (*n, c.path().to_owned()));
         match claims.as_slice() {
             [] => Err(match &self.unsafe_dir {
-                Some(problem) => format!("plugin `{name}`: {problem}"),
-                None => format!("no library in plugin_dir provides plugin `{name}`"),
+                Some(problem) => NoProvider::UnsafeDir {
+                    plugin: name.to_owned(),
+                    problem: problem.clone(),
+                },
+                None => NoProvider::Missing(name.to_owned()),
             }),
             [(_, one)] => Ok(one),
             [(first, one), (second, _), ..] if first < second => Ok(one),
-            _ => {
-                let paths: Vec<String> = claims
-                    .iter()
-                    .map(|(_, c)| c.path().display().to_string())
-                    .collect();
-                Err(format!(
-                    "{} libraries claim the plugin name `{name}`: {}; none is loaded",
-                    claims.len(),
-                    paths.join(" and ")
-                ))
-            }
+            _ => Err(NoProvider::Claimed {
+                plugin: name.to_owned(),
+                paths: claims.iter().map(|(_, c)| c.path().to_owned()).collect(),
+            }),
         }
     }
 
@@ -417,7 +431,7 @@ mod tests {
             "{}",
             refusals[0].error
         );
-        let error = libraries.provider("p").unwrap_err();
+        let error = libraries.provider("p").unwrap_err().to_string();
         assert!(error.contains("writable by others"), "{error}");
         assert!(!error.contains("provides"), "{error}");
         // Safe again: the ordinary answer.
@@ -425,7 +439,7 @@ mod tests {
         let (libraries, refusals) = Libraries::scan(&dir, &Policy::default());
         assert!(refusals.is_empty(), "{refusals:?}");
         assert_eq!(
-            libraries.provider("p").unwrap_err(),
+            libraries.provider("p").unwrap_err().to_string(),
             "no library in plugin_dir provides plugin `p`"
         );
     }

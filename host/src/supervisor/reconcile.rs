@@ -1,12 +1,12 @@
 //! Reconcile: make what runs what the configuration, `plugin_dir` and the remembered
 //! subscriptions say — register, route, start, swap, stop and retire generations.
 
-use std::{collections::BTreeMap, path::PathBuf};
+use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
 
 use crossbeam_channel::bounded;
 
 use super::{
-    Command, StartFailure, Supervised, Supervisor,
+    Command, StartError, StartFailure, Supervised, Supervisor,
     desired::{self, Want},
     generation::{self, Generation, GenerationDeps, Key},
 };
@@ -150,7 +150,7 @@ impl Supervisor {
     }
 
     /// Brings one instance that should run to what `want` says.
-    pub(super) fn converge(&mut self, name: &str, want: &Want) -> Result<(), String> {
+    pub(super) fn converge(&mut self, name: &str, want: &Want) -> Result<(), StartError> {
         let id = self.register(name, &want.settings);
         let inst = self.instances.get_mut(name).expect("registered above");
         if inst.settings != want.settings {
@@ -173,7 +173,7 @@ impl Supervisor {
                     // Its library is gone: it stops; its deliveries wait.
                     self.stop(name, StopReason::LibraryGone);
                 }
-                return Err(self.report(name, None, error));
+                return Err(self.report(name, None, error.into()));
             }
         };
         let key = Key {
@@ -183,19 +183,19 @@ impl Supervisor {
         if !inst.renew && inst.running.as_ref().is_some_and(|g| g.key == key) {
             return Ok(());
         }
-        if inst.failed.as_ref() == Some(&key) {
-            return Err(inst.reported.clone().unwrap_or_default());
+        if let Some((_, error)) = inst.failed.as_ref().filter(|(failed, _)| *failed == key) {
+            return Err(error.clone());
         }
         if let Some(unclean_exits) = self.deps.quarantine.quarantined(&key.sha256) {
-            inst.failed = Some(key.clone());
+            let error = StartError::Quarantined {
+                path: checked.path().to_owned(),
+                unclean_exits,
+            };
+            inst.failed = Some((key.clone(), error.clone()));
             inst.quarantined = true;
-            let error = format!(
-                "{} is quarantined: the daemon exited uncleanly {unclean_exits} times while \
-                 loading it; replace the file or reload the instance to try again",
-                checked.path().display()
-            );
-            if inst.reported.as_deref() != Some(&error) {
-                inst.reported = Some(error.clone());
+            let text = error.to_string();
+            if inst.reported.as_deref() != Some(&text) {
+                inst.reported = Some(text);
                 self.deps.events.emit(EventKind::Quarantined {
                     instance: name.to_owned(),
                     path: checked.path().to_owned(),
@@ -205,31 +205,35 @@ impl Supervisor {
             }
             return Err(error);
         }
-        if want.pin.is_some_and(|pin| pin != key.sha256) && inst.running.is_some() {
+        if inst.running.is_some()
+            && let Err(mismatch) = checked.check_pin(want.pin)
+        {
             // A pin change never stops a running generation (DESIGN.md §4).
-            let error = checked
-                .check_pin(want.pin)
-                .err()
-                .map(|e| e.to_string())
-                .unwrap_or_default();
-            inst.failed = Some(key);
+            let error = StartError::Pin(Arc::new(mismatch));
+            inst.failed = Some((key, error.clone()));
             return Err(self.report(name, Some(checked.path().to_owned()), error));
         }
         self.start_generation(name, id, want, &checked, key)
     }
 
     /// Reports a failure of instance `name` once (until it changes or succeeds).
-    pub(super) fn report(&mut self, name: &str, path: Option<PathBuf>, error: String) -> String {
+    pub(super) fn report(
+        &mut self,
+        name: &str,
+        path: Option<PathBuf>,
+        error: StartError,
+    ) -> StartError {
         let inst = self
             .instances
             .get_mut(name)
             .expect("reported instances exist");
-        if inst.reported.as_deref() != Some(&error) {
-            inst.reported = Some(error.clone());
+        let text = error.to_string();
+        if inst.reported.as_deref() != Some(&text) {
+            inst.reported = Some(text.clone());
             self.deps.events.emit(EventKind::Failed {
                 instance: Some(name.to_owned()),
                 path,
-                error: error.clone(),
+                error: text,
             });
         }
         error
@@ -278,7 +282,7 @@ impl Supervisor {
         want: &Want,
         checked: &crate::loader::Checked,
         key: Key,
-    ) -> Result<(), String> {
+    ) -> Result<(), StartError> {
         let wiring = GenerationDeps {
             ingress: &self.deps.ingress,
             events: &self.deps.actor_events,
@@ -312,7 +316,7 @@ impl Supervisor {
         let (generation, actor) = match started {
             Ok(started) => started,
             Err(error) => {
-                inst.failed = Some(key);
+                inst.failed = Some((key, error.clone()));
                 return Err(self.report(name, Some(checked.path().to_owned()), error));
             }
         };
