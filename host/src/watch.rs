@@ -12,7 +12,7 @@
 //!   ..data/plugins.toml`, `..data -> ..2026_…/`, updated by renaming a new `..data` over the
 //!   old) is followed: every directory holding a link of the chain, and the one holding the
 //!   file it ends at, is watched; any activity there re-resolves the chain, and a new target
-//!   (or new bytes) is a change.
+//!   (or a new write) is a change.
 //! - Raw events go through a debouncer (`notify-debouncer-full`) with the platform's events
 //!   ([`Mode::Events`], inotify on Linux), or the directories are scanned every
 //!   [`POLL_INTERVAL`] ([`Mode::Poll`], DESIGN §4 `watch = "poll"`, for filesystems without
@@ -32,13 +32,13 @@
 //!   it goes out only when nothing changed (otherwise the check starts over).
 //!   A file caught incomplete all the same is refused by the loader's completeness check and
 //!   reported again when it changes.
-//! - Content dedupe: the watcher keeps the SHA-256 of the last bytes it reported for each path
-//!   (seeded with what exists when it starts) and drops a change whose bytes equal them. A
-//!   removal always goes out, and forgets the fingerprint.
-//! - Hostile entries: a library is fingerprinted through the loader's own open
-//!   ([`loader::fingerprint`]: never through a symlink, non-blocking, `fstat` before any
-//!   read), the config file through [`config::read_bytes`] (non-blocking, `fstat` first). A
-//!   FIFO, a device, a socket or a symlink named `*.so` is never read: it is reported once
+//! - The watcher reads no file: it compares what `lstat` says of each path (`stat` for the
+//!   config file, through its symlinks) with what it said when the path was last reported
+//!   (seeded with what exists when it starts), and drops an event whose file is the same file,
+//!   unchanged. Whether the bytes are new is the supervisor's to decide: it reads them anyway
+//!   (to check a library, to parse the config), and only it knows what runs. A removal
+//!   always goes out.
+//! - Hostile entries: a FIFO, a device, a socket or a symlink named `*.so` is reported once
 //!   (the supervisor's refusal is its one log line) and not again while it stays the same
 //!   file, however often it is touched. Watch errors are logged once each.
 //! - Nothing ever waits for the watch thread: dropping the [`Watcher`] tells it to end and
@@ -60,6 +60,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::config::WatchMode;
 use crossbeam_channel::{Receiver, Sender, never, select, unbounded};
 use notify::{
     EventKind, RecommendedWatcher, RecursiveMode,
@@ -68,9 +69,6 @@ use notify::{
 use notify_debouncer_full::{
     DebounceEventResult, DebouncedEvent, Debouncer, RecommendedCache, new_debouncer_opt,
 };
-use sha2::{Digest as _, Sha256};
-
-use crate::{config, config::WatchMode, loader};
 
 /// How long the debouncer waits for a path to go quiet before it reports its events.
 const DEBOUNCE: Duration = Duration::from_millis(50);
@@ -113,7 +111,7 @@ impl From<WatchMode> for Mode {
 pub enum LibraryChange {
     /// A library the watcher has not reported (or seen at start) appeared.
     Added,
-    /// A known library now has different bytes.
+    /// A known library is another file now, or was written (its bytes may be the same).
     Replaced,
     /// A known library is gone.
     Removed,
@@ -124,7 +122,8 @@ pub enum LibraryChange {
 pub enum FileChange {
     /// A `*.so` entry in `plugin_dir` (a non-regular one too, once: the loader refuses it).
     Library { path: PathBuf, kind: LibraryChange },
-    /// The config file has new bytes (or is gone: the supervisor's load will say so).
+    /// The config file is another file now, or was written (its bytes may be the same), or
+    /// is gone (the supervisor's load will say so).
     Config { path: PathBuf },
 }
 
@@ -166,8 +165,8 @@ enum Control {
 /// A running watch of `plugin_dir` and the config file. Dropping it ends the watch thread
 /// without waiting for it, and the [`Receiver<FileChange>`] then disconnects.
 pub struct Watcher {
-    /// Files fingerprinted by the watch thread since it started.
-    fingerprinted: Arc<AtomicU64>,
+    /// Paths the watch thread looked at to settle them since it started.
+    examined: Arc<AtomicU64>,
     /// The watch thread ends when this is dropped.
     control: Sender<Control>,
     plugin_dir: PathBuf,
@@ -249,14 +248,14 @@ impl Watcher {
 
         let (tx, rx) = unbounded();
         let (control, control_rx) = unbounded();
-        let fingerprinted = Arc::new(AtomicU64::new(0));
+        let examined = Arc::new(AtomicU64::new(0));
         let mut state = State {
             plugin_dir: plugin_dir.clone(),
             config: config.clone(),
             settle,
             mode,
             backend,
-            fingerprinted: fingerprinted.clone(),
+            examined: examined.clone(),
             known: HashMap::new(),
             pending: HashMap::new(),
             dirs: dirs.iter().map(|d| (d.clone(), dir_id(d))).collect(),
@@ -268,7 +267,7 @@ impl Watcher {
             tx,
         };
         // The baseline: what exists now counts as already reported. This runs before the
-        // caller's first scan, and reads only regular files (never blocking).
+        // caller's first scan, and reads no file (never blocking).
         state.seed();
         std::thread::Builder::new()
             .name("plugind-watch".into())
@@ -283,7 +282,7 @@ impl Watcher {
             })?;
         Ok((
             Watcher {
-                fingerprinted,
+                examined,
                 control,
                 plugin_dir,
                 config,
@@ -299,10 +298,10 @@ impl Watcher {
         let _ = self.control.send(Control::Refresh);
     }
 
-    /// How many files the watcher has read to fingerprint them (at start, and for each
-    /// change it considered).
-    pub fn fingerprinted(&self) -> u64 {
-        self.fingerprinted.load(Ordering::Relaxed)
+    /// How many times the watcher looked at a path to settle it (at start, and for each
+    /// change it considered); it reads no file.
+    pub fn examined(&self) -> u64 {
+        self.examined.load(Ordering::Relaxed)
     }
 
     /// The canonical `plugin_dir` being watched.
@@ -359,10 +358,10 @@ impl Ident {
         self.kind == libc::S_IFDIR
     }
 
-    /// What identifies a refused entry: for anything but a regular file, which file it is
-    /// (refused for its kind, whatever it holds or however often it is touched); for a
-    /// regular file, what it holds too.
-    fn refused(self) -> Self {
+    /// What is compared between two reports of an entry: for anything but a regular file,
+    /// which file it is (refused by the supervisor for its kind, whatever it holds or however
+    /// often it is touched); for a regular file, its size and modification time too.
+    fn reported(self) -> Self {
         if self.kind == libc::S_IFREG {
             self
         } else {
@@ -400,16 +399,6 @@ fn dir_id(path: &Path) -> Option<DirId> {
             dev: m.dev(),
             ino: m.ino(),
         })
-}
-
-/// What the watcher last saw at a path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Seen {
-    /// The SHA-256 of its bytes.
-    Bytes([u8; 32]),
-    /// It could not be read as a regular file (a FIFO, a device, a symlink, too large,
-    /// unreadable): reported once, and again only when it becomes another file.
-    Refused(Ident),
 }
 
 /// The config file's symlink chain, as last resolved.
@@ -497,9 +486,9 @@ struct State {
     mode: Mode,
     /// `None` in [`Mode::Poll`].
     backend: Option<Events>,
-    fingerprinted: Arc<AtomicU64>,
+    examined: Arc<AtomicU64>,
     /// Reported (or present at start) paths and what was last reported of them.
-    known: HashMap<PathBuf, Seen>,
+    known: HashMap<PathBuf, Ident>,
     pending: HashMap<PathBuf, Pending>,
     /// The directories watched, and which directory each path was when it was watched
     /// (`None`: missing, or the watch could not be set; tried again at every check).
@@ -574,29 +563,15 @@ impl State {
         self.check_dirs();
     }
 
-    /// Reads what is at `path` now, the safe way for its target; `None` if it is gone (or
-    /// a directory, which is no library).
-    fn see(&mut self, path: &Path, target: Target) -> Option<Seen> {
+    /// What is at `path` now, as compared between reports; `None` if it is gone (or a
+    /// directory, which is no library). Nothing is read: the supervisor reads what it takes.
+    fn see(&mut self, path: &Path, target: Target) -> Option<Ident> {
         let ident = look(path, target)?;
         if target == Target::Library && ident.is_dir() {
             return None;
         }
-        self.fingerprinted.fetch_add(1, Ordering::Relaxed);
-        let bytes = match target {
-            Target::Library => loader::fingerprint(path).map_err(|e| e.to_string()),
-            Target::Config => config::read_bytes(path)
-                .map(|bytes| Sha256::digest(&bytes).into())
-                .map_err(|e| format!("{}: cannot read: {e}", path.display())),
-        };
-        Some(match bytes {
-            Ok(sha256) => Seen::Bytes(sha256),
-            Err(error) => {
-                // Not logged here: the supervisor refuses it with one event, and it is not
-                // reported again while it stays the same file.
-                tracing::debug!(%error, "not read");
-                Seen::Refused(ident.refused())
-            }
-        })
+        self.examined.fetch_add(1, Ordering::Relaxed);
+        Some(ident.reported())
     }
 
     /// Logs a watch problem once (until the watches are set up again).
@@ -678,8 +653,8 @@ impl State {
                 EventKind::Access(AccessKind::Close(AccessMode::Write))
             );
             // Opening, reading, mapping or closing a file unwritten changes nothing: these
-            // come from the loader, from readers, and from this watcher's own fingerprint
-            // reads (acting on those would hash the file again, for ever).
+            // come from the loader and from readers (acting on them once made the watcher
+            // hash its own reads, for ever).
             if matches!(event.kind, EventKind::Access(_)) && !closed {
                 continue;
             }
@@ -992,25 +967,25 @@ mod tests {
         rx.recv_timeout(WAIT).expect("a change within 3 s")
     }
 
-    /// Reading a library (as the loader and the watcher's own fingerprinting do) is no
-    /// change: the watcher neither reports it nor reads the file again. Acting on read events
-    /// once made it hash its own reads for ever, spending a tenth of a core when idle.
+    /// Reading a library (as the loader does) is no change: the watcher neither reports it
+    /// nor looks at the file again. Acting on read events once made it hash its own reads for
+    /// ever, spending a tenth of a core when idle.
     #[test]
     fn reads_are_not_changes() {
         let s = setup(Mode::Events);
         let lib = s.plugins.join("liba.so");
         install(&lib, b"version 1");
         assert!(matches!(next(&s.rx), FileChange::Library { .. }));
-        let before = s.watcher.fingerprinted();
+        let before = s.watcher.examined();
         for _ in 0..5 {
             assert_eq!(fs::read(&lib).unwrap(), b"version 1");
             fs::read(&s.config).unwrap();
         }
         quiet(&s.rx);
         assert_eq!(
-            s.watcher.fingerprinted(),
+            s.watcher.examined(),
             before,
-            "reads made the watcher hash files"
+            "reads made the watcher look at files"
         );
     }
 
@@ -1049,7 +1024,7 @@ mod tests {
         let path = dir.path().join("f");
         fs::write(&path, b"abc").unwrap();
         assert_eq!(
-            hex::encode(loader::fingerprint(&path).unwrap()),
+            hex::encode(crate::loader::fingerprint(&path).unwrap()),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
     }
@@ -1063,8 +1038,10 @@ mod tests {
         install(&lib, b"version one");
         assert_eq!(next(&s.rx), library(&lib, LibraryChange::Added));
 
-        // The same bytes again: nothing.
+        // The same bytes again, renamed in: another file, reported (whether its bytes are
+        // new is the supervisor's to decide: it reads them anyway).
         install(&lib, b"version one");
+        assert_eq!(next(&s.rx), library(&lib, LibraryChange::Replaced));
         quiet(&s.rx);
 
         // Written in place in two halves: one Replaced, once complete.
@@ -1089,7 +1066,7 @@ mod tests {
         fs::remove_file(&lib).unwrap();
         assert_eq!(next(&s.rx), library(&lib, LibraryChange::Removed));
 
-        // The same bytes after a removal: Added again (the fingerprint was forgotten).
+        // The same bytes after a removal: Added again (the path was forgotten).
         install(&lib, full);
         assert_eq!(next(&s.rx), library(&lib, LibraryChange::Added));
         quiet(&s.rx);
@@ -1154,8 +1131,11 @@ mod tests {
         quiet(&s.rx);
     }
 
+    /// What exists at start counts as reported: nothing is reported for it until it
+    /// changes.
     #[test]
     fn existing_files_are_the_baseline() {
+        use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().unwrap();
         let root = fs::canonicalize(dir.path()).unwrap();
         let lib = root.join("liba.so");
@@ -1164,7 +1144,8 @@ mod tests {
         fs::write(&config, "").unwrap();
         // plugin_dir and the config's folder are one directory here.
         let (_w, rx) = Watcher::start(&root, &config, Mode::Events, SETTLE).unwrap();
-        install(&lib, b"one");
+        // Its attributes touched, the file unchanged: nothing.
+        fs::set_permissions(&lib, fs::Permissions::from_mode(0o600)).unwrap();
         quiet(&rx);
         install(&lib, b"two");
         assert_eq!(next(&rx), library(&lib, LibraryChange::Replaced));
@@ -1282,7 +1263,7 @@ mod tests {
                 library(&junk, LibraryChange::Added)
             ]
         );
-        let before = s.watcher.fingerprinted();
+        let before = s.watcher.examined();
         for round in 0..5u32 {
             let touched = std::process::Command::new("touch")
                 .arg("-h")
@@ -1298,7 +1279,7 @@ mod tests {
             std::thread::sleep(DEBOUNCE * 2);
         }
         quiet(&s.rx);
-        assert!(s.watcher.fingerprinted() > before, "the touches were seen");
+        assert!(s.watcher.examined() > before, "the touches were seen");
         // Another file under the same name is news.
         fs::remove_file(&junk).unwrap();
         assert_eq!(next(&s.rx), library(&junk, LibraryChange::Removed));
@@ -1374,8 +1355,10 @@ mod tests {
             config_map_swap(&mount, "..2026_12_06_02", "..2026_12_06_03", "[host]\n");
             assert_eq!(next(&rx), changed, "{mode:?}");
             quiet(&rx);
-            // The same bytes in a new version: nothing.
+            // The same bytes in a new version: another file, reported (the supervisor finds the
+            // bytes it runs, and does nothing).
             config_map_swap(&mount, "..2026_12_06_03", "..2026_12_06_04", "[host]\n");
+            assert_eq!(next(&rx), changed, "{mode:?}");
             quiet(&rx);
         }
     }

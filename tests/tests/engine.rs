@@ -907,15 +907,12 @@ fn until_view(
     }
 }
 
-/// A change of `plugins.toml` alone made the supervisor read and check every library in
-/// `plugin_dir` again (a config event from the watcher rescanned the directory). Libraries
-/// are read again when the watcher reports one of them, or an operator reloads.
-#[test]
-fn a_config_change_seen_by_the_watcher_does_not_check_the_libraries_again() {
-    let sandbox = Sandbox::with_fixtures("engine", &["fx-echo", "fx-noop"]);
-    let one = "[host]\nautoload = false\n\n[plugins.a]\nplugin = \"fx-echo\"\n";
-    let path = sandbox.put("plugins.toml", one);
-    let config = config::parse(&path, one).unwrap_or_else(|e| panic!("{}", e.render()));
+/// An engine watching its sandbox's `plugins.d/` (the fixtures `libraries`) and
+/// `plugins.toml` (`config_text`), as `plugind run` does.
+fn start_watched(libraries: &[&str], config_text: &str) -> (Sandbox, Engine) {
+    let sandbox = Sandbox::with_fixtures("engine", libraries);
+    let path = sandbox.put("plugins.toml", config_text);
+    let config = config::parse(&path, config_text).unwrap_or_else(|e| panic!("{}", e.render()));
     let options = Options {
         clock: Arc::new(SystemClock),
         probe: None,
@@ -924,6 +921,17 @@ fn a_config_change_seen_by_the_watcher_does_not_check_the_libraries_again() {
     };
     let (engine, failures) = Engine::start(&config, MemoryLedger::new(), options).unwrap();
     assert!(failures.is_empty(), "{failures:?}");
+    (sandbox, engine)
+}
+
+/// A change of `plugins.toml` alone made the supervisor read and check every library in
+/// `plugin_dir` again (a config event from the watcher rescanned the directory). Libraries
+/// are read again when the watcher reports one of them, or an operator reloads.
+#[test]
+fn a_config_change_seen_by_the_watcher_does_not_check_the_libraries_again() {
+    let one = "[host]\nautoload = false\n\n[plugins.a]\nplugin = \"fx-echo\"\n";
+    let (sandbox, engine) = start_watched(&["fx-echo", "fx-noop"], one);
+    let path = sandbox.path().join("plugins.toml");
     let checks = engine.supervisor().view().library_checks;
     assert_eq!(checks, 2, "the first scan checks each library once");
 
@@ -958,6 +966,34 @@ fn a_config_change_seen_by_the_watcher_does_not_check_the_libraries_again() {
     assert!(
         engine.supervisor().view().library_checks >= before + 3,
         "an operator's reload checks every library again"
+    );
+    engine.stop(Duration::from_secs(5));
+}
+
+/// The supervisor alone decides that the same bytes are nothing to do (the watcher reads no
+/// file): a library renamed in again with the bytes that run is checked, and nothing else
+/// happens.
+#[test]
+fn the_same_library_bytes_renamed_in_again_are_nothing_to_do() {
+    let one = "[host]\nautoload = false\n\n[plugins.a]\nplugin = \"fx-echo\"\n";
+    let (sandbox, engine) = start_watched(&["fx-echo"], one);
+    let before = engine.supervisor().view();
+    let events = engine.events().history().len();
+    let library = sandbox.path().join("plugins.d/fx-echo.so");
+    let tmp = sandbox.copy("plugins.d/.fx-echo.so.tmp", &library);
+    std::fs::rename(&tmp, &library).unwrap();
+    let after = until_view(&engine, "the library is checked again", |v| {
+        v.library_checks > before.library_checks
+    });
+    assert_eq!(
+        after.instances, before.instances,
+        "the same bytes changed what runs"
+    );
+    assert_eq!(
+        engine.events().history().len(),
+        events,
+        "the same bytes made events: {:?}",
+        engine.events().history()
     );
     engine.stop(Duration::from_secs(5));
 }
