@@ -385,10 +385,10 @@ fn start_watching(
     events: &Events,
 ) -> Option<(Watcher, crossbeam_channel::Receiver<watch::FileChange>)> {
     let start = |mode| Watcher::start(&config.host.plugin_dir, &config.source, mode, SETTLE);
-    let started = match start(watch::Mode::from(config.host.watch)) {
+    let started = match start(watch::Detection::from(config.host.watch)) {
         Err(e) if config.host.watch == WatchMode::Auto => {
             tracing::warn!(error = %e, "no change events here; polling plugin_dir and the config instead");
-            start(watch::Mode::Poll)
+            start(watch::Detection::Poll)
         }
         started => started,
     };

@@ -164,7 +164,7 @@ pub enum ActRefused {
 }
 
 /// What the supervisor is told.
-enum Command {
+enum SupervisorCommand {
     /// Read the configuration and `plugin_dir` again and apply them. `expected`: refuse
     /// unless the file has this sha256. `instance`: also release its quarantine and
     /// re-instantiate it. Without `reply` (SIGHUP) the result is only logged and evented.
@@ -201,11 +201,11 @@ enum Command {
 /// Talks to the supervisor's thread.
 #[derive(Debug, Clone)]
 pub struct SupervisorHandle {
-    commands: Sender<Command>,
+    commands: Sender<SupervisorCommand>,
     view: view::View,
 }
 
-impl std::fmt::Debug for Command {
+impl std::fmt::Debug for SupervisorCommand {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Self::Reload { .. } => "Reload",
@@ -231,7 +231,7 @@ impl SupervisorHandle {
     ) -> Result<Applied, ReloadRefused> {
         let (reply, answer) = bounded(1);
         self.commands
-            .send(Command::Reload {
+            .send(SupervisorCommand::Reload {
                 trigger: Trigger::Operator,
                 expected,
                 instance,
@@ -250,7 +250,7 @@ impl SupervisorHandle {
     pub fn pause(&self, name: &str, paused: bool) -> Result<(), ActRefused> {
         let (reply, answer) = bounded(1);
         self.commands
-            .send(Command::Pause {
+            .send(SupervisorCommand::Pause {
                 name: name.to_owned(),
                 paused,
                 reply,
@@ -268,7 +268,7 @@ impl SupervisorHandle {
     pub fn forget(&self, name: &str, how: Forget) -> Result<u64, ActRefused> {
         let (reply, answer) = bounded(1);
         self.commands
-            .send(Command::Forget {
+            .send(SupervisorCommand::Forget {
                 name: name.to_owned(),
                 how,
                 reply,
@@ -285,7 +285,7 @@ impl SupervisorHandle {
 
     /// Asks for a reload without waiting (SIGHUP).
     pub fn request_reload(&self) {
-        let _ = self.commands.send(Command::Reload {
+        let _ = self.commands.send(SupervisorCommand::Reload {
             trigger: Trigger::Signal,
             expected: None,
             instance: None,
@@ -296,7 +296,11 @@ impl SupervisorHandle {
     /// Stops the supervisor; returns the retire threads still running.
     pub fn stop(&self) -> Vec<JoinHandle<()>> {
         let (reply, answer) = bounded(1);
-        if self.commands.send(Command::Stop { reply }).is_err() {
+        if self
+            .commands
+            .send(SupervisorCommand::Stop { reply })
+            .is_err()
+        {
             return Vec::new();
         }
         answer.recv().unwrap_or_default()
@@ -388,8 +392,8 @@ pub struct Supervisor {
     deps: SupervisorDeps,
     instances: BTreeMap<String, Supervised>,
     retiring: Vec<JoinHandle<()>>,
-    commands: Sender<Command>,
-    receiver: Receiver<Command>,
+    commands: Sender<SupervisorCommand>,
+    receiver: Receiver<SupervisorCommand>,
     /// What the control plane reads, republished after every change.
     view: view::View,
     /// The configuration bytes refused last (a watcher event for them is not news).

@@ -14,8 +14,8 @@
 //!   file it ends at, is watched; any activity there re-resolves the chain, and a new target
 //!   (or a new write) is a change.
 //! - Raw events go through a debouncer (`notify-debouncer-full`) with the platform's events
-//!   ([`Mode::Events`], inotify on Linux), or the directories are scanned every
-//!   [`POLL_INTERVAL`] ([`Mode::Poll`], DESIGN §4 `watch = "poll"`, for filesystems without
+//!   ([`Detection::Events`], inotify on Linux), or the directories are scanned every
+//!   [`POLL_INTERVAL`] ([`Detection::Poll`], DESIGN §4 `watch = "poll"`, for filesystems without
 //!   change events), comparing what `lstat` says of each entry. notify's own poller is not
 //!   used: to compare contents it opens and reads every regular file it lists, by path, each
 //!   round — a FIFO swapped in between its `stat` and its `open` would block it for ever.
@@ -73,7 +73,7 @@ use notify_debouncer_full::{
 /// How long the debouncer waits for a path to go quiet before it reports its events.
 const DEBOUNCE: Duration = Duration::from_millis(50);
 
-/// How often [`Mode::Poll`] scans the watched directories.
+/// How often [`Detection::Poll`] scans the watched directories.
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
 
 /// How often the watched directories themselves are looked at (deleted and made anew, or
@@ -88,14 +88,14 @@ const MAX_LOGGED_ERRORS: usize = 256;
 
 /// How changes are noticed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
+pub enum Detection {
     /// The platform's change events (inotify on Linux).
     Events,
     /// Scan the directories every [`POLL_INTERVAL`], comparing what `lstat` says.
     Poll,
 }
 
-impl From<WatchMode> for Mode {
+impl From<WatchMode> for Detection {
     /// `auto` maps to events; falling back to polling when events cannot be set up is the
     /// caller's decision (it sees the [`WatchError`]).
     fn from(mode: WatchMode) -> Self {
@@ -153,11 +153,11 @@ pub enum WatchError {
 }
 
 /// The platform's events through the debouncer; dropping it stops the watch without waiting.
-type Events = Debouncer<RecommendedWatcher, RecommendedCache>;
+type EventSource = Debouncer<RecommendedWatcher, RecommendedCache>;
 
 /// What the watch thread is told besides file-system events.
 #[derive(Debug)]
-enum Control {
+enum WatchCommand {
     /// Look at the watched directories again now.
     Refresh,
 }
@@ -168,10 +168,10 @@ pub struct Watcher {
     /// Paths the watch thread looked at to settle them since it started.
     examined: Arc<AtomicU64>,
     /// The watch thread ends when this is dropped.
-    control: Sender<Control>,
+    control: Sender<WatchCommand>,
     plugin_dir: PathBuf,
     config: PathBuf,
-    mode: Mode,
+    mode: Detection,
 }
 
 impl std::fmt::Debug for Watcher {
@@ -197,7 +197,7 @@ impl Watcher {
     pub fn start(
         plugin_dir: &Path,
         config: &Path,
-        mode: Mode,
+        mode: Detection,
         settle: Duration,
     ) -> Result<(Watcher, Receiver<FileChange>), WatchError> {
         let canonical = |path: &Path| {
@@ -223,7 +223,7 @@ impl Watcher {
             dirs.push(config_dir.clone());
         }
         let backend = match mode {
-            Mode::Events => {
+            Detection::Events => {
                 let watch_error = |path: &Path| {
                     let path = path.to_owned();
                     move |source| WatchError::Watch { path, source }
@@ -243,13 +243,13 @@ impl Watcher {
                 Some(d)
             }
             // The thread scans by itself; the raw channel stays empty (and disconnected).
-            Mode::Poll => None,
+            Detection::Poll => None,
         };
 
         let (tx, rx) = unbounded();
         let (control, control_rx) = unbounded();
         let examined = Arc::new(AtomicU64::new(0));
-        let mut state = State {
+        let mut state = WatchThread {
             plugin_dir: plugin_dir.clone(),
             config: config.clone(),
             settle,
@@ -295,7 +295,7 @@ impl Watcher {
     /// Asks the watch thread to look at the watched directories again now (an operator's
     /// reload): one deleted and made anew since is watched again and scanned. Never waits.
     pub fn refresh(&self) {
-        let _ = self.control.send(Control::Refresh);
+        let _ = self.control.send(WatchCommand::Refresh);
     }
 
     /// How many times the watcher looked at a path to settle it (at start, and for each
@@ -472,24 +472,24 @@ impl Chain {
 
 /// A file written in place, waiting to be stable.
 #[derive(Debug)]
-struct Pending {
+struct Settling {
     target: Target,
     last: Option<Ident>,
     due: Instant,
 }
 
 /// The watch thread's state.
-struct State {
+struct WatchThread {
     plugin_dir: PathBuf,
     config: PathBuf,
     settle: Duration,
-    mode: Mode,
-    /// `None` in [`Mode::Poll`].
-    backend: Option<Events>,
+    mode: Detection,
+    /// `None` in [`Detection::Poll`].
+    backend: Option<EventSource>,
     examined: Arc<AtomicU64>,
     /// Reported (or present at start) paths and what was last reported of them.
     known: HashMap<PathBuf, Ident>,
-    pending: HashMap<PathBuf, Pending>,
+    pending: HashMap<PathBuf, Settling>,
     /// The directories watched, and which directory each path was when it was watched
     /// (`None`: missing, or the watch could not be set; tried again at every check).
     dirs: BTreeMap<PathBuf, Option<DirId>>,
@@ -497,7 +497,7 @@ struct State {
     chain: Chain,
     /// What the config file (through its chain) was when it was last settled.
     config_seen: Option<Ident>,
-    /// [`Mode::Poll`]: what each library entry was at the last scan, and the config file.
+    /// [`Detection::Poll`]: what each library entry was at the last scan, and the config file.
     polled: HashMap<PathBuf, Ident>,
     polled_config: Option<(Option<Ident>, Chain)>,
     /// Watch errors already logged (each is logged once).
@@ -505,7 +505,7 @@ struct State {
     tx: Sender<FileChange>,
 }
 
-impl State {
+impl WatchThread {
     fn classify(&self, path: &Path) -> Option<Target> {
         if path == self.config || path == self.chain.target {
             return Some(Target::Config);
@@ -584,13 +584,13 @@ impl State {
         }
     }
 
-    fn run(mut self, raw: Receiver<DebounceEventResult>, control: Receiver<Control>) {
+    fn run(mut self, raw: Receiver<DebounceEventResult>, control: Receiver<WatchCommand>) {
         let mut raw = raw;
         let mut next_poll = Instant::now() + POLL_INTERVAL;
         let mut next_dir_check = Instant::now() + DIR_CHECK;
         loop {
             let mut wake = next_dir_check;
-            if self.mode == Mode::Poll {
+            if self.mode == Detection::Poll {
                 wake = wake.min(next_poll);
             }
             if let Some(due) = self.pending.values().map(|p| p.due).min() {
@@ -608,7 +608,7 @@ impl State {
                     Err(_) => raw = never(),
                 },
                 recv(control) -> command => match command {
-                    Ok(Control::Refresh) => self.check_dirs(),
+                    Ok(WatchCommand::Refresh) => self.check_dirs(),
                     // The Watcher was dropped: nobody waits for this thread, which ends here
                     // (dropping the debouncer stops it without waiting either).
                     Err(_) => return,
@@ -616,7 +616,7 @@ impl State {
                 default(timeout) => {}
             }
             let now = Instant::now();
-            if self.mode == Mode::Poll && now >= next_poll {
+            if self.mode == Detection::Poll && now >= next_poll {
                 self.poll();
                 next_poll = now + POLL_INTERVAL;
             }
@@ -705,7 +705,7 @@ impl State {
         } else {
             self.pending.insert(
                 path.to_owned(),
-                Pending {
+                Settling {
                     target,
                     last,
                     due: Instant::now() + self.settle,
@@ -821,7 +821,7 @@ impl State {
             .collect()
     }
 
-    /// [`Mode::Poll`]: what changed since the last scan goes through the stability check.
+    /// [`Detection::Poll`]: what changed since the last scan goes through the stability check.
     fn poll(&mut self) {
         let now = self.scan_libraries();
         let changed: Vec<PathBuf> = now
@@ -936,7 +936,7 @@ mod tests {
         rx: Receiver<FileChange>,
     }
 
-    fn setup(mode: Mode) -> Setup {
+    fn setup(mode: Detection) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let root = fs::canonicalize(dir.path()).unwrap();
         let plugins = root.join("plugins.d");
@@ -972,7 +972,7 @@ mod tests {
     /// ever, spending a tenth of a core when idle.
     #[test]
     fn reads_are_not_changes() {
-        let s = setup(Mode::Events);
+        let s = setup(Detection::Events);
         let lib = s.plugins.join("liba.so");
         install(&lib, b"version 1");
         assert!(matches!(next(&s.rx), FileChange::Library { .. }));
@@ -1031,7 +1031,7 @@ mod tests {
 
     #[test]
     fn library_lifecycle_events() {
-        let s = setup(Mode::Events);
+        let s = setup(Detection::Events);
         let lib = s.plugins.join("liba.so");
 
         // Renamed in: Added.
@@ -1081,8 +1081,13 @@ mod tests {
         fs::create_dir(&plugins).unwrap();
         let config = root.join("plugins.toml");
         // A settle interval no test waits for: only the writer's close can report these.
-        let (_watcher, rx) =
-            Watcher::start(&plugins, &config, Mode::Events, Duration::from_secs(60)).unwrap();
+        let (_watcher, rx) = Watcher::start(
+            &plugins,
+            &config,
+            Detection::Events,
+            Duration::from_secs(60),
+        )
+        .unwrap();
         let copied = plugins.join("libcopied.so");
         fs::write(&copied, b"copied in place").unwrap();
         assert_eq!(next(&rx), library(&copied, LibraryChange::Added));
@@ -1100,7 +1105,7 @@ mod tests {
     #[test]
     fn slow_in_place_write_is_reported_once_complete() {
         use std::io::Write as _;
-        let s = setup(Mode::Events);
+        let s = setup(Detection::Events);
         let lib = s.plugins.join("libslow.so");
         // Five chunks 100 ms apart: longer than `settle` in all, each gap shorter than it.
         let mut f = fs::File::create(&lib).unwrap();
@@ -1117,7 +1122,7 @@ mod tests {
 
     #[test]
     fn ignored_files_are_not_reported() {
-        let s = setup(Mode::Events);
+        let s = setup(Detection::Events);
         for name in [
             ".hidden.so",
             "liba.so.tmp",
@@ -1143,7 +1148,7 @@ mod tests {
         let config = root.join("plugins.toml");
         fs::write(&config, "").unwrap();
         // plugin_dir and the config's folder are one directory here.
-        let (_w, rx) = Watcher::start(&root, &config, Mode::Events, SETTLE).unwrap();
+        let (_w, rx) = Watcher::start(&root, &config, Detection::Events, SETTLE).unwrap();
         // Its attributes touched, the file unchanged: nothing.
         fs::set_permissions(&lib, fs::Permissions::from_mode(0o600)).unwrap();
         quiet(&rx);
@@ -1166,7 +1171,7 @@ mod tests {
 
     #[test]
     fn config_replaced_by_rename() {
-        let s = setup(Mode::Events);
+        let s = setup(Detection::Events);
         replace_config(&s);
         quiet(&s.rx);
         // Another file in the config's folder: nothing.
@@ -1176,7 +1181,7 @@ mod tests {
 
     #[test]
     fn poll_mode_add_and_config() {
-        let s = setup(Mode::Poll);
+        let s = setup(Detection::Poll);
         let lib = s.plugins.join("liba.so");
         install(&lib, b"version one");
         assert_eq!(next(&s.rx), library(&lib, LibraryChange::Added));
@@ -1214,7 +1219,7 @@ mod tests {
     /// changes went unnoticed, and dropping the watcher (the daemon's stop) waited for ever.
     #[test]
     fn a_fifo_or_a_symlink_to_a_device_never_stops_the_watch() {
-        for mode in [Mode::Events, Mode::Poll] {
+        for mode in [Detection::Events, Detection::Poll] {
             let s = setup(mode);
             let fifo = s.plugins.join("x.so");
             mkfifo(&fifo);
@@ -1249,7 +1254,7 @@ mod tests {
     #[test]
     fn unreadable_junk_is_reported_once_however_often_it_is_touched() {
         use std::os::unix::fs::PermissionsExt as _;
-        let s = setup(Mode::Events);
+        let s = setup(Detection::Events);
         let junk = s.plugins.join("junk.so");
         std::os::unix::fs::symlink(&s.plugins, &junk).unwrap();
         let fifo = s.plugins.join("fifo.so");
@@ -1291,7 +1296,7 @@ mod tests {
     /// watched again (not even after a reload).
     #[test]
     fn a_plugin_dir_deleted_and_made_anew_is_watched_again() {
-        for mode in [Mode::Events, Mode::Poll] {
+        for mode in [Detection::Events, Detection::Poll] {
             let s = setup(mode);
             let lib = s.plugins.join("liba.so");
             install(&lib, b"one");
@@ -1329,7 +1334,7 @@ mod tests {
     /// ConfigMap layout, updated by an atomic swap of the `..data` link) was not watched.
     #[test]
     fn a_config_map_swap_is_a_config_change() {
-        for mode in [Mode::Events, Mode::Poll] {
+        for mode in [Detection::Events, Detection::Poll] {
             let dir = tempfile::tempdir().unwrap();
             let root = fs::canonicalize(dir.path()).unwrap();
             let plugins = root.join("plugins.d");
@@ -1365,7 +1370,7 @@ mod tests {
 
     #[test]
     fn dropping_the_watcher_disconnects() {
-        let s = setup(Mode::Events);
+        let s = setup(Detection::Events);
         drop(s.watcher);
         assert!(matches!(
             s.rx.recv_timeout(WAIT),

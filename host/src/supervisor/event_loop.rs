@@ -5,7 +5,7 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::select;
 
-use super::{Command, SETTLE_AFTER, Supervisor, TICK, desired::Found, reload::Trigger};
+use super::{SETTLE_AFTER, Supervisor, SupervisorCommand, TICK, desired::Found, reload::Trigger};
 use crate::{events::EventKind, watch::FileChange};
 
 impl Supervisor {
@@ -26,7 +26,7 @@ impl Supervisor {
         loop {
             select! {
                 recv(receiver) -> command => match command {
-                    Ok(Command::Stop { reply }) => {
+                    Ok(SupervisorCommand::Stop { reply }) => {
                         self.deps.watch = None;
                         self.deps.quarantine.disarm_all();
                         let _ = reply.send(std::mem::take(&mut self.retiring));
@@ -52,9 +52,9 @@ impl Supervisor {
         }
     }
 
-    pub(super) fn command(&mut self, command: Command) {
+    pub(super) fn command(&mut self, command: SupervisorCommand) {
         match command {
-            Command::Reload {
+            SupervisorCommand::Reload {
                 trigger,
                 expected,
                 instance,
@@ -65,17 +65,17 @@ impl Supervisor {
                     let _ = reply.send(result);
                 }
             }
-            Command::Pause {
+            SupervisorCommand::Pause {
                 name,
                 paused,
                 reply,
             } => {
                 let _ = reply.send(self.pause(&name, paused));
             }
-            Command::Forget { name, how, reply } => {
+            SupervisorCommand::Forget { name, how, reply } => {
                 let _ = reply.send(self.forget(&name, how));
             }
-            Command::FirstCall { name, generation } => {
+            SupervisorCommand::FirstCall { name, generation } => {
                 if let Some(running) = self
                     .instances
                     .get_mut(&name)
@@ -87,7 +87,7 @@ impl Supervisor {
                     self.deps.quarantine.disarm(&sha256, &name);
                 }
             }
-            Command::Retired {
+            SupervisorCommand::Retired {
                 name,
                 generation,
                 how,
@@ -101,7 +101,7 @@ impl Supervisor {
                     how,
                 });
             }
-            Command::Stop { .. } => unreachable!("handled by the loop"),
+            SupervisorCommand::Stop { .. } => unreachable!("handled by the loop"),
         }
         self.retiring.retain(|t| !t.is_finished());
     }

@@ -46,7 +46,7 @@ pub struct Generation {
 
 impl Generation {
     /// Whether its quarantine marker may go for time alone (its first call disarms it
-    /// sooner: `Command::FirstCall`).
+    /// sooner: `SupervisorCommand::FirstCall`).
     pub fn ran_for(&self, after: Duration) -> bool {
         self.armed.is_some_and(|t| t.elapsed() >= after)
     }

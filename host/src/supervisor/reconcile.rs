@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
 use crossbeam_channel::bounded;
 
 use super::{
-    Command, StartError, StartFailure, Supervised, Supervisor,
+    StartError, StartFailure, Supervised, Supervisor, SupervisorCommand,
     desired::{self, Want},
     generation::{self, Generation, GenerationDeps, Key},
 };
@@ -298,7 +298,7 @@ impl Supervisor {
         let number = inst.generations + 1;
         let (commands, instance) = (self.commands.clone(), name.to_owned());
         let first_call: actor::FirstCall = Box::new(move || {
-            let _ = commands.send(Command::FirstCall {
+            let _ = commands.send(SupervisorCommand::FirstCall {
                 name: instance,
                 generation: number,
             });
@@ -407,7 +407,7 @@ impl Supervisor {
         let commands = self.commands.clone();
         let (name, number) = (name.to_owned(), old.number);
         match generation::retire(actor, old, deadlines, self.deps.clock.clone(), move |how| {
-            let _ = commands.send(Command::Retired {
+            let _ = commands.send(SupervisorCommand::Retired {
                 name,
                 generation: number,
                 how,
