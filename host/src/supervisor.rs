@@ -7,6 +7,11 @@
 //! loop: `new` runs on a thread of its own (with `init_timeout`), a replaced generation is
 //! drained and shut down on a retire thread.
 //!
+//! This file is its interface and its state; the work is split by job: the thread's loop
+//! (`event_loop`), the reload protocol (`reload`), reconcile (`reconcile`), an operator's
+//! acts on one instance (`acts`), beside the desired state (`desired`), one generation
+//! (`generation`) and the published view (`view`).
+//!
 //! Invariants:
 //! - An instance name gets one id for the life of the process (dispatcher slot, backlog
 //!   entry, ledger key); a stopped instance keeps its slot, and its deliveries wait there.
@@ -15,6 +20,12 @@
 //!   reloads (or they change).
 //! - The routing snapshot names every instance that should run, loaded or not (DESIGN.md §7:
 //!   the target set is fixed at acceptance); a dispatcher slot exists before a route to it.
+//! - The supervisor alone decides that bytes are the same ones, nothing to do (a library:
+//!   its sha256 against the one checked; the config: against what runs and what was refused
+//!   last): the watcher reports that a file changed, never what it holds.
+//! - A library file is read only at the first scan, when the watcher reports it, and when
+//!   `plugin_dir` is rescanned (an operator's reload, SIGHUP, or a config change of
+//!   `plugin_dir` or `trusted_owner_uids`); a change of `plugins.toml` alone reads none.
 
 mod acts;
 pub mod desired;
@@ -165,8 +176,8 @@ pub enum ActRefused {
 
 /// What the supervisor is told.
 enum SupervisorCommand {
-    /// Read the configuration and `plugin_dir` again and apply them. `expected`: refuse
-    /// unless the file has this sha256. `instance`: also release its quarantine and
+    /// Read the configuration (and `plugin_dir`, as `trigger` says) again and apply them.
+    /// `expected`: refuse unless the file has this sha256. `instance`: also release its quarantine and
     /// re-instantiate it. Without `reply` (SIGHUP) the result is only logged and evented.
     Reload {
         trigger: Trigger,

@@ -150,7 +150,9 @@ impl Libraries {
         (new, refusals)
     }
 
-    /// The file at `path` changed (appeared, got new bytes or went): checks it again.
+    /// The watcher reported `path` (it appeared, was written, is another file, or went):
+    /// checks it again. Bytes with the sha256 of the library held there are
+    /// [`Found::Same`], nothing to do: for libraries, this is where that is decided.
     pub fn update(&mut self, path: &Path, policy: &Policy) -> (Found, Option<Refusal>) {
         // A dangling symlink is there (and refused as a symlink), not gone.
         if std::fs::symlink_metadata(path).is_err() {

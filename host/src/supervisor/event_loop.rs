@@ -131,7 +131,10 @@ impl Supervisor {
         }
     }
 
-    /// Library files changed, or the config file did.
+    /// The watcher reported files (a batch of them): each library is checked again (its
+    /// bytes the same as the ones held: nothing to do), then the config file, if it is one
+    /// of them, is reloaded (`Trigger::Watcher`: the same bytes are nothing to do); one
+    /// reconcile for everything.
     pub(super) fn files(&mut self, changes: Vec<FileChange>) {
         let mut config = false;
         let mut libraries = false;
