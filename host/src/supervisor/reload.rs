@@ -13,7 +13,8 @@ use crate::{
 /// each difference is one method below, so a new trigger is one variant and its answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Trigger {
-    /// The watcher saw the config file change (new bytes, or gone).
+    /// The watcher reported the config file (written, another file, or gone: its bytes may
+    /// be the ones that run).
     Watcher,
     /// SIGHUP (`systemctl reload`): an operator's reload nobody waits to hear the result of.
     Signal,
