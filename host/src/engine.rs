@@ -25,7 +25,7 @@ use crate::{
     notify::Notifier,
     quarantine::Quarantine,
     routing::{InstanceId, Registry, Routing},
-    supervisor::{ActRefused, Parts, Supervisor, SupervisorHandle, desired},
+    supervisor::{ActRefused, Supervisor, SupervisorDeps, SupervisorHandle, desired},
     watch::{self, Watcher},
 };
 
@@ -213,7 +213,7 @@ impl Engine {
             .name("dispatcher".into())
             .spawn(move || dispatcher.run(inputs_rx, actor_events_rx))?;
         let mut supervisor = Supervisor::new(
-            Parts {
+            SupervisorDeps {
                 config: config.clone(),
                 libraries,
                 quarantine,
@@ -383,12 +383,12 @@ impl Engine {
 fn start_watching(
     config: &Config,
     events: &Events,
-) -> Option<(Watcher, crossbeam_channel::Receiver<watch::Change>)> {
+) -> Option<(Watcher, crossbeam_channel::Receiver<watch::FileChange>)> {
     let start = |mode| Watcher::start(&config.host.plugin_dir, &config.source, mode, SETTLE);
-    let started = match start(watch::Mode::from(config.host.watch)) {
+    let started = match start(watch::Detection::from(config.host.watch)) {
         Err(e) if config.host.watch == WatchMode::Auto => {
             tracing::warn!(error = %e, "no change events here; polling plugin_dir and the config instead");
-            start(watch::Mode::Poll)
+            start(watch::Detection::Poll)
         }
         started => started,
     };

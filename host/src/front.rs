@@ -24,7 +24,7 @@ use crate::{
     ledger::LedgerError,
     loader,
     quote::quote,
-    supervisor::{ActRefused, Refused as ReloadRefused},
+    supervisor::{ActRefused, ReloadRefused},
 };
 
 pub use crate::{

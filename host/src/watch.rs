@@ -1,8 +1,8 @@
-//! Watching `plugin_dir` and the config file: file-system activity in, settled [`Change`]s out.
+//! Watching `plugin_dir` and the config file: file-system activity in, settled [`FileChange`]s out.
 //!
 //! This module has one job: turn what happens on disk into a short stream of changes that are
 //! worth acting on. It applies nothing; the supervisor (the next step of hot plug) consumes the
-//! [`Receiver<Change>`] returned by [`Watcher::start`] and decides what each change means.
+//! [`Receiver<FileChange>`] returned by [`Watcher::start`] and decides what each change means.
 //!
 //! - `plugin_dir` is watched non-recursively; only `*.so` entries that are not directories
 //!   count. The config file is watched through its parent directory, filtered by name,
@@ -12,10 +12,10 @@
 //!   ..data/plugins.toml`, `..data -> ..2026_…/`, updated by renaming a new `..data` over the
 //!   old) is followed: every directory holding a link of the chain, and the one holding the
 //!   file it ends at, is watched; any activity there re-resolves the chain, and a new target
-//!   (or new bytes) is a change.
+//!   (or a new write) is a change.
 //! - Raw events go through a debouncer (`notify-debouncer-full`) with the platform's events
-//!   ([`Mode::Events`], inotify on Linux), or the directories are scanned every
-//!   [`POLL_INTERVAL`] ([`Mode::Poll`], DESIGN §4 `watch = "poll"`, for filesystems without
+//!   ([`Detection::Events`], inotify on Linux), or the directories are scanned every
+//!   [`POLL_INTERVAL`] ([`Detection::Poll`], DESIGN §4 `watch = "poll"`, for filesystems without
 //!   change events), comparing what `lstat` says of each entry. notify's own poller is not
 //!   used: to compare contents it opens and reads every regular file it lists, by path, each
 //!   round — a FIFO swapped in between its `stat` and its `open` would block it for ever.
@@ -32,13 +32,13 @@
 //!   it goes out only when nothing changed (otherwise the check starts over).
 //!   A file caught incomplete all the same is refused by the loader's completeness check and
 //!   reported again when it changes.
-//! - Content dedupe: the watcher keeps the SHA-256 of the last bytes it reported for each path
-//!   (seeded with what exists when it starts) and drops a change whose bytes equal them. A
-//!   removal always goes out, and forgets the fingerprint.
-//! - Hostile entries: a library is fingerprinted through the loader's own open
-//!   ([`loader::fingerprint`]: never through a symlink, non-blocking, `fstat` before any
-//!   read), the config file through [`config::read_bytes`] (non-blocking, `fstat` first). A
-//!   FIFO, a device, a socket or a symlink named `*.so` is never read: it is reported once
+//! - The watcher reads no file: it compares what `lstat` says of each path (`stat` for the
+//!   config file, through its symlinks) with what it said when the path was last reported
+//!   (seeded with what exists when it starts), and drops an event whose file is the same file,
+//!   unchanged. Whether the bytes are new is the supervisor's to decide: it reads them anyway
+//!   (to check a library, to parse the config), and only it knows what runs. A removal
+//!   always goes out.
+//! - Hostile entries: a FIFO, a device, a socket or a symlink named `*.so` is reported once
 //!   (the supervisor's refusal is its one log line) and not again while it stays the same
 //!   file, however often it is touched. Watch errors are logged once each.
 //! - Nothing ever waits for the watch thread: dropping the [`Watcher`] tells it to end and
@@ -60,6 +60,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::config::WatchMode;
 use crossbeam_channel::{Receiver, Sender, never, select, unbounded};
 use notify::{
     EventKind, RecommendedWatcher, RecursiveMode,
@@ -68,14 +69,11 @@ use notify::{
 use notify_debouncer_full::{
     DebounceEventResult, DebouncedEvent, Debouncer, RecommendedCache, new_debouncer_opt,
 };
-use sha2::{Digest as _, Sha256};
-
-use crate::{config, config::WatchMode, loader};
 
 /// How long the debouncer waits for a path to go quiet before it reports its events.
 const DEBOUNCE: Duration = Duration::from_millis(50);
 
-/// How often [`Mode::Poll`] scans the watched directories.
+/// How often [`Detection::Poll`] scans the watched directories.
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
 
 /// How often the watched directories themselves are looked at (deleted and made anew, or
@@ -90,14 +88,14 @@ const MAX_LOGGED_ERRORS: usize = 256;
 
 /// How changes are noticed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
+pub enum Detection {
     /// The platform's change events (inotify on Linux).
     Events,
     /// Scan the directories every [`POLL_INTERVAL`], comparing what `lstat` says.
     Poll,
 }
 
-impl From<WatchMode> for Mode {
+impl From<WatchMode> for Detection {
     /// `auto` maps to events; falling back to polling when events cannot be set up is the
     /// caller's decision (it sees the [`WatchError`]).
     fn from(mode: WatchMode) -> Self {
@@ -113,7 +111,7 @@ impl From<WatchMode> for Mode {
 pub enum LibraryChange {
     /// A library the watcher has not reported (or seen at start) appeared.
     Added,
-    /// A known library now has different bytes.
+    /// A known library is another file now, or was written (its bytes may be the same).
     Replaced,
     /// A known library is gone.
     Removed,
@@ -121,10 +119,11 @@ pub enum LibraryChange {
 
 /// A settled change worth the supervisor's attention.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Change {
+pub enum FileChange {
     /// A `*.so` entry in `plugin_dir` (a non-regular one too, once: the loader refuses it).
     Library { path: PathBuf, kind: LibraryChange },
-    /// The config file has new bytes (or is gone: the supervisor's load will say so).
+    /// The config file is another file now, or was written (its bytes may be the same), or
+    /// is gone (the supervisor's load will say so).
     Config { path: PathBuf },
 }
 
@@ -154,25 +153,25 @@ pub enum WatchError {
 }
 
 /// The platform's events through the debouncer; dropping it stops the watch without waiting.
-type Events = Debouncer<RecommendedWatcher, RecommendedCache>;
+type EventSource = Debouncer<RecommendedWatcher, RecommendedCache>;
 
 /// What the watch thread is told besides file-system events.
 #[derive(Debug)]
-enum Control {
+enum WatchCommand {
     /// Look at the watched directories again now.
     Refresh,
 }
 
 /// A running watch of `plugin_dir` and the config file. Dropping it ends the watch thread
-/// without waiting for it, and the [`Receiver<Change>`] then disconnects.
+/// without waiting for it, and the [`Receiver<FileChange>`] then disconnects.
 pub struct Watcher {
-    /// Files fingerprinted by the watch thread since it started.
-    fingerprinted: Arc<AtomicU64>,
+    /// Paths the watch thread looked at to settle them since it started.
+    examined: Arc<AtomicU64>,
     /// The watch thread ends when this is dropped.
-    control: Sender<Control>,
+    control: Sender<WatchCommand>,
     plugin_dir: PathBuf,
     config: PathBuf,
-    mode: Mode,
+    mode: Detection,
 }
 
 impl std::fmt::Debug for Watcher {
@@ -189,7 +188,7 @@ impl Watcher {
     /// Starts watching `plugin_dir` (which must exist) and `config` (whose parent must exist).
     /// `settle` is the interval between the two looks at a file written in place.
     ///
-    /// The paths in the [`Change`]s are under the canonical forms of `plugin_dir` and of the
+    /// The paths in the [`FileChange`]s are under the canonical forms of `plugin_dir` and of the
     /// config file's parent.
     ///
     /// # Errors
@@ -198,9 +197,9 @@ impl Watcher {
     pub fn start(
         plugin_dir: &Path,
         config: &Path,
-        mode: Mode,
+        mode: Detection,
         settle: Duration,
-    ) -> Result<(Watcher, Receiver<Change>), WatchError> {
+    ) -> Result<(Watcher, Receiver<FileChange>), WatchError> {
         let canonical = |path: &Path| {
             fs::canonicalize(path).map_err(|source| WatchError::Resolve {
                 path: path.to_owned(),
@@ -224,7 +223,7 @@ impl Watcher {
             dirs.push(config_dir.clone());
         }
         let backend = match mode {
-            Mode::Events => {
+            Detection::Events => {
                 let watch_error = |path: &Path| {
                     let path = path.to_owned();
                     move |source| WatchError::Watch { path, source }
@@ -244,19 +243,19 @@ impl Watcher {
                 Some(d)
             }
             // The thread scans by itself; the raw channel stays empty (and disconnected).
-            Mode::Poll => None,
+            Detection::Poll => None,
         };
 
         let (tx, rx) = unbounded();
         let (control, control_rx) = unbounded();
-        let fingerprinted = Arc::new(AtomicU64::new(0));
-        let mut state = State {
+        let examined = Arc::new(AtomicU64::new(0));
+        let mut state = WatchThread {
             plugin_dir: plugin_dir.clone(),
             config: config.clone(),
             settle,
             mode,
             backend,
-            fingerprinted: fingerprinted.clone(),
+            examined: examined.clone(),
             known: HashMap::new(),
             pending: HashMap::new(),
             dirs: dirs.iter().map(|d| (d.clone(), dir_id(d))).collect(),
@@ -268,7 +267,7 @@ impl Watcher {
             tx,
         };
         // The baseline: what exists now counts as already reported. This runs before the
-        // caller's first scan, and reads only regular files (never blocking).
+        // caller's first scan, and reads no file (never blocking).
         state.seed();
         std::thread::Builder::new()
             .name("plugind-watch".into())
@@ -283,7 +282,7 @@ impl Watcher {
             })?;
         Ok((
             Watcher {
-                fingerprinted,
+                examined,
                 control,
                 plugin_dir,
                 config,
@@ -296,13 +295,13 @@ impl Watcher {
     /// Asks the watch thread to look at the watched directories again now (an operator's
     /// reload): one deleted and made anew since is watched again and scanned. Never waits.
     pub fn refresh(&self) {
-        let _ = self.control.send(Control::Refresh);
+        let _ = self.control.send(WatchCommand::Refresh);
     }
 
-    /// How many files the watcher has read to fingerprint them (at start, and for each
-    /// change it considered).
-    pub fn fingerprinted(&self) -> u64 {
-        self.fingerprinted.load(Ordering::Relaxed)
+    /// How many times the watcher looked at a path to settle it (at start, and for each
+    /// change it considered); it reads no file.
+    pub fn examined(&self) -> u64 {
+        self.examined.load(Ordering::Relaxed)
     }
 
     /// The canonical `plugin_dir` being watched.
@@ -359,10 +358,10 @@ impl Ident {
         self.kind == libc::S_IFDIR
     }
 
-    /// What identifies a refused entry: for anything but a regular file, which file it is
-    /// (refused for its kind, whatever it holds or however often it is touched); for a
-    /// regular file, what it holds too.
-    fn refused(self) -> Self {
+    /// What is compared between two reports of an entry: for anything but a regular file,
+    /// which file it is (refused by the supervisor for its kind, whatever it holds or however
+    /// often it is touched); for a regular file, its size and modification time too.
+    fn reported(self) -> Self {
         if self.kind == libc::S_IFREG {
             self
         } else {
@@ -400,16 +399,6 @@ fn dir_id(path: &Path) -> Option<DirId> {
             dev: m.dev(),
             ino: m.ino(),
         })
-}
-
-/// What the watcher last saw at a path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Seen {
-    /// The SHA-256 of its bytes.
-    Bytes([u8; 32]),
-    /// It could not be read as a regular file (a FIFO, a device, a symlink, too large,
-    /// unreadable): reported once, and again only when it becomes another file.
-    Refused(Ident),
 }
 
 /// The config file's symlink chain, as last resolved.
@@ -483,24 +472,24 @@ impl Chain {
 
 /// A file written in place, waiting to be stable.
 #[derive(Debug)]
-struct Pending {
+struct Settling {
     target: Target,
     last: Option<Ident>,
     due: Instant,
 }
 
 /// The watch thread's state.
-struct State {
+struct WatchThread {
     plugin_dir: PathBuf,
     config: PathBuf,
     settle: Duration,
-    mode: Mode,
-    /// `None` in [`Mode::Poll`].
-    backend: Option<Events>,
-    fingerprinted: Arc<AtomicU64>,
+    mode: Detection,
+    /// `None` in [`Detection::Poll`].
+    backend: Option<EventSource>,
+    examined: Arc<AtomicU64>,
     /// Reported (or present at start) paths and what was last reported of them.
-    known: HashMap<PathBuf, Seen>,
-    pending: HashMap<PathBuf, Pending>,
+    known: HashMap<PathBuf, Ident>,
+    pending: HashMap<PathBuf, Settling>,
     /// The directories watched, and which directory each path was when it was watched
     /// (`None`: missing, or the watch could not be set; tried again at every check).
     dirs: BTreeMap<PathBuf, Option<DirId>>,
@@ -508,15 +497,15 @@ struct State {
     chain: Chain,
     /// What the config file (through its chain) was when it was last settled.
     config_seen: Option<Ident>,
-    /// [`Mode::Poll`]: what each library entry was at the last scan, and the config file.
+    /// [`Detection::Poll`]: what each library entry was at the last scan, and the config file.
     polled: HashMap<PathBuf, Ident>,
     polled_config: Option<(Option<Ident>, Chain)>,
     /// Watch errors already logged (each is logged once).
     errors_logged: HashSet<String>,
-    tx: Sender<Change>,
+    tx: Sender<FileChange>,
 }
 
-impl State {
+impl WatchThread {
     fn classify(&self, path: &Path) -> Option<Target> {
         if path == self.config || path == self.chain.target {
             return Some(Target::Config);
@@ -574,29 +563,15 @@ impl State {
         self.check_dirs();
     }
 
-    /// Reads what is at `path` now, the safe way for its target; `None` if it is gone (or
-    /// a directory, which is no library).
-    fn see(&mut self, path: &Path, target: Target) -> Option<Seen> {
+    /// What is at `path` now, as compared between reports; `None` if it is gone (or a
+    /// directory, which is no library). Nothing is read: the supervisor reads what it takes.
+    fn see(&mut self, path: &Path, target: Target) -> Option<Ident> {
         let ident = look(path, target)?;
         if target == Target::Library && ident.is_dir() {
             return None;
         }
-        self.fingerprinted.fetch_add(1, Ordering::Relaxed);
-        let bytes = match target {
-            Target::Library => loader::fingerprint(path).map_err(|e| e.to_string()),
-            Target::Config => config::read_bytes(path)
-                .map(|bytes| Sha256::digest(&bytes).into())
-                .map_err(|e| format!("{}: cannot read: {e}", path.display())),
-        };
-        Some(match bytes {
-            Ok(sha256) => Seen::Bytes(sha256),
-            Err(error) => {
-                // Not logged here: the supervisor refuses it with one event, and it is not
-                // reported again while it stays the same file.
-                tracing::debug!(%error, "not read");
-                Seen::Refused(ident.refused())
-            }
-        })
+        self.examined.fetch_add(1, Ordering::Relaxed);
+        Some(ident.reported())
     }
 
     /// Logs a watch problem once (until the watches are set up again).
@@ -609,13 +584,13 @@ impl State {
         }
     }
 
-    fn run(mut self, raw: Receiver<DebounceEventResult>, control: Receiver<Control>) {
+    fn run(mut self, raw: Receiver<DebounceEventResult>, control: Receiver<WatchCommand>) {
         let mut raw = raw;
         let mut next_poll = Instant::now() + POLL_INTERVAL;
         let mut next_dir_check = Instant::now() + DIR_CHECK;
         loop {
             let mut wake = next_dir_check;
-            if self.mode == Mode::Poll {
+            if self.mode == Detection::Poll {
                 wake = wake.min(next_poll);
             }
             if let Some(due) = self.pending.values().map(|p| p.due).min() {
@@ -633,7 +608,7 @@ impl State {
                     Err(_) => raw = never(),
                 },
                 recv(control) -> command => match command {
-                    Ok(Control::Refresh) => self.check_dirs(),
+                    Ok(WatchCommand::Refresh) => self.check_dirs(),
                     // The Watcher was dropped: nobody waits for this thread, which ends here
                     // (dropping the debouncer stops it without waiting either).
                     Err(_) => return,
@@ -641,7 +616,7 @@ impl State {
                 default(timeout) => {}
             }
             let now = Instant::now();
-            if self.mode == Mode::Poll && now >= next_poll {
+            if self.mode == Detection::Poll && now >= next_poll {
                 self.poll();
                 next_poll = now + POLL_INTERVAL;
             }
@@ -678,8 +653,8 @@ impl State {
                 EventKind::Access(AccessKind::Close(AccessMode::Write))
             );
             // Opening, reading, mapping or closing a file unwritten changes nothing: these
-            // come from the loader, from readers, and from this watcher's own fingerprint
-            // reads (acting on those would hash the file again, for ever).
+            // come from the loader and from readers (acting on them once made the watcher
+            // hash its own reads, for ever).
             if matches!(event.kind, EventKind::Access(_)) && !closed {
                 continue;
             }
@@ -730,7 +705,7 @@ impl State {
         } else {
             self.pending.insert(
                 path.to_owned(),
-                Pending {
+                Settling {
                     target,
                     last,
                     due: Instant::now() + self.settle,
@@ -778,11 +753,11 @@ impl State {
                     return;
                 }
                 match target {
-                    Target::Library => Change::Library {
+                    Target::Library => FileChange::Library {
                         path: path.to_owned(),
                         kind: LibraryChange::Removed,
                     },
-                    Target::Config => Change::Config {
+                    Target::Config => FileChange::Config {
                         path: path.to_owned(),
                     },
                 }
@@ -793,7 +768,7 @@ impl State {
                     return;
                 }
                 match target {
-                    Target::Library => Change::Library {
+                    Target::Library => FileChange::Library {
                         path: path.to_owned(),
                         kind: if previous.is_some() {
                             LibraryChange::Replaced
@@ -801,7 +776,7 @@ impl State {
                             LibraryChange::Added
                         },
                     },
-                    Target::Config => Change::Config {
+                    Target::Config => FileChange::Config {
                         path: path.to_owned(),
                     },
                 }
@@ -846,7 +821,7 @@ impl State {
             .collect()
     }
 
-    /// [`Mode::Poll`]: what changed since the last scan goes through the stability check.
+    /// [`Detection::Poll`]: what changed since the last scan goes through the stability check.
     fn poll(&mut self) {
         let now = self.scan_libraries();
         let changed: Vec<PathBuf> = now
@@ -958,10 +933,10 @@ mod tests {
         plugins: PathBuf,
         config: PathBuf,
         watcher: Watcher,
-        rx: Receiver<Change>,
+        rx: Receiver<FileChange>,
     }
 
-    fn setup(mode: Mode) -> Setup {
+    fn setup(mode: Detection) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let root = fs::canonicalize(dir.path()).unwrap();
         let plugins = root.join("plugins.d");
@@ -988,40 +963,40 @@ mod tests {
         fs::rename(&tmp, dest).unwrap();
     }
 
-    fn next(rx: &Receiver<Change>) -> Change {
+    fn next(rx: &Receiver<FileChange>) -> FileChange {
         rx.recv_timeout(WAIT).expect("a change within 3 s")
     }
 
-    /// Reading a library (as the loader and the watcher's own fingerprinting do) is no
-    /// change: the watcher neither reports it nor reads the file again. Acting on read events
-    /// once made it hash its own reads for ever, spending a tenth of a core when idle.
+    /// Reading a library (as the loader does) is no change: the watcher neither reports it
+    /// nor looks at the file again. Acting on read events once made it hash its own reads for
+    /// ever, spending a tenth of a core when idle.
     #[test]
     fn reads_are_not_changes() {
-        let s = setup(Mode::Events);
+        let s = setup(Detection::Events);
         let lib = s.plugins.join("liba.so");
         install(&lib, b"version 1");
-        assert!(matches!(next(&s.rx), Change::Library { .. }));
-        let before = s.watcher.fingerprinted();
+        assert!(matches!(next(&s.rx), FileChange::Library { .. }));
+        let before = s.watcher.examined();
         for _ in 0..5 {
             assert_eq!(fs::read(&lib).unwrap(), b"version 1");
             fs::read(&s.config).unwrap();
         }
         quiet(&s.rx);
         assert_eq!(
-            s.watcher.fingerprinted(),
+            s.watcher.examined(),
             before,
-            "reads made the watcher hash files"
+            "reads made the watcher look at files"
         );
     }
 
-    fn quiet(rx: &Receiver<Change>) {
+    fn quiet(rx: &Receiver<FileChange>) {
         if let Ok(change) = rx.recv_timeout(QUIET) {
             panic!("unexpected change: {change:?}");
         }
     }
 
-    fn library(path: &Path, kind: LibraryChange) -> Change {
-        Change::Library {
+    fn library(path: &Path, kind: LibraryChange) -> FileChange {
+        FileChange::Library {
             path: path.to_owned(),
             kind,
         }
@@ -1049,22 +1024,24 @@ mod tests {
         let path = dir.path().join("f");
         fs::write(&path, b"abc").unwrap();
         assert_eq!(
-            hex::encode(loader::fingerprint(&path).unwrap()),
+            hex::encode(crate::loader::fingerprint(&path).unwrap()),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
     }
 
     #[test]
     fn library_lifecycle_events() {
-        let s = setup(Mode::Events);
+        let s = setup(Detection::Events);
         let lib = s.plugins.join("liba.so");
 
         // Renamed in: Added.
         install(&lib, b"version one");
         assert_eq!(next(&s.rx), library(&lib, LibraryChange::Added));
 
-        // The same bytes again: nothing.
+        // The same bytes again, renamed in: another file, reported (whether its bytes are
+        // new is the supervisor's to decide: it reads them anyway).
         install(&lib, b"version one");
+        assert_eq!(next(&s.rx), library(&lib, LibraryChange::Replaced));
         quiet(&s.rx);
 
         // Written in place in two halves: one Replaced, once complete.
@@ -1089,7 +1066,7 @@ mod tests {
         fs::remove_file(&lib).unwrap();
         assert_eq!(next(&s.rx), library(&lib, LibraryChange::Removed));
 
-        // The same bytes after a removal: Added again (the fingerprint was forgotten).
+        // The same bytes after a removal: Added again (the path was forgotten).
         install(&lib, full);
         assert_eq!(next(&s.rx), library(&lib, LibraryChange::Added));
         quiet(&s.rx);
@@ -1104,8 +1081,13 @@ mod tests {
         fs::create_dir(&plugins).unwrap();
         let config = root.join("plugins.toml");
         // A settle interval no test waits for: only the writer's close can report these.
-        let (_watcher, rx) =
-            Watcher::start(&plugins, &config, Mode::Events, Duration::from_secs(60)).unwrap();
+        let (_watcher, rx) = Watcher::start(
+            &plugins,
+            &config,
+            Detection::Events,
+            Duration::from_secs(60),
+        )
+        .unwrap();
         let copied = plugins.join("libcopied.so");
         fs::write(&copied, b"copied in place").unwrap();
         assert_eq!(next(&rx), library(&copied, LibraryChange::Added));
@@ -1123,7 +1105,7 @@ mod tests {
     #[test]
     fn slow_in_place_write_is_reported_once_complete() {
         use std::io::Write as _;
-        let s = setup(Mode::Events);
+        let s = setup(Detection::Events);
         let lib = s.plugins.join("libslow.so");
         // Five chunks 100 ms apart: longer than `settle` in all, each gap shorter than it.
         let mut f = fs::File::create(&lib).unwrap();
@@ -1140,7 +1122,7 @@ mod tests {
 
     #[test]
     fn ignored_files_are_not_reported() {
-        let s = setup(Mode::Events);
+        let s = setup(Detection::Events);
         for name in [
             ".hidden.so",
             "liba.so.tmp",
@@ -1154,8 +1136,11 @@ mod tests {
         quiet(&s.rx);
     }
 
+    /// What exists at start counts as reported: nothing is reported for it until it
+    /// changes.
     #[test]
     fn existing_files_are_the_baseline() {
+        use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().unwrap();
         let root = fs::canonicalize(dir.path()).unwrap();
         let lib = root.join("liba.so");
@@ -1163,8 +1148,9 @@ mod tests {
         let config = root.join("plugins.toml");
         fs::write(&config, "").unwrap();
         // plugin_dir and the config's folder are one directory here.
-        let (_w, rx) = Watcher::start(&root, &config, Mode::Events, SETTLE).unwrap();
-        install(&lib, b"one");
+        let (_w, rx) = Watcher::start(&root, &config, Detection::Events, SETTLE).unwrap();
+        // Its attributes touched, the file unchanged: nothing.
+        fs::set_permissions(&lib, fs::Permissions::from_mode(0o600)).unwrap();
         quiet(&rx);
         install(&lib, b"two");
         assert_eq!(next(&rx), library(&lib, LibraryChange::Replaced));
@@ -1177,7 +1163,7 @@ mod tests {
         fs::rename(&tmp, &s.config).unwrap();
         assert_eq!(
             next(&s.rx),
-            Change::Config {
+            FileChange::Config {
                 path: s.config.clone()
             }
         );
@@ -1185,7 +1171,7 @@ mod tests {
 
     #[test]
     fn config_replaced_by_rename() {
-        let s = setup(Mode::Events);
+        let s = setup(Detection::Events);
         replace_config(&s);
         quiet(&s.rx);
         // Another file in the config's folder: nothing.
@@ -1195,7 +1181,7 @@ mod tests {
 
     #[test]
     fn poll_mode_add_and_config() {
-        let s = setup(Mode::Poll);
+        let s = setup(Detection::Poll);
         let lib = s.plugins.join("liba.so");
         install(&lib, b"version one");
         assert_eq!(next(&s.rx), library(&lib, LibraryChange::Added));
@@ -1233,7 +1219,7 @@ mod tests {
     /// changes went unnoticed, and dropping the watcher (the daemon's stop) waited for ever.
     #[test]
     fn a_fifo_or_a_symlink_to_a_device_never_stops_the_watch() {
-        for mode in [Mode::Events, Mode::Poll] {
+        for mode in [Detection::Events, Detection::Poll] {
             let s = setup(mode);
             let fifo = s.plugins.join("x.so");
             mkfifo(&fifo);
@@ -1268,7 +1254,7 @@ mod tests {
     #[test]
     fn unreadable_junk_is_reported_once_however_often_it_is_touched() {
         use std::os::unix::fs::PermissionsExt as _;
-        let s = setup(Mode::Events);
+        let s = setup(Detection::Events);
         let junk = s.plugins.join("junk.so");
         std::os::unix::fs::symlink(&s.plugins, &junk).unwrap();
         let fifo = s.plugins.join("fifo.so");
@@ -1282,7 +1268,7 @@ mod tests {
                 library(&junk, LibraryChange::Added)
             ]
         );
-        let before = s.watcher.fingerprinted();
+        let before = s.watcher.examined();
         for round in 0..5u32 {
             let touched = std::process::Command::new("touch")
                 .arg("-h")
@@ -1298,7 +1284,7 @@ mod tests {
             std::thread::sleep(DEBOUNCE * 2);
         }
         quiet(&s.rx);
-        assert!(s.watcher.fingerprinted() > before, "the touches were seen");
+        assert!(s.watcher.examined() > before, "the touches were seen");
         // Another file under the same name is news.
         fs::remove_file(&junk).unwrap();
         assert_eq!(next(&s.rx), library(&junk, LibraryChange::Removed));
@@ -1310,7 +1296,7 @@ mod tests {
     /// watched again (not even after a reload).
     #[test]
     fn a_plugin_dir_deleted_and_made_anew_is_watched_again() {
-        for mode in [Mode::Events, Mode::Poll] {
+        for mode in [Detection::Events, Detection::Poll] {
             let s = setup(mode);
             let lib = s.plugins.join("liba.so");
             install(&lib, b"one");
@@ -1348,7 +1334,7 @@ mod tests {
     /// ConfigMap layout, updated by an atomic swap of the `..data` link) was not watched.
     #[test]
     fn a_config_map_swap_is_a_config_change() {
-        for mode in [Mode::Events, Mode::Poll] {
+        for mode in [Detection::Events, Detection::Poll] {
             let dir = tempfile::tempdir().unwrap();
             let root = fs::canonicalize(dir.path()).unwrap();
             let plugins = root.join("plugins.d");
@@ -1360,7 +1346,7 @@ mod tests {
             std::os::unix::fs::symlink("..data/plugins.toml", mount.join("plugins.toml")).unwrap();
             let config = mount.join("plugins.toml");
             let (_w, rx) = Watcher::start(&plugins, &config, mode, SETTLE).unwrap();
-            let changed = Change::Config {
+            let changed = FileChange::Config {
                 path: config.clone(),
             };
             config_map_swap(
@@ -1374,15 +1360,17 @@ mod tests {
             config_map_swap(&mount, "..2026_12_06_02", "..2026_12_06_03", "[host]\n");
             assert_eq!(next(&rx), changed, "{mode:?}");
             quiet(&rx);
-            // The same bytes in a new version: nothing.
+            // The same bytes in a new version: another file, reported (the supervisor finds the
+            // bytes it runs, and does nothing).
             config_map_swap(&mount, "..2026_12_06_03", "..2026_12_06_04", "[host]\n");
+            assert_eq!(next(&rx), changed, "{mode:?}");
             quiet(&rx);
         }
     }
 
     #[test]
     fn dropping_the_watcher_disconnects() {
-        let s = setup(Mode::Events);
+        let s = setup(Detection::Events);
         drop(s.watcher);
         assert!(matches!(
             s.rx.recv_timeout(WAIT),

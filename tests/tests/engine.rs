@@ -536,6 +536,7 @@ topics = [\"t.>\"]
     assert!(
         failures[0]
             .error
+            .to_string()
             .contains("did not finish within init_timeout (200ms)"),
         "{}",
         failures[0].error
@@ -755,7 +756,7 @@ fn hash_of(path: &std::path::Path) -> [u8; 32] {
 
 #[test]
 fn reload_applies_a_new_config_and_refuses_a_stale_hash_an_invalid_file_or_an_unknown_name() {
-    use plugind::{config::Change, supervisor::Refused};
+    use plugind::{config::Change, supervisor::ReloadRefused};
     let one = "[plugins.a]\nplugin = \"fx-echo\"\ntopics = [\"echo.>\"]\n";
     let d = start(&["fx-echo"], one);
     let path = d.sandbox.path().join("plugins.toml");
@@ -764,7 +765,10 @@ fn reload_applies_a_new_config_and_refuses_a_stale_hash_an_invalid_file_or_an_un
     std::fs::write(&path, &two).unwrap();
     // Someone else's edit since the caller read the file: refused, nothing applied.
     let stale = d.engine().supervisor().reload(Some(before), None);
-    assert!(matches!(stale, Err(Refused::Changed { .. })), "{stale:?}");
+    assert!(
+        matches!(stale, Err(ReloadRefused::Changed { .. })),
+        "{stale:?}"
+    );
     assert!(d.engine().instance("b").is_none());
     let applied = d
         .engine()
@@ -779,7 +783,7 @@ fn reload_applies_a_new_config_and_refuses_a_stale_hash_an_invalid_file_or_an_un
     });
     // A mistake: refused whole with its position; what ran keeps running.
     std::fs::write(&path, format!("{two}\n[plugins.c]\nplugin = 7\n")).unwrap();
-    let Err(Refused::Invalid(error)) = d.engine().supervisor().reload(None, None) else {
+    let Err(ReloadRefused::Invalid(error)) = d.engine().supervisor().reload(None, None) else {
         panic!("an invalid file is refused");
     };
     assert!(error.contains("plugins.toml:"), "{error}");
@@ -794,7 +798,7 @@ fn reload_applies_a_new_config_and_refuses_a_stale_hash_an_invalid_file_or_an_un
     std::fs::write(&path, &two).unwrap();
     assert!(matches!(
         d.engine().supervisor().reload(None, Some("nope".into())),
-        Err(Refused::UnknownInstance(_))
+        Err(ReloadRefused::UnknownInstance(_))
     ));
 }
 
@@ -884,4 +888,115 @@ fn an_idempotency_key_is_deduplicated_by_the_ingress_whichever_way_a_message_com
     // Two messages were stored, whatever was published.
     assert_eq!(d.engine().ledger().counts().accepted, 2);
     d.until("the first of each key delivered", |s| acked(s, "a") == 2);
+}
+
+/// Waits (20 s at most) until `done` holds for what the supervisor publishes.
+fn until_view(
+    engine: &Engine,
+    what: &str,
+    done: impl Fn(&plugind::supervisor::SupervisorView) -> bool,
+) -> Arc<plugind::supervisor::SupervisorView> {
+    let start = Instant::now();
+    loop {
+        let view = engine.supervisor().view();
+        if done(&view) {
+            return view;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{what}: {view:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// An engine watching its sandbox's `plugins.d/` (the fixtures `libraries`) and
+/// `plugins.toml` (`config_text`), as `plugind run` does.
+fn start_watched(libraries: &[&str], config_text: &str) -> (Sandbox, Engine) {
+    let sandbox = Sandbox::with_fixtures("engine", libraries);
+    let path = sandbox.put("plugins.toml", config_text);
+    let config = config::parse(&path, config_text).unwrap_or_else(|e| panic!("{}", e.render()));
+    let options = Options {
+        clock: Arc::new(SystemClock),
+        probe: None,
+        watch: true,
+        notifier: None,
+    };
+    let (engine, failures) = Engine::start(&config, MemoryLedger::new(), options).unwrap();
+    assert!(failures.is_empty(), "{failures:?}");
+    (sandbox, engine)
+}
+
+/// A change of `plugins.toml` alone made the supervisor read and check every library in
+/// `plugin_dir` again (a config event from the watcher rescanned the directory). Libraries
+/// are read again when the watcher reports one of them, or an operator reloads.
+#[test]
+fn a_config_change_seen_by_the_watcher_does_not_check_the_libraries_again() {
+    let one = "[host]\nautoload = false\n\n[plugins.a]\nplugin = \"fx-echo\"\n";
+    let (sandbox, engine) = start_watched(&["fx-echo", "fx-noop"], one);
+    let path = sandbox.path().join("plugins.toml");
+    let checks = engine.supervisor().view().library_checks;
+    assert_eq!(checks, 2, "the first scan checks each library once");
+
+    // plugins.toml alone changes (renamed into place, as editors do): applied, and no library
+    // is read for it.
+    let two = format!("{one}\n[plugins.b]\nplugin = \"fx-noop\"\n");
+    let tmp = sandbox.put("plugins.toml.tmp", &two);
+    std::fs::rename(&tmp, &path).unwrap();
+    let sha256 = hex::encode(hash_of(&path));
+    let view = until_view(&engine, "the new configuration is applied", |v| {
+        v.config_sha256 == sha256
+            && v.instances
+                .iter()
+                .any(|i| i.name == "b" && i.state == "running")
+    });
+    assert_eq!(
+        view.library_checks, checks,
+        "a config-only change re-read the libraries"
+    );
+
+    // A library's own change is read (once the watcher reports it).
+    sandbox.copy(
+        "plugins.d/fx-record.so",
+        &fixtures::library("fx-record", Profile::Dev),
+    );
+    let view = until_view(&engine, "the new library is checked", |v| {
+        v.library_checks > checks
+    });
+    // An operator's reload reads plugin_dir again, every library.
+    let before = view.library_checks;
+    engine.supervisor().reload(None, None).unwrap();
+    assert!(
+        engine.supervisor().view().library_checks >= before + 3,
+        "an operator's reload checks every library again"
+    );
+    engine.stop(Duration::from_secs(5));
+}
+
+/// The supervisor alone decides that the same bytes are nothing to do (the watcher reads no
+/// file): a library renamed in again with the bytes that run is checked, and nothing else
+/// happens.
+#[test]
+fn the_same_library_bytes_renamed_in_again_are_nothing_to_do() {
+    let one = "[host]\nautoload = false\n\n[plugins.a]\nplugin = \"fx-echo\"\n";
+    let (sandbox, engine) = start_watched(&["fx-echo"], one);
+    let before = engine.supervisor().view();
+    let events = engine.events().history().len();
+    let library = sandbox.path().join("plugins.d/fx-echo.so");
+    let tmp = sandbox.copy("plugins.d/.fx-echo.so.tmp", &library);
+    std::fs::rename(&tmp, &library).unwrap();
+    let after = until_view(&engine, "the library is checked again", |v| {
+        v.library_checks > before.library_checks
+    });
+    assert_eq!(
+        after.instances, before.instances,
+        "the same bytes changed what runs"
+    );
+    assert_eq!(
+        engine.events().history().len(),
+        events,
+        "the same bytes made events: {:?}",
+        engine.events().history()
+    );
+    engine.stop(Duration::from_secs(5));
 }

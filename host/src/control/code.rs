@@ -6,7 +6,7 @@ use tonic::Status;
 use crate::{
     front::{OperateError, Refused, WatchEnd},
     ledger::LedgerError,
-    supervisor::{ActRefused, Refused as ReloadRefused},
+    supervisor::{ActRefused, ReloadRefused},
 };
 
 /// A refused publish: `INVALID_ARGUMENT` (the message), `FAILED_PRECONDITION` (nothing

@@ -246,7 +246,7 @@ fn reload_response(applied: Applied) -> pb::ReloadResponse {
             .into_iter()
             .map(|f| pb::InstanceFailure {
                 instance: f.instance,
-                error: f.error,
+                error: f.error.to_string(),
             })
             .collect(),
     }

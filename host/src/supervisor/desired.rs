@@ -28,6 +28,26 @@ pub struct Libraries {
     /// untrusted user): nothing is taken from it until that is fixed, and every instance
     /// that needs a library it does not have yet is told this, not "no library provides".
     unsafe_dir: Option<String>,
+    /// Library files read and checked since the first scan (carried across rescans).
+    checks: u64,
+}
+
+/// Why no library provides a plugin.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NoProvider {
+    /// `plugin_dir` itself is refused, and nothing taken from it while it was safe claims
+    /// the name.
+    #[error("plugin `{plugin}`: {problem}")]
+    UnsafeDir { plugin: String, problem: String },
+    #[error("no library in plugin_dir provides plugin `{0}`")]
+    Missing(String),
+    /// Several libraries present from the start claim the name: none is chosen.
+    #[error(
+        "{} libraries claim the plugin name `{plugin}`: {}; none is loaded",
+        .paths.len(),
+        .paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" and ")
+    )]
+    Claimed { plugin: String, paths: Vec<PathBuf> },
 }
 
 /// What a scan or a file change found worth reporting.
@@ -74,6 +94,7 @@ impl Libraries {
         }
         match background::run(|| loader::scan(dir, policy)) {
             Ok(scanned) => {
+                libraries.checks = scanned.len() as u64;
                 for (path, checked) in scanned {
                     match checked {
                         Ok(checked) => {
@@ -112,6 +133,7 @@ impl Libraries {
             }
         }
         new.arrivals = old.arrivals;
+        new.checks += old.checks;
         for (path, (arrival, _)) in &mut new.by_path {
             *arrival = match old.by_path.get(path) {
                 Some((known, _)) => *known,
@@ -128,7 +150,9 @@ impl Libraries {
         (new, refusals)
     }
 
-    /// The file at `path` changed (appeared, got new bytes or went): checks it again.
+    /// The watcher reported `path` (it appeared, was written, is another file, or went):
+    /// checks it again. Bytes with the sha256 of the library held there are
+    /// [`Found::Same`], nothing to do: for libraries, this is where that is decided.
     pub fn update(&mut self, path: &Path, policy: &Policy) -> (Found, Option<Refusal>) {
         // A dangling symlink is there (and refused as a symlink), not gone.
         if std::fs::symlink_metadata(path).is_err() {
@@ -138,6 +162,7 @@ impl Libraries {
                 None => (Found::Same, None),
             };
         }
+        self.checks += 1;
         match background::run(|| loader::check(path, policy)) {
             Ok(checked) => {
                 self.refused.remove(path);
@@ -173,7 +198,7 @@ impl Libraries {
     /// The library providing plugin `name`: the only one claiming it, or the first to arrive
     /// among several (a newcomer is refused, naming both paths); several present from the
     /// start: none, naming all.
-    pub fn provider(&self, name: &str) -> Result<&Checked, String> {
+    pub fn provider(&self, name: &str) -> Result<&Checked, NoProvider> {
         let mut claims: Vec<(u64, &Checked)> = self
             .by_path
             .values()
@@ -183,22 +208,18 @@ impl Libraries {
         claims.sort_by_key(|(n, c)| (*n, c.path().to_owned()));
         match claims.as_slice() {
             [] => Err(match &self.unsafe_dir {
-                Some(problem) => format!("plugin `{name}`: {problem}"),
-                None => format!("no library in plugin_dir provides plugin `{name}`"),
+                Some(problem) => NoProvider::UnsafeDir {
+                    plugin: name.to_owned(),
+                    problem: problem.clone(),
+                },
+                None => NoProvider::Missing(name.to_owned()),
             }),
             [(_, one)] => Ok(one),
             [(first, one), (second, _), ..] if first < second => Ok(one),
-            _ => {
-                let paths: Vec<String> = claims
-                    .iter()
-                    .map(|(_, c)| c.path().display().to_string())
-                    .collect();
-                Err(format!(
-                    "{} libraries claim the plugin name `{name}`: {}; none is loaded",
-                    claims.len(),
-                    paths.join(" and ")
-                ))
-            }
+            _ => Err(NoProvider::Claimed {
+                plugin: name.to_owned(),
+                paths: claims.iter().map(|(_, c)| c.path().to_owned()).collect(),
+            }),
         }
     }
 
@@ -226,6 +247,12 @@ impl Libraries {
         names.sort();
         names.dedup();
         names
+    }
+
+    /// How many library files were read and checked since the first scan: every file of
+    /// each scan of `plugin_dir`, and each file the watcher reported.
+    pub fn checks(&self) -> u64 {
+        self.checks
     }
 
     /// The sha256 of every library present.
@@ -406,7 +433,7 @@ mod tests {
             "{}",
             refusals[0].error
         );
-        let error = libraries.provider("p").unwrap_err();
+        let error = libraries.provider("p").unwrap_err().to_string();
         assert!(error.contains("writable by others"), "{error}");
         assert!(!error.contains("provides"), "{error}");
         // Safe again: the ordinary answer.
@@ -414,7 +441,7 @@ mod tests {
         let (libraries, refusals) = Libraries::scan(&dir, &Policy::default());
         assert!(refusals.is_empty(), "{refusals:?}");
         assert_eq!(
-            libraries.provider("p").unwrap_err(),
+            libraries.provider("p").unwrap_err().to_string(),
             "no library in plugin_dir provides plugin `p`"
         );
     }

@@ -23,7 +23,7 @@ use crate::{
     services::{Identity, InstanceServices, Limits},
 };
 
-use super::desired::Want;
+use super::{StartError, desired::Want};
 
 /// What a generation is made of: equal keys, equal generation (nothing to do).
 #[derive(Debug, Clone, PartialEq)]
@@ -46,15 +46,17 @@ pub struct Generation {
 
 impl Generation {
     /// Whether its quarantine marker may go for time alone (its first call disarms it
-    /// sooner: `Command::FirstCall`).
+    /// sooner: `SupervisorCommand::FirstCall`).
     pub fn ran_for(&self, after: Duration) -> bool {
         self.armed.is_some_and(|t| t.elapsed() >= after)
     }
 }
 
-/// What a new generation is connected to.
+/// What a new generation is started with: the ingress (its publishes), the dispatcher's actor
+/// events, the ledger (its in-flight marker), the clock, the load policy and the limits of its
+/// host services.
 #[allow(missing_debug_implementations)]
-pub struct Wiring<'a> {
+pub struct GenerationDeps<'a> {
     pub ingress: &'a Arc<crate::ingress::Ingress>,
     pub events: &'a Sender<actor::Event>,
     pub ledger: &'a Arc<dyn Ledger>,
@@ -70,7 +72,7 @@ pub struct Wiring<'a> {
 /// disarms the marker then); a clean failure of `new` disarms it here.
 ///
 /// # Errors
-/// Why it could not start, for the report; nothing of it is left running.
+/// [`StartError`]: why it could not start, for the report; nothing of it is left running.
 #[allow(clippy::too_many_arguments)]
 pub fn start(
     id: InstanceId,
@@ -78,11 +80,13 @@ pub fn start(
     number: u32,
     want: &Want,
     checked: &Checked,
-    wiring: &Wiring<'_>,
+    wiring: &GenerationDeps<'_>,
     quarantine: &mut Quarantine,
     mut first_call: Option<actor::FirstCall>,
-) -> Result<(Generation, Actor), String> {
-    checked.check_pin(want.pin).map_err(|e| e.to_string())?;
+) -> Result<(Generation, Actor), StartError> {
+    checked
+        .check_pin(want.pin)
+        .map_err(|e| StartError::Pin(Arc::new(e)))?;
     let sha256 = checked.sha256();
     // Without a marker (a full disk, say) the library still loads: crash-loop protection
     // is lost for this load, the service is not.
@@ -98,7 +102,8 @@ pub fn start(
             sha256: want.pin,
             ..wiring.policy.clone()
         };
-        let library = background::run(|| checked.load(&policy)).map_err(|e| e.to_string())?;
+        let library =
+            background::run(|| checked.load(&policy)).map_err(|e| StartError::Load(Arc::new(e)))?;
         let services = InstanceServices::new(
             Identity {
                 instance: name.to_owned(),
@@ -131,7 +136,7 @@ pub fn start(
             wiring.ledger.marker(id),
             first_call,
         )
-        .map_err(|e| format!("cannot start its thread: {e}"))?;
+        .map_err(|e| StartError::ActorThread(Arc::new(e)))?;
         Ok((library, actor))
     })();
     match started {
@@ -164,7 +169,7 @@ fn instantiate(
     config: &serde_json::Value,
     services: &Arc<InstanceServices>,
     timeout: Duration,
-) -> Result<loader::PluginInstance, String> {
+) -> Result<loader::PluginInstance, StartError> {
     let (reply, answer) = bounded(1);
     let (lib, config, services) = (lib.clone(), config.to_string(), services.clone());
     std::thread::Builder::new()
@@ -174,13 +179,10 @@ fn instantiate(
             let result = lib.instantiate(&config, hosting::host_handle(services));
             let _ = reply.send(result);
         })
-        .map_err(|e| format!("cannot start a thread for `new`: {e}"))?;
+        .map_err(|e| StartError::NewThread(Arc::new(e)))?;
     match answer.recv_timeout(timeout) {
-        Ok(result) => result.map_err(|e: LoadError| e.to_string()),
-        Err(_) => Err(format!(
-            "`new` did not finish within init_timeout ({}); its thread is abandoned",
-            humantime::format_duration(timeout)
-        )),
+        Ok(result) => result.map_err(|e: LoadError| StartError::New(Arc::new(e))),
+        Err(_) => Err(StartError::InitTimeout(timeout)),
     }
 }
 

@@ -21,6 +21,9 @@ pub struct SupervisorView {
     pub instances: Vec<InstanceView>,
     /// Payload bytes waiting, every instance together.
     pub backlog_bytes: u64,
+    /// Library files read and checked since the start (the first scan, each file the watcher
+    /// reported, each rescan of `plugin_dir`).
+    pub library_checks: u64,
 }
 
 impl SupervisorView {
@@ -81,7 +84,7 @@ pub struct InstanceView {
 impl Supervisor {
     /// Publishes what runs now (and tells the service manager when its summary changed).
     pub(super) fn publish_view(&mut self) {
-        let config = &self.parts.config;
+        let config = &self.deps.config;
         let mut views: Vec<InstanceView> = self
             .instances
             .iter()
@@ -90,7 +93,7 @@ impl Supervisor {
                 inst.subscribed.is_some()
                     || inst.running.is_some()
                     || !inst.draining.is_empty()
-                    || self.parts.backlog.count(inst.id) > 0
+                    || self.deps.backlog.count(inst.id) > 0
             })
             .map(|(name, inst)| {
                 let configured = config.instances.get(name);
@@ -129,8 +132,8 @@ impl Supervisor {
                     sha256: running.map(|g| hex::encode(g.key.sha256)),
                     last_error: inst.reported.clone().filter(|_| inst.run),
                     topics: inst.topics.iter().map(ToString::to_string).collect(),
-                    backlog_bytes: self.parts.backlog.bytes(inst.id),
-                    backlog: self.parts.backlog.count(inst.id),
+                    backlog_bytes: self.deps.backlog.bytes(inst.id),
+                    backlog: self.deps.backlog.count(inst.id),
                 }
             })
             .collect();
@@ -140,6 +143,7 @@ impl Supervisor {
             config_sha256: hex::encode(config.hash),
             backlog_bytes: views.iter().map(|v| v.backlog_bytes).sum(),
             instances: views,
+            library_checks: self.deps.libraries.checks(),
         };
         let summary = view.summary();
         self.view.store(Arc::new(view));
@@ -150,7 +154,7 @@ impl Supervisor {
         };
         if summary != self.status
             && (instances_changed() || self.status_at.elapsed() >= Duration::from_secs(1))
-            && let Some(notifier) = &self.parts.notifier
+            && let Some(notifier) = &self.deps.notifier
         {
             notifier.status(&summary);
             self.status = summary;
