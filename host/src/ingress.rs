@@ -17,14 +17,12 @@ use std::{
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use crossbeam_channel::Sender;
 use plugind_api::{MessageId, PublishError, PublishErrorKind};
 use tokio::sync::oneshot;
 
 use crate::{
     clock::{Clock, Timestamp},
     config::Unrouted,
-    dispatch,
     events::{EventKind, Events},
     ledger::{Ledger, LedgerError, Receipt, Record, Wait},
     message::{self, StoredMessage},
@@ -87,6 +85,14 @@ pub struct Accepted {
     /// What it counts for in each target's backlog: payload, headers and key
     /// ([`message::check`]).
     pub size: u64,
+}
+
+/// Where the ingress hands the messages it accepted once the ledger recorded them (the
+/// dispatcher). Called on the ledger's thread, in the order the batches were recorded: it
+/// must not block.
+pub trait AcceptedSink: Send + Sync {
+    /// `batch` is recorded: its deliveries start.
+    fn accepted(&self, batch: Vec<Accepted>);
 }
 
 /// A batch handed to the ledger, waiting for its receipt: finish it with
@@ -499,7 +505,7 @@ pub struct Ingress {
     routing: ArcSwap<Routing>,
     next_id: AtomicU64,
     ledger: Arc<dyn Ledger>,
-    dispatcher: Sender<dispatch::Input>,
+    sink: Arc<dyn AcceptedSink>,
     backlog: Arc<Backlog>,
     max_message_size: u64,
     clock: Arc<dyn Clock>,
@@ -533,7 +539,7 @@ impl Ingress {
         routing: Routing,
         next_id: u64,
         ledger: Arc<dyn Ledger>,
-        dispatcher: Sender<dispatch::Input>,
+        sink: Arc<dyn AcceptedSink>,
         backlog: Arc<Backlog>,
         max_message_size: u64,
         clock: Arc<dyn Clock>,
@@ -547,7 +553,7 @@ impl Ingress {
             routing: ArcSwap::from_pointee(routing),
             next_id: AtomicU64::new(next_id),
             ledger,
-            dispatcher,
+            sink,
             backlog,
             max_message_size,
             clock,
@@ -777,7 +783,7 @@ impl Ingress {
             // Once durable, the messages go to the dispatcher straight from the ledger's
             // thread (before the publisher hears of it): the publishing task's turn on the
             // runtime is not on their way to the plugins.
-            let (backlog, dispatcher) = (self.backlog.clone(), self.dispatcher.clone());
+            let (backlog, sink) = (self.backlog.clone(), self.sink.clone());
             let then = move || {
                 if !accepted.is_empty() {
                     for a in &accepted {
@@ -785,9 +791,7 @@ impl Ingress {
                             backlog.add(*target, a.size);
                         }
                     }
-                    // The dispatcher ends only after the ingress closed; a failed send means
-                    // it is gone.
-                    let _ = dispatcher.send(dispatch::Input::Accepted(accepted));
+                    sink.accepted(accepted);
                 }
                 if let Some(decider) = &mut decider {
                     decider.recorded = true;
@@ -853,6 +857,13 @@ mod tests {
     };
 
     const T0: Timestamp = Timestamp(1_700_000_000_000);
+
+    /// The accepted batches, as the dispatcher would get them.
+    impl AcceptedSink for crossbeam_channel::Sender<Vec<Accepted>> {
+        fn accepted(&self, batch: Vec<Accepted>) {
+            let _ = self.send(batch);
+        }
+    }
     const WINDOW: Duration = Duration::from_secs(60);
 
     /// An ingress routing `t.>` to instance 0, on `ledger`, with the clock it returns.
@@ -862,7 +873,7 @@ mod tests {
     ) -> (
         Ingress,
         Arc<ManualClock>,
-        crossbeam_channel::Receiver<dispatch::Input>,
+        crossbeam_channel::Receiver<Vec<Accepted>>,
     ) {
         let clock = Arc::new(ManualClock::at(T0));
         let (tx, rx) = crossbeam_channel::unbounded();
@@ -871,7 +882,7 @@ mod tests {
             routing,
             1,
             ledger,
-            tx,
+            Arc::new(tx),
             Arc::new(Backlog::new(&[("sink".to_owned(), 1 << 20)])),
             1 << 20,
             clock.clone(),
@@ -908,7 +919,7 @@ mod tests {
         assert_eq!(ids(&first), [(1, false), (1, true), (2, false)]);
         // One submission: the dispatcher got both messages in one hand-over.
         match dispatched.try_recv() {
-            Ok(dispatch::Input::Accepted(batch)) => assert_eq!(batch.len(), 2),
+            Ok(batch) => assert_eq!(batch.len(), 2),
             other => panic!("{other:?}"),
         }
         let again = ingress.publish(vec![keyed("b"), keyed("c")]);
