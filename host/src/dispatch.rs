@@ -32,11 +32,12 @@ pub use stop::StopReport;
 
 use crate::{
     actor::{self, Handoff, Settlement},
+    backlog::Backlog,
     circuit,
     clock::{Clock, Timestamp},
     delivery::{Delivery, Failure, Transition},
     events::{EventKind, Events},
-    ingress::{Accepted, Backlog, Ingress, Source},
+    ingress::{Accepted, Ingress},
     ledger::{Forget, Ledger, LedgerError, Pending, Receipt, Record, Wait},
     routing::InstanceId,
     throttle::Throttle,
@@ -649,25 +650,9 @@ impl DispatchLoop {
                 });
                 queue.stats.acked += 1;
                 // Children commit in the same batch as their parent's ack.
-                let mut children = Vec::new();
-                for child in s.children {
-                    match self.ingress.prepare(child.into(), Source::Child, now) {
-                        Ok((accepted, _)) if !accepted.targets.is_empty() => {
-                            records.push(Record::Accepted {
-                                message: accepted.message.clone(),
-                                targets: accepted.targets.clone(),
-                            });
-                            children.push(accepted);
-                        }
-                        Ok(_) => {}
-                        Err(e) => tracing::warn!(error = %e, "a child message was refused"),
-                    }
-                }
+                let children = self.ingress.admit_children(s.children, now, records);
                 self.finish(key);
                 for child in children {
-                    for target in &child.targets {
-                        self.backlog.add(*target, child.size);
-                    }
                     self.add(child, now);
                 }
                 return;

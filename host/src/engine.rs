@@ -14,12 +14,13 @@ use std::{
 use crossbeam_channel::unbounded;
 
 use crate::{
+    backlog::Backlog,
     clock::{Clock, SystemClock},
     config::{Config, WatchMode},
     delivery::Rules,
     dispatch::{Collaborators, Dispatcher, Slot, Snapshot, StopReport},
     events::{EventKind, Events},
-    ingress::{Backlog, Ingress},
+    ingress::Ingress,
     ledger::{Forget, Ledger, LedgerError, Selection},
     loader::{Policy, ProbeCommand},
     notify::Notifier,

@@ -20,16 +20,18 @@ use bytes::Bytes;
 use plugind_api::{MessageId, PublishError, PublishErrorKind};
 use tokio::sync::oneshot;
 
+// The supervisor still names the backlog through the ingress (until it is converted).
+pub(crate) use crate::backlog::Backlog;
 use crate::{
+    backlog::BacklogFull,
     clock::{Clock, Timestamp},
     config::Unrouted,
     events::{EventKind, Events},
     ledger::{Ledger, LedgerError, Receipt, Record, Wait},
     message::{self, StoredMessage},
     quote::quote,
-    routing::{InstanceId, Routing, Targets},
+    routing::{Routing, Targets},
     services::{Child, Publisher},
-    topic,
 };
 
 /// A message to publish.
@@ -68,7 +70,7 @@ pub struct Published {
 
 /// Who publishes a message: the unrouted policy differs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Source {
+enum Source {
     /// A producer (the API) or a plugin outside `handle`: `max_backlog` and `unrouted =
     /// "refuse"` apply.
     Producer,
@@ -99,7 +101,7 @@ pub trait AcceptedSink: Send + Sync {
 /// [`Submitted::wait`] or [`Submitted::done`].
 #[derive(Debug)]
 pub struct Submitted {
-    results: Vec<Result<Published, Refused>>,
+    results: Vec<Result<Published, PublishRefused>>,
     receipt: Receipt,
     /// Duplicates of keys whose first publish was not yet recorded when this batch came: (the
     /// position in the batch, whether that publish was recorded).
@@ -109,7 +111,7 @@ pub struct Submitted {
 impl Submitted {
     /// Waits until the ledger answered; each message gets its id or its refusal. Blocks: for
     /// plain threads.
-    pub fn wait(self) -> Vec<Result<Published, Refused>> {
+    pub fn wait(self) -> Vec<Result<Published, PublishRefused>> {
         let Self {
             results,
             receipt,
@@ -124,7 +126,7 @@ impl Submitted {
     }
 
     /// [`Submitted::wait`] for async code.
-    pub async fn done(self) -> Vec<Result<Published, Refused>> {
+    pub async fn done(self) -> Vec<Result<Published, PublishRefused>> {
         let Self {
             results,
             receipt,
@@ -142,14 +144,14 @@ impl Submitted {
 /// A batch's answers once the ledger answered (`recorded`) and the first publishes of the
 /// keys it repeats were decided (`decided`: position, recorded).
 fn finish(
-    mut results: Vec<Result<Published, Refused>>,
+    mut results: Vec<Result<Published, PublishRefused>>,
     recorded: Result<(), LedgerError>,
     decided: Vec<(usize, bool)>,
-) -> Vec<Result<Published, Refused>> {
+) -> Vec<Result<Published, PublishRefused>> {
     if let Err(e) = recorded {
         let refused = match e {
-            LedgerError::Full(m) => Refused::LedgerFull(m),
-            other => Refused::LedgerFailed(other.to_string()),
+            LedgerError::Full(m) => PublishRefused::LedgerFull(m),
+            other => PublishRefused::LedgerFailed(other.to_string()),
         };
         for result in &mut results {
             if result.is_ok() {
@@ -161,7 +163,7 @@ fn finish(
         if let Ok(published) = results[i]
             && !first_recorded
         {
-            results[i] = Err(Refused::LedgerFailed(format!(
+            results[i] = Err(PublishRefused::LedgerFailed(format!(
                 "the first publish with this idempotency key (message {}) was not recorded; \
                  publish it again",
                 published.id
@@ -173,18 +175,11 @@ fn finish(
 
 /// Why a publish was refused. Retryable or not is in the variant.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Refused {
+pub enum PublishRefused {
     #[error("invalid message: {0}")]
     Invalid(String),
-    #[error(
-        "instance `{instance}` has {backlog} bytes waiting, and this message would take it over \
-         its max_backlog of {limit} bytes"
-    )]
-    Backlog {
-        instance: String,
-        backlog: u64,
-        limit: u64,
-    },
+    #[error(transparent)]
+    Backlog(#[from] BacklogFull),
     #[error("the ledger is full: {0}")]
     LedgerFull(String),
     #[error(
@@ -199,116 +194,20 @@ pub enum Refused {
     LedgerFailed(String),
 }
 
-impl From<&Refused> for PublishError {
-    fn from(refused: &Refused) -> Self {
+impl From<&PublishRefused> for PublishError {
+    fn from(refused: &PublishRefused) -> Self {
         let kind = match refused {
-            Refused::Invalid(_) | Refused::Unrouted(_) => PublishErrorKind::Invalid,
-            Refused::Backlog { .. } | Refused::LedgerFull(_) => PublishErrorKind::ResourceExhausted,
-            Refused::ShuttingDown => PublishErrorKind::ShuttingDown,
-            Refused::LedgerFailed(_) => PublishErrorKind::Unavailable,
+            PublishRefused::Invalid(_) | PublishRefused::Unrouted(_) => PublishErrorKind::Invalid,
+            PublishRefused::Backlog(_) | PublishRefused::LedgerFull(_) => {
+                PublishErrorKind::ResourceExhausted
+            }
+            PublishRefused::ShuttingDown => PublishErrorKind::ShuttingDown,
+            PublishRefused::LedgerFailed(_) => PublishErrorKind::Unavailable,
         };
         PublishError {
             kind,
             message: refused.to_string(),
         }
-    }
-}
-
-/// Bytes waiting per instance: added at acceptance, removed when a delivery ends. Instances
-/// are added while the engine runs (hot plug); an id, once given, stays.
-#[derive(Debug, Default)]
-pub struct Backlog {
-    /// Indexed by instance id; replaced whole when one is added (rare), read lock-free.
-    entries: ArcSwap<Vec<Arc<BacklogEntry>>>,
-}
-
-#[derive(Debug)]
-struct BacklogEntry {
-    name: String,
-    limit: AtomicU64,
-    bytes: AtomicU64,
-    /// Deliveries waiting or in flight.
-    count: AtomicU64,
-}
-
-impl Backlog {
-    /// One entry per instance id: its name and `max_backlog`.
-    pub fn new(instances: &[(String, u64)]) -> Self {
-        let backlog = Self::default();
-        for (name, limit) in instances {
-            backlog.push(name, *limit);
-        }
-        backlog
-    }
-
-    /// Adds the next instance id; returns it.
-    pub fn push(&self, name: &str, limit: u64) -> InstanceId {
-        let mut entries = Vec::clone(&self.entries.load());
-        entries.push(Arc::new(BacklogEntry {
-            name: name.to_owned(),
-            limit: AtomicU64::new(limit),
-            bytes: AtomicU64::new(0),
-            count: AtomicU64::new(0),
-        }));
-        let id = entries.len() - 1;
-        self.entries.store(Arc::new(entries));
-        id as InstanceId
-    }
-
-    /// A new `max_backlog` for an instance.
-    pub fn set_limit(&self, instance: InstanceId, limit: u64) {
-        self.entries.load()[instance as usize]
-            .limit
-            .store(limit, Ordering::Relaxed);
-    }
-
-    pub fn bytes(&self, instance: InstanceId) -> u64 {
-        self.entries.load()[instance as usize]
-            .bytes
-            .load(Ordering::Relaxed)
-    }
-
-    /// Deliveries waiting or in flight for an instance.
-    pub fn count(&self, instance: InstanceId) -> u64 {
-        self.entries.load()[instance as usize]
-            .count
-            .load(Ordering::Relaxed)
-    }
-
-    /// One delivery of `size` payload bytes joins the instance's backlog.
-    pub(crate) fn add(&self, instance: InstanceId, size: u64) {
-        let entries = self.entries.load();
-        let entry = &entries[instance as usize];
-        entry.bytes.fetch_add(size, Ordering::Relaxed);
-        entry.count.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// One delivery of `size` payload bytes left it.
-    pub(crate) fn remove(&self, instance: InstanceId, size: u64) {
-        let entries = self.entries.load();
-        let entry = &entries[instance as usize];
-        let less = |n: u64| move |b: u64| Some(b.saturating_sub(n));
-        let _ = entry
-            .bytes
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, less(size));
-        let _ = entry
-            .count
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, less(1));
-    }
-
-    fn check(&self, instance: InstanceId, size: u64) -> Result<(), Refused> {
-        let entries = self.entries.load();
-        let entry = &entries[instance as usize];
-        let backlog = entry.bytes.load(Ordering::Relaxed);
-        let limit = entry.limit.load(Ordering::Relaxed);
-        if backlog.saturating_add(size) > limit {
-            return Err(Refused::Backlog {
-                instance: entry.name.clone(),
-                backlog,
-                limit,
-            });
-        }
-        Ok(())
     }
 }
 
@@ -493,6 +392,18 @@ impl Drop for Decider {
     }
 }
 
+/// A message that goes somewhere (it has targets) is recorded and handed on: the one step of
+/// admission a producer's publish and an acked attempt's child share.
+fn admit(accepted: Accepted, records: &mut Vec<Record>, admitted: &mut Vec<Accepted>) {
+    if !accepted.targets.is_empty() {
+        records.push(Record::Accepted {
+            message: accepted.message.clone(),
+            targets: accepted.targets.clone(),
+        });
+        admitted.push(accepted);
+    }
+}
+
 /// Locks, shrugging off a poisoned lock (the tables stay consistent at every step).
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
@@ -647,28 +558,55 @@ impl Ingress {
         self.unrouted.load(Ordering::Relaxed)
     }
 
+    /// The children a plugin published inside `handle`, admitted with their parent's ack
+    /// (`records` is the batch that carries it): each validated and routed like any publish
+    /// but never refused for a backlog or as unrouted (its parent was accepted), numbered,
+    /// recorded in `records` and counted in its targets' backlogs. A child that fails the
+    /// checks (the services checked it before staging it, but a reload may have lowered
+    /// `max_message_size` since) is logged and dropped. Returns the ones that go somewhere,
+    /// for the dispatcher.
+    pub(crate) fn admit_children(
+        &self,
+        children: Vec<Child>,
+        now: Timestamp,
+        records: &mut Vec<Record>,
+    ) -> Vec<Accepted> {
+        let mut admitted = Vec::new();
+        for child in children {
+            match self.prepare(child.into(), Source::Child, now) {
+                Ok((accepted, _)) => admit(accepted, records, &mut admitted),
+                Err(e) => tracing::warn!(error = %e, "a child message was refused"),
+            }
+        }
+        for child in &admitted {
+            for target in &child.targets {
+                self.backlog.add(*target, child.size);
+            }
+        }
+        admitted
+    }
+
     /// Validates and routes one message and gives it an id (none when it matches no
     /// instance and is refused).
-    pub(crate) fn prepare(
+    fn prepare(
         &self,
         message: NewMessage,
         source: Source,
         now: Timestamp,
-    ) -> Result<(Accepted, Option<String>), Refused> {
-        topic::validate_topic(&message.topic)
-            .map_err(|e| Refused::Invalid(format!("topic {} {e}", quote(&message.topic))))?;
-        let size = message::check(
+    ) -> Result<(Accepted, Option<String>), PublishRefused> {
+        let size = message::validate(
+            &message.topic,
             message.payload.len(),
             &message.headers,
             message.key.as_deref(),
             self.max_message_size,
         )
-        .map_err(Refused::Invalid)?;
+        .map_err(PublishRefused::Invalid)?;
         let targets = self.routing.load().targets(&message.topic);
         if targets.is_empty() {
             self.unrouted_publish(&message.topic, now);
             if source == Source::Producer && self.refuse_unrouted.load(Ordering::Relaxed) {
-                return Err(Refused::Unrouted(message.topic));
+                return Err(PublishRefused::Unrouted(message.topic));
             }
         }
         if source == Source::Producer {
@@ -698,7 +636,10 @@ impl Ingress {
     pub fn submit(&self, batch: Vec<NewMessage>) -> Submitted {
         if !self.open.load(Ordering::Acquire) {
             return Submitted {
-                results: batch.iter().map(|_| Err(Refused::ShuttingDown)).collect(),
+                results: batch
+                    .iter()
+                    .map(|_| Err(PublishRefused::ShuttingDown))
+                    .collect(),
                 receipt: Receipt::Ready(Ok(())),
                 following: Vec::new(),
             };
@@ -754,13 +695,7 @@ impl Ingress {
                             at: now,
                         });
                     }
-                    if !a.targets.is_empty() {
-                        records.push(Record::Accepted {
-                            message: a.message.clone(),
-                            targets: a.targets.clone(),
-                        });
-                        accepted.push(a);
-                    }
+                    admit(a, &mut records, &mut accepted);
                 }
                 Err(e) => results.push(Err(e)),
             }
@@ -809,20 +744,23 @@ impl Ingress {
 
     /// Publishes a batch: each message gets its id or its refusal; the accepted ones are
     /// durable in the ledger when this returns. Blocks: for plain threads.
-    pub fn publish(&self, batch: Vec<NewMessage>) -> Vec<Result<Published, Refused>> {
+    pub fn publish(&self, batch: Vec<NewMessage>) -> Vec<Result<Published, PublishRefused>> {
         self.submit(batch).wait()
     }
 
     /// [`Ingress::publish`] for async code: waits for the ledger without blocking a thread.
-    pub async fn publish_async(&self, batch: Vec<NewMessage>) -> Vec<Result<Published, Refused>> {
+    pub async fn publish_async(
+        &self,
+        batch: Vec<NewMessage>,
+    ) -> Vec<Result<Published, PublishRefused>> {
         self.submit(batch).done().await
     }
 
     /// Publishes one message.
     ///
     /// # Errors
-    /// [`Refused`] with the reason.
-    pub fn publish_one(&self, message: NewMessage) -> Result<Published, Refused> {
+    /// [`PublishRefused`] with the reason.
+    pub fn publish_one(&self, message: NewMessage) -> Result<Published, PublishRefused> {
         self.publish(vec![message])
             .pop()
             .expect("one result per message")
@@ -902,7 +840,7 @@ mod tests {
         }
     }
 
-    fn ids(results: &[Result<Published, Refused>]) -> Vec<(u64, bool)> {
+    fn ids(results: &[Result<Published, PublishRefused>]) -> Vec<(u64, bool)> {
         results
             .iter()
             .map(|r| {
@@ -977,7 +915,7 @@ mod tests {
         let refused = ingress.publish(vec![keyed(&key)]).remove(0).unwrap_err();
         assert_eq!(
             refused,
-            Refused::Invalid("the idempotency key is 257 bytes, more than 256".into())
+            PublishRefused::Invalid("the idempotency key is 257 bytes, more than 256".into())
         );
         assert_eq!(ingress.keys_held(), 0);
     }
@@ -1016,7 +954,11 @@ mod tests {
         fn recover(&self, _: &[(String, Rules)], _: Timestamp) -> Result<Recovered, LedgerError> {
             Ok(Recovered::default())
         }
-        fn attach(&self, _: InstanceId, _: &str) -> Result<Vec<Pending>, LedgerError> {
+        fn attach(
+            &self,
+            _: crate::routing::InstanceId,
+            _: &str,
+        ) -> Result<Vec<Pending>, LedgerError> {
             Ok(Vec::new())
         }
         fn dead_letters(&self, _: &DeadLetterFilter) -> Result<Vec<DeadLetter>, LedgerError> {
@@ -1062,9 +1004,12 @@ mod tests {
         let first = ingress.submit(vec![keyed("a")]);
         let repeat = ingress.submit(vec![keyed("a")]);
         ledger.answer(false);
-        assert!(matches!(first.wait()[0], Err(Refused::LedgerFull(_))));
+        assert!(matches!(
+            first.wait()[0],
+            Err(PublishRefused::LedgerFull(_))
+        ));
         match &repeat.wait()[0] {
-            Err(Refused::LedgerFailed(why)) => {
+            Err(PublishRefused::LedgerFailed(why)) => {
                 assert!(why.contains("was not recorded; publish it again"), "{why}");
             }
             other => panic!("{other:?}"),

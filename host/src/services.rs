@@ -15,11 +15,7 @@ use plugind_api::{
     Level, MessageId, PublishError, PublishErrorKind, abi::KeyValue, hosting::Services,
 };
 
-use crate::{
-    message::{self, HOP_HEADER},
-    quote::quote,
-    topic,
-};
+use crate::message::{self, HOP_HEADER};
 
 /// Who an instance generation is, for its log lines and its plugin.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,14 +136,14 @@ impl InstanceServices {
         headers: &[(String, String)],
         hops: u32,
     ) -> Result<(), PublishError> {
-        topic::validate_topic(topic).map_err(|e| {
-            Self::refuse(
-                PublishErrorKind::Invalid,
-                format!("topic {} {e}", quote(topic)),
-            )
-        })?;
-        message::check(payload.len(), headers, None, self.limits.max_message_size)
-            .map_err(|e| Self::refuse(PublishErrorKind::Invalid, e))?;
+        message::validate(
+            topic,
+            payload.len(),
+            headers,
+            None,
+            self.limits.max_message_size,
+        )
+        .map_err(|e| Self::refuse(PublishErrorKind::Invalid, e))?;
         if hops > self.limits.hop_limit {
             return Err(Self::refuse(
                 PublishErrorKind::HopLimit,
@@ -245,7 +241,7 @@ impl Services for InstanceServices {
             if !self.publisher.admits(topic) {
                 return Err(Self::refuse(
                     PublishErrorKind::Invalid,
-                    crate::ingress::Refused::Unrouted(topic.to_owned()).to_string(),
+                    crate::ingress::PublishRefused::Unrouted(topic.to_owned()).to_string(),
                 ));
             }
             let child = Child {

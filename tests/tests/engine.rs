@@ -9,11 +9,12 @@ use std::{
 
 use bytes::Bytes;
 use plugind::{
+    backlog::BacklogFull,
     clock::{Clock, ManualClock, SystemClock, Timestamp},
     config,
     dispatch::{InstanceStats, Snapshot},
     engine::{Engine, Options},
-    ingress::{NewMessage, Refused},
+    ingress::{NewMessage, PublishRefused},
     ledger::{
         DeadLetterFilter, Forget, Ledger, MemoryLedger, Selection,
         durable::{self, DurableLedger, Mode},
@@ -108,7 +109,7 @@ impl Deployment {
         self.engine.as_ref().expect("running")
     }
 
-    fn publish(&self, topic: &str, payload: &str) -> Result<u64, Refused> {
+    fn publish(&self, topic: &str, payload: &str) -> Result<u64, PublishRefused> {
         self.engine()
             .ingress()
             .publish_one(NewMessage {
@@ -371,11 +372,11 @@ gate = \"{}\"
     d.publish("t.a", &payload).unwrap();
     d.publish("t.a", &payload).unwrap();
     match d.publish("t.a", &payload) {
-        Err(Refused::Backlog {
+        Err(PublishRefused::Backlog(BacklogFull {
             instance,
             backlog,
             limit,
-        }) => assert_eq!((instance.as_str(), backlog, limit), ("slow", 800, 1024)),
+        })) => assert_eq!((instance.as_str(), backlog, limit), ("slow", 800, 1024)),
         other => panic!("{other:?}"),
     }
     // Other topics are not affected.

@@ -12,7 +12,7 @@ use super::pb::{
     publish_outcome, publisher_server,
 };
 use crate::{
-    ingress::{Ingress, NewMessage, Published, Refused},
+    ingress::{Ingress, NewMessage, PublishRefused, Published},
     message,
 };
 
@@ -61,7 +61,10 @@ impl PublisherService {
     }
 
     /// Publishes a batch (one submission, keyed or not).
-    async fn publish(&self, requests: Vec<PublishRequest>) -> Vec<Result<Published, Refused>> {
+    async fn publish(
+        &self,
+        requests: Vec<PublishRequest>,
+    ) -> Vec<Result<Published, PublishRefused>> {
         self.ingress
             .submit(requests.into_iter().map(message).collect())
             .done()
@@ -83,19 +86,19 @@ fn message(request: PublishRequest) -> NewMessage {
 }
 
 /// The gRPC status for a refusal: the code says whether to retry, the message says why.
-pub fn status(refused: &Refused) -> Status {
+pub fn status(refused: &PublishRefused) -> Status {
     match refused {
-        Refused::Invalid(_) => Status::invalid_argument(refused.to_string()),
-        Refused::Unrouted(_) => Status::failed_precondition(refused.to_string()),
-        Refused::Backlog { .. } | Refused::LedgerFull(_) => {
+        PublishRefused::Invalid(_) => Status::invalid_argument(refused.to_string()),
+        PublishRefused::Unrouted(_) => Status::failed_precondition(refused.to_string()),
+        PublishRefused::Backlog(_) | PublishRefused::LedgerFull(_) => {
             Status::resource_exhausted(refused.to_string())
         }
-        Refused::ShuttingDown => Status::unavailable(refused.to_string()),
-        Refused::LedgerFailed(_) => Status::unavailable(refused.to_string()),
+        PublishRefused::ShuttingDown => Status::unavailable(refused.to_string()),
+        PublishRefused::LedgerFailed(_) => Status::unavailable(refused.to_string()),
     }
 }
 
-fn outcome(result: Result<Published, Refused>) -> PublishOutcome {
+fn outcome(result: Result<Published, PublishRefused>) -> PublishOutcome {
     match result {
         Ok(published) => PublishOutcome {
             outcome: Some(publish_outcome::Outcome::Id(published.id)),
@@ -117,7 +120,7 @@ fn outcome(result: Result<Published, Refused>) -> PublishOutcome {
 }
 
 /// Every message's answer of a batch, once the ledger answered it.
-type Answers = Pin<Box<dyn Future<Output = Vec<Result<Published, Refused>>> + Send>>;
+type Answers = Pin<Box<dyn Future<Output = Vec<Result<Published, PublishRefused>>> + Send>>;
 
 /// A batch of a stream waiting for the ledger.
 struct InFlight {
@@ -127,7 +130,7 @@ struct InFlight {
 
 fn batch_result(
     correlation_id: u64,
-    outcomes: Vec<Result<Published, Refused>>,
+    outcomes: Vec<Result<Published, PublishRefused>>,
 ) -> PublishBatchResult {
     PublishBatchResult {
         correlation_id,
@@ -216,6 +219,8 @@ mod tests {
     use bytes::Bytes;
     use prost::Message as _;
 
+    use crate::backlog::BacklogFull;
+
     use super::*;
 
     #[test]
@@ -241,20 +246,26 @@ mod tests {
         use tonic::Code;
         let cases = [
             (
-                Refused::Invalid("empty topic".into()),
+                PublishRefused::Invalid("empty topic".into()),
                 Code::InvalidArgument,
             ),
             (
-                Refused::Backlog {
+                PublishRefused::Backlog(BacklogFull {
                     instance: "sink".into(),
                     backlog: 10,
                     limit: 5,
-                },
+                }),
                 Code::ResourceExhausted,
             ),
-            (Refused::LedgerFull("disk".into()), Code::ResourceExhausted),
-            (Refused::ShuttingDown, Code::Unavailable),
-            (Refused::Unrouted("a.b".into()), Code::FailedPrecondition),
+            (
+                PublishRefused::LedgerFull("disk".into()),
+                Code::ResourceExhausted,
+            ),
+            (PublishRefused::ShuttingDown, Code::Unavailable),
+            (
+                PublishRefused::Unrouted("a.b".into()),
+                Code::FailedPrecondition,
+            ),
         ];
         for (refused, code) in cases {
             let s = status(&refused);
