@@ -21,6 +21,8 @@ mod store;
 mod tests;
 mod writer;
 
+pub use markers::InFlightMarker;
+
 use std::sync::{
     Arc, Mutex,
     atomic::{AtomicU64, Ordering},
@@ -49,7 +51,7 @@ pub enum Record {
         message: u64,
         at: Timestamp,
     },
-    /// An attempt was handed to its actor (counted; the actor's [`durable::Marker`] records
+    /// An attempt was handed to its actor (counted; the actor's [`InFlightMarker`] records
     /// the moment plugin code is called).
     Attempt {
         message: u64,
@@ -448,7 +450,7 @@ pub trait Ledger: Send + Sync + 'static {
 
     /// The in-flight marker for one actor of `instance` (`None`: this ledger keeps none,
     /// nothing survives a crash anyway).
-    fn marker(&self, instance: InstanceId) -> Option<durable::Marker> {
+    fn marker(&self, instance: InstanceId) -> Option<InFlightMarker> {
         let _ = instance;
         None
     }

@@ -14,11 +14,13 @@ use std::{
     fs::{self, File, OpenOptions},
     io,
     os::unix::fs::FileExt as _,
-    path::Path,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
 
 use rustc_hash::FxHashMap;
+
+use super::{LedgerError, writer::Shared};
 
 pub(super) const FILE: &str = "inflight";
 const SLOT: usize = 32;
@@ -158,6 +160,50 @@ impl Drop for Slot {
                 .0
                 .push(self.offset / SLOT as u64);
         }
+    }
+}
+
+/// One actor's in-flight marker ([`Ledger::marker`](super::Ledger::marker)): written just
+/// before each call to plugin code, with one `pwrite` and no fsync (it must survive a crash
+/// of the process, not of the machine). A failed write stops the daemon like any ledger
+/// failure (the ledger's fail-stop).
+pub struct InFlightMarker {
+    slot: Slot,
+    shared: Arc<Shared>,
+    /// The marker file, for the error.
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for InFlightMarker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InFlightMarker")
+            .field("slot", &self.slot)
+            .finish()
+    }
+}
+
+impl InFlightMarker {
+    pub(super) fn new(slot: Slot, shared: Arc<Shared>, path: PathBuf) -> Self {
+        Self { slot, shared, path }
+    }
+
+    fn check(&self, written: io::Result<()>) {
+        if let Err(e) = written {
+            self.shared.poison(&LedgerError::Fatal(format!(
+                "cannot record an in-flight attempt in {}: {e}",
+                self.path.display()
+            )));
+        }
+    }
+
+    /// Plugin code is about to be called for `attempt` of `message`.
+    pub fn calling(&self, message: u64, attempt: u32) {
+        self.check(self.slot.calling(message, attempt));
+    }
+
+    /// No call is running.
+    pub fn idle(&self) {
+        self.check(self.slot.idle());
     }
 }
 
