@@ -19,7 +19,11 @@ mod leases;
 mod queues;
 mod stop;
 
-use std::{collections::VecDeque, sync::Arc, time::Duration};
+use std::{
+    collections::VecDeque,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use crossbeam_channel::{Receiver, Sender, select};
 use plugind_api::{Outcome, hosting::CallErrorKind};
@@ -38,18 +42,28 @@ use crate::{
     delivery::{Delivery, Failure, Transition},
     events::{EventKind, Events},
     ingress::{Accepted, Ingress},
-    ledger::{Forget, Ledger, LedgerError, Pending, Receipt, Record, Wait},
+    ledger::{FailStop, Forget, Ledger, LedgerError, Pending, Receipt, Record, Wait},
     routing::InstanceId,
     throttle::Throttle,
 };
 use leases::Leases;
 use queues::{InstanceQueue, Live, LiveMap};
 
-/// A storage failure is fatal (DESIGN.md §7): never continue on unrecorded or unreadable
-/// state.
+/// The fail-stop of the dispatcher started last, for [`fail_stop`].
+static SUPERVISOR_FAIL_STOP: RwLock<Option<FailStop>> = RwLock::new(None);
+
+/// A storage failure of the supervisor's (a ledger it cannot attach an instance to) goes to
+/// the fail-stop of the dispatcher started last in this process.
+///
+/// Transitional: the supervisor calls this until it holds the engine's [`FailStop`] itself
+/// (its `Parts`); then this and its static go.
 pub(crate) fn fail_stop(e: &LedgerError) -> ! {
-    tracing::error!(error = %e, "the ledger failed; stopping the daemon");
-    std::process::exit(1);
+    let fail_stop = SUPERVISOR_FAIL_STOP
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+        .unwrap_or_default();
+    fail_stop.halt(e)
 }
 
 /// What the dispatcher's loop works with, besides its inbox.
@@ -63,6 +77,9 @@ pub struct Collaborators {
     /// Admits the children of acked attempts; its idempotency keys expire by the loop's round.
     pub ingress: Arc<Ingress>,
     pub events: Arc<Events>,
+    /// Where a commit or a read of the ledger that failed goes: the loop never goes on on
+    /// state that was not recorded or could not be read.
+    pub fail_stop: FailStop,
 }
 
 impl std::fmt::Debug for Collaborators {
@@ -86,6 +103,9 @@ impl Inbox {
         pending: Vec<Pending>,
         events: Receiver<actor::Event>,
     ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        *SUPERVISOR_FAIL_STOP
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(with.fail_stop.clone());
         let dispatcher = DispatchLoop::new(with, slots, pending);
         let inputs = self.inputs;
         std::thread::Builder::new()
@@ -101,6 +121,7 @@ struct DispatchLoop {
     backlog: Arc<Backlog>,
     ingress: Arc<Ingress>,
     events: Arc<Events>,
+    fail_stop: FailStop,
     /// By instance id.
     instances: Vec<InstanceQueue>,
     live: LiveMap,
@@ -123,6 +144,7 @@ impl DispatchLoop {
             backlog: with.backlog,
             ingress: with.ingress,
             events: with.events,
+            fail_stop: with.fail_stop,
             instances: slots.into_iter().map(InstanceQueue::new).collect(),
             live: LiveMap::with_capacity_and_hasher(
                 (1 << 16).max(pending.len()),
@@ -240,7 +262,7 @@ impl DispatchLoop {
         if !unawaited {
             self.unanswered.clear();
             if let Err(e) = receipt.wait() {
-                fail_stop(&e);
+                self.fail_stop.halt(&e);
             }
             return;
         }
@@ -248,7 +270,7 @@ impl DispatchLoop {
         while let Some(answer) = self.unanswered.front_mut().and_then(Receipt::try_answer) {
             self.unanswered.pop_front();
             if let Err(e) = answer {
-                fail_stop(&e);
+                self.fail_stop.halt(&e);
             }
         }
         if self.unanswered.len() > MAX_UNANSWERED {
@@ -260,7 +282,7 @@ impl DispatchLoop {
     fn written(&mut self) {
         for receipt in self.unanswered.drain(..) {
             if let Err(e) = receipt.wait() {
-                fail_stop(&e);
+                self.fail_stop.halt(&e);
             }
         }
     }
@@ -471,7 +493,7 @@ impl DispatchLoop {
             };
             let room = actor.room();
             if let Err(e) = queue.load_front(instance, room, &mut self.live, self.ledger.as_ref()) {
-                fail_stop(&e);
+                self.fail_stop.halt(&e);
             }
             let mut batch = Vec::new();
             while batch.len() < room {
@@ -508,7 +530,7 @@ impl DispatchLoop {
                             continue;
                         }
                         Err(e) => {
-                            fail_stop(&e);
+                            self.fail_stop.halt(&e);
                         }
                     },
                 };
@@ -788,5 +810,113 @@ impl std::fmt::Debug for DispatchLoop {
             .field("instances", &self.instances.len())
             .field("live", &self.live.len())
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, sync::Mutex};
+
+    use super::*;
+    use crate::{
+        clock::ManualClock,
+        config::Settings,
+        delivery::Rules,
+        ledger::{
+            Counts, DeadLetter, DeadLetterFilter, MemoryLedger, Recovered, Replayed, Selection,
+            Then,
+        },
+        routing::Routing,
+    };
+
+    /// A ledger whose every commit fails, as after a failed fsync.
+    struct Failing;
+
+    impl Ledger for Failing {
+        fn submit_then(&self, _: Vec<Record>, _: Wait, _: Option<Then>) -> Receipt {
+            Receipt::Ready(Err(LedgerError::Fatal("disk I/O error".into())))
+        }
+        fn recover(&self, _: &[(String, Rules)], _: Timestamp) -> Result<Recovered, LedgerError> {
+            Ok(Recovered::default())
+        }
+        fn attach(&self, _: InstanceId, _: &str) -> Result<Vec<Pending>, LedgerError> {
+            Ok(Vec::new())
+        }
+        fn dead_letters(&self, _: &DeadLetterFilter) -> Result<Vec<DeadLetter>, LedgerError> {
+            Ok(Vec::new())
+        }
+        fn dead_letter_counts(&self) -> Result<BTreeMap<String, u64>, LedgerError> {
+            Ok(BTreeMap::new())
+        }
+        fn replay(&self, _: &Selection, _: Timestamp) -> Result<Replayed, LedgerError> {
+            Ok(Replayed::default())
+        }
+        fn purge(&self, _: &Selection) -> Result<u64, LedgerError> {
+            Ok(0)
+        }
+        fn counts(&self) -> Counts {
+            Counts::default()
+        }
+    }
+
+    #[test]
+    fn a_commit_the_ledger_fails_goes_to_the_fail_stop_and_the_loop_goes_no_further() {
+        // The dispatcher called `std::process::exit(1)` itself: a library ending its host's
+        // process, past whatever hook the daemon's assembly had.
+        let clock = Arc::new(ManualClock::at(Timestamp(1_700_000_000_000)));
+        let told = Arc::new(Mutex::new(Vec::<String>::new()));
+        let fail_stop = FailStop::new({
+            let told = told.clone();
+            move |error: &str| told.lock().unwrap().push(error.to_owned())
+        });
+        let backlog = Arc::new(Backlog::new(&[("sink".to_owned(), 1 << 20)]));
+        let events = Events::new(clock.clone());
+        let (dispatcher, inbox) = Dispatcher::new();
+        let ingress = Arc::new(Ingress::new(
+            Routing::default(),
+            1,
+            MemoryLedger::new(),
+            Arc::new(dispatcher.clone()),
+            backlog.clone(),
+            1 << 20,
+            clock.clone(),
+            events.clone(),
+            Duration::from_secs(60),
+            Vec::new(),
+        ));
+        let waiting = Pending {
+            message: 1,
+            instance: 0,
+            size: 1,
+            delivery: Delivery::new(clock.now()),
+            since: clock.now(),
+            stored: None,
+        };
+        let (_actors, actor_events) = crossbeam_channel::unbounded();
+        let thread = inbox
+            .spawn(
+                Collaborators {
+                    clock,
+                    ledger: Arc::new(Failing),
+                    backlog,
+                    ingress,
+                    events,
+                    fail_stop,
+                },
+                vec![Slot::new("sink", &Settings::default())],
+                vec![waiting],
+                actor_events,
+            )
+            .unwrap();
+        // Forgetting the waiting delivery is a dead letter to record: the commit fails.
+        assert_eq!(
+            dispatcher.forget(0, Forget::DeadLetter),
+            Err(DispatcherGone),
+            "no count for a forget that was not recorded"
+        );
+        assert!(thread.join().is_err(), "the loop went on after the failure");
+        let told = told.lock().unwrap();
+        assert_eq!(told.len(), 1, "{told:?}");
+        assert!(told[0].contains("disk I/O error"), "{told:?}");
     }
 }

@@ -21,7 +21,7 @@ use crate::{
     dispatch::{Collaborators, Dispatcher, Slot, Snapshot, StopReport},
     events::{EventKind, Events},
     ingress::Ingress,
-    ledger::{Forget, Ledger, LedgerError, Selection},
+    ledger::{FailStop, Forget, Ledger, LedgerError, Selection},
     loader::{Policy, ProbeCommand},
     notify::Notifier,
     quarantine::Quarantine,
@@ -45,6 +45,9 @@ pub struct Options {
     pub watch: bool,
     /// The service manager to notify (reloads, status, watchdog).
     pub notifier: Option<Arc<Notifier>>,
+    /// Where a storage failure the engine cannot go on from goes (the daemon's assembly
+    /// gives the one its ledger has: the binary exits 1). `None`: the failing thread ends.
+    pub fail_stop: Option<FailStop>,
 }
 
 impl std::fmt::Debug for Options {
@@ -64,6 +67,7 @@ impl Options {
             probe: ProbeCommand::current_exe(),
             watch: true,
             notifier: Notifier::from_env().map(Arc::new),
+            fail_stop: None,
         }
     }
 }
@@ -208,6 +212,7 @@ impl Engine {
                 backlog: backlog.clone(),
                 ingress: ingress.clone(),
                 events: events.clone(),
+                fail_stop: options.fail_stop.clone().unwrap_or_default(),
             },
             slots,
             recovered.pending,

@@ -14,6 +14,7 @@
 
 pub mod backup;
 pub mod durable;
+mod fail_stop;
 mod mark;
 mod markers;
 mod store;
@@ -21,6 +22,7 @@ mod store;
 mod tests;
 mod writer;
 
+pub use fail_stop::FailStop;
 pub use markers::InFlightMarker;
 
 use std::sync::{

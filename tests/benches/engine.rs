@@ -114,6 +114,7 @@ fn main() {
         probe: None,
         watch: false,
         notifier: None,
+        fail_stop: None,
     };
     let (engine, failures) = Engine::start(&config, MemoryLedger::new(), options).unwrap();
     assert!(failures.is_empty(), "{failures:?}");

@@ -93,6 +93,7 @@ fn try_start_on(
         probe: None,
         watch: false,
         notifier: None,
+        fail_stop: None,
     };
     let (engine, failures) = Engine::start(&config, ledger(&sandbox), options).unwrap();
     (

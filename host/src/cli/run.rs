@@ -19,7 +19,7 @@ use crate::{
     },
     engine::{Engine, Options},
     ledger::{
-        Ledger, LedgerError, MemoryLedger,
+        FailStop, Ledger, LedgerError, MemoryLedger,
         durable::{self, DurableLedger, Mode},
     },
     supervisor::SupervisorHandle,
@@ -73,7 +73,14 @@ async fn serve(config: config::Config, log_level: SetLogLevel, fresh_ledger: boo
     if let Some(problem) = super::check::state_dir_problem(&config.host.state_dir) {
         return fail(EXIT_CONFIG, format_args!("run: {problem}"));
     }
-    let ledger = match open_ledger(&config, fresh_ledger) {
+    // A storage failure stops the daemon at once (DESIGN.md §7: fail-stop, exit 1): nothing
+    // more can be recorded, so nothing more may be accepted or handed out. One hook for the
+    // ledger's threads and the engine alike.
+    let fail_stop = FailStop::new(|error: &str| {
+        eprintln!("plugind: ledger: {error}; stopping now (exit 1)");
+        std::process::exit(i32::from(EXIT_FAILURE));
+    });
+    let ledger = match open_ledger(&config, fresh_ledger, &fail_stop) {
         Ok(ledger) => ledger,
         Err(e @ LedgerError::Unusable(_)) => return fail(EXIT_CONFIG, format_args!("run: {e}")),
         Err(e) => return fail(EXIT_FAILURE, format_args!("run: {e}")),
@@ -91,7 +98,10 @@ async fn serve(config: config::Config, log_level: SetLogLevel, fresh_ledger: boo
     {
         return fail(EXIT_FAILURE, format_args!("run: {e}"));
     }
-    let options = Options::daemon();
+    let options = Options {
+        fail_stop: Some(fail_stop),
+        ..Options::daemon()
+    };
     let notifier = options.notifier.clone();
     let (engine, failures) = match Engine::start(&config, ledger.clone(), options) {
         Ok((engine, failures)) => (Arc::new(engine), failures),
@@ -215,22 +225,17 @@ fn raise_descriptor_limit() -> Option<u64> {
     limit.current
 }
 
-/// The ledger `durability` asks for. A storage failure later stops the daemon at once
-/// (DESIGN.md §7: fail-stop, exit 1): nothing more can be recorded, so nothing more may be
-/// accepted or handed out.
+/// The ledger `durability` asks for; a storage failure later goes to `fail_stop`.
 fn open_ledger(
     config: &config::Config,
     fresh_ledger: bool,
+    fail_stop: &FailStop,
 ) -> Result<Arc<dyn Ledger>, LedgerError> {
     let mode = match config.host.durability {
         Durability::Memory => return Ok(MemoryLedger::new()),
         Durability::Fsync => Mode::Fsync,
         Durability::Buffered => Mode::Buffered,
     };
-    let fail_stop: durable::FailStop = Arc::new(|error: &str| {
-        eprintln!("plugind: ledger: {error}; stopping now (exit 1)");
-        std::process::exit(i32::from(EXIT_FAILURE));
-    });
     let ledger = DurableLedger::open(
         &config.host.state_dir,
         durable::Options {
@@ -239,7 +244,7 @@ fn open_ledger(
             dedupe_window: config.host.dedupe_window,
             dead_letter_retention: Some(config.host.dead_letter_retention),
             clock: Arc::new(SystemClock),
-            fail_stop: Some(fail_stop),
+            fail_stop: Some(fail_stop.clone()),
             fresh: fresh_ledger,
         },
     )?;

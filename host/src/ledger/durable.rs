@@ -35,9 +35,9 @@ use hdrhistogram::Histogram;
 use rusqlite::Connection;
 
 use super::{
-    BacklogEntry, CommitStats, Counts, DeadLetter, DeadLetterFilter, Forget, HistoryEntry,
-    InFlightMarker, Ledger, LedgerError, Lost, Pending, Receipt, Record, Recovered, Remembered,
-    Replayed, Selection, Then, Wait, lock,
+    BacklogEntry, CommitStats, Counts, DeadLetter, DeadLetterFilter, FailStop, Forget,
+    HistoryEntry, InFlightMarker, Ledger, LedgerError, Lost, Pending, Receipt, Record, Recovered,
+    Remembered, Replayed, Selection, Then, Wait, lock,
     mark::{self, Mark, MarkError, Marks},
     markers, store,
     writer::{
@@ -61,9 +61,6 @@ pub enum Mode {
     Buffered,
 }
 
-/// A hook called once when the ledger fails for good (the daemon exits from it).
-pub type FailStop = Arc<dyn Fn(&str) + Send + Sync>;
-
 /// How to open a durable ledger.
 #[derive(Clone)]
 pub struct Options {
@@ -72,6 +69,7 @@ pub struct Options {
     pub dedupe_window: Duration,
     pub dead_letter_retention: Option<Duration>,
     pub clock: Arc<dyn Clock>,
+    /// Reported to once when the ledger fails for good (the daemon exits from it).
     pub fail_stop: Option<FailStop>,
     /// Start a new, empty ledger where the state dir's is missing or empty (`plugind run
     /// --fresh-ledger`): refused without it, since a ledger that should be there is lost.
