@@ -774,8 +774,13 @@ impl Publisher for Ingress {
             .map_err(|e| PublishError::from(&e))
     }
 
-    fn admits(&self, topic: &str) -> bool {
-        Ingress::admits(self, topic)
+    fn admits(&self, topic: &str) -> Result<(), PublishError> {
+        if Ingress::admits(self, topic) {
+            return Ok(());
+        }
+        Err(PublishError::from(&PublishRefused::Unrouted(
+            topic.to_owned(),
+        )))
     }
 }
 

@@ -44,9 +44,12 @@ pub trait Publisher: Send + Sync + 'static {
 
     /// Whether a message to `topic` would be taken now (`unrouted = "refuse"` refuses the
     /// ones no instance subscribes to); a child staged inside `handle` is checked here.
-    fn admits(&self, topic: &str) -> bool {
+    ///
+    /// # Errors
+    /// [`PublishError`] saying why it would be refused.
+    fn admits(&self, topic: &str) -> Result<(), PublishError> {
         let _ = topic;
-        true
+        Ok(())
     }
 }
 
@@ -238,12 +241,7 @@ impl Services for InstanceServices {
         if let Some(hops) = staged_hops {
             let headers = with_hops(headers, hops);
             self.check(topic, payload, &headers, hops)?;
-            if !self.publisher.admits(topic) {
-                return Err(Self::refuse(
-                    PublishErrorKind::Invalid,
-                    crate::ingress::PublishRefused::Unrouted(topic.to_owned()).to_string(),
-                ));
-            }
+            self.publisher.admits(topic)?;
             let child = Child {
                 topic: topic.to_owned(),
                 payload: Bytes::copy_from_slice(payload),
