@@ -31,11 +31,11 @@ pub struct BacklogFull {
 #[derive(Debug, Default)]
 pub struct Backlog {
     /// Indexed by instance id; replaced whole when one is added (rare), read lock-free.
-    entries: ArcSwap<Vec<Arc<BacklogEntry>>>,
+    entries: ArcSwap<Vec<Arc<InstanceBacklog>>>,
 }
 
 #[derive(Debug)]
-struct BacklogEntry {
+struct InstanceBacklog {
     name: String,
     limit: AtomicU64,
     bytes: AtomicU64,
@@ -56,7 +56,7 @@ impl Backlog {
     /// Adds the next instance id; returns it.
     pub fn push(&self, name: &str, limit: u64) -> InstanceId {
         let mut entries = Vec::clone(&self.entries.load());
-        entries.push(Arc::new(BacklogEntry {
+        entries.push(Arc::new(InstanceBacklog {
             name: name.to_owned(),
             limit: AtomicU64::new(limit),
             bytes: AtomicU64::new(0),

@@ -110,13 +110,13 @@ impl Slots {
     }
 
     /// A slot for one actor of the instance with persistent key `inst`.
-    pub(super) fn claim(self: &Arc<Self>, inst: u32) -> Slot {
+    pub(super) fn claim(self: &Arc<Self>, inst: u32) -> MarkerSlot {
         let mut free = super::lock(&self.free);
         let number = free.0.pop().unwrap_or_else(|| {
             free.1 += 1;
             free.1 - 1
         });
-        Slot {
+        MarkerSlot {
             slots: self.clone(),
             offset: number * SLOT as u64,
             inst,
@@ -131,13 +131,13 @@ impl Slots {
 
 /// One actor's slot.
 #[derive(Debug)]
-pub(super) struct Slot {
+pub(super) struct MarkerSlot {
     slots: Arc<Slots>,
     offset: u64,
     inst: u32,
 }
 
-impl Slot {
+impl MarkerSlot {
     /// Plugin code is about to be called for `attempt` of `message`.
     pub(super) fn calling(&self, message: u64, attempt: u32) -> io::Result<()> {
         self.slots
@@ -153,7 +153,7 @@ impl Slot {
     }
 }
 
-impl Drop for Slot {
+impl Drop for MarkerSlot {
     fn drop(&mut self) {
         if self.idle().is_ok() {
             super::lock(&self.slots.free)
@@ -168,7 +168,7 @@ impl Drop for Slot {
 /// of the process, not of the machine). A failed write stops the daemon like any ledger
 /// failure (the ledger's fail-stop).
 pub struct InFlightMarker {
-    slot: Slot,
+    slot: MarkerSlot,
     shared: Arc<Shared>,
     /// The marker file, for the error.
     path: PathBuf,
@@ -183,7 +183,7 @@ impl std::fmt::Debug for InFlightMarker {
 }
 
 impl InFlightMarker {
-    pub(super) fn new(slot: Slot, shared: Arc<Shared>, path: PathBuf) -> Self {
+    pub(super) fn new(slot: MarkerSlot, shared: Arc<Shared>, path: PathBuf) -> Self {
         Self { slot, shared, path }
     }
 
