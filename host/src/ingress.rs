@@ -2,12 +2,12 @@
 //! header and key bounds), deduplicates idempotency keys within `dedupe_window`, routes it
 //! from the current routing snapshot (fixing its target set for good), enforces
 //! `max_message_size` and `max_backlog` (headers and key count in both), assigns ids, records
-//! the batch in the ledger — answering only once it is durable — and hands it to the
-//! dispatcher. The gRPC service sits on top of it; plugins publishing outside `handle` come
-//! through it too.
+//! the batch in the ledger — answering only once it is durable — and hands it to its
+//! [`AcceptedSink`] (the dispatcher). The gRPC service sits on top of it; plugins publishing
+//! outside `handle` come through it too, and the children of acked attempts are admitted by
+//! the same step (`Ingress::admit_children`). The keys table is `ingress/keys.rs`.
 
 use std::{
-    collections::{HashMap, VecDeque},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -19,6 +19,8 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use plugind_api::{MessageId, PublishError, PublishErrorKind};
 use tokio::sync::oneshot;
+
+mod keys;
 
 // The supervisor still names the backlog through the ingress (until it is converted).
 pub(crate) use crate::backlog::Backlog;
@@ -33,6 +35,7 @@ use crate::{
     routing::{Routing, Targets},
     services::{Child, Publisher},
 };
+use keys::{Decider, Decision, Keys, Lookup};
 
 /// A message to publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -211,187 +214,6 @@ impl From<&PublishRefused> for PublishError {
     }
 }
 
-/// Idempotency keys seen within `dedupe_window`, with what their first publish got. Every
-/// way in goes through it (the API, and anything else that publishes with a key); it starts
-/// from the keys the ledger kept (a key survives a restart) and keys expire by time, however
-/// many there are.
-#[derive(Debug)]
-struct Keys {
-    window: Duration,
-    /// Each key is allocated once, shared with `order`.
-    seen: HashMap<Arc<str>, Seen>,
-    /// (time, sequence number, key) in the order they were recorded: the oldest expire
-    /// first. An entry whose key was recorded again since (another sequence number) is
-    /// skipped.
-    order: VecDeque<(Timestamp, u64, Arc<str>)>,
-    sequence: u64,
-}
-
-#[derive(Debug)]
-struct Seen {
-    published: Published,
-    at: Timestamp,
-    sequence: u64,
-    /// The batch that records it, until it is known to be recorded (`None`: it is).
-    pending: Option<Arc<Decision>>,
-}
-
-/// What a publish finds of its key.
-enum Lookup {
-    /// A duplicate of a recorded publish.
-    Recorded(Published),
-    /// A duplicate of a publish whose batch is not yet recorded: its answer waits for that.
-    Pending(Published, oneshot::Receiver<bool>),
-}
-
-impl Keys {
-    fn new(window: Duration, known: Vec<(String, u64, Timestamp)>) -> Self {
-        let mut keys = Self {
-            window,
-            seen: HashMap::with_capacity(known.len()),
-            order: VecDeque::with_capacity(known.len()),
-            sequence: 0,
-        };
-        let mut known = known;
-        known.sort_by_key(|(_, _, at)| *at);
-        for (key, id, at) in known {
-            // How many instances a key's message reached is not kept across restarts.
-            let published = Published {
-                id,
-                instances: 0,
-                duplicate: true,
-            };
-            keys.insert(&key, published, at, None);
-        }
-        keys
-    }
-
-    fn lookup(&mut self, key: &str, now: Timestamp) -> Option<Lookup> {
-        let seen = self.seen.get_mut(key)?;
-        if now.since(seen.at) >= self.window {
-            return None;
-        }
-        let published = seen.published;
-        let Some(decision) = &seen.pending else {
-            return Some(Lookup::Recorded(published));
-        };
-        match decision.follow() {
-            Ok(true) => {
-                seen.pending = None;
-                Some(Lookup::Recorded(published))
-            }
-            // Its first publish was refused by the ledger: this one is the first now.
-            Ok(false) => None,
-            Err(answer) => Some(Lookup::Pending(published, answer)),
-        }
-    }
-
-    fn insert(
-        &mut self,
-        key: &str,
-        published: Published,
-        at: Timestamp,
-        pending: Option<Arc<Decision>>,
-    ) {
-        self.sequence += 1;
-        let published = Published {
-            duplicate: true,
-            ..published
-        };
-        let key: Arc<str> = Arc::from(key);
-        self.order.push_back((at, self.sequence, key.clone()));
-        self.seen.insert(
-            key,
-            Seen {
-                published,
-                at,
-                sequence: self.sequence,
-                pending,
-            },
-        );
-    }
-
-    /// Drops the keys older than the window; returns when the next one expires (ms since the
-    /// epoch; `u64::MAX`: none held).
-    fn expire(&mut self, now: Timestamp) -> u64 {
-        while let Some((at, sequence, _)) = self.order.front() {
-            if now.since(*at) < self.window {
-                break;
-            }
-            let sequence = *sequence;
-            let (_, _, key) = self.order.pop_front().expect("a front");
-            if self.seen.get(&key).is_some_and(|s| s.sequence == sequence) {
-                self.seen.remove(&key);
-            }
-        }
-        // A burst of keys must not hold its table's memory once they expired.
-        if self.seen.capacity() > 4 * self.seen.len() + 1024 {
-            self.seen.shrink_to_fit();
-            self.order.shrink_to_fit();
-        }
-        self.order
-            .front()
-            .map_or(u64::MAX, |(at, ..)| at.after(self.window).0)
-    }
-}
-
-/// Whether the batch that first published some keys was recorded, for the publishes of the
-/// same keys that come before the ledger answered it: they answer with its id only once it
-/// is recorded (two publishes of one key never both pass, and a duplicate is never answered
-/// for a message that was not kept).
-#[derive(Debug, Default)]
-struct Decision(Mutex<Decided>);
-
-#[derive(Debug, Default)]
-enum Decided {
-    #[default]
-    Open,
-    Waiting(Vec<oneshot::Sender<bool>>),
-    Done(bool),
-}
-
-impl Decision {
-    /// The answer if known, or where it will come.
-    fn follow(&self) -> Result<bool, oneshot::Receiver<bool>> {
-        let mut state = lock(&self.0);
-        match &mut *state {
-            Decided::Done(recorded) => Ok(*recorded),
-            Decided::Open => {
-                let (tx, rx) = oneshot::channel();
-                *state = Decided::Waiting(vec![tx]);
-                Err(rx)
-            }
-            Decided::Waiting(waiting) => {
-                let (tx, rx) = oneshot::channel();
-                waiting.push(tx);
-                Err(rx)
-            }
-        }
-    }
-
-    fn decide(&self, recorded: bool) {
-        let state = std::mem::replace(&mut *lock(&self.0), Decided::Done(recorded));
-        if let Decided::Waiting(waiting) = state {
-            for tx in waiting {
-                let _ = tx.send(recorded);
-            }
-        }
-    }
-}
-
-/// Decides a batch's keys when dropped: recorded if the ledger ran the batch's `then` (it
-/// drops it unrun when the batch fails, or when it is gone).
-struct Decider {
-    decision: Arc<Decision>,
-    recorded: bool,
-}
-
-impl Drop for Decider {
-    fn drop(&mut self) {
-        self.decision.decide(self.recorded);
-    }
-}
-
 /// A message that goes somewhere (it has targets) is recorded and handed on: the one step of
 /// admission a producer's publish and an acked attempt's child share.
 fn admit(accepted: Accepted, records: &mut Vec<Record>, admitted: &mut Vec<Accepted>) {
@@ -497,7 +319,7 @@ impl Ingress {
 
     /// Idempotency keys held now (each within `dedupe_window`).
     pub fn keys_held(&self) -> usize {
-        lock(&self.keys).seen.len()
+        lock(&self.keys).held()
     }
 
     /// What a publish that matches no instance gets from now on.
@@ -701,11 +523,8 @@ impl Ingress {
             }
         }
         if let Some(keys) = &keys {
-            let next = keys
-                .order
-                .front()
-                .map_or(u64::MAX, |(at, ..)| at.after(keys.window).0);
-            self.keys_expire.fetch_min(next, Ordering::Relaxed);
+            self.keys_expire
+                .fetch_min(keys.next_expiry(), Ordering::Relaxed);
         }
         drop(keys);
         let mut decider = decision.map(|decision| Decider {
