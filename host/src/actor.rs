@@ -35,7 +35,7 @@ use plugind_api::{
 
 use crate::{
     clock::{Clock, Timestamp},
-    ledger::durable::Marker,
+    ledger::InFlightMarker,
     loader::PluginInstance,
     message::{Handed, StoredMessage},
     routing::InstanceId,
@@ -191,7 +191,7 @@ impl Actor {
         capacity: usize,
         events: Sender<Event>,
         clock: Arc<dyn Clock>,
-        marker: Option<Marker>,
+        marker: Option<InFlightMarker>,
         first_call: Option<FirstCall>,
     ) -> std::io::Result<Self> {
         let mailbox = Arc::new(Mailbox::default());
@@ -340,7 +340,7 @@ struct Worker {
     shutdown_since: Arc<AtomicU64>,
     clock: Arc<dyn Clock>,
     /// Records each call just before it starts (survives a crash of the process).
-    marker: Option<Marker>,
+    marker: Option<InFlightMarker>,
     first_call: Option<FirstCall>,
 }
 

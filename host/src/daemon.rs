@@ -17,7 +17,7 @@ use crate::{
     engine::{Engine, EngineError, Options as EngineOptions},
     front::{Front, SetLogLevel},
     ledger::{
-        Ledger, LedgerError, MemoryLedger,
+        FailStop, Ledger, LedgerError, MemoryLedger,
         durable::{self, DurableLedger, Mode},
     },
     supervisor::SupervisorHandle,
@@ -36,7 +36,7 @@ pub struct Options {
     pub log_level: SetLogLevel,
     /// Called once when the ledger's storage fails for good: nothing more can be recorded,
     /// so nothing more may be accepted or handed out (the command exits 1 from it).
-    pub fail_stop: durable::FailStop,
+    pub fail_stop: FailStop,
     /// Each notification reloads the configuration and `plugin_dir` (the command's SIGHUP);
     /// the result is logged and evented.
     pub reloads: Arc<Notify>,
@@ -107,7 +107,7 @@ pub async fn run(
     if let Some(problem) = state_dir_problem(&config.host.state_dir) {
         return Err(DaemonError::StateDir(problem));
     }
-    let ledger = open_ledger(&config, options.fresh_ledger, options.fail_stop)
+    let ledger = open_ledger(&config, options.fresh_ledger, options.fail_stop.clone())
         .map_err(DaemonError::Ledger)?;
     let descriptors = raise_descriptor_limit();
     for weakness in server::weaknesses(&config.host, descriptors) {
@@ -119,7 +119,11 @@ pub async fn run(
     if let Some(group) = &config.host.socket_group {
         server::set_group(&bound, group).map_err(DaemonError::Endpoint)?;
     }
-    let engine_options = options.engine;
+    // One fail-stop hook for the ledger's threads and the engine's alike.
+    let engine_options = EngineOptions {
+        fail_stop: Some(options.fail_stop),
+        ..options.engine
+    };
     let notifier = engine_options.notifier.clone();
     let (engine, failures) =
         Engine::start(&config, ledger.clone(), engine_options).map_err(DaemonError::Engine)?;
@@ -246,7 +250,7 @@ fn raise_descriptor_limit() -> Option<u64> {
 fn open_ledger(
     config: &Config,
     fresh_ledger: bool,
-    fail_stop: durable::FailStop,
+    fail_stop: FailStop,
 ) -> Result<Arc<dyn Ledger>, LedgerError> {
     let mode = match config.host.durability {
         Durability::Memory => return Ok(MemoryLedger::new()),

@@ -11,16 +11,17 @@ use std::{
     time::Duration,
 };
 
-use crossbeam_channel::{Sender, bounded, unbounded};
+use crossbeam_channel::unbounded;
 
 use crate::{
+    backlog::Backlog,
     clock::{Clock, SystemClock},
     config::{Config, WatchMode},
     delivery::Rules,
-    dispatch::{Dispatcher, Input, Slot, Snapshot, StopReport},
+    dispatch::{Collaborators, Dispatcher, Slot, Snapshot, StopReport},
     events::{EventKind, Events},
-    ingress::{Backlog, Ingress},
-    ledger::{Forget, Ledger, LedgerError, Selection},
+    ingress::Ingress,
+    ledger::{FailStop, Forget, Ledger, LedgerError, Selection},
     loader::{Policy, ProbeCommand},
     notify::Notifier,
     quarantine::Quarantine,
@@ -44,6 +45,9 @@ pub struct Options {
     pub watch: bool,
     /// The service manager to notify (reloads, status, watchdog).
     pub notifier: Option<Arc<Notifier>>,
+    /// Where a storage failure the engine cannot go on from goes (the daemon's assembly
+    /// gives the one its ledger has: the binary exits 1). `None`: the failing thread ends.
+    pub fail_stop: Option<FailStop>,
 }
 
 impl std::fmt::Debug for Options {
@@ -63,6 +67,7 @@ impl Options {
             probe: ProbeCommand::current_exe(),
             watch: true,
             notifier: Notifier::from_env().map(Arc::new),
+            fail_stop: None,
         }
     }
 }
@@ -85,7 +90,7 @@ pub enum EngineError {
 #[derive(Debug)]
 pub struct Engine {
     ingress: Arc<Ingress>,
-    inputs: Sender<Input>,
+    dispatcher: Dispatcher,
     ledger: Arc<dyn Ledger>,
     registry: Arc<Registry>,
     events: Arc<Events>,
@@ -171,7 +176,7 @@ impl Engine {
                 .map(|(name, want)| (name.clone(), want.settings.max_backlog))
                 .collect::<Vec<_>>(),
         ));
-        let (inputs, inputs_rx) = unbounded();
+        let (dispatcher, inbox) = Dispatcher::new();
         let (actor_events, actor_events_rx) = unbounded();
         // Idempotency keys still within `dedupe_window` by the engine's clock: a key survives
         // a restart, whichever way it came in.
@@ -187,7 +192,7 @@ impl Engine {
             Routing::default(),
             recovered.next_id.max(1),
             ledger.clone(),
-            inputs.clone(),
+            Arc::new(dispatcher.clone()),
             backlog.clone(),
             config.host.max_message_size,
             options.clock.clone(),
@@ -200,25 +205,26 @@ impl Engine {
             .iter()
             .map(|(name, want)| Slot::new(name, &want.settings))
             .collect();
-        let dispatcher = Dispatcher::new(
-            options.clock.clone(),
-            ledger.clone(),
-            backlog.clone(),
-            ingress.clone(),
-            events.clone(),
+        let thread = inbox.spawn(
+            Collaborators {
+                clock: options.clock.clone(),
+                ledger: ledger.clone(),
+                backlog: backlog.clone(),
+                ingress: ingress.clone(),
+                events: events.clone(),
+                fail_stop: options.fail_stop.clone().unwrap_or_default(),
+            },
             slots,
             recovered.pending,
-        );
-        let thread = std::thread::Builder::new()
-            .name("dispatcher".into())
-            .spawn(move || dispatcher.run(inputs_rx, actor_events_rx))?;
+            actor_events_rx,
+        )?;
         let mut supervisor = Supervisor::new(
             SupervisorDeps {
                 config: config.clone(),
                 libraries,
                 quarantine,
                 registry: registry.clone(),
-                inputs: inputs.clone(),
+                inputs: dispatcher.sender(),
                 actor_events,
                 ingress: ingress.clone(),
                 ledger: ledger.clone(),
@@ -241,7 +247,7 @@ impl Engine {
         Ok((
             Self {
                 ingress,
-                inputs,
+                dispatcher,
                 ledger,
                 registry,
                 events,
@@ -290,11 +296,7 @@ impl Engine {
 
     /// The current counters and states.
     pub fn snapshot(&self) -> Snapshot {
-        let (reply, answer) = bounded(1);
-        if self.inputs.send(Input::Snapshot(reply)).is_err() {
-            return Snapshot::default();
-        }
-        answer.recv().unwrap_or_default()
+        self.dispatcher.snapshot()
     }
 
     /// Replays dead letters: failures reset, history kept; the ones of configured instances
@@ -307,7 +309,7 @@ impl Engine {
         let replayed = self.ledger.replay(selection, self.ingress.clock().now())?;
         let queued = replayed.pending.len() as u64;
         if queued > 0 {
-            let _ = self.inputs.send(Input::Restore(replayed.pending));
+            self.dispatcher.restore(replayed.pending);
         }
         Ok((queued, replayed.waiting))
     }
@@ -352,19 +354,7 @@ impl Engine {
         // supervisor never waits for the file watcher: dropping it returns at once.)
         let retiring = self.supervisor.stop();
         let _ = supervisor.join();
-        let (reply, answer) = bounded(1);
-        let report = if self
-            .inputs
-            .send(Input::Stop {
-                deadline: grace,
-                reply,
-            })
-            .is_ok()
-        {
-            answer.recv().unwrap_or_default()
-        } else {
-            StopReport::default()
-        };
+        let report = self.dispatcher.stop(grace);
         let _ = dispatcher.join();
         for thread in retiring {
             while !thread.is_finished() && started.elapsed() < grace {

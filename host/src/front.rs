@@ -29,7 +29,7 @@ use crate::{
 
 pub use crate::{
     config::{Change, Plan},
-    ingress::{NewMessage, Published, Refused, Submitted},
+    ingress::{NewMessage, PublishRefused, Published, Submitted},
     ledger::{DeadLetter, Forget, Origin},
     supervisor::{Applied, StartFailure},
 };
@@ -125,7 +125,7 @@ impl Front {
     /// Publishes a batch as one submission, keyed or not (the ingress validates, checks the
     /// limits, deduplicates the keys within `dedupe_window`, routes and records it). Every
     /// message is answered once the ledger recorded the batch: finish the [`Submitted`] with
-    /// `done().await` or `wait()`, one `Result<Published, Refused>` per message, in order.
+    /// `done().await` or `wait()`, one `Result<Published, PublishRefused>` per message, in order.
     pub fn publish(&self, batch: Vec<NewMessage>) -> Submitted {
         self.engine.ingress().submit(batch)
     }

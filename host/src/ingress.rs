@@ -2,12 +2,12 @@
 //! header and key bounds), deduplicates idempotency keys within `dedupe_window`, routes it
 //! from the current routing snapshot (fixing its target set for good), enforces
 //! `max_message_size` and `max_backlog` (headers and key count in both), assigns ids, records
-//! the batch in the ledger — answering only once it is durable — and hands it to the
-//! dispatcher. The gRPC service sits on top of it; plugins publishing outside `handle` come
-//! through it too.
+//! the batch in the ledger — answering only once it is durable — and hands it to its
+//! [`AcceptedSink`] (the dispatcher). The gRPC service sits on top of it; plugins publishing
+//! outside `handle` come through it too, and the children of acked attempts are admitted by
+//! the same step (`Ingress::admit_children`). The keys table is `ingress/keys.rs`.
 
 use std::{
-    collections::{HashMap, VecDeque},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -17,22 +17,25 @@ use std::{
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use crossbeam_channel::Sender;
 use plugind_api::{MessageId, PublishError, PublishErrorKind};
 use tokio::sync::oneshot;
 
+mod keys;
+
+// The supervisor still names the backlog through the ingress (until it is converted).
+pub(crate) use crate::backlog::Backlog;
 use crate::{
+    backlog::BacklogFull,
     clock::{Clock, Timestamp},
     config::Unrouted,
-    dispatch,
     events::{EventKind, Events},
     ledger::{Ledger, LedgerError, Receipt, Record, Wait},
     message::{self, StoredMessage},
     quote::quote,
-    routing::{InstanceId, Routing, Targets},
+    routing::{Routing, Targets},
     services::{Child, Publisher},
-    topic,
 };
+use keys::{Decider, Decision, Keys, Lookup};
 
 /// A message to publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,7 +73,7 @@ pub struct Published {
 
 /// Who publishes a message: the unrouted policy differs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Source {
+enum Source {
     /// A producer (the API) or a plugin outside `handle`: `max_backlog` and `unrouted =
     /// "refuse"` apply.
     Producer,
@@ -89,11 +92,19 @@ pub struct Accepted {
     pub size: u64,
 }
 
+/// Where the ingress hands the messages it accepted once the ledger recorded them (the
+/// dispatcher). Called on the ledger's thread, in the order the batches were recorded: it
+/// must not block.
+pub trait AcceptedSink: Send + Sync {
+    /// `batch` is recorded: its deliveries start.
+    fn accepted(&self, batch: Vec<Accepted>);
+}
+
 /// A batch handed to the ledger, waiting for its receipt: finish it with
 /// [`Submitted::wait`] or [`Submitted::done`].
 #[derive(Debug)]
 pub struct Submitted {
-    results: Vec<Result<Published, Refused>>,
+    results: Vec<Result<Published, PublishRefused>>,
     receipt: Receipt,
     /// Duplicates of keys whose first publish was not yet recorded when this batch came: (the
     /// position in the batch, whether that publish was recorded).
@@ -103,7 +114,7 @@ pub struct Submitted {
 impl Submitted {
     /// Waits until the ledger answered; each message gets its id or its refusal. Blocks: for
     /// plain threads.
-    pub fn wait(self) -> Vec<Result<Published, Refused>> {
+    pub fn wait(self) -> Vec<Result<Published, PublishRefused>> {
         let Self {
             results,
             receipt,
@@ -118,7 +129,7 @@ impl Submitted {
     }
 
     /// [`Submitted::wait`] for async code.
-    pub async fn done(self) -> Vec<Result<Published, Refused>> {
+    pub async fn done(self) -> Vec<Result<Published, PublishRefused>> {
         let Self {
             results,
             receipt,
@@ -136,14 +147,14 @@ impl Submitted {
 /// A batch's answers once the ledger answered (`recorded`) and the first publishes of the
 /// keys it repeats were decided (`decided`: position, recorded).
 fn finish(
-    mut results: Vec<Result<Published, Refused>>,
+    mut results: Vec<Result<Published, PublishRefused>>,
     recorded: Result<(), LedgerError>,
     decided: Vec<(usize, bool)>,
-) -> Vec<Result<Published, Refused>> {
+) -> Vec<Result<Published, PublishRefused>> {
     if let Err(e) = recorded {
         let refused = match e {
-            LedgerError::Full(m) => Refused::LedgerFull(m),
-            other => Refused::LedgerFailed(other.to_string()),
+            LedgerError::Full(m) => PublishRefused::LedgerFull(m),
+            other => PublishRefused::LedgerFailed(other.to_string()),
         };
         for result in &mut results {
             if result.is_ok() {
@@ -155,7 +166,7 @@ fn finish(
         if let Ok(published) = results[i]
             && !first_recorded
         {
-            results[i] = Err(Refused::LedgerFailed(format!(
+            results[i] = Err(PublishRefused::LedgerFailed(format!(
                 "the first publish with this idempotency key (message {}) was not recorded; \
                  publish it again",
                 published.id
@@ -167,18 +178,11 @@ fn finish(
 
 /// Why a publish was refused. Retryable or not is in the variant.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Refused {
+pub enum PublishRefused {
     #[error("invalid message: {0}")]
     Invalid(String),
-    #[error(
-        "instance `{instance}` has {backlog} bytes waiting, and this message would take it over \
-         its max_backlog of {limit} bytes"
-    )]
-    Backlog {
-        instance: String,
-        backlog: u64,
-        limit: u64,
-    },
+    #[error(transparent)]
+    Backlog(#[from] BacklogFull),
     #[error("the ledger is full: {0}")]
     LedgerFull(String),
     #[error(
@@ -193,13 +197,15 @@ pub enum Refused {
     LedgerFailed(String),
 }
 
-impl From<&Refused> for PublishError {
-    fn from(refused: &Refused) -> Self {
+impl From<&PublishRefused> for PublishError {
+    fn from(refused: &PublishRefused) -> Self {
         let kind = match refused {
-            Refused::Invalid(_) | Refused::Unrouted(_) => PublishErrorKind::Invalid,
-            Refused::Backlog { .. } | Refused::LedgerFull(_) => PublishErrorKind::ResourceExhausted,
-            Refused::ShuttingDown => PublishErrorKind::ShuttingDown,
-            Refused::LedgerFailed(_) => PublishErrorKind::Unavailable,
+            PublishRefused::Invalid(_) | PublishRefused::Unrouted(_) => PublishErrorKind::Invalid,
+            PublishRefused::Backlog(_) | PublishRefused::LedgerFull(_) => {
+                PublishErrorKind::ResourceExhausted
+            }
+            PublishRefused::ShuttingDown => PublishErrorKind::ShuttingDown,
+            PublishRefused::LedgerFailed(_) => PublishErrorKind::Unavailable,
         };
         PublishError {
             kind,
@@ -208,282 +214,15 @@ impl From<&Refused> for PublishError {
     }
 }
 
-/// Bytes waiting per instance: added at acceptance, removed when a delivery ends. Instances
-/// are added while the engine runs (hot plug); an id, once given, stays.
-#[derive(Debug, Default)]
-pub struct Backlog {
-    /// Indexed by instance id; replaced whole when one is added (rare), read lock-free.
-    entries: ArcSwap<Vec<Arc<BacklogEntry>>>,
-}
-
-#[derive(Debug)]
-struct BacklogEntry {
-    name: String,
-    limit: AtomicU64,
-    bytes: AtomicU64,
-    /// Deliveries waiting or in flight.
-    count: AtomicU64,
-}
-
-impl Backlog {
-    /// One entry per instance id: its name and `max_backlog`.
-    pub fn new(instances: &[(String, u64)]) -> Self {
-        let backlog = Self::default();
-        for (name, limit) in instances {
-            backlog.push(name, *limit);
-        }
-        backlog
-    }
-
-    /// Adds the next instance id; returns it.
-    pub fn push(&self, name: &str, limit: u64) -> InstanceId {
-        let mut entries = Vec::clone(&self.entries.load());
-        entries.push(Arc::new(BacklogEntry {
-            name: name.to_owned(),
-            limit: AtomicU64::new(limit),
-            bytes: AtomicU64::new(0),
-            count: AtomicU64::new(0),
-        }));
-        let id = entries.len() - 1;
-        self.entries.store(Arc::new(entries));
-        id as InstanceId
-    }
-
-    /// A new `max_backlog` for an instance.
-    pub fn set_limit(&self, instance: InstanceId, limit: u64) {
-        self.entries.load()[instance as usize]
-            .limit
-            .store(limit, Ordering::Relaxed);
-    }
-
-    pub fn bytes(&self, instance: InstanceId) -> u64 {
-        self.entries.load()[instance as usize]
-            .bytes
-            .load(Ordering::Relaxed)
-    }
-
-    /// Deliveries waiting or in flight for an instance.
-    pub fn count(&self, instance: InstanceId) -> u64 {
-        self.entries.load()[instance as usize]
-            .count
-            .load(Ordering::Relaxed)
-    }
-
-    /// One delivery of `size` payload bytes joins the instance's backlog.
-    pub(crate) fn add(&self, instance: InstanceId, size: u64) {
-        let entries = self.entries.load();
-        let entry = &entries[instance as usize];
-        entry.bytes.fetch_add(size, Ordering::Relaxed);
-        entry.count.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// One delivery of `size` payload bytes left it.
-    pub(crate) fn remove(&self, instance: InstanceId, size: u64) {
-        let entries = self.entries.load();
-        let entry = &entries[instance as usize];
-        let less = |n: u64| move |b: u64| Some(b.saturating_sub(n));
-        let _ = entry
-            .bytes
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, less(size));
-        let _ = entry
-            .count
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, less(1));
-    }
-
-    fn check(&self, instance: InstanceId, size: u64) -> Result<(), Refused> {
-        let entries = self.entries.load();
-        let entry = &entries[instance as usize];
-        let backlog = entry.bytes.load(Ordering::Relaxed);
-        let limit = entry.limit.load(Ordering::Relaxed);
-        if backlog.saturating_add(size) > limit {
-            return Err(Refused::Backlog {
-                instance: entry.name.clone(),
-                backlog,
-                limit,
-            });
-        }
-        Ok(())
-    }
-}
-
-/// Idempotency keys seen within `dedupe_window`, with what their first publish got. Every
-/// way in goes through it (the API, and anything else that publishes with a key); it starts
-/// from the keys the ledger kept (a key survives a restart) and keys expire by time, however
-/// many there are.
-#[derive(Debug)]
-struct Keys {
-    window: Duration,
-    /// Each key is allocated once, shared with `order`.
-    seen: HashMap<Arc<str>, Seen>,
-    /// (time, sequence number, key) in the order they were recorded: the oldest expire
-    /// first. An entry whose key was recorded again since (another sequence number) is
-    /// skipped.
-    order: VecDeque<(Timestamp, u64, Arc<str>)>,
-    sequence: u64,
-}
-
-#[derive(Debug)]
-struct Seen {
-    published: Published,
-    at: Timestamp,
-    sequence: u64,
-    /// The batch that records it, until it is known to be recorded (`None`: it is).
-    pending: Option<Arc<Decision>>,
-}
-
-/// What a publish finds of its key.
-enum Lookup {
-    /// A duplicate of a recorded publish.
-    Recorded(Published),
-    /// A duplicate of a publish whose batch is not yet recorded: its answer waits for that.
-    Pending(Published, oneshot::Receiver<bool>),
-}
-
-impl Keys {
-    fn new(window: Duration, known: Vec<(String, u64, Timestamp)>) -> Self {
-        let mut keys = Self {
-            window,
-            seen: HashMap::with_capacity(known.len()),
-            order: VecDeque::with_capacity(known.len()),
-            sequence: 0,
-        };
-        let mut known = known;
-        known.sort_by_key(|(_, _, at)| *at);
-        for (key, id, at) in known {
-            // How many instances a key's message reached is not kept across restarts.
-            let published = Published {
-                id,
-                instances: 0,
-                duplicate: true,
-            };
-            keys.insert(&key, published, at, None);
-        }
-        keys
-    }
-
-    fn lookup(&mut self, key: &str, now: Timestamp) -> Option<Lookup> {
-        let seen = self.seen.get_mut(key)?;
-        if now.since(seen.at) >= self.window {
-            return None;
-        }
-        let published = seen.published;
-        let Some(decision) = &seen.pending else {
-            return Some(Lookup::Recorded(published));
-        };
-        match decision.follow() {
-            Ok(true) => {
-                seen.pending = None;
-                Some(Lookup::Recorded(published))
-            }
-            // Its first publish was refused by the ledger: this one is the first now.
-            Ok(false) => None,
-            Err(answer) => Some(Lookup::Pending(published, answer)),
-        }
-    }
-
-    fn insert(
-        &mut self,
-        key: &str,
-        published: Published,
-        at: Timestamp,
-        pending: Option<Arc<Decision>>,
-    ) {
-        self.sequence += 1;
-        let published = Published {
-            duplicate: true,
-            ..published
-        };
-        let key: Arc<str> = Arc::from(key);
-        self.order.push_back((at, self.sequence, key.clone()));
-        self.seen.insert(
-            key,
-            Seen {
-                published,
-                at,
-                sequence: self.sequence,
-                pending,
-            },
-        );
-    }
-
-    /// Drops the keys older than the window; returns when the next one expires (ms since the
-    /// epoch; `u64::MAX`: none held).
-    fn expire(&mut self, now: Timestamp) -> u64 {
-        while let Some((at, sequence, _)) = self.order.front() {
-            if now.since(*at) < self.window {
-                break;
-            }
-            let sequence = *sequence;
-            let (_, _, key) = self.order.pop_front().expect("a front");
-            if self.seen.get(&key).is_some_and(|s| s.sequence == sequence) {
-                self.seen.remove(&key);
-            }
-        }
-        // A burst of keys must not hold its table's memory once they expired.
-        if self.seen.capacity() > 4 * self.seen.len() + 1024 {
-            self.seen.shrink_to_fit();
-            self.order.shrink_to_fit();
-        }
-        self.order
-            .front()
-            .map_or(u64::MAX, |(at, ..)| at.after(self.window).0)
-    }
-}
-
-/// Whether the batch that first published some keys was recorded, for the publishes of the
-/// same keys that come before the ledger answered it: they answer with its id only once it
-/// is recorded (two publishes of one key never both pass, and a duplicate is never answered
-/// for a message that was not kept).
-#[derive(Debug, Default)]
-struct Decision(Mutex<Decided>);
-
-#[derive(Debug, Default)]
-enum Decided {
-    #[default]
-    Open,
-    Waiting(Vec<oneshot::Sender<bool>>),
-    Done(bool),
-}
-
-impl Decision {
-    /// The answer if known, or where it will come.
-    fn follow(&self) -> Result<bool, oneshot::Receiver<bool>> {
-        let mut state = lock(&self.0);
-        match &mut *state {
-            Decided::Done(recorded) => Ok(*recorded),
-            Decided::Open => {
-                let (tx, rx) = oneshot::channel();
-                *state = Decided::Waiting(vec![tx]);
-                Err(rx)
-            }
-            Decided::Waiting(waiting) => {
-                let (tx, rx) = oneshot::channel();
-                waiting.push(tx);
-                Err(rx)
-            }
-        }
-    }
-
-    fn decide(&self, recorded: bool) {
-        let state = std::mem::replace(&mut *lock(&self.0), Decided::Done(recorded));
-        if let Decided::Waiting(waiting) = state {
-            for tx in waiting {
-                let _ = tx.send(recorded);
-            }
-        }
-    }
-}
-
-/// Decides a batch's keys when dropped: recorded if the ledger ran the batch's `then` (it
-/// drops it unrun when the batch fails, or when it is gone).
-struct Decider {
-    decision: Arc<Decision>,
-    recorded: bool,
-}
-
-impl Drop for Decider {
-    fn drop(&mut self) {
-        self.decision.decide(self.recorded);
+/// A message that goes somewhere (it has targets) is recorded and handed on: the one step of
+/// admission a producer's publish and an acked attempt's child share.
+fn admit(accepted: Accepted, records: &mut Vec<Record>, admitted: &mut Vec<Accepted>) {
+    if !accepted.targets.is_empty() {
+        records.push(Record::Accepted {
+            message: accepted.message.clone(),
+            targets: accepted.targets.clone(),
+        });
+        admitted.push(accepted);
     }
 }
 
@@ -499,7 +238,7 @@ pub struct Ingress {
     routing: ArcSwap<Routing>,
     next_id: AtomicU64,
     ledger: Arc<dyn Ledger>,
-    dispatcher: Sender<dispatch::Input>,
+    sink: Arc<dyn AcceptedSink>,
     backlog: Arc<Backlog>,
     max_message_size: u64,
     clock: Arc<dyn Clock>,
@@ -533,7 +272,7 @@ impl Ingress {
         routing: Routing,
         next_id: u64,
         ledger: Arc<dyn Ledger>,
-        dispatcher: Sender<dispatch::Input>,
+        sink: Arc<dyn AcceptedSink>,
         backlog: Arc<Backlog>,
         max_message_size: u64,
         clock: Arc<dyn Clock>,
@@ -547,7 +286,7 @@ impl Ingress {
             routing: ArcSwap::from_pointee(routing),
             next_id: AtomicU64::new(next_id),
             ledger,
-            dispatcher,
+            sink,
             backlog,
             max_message_size,
             clock,
@@ -580,7 +319,7 @@ impl Ingress {
 
     /// Idempotency keys held now (each within `dedupe_window`).
     pub fn keys_held(&self) -> usize {
-        lock(&self.keys).seen.len()
+        lock(&self.keys).held()
     }
 
     /// What a publish that matches no instance gets from now on.
@@ -641,28 +380,55 @@ impl Ingress {
         self.unrouted.load(Ordering::Relaxed)
     }
 
+    /// The children a plugin published inside `handle`, admitted with their parent's ack
+    /// (`records` is the batch that carries it): each validated and routed like any publish
+    /// but never refused for a backlog or as unrouted (its parent was accepted), numbered,
+    /// recorded in `records` and counted in its targets' backlogs. A child that fails the
+    /// checks (the services checked it before staging it, but a reload may have lowered
+    /// `max_message_size` since) is logged and dropped. Returns the ones that go somewhere,
+    /// for the dispatcher.
+    pub(crate) fn admit_children(
+        &self,
+        children: Vec<Child>,
+        now: Timestamp,
+        records: &mut Vec<Record>,
+    ) -> Vec<Accepted> {
+        let mut admitted = Vec::new();
+        for child in children {
+            match self.prepare(child.into(), Source::Child, now) {
+                Ok((accepted, _)) => admit(accepted, records, &mut admitted),
+                Err(e) => tracing::warn!(error = %e, "a child message was refused"),
+            }
+        }
+        for child in &admitted {
+            for target in &child.targets {
+                self.backlog.add(*target, child.size);
+            }
+        }
+        admitted
+    }
+
     /// Validates and routes one message and gives it an id (none when it matches no
     /// instance and is refused).
-    pub(crate) fn prepare(
+    fn prepare(
         &self,
         message: NewMessage,
         source: Source,
         now: Timestamp,
-    ) -> Result<(Accepted, Option<String>), Refused> {
-        topic::validate_topic(&message.topic)
-            .map_err(|e| Refused::Invalid(format!("topic {} {e}", quote(&message.topic))))?;
-        let size = message::check(
+    ) -> Result<(Accepted, Option<String>), PublishRefused> {
+        let size = message::validate(
+            &message.topic,
             message.payload.len(),
             &message.headers,
             message.key.as_deref(),
             self.max_message_size,
         )
-        .map_err(Refused::Invalid)?;
+        .map_err(PublishRefused::Invalid)?;
         let targets = self.routing.load().targets(&message.topic);
         if targets.is_empty() {
             self.unrouted_publish(&message.topic, now);
             if source == Source::Producer && self.refuse_unrouted.load(Ordering::Relaxed) {
-                return Err(Refused::Unrouted(message.topic));
+                return Err(PublishRefused::Unrouted(message.topic));
             }
         }
         if source == Source::Producer {
@@ -692,7 +458,10 @@ impl Ingress {
     pub fn submit(&self, batch: Vec<NewMessage>) -> Submitted {
         if !self.open.load(Ordering::Acquire) {
             return Submitted {
-                results: batch.iter().map(|_| Err(Refused::ShuttingDown)).collect(),
+                results: batch
+                    .iter()
+                    .map(|_| Err(PublishRefused::ShuttingDown))
+                    .collect(),
                 receipt: Receipt::Ready(Ok(())),
                 following: Vec::new(),
             };
@@ -748,23 +517,14 @@ impl Ingress {
                             at: now,
                         });
                     }
-                    if !a.targets.is_empty() {
-                        records.push(Record::Accepted {
-                            message: a.message.clone(),
-                            targets: a.targets.clone(),
-                        });
-                        accepted.push(a);
-                    }
+                    admit(a, &mut records, &mut accepted);
                 }
                 Err(e) => results.push(Err(e)),
             }
         }
         if let Some(keys) = &keys {
-            let next = keys
-                .order
-                .front()
-                .map_or(u64::MAX, |(at, ..)| at.after(keys.window).0);
-            self.keys_expire.fetch_min(next, Ordering::Relaxed);
+            self.keys_expire
+                .fetch_min(keys.next_expiry(), Ordering::Relaxed);
         }
         drop(keys);
         let mut decider = decision.map(|decision| Decider {
@@ -777,7 +537,7 @@ impl Ingress {
             // Once durable, the messages go to the dispatcher straight from the ledger's
             // thread (before the publisher hears of it): the publishing task's turn on the
             // runtime is not on their way to the plugins.
-            let (backlog, dispatcher) = (self.backlog.clone(), self.dispatcher.clone());
+            let (backlog, sink) = (self.backlog.clone(), self.sink.clone());
             let then = move || {
                 if !accepted.is_empty() {
                     for a in &accepted {
@@ -785,9 +545,7 @@ impl Ingress {
                             backlog.add(*target, a.size);
                         }
                     }
-                    // The dispatcher ends only after the ingress closed; a failed send means
-                    // it is gone.
-                    let _ = dispatcher.send(dispatch::Input::Accepted(accepted));
+                    sink.accepted(accepted);
                 }
                 if let Some(decider) = &mut decider {
                     decider.recorded = true;
@@ -805,20 +563,23 @@ impl Ingress {
 
     /// Publishes a batch: each message gets its id or its refusal; the accepted ones are
     /// durable in the ledger when this returns. Blocks: for plain threads.
-    pub fn publish(&self, batch: Vec<NewMessage>) -> Vec<Result<Published, Refused>> {
+    pub fn publish(&self, batch: Vec<NewMessage>) -> Vec<Result<Published, PublishRefused>> {
         self.submit(batch).wait()
     }
 
     /// [`Ingress::publish`] for async code: waits for the ledger without blocking a thread.
-    pub async fn publish_async(&self, batch: Vec<NewMessage>) -> Vec<Result<Published, Refused>> {
+    pub async fn publish_async(
+        &self,
+        batch: Vec<NewMessage>,
+    ) -> Vec<Result<Published, PublishRefused>> {
         self.submit(batch).done().await
     }
 
     /// Publishes one message.
     ///
     /// # Errors
-    /// [`Refused`] with the reason.
-    pub fn publish_one(&self, message: NewMessage) -> Result<Published, Refused> {
+    /// [`PublishRefused`] with the reason.
+    pub fn publish_one(&self, message: NewMessage) -> Result<Published, PublishRefused> {
         self.publish(vec![message])
             .pop()
             .expect("one result per message")
@@ -832,8 +593,13 @@ impl Publisher for Ingress {
             .map_err(|e| PublishError::from(&e))
     }
 
-    fn admits(&self, topic: &str) -> bool {
-        Ingress::admits(self, topic)
+    fn admits(&self, topic: &str) -> Result<(), PublishError> {
+        if Ingress::admits(self, topic) {
+            return Ok(());
+        }
+        Err(PublishError::from(&PublishRefused::Unrouted(
+            topic.to_owned(),
+        )))
     }
 }
 
@@ -853,6 +619,13 @@ mod tests {
     };
 
     const T0: Timestamp = Timestamp(1_700_000_000_000);
+
+    /// The accepted batches, as the dispatcher would get them.
+    impl AcceptedSink for crossbeam_channel::Sender<Vec<Accepted>> {
+        fn accepted(&self, batch: Vec<Accepted>) {
+            let _ = self.send(batch);
+        }
+    }
     const WINDOW: Duration = Duration::from_secs(60);
 
     /// An ingress routing `t.>` to instance 0, on `ledger`, with the clock it returns.
@@ -862,7 +635,7 @@ mod tests {
     ) -> (
         Ingress,
         Arc<ManualClock>,
-        crossbeam_channel::Receiver<dispatch::Input>,
+        crossbeam_channel::Receiver<Vec<Accepted>>,
     ) {
         let clock = Arc::new(ManualClock::at(T0));
         let (tx, rx) = crossbeam_channel::unbounded();
@@ -871,7 +644,7 @@ mod tests {
             routing,
             1,
             ledger,
-            tx,
+            Arc::new(tx),
             Arc::new(Backlog::new(&[("sink".to_owned(), 1 << 20)])),
             1 << 20,
             clock.clone(),
@@ -891,7 +664,7 @@ mod tests {
         }
     }
 
-    fn ids(results: &[Result<Published, Refused>]) -> Vec<(u64, bool)> {
+    fn ids(results: &[Result<Published, PublishRefused>]) -> Vec<(u64, bool)> {
         results
             .iter()
             .map(|r| {
@@ -908,7 +681,7 @@ mod tests {
         assert_eq!(ids(&first), [(1, false), (1, true), (2, false)]);
         // One submission: the dispatcher got both messages in one hand-over.
         match dispatched.try_recv() {
-            Ok(dispatch::Input::Accepted(batch)) => assert_eq!(batch.len(), 2),
+            Ok(batch) => assert_eq!(batch.len(), 2),
             other => panic!("{other:?}"),
         }
         let again = ingress.publish(vec![keyed("b"), keyed("c")]);
@@ -966,7 +739,7 @@ mod tests {
         let refused = ingress.publish(vec![keyed(&key)]).remove(0).unwrap_err();
         assert_eq!(
             refused,
-            Refused::Invalid("the idempotency key is 257 bytes, more than 256".into())
+            PublishRefused::Invalid("the idempotency key is 257 bytes, more than 256".into())
         );
         assert_eq!(ingress.keys_held(), 0);
     }
@@ -1005,7 +778,11 @@ mod tests {
         fn recover(&self, _: &[(String, Rules)], _: Timestamp) -> Result<Recovered, LedgerError> {
             Ok(Recovered::default())
         }
-        fn attach(&self, _: InstanceId, _: &str) -> Result<Vec<Pending>, LedgerError> {
+        fn attach(
+            &self,
+            _: crate::routing::InstanceId,
+            _: &str,
+        ) -> Result<Vec<Pending>, LedgerError> {
             Ok(Vec::new())
         }
         fn dead_letters(&self, _: &DeadLetterFilter) -> Result<Vec<DeadLetter>, LedgerError> {
@@ -1051,9 +828,12 @@ mod tests {
         let first = ingress.submit(vec![keyed("a")]);
         let repeat = ingress.submit(vec![keyed("a")]);
         ledger.answer(false);
-        assert!(matches!(first.wait()[0], Err(Refused::LedgerFull(_))));
+        assert!(matches!(
+            first.wait()[0],
+            Err(PublishRefused::LedgerFull(_))
+        ));
         match &repeat.wait()[0] {
-            Err(Refused::LedgerFailed(why)) => {
+            Err(PublishRefused::LedgerFailed(why)) => {
                 assert!(why.contains("was not recorded; publish it again"), "{why}");
             }
             other => panic!("{other:?}"),

@@ -14,12 +14,16 @@
 
 pub mod backup;
 pub mod durable;
+mod fail_stop;
 mod mark;
 mod markers;
 mod store;
 #[cfg(test)]
 mod tests;
 mod writer;
+
+pub use fail_stop::FailStop;
+pub use markers::InFlightMarker;
 
 use std::sync::{
     Arc, Mutex,
@@ -49,7 +53,7 @@ pub enum Record {
         message: u64,
         at: Timestamp,
     },
-    /// An attempt was handed to its actor (counted; the actor's [`durable::Marker`] records
+    /// An attempt was handed to its actor (counted; the actor's [`InFlightMarker`] records
     /// the moment plugin code is called).
     Attempt {
         message: u64,
@@ -457,7 +461,7 @@ pub trait Ledger: Send + Sync + 'static {
 
     /// The in-flight marker for one actor of `instance` (`None`: this ledger keeps none,
     /// nothing survives a crash anyway).
-    fn marker(&self, instance: InstanceId) -> Option<durable::Marker> {
+    fn marker(&self, instance: InstanceId) -> Option<InFlightMarker> {
         let _ = instance;
         None
     }

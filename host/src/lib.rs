@@ -32,6 +32,7 @@
 
 pub mod actor;
 pub mod background;
+pub mod backlog;
 pub mod circuit;
 pub mod cli;
 pub mod clock;

@@ -9,6 +9,7 @@ use plugind_api::hosting;
 use crate::{
     clock::Timestamp,
     quote::{invisible, quote},
+    topic,
 };
 
 /// The header that carries how many pipeline hops led to a message.
@@ -33,6 +34,23 @@ pub fn headers_size(headers: &[(String, String)]) -> u64 {
         .iter()
         .map(|(name, value)| (name.len() + value.len()) as u64 + HEADER_FRAMING)
         .sum()
+}
+
+/// Every publish's checks, whichever way it comes (a producer through the ingress, a child a
+/// plugin stages inside `handle`): a valid topic, then [`check`]. Returns the size the
+/// message counts for.
+///
+/// # Errors
+/// What is wrong: the topic (quoted) and why, or [`check`]'s.
+pub fn validate(
+    topic: &str,
+    payload: usize,
+    headers: &[(String, String)],
+    key: Option<&str>,
+    max_size: u64,
+) -> Result<u64, String> {
+    topic::validate_topic(topic).map_err(|e| format!("topic {} {e}", quote(topic)))?;
+    check(payload, headers, key, max_size)
 }
 
 /// Checks a message's headers and idempotency key against their bounds, and its size —

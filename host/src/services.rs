@@ -15,11 +15,7 @@ use plugind_api::{
     Level, MessageId, PublishError, PublishErrorKind, abi::KeyValue, hosting::Services,
 };
 
-use crate::{
-    message::{self, HOP_HEADER},
-    quote::quote,
-    topic,
-};
+use crate::message::{self, HOP_HEADER};
 
 /// Who an instance generation is, for its log lines and its plugin.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,9 +44,12 @@ pub trait Publisher: Send + Sync + 'static {
 
     /// Whether a message to `topic` would be taken now (`unrouted = "refuse"` refuses the
     /// ones no instance subscribes to); a child staged inside `handle` is checked here.
-    fn admits(&self, topic: &str) -> bool {
+    ///
+    /// # Errors
+    /// [`PublishError`] saying why it would be refused.
+    fn admits(&self, topic: &str) -> Result<(), PublishError> {
         let _ = topic;
-        true
+        Ok(())
     }
 }
 
@@ -140,14 +139,14 @@ impl InstanceServices {
         headers: &[(String, String)],
         hops: u32,
     ) -> Result<(), PublishError> {
-        topic::validate_topic(topic).map_err(|e| {
-            Self::refuse(
-                PublishErrorKind::Invalid,
-                format!("topic {} {e}", quote(topic)),
-            )
-        })?;
-        message::check(payload.len(), headers, None, self.limits.max_message_size)
-            .map_err(|e| Self::refuse(PublishErrorKind::Invalid, e))?;
+        message::validate(
+            topic,
+            payload.len(),
+            headers,
+            None,
+            self.limits.max_message_size,
+        )
+        .map_err(|e| Self::refuse(PublishErrorKind::Invalid, e))?;
         if hops > self.limits.hop_limit {
             return Err(Self::refuse(
                 PublishErrorKind::HopLimit,
@@ -242,12 +241,7 @@ impl Services for InstanceServices {
         if let Some(hops) = staged_hops {
             let headers = with_hops(headers, hops);
             self.check(topic, payload, &headers, hops)?;
-            if !self.publisher.admits(topic) {
-                return Err(Self::refuse(
-                    PublishErrorKind::Invalid,
-                    crate::ingress::Refused::Unrouted(topic.to_owned()).to_string(),
-                ));
-            }
+            self.publisher.admits(topic)?;
             let child = Child {
                 topic: topic.to_owned(),
                 payload: Bytes::copy_from_slice(payload),

@@ -20,7 +20,7 @@ use plugind::{
     clock::SystemClock,
     config,
     engine::{Engine, Options},
-    ingress::{NewMessage, Refused},
+    ingress::{NewMessage, PublishRefused},
     ledger::MemoryLedger,
 };
 use plugind_tests::{
@@ -80,7 +80,7 @@ fn run(engine: &Engine, n: u64) -> Duration {
         // Backpressure: a full backlog refuses; wait for the plugin to catch up.
         let refused = results
             .iter()
-            .filter(|r| matches!(r, Err(Refused::Backlog { .. })))
+            .filter(|r| matches!(r, Err(PublishRefused::Backlog(_))))
             .count();
         sent += (count - refused) as u64;
         if refused > 0 {
@@ -114,6 +114,7 @@ fn main() {
         probe: None,
         watch: false,
         notifier: None,
+        fail_stop: None,
     };
     let (engine, failures) = Engine::start(&config, MemoryLedger::new(), options).unwrap();
     assert!(failures.is_empty(), "{failures:?}");

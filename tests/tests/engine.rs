@@ -9,11 +9,12 @@ use std::{
 
 use bytes::Bytes;
 use plugind::{
+    backlog::BacklogFull,
     clock::{Clock, ManualClock, SystemClock, Timestamp},
     config,
     dispatch::{InstanceStats, Snapshot},
     engine::{Engine, Options},
-    ingress::{NewMessage, Refused},
+    ingress::{NewMessage, PublishRefused},
     ledger::{
         DeadLetterFilter, Forget, Ledger, MemoryLedger, Selection,
         durable::{self, DurableLedger, Mode},
@@ -92,6 +93,7 @@ fn try_start_on(
         probe: None,
         watch: false,
         notifier: None,
+        fail_stop: None,
     };
     let (engine, failures) = Engine::start(&config, ledger(&sandbox), options).unwrap();
     (
@@ -108,7 +110,7 @@ impl Deployment {
         self.engine.as_ref().expect("running")
     }
 
-    fn publish(&self, topic: &str, payload: &str) -> Result<u64, Refused> {
+    fn publish(&self, topic: &str, payload: &str) -> Result<u64, PublishRefused> {
         self.engine()
             .ingress()
             .publish_one(NewMessage {
@@ -371,11 +373,11 @@ gate = \"{}\"
     d.publish("t.a", &payload).unwrap();
     d.publish("t.a", &payload).unwrap();
     match d.publish("t.a", &payload) {
-        Err(Refused::Backlog {
+        Err(PublishRefused::Backlog(BacklogFull {
             instance,
             backlog,
             limit,
-        }) => assert_eq!((instance.as_str(), backlog, limit), ("slow", 800, 1024)),
+        })) => assert_eq!((instance.as_str(), backlog, limit), ("slow", 800, 1024)),
         other => panic!("{other:?}"),
     }
     // Other topics are not affected.
@@ -921,6 +923,7 @@ fn start_watched(libraries: &[&str], config_text: &str) -> (Sandbox, Engine) {
         probe: None,
         watch: true,
         notifier: None,
+        fail_stop: None,
     };
     let (engine, failures) = Engine::start(&config, MemoryLedger::new(), options).unwrap();
     assert!(failures.is_empty(), "{failures:?}");

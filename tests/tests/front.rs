@@ -20,7 +20,10 @@ use plugind::{
         AttemptOutcome, CircuitState, DeliveryStage, Forget, Front, InstanceState, InstanceStatus,
         NewMessage, OperateError, PageRequest, Pick, WatchStep,
     },
-    ledger::durable::{self, DurableLedger, Mode},
+    ledger::{
+        FailStop,
+        durable::{self, DurableLedger, Mode},
+    },
 };
 use plugind_tests::{
     fixtures::{self, Profile},
@@ -86,6 +89,7 @@ fn start() -> Running {
         probe: None,
         watch: false,
         notifier: None,
+        fail_stop: None,
     };
     let (engine, failures) = Engine::start(&config, ledger, options).unwrap();
     assert!(failures.is_empty(), "{failures:?}");
@@ -167,7 +171,7 @@ fn a_keyed_batch_is_one_submission_and_a_repeated_key_gets_the_first_id() {
     assert_eq!(again[0].as_ref().unwrap().id, first.id);
     let refused = r.front.publish(vec![message("", None)]).wait();
     assert!(
-        matches!(&refused[0], Err(plugind::front::Refused::Invalid(_))),
+        matches!(&refused[0], Err(plugind::front::PublishRefused::Invalid(_))),
         "{refused:?}"
     );
 }
@@ -332,13 +336,14 @@ fn daemon_options() -> daemon::Options {
     daemon::Options {
         fresh_ledger: false,
         log_level: Arc::new(|level: &str| Ok(level.to_owned())),
-        fail_stop: Arc::new(|error: &str| panic!("the ledger failed: {error}")),
+        fail_stop: FailStop::new(|error: &str| panic!("the ledger failed: {error}")),
         reloads: Arc::default(),
         engine: Options {
             clock: Arc::new(SystemClock),
             probe: None,
             watch: false,
             notifier: None,
+            fail_stop: None,
         },
     }
 }

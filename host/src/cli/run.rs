@@ -16,7 +16,7 @@ use crate::{
     config::{self, ConfigError},
     daemon::{self, DaemonError},
     engine,
-    ledger::durable,
+    ledger::FailStop,
 };
 
 /// Runs the daemon until a stop signal. `fresh_ledger`: start a new, empty ledger where the
@@ -86,8 +86,8 @@ fn exit_code(e: &DaemonError) -> u8 {
 
 /// A storage failure stops the daemon at once (docs/design.md §7: fail-stop, exit 1): nothing
 /// more can be recorded, so nothing more may be accepted or handed out.
-fn exit_on_ledger_failure() -> durable::FailStop {
-    Arc::new(|error: &str| {
+fn exit_on_ledger_failure() -> FailStop {
+    FailStop::new(|error: &str| {
         eprintln!("plugind: ledger: {error}; stopping now (exit 1)");
         std::process::exit(i32::from(EXIT_FAILURE));
     })

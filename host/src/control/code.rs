@@ -4,7 +4,7 @@
 use tonic::Status;
 
 use crate::{
-    front::{OperateError, Refused, WatchEnd},
+    front::{OperateError, PublishRefused, WatchEnd},
     ledger::LedgerError,
     supervisor::{ActRefused, ReloadRefused},
 };
@@ -12,14 +12,14 @@ use crate::{
 /// A refused publish: `INVALID_ARGUMENT` (the message), `FAILED_PRECONDITION` (nothing
 /// subscribes and unrouted publishes are refused), `RESOURCE_EXHAUSTED` (a backlog or the
 /// ledger full: retry later), `UNAVAILABLE` (stopping, or the ledger failed).
-pub fn publish(refused: &Refused) -> Status {
+pub fn publish(refused: &PublishRefused) -> Status {
     match refused {
-        Refused::Invalid(_) => Status::invalid_argument(refused.to_string()),
-        Refused::Unrouted(_) => Status::failed_precondition(refused.to_string()),
-        Refused::Backlog { .. } | Refused::LedgerFull(_) => {
+        PublishRefused::Invalid(_) => Status::invalid_argument(refused.to_string()),
+        PublishRefused::Unrouted(_) => Status::failed_precondition(refused.to_string()),
+        PublishRefused::Backlog(_) | PublishRefused::LedgerFull(_) => {
             Status::resource_exhausted(refused.to_string())
         }
-        Refused::ShuttingDown | Refused::LedgerFailed(_) => {
+        PublishRefused::ShuttingDown | PublishRefused::LedgerFailed(_) => {
             Status::unavailable(refused.to_string())
         }
     }
@@ -88,20 +88,26 @@ mod tests {
     fn refusals_map_to_codes_that_say_whether_to_retry() {
         let cases = [
             (
-                Refused::Invalid("empty topic".into()),
+                PublishRefused::Invalid("empty topic".into()),
                 Code::InvalidArgument,
             ),
             (
-                Refused::Backlog {
+                PublishRefused::Backlog(crate::backlog::BacklogFull {
                     instance: "sink".into(),
                     backlog: 10,
                     limit: 5,
-                },
+                }),
                 Code::ResourceExhausted,
             ),
-            (Refused::LedgerFull("disk".into()), Code::ResourceExhausted),
-            (Refused::ShuttingDown, Code::Unavailable),
-            (Refused::Unrouted("a.b".into()), Code::FailedPrecondition),
+            (
+                PublishRefused::LedgerFull("disk".into()),
+                Code::ResourceExhausted,
+            ),
+            (PublishRefused::ShuttingDown, Code::Unavailable),
+            (
+                PublishRefused::Unrouted("a.b".into()),
+                Code::FailedPrecondition,
+            ),
         ];
         for (refused, code) in cases {
             let s = publish(&refused);

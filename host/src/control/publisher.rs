@@ -17,7 +17,7 @@ use super::{
     },
 };
 use crate::{
-    front::{Front, NewMessage, Published, Refused},
+    front::{Front, NewMessage, PublishRefused, Published},
     message,
 };
 
@@ -66,7 +66,10 @@ impl PublisherService {
     }
 
     /// Publishes a batch (one submission, keyed or not).
-    async fn publish(&self, requests: Vec<PublishRequest>) -> Vec<Result<Published, Refused>> {
+    async fn publish(
+        &self,
+        requests: Vec<PublishRequest>,
+    ) -> Vec<Result<Published, PublishRefused>> {
         self.front
             .publish(requests.into_iter().map(message).collect())
             .done()
@@ -88,7 +91,7 @@ fn message(request: PublishRequest) -> NewMessage {
     }
 }
 
-fn outcome(result: Result<Published, Refused>) -> PublishOutcome {
+fn outcome(result: Result<Published, PublishRefused>) -> PublishOutcome {
     match result {
         Ok(published) => PublishOutcome {
             outcome: Some(publish_outcome::Outcome::Id(published.id)),
@@ -110,7 +113,7 @@ fn outcome(result: Result<Published, Refused>) -> PublishOutcome {
 }
 
 /// Every message's answer of a batch, once the ledger answered it.
-type Answers = Pin<Box<dyn Future<Output = Vec<Result<Published, Refused>>> + Send>>;
+type Answers = Pin<Box<dyn Future<Output = Vec<Result<Published, PublishRefused>>> + Send>>;
 
 /// A batch of a stream waiting for the ledger.
 struct InFlight {
@@ -120,7 +123,7 @@ struct InFlight {
 
 fn batch_result(
     correlation_id: u64,
-    outcomes: Vec<Result<Published, Refused>>,
+    outcomes: Vec<Result<Published, PublishRefused>>,
 ) -> PublishBatchResult {
     PublishBatchResult {
         correlation_id,

@@ -35,9 +35,9 @@ use hdrhistogram::Histogram;
 use rusqlite::Connection;
 
 use super::{
-    BacklogEntry, CommitStats, Counts, DeadLetter, DeadLetterFilter, Forget, HistoryEntry, Ledger,
-    LedgerError, Lost, Pending, Receipt, Record, Recovered, Remembered, Replayed, Selection, Then,
-    Wait, lock,
+    BacklogEntry, CommitStats, Counts, DeadLetter, DeadLetterFilter, FailStop, Forget,
+    HistoryEntry, InFlightMarker, Ledger, LedgerError, Lost, Pending, Receipt, Record, Recovered,
+    Remembered, Replayed, Selection, Then, Wait, lock,
     mark::{self, Mark, MarkError, Marks},
     markers, store,
     writer::{
@@ -61,9 +61,6 @@ pub enum Mode {
     Buffered,
 }
 
-/// A hook called once when the ledger fails for good (the daemon exits from it).
-pub type FailStop = Arc<dyn Fn(&str) + Send + Sync>;
-
 /// How to open a durable ledger.
 #[derive(Clone)]
 pub struct Options {
@@ -72,6 +69,7 @@ pub struct Options {
     pub dedupe_window: Duration,
     pub dead_letter_retention: Option<Duration>,
     pub clock: Arc<dyn Clock>,
+    /// Reported to once when the ledger fails for good (the daemon exits from it).
     pub fail_stop: Option<FailStop>,
     /// Start a new, empty ledger where the state dir's is missing or empty (`plugind run
     /// --fresh-ledger`): refused without it, since a ledger that should be there is lost.
@@ -673,14 +671,14 @@ impl Ledger for DurableLedger {
         true
     }
 
-    fn marker(&self, instance: InstanceId) -> Option<Marker> {
+    fn marker(&self, instance: InstanceId) -> Option<InFlightMarker> {
         let slots = lock(&self.slots).clone()?;
         let inst = self.shared.key(instance).ok()?;
-        Some(Marker {
-            slot: slots.claim(inst),
-            shared: self.shared.clone(),
-            dir: self.dir.clone(),
-        })
+        Some(InFlightMarker::new(
+            slots.claim(inst),
+            self.shared.clone(),
+            self.dir.join(markers::FILE),
+        ))
     }
 
     fn load(&self, id: u64) -> Result<Option<Arc<StoredMessage>>, LedgerError> {
@@ -845,40 +843,4 @@ fn summary(histogram: &Histogram<u64>) -> [u64; 3] {
         histogram.value_at_quantile(0.99),
         histogram.max(),
     ]
-}
-
-/// One actor's in-flight marker: written just before each call to plugin code, with one
-/// `pwrite` and no fsync (it must survive a crash of the process, not of the machine). A
-/// failed write stops the daemon like any ledger failure.
-pub struct Marker {
-    slot: markers::Slot,
-    shared: Arc<Shared>,
-    dir: PathBuf,
-}
-
-impl std::fmt::Debug for Marker {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Marker").field("slot", &self.slot).finish()
-    }
-}
-
-impl Marker {
-    fn check(&self, written: std::io::Result<()>) {
-        if let Err(e) = written {
-            self.shared.poison(&LedgerError::Fatal(format!(
-                "cannot record an in-flight attempt in {}: {e}",
-                self.dir.join(markers::FILE).display()
-            )));
-        }
-    }
-
-    /// Plugin code is about to be called for `attempt` of `message`.
-    pub fn calling(&self, message: u64, attempt: u32) {
-        self.check(self.slot.calling(message, attempt));
-    }
-
-    /// No call is running.
-    pub fn idle(&self) {
-        self.check(self.slot.idle());
-    }
 }

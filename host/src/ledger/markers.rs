@@ -14,11 +14,13 @@ use std::{
     fs::{self, File, OpenOptions},
     io,
     os::unix::fs::FileExt as _,
-    path::Path,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
 
 use rustc_hash::FxHashMap;
+
+use super::{LedgerError, writer::Shared};
 
 pub(super) const FILE: &str = "inflight";
 const SLOT: usize = 32;
@@ -108,13 +110,13 @@ impl Slots {
     }
 
     /// A slot for one actor of the instance with persistent key `inst`.
-    pub(super) fn claim(self: &Arc<Self>, inst: u32) -> Slot {
+    pub(super) fn claim(self: &Arc<Self>, inst: u32) -> MarkerSlot {
         let mut free = super::lock(&self.free);
         let number = free.0.pop().unwrap_or_else(|| {
             free.1 += 1;
             free.1 - 1
         });
-        Slot {
+        MarkerSlot {
             slots: self.clone(),
             offset: number * SLOT as u64,
             inst,
@@ -129,13 +131,13 @@ impl Slots {
 
 /// One actor's slot.
 #[derive(Debug)]
-pub(super) struct Slot {
+pub(super) struct MarkerSlot {
     slots: Arc<Slots>,
     offset: u64,
     inst: u32,
 }
 
-impl Slot {
+impl MarkerSlot {
     /// Plugin code is about to be called for `attempt` of `message`.
     pub(super) fn calling(&self, message: u64, attempt: u32) -> io::Result<()> {
         self.slots
@@ -151,13 +153,57 @@ impl Slot {
     }
 }
 
-impl Drop for Slot {
+impl Drop for MarkerSlot {
     fn drop(&mut self) {
         if self.idle().is_ok() {
             super::lock(&self.slots.free)
                 .0
                 .push(self.offset / SLOT as u64);
         }
+    }
+}
+
+/// One actor's in-flight marker ([`Ledger::marker`](super::Ledger::marker)): written just
+/// before each call to plugin code, with one `pwrite` and no fsync (it must survive a crash
+/// of the process, not of the machine). A failed write stops the daemon like any ledger
+/// failure (the ledger's fail-stop).
+pub struct InFlightMarker {
+    slot: MarkerSlot,
+    shared: Arc<Shared>,
+    /// The marker file, for the error.
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for InFlightMarker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InFlightMarker")
+            .field("slot", &self.slot)
+            .finish()
+    }
+}
+
+impl InFlightMarker {
+    pub(super) fn new(slot: MarkerSlot, shared: Arc<Shared>, path: PathBuf) -> Self {
+        Self { slot, shared, path }
+    }
+
+    fn check(&self, written: io::Result<()>) {
+        if let Err(e) = written {
+            self.shared.poison(&LedgerError::Fatal(format!(
+                "cannot record an in-flight attempt in {}: {e}",
+                self.path.display()
+            )));
+        }
+    }
+
+    /// Plugin code is about to be called for `attempt` of `message`.
+    pub fn calling(&self, message: u64, attempt: u32) {
+        self.check(self.slot.calling(message, attempt));
+    }
+
+    /// No call is running.
+    pub fn idle(&self) {
+        self.check(self.slot.idle());
     }
 }
 

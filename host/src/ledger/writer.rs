@@ -21,8 +21,8 @@ use hdrhistogram::Histogram;
 use rusqlite::Connection;
 
 use super::{
-    Forget, LedgerError, Record, Selection, Then, Wait,
-    durable::{FailStop, Mode},
+    FailStop, Forget, LedgerError, Record, Selection, Then, Wait,
+    durable::Mode,
     lock,
     mark::{Answerer, Mark},
     store,
@@ -161,8 +161,8 @@ impl Shared {
         let message = error.to_string();
         if self.fatal.set(message.clone()).is_ok() {
             tracing::error!(error = %message, "the ledger failed: no further changes can be recorded");
-            if let Some(hook) = &self.fail_stop {
-                hook(&message);
+            if let Some(fail_stop) = &self.fail_stop {
+                fail_stop.report(&message);
             }
         }
     }
