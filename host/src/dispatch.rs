@@ -20,16 +20,11 @@ mod outcomes;
 mod queues;
 mod stop;
 
-use std::{
-    collections::VecDeque,
-    sync::{Arc, RwLock},
-    time::Duration,
-};
+use std::{collections::VecDeque, sync::Arc, time::Duration};
 
 use crossbeam_channel::{Receiver, Sender, select};
 
-#[doc(hidden)]
-pub use handle::Input;
+use handle::Input;
 pub use handle::{Dispatcher, DispatcherGone, Inbox};
 pub use queues::{InstanceStats, Slot, Snapshot};
 pub use stop::StopReport;
@@ -47,23 +42,6 @@ use crate::{
 };
 use leases::Leases;
 use queues::{InstanceQueue, Live, LiveMap};
-
-/// The fail-stop of the dispatcher started last, for [`fail_stop`].
-static SUPERVISOR_FAIL_STOP: RwLock<Option<FailStop>> = RwLock::new(None);
-
-/// A storage failure of the supervisor's (a ledger it cannot attach an instance to) goes to
-/// the fail-stop of the dispatcher started last in this process.
-///
-/// Transitional: the supervisor calls this until it holds the engine's [`FailStop`] itself
-/// (its `Parts`); then this and its static go.
-pub(crate) fn fail_stop(e: &LedgerError) -> ! {
-    let fail_stop = SUPERVISOR_FAIL_STOP
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone()
-        .unwrap_or_default();
-    fail_stop.halt(e)
-}
 
 /// What the dispatcher's loop works with, besides its inbox.
 #[derive(Clone)]
@@ -102,9 +80,6 @@ impl Inbox {
         pending: Vec<Pending>,
         events: Receiver<actor::Event>,
     ) -> std::io::Result<std::thread::JoinHandle<()>> {
-        *SUPERVISOR_FAIL_STOP
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(with.fail_stop.clone());
         let dispatcher = DispatchLoop::new(with, slots, pending);
         let inputs = self.inputs;
         std::thread::Builder::new()

@@ -22,10 +22,8 @@ use tokio::sync::oneshot;
 
 mod keys;
 
-// The supervisor still names the backlog through the ingress (until it is converted).
-pub(crate) use crate::backlog::Backlog;
 use crate::{
-    backlog::BacklogFull,
+    backlog::{Backlog, BacklogFull},
     clock::{Clock, Timestamp},
     config::Unrouted,
     events::{EventKind, Events},

@@ -18,7 +18,7 @@
 //! - A failed load changes nothing that runs: the previous generation (if any) keeps
 //!   serving. The same bytes with the same config are not tried again until an operator
 //!   reloads (or they change).
-//! - The routing snapshot names every instance that should run, loaded or not (DESIGN.md §7:
+//! - The routing snapshot names every instance that should run, loaded or not (docs/design.md §7:
 //!   the target set is fixed at acceptance); a dispatcher slot exists before a route to it.
 //! - The supervisor alone decides that bytes are the same ones, nothing to do (a library:
 //!   its sha256 against the one checked; the config: against what runs and what was refused
@@ -44,12 +44,13 @@ use serde::Serialize;
 
 use crate::{
     actor,
+    backlog::Backlog,
     clock::Clock,
     config::{self, Config, Settings},
-    dispatch::Input,
+    dispatch::Dispatcher,
     events::{Events, Retirement},
-    ingress::{Backlog, Ingress},
-    ledger::{Forget, Ledger, LedgerError, Origin, Remembered},
+    ingress::Ingress,
+    ledger::{FailStop, Forget, Ledger, LedgerError, Origin, Remembered},
     loader::{LoadError, Policy, ProbeCommand},
     notify::Notifier,
     quarantine::Quarantine,
@@ -327,7 +328,9 @@ pub struct SupervisorDeps {
     pub libraries: Libraries,
     pub quarantine: Quarantine,
     pub registry: Arc<Registry>,
-    pub inputs: Sender<Input>,
+    pub dispatcher: Dispatcher,
+    /// Where a storage failure the supervisor cannot go on from goes (the daemon's one hook).
+    pub fail_stop: FailStop,
     pub actor_events: Sender<actor::Event>,
     pub ingress: Arc<Ingress>,
     pub ledger: Arc<dyn Ledger>,
@@ -442,7 +445,7 @@ impl Supervisor {
                     .expect("recovered instances are registered");
                 if remembered.get(name).is_some_and(|r| r.paused) {
                     // An operator's pause outlives a restart.
-                    let _ = deps.inputs.send(Input::Pause(id));
+                    deps.dispatcher.pause(id);
                 }
                 (name.clone(), Supervised::new(id, &want.settings))
             })

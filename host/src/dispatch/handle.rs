@@ -18,14 +18,10 @@ use crate::{
     routing::InstanceId,
 };
 
-/// What the dispatcher is told.
-///
-/// Not part of the API: [`Dispatcher`]'s methods send it. It is visible outside this module
-/// only until the supervisor calls those methods (its `Parts::inputs`, a `pub` field, still
-/// carries it, which is why it is not `pub(crate)` yet): build no new use of it.
-#[doc(hidden)]
+/// What the dispatcher is told: only [`Dispatcher`]'s methods send it, only the loop reads
+/// it.
 #[derive(Debug)]
-pub enum Input {
+pub(super) enum Input {
     /// Messages the ingress accepted (already in the ledger).
     Accepted(Vec<Accepted>),
     /// A snapshot for the caller.
@@ -94,12 +90,6 @@ impl Dispatcher {
     pub fn new() -> (Self, Inbox) {
         let (inputs, receiver) = unbounded();
         (Self { inputs }, Inbox { inputs: receiver })
-    }
-
-    /// The raw channel, for the supervisor's `Parts::inputs` until it calls these methods
-    /// instead.
-    pub(crate) fn sender(&self) -> Sender<Input> {
-        self.inputs.clone()
     }
 
     /// Queues `input`; `false` if the loop is gone.

@@ -1,5 +1,5 @@
 //! [`FailStop`]: the daemon's one answer to a storage failure it cannot go on from
-//! (DESIGN.md §7: fail-stop). The ledger's writer and syncer, an in-flight marker that cannot
+//! (docs/design.md §7: fail-stop). The ledger's writer and syncer, an in-flight marker that cannot
 //! be written, and the dispatcher (a commit or a read that failed) all end here. What it does
 //! is the assembly's to say — the binary says so on stderr and exits 1 at once — so library
 //! code never exits the process itself.

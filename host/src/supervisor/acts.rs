@@ -1,10 +1,7 @@
 //! An operator's acts on one instance: pause or resume it, forget it.
 
-use crossbeam_channel::bounded;
-
 use super::{ActRefused, Supervisor, desired};
 use crate::{
-    dispatch::Input,
     events::{EventKind, Unsubscribed},
     ledger::{Forget, Remembered},
 };
@@ -23,11 +20,11 @@ impl Supervisor {
             .remember(name, &remembered)
             .map_err(ActRefused::Ledger)?;
         self.remembered.insert(name.to_owned(), remembered);
-        let _ = self.deps.inputs.send(if paused {
-            Input::Pause(id)
+        if paused {
+            self.deps.dispatcher.pause(id);
         } else {
-            Input::Resume(id)
-        });
+            self.deps.dispatcher.resume(id);
+        }
         Ok(())
     }
 
@@ -69,7 +66,7 @@ impl Supervisor {
         let was_subscribed = was.subscription.is_some();
         if let (true, Some(id)) = (was.paused, registered) {
             // The pause went with it: should it come back, it starts afresh.
-            let _ = self.deps.inputs.send(Input::Resume(id));
+            self.deps.dispatcher.resume(id);
         }
         if let Some(inst) = self.instances.get_mut(name) {
             let subscribed = inst.subscribed.take().is_some();
@@ -82,18 +79,11 @@ impl Supervisor {
         }
         self.reconcile();
         let count = match registered {
-            Some(instance) => {
-                let (reply, answer) = bounded(1);
-                self.deps
-                    .inputs
-                    .send(Input::Forget {
-                        instance,
-                        how,
-                        reply,
-                    })
-                    .map_err(|_| ActRefused::Stopping)?;
-                answer.recv().map_err(|_| ActRefused::Stopping)?
-            }
+            Some(instance) => self
+                .deps
+                .dispatcher
+                .forget(instance, how)
+                .map_err(|_| ActRefused::Stopping)?,
             None => self
                 .deps
                 .ledger

@@ -285,7 +285,7 @@ pub struct Want {
 }
 
 /// Every instance with a subscription, from the configuration, the libraries of
-/// `plugin_dir` and what the ledger remembers (DESIGN.md §7: a subscription ends only when
+/// `plugin_dir` and what the ledger remembers (docs/design.md §7: a subscription ends only when
 /// its table is removed from `plugins.toml` or an operator forgets it):
 /// - every `[plugins.NAME]` table, enabled or not;
 /// - with `autoload`, one instance per library that no table names;

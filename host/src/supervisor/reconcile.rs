@@ -3,8 +3,6 @@
 
 use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
 
-use crossbeam_channel::bounded;
-
 use super::{
     StartError, StartFailure, Supervised, Supervisor, SupervisorCommand,
     desired::{self, Want},
@@ -13,7 +11,7 @@ use super::{
 use crate::{
     actor::{self, Deadlines},
     config::Settings,
-    dispatch::{self, Input, Slot},
+    dispatch::Slot,
     events::{EventKind, StopReason, Unsubscribed},
     ledger::Remembered,
     routing::{InstanceId, Routing},
@@ -156,10 +154,7 @@ impl Supervisor {
         if inst.settings != want.settings {
             inst.settings = want.settings.clone();
             self.deps.backlog.set_limit(id, want.settings.max_backlog);
-            let _ = self.deps.inputs.send(Input::Configure {
-                instance: id,
-                settings: Box::new(want.settings.clone()),
-            });
+            self.deps.dispatcher.configure(id, want.settings.clone());
             self.deps.events.emit(EventKind::Updated {
                 instance: name.to_owned(),
                 topics: false,
@@ -208,7 +203,7 @@ impl Supervisor {
         if inst.running.is_some()
             && let Err(mismatch) = checked.check_pin(want.pin)
         {
-            // A pin change never stops a running generation (DESIGN.md §4).
+            // A pin change never stops a running generation (docs/design.md §4).
             let error = StartError::Pin(Arc::new(mismatch));
             inst.failed = Some((key, error.clone()));
             return Err(self.report(name, Some(checked.path().to_owned()), error));
@@ -252,7 +247,7 @@ impl Supervisor {
             .deps
             .ledger
             .attach(id, name)
-            .unwrap_or_else(|e| dispatch::fail_stop(&e));
+            .unwrap_or_else(|e| self.deps.fail_stop.halt(&e));
         if !pending.is_empty() {
             tracing::info!(
                 instance = name,
@@ -260,13 +255,10 @@ impl Supervisor {
                 "deliveries waiting in the ledger resume"
             );
         }
-        let _ = self.deps.inputs.send(Input::Add {
-            slot: Box::new(Slot::new(name, settings)),
-            pending,
-        });
+        self.deps.dispatcher.add(Slot::new(name, settings), pending);
         if self.remembered.get(name).is_some_and(|r| r.paused) {
             // An operator's pause outlives a restart.
-            let _ = self.deps.inputs.send(Input::Pause(id));
+            self.deps.dispatcher.pause(id);
         }
         self.instances
             .insert(name.to_owned(), Supervised::new(id, settings));
@@ -356,16 +348,7 @@ impl Supervisor {
         id: InstanceId,
         actor: Option<actor::Actor>,
     ) -> Option<actor::Actor> {
-        let (reply, answer) = bounded(1);
-        self.deps
-            .inputs
-            .send(Input::Run {
-                instance: id,
-                actor,
-                reply,
-            })
-            .ok()?;
-        answer.recv().ok().flatten()
+        self.deps.dispatcher.run(id, actor)
     }
 
     /// Stops instance `name`: its actor finishes the call in hand; its deliveries wait.
