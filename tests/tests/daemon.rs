@@ -710,3 +710,41 @@ enabled = false
         "{commits} commits for 202 keyed messages in two batches"
     );
 }
+
+/// A SIGTERM while the daemon starts (an instance's `new` still running) stops it gracefully
+/// once it is up. The handler used to be installed only when the daemon first waited for a
+/// stop, after the start: a SIGTERM before that (or just after READY) took its default
+/// action and killed the daemon.
+#[test]
+fn a_sigterm_during_the_start_stops_the_daemon_gracefully_once_it_is_up() {
+    let s = sandbox(&["fx-block"]);
+    let gate = s.path().join("gate");
+    s.put(
+        "plugins.toml",
+        &format!(
+            "[host]\nautoload = false\n\n[plugins.slow]\nplugin = \"fx-block\"\n\
+             topics = [\"t.>\"]\ninit_timeout = \"30s\"\n\n[plugins.slow.config]\n\
+             gate = \"{}\"\nblock_new = true\n",
+            gate.display()
+        ),
+    );
+    let mut d = Daemon::restart_unwatched(s);
+    // The API is bound before the instances start: `new` is waiting for the gate now.
+    let started = Instant::now();
+    while !d.socket().exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "never bound:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    d.signal("TERM");
+    std::thread::sleep(Duration::from_millis(200));
+    std::fs::write(&gate, b"").unwrap();
+    let status = d
+        .wait_exit(Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("it did not stop:\n{}", d.log()));
+    assert!(status.success(), "{status:?}\n{}", d.log());
+    assert!(d.log().contains("SIGTERM received"), "{}", d.log());
+}

@@ -451,7 +451,11 @@ fn a_flipped_byte_in_a_stored_payload_is_reported_and_dead_lettered_the_rest_is_
         "the damaged message is named with the cause:\n{log}"
     );
     let (status, s) = d.stop_keeping_state();
-    assert!(status.success(), "the daemon kept running");
+    assert!(
+        status.success(),
+        "the daemon kept running, then stopped cleanly: {status:?}\n{}",
+        fs::read_to_string(s.path().join("daemon.log")).unwrap_or_default()
+    );
     let conn = rusqlite::Connection::open(s.path().join("state/ledger.db")).unwrap();
     let reason: String = conn
         .query_row(

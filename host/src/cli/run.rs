@@ -8,7 +8,10 @@
 
 use std::{path::Path, process::ExitCode, sync::Arc};
 
-use tokio::sync::Notify;
+use tokio::{
+    signal::unix::{Signal, SignalKind, signal},
+    sync::Notify,
+};
 
 use super::logging;
 use crate::{
@@ -55,8 +58,12 @@ pub fn run(config_flag: Option<&Path>, fresh_ledger: bool) -> ExitCode {
         }
     };
     runtime.block_on(async {
+        // Every signal the daemon acts on is registered before anything starts: one that
+        // comes during the start (or just after READY, before the daemon first waits for
+        // it) is acted on, never its default action, which kills the process.
+        let signals = Signals::install();
         let reloads = Arc::new(Notify::new());
-        tokio::spawn(reload_on_hangup(reloads.clone()));
+        tokio::spawn(reload_on_hangup(signals.hangup, reloads.clone()));
         let options = daemon::Options {
             fresh_ledger,
             log_level,
@@ -64,7 +71,13 @@ pub fn run(config_flag: Option<&Path>, fresh_ledger: bool) -> ExitCode {
             reloads,
             engine: engine::Options::daemon(),
         };
-        match daemon::run(config, options, stop_signal()).await {
+        match daemon::run(
+            config,
+            options,
+            stop_signal(signals.terminate, signals.interrupt),
+        )
+        .await
+        {
             // The daemon logged how the API ended.
             Ok(stopped) if stopped.api.is_err() => ExitCode::from(EXIT_FAILURE),
             Ok(_) => ExitCode::SUCCESS,
@@ -94,9 +107,8 @@ fn exit_on_ledger_failure() -> FailStop {
 }
 
 /// Every SIGHUP asks the daemon to reload the configuration and `plugin_dir`.
-async fn reload_on_hangup(reloads: Arc<Notify>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+async fn reload_on_hangup(hangup: Option<Signal>, reloads: Arc<Notify>) {
+    let Some(mut hangup) = hangup else {
         tracing::warn!("cannot listen for SIGHUP; reload with `plugind ctl reload`");
         return;
     };
@@ -106,20 +118,35 @@ async fn reload_on_hangup(reloads: Arc<Notify>) {
     }
 }
 
+/// The signals `plugind run` acts on, registered at once (`None`: it could not be).
+struct Signals {
+    hangup: Option<Signal>,
+    terminate: Option<Signal>,
+    interrupt: Option<Signal>,
+}
+
+impl Signals {
+    fn install() -> Self {
+        Self {
+            hangup: signal(SignalKind::hangup()).ok(),
+            terminate: signal(SignalKind::terminate()).ok(),
+            interrupt: signal(SignalKind::interrupt()).ok(),
+        }
+    }
+}
+
 /// Resolves at the first SIGINT or SIGTERM.
-async fn stop_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate()).ok();
-    let term = async {
-        match &mut terminate {
-            Some(s) => {
+async fn stop_signal(terminate: Option<Signal>, interrupt: Option<Signal>) {
+    async fn first(signal: Option<Signal>) {
+        match signal {
+            Some(mut s) => {
                 s.recv().await;
             }
             None => std::future::pending().await,
         }
-    };
+    }
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-        () = term => tracing::info!("SIGTERM received"),
+        () = first(interrupt) => tracing::info!("SIGINT received"),
+        () = first(terminate) => tracing::info!("SIGTERM received"),
     }
 }
