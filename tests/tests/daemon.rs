@@ -721,7 +721,7 @@ fn a_sigterm_during_the_start_stops_the_daemon_gracefully_once_it_is_up() {
     let gate = s.path().join("gate");
     s.put(
         "plugins.toml",
-        &format!(
+        format!(
             "[host]\nautoload = false\n\n[plugins.slow]\nplugin = \"fx-block\"\n\
              topics = [\"t.>\"]\ninit_timeout = \"30s\"\n\n[plugins.slow.config]\n\
              gate = \"{}\"\nblock_new = true\n",
