@@ -75,7 +75,7 @@ pub struct Settlement {
 
 /// What actors tell the dispatcher.
 #[derive(Debug)]
-pub enum Event {
+pub enum ActorEvent {
     /// Outcomes of one or more attempts; each returns one credit.
     Settled {
         instance: InstanceId,
@@ -142,7 +142,7 @@ impl Mailbox {
 
 /// How an actor's stop ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Stopped {
+pub enum JoinOutcome {
     /// The thread finished and was joined.
     Joined,
     /// The call in hand outlived the deadline: the thread was detached and its library is
@@ -189,7 +189,7 @@ impl Actor {
         plugin: PluginInstance,
         services: Arc<InstanceServices>,
         capacity: usize,
-        events: Sender<Event>,
+        events: Sender<ActorEvent>,
         clock: Arc<dyn Clock>,
         marker: Option<InFlightMarker>,
         first_call: Option<FirstCall>,
@@ -294,7 +294,7 @@ impl Actor {
 
     /// Waits until the actor ended, or abandons it: once `deadlines.total` passed, or once
     /// its plugin's `shutdown` ran longer than `deadlines.shutdown`.
-    pub fn join(mut self, deadlines: Deadlines, clock: &dyn Clock) -> Stopped {
+    pub fn join(mut self, deadlines: Deadlines, clock: &dyn Clock) -> JoinOutcome {
         self.request_stop();
         let thread = self.thread.take().expect("an actor joins once");
         let start = std::time::Instant::now();
@@ -319,12 +319,12 @@ impl Actor {
                     "abandoning a stuck instance: its thread and library are retained"
                 );
                 drop(thread);
-                return Stopped::Abandoned { busy_for };
+                return JoinOutcome::Abandoned { busy_for };
             }
             std::thread::sleep(Duration::from_millis(1));
         }
         let _ = thread.join();
-        Stopped::Joined
+        JoinOutcome::Joined
     }
 }
 
@@ -335,7 +335,7 @@ struct Worker {
     plugin: PluginInstance,
     services: Arc<InstanceServices>,
     mailbox: Arc<Mailbox>,
-    events: Sender<Event>,
+    events: Sender<ActorEvent>,
     busy_since: Arc<AtomicU64>,
     shutdown_since: Arc<AtomicU64>,
     clock: Arc<dyn Clock>,
@@ -377,7 +377,7 @@ impl Worker {
         let released: Vec<Handoff> = self.mailbox.lock().handoffs.drain(..).collect();
         // Tell the dispatcher what was released before `shutdown` runs: a `shutdown` that
         // never returns must not keep those deliveries from being handed out again.
-        let _ = self.events.send(Event::Released {
+        let _ = self.events.send(ActorEvent::Released {
             instance: self.instance,
             generation: self.generation,
             released,
@@ -385,7 +385,7 @@ impl Worker {
         self.shutdown_since
             .store(self.clock.now().0.max(1), Ordering::Release);
         let shutdown_error = self.plugin.shutdown().err();
-        let _ = self.events.send(Event::Stopped {
+        let _ = self.events.send(ActorEvent::Stopped {
             instance: self.instance,
             generation: self.generation,
             shutdown_error,
@@ -423,7 +423,7 @@ impl Worker {
         if settled.is_empty() {
             return;
         }
-        let _ = self.events.send(Event::Settled {
+        let _ = self.events.send(ActorEvent::Settled {
             instance: self.instance,
             generation: self.generation,
             settlements: std::mem::take(settled),

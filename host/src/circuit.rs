@@ -15,7 +15,7 @@ use crate::{clock::Timestamp, config};
 /// Where the breaker stands.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
-pub enum State {
+pub enum BreakerState {
     /// Deliveries flow.
     Closed,
     /// Tripped: only a probe goes out, not before `next_probe`.
@@ -44,7 +44,7 @@ pub struct Breaker {
     settings: config::Circuit,
     /// Charged failures within the window, oldest first: (time, message).
     recent: VecDeque<(Timestamp, u64)>,
-    state: State,
+    state: BreakerState,
 }
 
 impl Breaker {
@@ -57,11 +57,11 @@ impl Breaker {
         Self {
             settings,
             recent: VecDeque::new(),
-            state: State::Closed,
+            state: BreakerState::Closed,
         }
     }
 
-    pub fn state(&self) -> &State {
+    pub fn state(&self) -> &BreakerState {
         &self.state
     }
 
@@ -69,9 +69,9 @@ impl Breaker {
     /// for once the probe time has come becomes the probe.
     pub fn admit(&mut self, message: u64, now: Timestamp) -> bool {
         match &mut self.state {
-            State::Closed => true,
-            State::Paused => false,
-            State::Open { next_probe, probe } => {
+            BreakerState::Closed => true,
+            BreakerState::Paused => false,
+            BreakerState::Open { next_probe, probe } => {
                 if probe.is_none() && *next_probe <= now.0 {
                     *probe = Some(message);
                     true
@@ -85,7 +85,7 @@ impl Breaker {
     /// When the breaker next lets something out by itself (the next probe), if it waits.
     pub fn next_wakeup(&self) -> Option<Timestamp> {
         match self.state {
-            State::Open {
+            BreakerState::Open {
                 next_probe,
                 probe: None,
             } => Some(Timestamp(next_probe)),
@@ -96,7 +96,7 @@ impl Breaker {
     /// `message` failed at `now`.
     pub fn on_failure(&mut self, message: u64, now: Timestamp) -> Verdict {
         match &mut self.state {
-            State::Open { next_probe, probe } => {
+            BreakerState::Open { next_probe, probe } => {
                 if *probe == Some(message) {
                     *probe = None;
                     *next_probe = now.after(self.settings.probe).0;
@@ -106,13 +106,13 @@ impl Breaker {
                     excuse: Vec::new(),
                 };
             }
-            State::Paused => {
+            BreakerState::Paused => {
                 return Verdict {
                     charged: false,
                     excuse: Vec::new(),
                 };
             }
-            State::Closed => {}
+            BreakerState::Closed => {}
         }
         let horizon =
             Timestamp(now.0.saturating_sub(
@@ -135,7 +135,7 @@ impl Breaker {
         // not being charged.
         let mut excuse: Vec<u64> = self.recent.drain(..).map(|(_, m)| m).collect();
         excuse.pop();
-        self.state = State::Open {
+        self.state = BreakerState::Open {
             next_probe: now.after(self.settings.probe).0,
             probe: None,
         };
@@ -147,10 +147,10 @@ impl Breaker {
 
     /// `message` succeeded: a probe's success closes the circuit. Returns whether it closed.
     pub fn on_success(&mut self, message: u64) -> bool {
-        if let State::Open { probe, .. } = &self.state
+        if let BreakerState::Open { probe, .. } = &self.state
             && *probe == Some(message)
         {
-            self.state = State::Closed;
+            self.state = BreakerState::Closed;
             self.recent.clear();
             return true;
         }
@@ -159,12 +159,12 @@ impl Breaker {
 
     /// An operator pauses the instance.
     pub fn pause(&mut self) {
-        self.state = State::Paused;
+        self.state = BreakerState::Paused;
     }
 
     /// An operator resumes it: closed, with a clean window.
     pub fn resume(&mut self) {
-        self.state = State::Closed;
+        self.state = BreakerState::Closed;
         self.recent.clear();
     }
 }
@@ -208,7 +208,7 @@ mod tests {
         );
         assert_eq!(
             b.state(),
-            &State::Open {
+            &BreakerState::Open {
                 next_probe: at(13).0,
                 probe: None
             }
@@ -225,7 +225,7 @@ mod tests {
             b.on_failure(3, at(31)).charged,
             "message 1 fell out of the window"
         );
-        assert_eq!(b.state(), &State::Closed);
+        assert_eq!(b.state(), &BreakerState::Closed);
     }
 
     #[test]
@@ -246,7 +246,7 @@ mod tests {
         assert!(b.admit(9, at(22)));
         assert!(!b.on_success(8), "not the probe");
         assert!(b.on_success(9));
-        assert_eq!(b.state(), &State::Closed);
+        assert_eq!(b.state(), &BreakerState::Closed);
         assert!(b.admit(10, at(22)));
         assert!(
             b.on_failure(10, at(23)).charged,

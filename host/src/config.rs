@@ -560,7 +560,7 @@ fn listen_of_broken(path: &Path) -> Option<Endpoint> {
 /// Where a config file was found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Origin {
+pub enum ConfigOrigin {
     /// `-c FILE`.
     Flag,
     /// `$PLUGIND_CONFIG`.
@@ -577,7 +577,7 @@ pub enum Origin {
 ///
 /// # Errors
 /// [`ConfigError::NotFound`] when nothing was given and no default file exists.
-pub fn locate(flag: Option<&Path>) -> Result<(PathBuf, Origin), ConfigError> {
+pub fn locate(flag: Option<&Path>) -> Result<(PathBuf, ConfigOrigin), ConfigError> {
     locate_in(
         flag,
         std::env::var_os(CONFIG_ENV).map(PathBuf::from),
@@ -591,18 +591,18 @@ fn locate_in(
     env: Option<PathBuf>,
     working: &Path,
     system: &Path,
-) -> Result<(PathBuf, Origin), ConfigError> {
+) -> Result<(PathBuf, ConfigOrigin), ConfigError> {
     if let Some(flag) = flag {
-        return Ok((flag.to_owned(), Origin::Flag));
+        return Ok((flag.to_owned(), ConfigOrigin::Flag));
     }
     if let Some(env) = env.filter(|e| !e.as_os_str().is_empty()) {
-        return Ok((env, Origin::Env));
+        return Ok((env, ConfigOrigin::Env));
     }
     if working.exists() {
-        return Ok((working.to_owned(), Origin::WorkingDir));
+        return Ok((working.to_owned(), ConfigOrigin::WorkingDir));
     }
     if system.exists() {
-        return Ok((system.to_owned(), Origin::System));
+        return Ok((system.to_owned(), ConfigOrigin::System));
     }
     Err(ConfigError::NotFound)
 }
@@ -624,11 +624,11 @@ mod locate_tests {
         };
         assert_eq!(
             found(Some(flag), env.clone()),
-            Ok((flag.to_owned(), Origin::Flag))
+            Ok((flag.to_owned(), ConfigOrigin::Flag))
         );
         assert_eq!(
             found(None, env.clone()),
-            Ok((env.clone().unwrap(), Origin::Env))
+            Ok((env.clone().unwrap(), ConfigOrigin::Env))
         );
         assert!(
             found(None, None)
@@ -636,12 +636,18 @@ mod locate_tests {
                 .contains("no configuration file")
         );
         std::fs::write(&system, "").unwrap();
-        assert_eq!(found(None, None), Ok((system.clone(), Origin::System)));
+        assert_eq!(
+            found(None, None),
+            Ok((system.clone(), ConfigOrigin::System))
+        );
         std::fs::write(&working, "").unwrap();
-        assert_eq!(found(None, None), Ok((working.clone(), Origin::WorkingDir)));
+        assert_eq!(
+            found(None, None),
+            Ok((working.clone(), ConfigOrigin::WorkingDir))
+        );
         assert_eq!(
             found(None, Some(PathBuf::new())),
-            Ok((working, Origin::WorkingDir))
+            Ok((working, ConfigOrigin::WorkingDir))
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }

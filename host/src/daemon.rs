@@ -14,7 +14,7 @@ use crate::{
     config::{Config, Durability},
     control::{operator::ControlService, publisher::PublisherService, server},
     dispatch::StopReport,
-    engine::{Engine, EngineError, Options as EngineOptions},
+    engine::{Engine, EngineError, EngineOptions},
     front::{Front, SetLogLevel},
     ledger::{
         FailStop, Ledger, LedgerError, MemoryLedger,
@@ -29,7 +29,7 @@ const CLOSE_CONNECTIONS: Duration = Duration::from_secs(2);
 /// How the daemon runs beyond its configuration: what its caller (the `plugind run`
 /// command) owns — the logs, the process, the signals.
 #[derive(Clone)]
-pub struct Options {
+pub struct DaemonOptions {
     /// Start a new, empty ledger where the state dir's was lost (`--fresh-ledger`).
     pub fresh_ledger: bool,
     /// Changes the log filter (`ctl log-level`).
@@ -45,9 +45,9 @@ pub struct Options {
     pub engine: EngineOptions,
 }
 
-impl std::fmt::Debug for Options {
+impl std::fmt::Debug for DaemonOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Options")
+        f.debug_struct("DaemonOptions")
             .field("fresh_ledger", &self.fresh_ledger)
             .field("engine", &self.engine)
             .finish_non_exhaustive()
@@ -100,7 +100,7 @@ pub struct Stopped {
 /// endpoint cannot be bound, or the engine cannot start.
 pub async fn run(
     config: Config,
-    options: Options,
+    options: DaemonOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<Stopped, DaemonError> {
     // The state dir first: it holds the default socket and the ledger.
@@ -154,7 +154,7 @@ pub async fn run(
         health,
         access: server::Access::new(&config.host),
     };
-    let limits = server::Limits::new(&config.host);
+    let limits = server::ConnectionLimits::new(&config.host);
     // The API keeps serving while the daemon drains (health says NOT_SERVING, publishes are
     // refused, Watch streams end with UNAVAILABLE); it stops once the engine stopped.
     let (drained, api_shutdown) = tokio::sync::oneshot::channel::<()>();
@@ -259,7 +259,7 @@ fn open_ledger(
     };
     let ledger = DurableLedger::open(
         &config.host.state_dir,
-        durable::Options {
+        durable::LedgerOptions {
             mode,
             max_bytes: config.host.max_ledger_bytes,
             dedupe_window: config.host.dedupe_window,

@@ -78,7 +78,7 @@ impl Inbox {
         with: Collaborators,
         slots: Vec<Slot>,
         pending: Vec<Pending>,
-        events: Receiver<actor::Event>,
+        events: Receiver<actor::ActorEvent>,
     ) -> std::io::Result<std::thread::JoinHandle<()>> {
         let dispatcher = DispatchLoop::new(with, slots, pending);
         let inputs = self.inputs;
@@ -153,7 +153,7 @@ impl DispatchLoop {
     }
 
     /// Runs until stopped (or until every sender is gone).
-    fn run(mut self, inputs: &Receiver<Input>, events: Receiver<actor::Event>) {
+    fn run(mut self, inputs: &Receiver<Input>, events: Receiver<actor::ActorEvent>) {
         // With no actor left (none started) the event channel is disconnected: wait on a
         // channel that never fires instead of spinning on the disconnection.
         let mut events = events;
@@ -544,10 +544,10 @@ impl DispatchLoop {
         handoffs
     }
 
-    fn event(&mut self, event: actor::Event, records: &mut Vec<Record>) {
+    fn event(&mut self, event: actor::ActorEvent, records: &mut Vec<Record>) {
         let now = self.clock.now();
         match event {
-            actor::Event::Settled {
+            actor::ActorEvent::Settled {
                 instance,
                 generation,
                 settlements,
@@ -562,12 +562,12 @@ impl DispatchLoop {
                     self.settle(instance, settlement, now, records);
                 }
             }
-            actor::Event::Released {
+            actor::ActorEvent::Released {
                 instance, released, ..
             } => {
                 self.release(instance, released, now, records);
             }
-            actor::Event::Stopped {
+            actor::ActorEvent::Stopped {
                 instance,
                 shutdown_error,
                 ..

@@ -37,7 +37,7 @@ const SETTLE: Duration = Duration::from_millis(100);
 
 /// How the engine runs beyond its configuration.
 #[derive(Clone)]
-pub struct Options {
+pub struct EngineOptions {
     pub clock: Arc<dyn Clock>,
     /// How unpinned libraries are probed before loading (`None`: not probed).
     pub probe: Option<ProbeCommand>,
@@ -50,16 +50,16 @@ pub struct Options {
     pub fail_stop: Option<FailStop>,
 }
 
-impl std::fmt::Debug for Options {
+impl std::fmt::Debug for EngineOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Options")
+        f.debug_struct("EngineOptions")
             .field("probe", &self.probe)
             .field("watch", &self.watch)
             .finish_non_exhaustive()
     }
 }
 
-impl Options {
+impl EngineOptions {
     /// The daemon's: the real clock, probing with its own executable, watching.
     pub fn daemon() -> Self {
         Self {
@@ -111,7 +111,7 @@ impl Engine {
     pub fn start(
         config: &Config,
         ledger: Arc<dyn Ledger>,
-        options: Options,
+        options: EngineOptions,
     ) -> Result<(Self, Vec<StartFailure>), EngineError> {
         let events = Events::new(options.clock.clone());
         // Watching starts before the first scan: nothing written in between is missed.

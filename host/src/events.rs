@@ -3,7 +3,7 @@
 //! `Watch` stream).
 //!
 //! Subscribers get a bounded buffer each and are never waited for: one whose buffer is full
-//! is dropped and marked [`Subscription::lagged`] (the control plane ends its stream with
+//! is dropped and marked [`EventSubscription::lagged`] (the control plane ends its stream with
 //! RESOURCE_EXHAUSTED) — an event is never silently skipped for a subscriber that stays.
 
 use std::{
@@ -260,7 +260,7 @@ pub struct Event {
 
 /// A subscriber's end.
 #[derive(Debug)]
-pub struct Subscription {
+pub struct EventSubscription {
     /// The events kept when it subscribed, oldest first (the newest has `seq` just below
     /// the first one `events` delivers).
     pub history: Vec<Event>,
@@ -268,7 +268,7 @@ pub struct Subscription {
     lagged: Arc<AtomicBool>,
 }
 
-impl Subscription {
+impl EventSubscription {
     /// Whether it was dropped for falling behind (its receiver then disconnects).
     pub fn lagged(&self) -> bool {
         self.lagged.load(Ordering::Acquire)
@@ -357,7 +357,7 @@ impl Events {
 
     /// Subscribes with a buffer of `buffer` events. After [`Events::close`] the receiver is
     /// disconnected at once.
-    pub fn subscribe(&self, buffer: usize) -> Subscription {
+    pub fn subscribe(&self, buffer: usize) -> EventSubscription {
         let (sender, events) = bounded(buffer.max(1));
         let lagged = Arc::new(AtomicBool::new(false));
         let mut inner = self.lock();
@@ -368,7 +368,7 @@ impl Events {
                 lagged: lagged.clone(),
             });
         }
-        Subscription {
+        EventSubscription {
             history,
             events,
             lagged,

@@ -55,7 +55,7 @@ pub trait Publisher: Send + Sync + 'static {
 
 /// The limits a publish is checked against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
+pub struct PublishLimits {
     pub max_message_size: u64,
     pub hop_limit: u32,
 }
@@ -63,7 +63,7 @@ pub struct Limits {
 /// The services of one instance generation.
 pub struct InstanceServices {
     identity: Identity,
-    limits: Limits,
+    limits: PublishLimits,
     publisher: Arc<dyn Publisher>,
 }
 
@@ -90,7 +90,11 @@ thread_local! {
 }
 
 impl InstanceServices {
-    pub fn new(identity: Identity, limits: Limits, publisher: Arc<dyn Publisher>) -> Arc<Self> {
+    pub fn new(
+        identity: Identity,
+        limits: PublishLimits,
+        publisher: Arc<dyn Publisher>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             identity,
             limits,
@@ -295,7 +299,7 @@ mod tests {
                 version: "1.0.0".into(),
                 generation: 3,
             },
-            Limits {
+            PublishLimits {
                 max_message_size: 64,
                 hop_limit: 2,
             },
@@ -378,7 +382,7 @@ mod tests {
                 version: "1.0.0".into(),
                 generation: 1,
             },
-            Limits {
+            PublishLimits {
                 max_message_size: 1 << 20,
                 hop_limit: 4,
             },

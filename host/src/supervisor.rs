@@ -331,7 +331,7 @@ pub struct SupervisorDeps {
     pub dispatcher: Dispatcher,
     /// Where a storage failure the supervisor cannot go on from goes (the daemon's one hook).
     pub fail_stop: FailStop,
-    pub actor_events: Sender<actor::Event>,
+    pub actor_events: Sender<actor::ActorEvent>,
     pub ingress: Arc<Ingress>,
     pub ledger: Arc<dyn Ledger>,
     pub backlog: Arc<Backlog>,

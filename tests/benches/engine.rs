@@ -19,7 +19,7 @@ use bytes::Bytes;
 use plugind::{
     clock::SystemClock,
     config,
-    engine::{Engine, Options},
+    engine::{Engine, EngineOptions},
     ingress::{NewMessage, PublishRefused},
     ledger::MemoryLedger,
 };
@@ -109,7 +109,7 @@ fn main() {
     let text = "[host]\nautoload = false\n\n[plugins.noop]\nplugin = \"fx-noop\"\ntopics = [\"bench.>\"]\nmax_backlog = \"64MiB\"\n";
     let path = sandbox.put("plugins.toml", text);
     let config = config::parse(&path, text).unwrap_or_else(|e| panic!("{}", e.render()));
-    let options = Options {
+    let options = EngineOptions {
         clock: Arc::new(SystemClock),
         probe: None,
         watch: false,

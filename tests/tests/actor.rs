@@ -10,11 +10,11 @@ use std::{
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, unbounded};
 use plugind::{
-    actor::{Actor, Deadlines, Event, Handoff, Stopped},
+    actor::{Actor, ActorEvent, Deadlines, Handoff, JoinOutcome},
     clock::{Clock, SystemClock, Timestamp},
     loader::{self, Policy},
     message::{HOP_HEADER, StoredMessage},
-    services::{Child, Identity, InstanceServices, Limits, Publisher},
+    services::{Child, Identity, InstanceServices, PublishLimits, Publisher},
 };
 use plugind_api::{MessageId, Outcome, PublishError, hosting::CallErrorKind};
 use plugind_tests::{
@@ -30,7 +30,7 @@ impl Publisher for Nowhere {
     }
 }
 
-fn actor(id: u32, fixture: &str, config: &str, capacity: usize) -> (Actor, Receiver<Event>) {
+fn actor(id: u32, fixture: &str, config: &str, capacity: usize) -> (Actor, Receiver<ActorEvent>) {
     let lib = loader::load(
         &fixtures::library(fixture, Profile::Dev),
         &Policy::default(),
@@ -43,7 +43,7 @@ fn actor(id: u32, fixture: &str, config: &str, capacity: usize) -> (Actor, Recei
             version: lib.manifest().version.clone(),
             generation: 1,
         },
-        Limits {
+        PublishLimits {
             max_message_size: 1 << 20,
             hop_limit: 4,
         },
@@ -82,7 +82,7 @@ fn deadlines(total_ms: u64) -> Deadlines {
 }
 
 /// Waits for the next event, failing the test after 10 s.
-fn next(events: &Receiver<Event>) -> Event {
+fn next(events: &Receiver<ActorEvent>) -> ActorEvent {
     events
         .recv_timeout(Duration::from_secs(10))
         .expect("an actor event within 10 s")
@@ -104,7 +104,7 @@ fn handoffs_are_handled_in_order_settled_in_batches_and_credits_return() {
             .collect();
         a.offer(batch);
         assert_eq!(a.room(), 64 - (next_id as usize - 1 - seen.len()));
-        if let Event::Settled { settlements, .. } = next(&events) {
+        if let ActorEvent::Settled { settlements, .. } = next(&events) {
             batches += 1;
             a.settled(settlements.len());
             for s in settlements {
@@ -118,7 +118,7 @@ fn handoffs_are_handled_in_order_settled_in_batches_and_credits_return() {
         batches < 500,
         "settlements flow back in batches ({batches} for 500)"
     );
-    assert_eq!(a.join(deadlines(5_000), &SystemClock), Stopped::Joined);
+    assert_eq!(a.join(deadlines(5_000), &SystemClock), JoinOutcome::Joined);
 }
 
 #[test]
@@ -134,7 +134,7 @@ fn a_panic_settles_as_a_failure_and_the_next_message_still_flows() {
     a.offer(vec![message(1, &[]), message(2, &[])]);
     let mut results = Vec::new();
     while results.len() < 2 {
-        if let Event::Settled { settlements, .. } = next(&events) {
+        if let ActorEvent::Settled { settlements, .. } = next(&events) {
             results.extend(settlements.into_iter().map(|s| s.result));
         }
     }
@@ -152,7 +152,7 @@ fn children_published_in_handle_come_back_with_the_settlement() {
         1,
         &[("publish", "copies.out"), (HOP_HEADER, "2")],
     )]);
-    let Event::Settled { settlements, .. } = next(&events) else {
+    let ActorEvent::Settled { settlements, .. } = next(&events) else {
         panic!("expected a settlement")
     };
     assert_eq!(settlements[0].result, Ok(Outcome::Ack));
@@ -180,9 +180,9 @@ fn a_stop_finishes_the_call_in_hand_and_releases_the_rest() {
         std::thread::sleep(Duration::from_millis(100));
         std::fs::write(gate_file, b"").unwrap();
     });
-    assert_eq!(a.join(deadlines(10_000), &SystemClock), Stopped::Joined);
+    assert_eq!(a.join(deadlines(10_000), &SystemClock), JoinOutcome::Joined);
     opener.join().unwrap();
-    let Event::Settled { settlements, .. } = next(&events) else {
+    let ActorEvent::Settled { settlements, .. } = next(&events) else {
         panic!("the call in hand settles first")
     };
     assert_eq!(settlements.len(), 1);
@@ -190,14 +190,14 @@ fn a_stop_finishes_the_call_in_hand_and_releases_the_rest() {
         (settlements[0].message, &settlements[0].result),
         (1, &Ok(Outcome::Ack))
     );
-    let Event::Released { released, .. } = next(&events) else {
+    let ActorEvent::Released { released, .. } = next(&events) else {
         panic!("then what it never started")
     };
     assert_eq!(
         released.iter().map(|h| h.message.id).collect::<Vec<_>>(),
         [2, 3, 4, 5]
     );
-    let Event::Stopped { shutdown_error, .. } = next(&events) else {
+    let ActorEvent::Stopped { shutdown_error, .. } = next(&events) else {
         panic!("then the stop report")
     };
     assert_eq!(shutdown_error, None);
@@ -215,7 +215,7 @@ fn a_hung_call_is_abandoned_after_the_deadline_and_its_late_result_arrives_stale
     }
     let started = Instant::now();
     match a.join(deadlines(200), &SystemClock) {
-        Stopped::Abandoned { busy_for } => assert!(busy_for >= Duration::from_millis(150)),
+        JoinOutcome::Abandoned { busy_for } => assert!(busy_for >= Duration::from_millis(150)),
         other => panic!("{other:?}"),
     }
     assert!(
@@ -225,9 +225,9 @@ fn a_hung_call_is_abandoned_after_the_deadline_and_its_late_result_arrives_stale
     // Unblocked later, the abandoned thread's result still comes back: the dispatcher
     // discards it as stale (its attempt is no longer in flight).
     std::fs::write(&gate_file, b"").unwrap();
-    assert!(matches!(next(&events), Event::Settled { .. }));
-    assert!(matches!(next(&events), Event::Released { .. }));
-    assert!(matches!(next(&events), Event::Stopped { .. }));
+    assert!(matches!(next(&events), ActorEvent::Settled { .. }));
+    assert!(matches!(next(&events), ActorEvent::Released { .. }));
+    assert!(matches!(next(&events), ActorEvent::Stopped { .. }));
 }
 
 #[test]
@@ -241,7 +241,7 @@ fn a_blocked_instance_delays_no_other_instance() {
     free.offer((1..=100).map(|id| message(id, &[])).collect());
     let mut acked = 0;
     while acked < 100 {
-        if let Event::Settled { settlements, .. } = next(&events) {
+        if let ActorEvent::Settled { settlements, .. } = next(&events) {
             acked += settlements
                 .iter()
                 .filter(|s| s.result == Ok(Outcome::Ack))
@@ -255,6 +255,6 @@ fn a_blocked_instance_delays_no_other_instance() {
     std::fs::write(&gate_file, b"").unwrap();
     assert_eq!(
         blocked.join(deadlines(10_000), &SystemClock),
-        Stopped::Joined
+        JoinOutcome::Joined
     );
 }

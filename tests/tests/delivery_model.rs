@@ -796,7 +796,7 @@ struct BreakerModel {
     probe: u64,
     /// Charged failures still within the window: (time, message).
     recent: Vec<(u64, u64)>,
-    state: circuit::State,
+    state: circuit::BreakerState,
 }
 
 impl BreakerModel {
@@ -806,15 +806,15 @@ impl BreakerModel {
             window: millis(settings.window),
             probe: millis(settings.probe),
             recent: Vec::new(),
-            state: circuit::State::Closed,
+            state: circuit::BreakerState::Closed,
         }
     }
 
     fn admit(&mut self, message: u64, now: u64) -> bool {
         match &mut self.state {
-            circuit::State::Closed => true,
-            circuit::State::Paused => false,
-            circuit::State::Open { next_probe, probe } => match probe {
+            circuit::BreakerState::Closed => true,
+            circuit::BreakerState::Paused => false,
+            circuit::BreakerState::Open { next_probe, probe } => match probe {
                 None if *next_probe <= now => {
                     *probe = Some(message);
                     true
@@ -827,9 +827,9 @@ impl BreakerModel {
     /// (charged, excused earlier failures)
     fn on_failure(&mut self, message: u64, now: u64) -> (bool, Vec<u64>) {
         match &mut self.state {
-            circuit::State::Closed => {}
-            circuit::State::Paused => return (false, Vec::new()),
-            circuit::State::Open { next_probe, probe } => {
+            circuit::BreakerState::Closed => {}
+            circuit::BreakerState::Paused => return (false, Vec::new()),
+            circuit::BreakerState::Open { next_probe, probe } => {
                 if *probe == Some(message) {
                     *probe = None;
                     *next_probe = now.saturating_add(self.probe);
@@ -849,7 +849,7 @@ impl BreakerModel {
             return (true, Vec::new());
         }
         let excused = self.recent.drain(..).map(|(_, m)| m).collect();
-        self.state = circuit::State::Open {
+        self.state = circuit::BreakerState::Open {
             next_probe: now.saturating_add(self.probe),
             probe: None,
         };
@@ -857,8 +857,9 @@ impl BreakerModel {
     }
 
     fn on_success(&mut self, message: u64) -> bool {
-        if matches!(self.state, circuit::State::Open { probe: Some(p), .. } if p == message) {
-            self.state = circuit::State::Closed;
+        if matches!(self.state, circuit::BreakerState::Open { probe: Some(p), .. } if p == message)
+        {
+            self.state = circuit::BreakerState::Closed;
             self.recent.clear();
             return true;
         }
@@ -972,7 +973,7 @@ impl Instance {
             same(real, model, &self.rules, self.now)?;
         }
         match self.breaker.state() {
-            circuit::State::Open {
+            circuit::BreakerState::Open {
                 probe: Some(p),
                 next_probe,
             } => {
@@ -986,7 +987,7 @@ impl Instance {
                 );
                 prop_assert!(*next_probe <= self.now, "a probe before its time");
             }
-            circuit::State::Open { probe: None, .. } => {
+            circuit::BreakerState::Open { probe: None, .. } => {
                 prop_assert!(self.probe_from.is_some());
             }
             _ => {}
@@ -1006,8 +1007,8 @@ impl Instance {
         let (charged, excused) = self.model.on_failure(Self::id(i), now);
         prop_assert_eq!(verdict.charged, charged, "charged");
         prop_assert_eq!(&verdict.excuse, &excused, "excused");
-        let tripped = was == circuit::State::Closed && self.breaker.state() != &was;
-        if was != circuit::State::Closed || tripped {
+        let tripped = was == circuit::BreakerState::Closed && self.breaker.state() != &was;
+        if was != circuit::BreakerState::Closed || tripped {
             prop_assert!(
                 !verdict.charged,
                 "a failure while the circuit trips or is open counted"
@@ -1015,7 +1016,7 @@ impl Instance {
         }
         // The next probe may go out one `probe` after the circuit opened or its probe failed.
         let probe_failed =
-            matches!(was, circuit::State::Open { probe: Some(p), .. } if p == Self::id(i));
+            matches!(was, circuit::BreakerState::Open { probe: Some(p), .. } if p == Self::id(i));
         if tripped || probe_failed {
             self.probe_from = Some(now + self.probe);
         }
@@ -1080,13 +1081,13 @@ impl Instance {
         let admitted = self.breaker.admit(Self::id(i), t);
         prop_assert_eq!(admitted, self.model.admit(Self::id(i), now), "admit");
         match was {
-            circuit::State::Paused => prop_assert!(!admitted),
-            circuit::State::Open { probe: None, .. } if admitted => {
+            circuit::BreakerState::Paused => prop_assert!(!admitted),
+            circuit::BreakerState::Open { probe: None, .. } if admitted => {
                 // A new probe: not before its interval.
                 let from = self.probe_from.expect("opened");
                 prop_assert!(now >= from, "a probe at {} before {}", now, from);
             }
-            circuit::State::Open { probe: Some(p), .. } => {
+            circuit::BreakerState::Open { probe: Some(p), .. } => {
                 prop_assert_eq!(admitted, p == Self::id(i), "one probe at a time");
             }
             _ => {}
@@ -1118,7 +1119,7 @@ impl Instance {
             }
             COp::ToProbe => {
                 let expected = match self.model.state {
-                    circuit::State::Open {
+                    circuit::BreakerState::Open {
                         next_probe,
                         probe: None,
                     } => Some(Timestamp(next_probe)),
@@ -1148,12 +1149,12 @@ impl Instance {
                 if let Some(i) = self.pick(*k, |m| m.in_flight().is_some()) {
                     let attempt = self.models[i].in_flight().expect("picked");
                     let was_probe = matches!(self.breaker.state(),
-                        circuit::State::Open { probe: Some(p), .. } if *p == Self::id(i));
+                        circuit::BreakerState::Open { probe: Some(p), .. } if *p == Self::id(i));
                     let closed = self.breaker.on_success(Self::id(i));
                     prop_assert_eq!(closed, self.model.on_success(Self::id(i)));
                     prop_assert_eq!(closed, was_probe, "the probe's success closes it");
                     if closed {
-                        prop_assert_eq!(self.breaker.state(), &circuit::State::Closed);
+                        prop_assert_eq!(self.breaker.state(), &circuit::BreakerState::Closed);
                         self.probe_from = None;
                     }
                     let expected = self.models[i].ack(attempt, now);
@@ -1204,12 +1205,12 @@ impl Instance {
             }
             COp::Pause => {
                 self.breaker.pause();
-                self.model.state = circuit::State::Paused;
+                self.model.state = circuit::BreakerState::Paused;
                 self.probe_from = None;
             }
             COp::Resume => {
                 self.breaker.resume();
-                self.model.state = circuit::State::Closed;
+                self.model.state = circuit::BreakerState::Closed;
                 self.model.recent.clear();
                 self.probe_from = None;
             }

@@ -13,7 +13,7 @@ use plugind::{
     clock::{Clock, ManualClock, SystemClock, Timestamp},
     config,
     dispatch::{InstanceStats, Snapshot},
-    engine::{Engine, Options},
+    engine::{Engine, EngineOptions},
     ingress::{NewMessage, PublishRefused},
     ledger::{
         DeadLetterFilter, Forget, Ledger, MemoryLedger, Selection,
@@ -55,7 +55,7 @@ fn start_durable(libraries: &[&str], config_text: &str) -> Deployment {
     let (d, failures) = try_start_on(libraries, config_text, Arc::new(SystemClock), |sandbox| {
         DurableLedger::open(
             &sandbox.path().join("state"),
-            durable::Options {
+            durable::LedgerOptions {
                 mode: Mode::Fsync,
                 max_bytes: None,
                 dedupe_window: Duration::from_secs(60),
@@ -88,7 +88,7 @@ fn try_start_on(
     let text = format!("[host]\nautoload = false\n\n{config_text}");
     let path = sandbox.put("plugins.toml", &text);
     let config = config::parse(&path, &text).unwrap_or_else(|e| panic!("{}", e.render()));
-    let options = Options {
+    let options = EngineOptions {
         clock,
         probe: None,
         watch: false,
@@ -483,7 +483,7 @@ fail_times = 1000
     let s = d.until("circuit open", |s| {
         matches!(
             s.instances[0].circuit,
-            Some(plugind::circuit::State::Open { .. })
+            Some(plugind::circuit::BreakerState::Open { .. })
         )
     });
     let attempts = d.engine().ledger().counts().attempts;
@@ -918,7 +918,7 @@ fn start_watched(libraries: &[&str], config_text: &str) -> (Sandbox, Engine) {
     let sandbox = Sandbox::with_fixtures("engine", libraries);
     let path = sandbox.put("plugins.toml", config_text);
     let config = config::parse(&path, config_text).unwrap_or_else(|e| panic!("{}", e.render()));
-    let options = Options {
+    let options = EngineOptions {
         clock: Arc::new(SystemClock),
         probe: None,
         watch: true,

@@ -15,7 +15,7 @@ use plugind::{
     config::{self, Durability},
     control::{client, pb},
     daemon::{self, DaemonError},
-    engine::{Engine, Options},
+    engine::{Engine, EngineOptions},
     front::{
         AttemptOutcome, CircuitState, DeliveryStage, Forget, Front, InstanceState, InstanceStatus,
         NewMessage, OperateError, PageRequest, Pick, WatchStep,
@@ -73,7 +73,7 @@ fn start() -> Running {
     let config = config::parse(&path, CONFIG).unwrap_or_else(|e| panic!("{}", e.render()));
     let ledger = DurableLedger::open(
         &sandbox.path().join("state"),
-        durable::Options {
+        durable::LedgerOptions {
             mode: Mode::Fsync,
             max_bytes: None,
             dedupe_window: Duration::from_secs(60),
@@ -84,7 +84,7 @@ fn start() -> Running {
         },
     )
     .unwrap();
-    let options = Options {
+    let options = EngineOptions {
         clock: Arc::new(SystemClock),
         probe: None,
         watch: false,
@@ -332,13 +332,13 @@ fn a_watch_gives_the_snapshot_then_live_events_and_the_log_level_is_checked() {
     r.front.pause("good", false).unwrap();
 }
 
-fn daemon_options() -> daemon::Options {
-    daemon::Options {
+fn daemon_options() -> daemon::DaemonOptions {
+    daemon::DaemonOptions {
         fresh_ledger: false,
         log_level: Arc::new(|level: &str| Ok(level.to_owned())),
         fail_stop: FailStop::new(|error: &str| panic!("the ledger failed: {error}")),
         reloads: Arc::default(),
-        engine: Options {
+        engine: EngineOptions {
             clock: Arc::new(SystemClock),
             probe: None,
             watch: false,

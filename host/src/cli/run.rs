@@ -64,12 +64,12 @@ pub fn run(config_flag: Option<&Path>, fresh_ledger: bool) -> ExitCode {
         let signals = Signals::install();
         let reloads = Arc::new(Notify::new());
         tokio::spawn(reload_on_hangup(signals.hangup, reloads.clone()));
-        let options = daemon::Options {
+        let options = daemon::DaemonOptions {
             fresh_ledger,
             log_level,
             fail_stop: exit_on_ledger_failure(),
             reloads,
-            engine: engine::Options::daemon(),
+            engine: engine::EngineOptions::daemon(),
         };
         match daemon::run(
             config,

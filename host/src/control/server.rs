@@ -619,13 +619,13 @@ pub struct Services {
 
 /// How connections are bounded.
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub struct ConnectionLimits {
     pub max_connections: usize,
     pub idle_timeout: Duration,
     pub handshake_timeout: Duration,
 }
 
-impl Limits {
+impl ConnectionLimits {
     pub fn new(host: &HostSettings) -> Self {
         Self {
             max_connections: host.max_connections as usize,
@@ -686,7 +686,7 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 pub async fn serve(
     bound: Bound,
     services: Services,
-    limits: Limits,
+    limits: ConnectionLimits,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let reflection = || {
@@ -762,12 +762,12 @@ pub async fn serve(
 /// The connections of one listener.
 struct Connections {
     routes: Routes,
-    limits: Limits,
+    limits: ConnectionLimits,
     http: auto::Builder<TokioExecutor>,
 }
 
 impl Connections {
-    fn new(routes: Routes, limits: Limits) -> Self {
+    fn new(routes: Routes, limits: ConnectionLimits) -> Self {
         let mut http = auto::Builder::new(TokioExecutor::new()).http2_only();
         http.http2()
             .timer(TokioTimer::new())
@@ -796,7 +796,7 @@ impl Connections {
         let refusing = Arc::new(Semaphore::new(REFUSING));
         let (stop, stopped) = watch::channel(false);
         let mut tasks = JoinSet::new();
-        let mut backoff = Backoff::default();
+        let mut backoff = AcceptBackoff::default();
         tokio::pin!(shutdown);
         loop {
             while tasks.try_join_next().is_some() {}
@@ -892,13 +892,13 @@ where
 /// The back-off of an accept loop whose accepts fail for want of descriptors or memory: one
 /// log line when it starts, one when accepting works again.
 #[derive(Debug, Default)]
-struct Backoff {
+struct AcceptBackoff {
     /// The wait after the last failure; `None` while accepts succeed.
     wait: Option<Duration>,
     failures: u64,
 }
 
-impl Backoff {
+impl AcceptBackoff {
     /// After a failed accept: how long to wait before the next (`None`: at once, the error
     /// was the peer's).
     fn failed(&mut self, e: &std::io::Error) -> Option<Duration> {
@@ -942,7 +942,7 @@ impl Backoff {
 struct Connection {
     routes: Routes,
     http: auto::Builder<TokioExecutor>,
-    limits: Limits,
+    limits: ConnectionLimits,
     peer: Peer,
     stop: watch::Receiver<bool>,
 }
@@ -1056,7 +1056,7 @@ impl Activity {
     }
 
     /// When to look again.
-    fn deadline(&self, limits: &Limits) -> Instant {
+    fn deadline(&self, limits: &ConnectionLimits) -> Instant {
         if self.calls.load(Ordering::Acquire) == 0 {
             self.started + limits.handshake_timeout
         } else if self.open.load(Ordering::Acquire) > 0 {
@@ -1066,7 +1066,7 @@ impl Activity {
         }
     }
 
-    fn verdict(&self, limits: &Limits, now: Instant) -> Verdict {
+    fn verdict(&self, limits: &ConnectionLimits, now: Instant) -> Verdict {
         if self.calls.load(Ordering::Acquire) == 0 {
             if now >= self.started + limits.handshake_timeout {
                 return Verdict::Silent;
@@ -1145,7 +1145,7 @@ mod tests {
 
     #[test]
     fn a_connection_is_silent_then_busy_then_idle() {
-        let limits = Limits {
+        let limits = ConnectionLimits {
             max_connections: 1,
             idle_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(1),

@@ -113,7 +113,11 @@ impl DispatchLoop {
                 }
             }
         }
-        if matches!(queue.slot.breaker.state(), circuit::State::Open { .. }) && !verdict.charged {
+        if matches!(
+            queue.slot.breaker.state(),
+            circuit::BreakerState::Open { .. }
+        ) && !verdict.charged
+        {
             tracing::debug!(instance = %queue.slot.name, "circuit open: failure excused");
         }
         let rules = queue.slot.rules.clone();

@@ -105,7 +105,7 @@ pub struct InstanceStats {
     pub in_flight: u64,
     /// Calls to its plugin code in progress now.
     pub calling: u64,
-    pub circuit: Option<circuit::State>,
+    pub circuit: Option<circuit::BreakerState>,
     /// A call outlived its lease and is still running.
     pub hung: bool,
 }
@@ -311,9 +311,9 @@ impl InstanceQueue {
     /// The circuit's state if it changed since the last call.
     pub(super) fn circuit_change(&mut self) -> Option<&'static str> {
         let state = match self.slot.breaker.state() {
-            circuit::State::Closed => "closed",
-            circuit::State::Open { .. } => "open",
-            circuit::State::Paused => "paused",
+            circuit::BreakerState::Closed => "closed",
+            circuit::BreakerState::Open { .. } => "open",
+            circuit::BreakerState::Paused => "paused",
         };
         (state != self.circuit).then(|| {
             self.circuit = state;

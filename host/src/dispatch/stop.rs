@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::DispatchLoop;
 use crate::{
-    actor::{self, Stopped},
+    actor::{self, JoinOutcome},
     ledger::Record,
     routing::InstanceId,
 };
@@ -31,7 +31,7 @@ impl DispatchLoop {
     pub(super) fn stop(
         &mut self,
         deadline: Duration,
-        events: &Receiver<actor::Event>,
+        events: &Receiver<actor::ActorEvent>,
     ) -> StopReport {
         let started = Instant::now();
         let mut waiting: Vec<(InstanceId, u32)> = Vec::new();
@@ -47,14 +47,14 @@ impl DispatchLoop {
         while !waiting.is_empty() {
             let left = deadline.saturating_sub(started.elapsed());
             match events.recv_timeout(left.min(Duration::from_millis(10))) {
-                Ok(actor::Event::Released {
+                Ok(actor::ActorEvent::Released {
                     instance,
                     generation,
                     released,
                 }) => {
                     report.released += released.len() as u64;
                     self.event(
-                        actor::Event::Released {
+                        actor::ActorEvent::Released {
                             instance,
                             generation,
                             released,
@@ -99,7 +99,7 @@ impl DispatchLoop {
                     total,
                     shutdown: queue.slot.shutdown_timeout,
                 };
-                if let Stopped::Abandoned { .. } = actor.join(deadlines, self.clock.as_ref()) {
+                if let JoinOutcome::Abandoned { .. } = actor.join(deadlines, self.clock.as_ref()) {
                     report.abandoned.push(queue.slot.name.clone());
                 }
             }

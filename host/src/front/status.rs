@@ -133,13 +133,13 @@ impl CircuitState {
     }
 }
 
-impl From<Option<&circuit::State>> for CircuitState {
-    fn from(state: Option<&circuit::State>) -> Self {
+impl From<Option<&circuit::BreakerState>> for CircuitState {
+    fn from(state: Option<&circuit::BreakerState>) -> Self {
         match state {
-            Some(circuit::State::Closed) | None => Self::Closed,
-            Some(circuit::State::Open { probe: None, .. }) => Self::Open,
-            Some(circuit::State::Open { probe: Some(_), .. }) => Self::HalfOpen,
-            Some(circuit::State::Paused) => Self::Paused,
+            Some(circuit::BreakerState::Closed) | None => Self::Closed,
+            Some(circuit::BreakerState::Open { probe: None, .. }) => Self::Open,
+            Some(circuit::BreakerState::Open { probe: Some(_), .. }) => Self::HalfOpen,
+            Some(circuit::BreakerState::Paused) => Self::Paused,
         }
     }
 }
@@ -304,7 +304,7 @@ mod tests {
         }
     }
 
-    fn stats(name: &str, circuit: Option<circuit::State>) -> InstanceStats {
+    fn stats(name: &str, circuit: Option<circuit::BreakerState>) -> InstanceStats {
         InstanceStats {
             name: name.into(),
             running: true,
@@ -349,20 +349,20 @@ mod tests {
 
     #[test]
     fn circuits_are_named_as_operators_see_them() {
-        let open = circuit::State::Open {
+        let open = circuit::BreakerState::Open {
             next_probe: 1,
             probe: None,
         };
-        let probing = circuit::State::Open {
+        let probing = circuit::BreakerState::Open {
             next_probe: 1,
             probe: Some(7),
         };
         let names: Vec<String> = [
             None,
-            Some(&circuit::State::Closed),
+            Some(&circuit::BreakerState::Closed),
             Some(&open),
             Some(&probing),
-            Some(&circuit::State::Paused),
+            Some(&circuit::BreakerState::Paused),
         ]
         .into_iter()
         .map(|s| CircuitState::from(s).to_string())
@@ -377,7 +377,7 @@ mod tests {
             ..SupervisorView::default()
         };
         let snapshot = Snapshot {
-            instances: vec![stats("a", Some(circuit::State::Paused))],
+            instances: vec![stats("a", Some(circuit::BreakerState::Paused))],
             stale: 0,
         };
         let counted = BTreeMap::from([("a".to_owned(), 4)]);

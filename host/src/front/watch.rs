@@ -6,7 +6,7 @@ use std::{collections::VecDeque, time::Duration};
 
 use crossbeam_channel::RecvTimeoutError;
 
-use crate::events::{Event, Subscription};
+use crate::events::{Event, EventSubscription};
 
 /// How many events a watcher may be behind before it is ended.
 pub const WATCH_BUFFER: usize = 256;
@@ -15,7 +15,7 @@ pub const WATCH_BUFFER: usize = 256;
 #[derive(Debug)]
 pub struct Watch {
     snapshot: VecDeque<Event>,
-    subscription: Subscription,
+    subscription: EventSubscription,
 }
 
 /// What a watch gives next.
@@ -44,7 +44,7 @@ pub enum WatchEnd {
 }
 
 impl Watch {
-    pub(super) fn new(subscription: Subscription) -> Self {
+    pub(super) fn new(subscription: EventSubscription) -> Self {
         let mut subscription = subscription;
         let snapshot = std::mem::take(&mut subscription.history).into();
         Self {

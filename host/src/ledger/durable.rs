@@ -63,7 +63,7 @@ pub enum Mode {
 
 /// How to open a durable ledger.
 #[derive(Clone)]
-pub struct Options {
+pub struct LedgerOptions {
     pub mode: Mode,
     pub max_bytes: Option<u64>,
     pub dedupe_window: Duration,
@@ -76,9 +76,9 @@ pub struct Options {
     pub fresh: bool,
 }
 
-impl std::fmt::Debug for Options {
+impl std::fmt::Debug for LedgerOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Options")
+        f.debug_struct("LedgerOptions")
             .field("mode", &self.mode)
             .field("max_bytes", &self.max_bytes)
             .finish_non_exhaustive()
@@ -89,7 +89,7 @@ const LOCK: &str = "lock";
 /// The durable ledger.
 pub struct DurableLedger {
     dir: PathBuf,
-    options: Options,
+    options: LedgerOptions,
     requests: Sender<Request>,
     /// The writer's end, until recovery starts the writer.
     idle: Mutex<Option<(Connection, Receiver<Request>)>>,
@@ -125,9 +125,9 @@ impl DurableLedger {
     /// [`LedgerError::Unusable`] for a state dir that cannot be created or written;
     /// [`LedgerError::Refused`] for a state dir in use by another daemon, a ledger that is
     /// missing or empty where the state dir's mark says one lives (unless
-    /// [`Options::fresh`]), damaged, of a newer format or another program's file;
+    /// [`LedgerOptions::fresh`]), damaged, of a newer format or another program's file;
     /// [`LedgerError::Fatal`] when it cannot be read.
-    pub fn open(dir: &Path, options: Options) -> Result<Arc<Self>, LedgerError> {
+    pub fn open(dir: &Path, options: LedgerOptions) -> Result<Arc<Self>, LedgerError> {
         fs::create_dir_all(dir).map_err(|e| {
             LedgerError::Unusable(format!(
                 "state_dir {}: cannot create it: {e}",

@@ -11,7 +11,7 @@ use smallvec::smallvec;
 use super::{
     DeadLetterFilter, Forget, Ledger, LedgerError, Origin, Record, Remembered, Selection,
     Subscription, Wait,
-    durable::{DurableLedger, Mode, Options},
+    durable::{DurableLedger, LedgerOptions, Mode},
     store,
 };
 use crate::{
@@ -36,8 +36,8 @@ fn rules(max_attempts: u32) -> Rules {
     }
 }
 
-fn options(max_bytes: Option<u64>) -> Options {
-    Options {
+fn options(max_bytes: Option<u64>) -> LedgerOptions {
+    LedgerOptions {
         mode: Mode::Fsync,
         max_bytes,
         dedupe_window: Duration::from_secs(3600),
@@ -751,7 +751,7 @@ fn housekeeping_removes_dead_letters_past_their_retention_and_keys_past_the_wind
     let clock = ManualClock::at(T0);
     let ledger = DurableLedger::open(
         dir.path(),
-        Options {
+        LedgerOptions {
             dead_letter_retention: Some(Duration::from_secs(3600)),
             clock: Arc::new(clock.clone()),
             ..options(None)
@@ -882,7 +882,7 @@ fn a_long_replay_runs_in_chunks_and_publishes_are_committed_between_them() {
     let dir = tempfile::tempdir().unwrap();
     let ledger = DurableLedger::open(
         dir.path(),
-        Options {
+        LedgerOptions {
             // Publishes are answered by the writer itself, as soon as they are committed.
             mode: Mode::Buffered,
             ..options(None)
@@ -1029,7 +1029,7 @@ fn the_mark_reports_what_the_database_lost_and_keeps_ids_past_a_lost_database() 
     // Started afresh on purpose: ids continue past every id given out.
     let ledger = DurableLedger::open(
         dir.path(),
-        Options {
+        LedgerOptions {
             fresh: true,
             ..options(None)
         },

@@ -12,7 +12,7 @@ use crossbeam_channel::{Sender, bounded};
 use plugind_api::hosting;
 
 use crate::{
-    actor::{self, Actor, Stopped},
+    actor::{self, Actor, JoinOutcome},
     background,
     clock::Clock,
     events::Retirement,
@@ -20,7 +20,7 @@ use crate::{
     loader::{self, Checked, Library, LoadError, Policy, Retired},
     quarantine::Quarantine,
     routing::InstanceId,
-    services::{Identity, InstanceServices, Limits},
+    services::{Identity, InstanceServices, PublishLimits},
 };
 
 use super::{StartError, desired::Want};
@@ -58,11 +58,11 @@ impl Generation {
 #[allow(missing_debug_implementations)]
 pub struct GenerationDeps<'a> {
     pub ingress: &'a Arc<crate::ingress::Ingress>,
-    pub events: &'a Sender<actor::Event>,
+    pub events: &'a Sender<actor::ActorEvent>,
     pub ledger: &'a Arc<dyn Ledger>,
     pub clock: &'a Arc<dyn Clock>,
     pub policy: Policy,
-    pub limits: Limits,
+    pub limits: PublishLimits,
 }
 
 /// Loads `checked` for instance `name` as generation `number`, instantiates it and starts
@@ -201,8 +201,8 @@ pub fn retire(
         .spawn(move || {
             background::lower_this_thread();
             let how = match actor.join(deadlines, clock.as_ref()) {
-                Stopped::Abandoned { .. } => Retirement::Abandoned,
-                Stopped::Joined => match generation.library.retire() {
+                JoinOutcome::Abandoned { .. } => Retirement::Abandoned,
+                JoinOutcome::Joined => match generation.library.retire() {
                     Retired::Unloaded => Retirement::Unloaded,
                     // Held elsewhere (an abandoned `new`), or mapped for good: retained.
                     Retired::Retained | Retired::InUse => Retirement::Retained,

@@ -15,7 +15,7 @@ use crate::{
     events::{EventKind, StopReason, Unsubscribed},
     ledger::Remembered,
     routing::{InstanceId, Routing},
-    services::Limits,
+    services::PublishLimits,
     topic::Pattern,
 };
 
@@ -281,7 +281,7 @@ impl Supervisor {
             ledger: &self.deps.ledger,
             clock: &self.deps.clock,
             policy: self.policy(),
-            limits: Limits {
+            limits: PublishLimits {
                 max_message_size: self.deps.config.host.max_message_size,
                 hop_limit: self.deps.config.host.hop_limit,
             },
