@@ -185,44 +185,6 @@ pub fn check(path: &Path, policy: &Policy) -> Result<Checked, LoadError> {
     Ok(checked)
 }
 
-/// The SHA-256 of the bytes of the file at `path`, opened as [`check`] opens a library:
-/// relative to its directory, never through a symlink, non-blocking, and read only once
-/// `fstat` says it is a regular file (at most the largest library accepted). A FIFO, a
-/// device or a symlink in a watched directory is refused at once: reading one would block
-/// for ever or never end.
-///
-/// # Errors
-/// [`LoadError::NotRegularFile`] (a symlink, a FIFO, a device, a directory, a socket),
-/// [`LoadError::NotFound`], [`LoadError::Read`], or [`LoadError::NotSharedObject`] for a
-/// file larger than any library accepted.
-pub fn fingerprint(path: &Path) -> Result<[u8; 32], LoadError> {
-    use std::io::Read as _;
-    let file = file::open_regular(path)?;
-    let mut hasher = Sha256::new();
-    let mut limited = file.take(file::max_size() + 1);
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut total = 0u64;
-    loop {
-        let n = match limited.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(source) => {
-                return Err(LoadError::Read {
-                    path: path.to_owned(),
-                    source,
-                });
-            }
-        };
-        total += n as u64;
-        hasher.update(&buf[..n]);
-    }
-    if total > file::max_size() {
-        return Err(file::too_large(path));
-    }
-    Ok(hasher.finalize().into())
-}
-
 /// Checks the directory `dir` (a `plugin_dir`) and its ancestors as [`check`] checks the
 /// directories above every library: not writable by group or others (sticky ancestors such
 /// as `/tmp` aside), owned by root, the daemon's user or a trusted owner. A directory that

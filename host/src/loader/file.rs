@@ -75,24 +75,6 @@ pub(super) fn read(path: &Path, owners: &Owners) -> Result<FileBytes, LoadError>
     Ok(FileBytes { bytes })
 }
 
-/// Opens `path` as [`read`] does (below its directory's fd, never through a symlink, never
-/// blocking) and returns it only if `fstat` of the open fd says it is a regular file: nothing
-/// is read from a FIFO, a device or a socket, and opening one never waits. No ownership or
-/// permission check: for those who only look at a file (the watcher's fingerprints).
-pub(super) fn open_regular(path: &Path) -> Result<File, LoadError> {
-    let (dir, name) = split(path)?;
-    let dir_fd = open_dir(&dir, path)?;
-    let fd = open_beneath(&dir_fd, name, path)?;
-    let stat = fstat(&fd).map_err(|source| read_error(path, source))?;
-    if stat.st_mode & libc::S_IFMT != libc::S_IFREG {
-        return Err(LoadError::NotRegularFile {
-            path: path.to_owned(),
-            kind: kind_of(stat.st_mode),
-        });
-    }
-    Ok(File::from(fd))
-}
-
 /// Checks directory `dir` and its ancestors as [`read`] checks the directories above every
 /// file it reads (mode and owner).
 pub(super) fn check_dir(dir: &Path, owners: &Owners) -> Result<(), LoadError> {
@@ -106,11 +88,6 @@ pub(super) fn too_large(path: &Path) -> LoadError {
         path: path.to_owned(),
         reason: format!("larger than {} MiB", MAX_SIZE >> 20),
     }
-}
-
-/// The largest plugin file accepted.
-pub(super) const fn max_size() -> u64 {
-    MAX_SIZE
 }
 
 /// `path`'s directory (`.` when it has none) and file name.
