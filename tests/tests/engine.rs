@@ -951,7 +951,7 @@ fn a_config_change_seen_by_the_watcher_does_not_check_the_libraries_again() {
         v.config_sha256 == sha256
             && v.instances
                 .iter()
-                .any(|i| i.name == "b" && i.state == "running")
+                .any(|i| i.name == "b" && i.state.name() == "running")
     });
     assert_eq!(
         view.library_checks, checks,

@@ -6,104 +6,25 @@ use std::{
     collections::{BTreeMap, HashMap},
     fmt,
     path::PathBuf,
-    str::FromStr,
     time::Duration,
 };
 
+pub use crate::supervisor::{InstanceState, UnknownState};
 use crate::{
     circuit,
     config::Durability,
     dispatch::{InstanceStats, Snapshot},
     ledger::{CommitStats, Counts, Lost, Origin},
     loader::RetainedLibrary,
-    quote::quote,
     supervisor::{InstanceView, SupervisorView},
 };
 
-/// Where an instance is in its life, with an operator's pause of a running one shown as
-/// [`InstanceState::Paused`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum InstanceState {
-    /// A generation runs and takes deliveries.
-    Running,
-    /// A generation runs; an operator paused it (nothing is handed to it until resumed).
-    Paused,
-    /// No generation runs, and none failed (not started yet, or stopped).
-    Stopped,
-    /// Its last start failed; `last_error` says why.
-    Failed,
-    /// Its library crashed the daemon while loading too often; not loaded again until it
-    /// changes or an operator reloads it.
-    Quarantined,
-    /// Its table says `enabled = false`: it keeps its subscription, nothing runs.
-    Disabled,
-    /// Its subscription ended; its waiting deliveries stay until forgotten.
-    Removed,
-}
-
-impl InstanceState {
-    /// Every state, in the order above.
-    pub const ALL: [Self; 7] = [
-        Self::Running,
-        Self::Paused,
-        Self::Stopped,
-        Self::Failed,
-        Self::Quarantined,
-        Self::Disabled,
-        Self::Removed,
-    ];
-
-    /// The operator's name of the state (what [`fmt::Display`] writes).
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Running => "running",
-            Self::Paused => "paused",
-            Self::Stopped => "stopped",
-            Self::Failed => "failed",
-            Self::Quarantined => "quarantined",
-            Self::Disabled => "disabled",
-            Self::Removed => "removed",
-        }
-    }
-
-    /// The state of an instance from the supervisor's view and its circuit: a running
-    /// instance whose circuit an operator paused is [`InstanceState::Paused`].
-    ///
-    /// The supervisor's view names its lifecycle with the same words [`InstanceState::name`]
-    /// writes; this is the one place that reads them.
-    fn join(view: &InstanceView, circuit: CircuitState) -> Self {
-        let lifecycle = view.state.parse().unwrap_or_else(|e| {
-            debug_assert!(false, "the supervisor's view: {e}");
-            Self::Stopped
-        });
-        match (lifecycle, circuit) {
-            (Self::Running, CircuitState::Paused) => Self::Paused,
-            (lifecycle, _) => lifecycle,
-        }
-    }
-}
-
-/// A name that is no state's.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("no state is called {}", quote(.0))]
-pub struct UnknownState(pub String);
-
-impl FromStr for InstanceState {
-    type Err = UnknownState;
-
-    /// The state [`InstanceState::name`] names (a client reads the wire's words back).
-    fn from_str(name: &str) -> Result<Self, UnknownState> {
-        Self::ALL
-            .into_iter()
-            .find(|s| s.name() == name)
-            .ok_or_else(|| UnknownState(name.to_owned()))
-    }
-}
-
-impl fmt::Display for InstanceState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+/// The state of an instance from the supervisor's view and its circuit: a running
+/// instance whose circuit an operator paused is [`InstanceState::Paused`].
+fn join_state(view: &InstanceView, circuit: CircuitState) -> InstanceState {
+    match (view.state, circuit) {
+        (InstanceState::Running, CircuitState::Paused) => InstanceState::Paused,
+        (lifecycle, _) => lifecycle,
     }
 }
 
@@ -214,7 +135,7 @@ impl InstanceStatus {
         let count = |f: fn(&InstanceStats) -> u64| stats.map_or(0, f);
         Self {
             name: view.name.clone(),
-            state: InstanceState::join(view, circuit),
+            state: join_state(view, circuit),
             circuit,
             subscription: view.subscribed,
             topics_known: view.topics_known,
@@ -296,7 +217,7 @@ pub struct Instances {
 mod tests {
     use super::*;
 
-    fn view(name: &str, state: &'static str) -> InstanceView {
+    fn view(name: &str, state: InstanceState) -> InstanceView {
         InstanceView {
             name: name.into(),
             state,
@@ -327,22 +248,23 @@ mod tests {
             if state == InstanceState::Paused {
                 continue;
             }
-            let v = view("a", state.name());
-            assert_eq!(InstanceState::join(&v, CircuitState::Closed), state);
+            let v = view("a", state);
+            assert_eq!(join_state(&v, CircuitState::Closed), state);
             assert_eq!(state.to_string(), state.name());
+            assert_eq!(state.name().parse(), Ok(state), "the word reads back");
         }
     }
 
     #[test]
     fn a_paused_circuit_shows_a_running_instance_as_paused_and_no_other() {
-        let running = view("a", "running");
-        let failed = view("a", "failed");
+        let running = view("a", InstanceState::Running);
+        let failed = view("a", InstanceState::Failed);
         assert_eq!(
-            InstanceState::join(&running, CircuitState::Paused),
+            join_state(&running, CircuitState::Paused),
             InstanceState::Paused
         );
         assert_eq!(
-            InstanceState::join(&failed, CircuitState::Paused),
+            join_state(&failed, CircuitState::Paused),
             InstanceState::Failed
         );
     }
@@ -373,7 +295,10 @@ mod tests {
     #[test]
     fn the_join_matches_by_name_and_counts_nothing_it_does_not_know() {
         let supervisor = SupervisorView {
-            instances: vec![view("a", "running"), view("b", "stopped")],
+            instances: vec![
+                view("a", InstanceState::Running),
+                view("b", InstanceState::Stopped),
+            ],
             ..SupervisorView::default()
         };
         let snapshot = Snapshot {

@@ -1,13 +1,13 @@
 //! The supervisor's side of the control plane: an owned snapshot of every instance,
 //! republished after each change, so a status call never waits for a reload in progress.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{fmt, path::PathBuf, str::FromStr, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
 
 use super::Supervisor;
-use crate::ledger::Origin;
+use crate::{ledger::Origin, quote::quote};
 
 /// Where the snapshot is published.
 pub(super) type View = Arc<ArcSwap<SupervisorView>>;
@@ -29,13 +29,13 @@ pub struct SupervisorView {
 impl SupervisorView {
     /// One line for the service manager's `STATUS=`.
     pub fn summary(&self) -> String {
-        let count = |state: &str| self.instances.iter().filter(|i| i.state == state).count();
+        let count = |state| self.instances.iter().filter(|i| i.state == state).count();
         format!(
             "{} instances up, {} failed, {} quarantined, {} disabled; backlog {}",
-            count("running"),
-            count("failed") + count("stopped"),
-            count("quarantined"),
-            count("disabled"),
+            count(InstanceState::Running),
+            count(InstanceState::Failed) + count(InstanceState::Stopped),
+            count(InstanceState::Quarantined),
+            count(InstanceState::Disabled),
             bytes(self.backlog_bytes)
         )
     }
@@ -56,7 +56,7 @@ pub struct InstanceView {
     pub name: String,
     /// `running`, `stopped`, `failed`, `quarantined`, `disabled` or `removed` (its
     /// subscription ended; its waiting deliveries stay until forgotten).
-    pub state: &'static str,
+    pub state: InstanceState,
     /// How it is subscribed (`None`: its subscription ended).
     pub subscribed: Option<Origin>,
     /// Whether its topics are known: `false` while it takes them from a library never
@@ -98,12 +98,12 @@ impl Supervisor {
             .map(|(name, inst)| {
                 let configured = config.instances.get(name);
                 let state = match (&inst.running, configured) {
-                    (Some(_), _) => "running",
-                    (None, _) if inst.subscribed.is_none() => "removed",
-                    (None, Some(i)) if !i.enabled => "disabled",
-                    (None, _) if inst.quarantined => "quarantined",
-                    (None, _) if inst.run && inst.reported.is_some() => "failed",
-                    (None, _) => "stopped",
+                    (Some(_), _) => InstanceState::Running,
+                    (None, _) if inst.subscribed.is_none() => InstanceState::Removed,
+                    (None, Some(i)) if !i.enabled => InstanceState::Disabled,
+                    (None, _) if inst.quarantined => InstanceState::Quarantined,
+                    (None, _) if inst.run && inst.reported.is_some() => InstanceState::Failed,
+                    (None, _) => InstanceState::Stopped,
                 };
                 let running = inst.running.as_ref();
                 InstanceView {
@@ -160,5 +160,78 @@ impl Supervisor {
             self.status = summary;
             self.status_at = std::time::Instant::now();
         }
+    }
+}
+
+/// Where an instance is in its life. The supervisor's view gives every state but
+/// [`InstanceState::Paused`]: the front shows a running instance whose circuit an operator
+/// paused as paused.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceState {
+    /// A generation runs and takes deliveries.
+    Running,
+    /// A generation runs; an operator paused it (nothing is handed to it until resumed).
+    Paused,
+    /// No generation runs, and none failed (not started yet, or stopped).
+    #[default]
+    Stopped,
+    /// Its last start failed; `last_error` says why.
+    Failed,
+    /// Its library crashed the daemon while loading too often; not loaded again until it
+    /// changes or an operator reloads it.
+    Quarantined,
+    /// Its table says `enabled = false`: it keeps its subscription, nothing runs.
+    Disabled,
+    /// Its subscription ended; its waiting deliveries stay until forgotten.
+    Removed,
+}
+
+impl InstanceState {
+    /// Every state, in the order above.
+    pub const ALL: [Self; 7] = [
+        Self::Running,
+        Self::Paused,
+        Self::Stopped,
+        Self::Failed,
+        Self::Quarantined,
+        Self::Disabled,
+        Self::Removed,
+    ];
+
+    /// The operator's name of the state (what [`fmt::Display`] writes).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::Stopped => "stopped",
+            Self::Failed => "failed",
+            Self::Quarantined => "quarantined",
+            Self::Disabled => "disabled",
+            Self::Removed => "removed",
+        }
+    }
+}
+
+/// A name that is no state's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("no state is called {}", quote(.0))]
+pub struct UnknownState(pub String);
+
+impl FromStr for InstanceState {
+    type Err = UnknownState;
+
+    /// The state [`InstanceState::name`] names (a client reads the wire's words back).
+    fn from_str(name: &str) -> Result<Self, UnknownState> {
+        Self::ALL
+            .into_iter()
+            .find(|s| s.name() == name)
+            .ok_or_else(|| UnknownState(name.to_owned()))
+    }
+}
+
+impl fmt::Display for InstanceState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
