@@ -5,7 +5,7 @@
 //! bytes, `state_dir/loading/<sha256>`: `loading <sha256>`, how many unclean exits it has
 //! counted, and one line per instance being started from those bytes, with its phase — `new`
 //! while the library is loaded and its `new` runs, then `first` until the instance settled
-//! its first delivery or ran [`crate::supervisor::SETTLE_AFTER`]. Then the instance's line
+//! its first delivery or ran [`SETTLE_AFTER`]. Then the instance's line
 //! goes, and with the last one the marker (and its count). A clean failure of `new` and a
 //! graceful stop disarm too.
 //!
@@ -21,7 +21,11 @@ use std::{
     fs,
     io::{self, Write as _},
     path::{Path, PathBuf},
+    time::Duration,
 };
+
+/// A marker is disarmed at the latest this long after its instance started.
+pub const SETTLE_AFTER: Duration = Duration::from_secs(30);
 
 /// Unclean exits with the marker armed after which a library is quarantined.
 pub const UNCLEAN_LIMIT: u32 = 2;

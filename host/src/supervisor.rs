@@ -64,9 +64,6 @@ use desired::{Libraries, NoProvider, Want};
 use generation::{Generation, Key};
 use reload::Trigger;
 
-/// A quarantine marker is disarmed at the latest this long after its instance started.
-pub const SETTLE_AFTER: Duration = Duration::from_secs(30);
-
 /// How often the loop wakes without a command (quarantine markers).
 const TICK: Duration = Duration::from_millis(100);
 

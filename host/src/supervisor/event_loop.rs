@@ -5,7 +5,8 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::select;
 
-use super::{SETTLE_AFTER, Supervisor, SupervisorCommand, TICK, desired::Found, reload::Trigger};
+use super::{Supervisor, SupervisorCommand, TICK, desired::Found, reload::Trigger};
+use crate::quarantine::SETTLE_AFTER;
 use crate::{events::EventKind, watch::FileChange};
 
 impl Supervisor {
