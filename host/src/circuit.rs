@@ -169,6 +169,49 @@ impl Breaker {
     }
 }
 
+/// An instance's circuit breaker, as operators see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CircuitState {
+    /// Deliveries flow (also: no circuit yet).
+    Closed,
+    /// Tripped: nothing goes out until the next probe is due.
+    Open,
+    /// Tripped, with one probe out.
+    HalfOpen,
+    /// Paused by an operator.
+    Paused,
+}
+
+impl CircuitState {
+    /// The operator's name of the state (what `Display` writes).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::Open => "open",
+            Self::HalfOpen => "half-open",
+            Self::Paused => "paused",
+        }
+    }
+}
+
+impl From<Option<&BreakerState>> for CircuitState {
+    fn from(state: Option<&BreakerState>) -> Self {
+        match state {
+            Some(BreakerState::Closed) | None => Self::Closed,
+            Some(BreakerState::Open { probe: None, .. }) => Self::Open,
+            Some(BreakerState::Open { probe: Some(_), .. }) => Self::HalfOpen,
+            Some(BreakerState::Paused) => Self::Paused,
+        }
+    }
+}
+
+impl std::fmt::Display for CircuitState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;

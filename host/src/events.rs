@@ -18,7 +18,10 @@ use std::{
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 use serde::Serialize;
 
-use crate::clock::{Clock, Timestamp};
+use crate::{
+    circuit::CircuitState,
+    clock::{Clock, Timestamp},
+};
 
 /// How many events the history keeps.
 pub const HISTORY: usize = 1024;
@@ -148,7 +151,10 @@ pub enum EventKind {
         purged: bool,
     },
     /// An instance's circuit changed: `closed`, `open` (tripped) or `paused` (by hand).
-    Circuit { instance: String, state: String },
+    Circuit {
+        instance: String,
+        state: CircuitState,
+    },
     /// At start, the ledger no longer held messages that were answered OK (ids `first` to
     /// `last`): its write-ahead log was damaged or cut short.
     LedgerLost { first: u64, last: u64 },
@@ -451,7 +457,7 @@ mod tests {
             stopped("a"),
             EventKind::Circuit {
                 instance: "a".into(),
-                state: "open".into(),
+                state: CircuitState::Open,
             },
             EventKind::ConfigRefused {
                 path: "p".into(),

@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use crate::{
     actor::Actor,
-    circuit::{self, Breaker},
+    circuit::{self, Breaker, CircuitState},
     clock::Timestamp,
     config::Settings,
     delivery::{Delivery, Rules, State},
@@ -154,7 +154,7 @@ pub(super) struct InstanceQueue {
     pub(super) unloaded: usize,
     pub(super) stats: InstanceStats,
     /// The circuit state last announced.
-    circuit: &'static str,
+    circuit: CircuitState,
     /// When its waiting deliveries are next checked against `max_age`.
     age_check: Timestamp,
 }
@@ -170,7 +170,7 @@ impl InstanceQueue {
             ready: VecDeque::new(),
             waiting: BinaryHeap::new(),
             unloaded: 0,
-            circuit: "closed",
+            circuit: CircuitState::Closed,
             age_check: Timestamp(0),
         }
     }
@@ -309,11 +309,11 @@ impl InstanceQueue {
     }
 
     /// The circuit's state if it changed since the last call.
-    pub(super) fn circuit_change(&mut self) -> Option<&'static str> {
-        let state = match self.slot.breaker.state() {
-            circuit::BreakerState::Closed => "closed",
-            circuit::BreakerState::Open { .. } => "open",
-            circuit::BreakerState::Paused => "paused",
+    pub(super) fn circuit_change(&mut self) -> Option<CircuitState> {
+        let state = match CircuitState::from(Some(self.slot.breaker.state())) {
+            // The event says open from the trip to the close, probe or not.
+            CircuitState::HalfOpen => CircuitState::Open,
+            state => state,
         };
         (state != self.circuit).then(|| {
             self.circuit = state;

@@ -4,14 +4,15 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    fmt,
     path::PathBuf,
     time::Duration,
 };
 
-pub use crate::supervisor::{InstanceState, UnknownState};
+pub use crate::{
+    circuit::CircuitState,
+    supervisor::{InstanceState, UnknownState},
+};
 use crate::{
-    circuit,
     config::Durability,
     dispatch::{InstanceStats, Snapshot},
     ledger::{CommitStats, Counts, Lost, Origin},
@@ -25,49 +26,6 @@ fn join_state(view: &InstanceView, circuit: CircuitState) -> InstanceState {
     match (view.state, circuit) {
         (InstanceState::Running, CircuitState::Paused) => InstanceState::Paused,
         (lifecycle, _) => lifecycle,
-    }
-}
-
-/// An instance's circuit breaker, as operators see it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum CircuitState {
-    /// Deliveries flow (also: no circuit yet).
-    Closed,
-    /// Tripped: nothing goes out until the next probe is due.
-    Open,
-    /// Tripped, with one probe out.
-    HalfOpen,
-    /// Paused by an operator.
-    Paused,
-}
-
-impl CircuitState {
-    /// The operator's name of the state (what [`fmt::Display`] writes).
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Closed => "closed",
-            Self::Open => "open",
-            Self::HalfOpen => "half-open",
-            Self::Paused => "paused",
-        }
-    }
-}
-
-impl From<Option<&circuit::BreakerState>> for CircuitState {
-    fn from(state: Option<&circuit::BreakerState>) -> Self {
-        match state {
-            Some(circuit::BreakerState::Closed) | None => Self::Closed,
-            Some(circuit::BreakerState::Open { probe: None, .. }) => Self::Open,
-            Some(circuit::BreakerState::Open { probe: Some(_), .. }) => Self::HalfOpen,
-            Some(circuit::BreakerState::Paused) => Self::Paused,
-        }
-    }
-}
-
-impl fmt::Display for CircuitState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
     }
 }
 
@@ -216,6 +174,7 @@ pub struct Instances {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::circuit;
 
     fn view(name: &str, state: InstanceState) -> InstanceView {
         InstanceView {
