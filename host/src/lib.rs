@@ -57,3 +57,4 @@ pub mod supervisor;
 pub mod throttle;
 pub mod topic;
 pub mod watch;
+pub mod words;

@@ -35,7 +35,7 @@ mod reconcile;
 mod reload;
 mod view;
 
-pub use view::{InstanceState, InstanceView, SupervisorView, UnknownState};
+pub use view::{InstanceState, InstanceView, SupervisorView};
 
 use std::{collections::BTreeMap, path::PathBuf, sync::Arc, thread::JoinHandle, time::Duration};
 

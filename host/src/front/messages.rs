@@ -1,11 +1,11 @@
 //! Messages as operators see them: one message's history, dead letters a page at a time, and
 //! the selection an operator's replay or purge acts on.
 
-use std::{fmt, str::FromStr};
+use std::fmt;
 
 use bytes::Bytes;
 
-use super::{OperateError, UnknownState};
+use super::OperateError;
 use crate::{
     clock::Timestamp,
     delivery::{self, AttemptResult, Delivery},
@@ -61,23 +61,7 @@ impl DeliveryStage {
     }
 }
 
-impl FromStr for DeliveryStage {
-    type Err = UnknownState;
-
-    /// The stage [`DeliveryStage::name`] names (a client reads the wire's words back).
-    fn from_str(name: &str) -> Result<Self, UnknownState> {
-        Self::ALL
-            .into_iter()
-            .find(|s| s.name() == name)
-            .ok_or_else(|| UnknownState(name.to_owned()))
-    }
-}
-
-impl fmt::Display for DeliveryStage {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
+crate::words::spelled_as_words!(DeliveryStage);
 
 /// One delivery of a message (to one instance) and its attempts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -332,7 +316,7 @@ mod tests {
         }
         assert_eq!(
             "dead lettered".parse::<DeliveryStage>(),
-            Err(UnknownState("dead lettered".into()))
+            Err(crate::words::UnknownState("dead lettered".into()))
         );
     }
 

@@ -8,10 +8,7 @@ use std::{
     time::Duration,
 };
 
-pub use crate::{
-    circuit::CircuitState,
-    supervisor::{InstanceState, UnknownState},
-};
+pub use crate::{circuit::CircuitState, supervisor::InstanceState, words::UnknownState};
 use crate::{
     config::Durability,
     dispatch::{InstanceStats, Snapshot},

@@ -1,13 +1,13 @@
 //! The supervisor's side of the control plane: an owned snapshot of every instance,
 //! republished after each change, so a status call never waits for a reload in progress.
 
-use std::{fmt, path::PathBuf, str::FromStr, sync::Arc, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
 
 use super::Supervisor;
-use crate::{ledger::Origin, quote::quote};
+use crate::ledger::Origin;
 
 /// Where the snapshot is published.
 pub(super) type View = Arc<ArcSwap<SupervisorView>>;
@@ -199,7 +199,7 @@ impl InstanceState {
         Self::Removed,
     ];
 
-    /// The operator's name of the state (what [`fmt::Display`] writes).
+    /// The operator's name of the state (what `Display` writes).
     pub fn name(self) -> &'static str {
         match self {
             Self::Running => "running",
@@ -213,25 +213,4 @@ impl InstanceState {
     }
 }
 
-/// A name that is no state's.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("no state is called {}", quote(.0))]
-pub struct UnknownState(pub String);
-
-impl FromStr for InstanceState {
-    type Err = UnknownState;
-
-    /// The state [`InstanceState::name`] names (a client reads the wire's words back).
-    fn from_str(name: &str) -> Result<Self, UnknownState> {
-        Self::ALL
-            .into_iter()
-            .find(|s| s.name() == name)
-            .ok_or_else(|| UnknownState(name.to_owned()))
-    }
-}
-
-impl fmt::Display for InstanceState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
+crate::words::spelled_as_words!(InstanceState);
