@@ -18,6 +18,7 @@ mod fail_stop;
 mod mark;
 mod markers;
 mod store;
+mod syncer;
 #[cfg(test)]
 mod tests;
 mod writer;

@@ -40,10 +40,8 @@ use super::{
     Remembered, Replayed, Selection, Then, Wait, lock,
     mark::{self, Mark, MarkError, Marks},
     markers, store,
-    writer::{
-        Done, Log, Op, Reply, Request, Shared, Stats, Syncer, Writer, ensure_reserve,
-        release_reserve,
-    },
+    syncer::{Log, Syncer},
+    writer::{Done, Op, Reply, Request, Shared, Stats, Writer, ensure_reserve, release_reserve},
 };
 use crate::{
     clock::{Clock, Timestamp},

@@ -1,7 +1,7 @@
-//! The ledger's threads: the writer (group commit of everything queued, the out-of-space
-//! rule, housekeeping, a bounded log) and the syncer (the log's fsync before a publish is
-//! answered, and passive checkpoints between fsyncs), and the state they share with the
-//! callers. `durable` opens the ledger, recovers it and starts them.
+//! The ledger's writer thread (group commit of everything queued, the out-of-space rule,
+//! operators' replays and purges a chunk at a time, housekeeping, a bounded log) and the
+//! state the ledger's threads share with the callers. The syncer is in `syncer.rs`;
+//! `durable` opens the ledger, recovers it and starts both.
 
 use std::{
     cell::Cell,
@@ -26,6 +26,7 @@ use super::{
     lock,
     mark::{Answerer, Mark},
     store,
+    syncer::{Waiting, record_answered},
 };
 use crate::{
     clock::{Clock, Timestamp},
@@ -223,147 +224,6 @@ pub(super) fn ensure_reserve(dir: &Path) -> std::io::Result<()> {
     made
 }
 
-/// Publishes waiting for the fsync that covers them, and the highest id among them (0:
-/// none), recorded in the mark before they are answered.
-pub(super) struct Waiting {
-    pub(super) replies: Vec<Reply>,
-    pub(super) answered: u64,
-}
-
-/// The syncer thread: fsyncs the write-ahead log for the commits handed to it, then answers
-/// their publishes.
-pub(super) struct Syncer {
-    pub(super) log: Log,
-    pub(super) shared: Arc<Shared>,
-    /// Passive checkpoints run here, between two log fsyncs and only when no publish waits:
-    /// the database's fsync never runs beside the log's, so a publish never waits for a
-    /// checkpoint's writeback inside its own fsync.
-    pub(super) checkpoints: Connection,
-    pub(super) last_checkpoint: Instant,
-    /// Records the last id answered OK in the mark, after the fsync, before the answers.
-    pub(super) answerer: Answerer,
-}
-
-impl Syncer {
-    pub(super) fn run(mut self, requests: &Receiver<Waiting>) {
-        loop {
-            let mut waiting = match requests.recv_timeout(CHECKPOINT_EVERY) {
-                Ok(waiting) => waiting,
-                Err(RecvTimeoutError::Timeout) => Waiting {
-                    replies: Vec::new(),
-                    answered: 0,
-                },
-                Err(RecvTimeoutError::Disconnected) => return,
-            };
-            for more in requests.try_iter() {
-                waiting.replies.extend(more.replies);
-                waiting.answered = waiting.answered.max(more.answered);
-            }
-            if !waiting.replies.is_empty() {
-                self.log
-                    .sync_and_answer(&self.shared, waiting, &mut self.answerer);
-            }
-            if requests.is_empty() && self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
-                self.checkpoint();
-            }
-        }
-    }
-
-    /// A passive checkpoint: copies what it can of the log into the database, never waits.
-    pub(super) fn checkpoint(&mut self) {
-        self.last_checkpoint = Instant::now();
-        if self.shared.failed().is_some() {
-            return;
-        }
-        if let Err(e) = self
-            .checkpoints
-            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-        {
-            let error = store::classify("ledger checkpoint", &e);
-            if matches!(error, LedgerError::Fatal(_)) {
-                self.shared.poison(&error);
-            }
-        }
-        let micros = self.last_checkpoint.elapsed().as_micros() as u64;
-        let _ = lock(&self.shared.stats)
-            .checkpoint_latency
-            .record(micros.max(1));
-        if micros > 1000 {
-            tracing::debug!(micros, "slow ledger checkpoint");
-        }
-    }
-}
-
-/// The write-ahead log, opened for the syncer's fsyncs.
-pub(super) struct Log {
-    pub(super) path: PathBuf,
-    pub(super) file: Option<File>,
-}
-
-impl Log {
-    pub(super) fn new(path: PathBuf) -> Self {
-        Self { path, file: None }
-    }
-
-    /// One `fdatasync` of the log. A failure is final: it is never retried (after a failed
-    /// fsync the kernel may have dropped the dirty pages; a retry would report success).
-    pub(super) fn sync(&mut self, shared: &Shared) -> Result<(), LedgerError> {
-        let started = Instant::now();
-        let file = match &self.file {
-            Some(file) => file,
-            None => self.file.insert(File::open(&self.path).map_err(|e| {
-                LedgerError::Fatal(format!("cannot open {}: {e}", self.path.display()))
-            })?),
-        };
-        file.sync_data().map_err(|e| {
-            LedgerError::Fatal(format!("fsync of {} failed: {e}", self.path.display()))
-        })?;
-        let micros = started.elapsed().as_micros() as u64;
-        if micros > 10_000 {
-            tracing::debug!(micros, "slow log fsync");
-        }
-        let mut stats = lock(&shared.stats);
-        stats.fsyncs += 1;
-        let _ = stats.fsync_latency.record(micros.max(1));
-        Ok(())
-    }
-
-    /// [`Log::sync`] unless the ledger failed already, and the last id answered recorded in
-    /// the mark; then answers `waiting` (and poisons the ledger on a failure).
-    pub(super) fn sync_and_answer(
-        &mut self,
-        shared: &Shared,
-        waiting: Waiting,
-        answerer: &mut Answerer,
-    ) {
-        let result = match shared.failed() {
-            Some(e) => Err(e),
-            None => self
-                .sync(shared)
-                .and_then(|()| record_answered(answerer, waiting.answered)),
-        };
-        if let Err(e) = &result {
-            shared.poison(e);
-        }
-        for reply in waiting.replies {
-            reply.send(result.clone());
-        }
-    }
-}
-
-/// Records in the mark that ids up to `id` are answered OK (0: none in this batch).
-fn record_answered(answerer: &mut Answerer, id: u64) -> Result<(), LedgerError> {
-    if id == 0 {
-        return Ok(());
-    }
-    answerer.answered(id).map_err(|e| {
-        LedgerError::Fatal(format!(
-            "cannot record the last id answered in {}: {e}",
-            super::mark::FILE
-        ))
-    })
-}
-
 /// The highest id accepted in `batches` (0: none), and the id high-water mark they need:
 /// past every id they record.
 fn ids(batches: &[&[Record]]) -> (u64, u64) {
@@ -402,9 +262,6 @@ pub(super) fn count_log_frames(
 
 /// Message ids reserved in `meta` at a time.
 pub(super) const ID_BLOCK: u64 = 1 << 16;
-
-/// How often the syncer copies the log into the database when no publish waits.
-pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
 /// Applies `batches` inside the caller's transaction: the messages first (32 rows per
 /// statement), then every other record in order; raises the id high-water mark in `meta` to
