@@ -3,16 +3,14 @@
 //! state the ledger's threads share with the callers. The syncer is in `syncer.rs`;
 //! `durable` opens the ledger, recovers it and starts both.
 
+mod operations;
+mod space;
+
 use std::{
     cell::Cell,
     collections::VecDeque,
-    fs::{self, File},
-    io::Write as _,
-    path::{Path, PathBuf},
-    sync::{
-        Arc, Mutex, OnceLock, RwLock,
-        atomic::{AtomicU64, Ordering},
-    },
+    path::PathBuf,
+    sync::{Arc, Mutex, OnceLock, RwLock, atomic::AtomicU64},
     time::{Duration, Instant},
 };
 
@@ -21,25 +19,17 @@ use hdrhistogram::Histogram;
 use rusqlite::Connection;
 
 use super::{
-    FailStop, Forget, LedgerError, Record, Selection, Then, Wait,
+    FailStop, LedgerError, Record, Then, Wait,
     durable::Mode,
     lock,
     mark::{Answerer, Mark},
     store,
     syncer::{Waiting, record_answered},
 };
-use crate::{
-    clock::{Clock, Timestamp},
-    delivery::Delivery,
-    message::StoredMessage,
-};
+use crate::{clock::Clock, message::StoredMessage};
+pub(super) use operations::{CHUNK, Done, Op, Task};
+pub(super) use space::{RESERVE, RESERVE_BYTES, ensure_reserve, release_reserve};
 
-/// Bytes kept free for settlements when the disk fills up.
-pub(super) const RESERVE_BYTES: usize = 8 << 20;
-pub(super) const RESERVE: &str = "reserve";
-/// How long one housekeeping pass may give free pages back to the file system (the writer
-/// commits nothing meanwhile; publishes are refused anyway until the reserve is made again).
-const GIVE_BACK_BUDGET: Duration = Duration::from_millis(200);
 /// The most requests one transaction takes.
 pub(super) const MAX_BATCH: usize = 4096;
 pub(super) const HOUSEKEEPING: Duration = Duration::from_secs(1);
@@ -63,55 +53,6 @@ impl Reply {
         }
         // The caller may have stopped waiting: that is its business.
         let _ = self.answer.send(result);
-    }
-}
-
-/// The most dead letters an operator's replay or purge takes per transaction; a chunk also
-/// ends once [`CHUNK_TIME`] is spent. The writer commits what queued up between two chunks,
-/// so publishes go on during a long one.
-pub(super) const CHUNK: usize = 1024;
-/// How long one chunk of an operator's replay or purge may hold the writer (a publish
-/// queued behind it waits about that long).
-pub(super) const CHUNK_TIME: Duration = Duration::from_millis(2);
-
-/// An operator's change, run by the writer: replays, purges and forgets in turn, a
-/// replay or purge a chunk at a time ([`CHUNK`]); the others at once, between two chunks.
-pub(super) enum Op {
-    Replay(Selection, Timestamp),
-    Purge(Selection),
-    Forget(String, Forget, Timestamp),
-    /// An instance added while running: its key, registered if new, and what waits for it.
-    Attach(String),
-    /// What is remembered of an instance (its subscription, a pause).
-    Remember(String, super::Remembered),
-}
-
-pub(super) enum Done {
-    Replayed(Vec<(u64, u32, Delivery, u64)>),
-    Count(u64),
-    Attached(u32, Vec<store::StoredDelivery>),
-}
-
-/// A replay or purge under way, or a forget waiting its turn behind one.
-pub(super) struct Task {
-    op: Op,
-    sweep: Option<store::Sweep>,
-    /// What the chunks so far did.
-    replayed: Vec<(u64, u32, Delivery, u64)>,
-    count: u64,
-    started: Instant,
-    reported: Instant,
-    reply: Sender<Result<Done, LedgerError>>,
-}
-
-impl Task {
-    fn name(&self) -> &'static str {
-        match self.op {
-            Op::Replay(..) => "replay",
-            Op::Purge(..) => "purge",
-            Op::Forget(..) => "forget",
-            Op::Attach(..) | Op::Remember(..) => "instance",
-        }
     }
 }
 
@@ -190,38 +131,6 @@ impl Shared {
             .copied()
             .ok_or_else(|| LedgerError::Fatal(format!("instance #{instance} is unknown")))
     }
-}
-
-/// Deletes the reserve file to make room on a full disk; whether there was one.
-pub(super) fn release_reserve(dir: &Path) -> bool {
-    let path = dir.join(RESERVE);
-    let released = fs::remove_file(&path).is_ok();
-    if released {
-        tracing::warn!(path = %path.display(), "disk full: releasing the space reserved for settlements");
-    }
-    released
-}
-
-/// Keeps a reserve file so that settlements can still be written when the disk is full.
-///
-/// # Errors
-/// Why it is not in place (the partial file is removed).
-pub(super) fn ensure_reserve(dir: &Path) -> std::io::Result<()> {
-    let path = dir.join(RESERVE);
-    if fs::metadata(&path).is_ok_and(|m| m.len() >= RESERVE_BYTES as u64) {
-        return Ok(());
-    }
-    let made = File::create(&path).and_then(|mut f| {
-        let chunk = vec![0u8; 1 << 20];
-        for _ in 0..RESERVE_BYTES / chunk.len() {
-            f.write_all(&chunk)?;
-        }
-        f.sync_all()
-    });
-    if made.is_err() {
-        let _ = fs::remove_file(&path);
-    }
-    made
 }
 
 /// The highest id accepted in `batches` (0: none), and the id high-water mark they need:
@@ -560,136 +469,6 @@ impl Writer {
         })
     }
 
-    /// An instance attached or remembered, fsynced in a transaction of its own.
-    pub(super) fn operate(&mut self, op: Op) -> Result<Done, LedgerError> {
-        if let Some(e) = self.shared.failed() {
-            return Err(e);
-        }
-        // On a full disk an operator's act may use the reserve, as settlements do: ending a
-        // subscription is how space is freed.
-        let mut done = None;
-        let result = self.with_reserve(|w| {
-            w.set_sync(store::Sync::Full)?;
-            let conn = &w.conn;
-            done = Some(store::in_transaction(conn, "ledger", || {
-                operate(conn, &op)
-            })?);
-            Ok(())
-        });
-        if let Err(e @ LedgerError::Fatal(_)) = &result {
-            self.shared.poison(e);
-        }
-        result.map(|()| done.expect("set when the transaction succeeded"))
-    }
-
-    /// Runs the next chunk of the first operator's task, in a transaction of its own
-    /// (written to the OS; the last one fsynced), and answers it once it is done.
-    pub(super) fn step(&mut self) {
-        let Some(mut task) = self.tasks.pop_front() else {
-            return;
-        };
-        match self.chunk(&mut task) {
-            Ok(false) => {
-                if task.reported.elapsed() >= Duration::from_secs(1) {
-                    task.reported = Instant::now();
-                    tracing::info!(
-                        operation = task.name(),
-                        done = task.count + task.replayed.len() as u64,
-                        "operator's operation in progress"
-                    );
-                }
-                self.tasks.push_front(task);
-            }
-            Ok(true) => {
-                let done = task.count + task.replayed.len() as u64;
-                tracing::info!(
-                    operation = task.name(),
-                    done,
-                    micros = task.started.elapsed().as_micros() as u64,
-                    "operator's operation done"
-                );
-                let result = match task.op {
-                    Op::Replay(..) => Done::Replayed(task.replayed),
-                    _ => Done::Count(task.count),
-                };
-                let _ = task.reply.send(Ok(result));
-            }
-            Err(e) => {
-                if matches!(e, LedgerError::Fatal(_)) {
-                    self.shared.poison(&e);
-                }
-                let _ = task.reply.send(Err(e));
-            }
-        }
-    }
-
-    /// One chunk of `task`; whether it is finished (and durable).
-    fn chunk(&mut self, task: &mut Task) -> Result<bool, LedgerError> {
-        if let Some(e) = self.shared.failed() {
-            return Err(e);
-        }
-        let Task {
-            op,
-            sweep,
-            replayed,
-            count,
-            ..
-        } = task;
-        let (selection, now) = match op {
-            // A forget is one transaction (the backlog of an instance that does not run).
-            // On a full disk it may use the reserve, as settlements do: it frees space.
-            Op::Forget(name, how, now) => {
-                let (how, now) = (*how, *now);
-                self.with_reserve(|w| {
-                    w.set_sync(store::Sync::Full)?;
-                    let conn = &w.conn;
-                    *count = store::in_transaction(conn, "ledger", || {
-                        store::forget(conn, name, how, now)
-                    })?;
-                    Ok(())
-                })?;
-                return Ok(true);
-            }
-            Op::Replay(selection, now) => (selection, Some(*now)),
-            Op::Purge(selection) => (selection, None),
-            Op::Attach(..) | Op::Remember(..) => unreachable!("run at once, not as tasks"),
-        };
-        let sweep = sweep.get_or_insert_with(|| store::Sweep::new(selection));
-        self.set_sync(store::Sync::Written)?;
-        let conn = &self.conn;
-        match now {
-            Some(now) => {
-                let rows = store::in_transaction(conn, "ledger", || {
-                    store::replay(conn, sweep, CHUNK_TIME, now)
-                })?;
-                replayed.extend(rows);
-            }
-            None => {
-                // A purge frees space: on a full disk it may use the reserve. A chunk rolled
-                // back is taken again from where it began.
-                let from = sweep.clone();
-                self.with_reserve(|w| {
-                    *sweep = from.clone();
-                    let conn = &w.conn;
-                    *count += store::in_transaction(conn, "ledger", || {
-                        store::purge(conn, sweep, CHUNK_TIME)
-                    })?;
-                    Ok(())
-                })?;
-            }
-        }
-        if !sweep.finished() {
-            return Ok(false);
-        }
-        // Durable before it is answered: one fsync of the log covers every chunk.
-        if *count + replayed.len() as u64 > 0 {
-            self.set_sync(store::Sync::Full)?;
-            let conn = &self.conn;
-            store::in_transaction(conn, "ledger", || store::set_meta(conn, "clean", 0))?;
-        }
-        Ok(true)
-    }
-
     pub(super) fn set_sync(&mut self, sync: store::Sync) -> Result<(), LedgerError> {
         if self.sync != Some(sync) {
             store::set_sync(&self.conn, sync)?;
@@ -810,117 +589,6 @@ impl Writer {
         })
     }
 
-    /// Runs `step` (one transaction, rolled back when it fails); when it fails for want of
-    /// space and the reserve is still there, releases the reserve and runs it once more.
-    pub(super) fn with_reserve(
-        &mut self,
-        mut step: impl FnMut(&mut Self) -> Result<(), LedgerError>,
-    ) -> Result<(), LedgerError> {
-        match step(self) {
-            Err(LedgerError::Full(_)) if release_reserve(&self.dir) => {
-                self.reserve_released = true;
-                step(self)
-            }
-            done => done,
-        }
-    }
-
-    pub(super) fn measure(&mut self) {
-        self.commits_since_measure = 0;
-        if let Ok(used) = store::used_bytes(&self.conn) {
-            self.used = used;
-        }
-        let on_disk = [store::FILE, store::LOG]
-            .iter()
-            .filter_map(|f| fs::metadata(self.dir.join(f)).ok())
-            .map(|m| m.len())
-            .sum();
-        self.shared.bytes.store(on_disk, Ordering::Relaxed);
-    }
-
-    /// Expired keys and dead letters go; free pages go back to the file system.
-    pub(super) fn housekeep(&mut self) {
-        if self.shared.failed().is_some() {
-            return;
-        }
-        let started = Instant::now();
-        let now = self.clock.now();
-        let keys_before = Timestamp(now.0.saturating_sub(self.dedupe_window.as_millis() as u64));
-        let dead_before = self
-            .dead_letter_retention
-            .map(|r| Timestamp(now.0.saturating_sub(r.as_millis() as u64)));
-        let result = self.set_sync(store::Sync::Written).and_then(|()| {
-            store::expire(&self.conn, keys_before, dead_before)
-                .and_then(|removed| store::vacuum(&self.conn).map(|()| removed))
-                .map_err(|e| store::classify("ledger housekeeping", &e))
-        });
-        match result {
-            Ok((_, dead)) if dead > 0 => {
-                tracing::info!(
-                    removed = dead,
-                    "dead letters past dead_letter_retention removed"
-                );
-            }
-            Ok(_) => {}
-            Err(LedgerError::Full(_)) => {}
-            Err(e) => self.shared.poison(&e),
-        }
-        self.measure();
-        let micros = started.elapsed().as_micros() as u64;
-        if micros > 1000 {
-            tracing::debug!(micros, "slow ledger housekeeping");
-        }
-        if !self.dir.join(RESERVE).exists() {
-            self.remake_reserve();
-        }
-    }
-
-    /// The reserve is gone (settlements used it on a full disk) or was never made: once the
-    /// ledger holds a quarter of a reserve's worth of free pages (an operator's `forget
-    /// --purge` or `purge` freed them; acks alone free little while an instance keeps its
-    /// backlog), they go back to the file system, with its log (copied and cut to nothing);
-    /// and the reserve is made again if it now fits. Publishing resumes then, without a
-    /// restart. (Housekeeping's usual vacuum waits for more free pages than a small disk ever
-    /// frees: publishing never resumed.)
-    fn remake_reserve(&mut self) {
-        let enough = if self.giving_back {
-            0
-        } else {
-            RESERVE_BYTES as u64 / 4 / self.page_size.max(512)
-        };
-        match self
-            .set_sync(store::Sync::Written)
-            .and_then(|()| store::give_back(&self.conn, enough, GIVE_BACK_BUDGET))
-        {
-            Ok(left) => self.giving_back = left > 0,
-            // Out of space, or a reader in the way: tried again at the next housekeeping.
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot give the ledger's free space back yet");
-            }
-        }
-        self.measure();
-        match ensure_reserve(&self.dir) {
-            Ok(()) => {
-                self.reserve_warned = false;
-                if self.reserve_released {
-                    self.reserve_released = false;
-                    tracing::info!("space reserved for settlements again: publishing resumes");
-                }
-            }
-            // Said once until it changes: housekeeping tries every second.
-            Err(e) if !self.reserve_warned => {
-                self.reserve_warned = true;
-                tracing::warn!(
-                    path = %self.dir.join(RESERVE).display(),
-                    error = %e,
-                    "cannot reserve space for settlements; publishing resumes once it can be \
-                     reserved (tried every second)"
-                );
-            }
-            Err(_) => {}
-        }
-    }
-
     /// A graceful stop: checkpoint, then mark the state clean (fsynced).
     pub(super) fn close(&mut self) {
         if self.shared.failed().is_some() {
@@ -934,30 +602,6 @@ impl Writer {
         });
         if let Err(e) = result {
             tracing::error!(error = %e, "cannot mark the ledger clean; the next start charges attempts left in flight");
-        }
-    }
-}
-
-/// An instance attached (its waiting deliveries read) or remembered, inside the caller's
-/// transaction.
-fn operate(conn: &rusqlite::Connection, op: &Op) -> Result<Done, LedgerError> {
-    match op {
-        Op::Remember(name, remembered) => {
-            store::remember(conn, name, remembered).map(|()| Done::Count(0))
-        }
-        Op::Attach(name) => {
-            let [key] = store::instance_keys(conn, std::slice::from_ref(name))?[..] else {
-                unreachable!("one key per name");
-            };
-            let mut waiting = Vec::new();
-            store::scan(conn, Some(key), |stored| {
-                waiting.push(stored);
-                Ok(())
-            })?;
-            Ok(Done::Attached(key, waiting))
-        }
-        Op::Replay(..) | Op::Purge(..) | Op::Forget(..) => {
-            unreachable!("replays, purges and forgets are tasks")
         }
     }
 }
