@@ -105,6 +105,9 @@ struct DispatchLoop {
     stale_log: Throttle,
     /// Commits handed to the ledger without waiting, oldest first, until answered.
     unanswered: VecDeque<Receipt>,
+    /// Snapshots asked for this round, answered at its end: a count (a dead letter, say) is
+    /// shown only once its record is handed to the ledger.
+    snapshots: Vec<Sender<Snapshot>>,
 }
 
 /// Commits the dispatcher leaves unanswered at most before it waits for them.
@@ -128,6 +131,7 @@ impl DispatchLoop {
             stale: 0,
             stale_log: Throttle::new(Duration::from_secs(1)),
             unanswered: VecDeque::new(),
+            snapshots: Vec::new(),
         };
         dispatcher.restore(pending);
         dispatcher
@@ -190,6 +194,7 @@ impl DispatchLoop {
             }
             if let Some((deadline, reply)) = stop {
                 self.commit(records);
+                self.answer_snapshots();
                 let _ = reply.send(self.stop(deadline, &events));
                 return;
             }
@@ -209,6 +214,7 @@ impl DispatchLoop {
             let handoffs = self.hand_out(now, &mut records);
             // Recorded first: an attempt is in the ledger before plugin code sees it.
             self.commit(records);
+            self.answer_snapshots();
             self.announce_circuits();
             for (instance, batch) in handoffs {
                 if let Some(actor) = &mut self.instances[instance as usize].slot.actor {
@@ -270,9 +276,7 @@ impl DispatchLoop {
                     self.add(accepted, now);
                 }
             }
-            Input::Snapshot(reply) => {
-                let _ = reply.send(self.snapshot());
-            }
+            Input::Snapshot(reply) => self.snapshots.push(reply),
             Input::Restore(pending) => self.restore(pending),
             Input::Forget {
                 instance,
@@ -376,6 +380,17 @@ impl DispatchLoop {
                     state: state.to_owned(),
                 });
             }
+        }
+    }
+
+    /// Answers the snapshots asked for this round, now that its records are handed over.
+    fn answer_snapshots(&mut self) {
+        if self.snapshots.is_empty() {
+            return;
+        }
+        let snapshot = self.snapshot();
+        for reply in self.snapshots.drain(..) {
+            let _ = reply.send(snapshot.clone());
         }
     }
 
