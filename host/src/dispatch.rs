@@ -641,49 +641,10 @@ impl std::fmt::Debug for DispatchLoop {
 
 #[cfg(test)]
 mod tests {
-    use std::{collections::BTreeMap, sync::Mutex};
+    use std::sync::Mutex;
 
     use super::*;
-    use crate::{
-        clock::ManualClock,
-        config::Settings,
-        delivery::Rules,
-        ledger::{
-            Counts, DeadLetter, DeadLetterFilter, MemoryLedger, Recovered, Replayed, Selection,
-            Then,
-        },
-        routing::Routing,
-    };
-
-    /// A ledger whose every commit fails, as after a failed fsync.
-    struct Failing;
-
-    impl Ledger for Failing {
-        fn submit_then(&self, _: Vec<Record>, _: Wait, _: Option<Then>) -> Receipt {
-            Receipt::Ready(Err(LedgerError::Fatal("disk I/O error".into())))
-        }
-        fn recover(&self, _: &[(String, Rules)], _: Timestamp) -> Result<Recovered, LedgerError> {
-            Ok(Recovered::default())
-        }
-        fn attach(&self, _: InstanceId, _: &str) -> Result<Vec<Pending>, LedgerError> {
-            Ok(Vec::new())
-        }
-        fn dead_letters(&self, _: &DeadLetterFilter) -> Result<Vec<DeadLetter>, LedgerError> {
-            Ok(Vec::new())
-        }
-        fn dead_letter_counts(&self) -> Result<BTreeMap<String, u64>, LedgerError> {
-            Ok(BTreeMap::new())
-        }
-        fn replay(&self, _: &Selection, _: Timestamp) -> Result<Replayed, LedgerError> {
-            Ok(Replayed::default())
-        }
-        fn purge(&self, _: &Selection) -> Result<u64, LedgerError> {
-            Ok(0)
-        }
-        fn counts(&self) -> Counts {
-            Counts::default()
-        }
-    }
+    use crate::{clock::ManualClock, config::Settings, ledger::MemoryLedger, routing::Routing};
 
     #[test]
     fn a_commit_the_ledger_fails_goes_to_the_fail_stop_and_the_loop_goes_no_further() {
@@ -723,7 +684,10 @@ mod tests {
             .spawn(
                 Collaborators {
                     clock,
-                    ledger: Arc::new(Failing),
+                    // Every commit fails, as after a failed fsync.
+                    ledger: Arc::new(crate::ledger::CommitOnly(|_| {
+                        Receipt::Ready(Err(LedgerError::Fatal("disk I/O error".into())))
+                    })),
                     backlog,
                     ingress,
                     events,

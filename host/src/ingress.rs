@@ -608,11 +608,7 @@ mod tests {
     use super::*;
     use crate::{
         clock::ManualClock,
-        delivery::Rules,
-        ledger::{
-            DeadLetter, DeadLetterFilter, MemoryLedger, Pending, Recovered, Replayed, Selection,
-            Then,
-        },
+        ledger::{MemoryLedger, Then},
         topic::Pattern,
     };
 
@@ -752,6 +748,19 @@ mod tests {
     }
 
     impl Held {
+        /// Holds a batch until [`Held::answer`].
+        fn hold(&self, then: Option<Then>) -> Receipt {
+            let (tx, rx) = oneshot::channel();
+            lock(&self.batches).push((then, tx));
+            Receipt::Pending(rx)
+        }
+
+        /// A ledger whose commits `held` holds.
+        fn ledger(held: &Arc<Self>) -> Arc<dyn Ledger> {
+            let held = held.clone();
+            Arc::new(crate::ledger::CommitOnly(move |then| held.hold(then)))
+        }
+
         /// Answers the oldest batch held: recorded (its `then` runs) or failed.
         fn answer(&self, recorded: bool) {
             let (then, answer) = lock(&self.batches).remove(0);
@@ -767,43 +776,10 @@ mod tests {
         }
     }
 
-    impl Ledger for Held {
-        fn submit_then(&self, _: Vec<Record>, _: Wait, then: Option<Then>) -> Receipt {
-            let (tx, rx) = oneshot::channel();
-            lock(&self.batches).push((then, tx));
-            Receipt::Pending(rx)
-        }
-        fn recover(&self, _: &[(String, Rules)], _: Timestamp) -> Result<Recovered, LedgerError> {
-            Ok(Recovered::default())
-        }
-        fn attach(
-            &self,
-            _: crate::routing::InstanceId,
-            _: &str,
-        ) -> Result<Vec<Pending>, LedgerError> {
-            Ok(Vec::new())
-        }
-        fn dead_letters(&self, _: &DeadLetterFilter) -> Result<Vec<DeadLetter>, LedgerError> {
-            Ok(Vec::new())
-        }
-        fn dead_letter_counts(&self) -> Result<BTreeMap<String, u64>, LedgerError> {
-            Ok(BTreeMap::new())
-        }
-        fn replay(&self, _: &Selection, _: Timestamp) -> Result<Replayed, LedgerError> {
-            Ok(Replayed::default())
-        }
-        fn purge(&self, _: &Selection) -> Result<u64, LedgerError> {
-            Ok(0)
-        }
-        fn counts(&self) -> crate::ledger::Counts {
-            crate::ledger::Counts::default()
-        }
-    }
-
     #[test]
     fn a_repeat_of_a_key_not_yet_recorded_is_answered_only_once_the_first_is() {
         let ledger = Arc::new(Held::default());
-        let (ingress, _, _rx) = ingress_on(ledger.clone(), vec![]);
+        let (ingress, _, _rx) = ingress_on(Held::ledger(&ledger), vec![]);
         let first = ingress.submit(vec![keyed("a")]);
         let repeat = ingress.submit(vec![keyed("a")]);
         let waiting = std::thread::spawn(move || repeat.wait());
@@ -822,7 +798,7 @@ mod tests {
     #[test]
     fn a_repeat_of_a_key_whose_first_publish_failed_is_refused_and_the_next_is_fresh() {
         let ledger = Arc::new(Held::default());
-        let (ingress, _, _rx) = ingress_on(ledger.clone(), vec![]);
+        let (ingress, _, _rx) = ingress_on(Held::ledger(&ledger), vec![]);
         let first = ingress.submit(vec![keyed("a")]);
         let repeat = ingress.submit(vec![keyed("a")]);
         ledger.answer(false);

@@ -617,6 +617,43 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// A ledger for unit tests that only takes commits: `submit_then` answers with `commit`
+/// (given the batch's `then`); it holds nothing, so every read is empty.
+#[cfg(test)]
+pub(crate) struct CommitOnly<F>(pub F);
+
+#[cfg(test)]
+impl<F: Fn(Option<Then>) -> Receipt + Send + Sync + 'static> Ledger for CommitOnly<F> {
+    fn submit_then(&self, _: Vec<Record>, _: Wait, then: Option<Then>) -> Receipt {
+        (self.0)(then)
+    }
+    fn recover(
+        &self,
+        _: &[(String, crate::delivery::Rules)],
+        _: Timestamp,
+    ) -> Result<Recovered, LedgerError> {
+        Ok(Recovered::default())
+    }
+    fn attach(&self, _: InstanceId, _: &str) -> Result<Vec<Pending>, LedgerError> {
+        Ok(Vec::new())
+    }
+    fn dead_letters(&self, _: &DeadLetterFilter) -> Result<Vec<DeadLetter>, LedgerError> {
+        Ok(Vec::new())
+    }
+    fn dead_letter_counts(&self) -> Result<std::collections::BTreeMap<String, u64>, LedgerError> {
+        Ok(std::collections::BTreeMap::new())
+    }
+    fn replay(&self, _: &Selection, _: Timestamp) -> Result<Replayed, LedgerError> {
+        Ok(Replayed::default())
+    }
+    fn purge(&self, _: &Selection) -> Result<u64, LedgerError> {
+        Ok(0)
+    }
+    fn counts(&self) -> Counts {
+        Counts::default()
+    }
+}
+
 impl Ledger for MemoryLedger {
     fn submit_then(&self, records: Vec<Record>, _wait: Wait, then: Option<Then>) -> Receipt {
         self.record(records);

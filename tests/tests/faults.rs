@@ -110,6 +110,49 @@ fn payload(i: usize) -> String {
     format!("m{i} {}", "x".repeat(8000))
 }
 
+/// Publishes batches of 50 until the disk is full for good: refused 20 times in a row.
+/// After a first refusal the ledger may still fit a message or two in space its log file
+/// already holds (a transaction that failed for space leaves its pages allocated); it cannot
+/// grow, and what it holds is bounded by the disk. Every answer is OK or
+/// RESOURCE_EXHAUSTED: never another error, never a daemon that stopped. Returns the ids
+/// accepted, the first refusal and the index of the next payload.
+fn fill_disk(d: &Daemon, tmpfs: &Tmpfs, limit: Duration) -> (BTreeSet<u64>, tonic::Status, usize) {
+    let mut accepted = BTreeSet::new();
+    let mut refusal = None;
+    let mut refused_in_a_row = 0;
+    let mut next = 0;
+    let started = Instant::now();
+    while refused_in_a_row < 20 {
+        assert!(
+            started.elapsed() < limit,
+            "not refused 20 times in a row after {} publishes were accepted:\n{}\n{}",
+            accepted.len(),
+            tmpfs.usage(),
+            d.history()
+        );
+        let batch: Vec<String> = (next..next + 50).map(payload).collect();
+        next += batch.len();
+        for answer in try_publish_all(d, &batch, None) {
+            match answer {
+                Ok(id) => {
+                    accepted.insert(id);
+                    refused_in_a_row = 0;
+                }
+                Err(status) if status.code() == Code::ResourceExhausted => {
+                    refused_in_a_row += 1;
+                    refusal.get_or_insert(status);
+                }
+                Err(status) => panic!(
+                    "a publish failed otherwise than with RESOURCE_EXHAUSTED: {status:?}\n{}\n{}",
+                    tmpfs.usage(),
+                    d.history()
+                ),
+            }
+        }
+    }
+    (accepted, refusal.expect("the loop ends on refusals"), next)
+}
+
 #[test]
 fn a_full_disk_refuses_publishes_while_deliveries_and_settlements_go_on() {
     let s = sandbox("faults");
@@ -135,45 +178,8 @@ fn a_full_disk_refuses_publishes_while_deliveries_and_settlements_go_on() {
     };
     let mut d = Daemon::start(s, &text(&missing));
 
-    // Published until the disk is full for good: refused many times in a row. After a first
-    // refusal the ledger may still fit a message or two in space its log file already holds
-    // (a transaction that failed for space leaves its pages allocated); it cannot grow, and
-    // what it holds is bounded by the disk. Every answer is OK or RESOURCE_EXHAUSTED: never
-    // another error, never a daemon that stopped.
-    let mut accepted = BTreeSet::new();
-    let mut refusal = None;
-    let mut refused_in_a_row = 0;
-    let mut next = 0;
-    let started = Instant::now();
-    while refused_in_a_row < 20 {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "not refused 20 times in a row after {} publishes were accepted:\n{}\n{}",
-            accepted.len(),
-            tmpfs.usage(),
-            d.history()
-        );
-        let batch: Vec<String> = (next..next + 50).map(payload).collect();
-        next += batch.len();
-        for answer in try_publish_all(&d, &batch, None) {
-            match answer {
-                Ok(id) => {
-                    accepted.insert(id);
-                    refused_in_a_row = 0;
-                }
-                Err(status) if status.code() == Code::ResourceExhausted => {
-                    refused_in_a_row += 1;
-                    refusal.get_or_insert(status);
-                }
-                Err(status) => panic!(
-                    "a publish failed otherwise than with RESOURCE_EXHAUSTED: {status:?}\n{}\n{}",
-                    tmpfs.usage(),
-                    d.history()
-                ),
-            }
-        }
-    }
-    let refusal = refusal.expect("the loop ends on refusals");
+    // Published until the disk is full for good (`fill_disk`).
+    let (accepted, refusal, next) = fill_disk(&d, &tmpfs, Duration::from_secs(30));
     assert!(
         refusal.message().contains("the ledger is full") && refusal.message().contains("no space"),
         "the refusal says why: {refusal:?}"
@@ -698,26 +704,7 @@ fn full_disk_freed_by_forget_purge(settling: bool) {
         both = both.replacen("topics = [\"t.>\"]", "topics = [\"r.>\"]", 1);
     }
     let d = Daemon::start(s, &both);
-    let mut refused_in_a_row = 0;
-    let mut next = 0;
-    let started = Instant::now();
-    while refused_in_a_row < 20 {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the disk never filled up:\n{}\n{}",
-            tmpfs.usage(),
-            d.history()
-        );
-        let batch: Vec<String> = (next..next + 50).map(payload).collect();
-        next += batch.len();
-        for answer in try_publish_all(&d, &batch, None) {
-            match answer {
-                Ok(_) => refused_in_a_row = 0,
-                Err(status) if status.code() == Code::ResourceExhausted => refused_in_a_row += 1,
-                Err(status) => panic!("{status:?}\n{}", d.history()),
-            }
-        }
-    }
+    let (_, _, next) = fill_disk(&d, &tmpfs, Duration::from_secs(60));
     // `held`'s table removed (its subscription ends, its backlog stays), then its backlog
     // purged: the space it held is free again.
     let only_rec = config("fsync", &[("rec", "", record_config(&rec, ""))]);
