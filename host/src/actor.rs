@@ -12,8 +12,13 @@
 //! even while a call runs (a swap gives those deliveries to the next generation without
 //! waiting for the call in hand).
 //!
+//! Deferred attempts (plugind-api 1.1): a call that returns Defer gives its credit back at
+//! once, while its token stays outstanding in the instance's [`Deferrals`]; the worker starts
+//! a call only while fewer than `max_in_flight` tokens are outstanding.
+//!
 //! Stopping: the actor finishes the call in hand, hands back (releases) what it had not
-//! started, runs the plugin's `shutdown` and ends. A call still running when the deadline
+//! started, waits until none of its generation's tokens is outstanding (settled, expired, or
+//! released by a daemon stop), runs the plugin's `shutdown` and ends. A call still running when the deadline
 //! passes (a hung plugin) is abandoned: the thread is detached with its instance and library
 //! (retained, counted), and whatever it returns later is a stale settlement.
 
@@ -21,7 +26,7 @@ use std::{
     collections::VecDeque,
     sync::{
         Arc, Condvar, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread::JoinHandle,
     time::Duration,
@@ -30,14 +35,16 @@ use std::{
 use crossbeam_channel::Sender;
 use plugind_api::{
     Outcome,
-    hosting::{self, CallError},
+    abi::RawToken,
+    hosting::{self, CallError, CallErrorKind},
 };
 
 use crate::{
     clock::{Clock, Timestamp},
+    deferred::{Deferrals, Issued, MarkerSource, Mint, TokenEnd, TokenSlot},
     ledger::InFlightMarker,
     loader::PluginInstance,
-    message::{Handed, StoredMessage},
+    message::StoredMessage,
     routing::InstanceId,
     services::{Child, InstanceServices},
 };
@@ -68,9 +75,59 @@ pub struct Handoff {
 pub struct Settlement {
     pub message: u64,
     pub attempt: u32,
+    /// `Ok(Outcome::Defer)`: the call returned, its token is outstanding (or already
+    /// settled through it): only the credit comes back.
     pub result: Result<Outcome, CallError>,
     /// Published during the call; committed only if the attempt acks.
     pub children: Vec<Child>,
+    /// The call took the attempt's token, then returned this outcome itself: the registry
+    /// entry goes once it is applied.
+    pub token: bool,
+}
+
+/// One attempt of one delivery: what plugin code sees as a `Message`.
+#[derive(Debug)]
+pub struct Handed {
+    pub message: Arc<StoredMessage>,
+    /// 1-based.
+    pub attempt: u32,
+    /// Whether the call took the attempt's token.
+    slot: TokenSlot,
+    mint: Arc<Mint>,
+    issued: std::sync::OnceLock<Issued>,
+}
+
+impl hosting::Delivery for Handed {
+    fn id(&self) -> u64 {
+        self.message.id
+    }
+    fn attempt(&self) -> u32 {
+        self.attempt
+    }
+    fn topic(&self) -> &str {
+        &self.message.topic
+    }
+    fn payload(&self) -> &[u8] {
+        &self.message.payload
+    }
+    fn publish_time_unix_nanos(&self) -> u64 {
+        self.message.publish_time.0.saturating_mul(1_000_000)
+    }
+    fn header_count(&self) -> usize {
+        self.message.headers.len()
+    }
+    fn header_at(&self, index: usize) -> (&str, &str) {
+        let (name, value) = &self.message.headers[index];
+        (name, value)
+    }
+    fn defer(&self) -> Option<RawToken> {
+        if !self.slot.take() {
+            return None;
+        }
+        let (raw, issued) = self.mint.mint(&self.message, self.attempt);
+        let _ = self.issued.set(issued);
+        Some(raw)
+    }
 }
 
 /// What actors tell the dispatcher.
@@ -88,6 +145,8 @@ pub enum ActorEvent {
         generation: u32,
         released: Vec<Handoff>,
     },
+    /// A deferred attempt's token ended (settled or dropped) from a plugin thread.
+    Token { instance: InstanceId, end: TokenEnd },
     /// The actor ended (after its plugin's `shutdown`).
     Stopped {
         instance: InstanceId,
@@ -103,6 +162,8 @@ pub enum ActorEvent {
 struct Mailbox {
     state: Mutex<Queue>,
     wake: Condvar,
+    /// `Queue::stop`, readable without the lock (the wait for room reads it).
+    stopping: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -165,7 +226,25 @@ pub struct Actor {
     busy_since: Arc<AtomicU64>,
     /// When the plugin's `shutdown` started (ms since the epoch), 0 before.
     shutdown_since: Arc<AtomicU64>,
+    /// The instance's deferred attempts (shared with its other generations).
+    deferrals: Arc<Deferrals>,
     thread: Option<JoinHandle<()>>,
+}
+
+/// What an actor needs besides its plugin: its identity, limits and the engine's channels.
+#[allow(missing_debug_implementations)]
+pub struct ActorDeps {
+    pub instance: InstanceId,
+    pub generation: u32,
+    pub capacity: usize,
+    pub events: Sender<ActorEvent>,
+    pub clock: Arc<dyn Clock>,
+    /// The in-flight marker of its calls.
+    pub marker: Option<InFlightMarker>,
+    /// In-flight markers of its tokens.
+    pub markers: MarkerSource,
+    pub deferrals: Arc<Deferrals>,
+    pub first_call: Option<FirstCall>,
 }
 
 /// How long a stopping actor may take.
@@ -178,26 +257,44 @@ pub struct Deadlines {
 }
 
 impl Actor {
-    /// Starts the actor of `instance` on a thread of its own.
+    /// Starts the actor of `deps.instance` on a thread of its own.
     ///
     /// # Errors
     /// The OS error if the thread cannot be started.
-    #[allow(clippy::too_many_arguments)]
     pub fn spawn(
-        instance: InstanceId,
-        generation: u32,
         plugin: PluginInstance,
         services: Arc<InstanceServices>,
-        capacity: usize,
-        events: Sender<ActorEvent>,
-        clock: Arc<dyn Clock>,
-        marker: Option<InFlightMarker>,
-        first_call: Option<FirstCall>,
+        deps: ActorDeps,
     ) -> std::io::Result<Self> {
+        let ActorDeps {
+            instance,
+            generation,
+            capacity,
+            events,
+            clock,
+            marker,
+            markers,
+            deferrals,
+            first_call,
+        } = deps;
         let mailbox = Arc::new(Mailbox::default());
         let busy_since = Arc::new(AtomicU64::new(0));
         let shutdown_since = Arc::new(AtomicU64::new(0));
         let name = services.identity().instance.clone();
+        let mint = Arc::new(Mint {
+            instance,
+            generation,
+            deferrals: deferrals.clone(),
+            report: {
+                let events = events.clone();
+                Box::new(move |end| {
+                    let _ = events.send(ActorEvent::Token { instance, end });
+                })
+            },
+            services: services.clone(),
+            clock: clock.clone(),
+            markers,
+        });
         let worker = Worker {
             instance,
             generation,
@@ -210,6 +307,8 @@ impl Actor {
             clock,
             marker,
             first_call,
+            deferrals: deferrals.clone(),
+            mint,
         };
         let thread = std::thread::Builder::new()
             .name(format!("plugin:{name}"))
@@ -223,8 +322,14 @@ impl Actor {
             outstanding: 0,
             busy_since,
             shutdown_since,
+            deferrals,
             thread: Some(thread),
         })
+    }
+
+    /// The instance's deferred attempts.
+    pub fn deferrals(&self) -> &Arc<Deferrals> {
+        &self.deferrals
     }
 
     pub fn instance(&self) -> InstanceId {
@@ -278,7 +383,9 @@ impl Actor {
     /// Asks the actor to stop: it finishes the call in hand and releases the rest.
     pub fn request_stop(&self) {
         self.mailbox.lock().stop = true;
+        self.mailbox.stopping.store(true, Ordering::Release);
         self.mailbox.wake.notify_one();
+        self.deferrals.wake();
     }
 
     /// Asks the actor to stop and takes back at once every hand-off it has not started
@@ -286,9 +393,11 @@ impl Actor {
     pub fn reclaim(&self) -> Vec<Handoff> {
         let mut queue = self.mailbox.lock();
         queue.stop = true;
+        self.mailbox.stopping.store(true, Ordering::Release);
         let unstarted = queue.handoffs.drain(..).collect();
         drop(queue);
         self.mailbox.wake.notify_one();
+        self.deferrals.wake();
         unstarted
     }
 
@@ -342,6 +451,8 @@ struct Worker {
     /// Records each call just before it starts (survives a crash of the process).
     marker: Option<InFlightMarker>,
     first_call: Option<FirstCall>,
+    deferrals: Arc<Deferrals>,
+    mint: Arc<Mint>,
 }
 
 impl Worker {
@@ -350,6 +461,14 @@ impl Worker {
         // When the first call of the batch in `settled` started.
         let mut batch_started = None;
         loop {
+            // `max_in_flight` tokens outstanding: no call starts until one ends.
+            if !self.deferrals.has_room() {
+                self.flush(&mut settled);
+                if let Some(marker) = &self.marker {
+                    marker.idle();
+                }
+                self.deferrals.wait_for_room(&self.mailbox.stopping);
+            }
             let next = self.mailbox.next(|| {
                 // The queue ran dry: settle what is done, then sleep.
                 self.flush(&mut settled);
@@ -382,6 +501,9 @@ impl Worker {
             generation: self.generation,
             released,
         });
+        // A draining generation keeps its plugin until its tokens are settled, expired, or
+        // released by a daemon stop.
+        self.deferrals.wait_drained(self.generation);
         self.shutdown_since
             .store(self.clock.now().0.max(1), Ordering::Release);
         let shutdown_error = self.plugin.shutdown().err();
@@ -396,10 +518,14 @@ impl Worker {
         let message = handoff.message.id;
         let attempt = handoff.attempt;
         let hops = handoff.message.hops();
-        let raw = hosting::message_handle(Arc::new(Handed {
+        let handed = Arc::new(Handed {
             message: handoff.message,
             attempt,
-        }));
+            slot: TokenSlot::default(),
+            mint: self.mint.clone(),
+            issued: std::sync::OnceLock::new(),
+        });
+        let raw = hosting::message_handle(handed.clone());
         if let Some(marker) = &self.marker {
             marker.calling(message, attempt);
         }
@@ -411,11 +537,66 @@ impl Worker {
         if let Some(first_call) = self.first_call.take() {
             first_call();
         }
+        let taken = handed.slot.close();
+        let (result, children, token) = self.deferral(&handed, taken, result, children);
         Settlement {
             message,
             attempt,
             result,
             children,
+            token,
+        }
+    }
+
+    /// What a call's outcome means once its token is accounted for: Defer with the token
+    /// taken gives only the credit back; Defer without it fails the attempt; another
+    /// outcome after taking the token settles the attempt only if the token was not settled
+    /// first (then the token is stale).
+    fn deferral(
+        &self,
+        handed: &Handed,
+        taken: bool,
+        result: Result<Outcome, CallError>,
+        children: Vec<Child>,
+    ) -> (Result<Outcome, CallError>, Vec<Child>, bool) {
+        match (result, taken) {
+            (Ok(Outcome::Defer), true) => {
+                if let Some(issued) = handed.issued.get()
+                    && let Err(lost) = issued.adopt(children)
+                {
+                    tracing::warn!(
+                        instance = %self.services.identity().instance,
+                        id = handed.message.id,
+                        children = lost.len(),
+                        "messages published in handle after its token was already settled \
+                         are discarded: publish through the token"
+                    );
+                }
+                (Ok(Outcome::Defer), Vec::new(), false)
+            }
+            (Ok(Outcome::Defer), false) => (
+                Err(CallError {
+                    kind: CallErrorKind::Error,
+                    message: "handle returned Defer without taking the message's token \
+                              (Message::defer)"
+                        .to_owned(),
+                }),
+                Vec::new(),
+                false,
+            ),
+            (result, true) => {
+                if self
+                    .deferrals
+                    .claim(handed.message.id, handed.attempt)
+                    .is_ok()
+                {
+                    (result, children, true)
+                } else {
+                    // The token settled (or was dropped) before handle returned: it counts.
+                    (Ok(Outcome::Defer), Vec::new(), false)
+                }
+            }
+            (result, false) => (result, children, false),
         }
     }
 

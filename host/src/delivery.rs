@@ -64,6 +64,8 @@ pub enum Failure {
     Timeout,
     /// The process died while the attempt was in flight.
     Crash,
+    /// The plugin dropped the attempt's token without settling it.
+    Dropped,
     /// The plugin returned something the daemon could not use.
     Error { message: String },
 }
@@ -76,6 +78,7 @@ impl Failure {
             Self::Panic { message } => format!("panic: {message}"),
             Self::Timeout => "timeout".to_owned(),
             Self::Crash => "crash".to_owned(),
+            Self::Dropped => "dropped".to_owned(),
             Self::Error { message } => format!("error: {message}"),
         }
     }

@@ -33,6 +33,7 @@ use crate::{
     actor::{self, Handoff},
     backlog::Backlog,
     clock::{Clock, Timestamp},
+    deferred::Expiry,
     delivery::{Delivery, Failure},
     events::{EventKind, Events},
     ingress::{Accepted, Ingress},
@@ -296,7 +297,7 @@ impl DispatchLoop {
             } => {
                 let queue = &mut self.instances[instance as usize];
                 queue.stats.hung = false;
-                let old = std::mem::replace(&mut queue.slot.actor, actor);
+                let old = queue.slot.run(actor);
                 if let Some(old) = &old {
                     // What it had not started goes to the next generation (or waits) at
                     // once; it finishes only its call in hand.
@@ -459,9 +460,25 @@ impl DispatchLoop {
                 continue;
             }
             let queue = &mut self.instances[instance as usize];
-            if queue.slot.calling() {
-                queue.stats.hung = true;
-                tracing::warn!(instance = %queue.slot.name, id = message, attempt, "a call outlived its lease: instance hung");
+            let expiry = queue
+                .slot
+                .deferrals
+                .as_ref()
+                .map_or(Expiry::NotDeferred, |d| d.expire(message, attempt, now));
+            match expiry {
+                // Its settlement is on the way.
+                Expiry::Settled => continue,
+                Expiry::Extended(until) => {
+                    self.leases.push(until, message, instance, attempt);
+                    continue;
+                }
+                Expiry::Expired => {}
+                Expiry::NotDeferred => {
+                    if queue.slot.calling() {
+                        queue.stats.hung = true;
+                        tracing::warn!(instance = %queue.slot.name, id = message, attempt, "a call outlived its lease: instance hung");
+                    }
+                }
             }
             self.fail(key, attempt, Failure::Timeout, now, records);
         }
@@ -582,6 +599,7 @@ impl DispatchLoop {
             } => {
                 self.release(instance, released, now, records);
             }
+            actor::ActorEvent::Token { instance, end } => self.token(instance, end, now, records),
             actor::ActorEvent::Stopped {
                 instance,
                 shutdown_error,

@@ -39,6 +39,7 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod deferred;
 pub mod delivery;
 pub mod dispatch;
 pub mod engine;

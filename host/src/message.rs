@@ -1,10 +1,7 @@
 //! A message as the daemon keeps it — stored once however many instances it goes to — and
 //! one attempt's view of it, lent to plugin code without copying.
 
-use std::sync::Arc;
-
 use bytes::Bytes;
-use plugind_api::hosting;
 
 use crate::{
     clock::Timestamp,
@@ -152,39 +149,6 @@ impl StoredMessage {
             .find(|(name, _)| name == HOP_HEADER)
             .and_then(|(_, value)| value.parse().ok())
             .unwrap_or(0)
-    }
-}
-
-/// One attempt of one delivery: what plugin code sees as a `Message`.
-#[derive(Debug)]
-pub struct Handed {
-    pub message: Arc<StoredMessage>,
-    /// 1-based.
-    pub attempt: u32,
-}
-
-impl hosting::Delivery for Handed {
-    fn id(&self) -> u64 {
-        self.message.id
-    }
-    fn attempt(&self) -> u32 {
-        self.attempt
-    }
-    fn topic(&self) -> &str {
-        &self.message.topic
-    }
-    fn payload(&self) -> &[u8] {
-        &self.message.payload
-    }
-    fn publish_time_unix_nanos(&self) -> u64 {
-        self.message.publish_time.0.saturating_mul(1_000_000)
-    }
-    fn header_count(&self) -> usize {
-        self.message.headers.len()
-    }
-    fn header_at(&self, index: usize) -> (&str, &str) {
-        let (name, value) = &self.message.headers[index];
-        (name, value)
     }
 }
 

@@ -129,6 +129,29 @@ impl InstanceServices {
         (result, children)
     }
 
+    /// A child of an attempt, `hops` deep, checked as the ingress will check it when its
+    /// parent's ack commits it (a child refused then would be lost): staged in `handle`, or
+    /// published through a deferred attempt's token.
+    ///
+    /// # Errors
+    /// [`PublishError`] saying why it would be refused.
+    pub fn child(
+        &self,
+        hops: u32,
+        topic: &str,
+        payload: &[u8],
+        headers: &[KeyValue<'_>],
+    ) -> Result<Child, PublishError> {
+        let headers = with_hops(headers, hops);
+        self.check(topic, payload, &headers, hops)?;
+        self.publisher.admits(topic)?;
+        Ok(Child {
+            topic: topic.to_owned(),
+            payload: Bytes::copy_from_slice(payload),
+            headers,
+        })
+    }
+
     fn refuse(kind: PublishErrorKind, message: String) -> PublishError {
         PublishError { kind, message }
     }
@@ -243,14 +266,7 @@ impl Services for InstanceServices {
                 .map(|s| s.parent_hops + 1)
         });
         if let Some(hops) = staged_hops {
-            let headers = with_hops(headers, hops);
-            self.check(topic, payload, &headers, hops)?;
-            self.publisher.admits(topic)?;
-            let child = Child {
-                topic: topic.to_owned(),
-                payload: Bytes::copy_from_slice(payload),
-                headers,
-            };
+            let child = self.child(hops, topic, payload, headers)?;
             STAGE.with(|stage| {
                 if let Some(stage) = stage.borrow_mut().as_mut() {
                     stage.children.push(child);

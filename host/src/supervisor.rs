@@ -366,6 +366,8 @@ struct Supervised {
     /// An operator asked for a new generation (`reload NAME`).
     renew: bool,
     generations: u32,
+    /// Its deferred attempts, shared by all its generations (tokens outlive a swap).
+    deferrals: Arc<crate::deferred::Deferrals>,
     /// Generations replaced or stopped and not yet retired.
     draining: Vec<u32>,
     /// Its subscription now (`None`: ended; its waiting deliveries stay until forgotten).
@@ -389,6 +391,10 @@ impl Supervised {
             quarantined: false,
             renew: false,
             generations: 0,
+            deferrals: crate::deferred::Deferrals::new(
+                settings.max_in_flight as usize,
+                settings.ack_timeout,
+            ),
             draining: Vec::new(),
             subscribed: None,
             run: false,

@@ -9,19 +9,29 @@
 //! abi_stable checks the package name, the major version and the layout of every type
 //! reachable from [`PluginMod`] when the host loads a library, so:
 //!
-//! - **Prefix types** ([`PluginMod`], [`MessageVTable`], [`HostVTable`], [`InstanceVTable`]) may
+//! - **Prefix types** ([`PluginMod`], [`MessageVTable`], [`HostVTable`], [`InstanceVTable`],
+//!   [`TokenVTable`]) may
 //!   only gain fields *appended after* the field marked `#[sabi(last_prefix_field)]`; that
 //!   marker never moves. Accessors of appended fields return `Option`, and the reader of an
 //!   appended field must handle its absence (an older peer).
 //! - **Enums** that may grow are integer newtypes with associated constants ([`OutcomeKind`],
-//!   [`LogLevel`], [`PluginErrorKind`], [`PublishErrorKind`]), abi_stable's documented form of
+//!   [`LogLevel`], [`PluginErrorKind`], [`PublishErrorKind`], [`SettleErrorKind`]), abi_stable's documented form of
 //!   a non-exhaustive enum; a reader meeting an unknown value reports it instead of guessing.
 //!   (abi_stable's `NonExhaustive` wrapper was measured and rejected for the outcome: its
 //!   64-byte storage and run-time size check cost 10+ ns per call, five times the target for
 //!   the whole boundary; see BENCHMARKS.md.)
 //! - **Plain `#[repr(C)]` structs** ([`RawMessage`], [`RawHost`], [`RawInstance`],
-//!   [`OutcomeDetail`], [`PluginError`], [`PublishError`], [`KeyValue`]) never change; new data travels through
-//!   new vtable entries.
+//!   [`OutcomeDetail`], [`PluginError`], [`PublishError`], [`KeyValue`], [`RawToken`],
+//!   [`SettleError`], [`ConfigError`]) never change; new data travels through new vtable
+//!   entries and new types.
+//!
+//! # Versions
+//!
+//! 1.1 appended: `PluginMod::check_config`, `MessageVTable::defer`, `HostVTable::api_version`
+//! and `HostVTable::workers`, the [`TokenVTable`] reached through `defer`, and
+//! `OutcomeKind::DEFER`. A 1.1 host tells a 1.0 plugin by `check_config` being absent; a 1.1
+//! plugin that defers tells a 1.0 host by `api_version` being absent, and refuses itself
+//! before `new` (an older host would count every deferred attempt as failed).
 //! - Nothing is removed, renamed or reordered. Minor releases only add; only a major release
 //!   (a new ABI identity) may break plugins.
 //!
@@ -51,6 +61,7 @@ use abi_stable::{
 /// The root module every plugin library exports (through `export_plugin!`).
 ///
 /// Evolution: append new entry points after `instantiate`; never move `last_prefix_field`.
+/// 1.1 appended `check_config`: a host tells a 1.0 plugin by its absence.
 #[repr(C)]
 #[derive(StableAbi, Debug)]
 #[sabi(kind(Prefix(prefix_ref = PluginModRef)))]
@@ -63,6 +74,9 @@ pub struct PluginMod {
     #[sabi(last_prefix_field)]
     pub instantiate:
         extern "C" fn(config_json: RStr<'_>, host: RawHost) -> RResult<RawInstance, PluginError>,
+    /// 1.1: only deserializes `config_json` into the plugin's `Config` (no `new`, no side
+    /// effects), for `plugind check --probe`. Absent in a 1.0 plugin.
+    pub check_config: extern "C" fn(config_json: RStr<'_>) -> RResult<(), ConfigError>,
 }
 
 impl RootModule for PluginModRef {
@@ -137,6 +151,87 @@ pub struct MessageVTable {
         ctx: &'a ErasedObject,
         name: RStr<'b>,
     ) -> ROption<RStr<'a>>,
+    /// 1.1: takes the completion token of this attempt. Only during `handle`, once per
+    /// attempt; `None` otherwise. Absent in a host older than 1.1.
+    pub defer: unsafe extern "C" fn(ctx: &ErasedObject) -> ROption<RawToken>,
+}
+
+/// The completion token of one deferred attempt (1.1): owned by the plugin, settled from any
+/// thread. It names its attempt by message id + attempt number, never by generation, so a
+/// token of an attempt that already ended is refused instead of settling another.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct RawToken {
+    pub ctx: *const ErasedObject,
+    pub vtable: TokenVTableRef,
+}
+
+// SAFETY: the host builds a `RawToken` only over `Send + Sync` data (`hosting::Completion`
+// requires both) and its vtable functions are thread-safe.
+unsafe impl Send for RawToken {}
+// SAFETY: as above; every entry but `drop_ctx` takes `&ErasedObject`.
+unsafe impl Sync for RawToken {}
+
+/// The host functions behind a [`RawToken`] (1.1).
+///
+/// Evolution: append after `publish`.
+#[repr(C)]
+#[derive(StableAbi, Debug)]
+#[sabi(kind(Prefix(prefix_ref = TokenVTableRef)))]
+pub struct TokenVTable {
+    /// Releases the token. One that was never settled fails its attempt with reason
+    /// `dropped` (unless the attempt already ended).
+    pub drop_ctx: unsafe extern "C" fn(ctx: *const ErasedObject),
+    /// Settles the attempt: `kind` is ACK, RETRY (with `retry_after`) or REJECT, with
+    /// `reason` for the last two. Refused once the attempt ended (settled, lease expired,
+    /// released by a stop).
+    pub settle: unsafe extern "C" fn(
+        ctx: &ErasedObject,
+        kind: OutcomeKind,
+        retry_after: ROption<RDuration>,
+        reason: RStr<'_>,
+    ) -> RResult<(), SettleError>,
+    /// Extends the attempt's lease by the instance's `ack_timeout` from now.
+    pub keep_alive: unsafe extern "C" fn(ctx: &ErasedObject) -> RResult<(), SettleError>,
+    /// Publishes a child of this attempt: committed with its settlement, only if it acks.
+    #[sabi(last_prefix_field)]
+    pub publish: unsafe extern "C" fn(
+        ctx: &ErasedObject,
+        topic: RStr<'_>,
+        payload: RSlice<'_, u8>,
+        headers: RSlice<'_, KeyValue<'_>>,
+    ) -> RResult<u64, PublishError>,
+}
+
+/// Why the host refused to settle or extend a token (1.1).
+#[repr(C)]
+#[derive(StableAbi, Debug)]
+pub struct SettleError {
+    pub kind: SettleErrorKind,
+    pub message: RString,
+}
+
+/// The class of a refused settlement. Non-exhaustive: unknown values are reported as such.
+#[repr(transparent)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SettleErrorKind(pub u8);
+
+impl SettleErrorKind {
+    /// The attempt already ended: settled, its lease expired, or a stop released it.
+    pub const STALE: Self = Self(0);
+    /// The settlement itself is wrong (an outcome a token cannot carry).
+    pub const INVALID: Self = Self(1);
+}
+
+/// A config the plugin refuses (1.1, `PluginMod::check_config`): where in the config table
+/// and why.
+#[repr(C)]
+#[derive(StableAbi, Debug)]
+pub struct ConfigError {
+    /// The dotted path of the offending key inside the instance's `config` table (`""`: the
+    /// table itself).
+    pub path: RString,
+    pub message: RString,
 }
 
 /// The host services handed to one plugin instance: logging, publishing, its identity.
@@ -156,8 +251,8 @@ unsafe impl Sync for RawHost {}
 
 /// The host functions behind a [`RawHost`].
 ///
-/// Evolution: append after `publish` (timers, async services and deferred completion come
-/// this way).
+/// Evolution: append after `workers`. 1.1 appended `api_version` and `workers`: a plugin
+/// that needs 1.1 tells an older host by their absence.
 #[repr(C)]
 #[derive(StableAbi, Debug)]
 #[sabi(kind(Prefix(prefix_ref = HostVTableRef)))]
@@ -189,6 +284,11 @@ pub struct HostVTable {
         payload: RSlice<'_, u8>,
         headers: RSlice<'_, KeyValue<'_>>,
     ) -> RResult<u64, PublishError>,
+    /// 1.1: the `plugind-api` version the host was built with.
+    pub api_version: unsafe extern "C" fn(ctx: &ErasedObject) -> RStr<'static>,
+    /// 1.1: worker threads for an async plugin's runtime (`workers` in `plugins.toml`; 0:
+    /// the SDK's default).
+    pub workers: unsafe extern "C" fn(ctx: &ErasedObject) -> u32,
 }
 
 /// One plugin instance, owned by the host and driven through plugin code.
@@ -228,7 +328,7 @@ pub struct InstanceVTable {
 }
 
 /// What `handle` decided: a non-exhaustive integer newtype (abi_stable's documented form of
-/// an enum that may grow). Minor releases add constants (Defer is planned); a host that meets
+/// an enum that may grow). Minor releases add constants (1.1 added DEFER); a host that meets
 /// a value it does not know counts the attempt as failed and says why.
 ///
 /// It travels in a register: the common case, Ack, costs no memory traffic at all. The data
@@ -246,6 +346,9 @@ impl OutcomeKind {
     pub const REJECT: Self = Self(2);
     /// `handle` panicked; `OutcomeDetail::reason` is the panic text.
     pub const PANICKED: Self = Self(3);
+    /// 1.1: the plugin took the attempt's token (`MessageVTable::defer`) and settles it
+    /// later; `OutcomeDetail` is initialised (empty) as for every non-Ack kind.
+    pub const DEFER: Self = Self(4);
 }
 
 /// Space the host lends to `handle` for the data of a non-Ack outcome.
@@ -343,6 +446,14 @@ impl fmt::Debug for RawInstance {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RawInstance")
             .field("obj", &self.obj)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for RawToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RawToken")
+            .field("ctx", &self.ctx)
             .finish_non_exhaustive()
     }
 }

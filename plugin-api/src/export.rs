@@ -13,7 +13,7 @@ use abi_stable::{
 
 use crate::{
     abi::{
-        InstanceVTable, InstanceVTableRef, OutcomeDetail, OutcomeKind, PluginError,
+        ConfigError, InstanceVTable, InstanceVTableRef, OutcomeDetail, OutcomeKind, PluginError,
         PluginErrorKind, PluginMod, PluginModRef, RawHost, RawInstance, RawMessage,
     },
     bridge,
@@ -26,8 +26,45 @@ pub fn root_module<P: Plugin>(manifest: extern "C" fn() -> RSlice<'static, u8>) 
     PluginMod {
         manifest,
         instantiate: Entry::<P>::instantiate,
+        check_config: Entry::<P>::check_config,
     }
     .leak_into_prefix()
+}
+
+/// Deserializes an instance's config into `C`, naming the offending key on failure.
+fn parse_config<C: serde::de::DeserializeOwned>(config_json: &str) -> Result<C, ConfigError> {
+    let mut json = serde_json::Deserializer::from_str(config_json);
+    serde_path_to_error::deserialize(&mut json).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        // serde_json appends the position in the JSON the host generated; the host points
+        // into plugins.toml instead.
+        let message = inner.to_string();
+        let message = match message.rfind(" at line ") {
+            Some(at) if inner.line() > 0 => message[..at].to_owned(),
+            _ => message,
+        };
+        ConfigError {
+            path: RString::from(if path == "." { String::new() } else { path }),
+            message: RString::from(message),
+        }
+    })
+}
+
+/// The error a plugin that needs 1.1 gives a host older than 1.1 (before `new`).
+fn needs_newer_host<P: Plugin>() -> PluginError {
+    PluginError {
+        kind: PluginErrorKind::ERROR,
+        message: RString::from(format!(
+            "plugin {} {} defers acks, which needs a daemon built with plugind-api 1.1 or \
+             later; it was built with plugind-api {}, and this daemon's plugind-api is older \
+             than 1.1 (1.0): upgrade the daemon, or use a build of the plugin that does not \
+             defer",
+            P::NAME,
+            P::VERSION,
+            crate::API_VERSION
+        )),
+    }
 }
 
 /// What the host owns through a `RawInstance`: the plugin value and its services.
@@ -61,13 +98,20 @@ impl<P: Plugin> Entry<P> {
     ) -> RResult<RawInstance, PluginError> {
         bridge::install();
         let host = Host::from_raw(host);
+        if P::DEFERS && host.api_version().is_none() {
+            return RResult::RErr(needs_newer_host::<P>());
+        }
         let created = {
             let _scope = bridge::enter(&host);
             bridge::catch(|| -> Result<P, PluginError> {
                 let config: P::Config =
-                    serde_json::from_str(config_json.as_str()).map_err(|e| PluginError {
+                    parse_config(config_json.as_str()).map_err(|e| PluginError {
                         kind: PluginErrorKind::CONFIG,
-                        message: RString::from(format!("invalid config: {e}")),
+                        message: RString::from(if e.path.is_empty() {
+                            format!("invalid config: {}", e.message)
+                        } else {
+                            format!("invalid config: {}: {}", e.path, e.message)
+                        }),
                     })?;
                 P::new(config, host.clone()).map_err(|e| PluginError {
                     kind: PluginErrorKind::ERROR,
@@ -85,6 +129,22 @@ impl<P: Plugin> Entry<P> {
                 })
             }
             Err(e) => RResult::RErr(e),
+        }
+    }
+
+    /// `PluginMod::check_config` for `P`: deserializes the config and nothing else.
+    pub extern "C" fn check_config(config_json: RStr<'_>) -> RResult<(), ConfigError> {
+        bridge::install();
+        match bridge::catch(|| parse_config::<P::Config>(config_json.as_str()).map(drop)) {
+            Ok(Ok(())) => RResult::ROk(()),
+            Ok(Err(e)) => RResult::RErr(e),
+            Err(panic) => RResult::RErr(ConfigError {
+                path: RString::new(),
+                message: RString::from(format!(
+                    "the plugin's config type panicked: {}",
+                    panic.message
+                )),
+            }),
         }
     }
 

@@ -21,11 +21,13 @@ use abi_stable::{
 
 use crate::{
     abi::{
-        HostVTable, HostVTableRef, KeyValue, LogLevel, MessageVTable, MessageVTableRef,
-        OutcomeDetail, OutcomeKind, PluginError, PluginErrorKind, PluginModRef,
-        PublishError as RawPublishError, RawHost, RawInstance, RawMessage,
+        ConfigError, HostVTable, HostVTableRef, KeyValue, LogLevel, MessageVTable,
+        MessageVTableRef, OutcomeDetail, OutcomeKind, PluginError, PluginErrorKind, PluginModRef,
+        PublishError as RawPublishError, RawHost, RawInstance, RawMessage, RawToken,
+        SettleError as RawSettleError, SettleErrorKind, TokenVTable, TokenVTableRef,
     },
     sdk::{Level, MessageId, Outcome, PublishError},
+    token::SettleError,
 };
 
 /// A delivery as the host stores it; [`message_handle`] lends it to plugins without copying.
@@ -44,6 +46,46 @@ pub trait Delivery: Send + Sync + 'static {
             .map(|i| self.header_at(i))
             .find(|(key, _)| *key == name)
             .map(|(_, value)| value)
+    }
+    /// The completion token of this attempt (1.1), made with [`token_handle`]: only during
+    /// `handle`, once. `None` (the default) for a host that does not defer.
+    fn defer(&self) -> Option<RawToken> {
+        None
+    }
+}
+
+/// What a host does with a deferred attempt's token (1.1); [`token_handle`] lends it to the
+/// plugin.
+pub trait Completion: Send + Sync + 'static {
+    /// Settles the attempt with Ack, Retry or Reject.
+    ///
+    /// # Errors
+    /// [`SettleError`] when the attempt already ended.
+    fn settle(&self, outcome: Outcome) -> Result<(), SettleError>;
+    /// Extends the attempt's lease.
+    ///
+    /// # Errors
+    /// [`SettleError`] when the attempt already ended.
+    fn keep_alive(&self) -> Result<(), SettleError>;
+    /// Publishes a child of the attempt.
+    ///
+    /// # Errors
+    /// [`PublishError`] when the message is refused.
+    fn publish(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        headers: &[KeyValue<'_>],
+    ) -> Result<MessageId, PublishError>;
+    /// The plugin let go of the token; unsettled, the attempt fails with `dropped`.
+    fn release(&self);
+}
+
+/// A new token handle owning one strong reference to `completion`.
+pub fn token_handle<C: Completion>(completion: Arc<C>) -> RawToken {
+    RawToken {
+        ctx: Arc::into_raw(completion).cast::<ErasedObject>(),
+        vtable: CompletionVTable::<C>::VTABLE_REF,
     }
 }
 
@@ -70,6 +112,10 @@ pub trait Services: Send + Sync + 'static {
         payload: &[u8],
         headers: &[KeyValue<'_>],
     ) -> Result<MessageId, PublishError>;
+    /// Worker threads for an async plugin's runtime (0: the SDK's default).
+    fn workers(&self) -> u32 {
+        0
+    }
 }
 
 /// A new services handle holding one strong reference to `services`.
@@ -97,6 +143,7 @@ impl<D: Delivery> DeliveryVTable<D> {
             header_count: Self::header_count,
             header_at: Self::header_at,
             header: Self::header,
+            defer: Self::defer,
         })
     }
 
@@ -154,6 +201,128 @@ impl<D: Delivery> DeliveryVTable<D> {
             .map(RStr::from_str)
             .into()
     }
+
+    unsafe extern "C" fn defer(ctx: &ErasedObject) -> ROption<RawToken> {
+        let delivery = Self::get(ctx);
+        catch_unwind(AssertUnwindSafe(|| delivery.defer()))
+            .ok()
+            .flatten()
+            .into()
+    }
+}
+
+struct CompletionVTable<C>(PhantomData<C>);
+
+// Invariant for every function below: `ctx` is `Arc::into_raw` of an `Arc<C>` (made by
+// `token_handle`) whose reference the plugin's token holds until `drop_ctx`. Host code may
+// panic; a panic must not unwind into the plugin, so every entry catches.
+impl<C: Completion> CompletionVTable<C> {
+    staticref! {
+        const VTABLE: WithMetadata<TokenVTable> = WithMetadata::new(TokenVTable {
+            drop_ctx: Self::drop_ctx,
+            settle: Self::settle,
+            keep_alive: Self::keep_alive,
+            publish: Self::publish,
+        })
+    }
+
+    const VTABLE_REF: TokenVTableRef = TokenVTableRef(Self::VTABLE.as_prefix());
+
+    fn get(ctx: &ErasedObject) -> &C {
+        // SAFETY: per the invariant above, `ctx` points at a live `C`.
+        unsafe { &*(ctx as *const ErasedObject).cast::<C>() }
+    }
+
+    fn failed(message: &str) -> RawSettleError {
+        RawSettleError {
+            kind: SettleErrorKind::STALE,
+            message: RString::from(message),
+        }
+    }
+
+    unsafe extern "C" fn drop_ctx(ctx: *const ErasedObject) {
+        // SAFETY: per the invariant above; this is the token's last use of its reference.
+        let completion = unsafe { Arc::from_raw(ctx.cast::<C>()) };
+        let _ = catch_unwind(AssertUnwindSafe(|| {
+            completion.release();
+            drop(completion);
+        }));
+    }
+
+    unsafe extern "C" fn settle(
+        ctx: &ErasedObject,
+        kind: OutcomeKind,
+        retry_after: ROption<abi_stable::std_types::RDuration>,
+        reason: RStr<'_>,
+    ) -> RResult<(), RawSettleError> {
+        let reason = reason.as_str().to_owned();
+        let outcome = match kind {
+            OutcomeKind::ACK => Outcome::Ack,
+            OutcomeKind::RETRY => Outcome::Retry {
+                after: retry_after.into_option().map(Into::into),
+                reason,
+            },
+            OutcomeKind::REJECT => Outcome::Reject { reason },
+            OutcomeKind(other) => {
+                return RResult::RErr(RawSettleError {
+                    kind: SettleErrorKind::INVALID,
+                    message: RString::from(format!(
+                        "a token cannot settle with outcome kind {other}"
+                    )),
+                });
+            }
+        };
+        let completion = Self::get(ctx);
+        match catch_unwind(AssertUnwindSafe(|| completion.settle(outcome))) {
+            Ok(Ok(())) => RResult::ROk(()),
+            Ok(Err(e)) => RResult::RErr(RawSettleError {
+                kind: e.kind.to_raw(),
+                message: RString::from(e.message),
+            }),
+            Err(_) => RResult::RErr(Self::failed("the daemon failed while settling")),
+        }
+    }
+
+    unsafe extern "C" fn keep_alive(ctx: &ErasedObject) -> RResult<(), RawSettleError> {
+        let completion = Self::get(ctx);
+        match catch_unwind(AssertUnwindSafe(|| completion.keep_alive())) {
+            Ok(Ok(())) => RResult::ROk(()),
+            Ok(Err(e)) => RResult::RErr(RawSettleError {
+                kind: e.kind.to_raw(),
+                message: RString::from(e.message),
+            }),
+            Err(_) => RResult::RErr(Self::failed("the daemon failed while extending the lease")),
+        }
+    }
+
+    unsafe extern "C" fn publish(
+        ctx: &ErasedObject,
+        topic: RStr<'_>,
+        payload: RSlice<'_, u8>,
+        headers: RSlice<'_, KeyValue<'_>>,
+    ) -> RResult<u64, RawPublishError> {
+        let completion = Self::get(ctx);
+        publish_answer(catch_unwind(AssertUnwindSafe(|| {
+            completion.publish(topic.as_str(), payload.as_slice(), headers.as_slice())
+        })))
+    }
+}
+
+/// A host's publish result as the ABI carries it.
+fn publish_answer(
+    result: std::thread::Result<Result<MessageId, PublishError>>,
+) -> RResult<u64, RawPublishError> {
+    match result {
+        Ok(Ok(id)) => RResult::ROk(id.0),
+        Ok(Err(e)) => RResult::RErr(RawPublishError {
+            kind: e.kind.to_raw(),
+            message: RString::from(e.message),
+        }),
+        Err(_) => RResult::RErr(RawPublishError {
+            kind: crate::abi::PublishErrorKind::UNAVAILABLE,
+            message: RString::from("the daemon failed while accepting the message"),
+        }),
+    }
 }
 
 struct ServicesVTable<S>(PhantomData<S>);
@@ -171,6 +340,8 @@ impl<S: Services> ServicesVTable<S> {
             log_enabled: Self::log_enabled,
             log: Self::log,
             publish: Self::publish,
+            api_version: Self::api_version,
+            workers: Self::workers,
         })
     }
 
@@ -234,20 +405,18 @@ impl<S: Services> ServicesVTable<S> {
         headers: RSlice<'_, KeyValue<'_>>,
     ) -> RResult<u64, RawPublishError> {
         let services = Self::get(ctx);
-        let result = catch_unwind(AssertUnwindSafe(|| {
+        publish_answer(catch_unwind(AssertUnwindSafe(|| {
             services.publish(topic.as_str(), payload.as_slice(), headers.as_slice())
-        }));
-        match result {
-            Ok(Ok(id)) => RResult::ROk(id.0),
-            Ok(Err(e)) => RResult::RErr(RawPublishError {
-                kind: e.kind.to_raw(),
-                message: RString::from(e.message),
-            }),
-            Err(_) => RResult::RErr(RawPublishError {
-                kind: crate::abi::PublishErrorKind::UNAVAILABLE,
-                message: RString::from("the daemon failed while accepting the message"),
-            }),
-        }
+        })))
+    }
+
+    unsafe extern "C" fn api_version(_: &ErasedObject) -> RStr<'static> {
+        RStr::from_str(crate::API_VERSION)
+    }
+
+    unsafe extern "C" fn workers(ctx: &ErasedObject) -> u32 {
+        let services = Self::get(ctx);
+        catch_unwind(AssertUnwindSafe(|| services.workers())).unwrap_or(0)
     }
 }
 
@@ -320,6 +489,7 @@ fn outcome_from_raw(kind: OutcomeKind, detail: OutcomeDetail) -> Result<Outcome,
             reason,
         }),
         OutcomeKind::REJECT => Ok(Outcome::Reject { reason }),
+        OutcomeKind::DEFER => Ok(Outcome::Defer),
         OutcomeKind::PANICKED => Err(CallError {
             kind: CallErrorKind::Panic,
             message: reason,
@@ -332,6 +502,14 @@ fn outcome_from_raw(kind: OutcomeKind, detail: OutcomeDetail) -> Result<Outcome,
             ),
         }),
     }
+}
+
+/// A config the plugin refuses: the dotted path of the key inside its `config` table (empty:
+/// the table itself) and the plugin's reason, copied into host memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    pub path: String,
+    pub message: String,
 }
 
 /// One plugin instance, driven from the host. Not `Sync`: one caller at a time.
@@ -370,6 +548,25 @@ impl Instance {
             }),
             RResult::RErr(e) => Err(e.into()),
         }
+    }
+
+    /// Checks `config_json` against the plugin's `Config` type without instantiating it.
+    /// `None` for a plugin built against plugind-api 1.0, which cannot check.
+    ///
+    /// # Safety
+    /// The library behind `module` must stay loaded until this returns.
+    pub unsafe fn check_config(
+        module: PluginModRef,
+        config_json: &str,
+    ) -> Option<Result<(), ConfigProblem>> {
+        let check = module.check_config()?;
+        Some(match check(RStr::from_str(config_json)) {
+            RResult::ROk(()) => Ok(()),
+            RResult::RErr(ConfigError { path, message }) => Err(ConfigProblem {
+                path: path.into_string(),
+                message: message.into_string(),
+            }),
+        })
     }
 
     /// Hands one delivery to the plugin.

@@ -58,11 +58,13 @@ pub mod hosting;
 pub mod manifest;
 mod sdk;
 pub mod testing;
+mod token;
 
 pub use sdk::{
-    BoxError, Headers, Host, Level, Message, MessageId, Outcome, Plugin, PublishError,
+    BoxError, DeferError, Headers, Host, Level, Message, MessageId, Outcome, Plugin, PublishError,
     PublishErrorKind,
 };
+pub use token::{SettleError, SettleErrorKind, Token};
 
 /// The version of this crate, which every plugin records in its manifest.
 pub const API_VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -5,6 +5,8 @@ use std::{fmt, time::Duration, time::SystemTime};
 use abi_stable::std_types::{RResult, RSlice, RStr};
 use serde::de::DeserializeOwned;
 
+use crate::token::Token;
+
 use crate::abi::{
     self, KeyValue, LogLevel, PublishErrorKind as RawPublishErrorKind, RawHost, RawMessage,
 };
@@ -65,7 +67,15 @@ pub trait Plugin: Sized + Send + 'static {
     /// Any error refuses the instance; its text reaches the operator.
     fn new(config: Self::Config, host: Host) -> Result<Self, BoxError>;
 
+    /// Whether `handle` may defer ([`Message::defer`], [`Outcome::Defer`]). A plugin that
+    /// says so refuses to start in a daemon older than plugind-api 1.1, which cannot settle
+    /// a deferred attempt, instead of failing every message it defers there.
+    const DEFERS: bool = false;
+
     /// Handles one delivery. A panic counts as a failed attempt carrying the panic text.
+    ///
+    /// To finish later, take the message's completion token with [`Message::defer`], return
+    /// [`Outcome::Defer`], and settle the [`Token`] from any thread (set [`Plugin::DEFERS`]).
     fn handle(&mut self, msg: Message) -> Outcome;
 
     /// Called once before the instance is dropped; join any thread the plugin started here.
@@ -86,6 +96,9 @@ pub enum Outcome {
     },
     /// A permanent failure: dead-letter now.
     Reject { reason: String },
+    /// Settled later through the message's [`Token`], taken with [`Message::defer`] during
+    /// this call. Returning it without having taken the token fails the attempt.
+    Defer,
 }
 
 impl Outcome {
@@ -122,6 +135,7 @@ impl Outcome {
             Self::Ack => return abi::OutcomeKind::ACK,
             Self::Retry { after, reason } => (abi::OutcomeKind::RETRY, after, reason),
             Self::Reject { reason } => (abi::OutcomeKind::REJECT, None, reason),
+            Self::Defer => (abi::OutcomeKind::DEFER, None, String::new()),
         };
         let written = abi::OutcomeDetail {
             retry_after: retry_after.map(Into::into).into(),
@@ -208,6 +222,35 @@ impl Message {
         // SAFETY: as in `id`; the returned string borrows `ctx`, not `name`.
         let found = unsafe { (self.raw.vtable.header())(self.ctx(), RStr::from_str(name)) };
         found.into_option().map(|v| v.as_str())
+    }
+
+    /// Takes this attempt's completion token: the plugin settles the attempt later, from any
+    /// thread, and `handle` returns [`Outcome::Defer`].
+    ///
+    /// # Panics
+    /// When the token cannot be taken (see [`Message::try_defer`]); the panic fails the
+    /// attempt with its text, like any panic in `handle`.
+    pub fn defer(self) -> Token {
+        match self.try_defer() {
+            Ok(token) => token,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// Takes this attempt's completion token.
+    ///
+    /// # Errors
+    /// [`DeferError`] outside `handle`, when the token was already taken (from a clone of
+    /// this message), or in a daemon older than plugind-api 1.1.
+    pub fn try_defer(self) -> Result<Token, DeferError> {
+        let Some(defer) = self.raw.vtable.defer() else {
+            return Err(DeferError::Unsupported);
+        };
+        // SAFETY: as in `id`.
+        match unsafe { defer(self.ctx()) } {
+            abi_stable::std_types::ROption::RSome(raw) => Ok(Token::new(raw, self)),
+            abi_stable::std_types::ROption::RNone => Err(DeferError::Taken),
+        }
     }
 
     /// Every header, in publish order.
@@ -427,28 +470,38 @@ impl Host {
     ///
     /// # Errors
     /// [`PublishError`] when the daemon refuses the message.
+    ///
+    /// Inside an async plugin's `handle` (on the future of one delivery) the message is that
+    /// delivery's child, as through [`Token::publish`].
     pub fn publish_with_headers(
         &self,
         topic: &str,
         payload: &[u8],
         headers: &[(&str, &str)],
     ) -> Result<MessageId, PublishError> {
-        let headers: Vec<KeyValue<'_>> = headers.iter().map(|(k, v)| KeyValue::new(k, v)).collect();
-        // SAFETY: as in `instance_name`; every borrowed argument outlives the call.
-        let result = unsafe {
-            (self.raw.vtable.publish())(
-                self.ctx(),
-                RStr::from_str(topic),
-                RSlice::from_slice(payload),
-                RSlice::from_slice(&headers),
-            )
-        };
-        match result {
-            RResult::ROk(id) => Ok(MessageId(id)),
-            RResult::RErr(e) => Err(PublishError {
-                kind: PublishErrorKind::from_raw(e.kind),
-                message: e.message.into_string(),
-            }),
+        if let Some(result) = crate::token::publish_in_current(topic, payload, headers) {
+            return result;
+        }
+        publish_through(topic, payload, headers, |topic, payload, headers| {
+            // SAFETY: as in `instance_name`; every borrowed argument outlives the call.
+            unsafe { (self.raw.vtable.publish())(self.ctx(), topic, payload, headers) }
+        })
+    }
+
+    /// The plugind-api version of the daemon, if it is 1.1 or later (older ones do not say).
+    pub fn api_version(&self) -> Option<&'static str> {
+        let version = self.raw.vtable.api_version()?;
+        // SAFETY: as in `instance_name`; the string is a static of the host.
+        Some(unsafe { version(self.ctx()) }.as_str())
+    }
+
+    /// Worker threads the operator set for an async plugin's runtime (`workers`), if any.
+    pub fn workers(&self) -> Option<usize> {
+        let workers = self.raw.vtable.workers()?;
+        // SAFETY: as in `instance_name`.
+        match unsafe { workers(self.ctx()) } {
+            0 => None,
+            n => Some(n as usize),
         }
     }
 
@@ -511,3 +564,57 @@ impl fmt::Debug for Host {
             .finish()
     }
 }
+
+/// Converts `headers`, calls a host `publish` entry and converts its answer.
+pub(crate) fn publish_through(
+    topic: &str,
+    payload: &[u8],
+    headers: &[(&str, &str)],
+    publish: impl FnOnce(
+        RStr<'_>,
+        RSlice<'_, u8>,
+        RSlice<'_, KeyValue<'_>>,
+    ) -> RResult<u64, abi::PublishError>,
+) -> Result<MessageId, PublishError> {
+    let headers: Vec<KeyValue<'_>> = headers.iter().map(|(k, v)| KeyValue::new(k, v)).collect();
+    match publish(
+        RStr::from_str(topic),
+        RSlice::from_slice(payload),
+        RSlice::from_slice(&headers),
+    ) {
+        RResult::ROk(id) => Ok(MessageId(id)),
+        RResult::RErr(e) => Err(PublishError {
+            kind: PublishErrorKind::from_raw(e.kind),
+            message: e.message.into_string(),
+        }),
+    }
+}
+
+/// Why [`Message::try_defer`] could not take the token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DeferError {
+    /// The daemon is older than plugind-api 1.1 and cannot defer.
+    Unsupported,
+    /// Outside `handle`, or the token of this attempt was already taken.
+    Taken,
+}
+
+impl fmt::Display for DeferError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unsupported => write!(
+                f,
+                "this daemon is older than plugind-api 1.1 and cannot defer an attempt (the \
+                 plugin was built with plugind-api {})",
+                crate::API_VERSION
+            ),
+            Self::Taken => write!(
+                f,
+                "the token of this attempt was already taken, or handle already returned"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for DeferError {}

@@ -10,8 +10,9 @@ use std::{
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, unbounded};
 use plugind::{
-    actor::{Actor, ActorEvent, Deadlines, Handoff, JoinOutcome},
+    actor::{Actor, ActorDeps, ActorEvent, Deadlines, Handoff, JoinOutcome},
     clock::{Clock, SystemClock, Timestamp},
+    deferred::Deferrals,
     loader::{self, Policy},
     message::{HOP_HEADER, StoredMessage},
     services::{Child, Identity, InstanceServices, PublishLimits, Publisher},
@@ -54,7 +55,22 @@ fn actor(id: u32, fixture: &str, config: &str, capacity: usize) -> (Actor, Recei
         .unwrap();
     let (events, inbox) = unbounded();
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let actor = Actor::spawn(id, 1, plugin, services, capacity, events, clock, None, None).unwrap();
+    let actor = Actor::spawn(
+        plugin,
+        services,
+        ActorDeps {
+            instance: id,
+            generation: 1,
+            capacity,
+            events,
+            clock,
+            marker: None,
+            markers: Arc::new(|| None),
+            deferrals: Deferrals::new(64, Duration::from_secs(30)),
+            first_call: None,
+        },
+    )
+    .unwrap();
     (actor, inbox)
 }
 

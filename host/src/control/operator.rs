@@ -164,6 +164,7 @@ fn instance_detail(i: InstanceStatus) -> pb::InstanceDetail {
         topics: i.topics,
         topics_known: i.topics_known,
         calling: i.calling,
+        deferred: i.deferred,
     }
 }
 

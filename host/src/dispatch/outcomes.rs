@@ -11,6 +11,7 @@ use crate::{
     actor::Settlement,
     circuit,
     clock::Timestamp,
+    deferred::TokenEnd,
     delivery::{Failure, Transition},
     events::EventKind,
     ledger::Record,
@@ -28,6 +29,21 @@ impl DispatchLoop {
     ) {
         let key = (s.message, instance);
         let in_flight = self.live.get(&key).and_then(|l| l.delivery.in_flight());
+        if s.token
+            && let Some(deferrals) = &self.instances[instance as usize].slot.deferrals
+        {
+            deferrals.finish(s.message, s.attempt);
+        }
+        if matches!(s.result, Ok(Outcome::Defer)) {
+            // The call returned and its token is out (or already settled through it): only
+            // the credit came back.
+            if in_flight == Some(s.attempt)
+                && let Some(live) = self.live.get_mut(&key)
+            {
+                live.delivery.defers += 1;
+            }
+            return;
+        }
         if in_flight != Some(s.attempt) {
             self.stale += 1;
             // A plugin stopped and resumed (SIGSTOP, a long GC pause) answers every lease
@@ -86,6 +102,45 @@ impl DispatchLoop {
             Err(e) => Failure::Error { message: e.message },
         };
         self.fail(key, s.attempt, failure, now, records);
+    }
+
+    /// A deferred attempt's token ended: its settlement applies like a call's (children and
+    /// all); a dropped token is a `dropped` failure. The registry entry goes once applied.
+    pub(super) fn token(
+        &mut self,
+        instance: InstanceId,
+        end: TokenEnd,
+        now: Timestamp,
+        records: &mut Vec<Record>,
+    ) {
+        match end {
+            TokenEnd::Settled {
+                message,
+                attempt,
+                outcome,
+                children,
+            } => self.settle(
+                instance,
+                Settlement {
+                    message,
+                    attempt,
+                    result: Ok(outcome),
+                    children,
+                    token: true,
+                },
+                now,
+                records,
+            ),
+            TokenEnd::Dropped { message, attempt } => {
+                if let Some(deferrals) = &self.instances[instance as usize].slot.deferrals {
+                    deferrals.finish(message, attempt);
+                }
+                let key = (message, instance);
+                if self.live.get(&key).and_then(|l| l.delivery.in_flight()) == Some(attempt) {
+                    self.fail(key, attempt, Failure::Dropped, now, records);
+                }
+            }
+        }
     }
 
     /// A failure of the attempt in flight: the breaker decides whether it counts.

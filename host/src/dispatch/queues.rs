@@ -21,6 +21,7 @@ use crate::{
     circuit::{self, Breaker, CircuitState},
     clock::Timestamp,
     config::Settings,
+    deferred::Deferrals,
     delivery::{Delivery, Rules, State},
     ledger::{Ledger, LedgerError, Pending},
     message::StoredMessage,
@@ -47,6 +48,10 @@ pub struct Slot {
     pub keep: usize,
     /// Waiting deliveries older than this are dead-lettered (`expired`).
     pub max_age: Option<Duration>,
+    /// Its deferred attempts (from its first actor on; they outlive every generation).
+    pub deferrals: Option<Arc<Deferrals>>,
+    /// `max_in_flight` and `ack_timeout`, for its deferrals.
+    limits: (usize, Duration),
 }
 
 impl Slot {
@@ -61,6 +66,8 @@ impl Slot {
             shutdown_timeout: Duration::ZERO,
             keep: 0,
             max_age: None,
+            deferrals: None,
+            limits: (0, Duration::ZERO),
         };
         slot.configure(settings);
         slot
@@ -76,6 +83,27 @@ impl Slot {
         self.shutdown_timeout = settings.shutdown_timeout;
         self.keep = (settings.queue_capacity + settings.max_in_flight) as usize;
         self.max_age = settings.max_age;
+        self.limits = (settings.max_in_flight as usize, settings.ack_timeout);
+        if let Some(deferrals) = &self.deferrals {
+            deferrals.configure(self.limits.0, self.limits.1);
+        }
+    }
+
+    /// Its actor from now on (`None`: it runs nothing); its deferrals are the actor's.
+    pub fn run(&mut self, actor: Option<Actor>) -> Option<Actor> {
+        if let Some(actor) = &actor {
+            let deferrals = actor.deferrals().clone();
+            deferrals.configure(self.limits.0, self.limits.1);
+            self.deferrals = Some(deferrals);
+        }
+        std::mem::replace(&mut self.actor, actor)
+    }
+
+    /// Deferred attempts outstanding now.
+    pub fn deferred(&self) -> u64 {
+        self.deferrals
+            .as_ref()
+            .map_or(0, |d| d.outstanding() as u64)
     }
 
     /// A call of its actor is running now.
@@ -105,6 +133,8 @@ pub struct InstanceStats {
     pub in_flight: u64,
     /// Calls to its plugin code in progress now.
     pub calling: u64,
+    /// Deferred attempts outstanding: tokens taken, not yet settled or expired.
+    pub deferred: u64,
     pub circuit: Option<circuit::BreakerState>,
     /// A call outlived its lease and is still running.
     pub hung: bool,
@@ -329,6 +359,7 @@ impl InstanceQueue {
             generation: self.slot.actor.as_ref().map_or(0, Actor::generation),
             in_flight,
             calling: u64::from(calling),
+            deferred: self.slot.deferred(),
             resident: self.resident() as u64,
             circuit: Some(self.slot.breaker.state().clone()),
             hung: self.stats.hung && calling,

@@ -75,6 +75,25 @@ impl DispatchLoop {
                 }
             }
         }
+        // Deferred attempts get what is left of the deadline to be settled; the rest are
+        // released (their tokens are stale from now on, their draining actors go on).
+        while self.instances.iter().any(|q| q.slot.deferred() > 0) {
+            let left = deadline.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                break;
+            }
+            if let Ok(event) = events.recv_timeout(left.min(Duration::from_millis(10))) {
+                self.event(event, &mut records);
+            }
+        }
+        for queue in &self.instances {
+            if let Some(deferrals) = &queue.slot.deferrals {
+                let released = deferrals.release_all();
+                if released > 0 {
+                    tracing::info!(instance = %queue.slot.name, released, "deferred attempts still outstanding at the stop released (no failure)");
+                }
+            }
+        }
         // Attempts still in flight are released as `shutdown` (no failure).
         let now = self.clock.now();
         for ((message, instance), live) in &mut self.live {

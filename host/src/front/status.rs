@@ -58,6 +58,8 @@ pub struct InstanceStatus {
     pub in_flight: u64,
     /// Calls to its plugin code in progress now.
     pub calling: u64,
+    /// Deferred attempts outstanding (tokens taken, not yet settled or expired).
+    pub deferred: u64,
     pub acked: u64,
     pub failures: u64,
     pub dead_lettered: u64,
@@ -106,6 +108,7 @@ impl InstanceStatus {
             backlog_bytes: view.backlog_bytes,
             in_flight: count(|s| s.in_flight),
             calling: count(|s| s.calling),
+            deferred: count(|s| s.deferred),
             acked: count(|s| s.acked),
             failures: count(|s| s.failures),
             dead_lettered: count(|s| s.dead_lettered),
@@ -193,6 +196,7 @@ mod tests {
             resident: 5,
             in_flight: 2,
             calling: 1,
+            deferred: 0,
             circuit,
             hung: false,
         }

@@ -63,6 +63,8 @@ pub struct GenerationDeps<'a> {
     pub clock: &'a Arc<dyn Clock>,
     pub policy: Policy,
     pub limits: PublishLimits,
+    /// The instance's deferred attempts.
+    pub deferrals: &'a Arc<crate::deferred::Deferrals>,
 }
 
 /// Loads `checked` for instance `name` as generation `number`, instantiates it and starts
@@ -125,16 +127,21 @@ pub fn start(
         }
         // The marker goes as soon as plugin code came back from its first call.
         let first_call = if armed { first_call.take() } else { None };
+        let ledger = wiring.ledger.clone();
         let actor = Actor::spawn(
-            id,
-            number,
             plugin,
             services,
-            want.settings.queue_capacity as usize,
-            wiring.events.clone(),
-            wiring.clock.clone(),
-            wiring.ledger.marker(id),
-            first_call,
+            actor::ActorDeps {
+                instance: id,
+                generation: number,
+                capacity: want.settings.queue_capacity as usize,
+                events: wiring.events.clone(),
+                clock: wiring.clock.clone(),
+                marker: wiring.ledger.marker(id),
+                markers: Arc::new(move || ledger.marker(id)),
+                deferrals: wiring.deferrals.clone(),
+                first_call,
+            },
         )
         .map_err(|e| StartError::ActorThread(Arc::new(e)))?;
         Ok((library, actor))

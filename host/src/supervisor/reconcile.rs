@@ -275,6 +275,7 @@ impl Supervisor {
         checked: &crate::loader::Checked,
         key: Key,
     ) -> Result<(), StartError> {
+        let deferrals = self.instances[name].deferrals.clone();
         let wiring = GenerationDeps {
             ingress: &self.deps.ingress,
             events: &self.deps.actor_events,
@@ -285,6 +286,7 @@ impl Supervisor {
                 max_message_size: self.deps.config.host.max_message_size,
                 hop_limit: self.deps.config.host.hop_limit,
             },
+            deferrals: &deferrals,
         };
         let inst = self.instances.get_mut(name).expect("registered");
         let number = inst.generations + 1;

@@ -97,7 +97,7 @@ pub(super) fn instances_json(r: &pb::InstancesResponse) -> serde_json::Value {
             "generation": i.generation, "draining": i.draining, "library": i.library,
             "sha256": i.sha256, "queue_depth": i.queue_depth, "backlog": i.backlog,
             "backlog_bytes": i.backlog_bytes, "in_flight": i.in_flight, "calling": i.calling,
-            "acked": i.acked, "failures": i.failures, "dead_lettered": i.dead_lettered,
+            "deferred": i.deferred, "acked": i.acked, "failures": i.failures, "dead_lettered": i.dead_lettered,
             "dead_letters": i.dead_letters, "circuit": i.circuit, "paused": i.paused,
             "hung": i.hung, "last_error": i.last_error, "topics": i.topics,
             "topics_known": i.topics_known,
@@ -113,7 +113,7 @@ pub(super) fn instances_text(r: &pb::InstancesResponse) -> String {
     // HANDED: deliveries leased to its actor (queued in its mailbox or in a call); CALLING:
     // calls in progress; DEAD: its dead letters kept now (`ctl dead-letters --instance`).
     let mut out = format!(
-        "{:<20} {:<11} {:<24} {:>4} {:>7} {:>7} {:>6} {:>7} {:>6} {:<9}\n",
+        "{:<20} {:<11} {:<24} {:>4} {:>7} {:>7} {:>6} {:>7} {:>8} {:>6} {:<9}\n",
         "INSTANCE",
         "STATE",
         "PLUGIN",
@@ -122,6 +122,7 @@ pub(super) fn instances_text(r: &pb::InstancesResponse) -> String {
         "BACKLOG",
         "HANDED",
         "CALLING",
+        "DEFERRED",
         "DEAD",
         "CIRCUIT"
     );
@@ -138,7 +139,7 @@ pub(super) fn instances_text(r: &pb::InstancesResponse) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<20} {:<11} {:<24} {:>4} {:>7} {:>7} {:>6} {:>7} {:>6} {:<9}{}",
+            "{:<20} {:<11} {:<24} {:>4} {:>7} {:>7} {:>6} {:>7} {:>8} {:>6} {:<9}{}",
             i.name,
             i.state,
             plugin,
@@ -147,6 +148,7 @@ pub(super) fn instances_text(r: &pb::InstancesResponse) -> String {
             i.backlog,
             i.in_flight,
             i.calling,
+            i.deferred,
             i.dead_letters,
             i.circuit,
             if i.hung { " HUNG" } else { "" }

@@ -1,0 +1,353 @@
+//! Deferred acks (plugind-api 1.1, docs/design.md §5 and §7): a plugin takes an attempt's
+//! token in `handle`, returns Defer, and settles it later from a thread of its own. Every
+//! test runs the real daemon with the `fx-defer` fixture, which settles as each message's
+//! headers say and reports every settle (refused or not) to a file.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use plugind_tests::{
+    daemon::Daemon,
+    ledger_support::{record_config, wait_until},
+    record::read_record,
+    sandbox::Sandbox,
+};
+
+/// A sandbox with fx-defer and fx-record, and the config of one fx-defer instance `d`
+/// (`extra` lines in its table) plus an fx-record instance `kids` on `child.>`.
+fn setup(label: &str, durability: &str, extra: &str) -> (Sandbox, String, PathBuf, PathBuf) {
+    let s = Sandbox::with_fixtures(label, &["fx-defer", "fx-record"]);
+    let report = s.path().join("report.jsonl");
+    let kids = s.path().join("kids.txt");
+    let config = format!(
+        "[host]\ndurability = \"{durability}\"\nautoload = false\ngrace_period = \"3s\"\n\n\
+         [defaults]\nmax_attempts = 3\nbackoff = {{ initial = \"20ms\", max = \"20ms\", \
+         jitter = 0.0 }}\n\n\
+         [plugins.d]\nplugin = \"fx-defer\"\ntopics = [\"defer.>\"]\nmax_in_flight = 256\n\
+         {extra}\n[plugins.d.config]\nreport = \"{}\"\n\n\
+         [plugins.kids]\nplugin = \"fx-record\"\ntopics = [\"child.>\"]\n\
+         [plugins.kids.config]\n{}\n",
+        report.display(),
+        record_config(&kids, "")
+    );
+    (s, config, report, kids)
+}
+
+/// The report lines of fx-defer: (id, attempt, op, error).
+fn report(path: &Path) -> Vec<(u64, u32, String, Option<String>)> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["id"].as_u64().unwrap(),
+                v["attempt"].as_u64().unwrap() as u32,
+                v["op"].as_str().unwrap().to_owned(),
+                v["error"].as_str().map(str::to_owned),
+            )
+        })
+        .collect()
+}
+
+/// `plugind ctl ARGS --json`, which must succeed.
+fn ctl_json(d: &Daemon, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["ctl"];
+    all.extend_from_slice(args);
+    all.push("--json");
+    let out = d.cli(&all);
+    assert!(
+        out.status.success(),
+        "plugind {all:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        d.history()
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Instance `name` as `ctl plugins --json` shows it.
+fn plugin(d: &Daemon, name: &str) -> serde_json::Value {
+    ctl_json(d, &["plugins"])["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no instance {name}"))
+}
+
+/// The delivery of message `id` to instance `d`, as `ctl show --json` shows it.
+fn delivery(d: &Daemon, id: u64) -> serde_json::Value {
+    ctl_json(d, &["show", &id.to_string()])["deliveries"]
+        .as_array()
+        .and_then(|list| list.iter().find(|x| x["instance"] == "d").cloned())
+        .unwrap_or_default()
+}
+
+fn publish(d: &Daemon, headers: &[(&str, &str)]) -> u64 {
+    let mut args = Vec::new();
+    for (k, v) in headers {
+        args.push("-H".to_owned());
+        args.push(format!("{k}={v}"));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    d.publish("defer.x", "payload", &args)
+        .unwrap_or_else(|e| panic!("publish refused: {e}\n{}", d.history()))
+}
+
+fn acked(d: &Daemon) -> u64 {
+    plugin(d, "d")["acked"].as_u64().unwrap()
+}
+
+#[test]
+fn deferred_attempts_are_acked_from_another_thread_many_at_once() {
+    let (s, config, report_path, _) = setup("defer-ack", "fsync", "");
+    let d = Daemon::start(s, &config);
+    // 40 messages each settled 300 ms after its call: with one attempt at a time this would
+    // take 12 s; deferred, they are all outstanding together.
+    let ids: Vec<u64> = (0..40)
+        .map(|_| publish(&d, &[("after-ms", "300")]))
+        .collect();
+    let mut most = 0;
+    wait_until("40 acks", &d, || {
+        let p = plugin(&d, "d");
+        most = most.max(p["deferred"].as_u64().unwrap());
+        p["acked"] == 40
+    });
+    assert!(most > 1, "never more than one deferred attempt at once");
+    let report = report(&report_path);
+    assert_eq!(report.len(), 40, "{report:?}");
+    assert!(
+        report
+            .iter()
+            .all(|(_, a, op, e)| *a == 1 && op == "settle" && e.is_none())
+    );
+    let mut settled: Vec<u64> = report.iter().map(|r| r.0).collect();
+    settled.sort_unstable();
+    assert_eq!(settled, ids);
+    let p = plugin(&d, "d");
+    assert_eq!(
+        (p["failures"].as_u64(), p["deferred"].as_u64()),
+        (Some(0), Some(0))
+    );
+    d.stop();
+}
+
+#[test]
+fn a_token_whose_attempt_already_ended_is_refused_never_applied_to_another_attempt() {
+    let (s, config, report_path, _) = setup("defer-stale", "fsync", "ack_timeout = \"400ms\"");
+    let d = Daemon::start(s, &config);
+    // Taken, then Ack returned from handle: the token's own ack later is a second settle.
+    let twice = publish(&d, &[("settle", "sync-ack"), ("after-ms", "100")]);
+    // Attempt 1 answers after its lease ended (a timeout); attempt 2 acks in time.
+    let late = publish(&d, &[("after-ms", "1200"), ("until-attempt", "1")]);
+    wait_until("both reported", &d, || {
+        let r = report(&report_path);
+        r.iter().any(|x| x.0 == twice) && r.iter().filter(|x| x.0 == late).count() == 2
+    });
+    let r = report(&report_path);
+    let of = |id: u64| r.iter().filter(|x| x.0 == id).collect::<Vec<_>>();
+    let twice_reports = of(twice);
+    assert_eq!(twice_reports.len(), 1);
+    let refused = twice_reports[0]
+        .3
+        .as_deref()
+        .expect("the second settle is refused");
+    assert!(refused.contains("already ended"), "{refused}");
+    let late_reports = of(late);
+    let attempt1 = late_reports.iter().find(|x| x.1 == 1).unwrap();
+    let attempt2 = late_reports.iter().find(|x| x.1 == 2).unwrap();
+    assert!(
+        attempt1
+            .3
+            .as_deref()
+            .is_some_and(|e| e.contains("attempt 1")),
+        "the late settle of attempt 1 is refused, naming it: {attempt1:?}"
+    );
+    assert_eq!(attempt2.3, None, "attempt 2 settles: {attempt2:?}");
+    wait_until("both acked", &d, || acked(&d) == 2);
+    let p = plugin(&d, "d");
+    assert_eq!(p["failures"], 1, "the timeout of attempt 1 only: {p}");
+    d.stop();
+}
+
+#[test]
+fn a_dropped_token_fails_its_attempt_with_reason_dropped() {
+    let (s, config, _, _) = setup("defer-drop", "fsync", "");
+    let d = Daemon::start(s, &config);
+    let id = publish(&d, &[("settle", "drop")]);
+    wait_until("a dead letter", &d, || {
+        plugin(&d, "d")["dead_lettered"] == 1
+    });
+    let shown = delivery(&d, id);
+    assert_eq!(shown["state"], "dead_lettered", "{shown}");
+    assert_eq!(shown["failures"], 3, "{shown}");
+    assert_eq!(shown["last_reason"], "dropped", "{shown}");
+    d.stop();
+}
+
+#[test]
+fn keep_alive_extends_a_lease_past_ack_timeout() {
+    let (s, config, report_path, _) = setup("defer-keep", "fsync", "ack_timeout = \"400ms\"");
+    let d = Daemon::start(s, &config);
+    // Settled after 1.5 s, three leases later, kept alive every 150 ms.
+    let kept = publish(&d, &[("after-ms", "1500"), ("keep-alive-ms", "150")]);
+    // Not kept alive: times out.
+    let lapsed = publish(&d, &[("after-ms", "1500"), ("until-attempt", "1")]);
+    wait_until("both acked", &d, || acked(&d) == 2);
+    let r = report(&report_path);
+    assert!(
+        r.iter()
+            .filter(|x| x.0 == kept && x.2 == "keep_alive")
+            .count()
+            >= 5,
+        "{r:?}"
+    );
+    assert!(
+        r.iter()
+            .filter(|x| x.0 == kept)
+            .all(|x| x.1 == 1 && x.3.is_none()),
+        "one attempt, nothing refused: {r:?}"
+    );
+    assert!(r.iter().any(|x| x.0 == lapsed && x.1 == 2 && x.3.is_none()));
+    assert_eq!(
+        plugin(&d, "d")["failures"],
+        1,
+        "only the one not kept alive"
+    );
+    d.stop();
+}
+
+#[test]
+fn children_published_through_a_token_are_committed_only_with_its_ack() {
+    let (s, config, _, kids) = setup("defer-kids", "fsync", "");
+    let d = Daemon::start(s, &config);
+    // Attempt 1 retries (its child is discarded); attempt 2 acks with its child.
+    let id = publish(
+        &d,
+        &[
+            ("settle", "retry"),
+            ("until-attempt", "1"),
+            ("child", "child.a"),
+        ],
+    );
+    // Rejected: no child at all.
+    publish(&d, &[("settle", "reject"), ("child", "child.b")]);
+    wait_until("settled", &d, || {
+        let p = plugin(&d, "d");
+        p["acked"] == 1 && p["dead_lettered"] == 1
+    });
+    wait_until("the child", &d, || !read_record(&kids).is_empty());
+    d.wait_idle("kids");
+    let children = read_record(&kids);
+    assert_eq!(children.len(), 1, "{children:?}");
+    assert_eq!(children[0].topic, "child.a");
+    assert!(children[0].id > id);
+    d.stop();
+}
+
+#[test]
+fn sigkill_with_outstanding_tokens_charges_a_crash_and_redelivers() {
+    let (s, config, _, _) = setup("defer-kill", "fsync", "max_attempts = 5");
+    let d = Daemon::start(s, &config);
+    let ids: Vec<u64> = (0..10)
+        .map(|_| publish(&d, &[("settle", "never")]))
+        .collect();
+    wait_until("10 deferred", &d, || plugin(&d, "d")["deferred"] == 10);
+    let s = d.kill9();
+    let d = Daemon::restart(s);
+    // Redelivered (deferred again), each charged one `crash`.
+    wait_until("10 deferred again", &d, || {
+        plugin(&d, "d")["deferred"] == 10
+    });
+    for id in ids {
+        let shown = delivery(&d, id);
+        assert_eq!(
+            (&shown["failures"], &shown["last_reason"]),
+            (&1.into(), &"crash".into()),
+            "{shown}"
+        );
+    }
+    d.stop();
+}
+
+#[test]
+fn a_graceful_stop_waits_for_outstanding_tokens_then_releases_the_rest_without_failure() {
+    let (s, config, report_path, _) = setup("defer-stop", "fsync", "");
+    let d = Daemon::start(s, &config);
+    // Settled 500 ms into the stop's 3 s grace period.
+    let soon: Vec<u64> = (0..5)
+        .map(|_| publish(&d, &[("after-ms", "1000")]))
+        .collect();
+    // Never settled: released at the end of the grace period.
+    let never: Vec<u64> = (0..5)
+        .map(|_| publish(&d, &[("settle", "never"), ("until-attempt", "1")]))
+        .collect();
+    wait_until("10 deferred", &d, || plugin(&d, "d")["deferred"] == 10);
+    let started = Instant::now();
+    let (status, s) = d.stop_keeping_state();
+    assert!(status.success());
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(400),
+        "the stop did not wait: {waited:?}"
+    );
+    let r = report(&report_path);
+    for id in &soon {
+        assert!(
+            r.iter().any(|x| x.0 == *id && x.3.is_none()),
+            "{id} was settled during the stop: {r:?}"
+        );
+    }
+    let d = Daemon::restart(s);
+    // Only the released ones come back, without a failure, and ack now.
+    wait_until("5 acked", &d, || acked(&d) == 5);
+    let r = report(&report_path);
+    for id in &never {
+        assert!(
+            r.iter().any(|x| x.0 == *id && x.1 == 2 && x.3.is_none()),
+            "{r:?}"
+        );
+    }
+    assert_eq!(plugin(&d, "d")["failures"], 0);
+    d.stop();
+}
+
+#[test]
+fn a_swap_with_100_outstanding_tokens_loses_and_duplicates_nothing() {
+    let (s, config, report_path, _) = setup("defer-swap", "fsync", "");
+    let d = Daemon::start(s, &config);
+    let ids: Vec<u64> = (0..100)
+        .map(|_| publish(&d, &[("after-ms", "1500")]))
+        .collect();
+    wait_until("100 deferred", &d, || plugin(&d, "d")["deferred"] == 100);
+    // A new generation while they are out; the old one drains.
+    let out = d.cli(&["ctl", "reload", "d"]);
+    assert!(out.status.success(), "{out:?}");
+    wait_until("generation 2", &d, || plugin(&d, "d")["generation"] == 2);
+    // New messages go to generation 2 at once.
+    let more: Vec<u64> = (0..10).map(|_| publish(&d, &[])).collect();
+    wait_until("110 acked", &d, || acked(&d) == 110);
+    wait_until("generation 1 retired", &d, || {
+        plugin(&d, "d")["draining"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    });
+    let r = report(&report_path);
+    assert_eq!(r.len(), 110, "each settled once: {r:?}");
+    assert!(r.iter().all(|x| x.1 == 1 && x.3.is_none()), "{r:?}");
+    let mut settled: Vec<u64> = r.iter().map(|x| x.0).collect();
+    settled.sort_unstable();
+    let mut all = ids;
+    all.extend(more);
+    assert_eq!(settled, all);
+    let p = plugin(&d, "d");
+    assert_eq!(
+        (p["failures"].as_u64(), p["deferred"].as_u64()),
+        (Some(0), Some(0))
+    );
+    d.stop();
+}
