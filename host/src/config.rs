@@ -206,6 +206,15 @@ pub struct Settings {
     /// Waiting deliveries older than this (since acceptance) are dead-lettered with reason
     /// `expired`; `None`: never.
     pub max_age: Option<Duration>,
+    /// Worker threads of an async plugin's runtime (0: the SDK's default).
+    pub workers: u32,
+    /// Deliveries handed out per second at most (first deliveries and retries); `None`:
+    /// unlimited.
+    pub rate_limit: Option<f64>,
+    /// A header naming each message's ordering key: deliveries with the same key go out one
+    /// at a time, in acceptance order (the next once the previous one ended); `None`: no
+    /// ordering beyond first deliveries in acceptance order.
+    pub ordering_key: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -249,6 +258,9 @@ impl Default for Settings {
             shutdown_timeout: Duration::from_secs(10),
             hang_grace: Duration::from_secs(5),
             max_age: None,
+            workers: 0,
+            rate_limit: None,
+            ordering_key: None,
         }
     }
 }

@@ -31,7 +31,7 @@ use std::{
 use plugind_api::{
     MessageId, Outcome, PublishError, SettleError, SettleErrorKind,
     abi::{KeyValue, RawToken},
-    hosting::{self, Completion},
+    hosting::{self, CallError, Completion},
 };
 use rustc_hash::FxHashMap;
 
@@ -53,7 +53,8 @@ pub enum TokenEnd {
     Settled {
         message: u64,
         attempt: u32,
-        outcome: Outcome,
+        /// `Err`: an async handler's future panicked.
+        outcome: Result<Outcome, CallError>,
         children: Vec<Child>,
     },
     /// Dropped unsettled: a failure with reason `dropped`.
@@ -418,7 +419,7 @@ impl TokenCtx {
 }
 
 impl Completion for TokenCtx {
-    fn settle(&self, outcome: Outcome) -> Result<(), SettleError> {
+    fn settle(&self, outcome: Result<Outcome, CallError>) -> Result<(), SettleError> {
         if self.done.load(Ordering::Acquire) {
             return Err(self.stale());
         }

@@ -65,6 +65,8 @@ pub struct InstanceServices {
     identity: Identity,
     limits: PublishLimits,
     publisher: Arc<dyn Publisher>,
+    /// Worker threads for an async plugin's runtime (`workers`; 0: the SDK's default).
+    workers: u32,
 }
 
 impl std::fmt::Debug for InstanceServices {
@@ -99,7 +101,16 @@ impl InstanceServices {
             identity,
             limits,
             publisher,
+            workers: 0,
         })
+    }
+
+    /// The same services with `workers` worker threads for an async plugin's runtime.
+    pub fn with_workers(mut self: Arc<Self>, workers: u32) -> Arc<Self> {
+        if let Some(services) = Arc::get_mut(&mut self) {
+            services.workers = workers;
+        }
+        self
     }
 
     pub fn identity(&self) -> &Identity {
@@ -223,6 +234,10 @@ impl Services for InstanceServices {
 
     fn generation(&self) -> u64 {
         self.identity.generation
+    }
+
+    fn workers(&self) -> u32 {
+        self.workers
     }
 
     fn log_enabled(&self, level: Level) -> bool {

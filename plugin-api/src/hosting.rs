@@ -57,11 +57,12 @@ pub trait Delivery: Send + Sync + 'static {
 /// What a host does with a deferred attempt's token (1.1); [`token_handle`] lends it to the
 /// plugin.
 pub trait Completion: Send + Sync + 'static {
-    /// Settles the attempt with Ack, Retry or Reject.
+    /// Settles the attempt with Ack, Retry or Reject — or fails it with the text of a panic
+    /// (an async handler's future panicked).
     ///
     /// # Errors
     /// [`SettleError`] when the attempt already ended.
-    fn settle(&self, outcome: Outcome) -> Result<(), SettleError>;
+    fn settle(&self, outcome: Result<Outcome, CallError>) -> Result<(), SettleError>;
     /// Extends the attempt's lease.
     ///
     /// # Errors
@@ -257,12 +258,16 @@ impl<C: Completion> CompletionVTable<C> {
     ) -> RResult<(), RawSettleError> {
         let reason = reason.as_str().to_owned();
         let outcome = match kind {
-            OutcomeKind::ACK => Outcome::Ack,
-            OutcomeKind::RETRY => Outcome::Retry {
+            OutcomeKind::ACK => Ok(Outcome::Ack),
+            OutcomeKind::RETRY => Ok(Outcome::Retry {
                 after: retry_after.into_option().map(Into::into),
                 reason,
-            },
-            OutcomeKind::REJECT => Outcome::Reject { reason },
+            }),
+            OutcomeKind::REJECT => Ok(Outcome::Reject { reason }),
+            OutcomeKind::PANICKED => Err(CallError {
+                kind: CallErrorKind::Panic,
+                message: reason,
+            }),
             OutcomeKind(other) => {
                 return RResult::RErr(RawSettleError {
                     kind: SettleErrorKind::INVALID,

@@ -56,6 +56,8 @@ mod bridge;
 pub mod export;
 pub mod hosting;
 pub mod manifest;
+#[cfg(feature = "async")]
+mod runtime;
 mod sdk;
 pub mod testing;
 mod token;
@@ -65,6 +67,9 @@ pub use sdk::{
     PublishErrorKind,
 };
 pub use token::{SettleError, SettleErrorKind, Token};
+
+#[cfg(feature = "async")]
+pub use runtime::{AsyncAdapter, AsyncPlugin};
 
 /// The version of this crate, which every plugin records in its manifest.
 pub const API_VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -189,6 +189,21 @@ fn from_raw(result: RResult<(), abi::SettleError>) -> Result<(), SettleError> {
     }
 }
 
+/// Fails the attempt of `token` with a panic's text (a panic inside an async handler).
+#[cfg_attr(not(feature = "async"), allow(dead_code))]
+pub(crate) fn settle_panicked(token: Token, text: String) -> Result<(), SettleError> {
+    // SAFETY: as in `Token::settle`.
+    let result = unsafe {
+        (token.raw.vtable.settle())(
+            token.ctx(),
+            OutcomeKind::PANICKED,
+            None.into(),
+            RStr::from_str(&text),
+        )
+    };
+    from_raw(result)
+}
+
 /// Why the daemon refused to settle or extend a token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SettleError {

@@ -140,8 +140,8 @@ pub enum Variant {
     /// `LogLevel` widened from `u8` to `u16`: the log entry points of the host vtable change
     /// signature, so the layout check must refuse it, naming the type.
     Incompatible,
-    /// Version 1.1.0 with a field appended to the root module after `last_prefix_field`: the
-    /// supported way to extend the ABI, so it must load.
+    /// Version 1.2.0 with a field appended to the root module after the last one 1.1 has:
+    /// the supported way to extend the ABI, so it must load.
     AppendedField,
 }
 
@@ -162,7 +162,7 @@ impl Variant {
     ) {
         match self {
             Self::Incompatible => (
-                "1.0.0",
+                "1.1.0",
                 vec![(
                     "src/abi.rs",
                     "pub struct LogLevel(pub u8);",
@@ -170,17 +170,17 @@ impl Variant {
                 )],
             ),
             Self::AppendedField => (
-                "1.1.0",
+                "1.2.0",
                 vec![
                     (
                         "src/abi.rs",
-                        "        extern \"C\" fn(config_json: RStr<'_>, host: RawHost) -> RResult<RawInstance, PluginError>,\n}",
-                        "        extern \"C\" fn(config_json: RStr<'_>, host: RawHost) -> RResult<RawInstance, PluginError>,\n    /// Appended by the test fixture: a 1.1 addition.\n    pub fixture_extra: extern \"C\" fn() -> u32,\n}",
+                        "    pub check_config: extern \"C\" fn(config_json: RStr<'_>) -> RResult<(), ConfigError>,\n}",
+                        "    pub check_config: extern \"C\" fn(config_json: RStr<'_>) -> RResult<(), ConfigError>,\n    /// Appended by the test fixture: a later addition.\n    pub fixture_extra: extern \"C\" fn() -> u32,\n}",
                     ),
                     (
                         "src/export.rs",
-                        "        instantiate: Entry::<P>::instantiate,\n",
-                        "        instantiate: Entry::<P>::instantiate,\n        fixture_extra: {\n            extern \"C\" fn extra() -> u32 {\n                42\n            }\n            extra\n        },\n",
+                        "        check_config: Entry::<P>::check_config,\n",
+                        "        check_config: Entry::<P>::check_config,\n        fixture_extra: {\n            extern \"C\" fn extra() -> u32 {\n                42\n            }\n            extra\n        },\n",
                     ),
                 ],
             ),
@@ -245,6 +245,7 @@ fn generate_variant(variant: Variant, dir: &Path, crate_name: &str) {
              [lib]\nname = \"plugind_api\"\n\n[dependencies]\n\
              abi_stable = {{ version = \"0.11.3\", default-features = false }}\n\
              serde = {{ version = \"1\", features = [\"derive\"] }}\nserde_json = \"1\"\n\
+             serde_path_to_error = \"0.1\"\n\
              tracing = {{ version = \"0.1\", default-features = false, features = [\"std\"] }}\n"
         ),
     );

@@ -182,7 +182,7 @@ fn an_incompatible_abi_is_refused_naming_the_difference() {
 #[test]
 fn a_field_appended_after_the_last_prefix_field_still_loads() {
     let lib = load(&fixtures::variant(Variant::AppendedField));
-    assert_eq!(lib.manifest().api_version, "1.1.0");
+    assert_eq!(lib.manifest().api_version, "1.2.0");
     let recorder = Recorder::new("appended", "0.1.0", 1);
     let mut instance = lib.instantiate("null", recorder.handle()).unwrap();
     assert_eq!(

@@ -56,6 +56,9 @@ pub(super) struct Settings {
     pub(super) shutdown_timeout: Option<Spanned<HumanDuration>>,
     pub(super) hang_grace: Option<Spanned<HumanDuration>>,
     pub(super) max_age: Option<Spanned<MaxAge>>,
+    pub(super) workers: Option<Spanned<u32>>,
+    pub(super) rate_limit: Option<Spanned<RateLimit>>,
+    pub(super) ordering_key: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -98,6 +101,9 @@ pub(super) struct Instance {
     pub(super) shutdown_timeout: Option<Spanned<HumanDuration>>,
     pub(super) hang_grace: Option<Spanned<HumanDuration>>,
     pub(super) max_age: Option<Spanned<MaxAge>>,
+    pub(super) workers: Option<Spanned<u32>>,
+    pub(super) rate_limit: Option<Spanned<RateLimit>>,
+    pub(super) ordering_key: Option<Spanned<String>>,
 }
 
 impl Instance {
@@ -115,6 +121,9 @@ impl Instance {
             shutdown_timeout: self.shutdown_timeout.clone(),
             hang_grace: self.hang_grace.clone(),
             max_age: self.max_age.clone(),
+            workers: self.workers.clone(),
+            rate_limit: self.rate_limit.clone(),
+            ordering_key: self.ordering_key.clone(),
         }
     }
 }
@@ -216,6 +225,42 @@ impl<'de> Deserialize<'de> for MaxAge {
                      \"12h\", or \"off\""
                 ))
             })
+    }
+}
+
+/// `rate_limit`: deliveries per second (a number), or `"off"`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct RateLimit(pub(super) Option<f64>);
+
+impl<'de> Deserialize<'de> for RateLimit {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl de::Visitor<'_> for Visitor {
+            type Value = RateLimit;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("deliveries per second (a number such as 50 or 0.5), or \"off\"")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<RateLimit, E> {
+                Ok(RateLimit(Some(v as f64)))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<RateLimit, E> {
+                Ok(RateLimit(Some(v as f64)))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<RateLimit, E> {
+                Ok(RateLimit(Some(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RateLimit, E> {
+                if v == "off" {
+                    Ok(RateLimit(None))
+                } else {
+                    Err(E::custom(format!(
+                        "invalid rate_limit \"{v}\"; expected deliveries per second (a number \
+                         such as 50 or 0.5), or \"off\""
+                    )))
+                }
+            }
+        }
+        deserializer.deserialize_any(Visitor)
     }
 }
 

@@ -656,6 +656,42 @@ fn settings(problems: &mut Problems<'_>, base: &Settings, raw: &raw::Settings) -
                 age
             }
         },
+        workers: number_in(problems, &raw.workers, "workers", base.workers, (0, 256)),
+        rate_limit: match &raw.rate_limit {
+            None => base.rate_limit,
+            Some(value) => {
+                let limit = value.get_ref().0;
+                if let Some(n) = limit
+                    && !(0.001..=1_000_000.0).contains(&n)
+                {
+                    problems.at(
+                        Some(value.span()),
+                        format!("`rate_limit` is {n}, expected between 0.001 and 1000000 deliveries per second, or \"off\""),
+                    );
+                }
+                limit
+            }
+        },
+        ordering_key: match &raw.ordering_key {
+            None => base.ordering_key.clone(),
+            Some(value) if value.get_ref().is_empty() => None,
+            Some(value) => {
+                let name = value.get_ref();
+                if let Err(e) = crate::message::validate(
+                    "t",
+                    0,
+                    &[(name.clone(), String::new())],
+                    None,
+                    u64::MAX,
+                ) {
+                    problems.at(
+                        Some(value.span()),
+                        format!("`ordering_key` must name a header: {e}"),
+                    );
+                }
+                Some(name.clone())
+            }
+        },
     };
     if merged.backoff.initial > merged.backoff.max {
         let span = backoff

@@ -124,7 +124,7 @@ impl DispatchLoop {
                 Settlement {
                     message,
                     attempt,
-                    result: Ok(outcome),
+                    result: outcome,
                     children,
                     token: true,
                 },

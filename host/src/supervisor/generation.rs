@@ -115,7 +115,8 @@ pub fn start(
             },
             wiring.limits,
             wiring.ingress.clone(),
-        );
+        )
+        .with_workers(want.settings.workers);
         let plugin = instantiate(
             &library,
             &want.config,

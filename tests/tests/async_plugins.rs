@@ -1,0 +1,160 @@
+//! Async plugins (plugind-api 1.1, `AsyncPlugin`): `async fn handle` on a tokio runtime that
+//! lives inside the plugin library, settling each delivery's token when its future completes.
+//! Every test runs the real daemon with the `fx-async` fixture, which uses tokio's timer.
+
+use plugind_tests::{
+    daemon::Daemon,
+    ledger_support::{record_config, wait_until},
+    record::read_record,
+    sandbox::Sandbox,
+};
+
+/// A sandbox with fx-async (instance `a`, `extra` lines in its table) and an fx-record
+/// instance `kids` on `child.>`.
+fn setup(label: &str, extra: &str) -> (Sandbox, String, std::path::PathBuf) {
+    let s = Sandbox::with_fixtures(label, &["fx-async", "fx-record"]);
+    let kids = s.path().join("kids.txt");
+    let config = format!(
+        "[host]\nautoload = false\ngrace_period = \"3s\"\n\n\
+         [defaults]\nmax_attempts = 3\nbackoff = {{ initial = \"20ms\", max = \"20ms\", \
+         jitter = 0.0 }}\n\n\
+         [plugins.a]\nplugin = \"fx-async\"\nmax_in_flight = 256\n{extra}\n\
+         [plugins.a.config]\ngreeting = \"hello\"\n\n\
+         [plugins.kids]\nplugin = \"fx-record\"\ntopics = [\"child.>\"]\n\
+         [plugins.kids.config]\n{}\n",
+        record_config(&kids, "")
+    );
+    (s, config, kids)
+}
+
+fn ctl_json(d: &Daemon, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["ctl"];
+    all.extend_from_slice(args);
+    all.push("--json");
+    let out = d.cli(&all);
+    assert!(
+        out.status.success(),
+        "plugind {all:?}: {out:?}\n{}",
+        d.history()
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn plugin(d: &Daemon, name: &str) -> serde_json::Value {
+    ctl_json(d, &["plugins"])["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no instance {name}"))
+}
+
+fn publish(d: &Daemon, headers: &[(&str, &str)]) -> u64 {
+    let mut args = Vec::new();
+    for (k, v) in headers {
+        args.push("-H".to_owned());
+        args.push(format!("{k}={v}"));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    d.publish("async.x", "payload", &args)
+        .unwrap_or_else(|e| panic!("publish refused: {e}\n{}", d.history()))
+}
+
+#[test]
+fn async_handlers_run_concurrently_on_the_plugins_own_runtime() {
+    let (s, config, _) = setup("async-many", "workers = 2");
+    let d = Daemon::start(s, &config);
+    // 30 handlers that each await tokio's timer for 300 ms.
+    for _ in 0..30 {
+        publish(&d, &[("sleep-ms", "300")]);
+    }
+    let mut most = 0;
+    wait_until("30 acks", &d, || {
+        let p = plugin(&d, "a");
+        most = most.max(p["deferred"].as_u64().unwrap());
+        p["acked"] == 30
+    });
+    assert!(most > 2, "at most {most} at once on 2 worker threads");
+    assert_eq!(plugin(&d, "a")["failures"], 0);
+    // `new` ran on the runtime and logged through tracing, tagged with the instance.
+    let log = d.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("started") && l.contains("instance=a") && l.contains("hello")),
+        "{log}"
+    );
+    d.stop();
+}
+
+#[test]
+fn a_panic_inside_a_future_fails_the_attempt_with_the_panic_text() {
+    let (s, config, _) = setup("async-panic", "");
+    let d = Daemon::start(s, &config);
+    let id = publish(&d, &[("outcome", "panic")]);
+    wait_until("a dead letter", &d, || {
+        plugin(&d, "a")["dead_lettered"] == 1
+    });
+    let shown = ctl_json(&d, &["show", &id.to_string()]);
+    let delivery = &shown["deliveries"][0];
+    assert_eq!(delivery["failures"], 3, "{shown}");
+    let reason = delivery["last_reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("panic: ") && reason.contains("told to panic in the future"),
+        "{reason}"
+    );
+    // The runtime survived: the next message acks.
+    publish(&d, &[]);
+    wait_until("an ack", &d, || plugin(&d, "a")["acked"] == 1);
+    d.stop();
+}
+
+#[test]
+fn host_publish_inside_a_future_is_a_child_committed_only_with_its_ack() {
+    let (s, config, kids) = setup("async-kids", "");
+    let d = Daemon::start(s, &config);
+    let acked = publish(&d, &[("child", "child.a"), ("sleep-ms", "50")]);
+    publish(&d, &[("child", "child.b"), ("outcome", "reject")]);
+    wait_until("settled", &d, || {
+        let p = plugin(&d, "a");
+        p["acked"] == 1 && p["dead_lettered"] == 1
+    });
+    wait_until("the child", &d, || !read_record(&kids).is_empty());
+    d.wait_idle("kids");
+    let children = read_record(&kids);
+    assert_eq!(children.len(), 1, "{children:?}");
+    assert_eq!(children[0].topic, "child.a");
+    assert!(children[0].id > acked);
+    d.stop();
+}
+
+#[test]
+fn a_swapped_out_async_generation_drains_and_its_library_is_unloaded_not_retained() {
+    let (s, config, _) = setup("async-swap", "");
+    let d = Daemon::start(s, &config);
+    for _ in 0..50 {
+        publish(&d, &[("sleep-ms", "1000")]);
+    }
+    wait_until("50 deferred", &d, || plugin(&d, "a")["deferred"] == 50);
+    let out = d.cli(&["ctl", "reload", "a"]);
+    assert!(out.status.success(), "{out:?}");
+    wait_until("generation 2", &d, || plugin(&d, "a")["generation"] == 2);
+    for _ in 0..10 {
+        publish(&d, &[]);
+    }
+    wait_until("60 acked, generation 1 retired", &d, || {
+        let p = plugin(&d, "a");
+        p["acked"] == 60 && p["draining"].as_array().is_some_and(Vec::is_empty)
+    });
+    let plugins = ctl_json(&d, &["plugins"]);
+    assert_eq!(
+        plugins["retained"],
+        serde_json::json!([]),
+        "the old generation's library stayed mapped:\n{}",
+        d.history()
+    );
+    assert_eq!(plugin(&d, "a")["failures"], 0);
+    let (status, log) = d.stop();
+    assert!(status.success());
+    assert!(!log.contains("library retained"), "{log}");
+}
