@@ -21,11 +21,13 @@ use crate::topic::Pattern;
 
 mod diagnostic;
 mod plan;
+mod plugin_config;
 mod raw;
 mod resolve;
 
 pub use diagnostic::Problem;
 pub use plan::{Change, Plan, Reason, keep_restart_only, plan};
+pub use plugin_config::plugin_config_problem;
 pub use raw::{Durability, LogFormat, Unrouted, WatchMode};
 
 #[cfg(test)]

@@ -17,6 +17,7 @@
 mod handle;
 mod leases;
 mod outcomes;
+mod pacing;
 mod queues;
 mod stop;
 
@@ -497,7 +498,10 @@ impl DispatchLoop {
             let Some(actor) = &queue.slot.actor else {
                 continue;
             };
-            let room = actor.room();
+            let mut room = actor.room();
+            if let Some(rate) = &mut queue.slot.rate {
+                room = room.min(rate.available(now));
+            }
             if let Err(e) = queue.load_front(instance, room, &mut self.live, self.ledger.as_ref()) {
                 self.fail_stop.halt(&e);
             }
@@ -540,6 +544,13 @@ impl DispatchLoop {
                         }
                     },
                 };
+                // Another delivery of its ordering key is out: it waits behind it.
+                if let Some(header) = &queue.slot.ordering_key
+                    && let Some((_, key)) = stored.headers.iter().find(|(n, _)| n == header)
+                    && !queue.order.admit(message, key)
+                {
+                    continue;
+                }
                 let Some(attempt) = live.delivery.begin(&queue.slot.rules, now) else {
                     continue;
                 };
@@ -555,6 +566,9 @@ impl DispatchLoop {
                     message: stored,
                     attempt,
                 });
+            }
+            if let Some(rate) = &mut queue.slot.rate {
+                rate.take(batch.len());
             }
             if !batch.is_empty() {
                 handoffs.push((instance, batch));
@@ -642,7 +656,7 @@ impl DispatchLoop {
     /// A delivery ended: it leaves the live state and the backlog.
     fn finish(&mut self, key: (u64, InstanceId)) {
         if let Some(live) = self.live.remove(&key) {
-            self.instances[key.1 as usize].ended(&live);
+            self.instances[key.1 as usize].ended(key.0, &live);
             self.backlog.remove(key.1, live.size);
         }
     }

@@ -20,6 +20,7 @@
 //! is *retained*, reported by [`retained`].
 
 use std::{
+    collections::BTreeMap,
     fmt,
     mem::ManuallyDrop,
     path::{Path, PathBuf},
@@ -30,7 +31,7 @@ use std::{
 use plugind_api::{
     Outcome,
     abi::{RawHost, RawMessage},
-    hosting::{CallError, CallErrorKind, Instance},
+    hosting::{CallError, CallErrorKind, ConfigProblem, Instance},
     manifest::{Manifest, ManifestError},
 };
 use sha2::{Digest as _, Sha256};
@@ -42,7 +43,7 @@ mod image;
 mod probe;
 
 pub use file::{group_of, uid_of};
-pub use probe::{ProbeCommand, ProbeReport, child as probe_child};
+pub use probe::{ConfigCheck, ProbeCommand, ProbeReport, child as probe_child};
 
 /// Why a library was refused. Every message is one line naming the file and the cause.
 #[derive(Debug, thiserror::Error)]
@@ -287,8 +288,21 @@ impl Checked {
     /// [`LoadError::ProbeCrashed`], [`LoadError::ProbeTimedOut`], [`LoadError::ProbeFailed`],
     /// or [`LoadError::Other`] with the child's refusal.
     pub fn probe(&self, command: &ProbeCommand) -> Result<(), LoadError> {
-        match probe::run(command, &self.path, &self.manifest, &self.bytes)? {
-            probe::Verdict::Accepted => Ok(()),
+        self.probe_configs(command, &BTreeMap::new()).map(drop)
+    }
+
+    /// [`Checked::probe`], asking the plugin in the child about each config of `configs`
+    /// (instance → its `config` table as JSON) without instantiating it.
+    ///
+    /// # Errors
+    /// As [`Checked::probe`].
+    pub fn probe_configs(
+        &self,
+        command: &ProbeCommand,
+        configs: &BTreeMap<String, serde_json::Value>,
+    ) -> Result<BTreeMap<String, ConfigCheck>, LoadError> {
+        match probe::run(command, &self.path, &self.manifest, &self.bytes, configs)? {
+            probe::Verdict::Accepted(checks) => Ok(checks),
             probe::Verdict::Refused(error) => Err(LoadError::Other {
                 path: self.path.clone(),
                 detail: format!("refused by the probe: {error}"),
@@ -307,7 +321,13 @@ impl Checked {
             && let Some(command) = &policy.probe
         {
             // A refusal the child survived is found again here, safely, with its type.
-            probe::run(command, &self.path, &self.manifest, &self.bytes)?;
+            probe::run(
+                command,
+                &self.path,
+                &self.manifest,
+                &self.bytes,
+                &BTreeMap::new(),
+            )?;
         }
         let image = image::Image::load(&self.path, &self.bytes, &self.manifest)?;
         Ok(Library {
@@ -367,6 +387,19 @@ impl Library {
     /// The file it was loaded from.
     pub fn origin(&self) -> &Path {
         &self.inner.origin
+    }
+
+    /// Asks the plugin whether it accepts `config_json` (its `config` table as JSON) without
+    /// instantiating it; `None` for a plugin built against plugind-api 1.0, which cannot.
+    pub fn check_config(&self, config_json: &str) -> Option<Result<(), ConfigProblem>> {
+        let image = self
+            .inner
+            .image
+            .as_ref()
+            .expect("a live Library holds its image");
+        // SAFETY: `self` keeps the library loaded for the whole call, and the answer is
+        // copied into host memory before it returns.
+        unsafe { Instance::check_config(image.module, config_json) }
     }
 
     /// Creates one instance with its config (as JSON) and services.

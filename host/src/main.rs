@@ -231,6 +231,9 @@ Examples:
         fd: i32,
         #[arg(long)]
         path: PathBuf,
+        /// Instance → its `config` table (a JSON object) for the plugin to check.
+        #[arg(long, default_value = "{}")]
+        configs: String,
     },
 }
 
@@ -300,6 +303,6 @@ fn main() -> ExitCode {
             json,
             trusted_owners,
         } => cli::inspect::run(&library, probe, json, &trusted_owners),
-        Command::ProbeLoad { fd, path } => cli::inspect::probe_load(fd, &path),
+        Command::ProbeLoad { fd, path, configs } => cli::inspect::probe_load(fd, &path, &configs),
     }
 }

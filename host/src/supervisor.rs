@@ -99,6 +99,13 @@ pub enum StartError {
     /// The plugin's `new` failed or panicked.
     #[error(transparent)]
     New(Arc<LoadError>),
+    /// The plugin refuses the instance's `config` table (plugind-api 1.1 checks it before
+    /// `new`): where in `plugins.toml`, and why.
+    #[error("{}:{problem}", file.display())]
+    Config {
+        file: PathBuf,
+        problem: crate::config::Problem,
+    },
     /// The plugin's `new` did not return within `init_timeout`.
     #[error(
         "`new` did not finish within init_timeout ({}); its thread is abandoned",

@@ -25,18 +25,28 @@
 //! assert_eq!(outcome, Outcome::Ack);
 //! assert_eq!(harness.published()[0].payload, b"HI");
 //! ```
+//!
+//! A plugin that defers returns [`Outcome::Defer`] from [`Harness::handle`]; its token's
+//! settlement (from any thread) is read with [`Harness::settled`] or waited for with
+//! [`Harness::wait_settled`]. [`Harness::handle_to_end`] does both: it runs an async
+//! plugin's handler (`Harness<AsyncAdapter<P>>`, feature `async`) to completion.
 
 use std::{
+    collections::HashMap,
     marker::PhantomData,
-    sync::{Arc, Mutex, MutexGuard},
-    time::{SystemTime, UNIX_EPOCH},
+    sync::{
+        Arc, Condvar, Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use crate::{
-    abi::{KeyValue, PluginModRef},
+    abi::{KeyValue, PluginModRef, RawToken},
     bridge, export,
-    hosting::{self, CallError, Delivery, Instance, Services},
+    hosting::{self, CallError, Completion, Delivery, Instance, Services},
     sdk::{Level, Message, MessageId, Outcome, Plugin, PublishError},
+    token::{SettleError, SettleErrorKind},
 };
 
 /// A message built by a test.
@@ -138,6 +148,7 @@ struct TestServices {
     instance: String,
     generation: u64,
     state: Mutex<Recorded>,
+    settlements: Settlements,
 }
 
 #[derive(Debug, Default)]
@@ -199,6 +210,145 @@ impl Services for TestServices {
     }
 }
 
+/// How a deferred attempt ended in a [`Harness`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settled {
+    /// Settled through its token (Ack, Retry or Reject), or returned by `handle` itself.
+    Outcome(Outcome),
+    /// An async handler's future panicked: the panic text.
+    Panicked(String),
+    /// The token was dropped unsettled (the daemon counts a `dropped` failure).
+    Dropped,
+}
+
+/// The settlements of a harness's deferred attempts, by (message id, attempt).
+#[derive(Debug, Default)]
+struct Settlements {
+    ended: Mutex<HashMap<(u64, u32), Settled>>,
+    changed: Condvar,
+}
+
+impl Settlements {
+    fn record(&self, key: (u64, u32), settled: Settled) {
+        self.ended
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, settled);
+        self.changed.notify_all();
+    }
+}
+
+/// A test message as the harness hands it out: its token can be taken during `handle`.
+struct Handed {
+    message: TestMessage,
+    taken: AtomicBool,
+    services: Arc<TestServices>,
+}
+
+impl Delivery for Handed {
+    fn id(&self) -> u64 {
+        self.message.id
+    }
+    fn attempt(&self) -> u32 {
+        self.message.attempt
+    }
+    fn topic(&self) -> &str {
+        &self.message.topic
+    }
+    fn payload(&self) -> &[u8] {
+        &self.message.payload
+    }
+    fn publish_time_unix_nanos(&self) -> u64 {
+        self.message.publish_time_unix_nanos()
+    }
+    fn header_count(&self) -> usize {
+        self.message.headers.len()
+    }
+    fn header_at(&self, index: usize) -> (&str, &str) {
+        self.message.header_at(index)
+    }
+    fn defer(&self) -> Option<RawToken> {
+        if self.taken.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        Some(hosting::token_handle(Arc::new(TestToken {
+            key: (self.message.id, self.message.attempt),
+            settled: AtomicBool::new(false),
+            children: Mutex::default(),
+            services: self.services.clone(),
+        })))
+    }
+}
+
+/// The harness's side of one token: children wait for its Ack.
+struct TestToken {
+    key: (u64, u32),
+    settled: AtomicBool,
+    children: Mutex<Vec<Published>>,
+    services: Arc<TestServices>,
+}
+
+impl Completion for TestToken {
+    fn settle(&self, outcome: Result<Outcome, CallError>) -> Result<(), SettleError> {
+        if self.settled.swap(true, Ordering::AcqRel) {
+            return Err(SettleError {
+                kind: SettleErrorKind::Stale,
+                message: "this attempt was already settled".to_owned(),
+            });
+        }
+        let settled = match outcome {
+            Ok(outcome) => {
+                if outcome == Outcome::Ack {
+                    let children = std::mem::take(
+                        &mut *self.children.lock().unwrap_or_else(|p| p.into_inner()),
+                    );
+                    self.services.lock().published.extend(children);
+                }
+                Settled::Outcome(outcome)
+            }
+            Err(e) => Settled::Panicked(e.message),
+        };
+        self.services.settlements.record(self.key, settled);
+        Ok(())
+    }
+
+    fn keep_alive(&self) -> Result<(), SettleError> {
+        if self.settled.load(Ordering::Acquire) {
+            return Err(SettleError {
+                kind: SettleErrorKind::Stale,
+                message: "this attempt was already settled".to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    fn publish(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        headers: &[KeyValue<'_>],
+    ) -> Result<MessageId, PublishError> {
+        if let Some(refusal) = &self.services.lock().refuse {
+            return Err(refusal.clone());
+        }
+        self.children
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Published {
+                topic: topic.to_owned(),
+                payload: payload.to_vec(),
+                headers: owned_pairs(headers),
+            });
+        Ok(MessageId(0))
+    }
+
+    fn release(&self) {
+        if !self.settled.swap(true, Ordering::AcqRel) {
+            self.services.settlements.record(self.key, Settled::Dropped);
+        }
+    }
+}
+
 /// A plugin instance under test, called through the real entry points.
 pub struct Harness<P: Plugin> {
     instance: Option<Instance>,
@@ -242,6 +392,7 @@ impl<P: Plugin> Harness<P> {
             instance: instance.to_owned(),
             generation,
             state: Mutex::default(),
+            settlements: Settlements::default(),
         });
         // The plugin runs in this process: keep the test's own panic output.
         bridge::hosted_in_process();
@@ -271,9 +422,62 @@ impl<P: Plugin> Harness<P> {
     ///
     /// # Errors
     /// The panic text if `handle` panicked.
+    ///
+    /// A plugin that deferred returns [`Outcome::Defer`]: see [`Harness::settled`].
     pub fn handle(&mut self, message: TestMessage) -> Result<Outcome, CallError> {
-        let raw = hosting::message_handle(Arc::new(message));
+        let raw = hosting::message_handle(Arc::new(Handed {
+            message,
+            taken: AtomicBool::new(false),
+            services: self.services.clone(),
+        }));
         self.instance().handle(raw)
+    }
+
+    /// Hands `message` to `handle` and, if it deferred, waits up to `timeout` for its token
+    /// to be settled: runs an async handler to completion. `None` on timeout.
+    ///
+    /// # Errors
+    /// The panic text if `handle` itself panicked.
+    pub fn handle_to_end(
+        &mut self,
+        message: TestMessage,
+        timeout: Duration,
+    ) -> Result<Option<Settled>, CallError> {
+        let key = (message.id, message.attempt);
+        match self.handle(message)? {
+            Outcome::Defer => Ok(self.wait_settled(key.0, key.1, timeout)),
+            outcome => Ok(Some(Settled::Outcome(outcome))),
+        }
+    }
+
+    /// How attempt `attempt` of message `id` was settled through its token, if it was.
+    pub fn settled(&self, id: u64, attempt: u32) -> Option<Settled> {
+        self.services
+            .settlements
+            .ended
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(id, attempt))
+            .cloned()
+    }
+
+    /// Waits up to `timeout` for attempt `attempt` of message `id` to be settled through its
+    /// token (from any thread).
+    pub fn wait_settled(&self, id: u64, attempt: u32, timeout: Duration) -> Option<Settled> {
+        let deadline = Instant::now() + timeout;
+        let settlements = &self.services.settlements;
+        let mut ended = settlements.ended.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(settled) = ended.get(&(id, attempt)) {
+                return Some(settled.clone());
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            ended = settlements
+                .changed
+                .wait_timeout(ended, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
     }
 
     /// Makes every later `publish` fail with `error`.
@@ -474,5 +678,76 @@ mod tests {
         ] {
             assert_eq!(PublishErrorKind::from_raw(kind.to_raw()), kind);
         }
+    }
+
+    /// Defers every message and settles it from a thread of its own, as the payload says.
+    struct Later {
+        threads: Vec<std::thread::JoinHandle<()>>,
+    }
+
+    impl Plugin for Later {
+        const NAME: &'static str = "later";
+        const VERSION: &'static str = "0.1.0";
+        const DEFERS: bool = true;
+        type Config = ();
+
+        fn new(_: (), _: Host) -> Result<Self, BoxError> {
+            Ok(Later {
+                threads: Vec::new(),
+            })
+        }
+
+        fn handle(&mut self, msg: Message) -> Outcome {
+            let token = msg.defer();
+            self.threads.push(std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(20));
+                match token.message().payload() {
+                    b"ack" => {
+                        token.publish("out", b"child").unwrap();
+                        token.ack().unwrap();
+                    }
+                    b"retry" => {
+                        token.publish("out", b"never").unwrap();
+                        token.retry("later").unwrap();
+                    }
+                    _ => drop(token),
+                }
+            }));
+            Outcome::Defer
+        }
+
+        fn shutdown(self) {
+            for thread in self.threads {
+                thread.join().unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn a_deferred_attempt_is_settled_from_another_thread_with_its_children() {
+        let mut harness = Harness::<Later>::new(serde_json::Value::Null).unwrap();
+        assert_eq!(
+            harness.handle(TestMessage::new("t", "ack").id(1)),
+            Ok(Outcome::Defer)
+        );
+        assert_eq!(
+            harness.wait_settled(1, 1, Duration::from_secs(10)),
+            Some(Settled::Outcome(Outcome::Ack))
+        );
+        assert_eq!(harness.published()[0].payload, b"child");
+        let retried = harness
+            .handle_to_end(
+                TestMessage::new("t", "retry").id(2),
+                Duration::from_secs(10),
+            )
+            .unwrap();
+        assert_eq!(retried, Some(Settled::Outcome(Outcome::retry("later"))));
+        assert_eq!(harness.published().len(), 1, "a retry commits no child");
+        let dropped = harness
+            .handle_to_end(TestMessage::new("t", "drop").id(3), Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(dropped, Some(Settled::Dropped));
+        assert_eq!(harness.settled(4, 1), None);
+        harness.shutdown().unwrap();
     }
 }

@@ -275,3 +275,64 @@ fn usage_errors_exit_2() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn the_probe_asks_each_plugin_about_its_config_and_names_a_refused_key_in_plugins_toml() {
+    let config = "\
+[host]
+plugin_dir = \"plugins.d\"
+state_dir = \"state\"
+
+[plugins.good]
+plugin = \"fx-defer\"
+[plugins.good.config]
+report = \"out/good.jsonl\"
+
+[plugins.typo]
+plugin = \"fx-defer\"
+[plugins.typo.config]
+report = \"out/typo.jsonl\"
+report_cals = true
+
+[plugins.wrong]
+plugin = \"fx-defer\"
+[plugins.wrong.config]
+report = 7
+";
+    let d = deployment(config, &[("fx-defer.so", "fx-defer")]);
+    // Without the probe nothing runs plugin code: the config is not checked.
+    let out = check(&d, &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = check(&d, &["--probe"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{stdout}\n{}",
+        text(&out.stderr)
+    );
+    let file = d.path().join("plugins.toml");
+    let typo = format!(
+        "instance typo: cannot start: {}:14:1: plugins.typo.config.report_cals: the plugin \
+         refuses it: unknown field `report_cals`",
+        file.display()
+    );
+    assert!(stdout.contains(&typo), "{stdout}");
+    let wrong = format!(
+        "instance wrong: cannot start: {}:19:1: plugins.wrong.config.report: the plugin refuses \
+         it: invalid type: integer `7`",
+        file.display()
+    );
+    assert!(stdout.contains(&wrong), "{stdout}");
+    assert!(stdout.contains("instance good: runs fx-defer"), "{stdout}");
+    let out = check(&d, &["--probe", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let good = report["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == "good")
+        .unwrap();
+    assert_eq!(good["config_checked"], true);
+    assert_eq!(good["error"], serde_json::Value::Null);
+}

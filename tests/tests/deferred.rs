@@ -19,6 +19,16 @@ use plugind_tests::{
 /// A sandbox with fx-defer and fx-record, and the config of one fx-defer instance `d`
 /// (`extra` lines in its table) plus an fx-record instance `kids` on `child.>`.
 fn setup(label: &str, durability: &str, extra: &str) -> (Sandbox, String, PathBuf, PathBuf) {
+    setup_reporting(label, durability, extra, false)
+}
+
+/// [`setup`], fx-defer also reporting each call of `handle` if `calls`.
+fn setup_reporting(
+    label: &str,
+    durability: &str,
+    extra: &str,
+    calls: bool,
+) -> (Sandbox, String, PathBuf, PathBuf) {
     let s = Sandbox::with_fixtures(label, &["fx-defer", "fx-record"]);
     let report = s.path().join("report.jsonl");
     let kids = s.path().join("kids.txt");
@@ -27,7 +37,7 @@ fn setup(label: &str, durability: &str, extra: &str) -> (Sandbox, String, PathBu
          [defaults]\nmax_attempts = 3\nbackoff = {{ initial = \"20ms\", max = \"20ms\", \
          jitter = 0.0 }}\n\n\
          [plugins.d]\nplugin = \"fx-defer\"\ntopics = [\"defer.>\"]\nmax_in_flight = 256\n\
-         {extra}\n[plugins.d.config]\nreport = \"{}\"\n\n\
+         {extra}\n[plugins.d.config]\nreport = \"{}\"\nreport_calls = {calls}\n\n\
          [plugins.kids]\nplugin = \"fx-record\"\ntopics = [\"child.>\"]\n\
          [plugins.kids.config]\n{}\n",
         report.display(),
@@ -36,11 +46,17 @@ fn setup(label: &str, durability: &str, extra: &str) -> (Sandbox, String, PathBu
     (s, config, report, kids)
 }
 
+/// The complete lines of fx-defer's report (one being written is left out).
+fn lines(path: &Path) -> Vec<String> {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete.lines().map(str::to_owned).collect()
+}
+
 /// The report lines of fx-defer: (id, attempt, op, error).
 fn report(path: &Path) -> Vec<(u64, u32, String, Option<String>)> {
-    fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
+    lines(path)
+        .iter()
         .map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
             (
@@ -348,6 +364,130 @@ fn a_swap_with_100_outstanding_tokens_loses_and_duplicates_nothing() {
     assert_eq!(
         (p["failures"].as_u64(), p["deferred"].as_u64()),
         (Some(0), Some(0))
+    );
+    d.stop();
+}
+
+/// The report lines with their time: (id, attempt, op, at_ms), in the order written.
+fn timeline(path: &Path) -> Vec<(u64, u32, String, u64)> {
+    lines(path)
+        .iter()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["id"].as_u64().unwrap(),
+                v["attempt"].as_u64().unwrap() as u32,
+                v["op"].as_str().unwrap().to_owned(),
+                v["at_ms"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn an_ordering_key_hands_out_one_delivery_per_key_at_a_time_in_order() {
+    let (s, config, report_path, _) =
+        setup_reporting("defer-order", "fsync", "ordering_key = \"k\"", true);
+    let d = Daemon::start(s, &config);
+    // Key a: the first retries once (the key stays held through its backoff).
+    let a1 = publish(
+        &d,
+        &[
+            ("k", "a"),
+            ("after-ms", "150"),
+            ("settle", "retry"),
+            ("until-attempt", "1"),
+        ],
+    );
+    let a2 = publish(&d, &[("k", "a"), ("after-ms", "150")]);
+    let a3 = publish(&d, &[("k", "a"), ("after-ms", "150")]);
+    let b1 = publish(&d, &[("k", "b"), ("after-ms", "150")]);
+    let b2 = publish(&d, &[("k", "b"), ("after-ms", "150")]);
+    let free = publish(&d, &[("after-ms", "150")]);
+    // Seven settles: a1 twice.
+    wait_until("7 settles", &d, || {
+        timeline(&report_path)
+            .iter()
+            .filter(|x| x.2 == "settle")
+            .count()
+            == 7
+    });
+    let t = timeline(&report_path);
+    let at = |id: u64, attempt: u32, op: &str| {
+        t.iter()
+            .position(|x| x.0 == id && x.1 == attempt && x.2 == op)
+            .unwrap_or_else(|| panic!("no {op} of {id}/{attempt} in {t:?}"))
+    };
+    // Key a, strictly one after another, the retry first.
+    let a = [
+        at(a1, 1, "handle"),
+        at(a1, 1, "settling"),
+        at(a1, 2, "handle"),
+        at(a1, 2, "settling"),
+        at(a2, 1, "handle"),
+        at(a2, 1, "settling"),
+        at(a3, 1, "handle"),
+    ];
+    assert!(
+        a.windows(2).all(|w| w[0] < w[1]),
+        "key a out of order: {t:?}"
+    );
+    assert!(at(b1, 1, "settling") < at(b2, 1, "handle"), "key b: {t:?}");
+    // Other keys, and messages without one, do not wait for key a.
+    assert!(at(b1, 1, "handle") < at(a1, 1, "settling"), "{t:?}");
+    assert!(at(free, 1, "handle") < at(a1, 1, "settling"), "{t:?}");
+    d.stop();
+}
+
+#[test]
+fn rate_limit_paces_hand_outs() {
+    let (s, config, report_path, _) =
+        setup_reporting("defer-rate", "fsync", "rate_limit = 20", true);
+    let d = Daemon::start(s, &config);
+    for _ in 0..12 {
+        publish(&d, &[]);
+    }
+    wait_until("12 settles", &d, || {
+        timeline(&report_path)
+            .iter()
+            .filter(|x| x.2 == "settle")
+            .count()
+            == 12
+    });
+    let calls: Vec<u64> = timeline(&report_path)
+        .into_iter()
+        .filter(|x| x.2 == "handle")
+        .map(|x| x.3)
+        .collect();
+    assert_eq!(calls.len(), 12);
+    // 20 a second with a burst of 2: the last call comes at least 500 ms after the first
+    // (a lower bound: a slow machine only makes it longer).
+    let span = calls.last().unwrap() - calls.first().unwrap();
+    assert!(span >= 450, "12 calls within {span} ms at 20 a second");
+    d.stop();
+}
+
+#[test]
+fn a_config_the_plugin_refuses_is_reported_at_its_place_in_plugins_toml() {
+    let (s, config, _, _) = setup("defer-config", "fsync", "");
+    // A misspelled key in the plugin's own table: the plugin names it, before `new`.
+    let config = config.replace("report_calls = false", "report_cals = false");
+    let line = config
+        .lines()
+        .position(|l| l.starts_with("report_cals"))
+        .unwrap()
+        + 1;
+    let d = Daemon::start(s, &config);
+    let p = plugin(&d, "d");
+    let error = p["last_error"].as_str().unwrap_or_default();
+    let expected = format!(
+        "plugins.toml:{line}:1: plugins.d.config.report_cals: the plugin refuses it: unknown \
+         field `report_cals`"
+    );
+    assert!(error.contains(&expected), "{error}\n{p}");
+    assert!(
+        !error.contains("line 1 column"),
+        "no position in generated JSON: {error}"
     );
     d.stop();
 }

@@ -17,7 +17,7 @@ use serde::Serialize;
 use crate::{
     cli::{EXIT_CONFIG, EXIT_FAILURE, fail},
     config::{self, Config, ConfigError, Problem},
-    loader::{self, Checked, LoadError, Policy, ProbeCommand},
+    loader::{self, Checked, ConfigCheck, LoadError, Policy, ProbeCommand},
 };
 
 /// What `check` found, as printed with `--json`.
@@ -65,6 +65,9 @@ struct InstanceReport {
     /// them from a library that is not there (nothing is routed to it yet, unless a daemon
     /// that ran it before remembers them).
     topics: Option<Vec<String>>,
+    /// Whether its plugin checked its `config` table (`--probe`): `false` for a plugin built
+    /// against plugind-api 1.0, which cannot check without starting; `None` when not probed.
+    config_checked: Option<bool>,
 }
 
 /// Runs `check`.
@@ -194,11 +197,24 @@ fn check_libraries(config: &Config, probe: Option<&ProbeCommand>, report: &mut R
     let mut by_name: BTreeMap<String, Vec<(PathBuf, [u8; 32])>> = BTreeMap::new();
     // Manifest name → that plugin's own topics.
     let mut manifests: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    // Instance → what its plugin said of its config (probed libraries only).
+    let mut config_checks: BTreeMap<String, ConfigCheck> = BTreeMap::new();
     for (path, checked) in scanned {
         // Probed only what the checks of the file alone accepted.
         let probed = probe.is_some() && checked.is_ok();
         let checked = checked.and_then(|checked| match probe {
-            Some(command) => checked.probe(command).map(|()| checked),
+            Some(command) => {
+                // The plugin checks the config of every instance that runs it.
+                let configs: BTreeMap<String, serde_json::Value> = config
+                    .instances
+                    .values()
+                    .filter(|i| i.plugin == checked.manifest().name)
+                    .map(|i| (i.name.clone(), i.config.clone()))
+                    .collect();
+                let checks = checked.probe_configs(command, &configs)?;
+                config_checks.extend(checks);
+                Ok(checked)
+            }
             None => Ok(checked),
         });
         report
@@ -262,6 +278,20 @@ fn check_libraries(config: &Config, probe: Option<&ProbeCommand>, report: &mut R
                 }),
             }
         };
+        let check = config_checks.get(&instance.name);
+        let error = error.or_else(|| match check {
+            Some(ConfigCheck::Refused { path, message }) => {
+                let problem = std::fs::read_to_string(&config.source)
+                    .map(|text| {
+                        config::plugin_config_problem(&text, &instance.name, path, message)
+                            .to_string()
+                    })
+                    .unwrap_or_else(|_| format!("its config: {message}"));
+                Some(format!("{}:{problem}", config.source.display()))
+            }
+            _ => None,
+        });
+        let config_checked = check.map(|c| !matches!(c, ConfigCheck::Unchecked));
         used.push(instance.plugin.clone());
         let topics = match &instance.topics {
             Some(configured) => Some(configured.iter().map(|p| p.as_str().to_owned()).collect()),
@@ -275,6 +305,7 @@ fn check_libraries(config: &Config, probe: Option<&ProbeCommand>, report: &mut R
             library,
             error,
             topics,
+            config_checked,
         });
     }
     if config.host.autoload {
@@ -290,6 +321,7 @@ fn check_libraries(config: &Config, probe: Option<&ProbeCommand>, report: &mut R
                 library: Some(claims[0].0.clone()),
                 error: None,
                 topics: manifests.get(name).cloned(),
+                config_checked: None,
             });
         }
     }
@@ -359,9 +391,25 @@ fn print_text(config: &Config, report: &Report, config_only: bool) {
                  the topics it last saw)",
             );
         }
+        if instance.config_checked == Some(false) {
+            line.push_str(
+                "; its config was not checked: its plugin was built with plugind-api 1.0, \
+                 which cannot check a config without starting",
+            );
+        }
         println!("instance {}: {line}", instance.name);
     }
-    if report.ok {
+    let unchecked = report
+        .instances
+        .iter()
+        .filter(|i| i.config_checked == Some(false))
+        .count();
+    if report.ok && unchecked == 0 {
         println!("all good");
+    } else if report.ok {
+        println!(
+            "no problem found, but {unchecked} instance config{} could not be checked (see above)",
+            if unchecked == 1 { "" } else { "s" }
+        );
     }
 }

@@ -124,8 +124,10 @@ fn print_text(report: &Report<'_>) {
 }
 
 /// The hidden `probe-load` command: the child side of the probe.
-pub fn probe_load(fd: i32, path: &Path) -> ExitCode {
-    let report = loader::probe_child(fd, path);
+pub fn probe_load(fd: i32, path: &Path, configs: &str) -> ExitCode {
+    // Instance → its config as JSON: the configs the plugin is asked to check.
+    let configs = serde_json::from_str(configs).unwrap_or_default();
+    let report = loader::probe_child(fd, path, &configs);
     println!(
         "{}",
         serde_json::to_string(&report).expect("the report serializes")

@@ -16,6 +16,8 @@ use std::{
 use rustc_hash::FxHashMap;
 use serde::Serialize;
 
+use super::pacing::{KeyOrder, RateBucket};
+
 use crate::{
     actor::Actor,
     circuit::{self, Breaker, CircuitState},
@@ -52,6 +54,10 @@ pub struct Slot {
     pub deferrals: Option<Arc<Deferrals>>,
     /// `max_in_flight` and `ack_timeout`, for its deferrals.
     limits: (usize, Duration),
+    /// `rate_limit`: how many deliveries may go out now.
+    pub(super) rate: Option<RateBucket>,
+    /// `ordering_key`: the header whose value orders deliveries.
+    pub ordering_key: Option<String>,
 }
 
 impl Slot {
@@ -68,6 +74,8 @@ impl Slot {
             max_age: None,
             deferrals: None,
             limits: (0, Duration::ZERO),
+            rate: None,
+            ordering_key: None,
         };
         slot.configure(settings);
         slot
@@ -84,6 +92,17 @@ impl Slot {
         self.keep = (settings.queue_capacity + settings.max_in_flight) as usize;
         self.max_age = settings.max_age;
         self.limits = (settings.max_in_flight as usize, settings.ack_timeout);
+        let rate_changed = match (&self.rate, settings.rate_limit) {
+            (Some(_), None) | (None, Some(_)) => true,
+            (Some(bucket), Some(limit)) => bucket.per_second() != limit,
+            (None, None) => false,
+        };
+        if rate_changed {
+            self.rate = settings
+                .rate_limit
+                .map(|limit| RateBucket::new(limit, Timestamp(0)));
+        }
+        self.ordering_key = settings.ordering_key.clone();
         if let Some(deferrals) = &self.deferrals {
             deferrals.configure(self.limits.0, self.limits.1);
         }
@@ -187,6 +206,8 @@ pub(super) struct InstanceQueue {
     circuit: CircuitState,
     /// When its waiting deliveries are next checked against `max_age`.
     age_check: Timestamp,
+    /// `ordering_key`: keys held and messages parked behind them.
+    pub(super) order: KeyOrder,
 }
 
 impl InstanceQueue {
@@ -202,6 +223,7 @@ impl InstanceQueue {
             unloaded: 0,
             circuit: CircuitState::Closed,
             age_check: Timestamp(0),
+            order: KeyOrder::default(),
         }
     }
 
@@ -273,8 +295,12 @@ impl InstanceQueue {
         self.waiting.push(Reverse((due.0, message)));
     }
 
-    /// A delivery ended (`live` left the live state).
-    pub(super) fn ended(&mut self, live: &Live) {
+    /// The delivery of `message` ended (`live` left the live state); the ordering key it held
+    /// goes to the next message of that key.
+    pub(super) fn ended(&mut self, message: u64, live: &Live) {
+        if let Some(next) = self.order.ended(message) {
+            self.ready.push_front(next);
+        }
         self.stats.backlog = self.stats.backlog.saturating_sub(1);
         if live.message.is_none() {
             self.unloaded = self.unloaded.saturating_sub(1);
@@ -297,13 +323,20 @@ impl InstanceQueue {
         self.ready.retain(|m| live.contains_key(&(*m, instance)));
         self.waiting
             .retain(|Reverse((_, m))| live.contains_key(&(*m, instance)));
+        self.order.retain(|m| live.contains_key(&(m, instance)));
     }
 
     /// When this instance next needs the loop: a retry due, a circuit probe, an age check.
     pub(super) fn next_wakeup(&self) -> Option<Timestamp> {
         let retry = self.waiting.peek().map(|Reverse((due, _))| Timestamp(*due));
         let age = (self.slot.max_age.is_some() && self.stats.backlog > 0).then_some(self.age_check);
-        [retry, self.slot.breaker.next_wakeup(), age]
+        let rate = self
+            .slot
+            .rate
+            .as_ref()
+            .filter(|_| !self.ready.is_empty())
+            .map(RateBucket::next);
+        [retry, self.slot.breaker.next_wakeup(), age, rate]
             .into_iter()
             .flatten()
             .min()
@@ -331,6 +364,7 @@ impl InstanceQueue {
             .iter()
             .chain(self.waiting.iter().map(|Reverse((_, m))| m))
             .copied()
+            .chain(self.order.parked())
             .filter(|m| {
                 live.get(&(*m, instance))
                     .is_some_and(|l| l.since < cutoff && l.delivery.in_flight().is_none())

@@ -9,6 +9,7 @@
 //! A child killed by a signal becomes [`LoadError::ProbeCrashed`].
 
 use std::{
+    collections::BTreeMap,
     io::Read as _,
     os::unix::process::ExitStatusExt as _,
     path::{Path, PathBuf},
@@ -16,7 +17,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use plugind_api::manifest::Manifest;
+use plugind_api::{
+    hosting::{ConfigProblem, Instance},
+    manifest::Manifest,
+};
 use serde::{Deserialize, Serialize};
 
 use super::{Checked, LoadError, image};
@@ -53,15 +57,32 @@ pub enum ProbeReport {
     Accepted {
         /// Whether it really left the child process after `dlclose`.
         unloaded: bool,
+        /// What the plugin said of each config it was asked to check, by instance.
+        #[serde(default)]
+        configs: BTreeMap<String, ConfigCheck>,
     },
     /// The library was refused without harming the child.
     Refused { error: String },
 }
 
+/// What a plugin said of one instance's config (plugind-api 1.1 `check_config`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "config", rename_all = "snake_case")]
+pub enum ConfigCheck {
+    /// It deserializes into the plugin's `Config`.
+    Accepted,
+    /// The plugin was built against plugind-api 1.0, which cannot check a config without
+    /// instantiating the plugin: not checked.
+    Unchecked,
+    /// Refused: the dotted path of the key inside the `config` table, and why.
+    Refused { path: String, message: String },
+}
+
 /// What the parent learnt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Verdict {
-    Accepted,
+    /// With what the plugin said of the configs it was given.
+    Accepted(BTreeMap<String, ConfigCheck>),
     /// Refused for a reason the in-process checks will find again, safely.
     Refused(String),
 }
@@ -72,6 +93,7 @@ pub(super) fn run(
     path: &Path,
     manifest: &Manifest,
     bytes: &[u8],
+    configs: &BTreeMap<String, serde_json::Value>,
 ) -> Result<Verdict, LoadError> {
     let other = |detail: String| LoadError::ProbeFailed {
         path: path.to_owned(),
@@ -90,6 +112,8 @@ pub(super) fn run(
         .arg("0")
         .arg("--path")
         .arg(path)
+        .arg("--configs")
+        .arg(serde_json::Value::from(serde_json::Map::from_iter(configs.clone())).to_string())
         .stdin(Stdio::from(memfd))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -137,7 +161,9 @@ pub(super) fn run(
         });
     }
     match serde_json::from_str::<ProbeReport>(stdout.trim()) {
-        Ok(ProbeReport::Accepted { .. }) if status.success() => Ok(Verdict::Accepted),
+        Ok(ProbeReport::Accepted { configs, .. }) if status.success() => {
+            Ok(Verdict::Accepted(configs))
+        }
         Ok(ProbeReport::Refused { error }) => Ok(Verdict::Refused(error)),
         _ => {
             let last = stderr
@@ -153,8 +179,9 @@ pub(super) fn run(
     }
 }
 
-/// The child's side: checks and maps the library in the inherited memfd `fd` (its stdin).
-pub fn child(fd: i32, path: &Path) -> ProbeReport {
+/// The child's side: checks and maps the library in the inherited memfd `fd` (its stdin),
+/// and asks it about each config of `configs` (instance → its `config` table as JSON).
+pub fn child(fd: i32, path: &Path, configs: &BTreeMap<String, serde_json::Value>) -> ProbeReport {
     let report = (|| {
         let mut bytes = Vec::new();
         std::fs::File::open(format!("/proc/self/fd/{fd}"))
@@ -165,10 +192,25 @@ pub fn child(fd: i32, path: &Path) -> ProbeReport {
             })?;
         let checked = Checked::from_bytes(path, bytes)?;
         let image = image::Image::load(path, &checked.bytes, &checked.manifest)?;
-        Ok::<_, LoadError>(image.unload())
+        let checks = configs
+            .iter()
+            .map(|(instance, config)| {
+                // SAFETY: the image stays loaded until `unload` below, after every check.
+                let answer = unsafe { Instance::check_config(image.module, &config.to_string()) };
+                let check = match answer {
+                    None => ConfigCheck::Unchecked,
+                    Some(Ok(())) => ConfigCheck::Accepted,
+                    Some(Err(ConfigProblem { path, message })) => {
+                        ConfigCheck::Refused { path, message }
+                    }
+                };
+                (instance.clone(), check)
+            })
+            .collect();
+        Ok::<_, LoadError>((image.unload(), checks))
     })();
     match report {
-        Ok(unloaded) => ProbeReport::Accepted { unloaded },
+        Ok((unloaded, configs)) => ProbeReport::Accepted { unloaded, configs },
         Err(e) => ProbeReport::Refused {
             error: e.to_string(),
         },

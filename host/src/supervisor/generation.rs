@@ -9,7 +9,7 @@ use std::{
 };
 
 use crossbeam_channel::{Sender, bounded};
-use plugind_api::hosting;
+use plugind_api::hosting::{self, ConfigProblem};
 
 use crate::{
     actor::{self, Actor, JoinOutcome},
@@ -65,6 +65,9 @@ pub struct GenerationDeps<'a> {
     pub limits: PublishLimits,
     /// The instance's deferred attempts.
     pub deferrals: &'a Arc<crate::deferred::Deferrals>,
+    /// The `plugins.toml` the instance comes from (a config the plugin refuses is shown in
+    /// it).
+    pub config_file: &'a std::path::Path,
 }
 
 /// Loads `checked` for instance `name` as generation `number`, instantiates it and starts
@@ -122,7 +125,19 @@ pub fn start(
             &want.config,
             &services,
             want.settings.init_timeout,
-        )?;
+        )
+        .map_err(|e| match e {
+            Instantiated::Refused(problem) => StartError::Config {
+                file: wiring.config_file.to_owned(),
+                problem: crate::config::plugin_config_problem(
+                    &std::fs::read_to_string(wiring.config_file).unwrap_or_default(),
+                    name,
+                    &problem.path,
+                    &problem.message,
+                ),
+            },
+            Instantiated::Failed(e) => e,
+        })?;
         if armed && let Err(e) = quarantine.started(&sha256, name) {
             tracing::warn!(instance = name, error = %e, "cannot update the loading marker");
         }
@@ -171,26 +186,39 @@ pub fn start(
     }
 }
 
-/// Runs the plugin's `new` on a thread of its own, waiting at most `timeout`.
+/// Why [`instantiate`] did not give an instance.
+enum Instantiated {
+    /// The plugin refused its config when asked first (plugind-api 1.1).
+    Refused(ConfigProblem),
+    Failed(StartError),
+}
+
+/// Runs the plugin's `new` on a thread of its own, waiting at most `timeout`; a plugin that
+/// can check its config without starting (plugind-api 1.1) is asked first.
 fn instantiate(
     lib: &Library,
     config: &serde_json::Value,
     services: &Arc<InstanceServices>,
     timeout: Duration,
-) -> Result<loader::PluginInstance, StartError> {
+) -> Result<loader::PluginInstance, Instantiated> {
     let (reply, answer) = bounded(1);
     let (lib, config, services) = (lib.clone(), config.to_string(), services.clone());
     std::thread::Builder::new()
         .name("plugin-new".into())
         .spawn(move || {
             background::lower_this_thread();
-            let result = lib.instantiate(&config, hosting::host_handle(services));
+            let result = match lib.check_config(&config) {
+                Some(Err(problem)) => Err(Instantiated::Refused(problem)),
+                _ => lib
+                    .instantiate(&config, hosting::host_handle(services))
+                    .map_err(|e: LoadError| Instantiated::Failed(StartError::New(Arc::new(e)))),
+            };
             let _ = reply.send(result);
         })
-        .map_err(|e| StartError::NewThread(Arc::new(e)))?;
+        .map_err(|e| Instantiated::Failed(StartError::NewThread(Arc::new(e))))?;
     match answer.recv_timeout(timeout) {
-        Ok(result) => result.map_err(|e: LoadError| StartError::New(Arc::new(e))),
-        Err(_) => Err(StartError::InitTimeout(timeout)),
+        Ok(result) => result,
+        Err(_) => Err(Instantiated::Failed(StartError::InitTimeout(timeout))),
     }
 }
 

@@ -287,6 +287,7 @@ impl Supervisor {
                 hop_limit: self.deps.config.host.hop_limit,
             },
             deferrals: &deferrals,
+            config_file: &self.deps.config.source,
         };
         let inst = self.instances.get_mut(name).expect("registered");
         let number = inst.generations + 1;
