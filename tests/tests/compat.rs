@@ -30,6 +30,8 @@ use plugind::{
     config::Endpoint,
     control::{client, pb},
 };
+use sha2::{Digest as _, Sha256};
+
 use plugind_tests::{
     binary,
     daemon::Daemon,
@@ -37,6 +39,10 @@ use plugind_tests::{
     ledger_support::wait_until,
     sandbox::Sandbox,
 };
+
+/// The sha256 of the frozen plugind-api 1.0.0 source as committed (see
+/// [`the_frozen_1_0_0_source_is_unchanged`]).
+const FROZEN_SHA256: &str = "58d7e9630368199bfdc1c9f464e9e3386c52f229cc4f02fc98cf0829c5f82884";
 
 /// The library file name of the plugin in `plugin_dir`.
 const LIBRARY: &str = "plugins.d/fx-legacy.so";
@@ -142,6 +148,51 @@ fn settled(d: &Daemon, instance: &str) -> (u64, u64, u64) {
         .clone();
     let count = |key: &str| entry[key].as_u64().unwrap_or_default();
     (count("acked"), count("failures"), count("dead_lettered"))
+}
+
+/// Every file of the frozen copy but its README, in path order, as `path NUL bytes NUL`.
+fn frozen_digest(dir: &Path) -> String {
+    fn walk(dir: &Path, files: &mut Vec<PathBuf>) {
+        for entry in fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, files);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(dir, &mut files);
+    let mut relative: Vec<String> = files
+        .iter()
+        .map(|f| f.strip_prefix(dir).unwrap().to_string_lossy().into_owned())
+        .filter(|name| name != "README.md")
+        .collect();
+    relative.sort();
+    let mut hasher = Sha256::new();
+    for name in &relative {
+        hasher.update(name.as_bytes());
+        hasher.update([0]);
+        hasher.update(fs::read(dir.join(name)).unwrap());
+        hasher.update([0]);
+    }
+    hex::encode(hasher.finalize())
+}
+
+/// Guards the premise of every other test here: the 1.0.0 source is what plugins built
+/// against 1.0.0 contain, so it never changes (a compatibility fix belongs in
+/// `plugin-api/` or the daemon, never in the copy the tests build the old side from).
+#[test]
+fn the_frozen_1_0_0_source_is_unchanged() {
+    let dir = fixtures::repo_root().join("tests/compat/plugind-api-1.0.0");
+    assert_eq!(
+        frozen_digest(&dir),
+        FROZEN_SHA256,
+        "{} changed: it must stay plugind-api 1.0.0 as released (tag plugind-api-v1.0.0); \
+         see its README.md",
+        dir.display()
+    );
 }
 
 #[test]
