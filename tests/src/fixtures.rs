@@ -10,6 +10,9 @@
 //! (see [`Variant`]). Generating the copies keeps them identical to the real crate except for
 //! that edit; if the edit's anchor text disappears from the real crate, the build panics
 //! saying so.
+//!
+//! The compatibility workspaces of `tests/compat/` — the frozen plugind-api 1.0.0 source and
+//! what is built against it — go into the same target dir: [`legacy_plugin`], [`legacy_host`].
 
 use std::{
     fs,
