@@ -10,6 +10,9 @@
 //! (see [`Variant`]). Generating the copies keeps them identical to the real crate except for
 //! that edit; if the edit's anchor text disappears from the real crate, the build panics
 //! saying so.
+//!
+//! The compatibility workspaces of `tests/compat/` — the frozen plugind-api 1.0.0 source and
+//! what is built against it — go into the same target dir: [`legacy_plugin`], [`legacy_host`].
 
 use std::{
     fs,
@@ -402,4 +405,83 @@ fn write_atomically(path: &Path, bytes: &[u8]) {
             path.display()
         )
     });
+}
+
+/// Which build of the `fx-legacy` plugin (`tests/compat/fx-legacy/src/legacy.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LegacyBuild {
+    /// Built against the frozen plugind-api 1.0.0 source (`tests/compat/plugind-api-1.0.0`):
+    /// a plugin as its author shipped it against 1.0.0.
+    V1_0,
+    /// The same source built against today's `plugin-api/` (`tests/compat/today`): same
+    /// manifest name and version, the other side of a hot swap.
+    Today,
+}
+
+impl LegacyBuild {
+    fn workspace(self) -> &'static str {
+        match self {
+            Self::V1_0 => "tests/compat",
+            Self::Today => "tests/compat/today",
+        }
+    }
+
+    fn file_name(self) -> &'static str {
+        match self {
+            Self::V1_0 => "libfx_legacy.so",
+            Self::Today => "libfx_legacy_today.so",
+        }
+    }
+
+    /// The `build` word its record lines and log events carry.
+    pub fn word(self) -> &'static str {
+        match self {
+            Self::V1_0 => "legacy",
+            Self::Today => "today",
+        }
+    }
+}
+
+/// The `fx-legacy` library as build `build`, built with the dev profile into the shared
+/// target dir (once per process). Like [`library`], cargo's output, which a build by another
+/// process re-links: copy it into a sandbox before loading it repeatedly.
+///
+/// # Panics
+/// If the build fails (with cargo's output).
+pub fn legacy_plugin(build: LegacyBuild) -> PathBuf {
+    build_compat(build.workspace());
+    target_dir().join("debug").join(build.file_name())
+}
+
+/// The 1.0 host (`tests/compat/legacy-host`): a program built against the frozen
+/// plugind-api 1.0.0 source's `hosting` that loads a plugin library and prints one JSON line
+/// per event (see `tests/compat/README.md`). Built once per process.
+///
+/// # Panics
+/// If the build fails (with cargo's output).
+pub fn legacy_host() -> PathBuf {
+    build_compat(LegacyBuild::V1_0.workspace());
+    target_dir().join("debug").join("legacy-host")
+}
+
+/// Builds the compatibility workspace at `workspace` (relative to the repository root) once
+/// per process, offline: its `Cargo.lock` holds the root lock file's versions.
+fn build_compat(workspace: &'static str) {
+    static BUILT: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    if built.contains(&workspace) {
+        return;
+    }
+    let manifest = repo_root().join(workspace).join("Cargo.toml");
+    let output = cargo_build_command(&manifest, Profile::Dev.name())
+        .arg("--offline")
+        .output()
+        .expect("cargo runs");
+    assert!(
+        output.status.success(),
+        "building {} failed:\n{}",
+        manifest.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    built.push(workspace);
 }
