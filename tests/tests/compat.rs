@@ -616,7 +616,7 @@ fn the_1_0_host_accepts_an_appended_root_module_field_and_refuses_a_changed_layo
     assert_eq!(code, Some(0), "{reports:#?}");
     assert_eq!(
         events(&reports, "loaded")[0]["manifest"]["api_version"],
-        "1.1.0"
+        "1.2.0"
     );
     assert_eq!(outcomes(&reports), ["ack"]);
 
@@ -628,4 +628,29 @@ fn the_1_0_host_accepts_an_appended_root_module_field_and_refuses_a_changed_layo
     assert_eq!(refused[0]["stage"], "layout");
     let message = refused[0]["message"].as_str().unwrap_or_default();
     assert!(message.contains("expected u8, found u16"), "{message}");
+}
+
+#[test]
+fn a_1_1_plugin_that_defers_refuses_itself_in_a_1_0_host_naming_both_versions() {
+    // fx-defer (DEFERS) and fx-async (an AsyncPlugin) need 1.1's tokens; a 1.0 daemon would
+    // count every deferred attempt as failed, so they refuse to start there, before `new`.
+    for (fixture, config) in [
+        ("fx-defer", r#"{"report": "/dev/null"}"#),
+        ("fx-async", "{}"),
+    ] {
+        let (code, reports) =
+            run_legacy_host(&fixtures::library(fixture, Profile::Dev), config, &[]);
+        assert_eq!(code, Some(1), "{fixture}: {reports:#?}");
+        let refused = events(&reports, "instantiate_error");
+        assert_eq!(refused.len(), 1, "{fixture}: {reports:#?}");
+        let message = refused[0]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("plugind-api 1.1.0") && message.contains("older than 1.1 (1.0)"),
+            "{fixture}: {message}"
+        );
+        assert!(
+            outcomes(&reports).is_empty(),
+            "nothing was handled: {reports:#?}"
+        );
+    }
 }

@@ -162,15 +162,24 @@ fn init_root_module(
     })?;
     // A fresh checker per library: the process-global one keeps pointers into libraries
     // that may be unloaded later, and the next check through it would crash.
-    check_layout_compatibility_with_globals(
-        <PluginModRef as StableAbi>::LAYOUT,
-        layout,
-        &CheckingGlobals::new(),
-    )
-    .map_err(|e| LoadError::IncompatibleAbi {
-        path: path.to_owned(),
-        detail: abi_error::summarize(&e.to_string()),
-    })?;
+    let ours = <PluginModRef as StableAbi>::LAYOUT;
+    check_layout_compatibility_with_globals(ours, layout, &CheckingGlobals::new())
+        .or_else(|newer_plugin_check| {
+            // abi_stable lets the library's prefix types have more fields than ours (a
+            // plugin built against a later 1.x), never fewer. A plugin built against an
+            // earlier 1.x has fewer (1.1 appended to `PluginMod`, `HostVTable` and
+            // `MessageVTable`): checked the other way round, every common field must still
+            // match exactly, and every accessor of a field it lacks returns `None`, which
+            // the host reads as "an older plugin" (the evolution rule in plugind-api's
+            // `abi`). A layout that differs otherwise fails both ways and is refused with
+            // the first check's words.
+            check_layout_compatibility_with_globals(layout, ours, &CheckingGlobals::new())
+                .map_err(|_| newer_plugin_check)
+        })
+        .map_err(|e| LoadError::IncompatibleAbi {
+            path: path.to_owned(),
+            detail: abi_error::summarize(&e.to_string()),
+        })?;
     // SAFETY: the layout was checked just above against a fresh checker; this still checks
     // the package name and version.
     unsafe { header.init_root_module_with_unchecked_layout::<PluginModRef>() }
