@@ -23,7 +23,8 @@ pub fn plugind_release() -> PathBuf {
     BUILT.get_or_init(|| build(true)).clone()
 }
 
-/// The library of the example plugin `package` (`"file-sink"`, `"transform"`, `"bench"`), as
+/// The library of the example plugin `package` (`"file-sink"`, `"transform"`, `"bench"`,
+/// `"webhook"`), as
 /// `cargo test --workspace` builds it (its cdylib, debug build), built once per process.
 ///
 /// # Panics
@@ -42,6 +43,8 @@ pub fn example_plugin(package: &str) -> PathBuf {
                 "transform",
                 "-p",
                 "bench",
+                "-p",
+                "webhook",
             ])
             .output()
             .expect("cargo runs");

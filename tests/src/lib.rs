@@ -25,6 +25,7 @@ pub mod binary;
 pub mod daemon;
 pub mod fixtures;
 pub mod history;
+pub mod http_server;
 pub mod ledger_support;
 pub mod powercut;
 pub mod record;
