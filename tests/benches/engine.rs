@@ -3,7 +3,8 @@
 //! the real loader) → settlement recorded, delivery and message garbage-collected.
 //!
 //! Run: `cargo bench -p plugind-tests --bench engine` (`-- N` to change the message count,
-//! default 10,000,000; `--json` for JSON). Payloads are 256 bytes, published in batches of
+//! default 10,000,000; `--json` for JSON; `--defer` for the fx-settler plugin instead, which
+//! defers every message and acks it from a second thread: plugind-api 1.1's deferred path). Payloads are 256 bytes, published in batches of
 //! 256, all slices of one shared buffer (no copy). A second, shorter run counts allocations.
 
 use std::{
@@ -100,15 +101,20 @@ fn main() {
         .iter()
         .find_map(|a| a.parse().ok())
         .unwrap_or(10_000_000);
+    let defer = args.iter().any(|a| a == "--defer");
+    let plugin = if defer { "fx-settler" } else { "fx-noop" };
     let sandbox = Sandbox::new("bench");
     sandbox.dir("plugins.d");
     sandbox.copy(
-        "plugins.d/fx-noop.so",
-        &fixtures::library("fx-noop", Profile::Release),
+        &format!("plugins.d/{plugin}.so"),
+        &fixtures::library(plugin, Profile::Release),
     );
-    let text = "[host]\nautoload = false\n\n[plugins.noop]\nplugin = \"fx-noop\"\ntopics = [\"bench.>\"]\nmax_backlog = \"64MiB\"\n";
-    let path = sandbox.put("plugins.toml", text);
-    let config = config::parse(&path, text).unwrap_or_else(|e| panic!("{}", e.render()));
+    let text = format!(
+        "[host]\nautoload = false\n\n[plugins.noop]\nplugin = \"{plugin}\"\n\
+         topics = [\"bench.>\"]\nmax_backlog = \"64MiB\"\nmax_in_flight = 4096\n"
+    );
+    let path = sandbox.put("plugins.toml", &text);
+    let config = config::parse(&path, &text).unwrap_or_else(|e| panic!("{}", e.render()));
     let options = EngineOptions {
         clock: Arc::new(SystemClock),
         probe: None,
@@ -135,12 +141,17 @@ fn main() {
 
     if json {
         println!(
-            "{{\"messages\":{n},\"seconds\":{:.3},\"msgs_per_sec\":{rate:.0},\"ns_per_msg\":{ns:.1},\"allocations_per_msg\":{per_message:.2}}}",
+            "{{\"plugin\":\"{plugin}\",\"messages\":{n},\"seconds\":{:.3},\"msgs_per_sec\":{rate:.0},\"ns_per_msg\":{ns:.1},\"allocations_per_msg\":{per_message:.2}}}",
             elapsed.as_secs_f64()
         );
     } else {
         println!(
-            "engine, in process: {n} messages of 256 bytes, batches of {BATCH}, one no-op plugin"
+            "engine, in process: {n} messages of 256 bytes, batches of {BATCH}, one {} plugin",
+            if defer {
+                "deferring (acks from a second thread)"
+            } else {
+                "no-op"
+            }
         );
         println!(
             "  {:.2} s, {rate:.0} msgs/s, {ns:.0} ns/msg",

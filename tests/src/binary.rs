@@ -60,6 +60,27 @@ pub fn example_plugin(package: &str) -> PathBuf {
         .join(format!("lib{}.so", package.replace('-', "_")))
 }
 
+/// The release build of example plugin `package`, built once per process (for benchmarks).
+///
+/// # Panics
+/// If the build fails (with cargo's output).
+pub fn example_plugin_release(package: &str) -> PathBuf {
+    let output = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .current_dir(repo_root())
+        .args(["build", "--quiet", "--release", "-p", package])
+        .output()
+        .expect("cargo runs");
+    assert!(
+        output.status.success(),
+        "building {package} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| repo_root().join("target"), PathBuf::from)
+        .join("release")
+        .join(format!("lib{}.so", package.replace('-', "_")))
+}
+
 fn build(release: bool) -> PathBuf {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut command = Command::new(cargo);

@@ -56,6 +56,7 @@ impl Answer {
 type Script = dyn Fn(&Received) -> Answer + Send + Sync;
 
 /// The running server; stops when dropped.
+#[allow(missing_debug_implementations)]
 pub struct HttpServer {
     addr: SocketAddr,
     received: Arc<Mutex<Vec<Received>>>,

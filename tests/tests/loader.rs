@@ -285,7 +285,7 @@ fn a_declared_api_major_other_than_ours_is_refused_before_loading() {
         "api2.so",
         patched(
             &bytes,
-            b"\"api_version\":\"1.0.0\"",
+            format!("\"api_version\":\"{}\"", plugind_api::API_VERSION).as_bytes(),
             b"\"api_version\":\"2.0.0\"",
         ),
     );
