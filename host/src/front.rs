@@ -270,10 +270,31 @@ impl Front {
     ///
     /// # Errors
     /// [`OperateError::LogLevel`] when the filter does not parse.
+    ///
+    /// A directive naming an instance (`enricher=debug`) applies to that instance's plugin
+    /// events (target `plugin::enricher`), which reach the plugin's own level checks.
     pub fn set_log_level(&self, level: &str) -> Result<String, OperateError> {
-        let now = (self.log_level)(level).map_err(OperateError::LogLevel)?;
+        let level = self.instance_directives(level);
+        let now = (self.log_level)(&level).map_err(OperateError::LogLevel)?;
         tracing::info!(level = %now, "log level changed");
         Ok(now)
+    }
+
+    /// `level` with each directive whose target is an instance's name aimed at that
+    /// instance's plugin events (`plugin::NAME`).
+    fn instance_directives(&self, level: &str) -> String {
+        level
+            .split(',')
+            .map(|directive| match directive.trim().split_once('=') {
+                Some((target, level))
+                    if !target.contains("::") && self.engine.instance(target).is_some() =>
+                {
+                    format!("plugin::{target}={level}")
+                }
+                _ => directive.trim().to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// A watch of the events: the ones kept now first, then each new one; ended when it

@@ -50,6 +50,7 @@ pub mod ledger;
 pub mod loader;
 pub mod message;
 pub mod notify;
+pub mod plugin_log;
 pub mod quarantine;
 pub mod quote;
 pub mod routing;

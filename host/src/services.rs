@@ -1,6 +1,7 @@
 //! The host services of one instance generation, lent to its plugin through the ABI: its
 //! identity, logging into the daemon's log tagged with instance, plugin, version and
-//! generation, and publishing.
+//! generation (`plugin_log`: the plugin's fields as fields, target `plugin::<instance>`),
+//! and publishing.
 //!
 //! Publishing inside `handle` (on the actor's thread, during the call) *stages* the child:
 //! it travels back with the attempt's settlement and is committed only if the attempt acks,
@@ -210,23 +211,6 @@ fn with_hops(headers: &[KeyValue<'_>], hops: u32) -> Vec<(String, String)> {
     owned
 }
 
-macro_rules! plugin_event {
-    ($level:expr, $id:expr, $target:expr, $fields:expr, $message:expr) => {
-        tracing::event!(
-            target: "plugin",
-            $level,
-            instance = %$id.instance,
-            plugin = %$id.plugin,
-            version = %$id.version,
-            generation = $id.generation,
-            plugin_target = $target,
-            fields = $fields,
-            "{}",
-            $message
-        )
-    };
-}
-
 impl Services for InstanceServices {
     fn instance_name(&self) -> &str {
         &self.identity.instance
@@ -241,29 +225,15 @@ impl Services for InstanceServices {
     }
 
     fn log_enabled(&self, level: Level) -> bool {
-        match level {
-            Level::Error => tracing::enabled!(target: "plugin", tracing::Level::ERROR),
-            Level::Warn => tracing::enabled!(target: "plugin", tracing::Level::WARN),
-            Level::Info => tracing::enabled!(target: "plugin", tracing::Level::INFO),
-            Level::Debug => tracing::enabled!(target: "plugin", tracing::Level::DEBUG),
-            Level::Trace => tracing::enabled!(target: "plugin", tracing::Level::TRACE),
-        }
+        crate::plugin_log::enabled(&self.identity.instance, level)
     }
 
     fn log(&self, level: Level, target: &str, message: &str, fields: &[KeyValue<'_>]) {
-        let fields: String = fields
+        let fields: Vec<(&str, &str)> = fields
             .iter()
-            .map(|kv| format!("{}={}", kv.key.as_str(), kv.value.as_str()))
-            .collect::<Vec<_>>()
-            .join(" ");
-        let id = &self.identity;
-        match level {
-            Level::Error => plugin_event!(tracing::Level::ERROR, id, target, fields, message),
-            Level::Warn => plugin_event!(tracing::Level::WARN, id, target, fields, message),
-            Level::Info => plugin_event!(tracing::Level::INFO, id, target, fields, message),
-            Level::Debug => plugin_event!(tracing::Level::DEBUG, id, target, fields, message),
-            Level::Trace => plugin_event!(tracing::Level::TRACE, id, target, fields, message),
-        }
+            .map(|kv| (kv.key.as_str(), kv.value.as_str()))
+            .collect();
+        crate::plugin_log::emit(&self.identity, level, target, message, &fields);
     }
 
     fn publish(

@@ -50,6 +50,15 @@ fn plugin(d: &Daemon, name: &str) -> serde_json::Value {
         .unwrap_or_else(|| panic!("no instance {name}"))
 }
 
+/// Runs `publish` with instance `name` paused, then resumes it: everything published is
+/// handed out together, however slowly the publishes went.
+fn held<T>(d: &Daemon, name: &str, publish: impl FnOnce() -> T) -> T {
+    ctl_json(d, &["pause", name]);
+    let published = publish();
+    ctl_json(d, &["resume", name]);
+    published
+}
+
 fn publish(d: &Daemon, headers: &[(&str, &str)]) -> u64 {
     let mut args = Vec::new();
     for (k, v) in headers {
@@ -66,9 +75,11 @@ fn async_handlers_run_concurrently_on_the_plugins_own_runtime() {
     let (s, config, _) = setup("async-many", "workers = 2");
     let d = Daemon::start(s, &config);
     // 30 handlers that each await tokio's timer for 300 ms.
-    for _ in 0..30 {
-        publish(&d, &[("sleep-ms", "300")]);
-    }
+    held(&d, "a", || {
+        for _ in 0..30 {
+            publish(&d, &[("sleep-ms", "300")]);
+        }
+    });
     let mut most = 0;
     wait_until("30 acks", &d, || {
         let p = plugin(&d, "a");
@@ -132,9 +143,11 @@ fn host_publish_inside_a_future_is_a_child_committed_only_with_its_ack() {
 fn a_swapped_out_async_generation_drains_and_its_library_is_unloaded_not_retained() {
     let (s, config, _) = setup("async-swap", "");
     let d = Daemon::start(s, &config);
-    for _ in 0..50 {
-        publish(&d, &[("sleep-ms", "1000")]);
-    }
+    held(&d, "a", || {
+        for _ in 0..50 {
+            publish(&d, &[("sleep-ms", "3000")]);
+        }
+    });
     wait_until("50 deferred", &d, || plugin(&d, "a")["deferred"] == 50);
     let out = d.cli(&["ctl", "reload", "a"]);
     assert!(out.status.success(), "{out:?}");
@@ -157,4 +170,42 @@ fn a_swapped_out_async_generation_drains_and_its_library_is_unloaded_not_retaine
     let (status, log) = d.stop();
     assert!(status.success());
     assert!(!log.contains("library retained"), "{log}");
+}
+
+#[test]
+fn a_plugins_events_from_its_runtime_reach_the_log_as_fields_under_a_filter_per_instance() {
+    let (s, config, _) = setup("async-logs", "");
+    let config = config.replace("[host]\n", "[host]\nlog_format = \"json\"\n");
+    let d = Daemon::start(s, &config);
+    let lines = |d: &Daemon| -> Vec<serde_json::Value> {
+        d.log()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .filter(|v: &serde_json::Value| v["fields"]["message"] == "handled")
+            .collect()
+    };
+    let first = publish(&d, &[]);
+    wait_until("an ack", &d, || plugin(&d, "a")["acked"] == 1);
+    assert!(lines(&d).is_empty(), "debug is off by default");
+    // `a=debug`: that instance's plugin events, down to its own `tracing::debug!`.
+    let set = ctl_json(&d, &["log-level", "info,a=debug"]);
+    assert_eq!(set["level"], "plugin::a=debug,info", "{set}");
+    let second = publish(&d, &[]);
+    wait_until("the debug event", &d, || !lines(&d).is_empty());
+    let handled = lines(&d);
+    assert_eq!(handled.len(), 1, "{handled:?}");
+    let event = &handled[0];
+    assert_eq!(event["target"], "plugin::a");
+    let fields = &event["fields"];
+    assert_eq!(
+        fields["id"],
+        second.to_string(),
+        "the plugin's own field: {event}"
+    );
+    assert_eq!(fields["attempt"], "1");
+    assert_eq!(fields["instance"], "a");
+    assert_eq!(fields["plugin"], "fx-async");
+    assert_eq!(fields["generation"], 1);
+    assert!(first < second);
+    d.stop();
 }

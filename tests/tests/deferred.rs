@@ -114,6 +114,15 @@ fn publish(d: &Daemon, headers: &[(&str, &str)]) -> u64 {
         .unwrap_or_else(|e| panic!("publish refused: {e}\n{}", d.history()))
 }
 
+/// Runs `publish` with instance `name` paused, then resumes it: everything published is
+/// handed out together, however slowly the publishes went (each is a CLI process).
+fn held<T>(d: &Daemon, name: &str, publish: impl FnOnce() -> T) -> T {
+    ctl_json(d, &["pause", name]);
+    let published = publish();
+    ctl_json(d, &["resume", name]);
+    published
+}
+
 fn acked(d: &Daemon) -> u64 {
     plugin(d, "d")["acked"].as_u64().unwrap()
 }
@@ -124,9 +133,11 @@ fn deferred_attempts_are_acked_from_another_thread_many_at_once() {
     let d = Daemon::start(s, &config);
     // 40 messages each settled 300 ms after its call: with one attempt at a time this would
     // take 12 s; deferred, they are all outstanding together.
-    let ids: Vec<u64> = (0..40)
-        .map(|_| publish(&d, &[("after-ms", "300")]))
-        .collect();
+    let ids: Vec<u64> = held(&d, "d", || {
+        (0..40)
+            .map(|_| publish(&d, &[("after-ms", "300")]))
+            .collect()
+    });
     let mut most = 0;
     wait_until("40 acks", &d, || {
         let p = plugin(&d, "d");
@@ -294,14 +305,17 @@ fn sigkill_with_outstanding_tokens_charges_a_crash_and_redelivers() {
 fn a_graceful_stop_waits_for_outstanding_tokens_then_releases_the_rest_without_failure() {
     let (s, config, report_path, _) = setup("defer-stop", "fsync", "");
     let d = Daemon::start(s, &config);
-    // Settled 500 ms into the stop's 3 s grace period.
-    let soon: Vec<u64> = (0..5)
-        .map(|_| publish(&d, &[("after-ms", "1000")]))
-        .collect();
-    // Never settled: released at the end of the grace period.
-    let never: Vec<u64> = (0..5)
-        .map(|_| publish(&d, &[("settle", "never"), ("until-attempt", "1")]))
-        .collect();
+    let (soon, never) = held(&d, "d", || {
+        // Settled a second after their call: within the stop's 3 s grace period.
+        let soon: Vec<u64> = (0..5)
+            .map(|_| publish(&d, &[("after-ms", "1000")]))
+            .collect();
+        // Never settled: released at the end of the grace period.
+        let never: Vec<u64> = (0..5)
+            .map(|_| publish(&d, &[("settle", "never"), ("until-attempt", "1")]))
+            .collect();
+        (soon, never)
+    });
     wait_until("10 deferred", &d, || plugin(&d, "d")["deferred"] == 10);
     let started = Instant::now();
     let (status, s) = d.stop_keeping_state();
@@ -336,9 +350,11 @@ fn a_graceful_stop_waits_for_outstanding_tokens_then_releases_the_rest_without_f
 fn a_swap_with_100_outstanding_tokens_loses_and_duplicates_nothing() {
     let (s, config, report_path, _) = setup("defer-swap", "fsync", "");
     let d = Daemon::start(s, &config);
-    let ids: Vec<u64> = (0..100)
-        .map(|_| publish(&d, &[("after-ms", "1500")]))
-        .collect();
+    let ids: Vec<u64> = held(&d, "d", || {
+        (0..100)
+            .map(|_| publish(&d, &[("after-ms", "3000")]))
+            .collect()
+    });
     wait_until("100 deferred", &d, || plugin(&d, "d")["deferred"] == 100);
     // A new generation while they are out; the old one drains.
     let out = d.cli(&["ctl", "reload", "d"]);
@@ -389,21 +405,25 @@ fn an_ordering_key_hands_out_one_delivery_per_key_at_a_time_in_order() {
     let (s, config, report_path, _) =
         setup_reporting("defer-order", "fsync", "ordering_key = \"k\"", true);
     let d = Daemon::start(s, &config);
-    // Key a: the first retries once (the key stays held through its backoff).
-    let a1 = publish(
-        &d,
-        &[
-            ("k", "a"),
-            ("after-ms", "150"),
-            ("settle", "retry"),
-            ("until-attempt", "1"),
-        ],
-    );
-    let a2 = publish(&d, &[("k", "a"), ("after-ms", "150")]);
-    let a3 = publish(&d, &[("k", "a"), ("after-ms", "150")]);
-    let b1 = publish(&d, &[("k", "b"), ("after-ms", "150")]);
-    let b2 = publish(&d, &[("k", "b"), ("after-ms", "150")]);
-    let free = publish(&d, &[("after-ms", "150")]);
+    let (a1, a2, a3, b1, b2, free) = held(&d, "d", || {
+        (
+            // Key a: the first retries once (the key stays held through its backoff).
+            publish(
+                &d,
+                &[
+                    ("k", "a"),
+                    ("after-ms", "150"),
+                    ("settle", "retry"),
+                    ("until-attempt", "1"),
+                ],
+            ),
+            publish(&d, &[("k", "a"), ("after-ms", "150")]),
+            publish(&d, &[("k", "a"), ("after-ms", "150")]),
+            publish(&d, &[("k", "b"), ("after-ms", "150")]),
+            publish(&d, &[("k", "b"), ("after-ms", "150")]),
+            publish(&d, &[("after-ms", "150")]),
+        )
+    });
     // Seven settles: a1 twice.
     wait_until("7 settles", &d, || {
         timeline(&report_path)
