@@ -540,6 +540,7 @@ impl DispatchLoop {
                 });
             }
             if !batch.is_empty() {
+                queue.stats.handed_out += batch.len() as u64;
                 handoffs.push((instance, batch));
             }
         }

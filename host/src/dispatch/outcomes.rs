@@ -14,6 +14,7 @@ use crate::{
     delivery::{Failure, Transition},
     events::EventKind,
     ledger::Record,
+    outcomes::OutcomeKind,
     routing::InstanceId,
 };
 
@@ -56,7 +57,7 @@ impl DispatchLoop {
                     message: s.message,
                     instance,
                 });
-                queue.stats.acked += 1;
+                queue.stats.outcomes.count(OutcomeKind::Ack);
                 // Children commit in the same batch as their parent's ack.
                 let children = self.ingress.admit_children(s.children, now, records);
                 self.finish(key);
@@ -72,6 +73,7 @@ impl DispatchLoop {
                 // rejected probe closes it; left open, it would wait for that message
                 // forever).
                 queue.slot.breaker.on_success(s.message);
+                queue.stats.outcomes.count(OutcomeKind::Reject);
                 let live = self.live.get_mut(&key).expect("checked in flight above");
                 live.delivery
                     .reject(s.attempt, &reason, now)
@@ -135,6 +137,7 @@ impl DispatchLoop {
         ) else {
             return;
         };
+        queue.stats.outcomes.count(&failure);
         if verdict.charged {
             queue.stats.failures += 1;
         }

@@ -1,0 +1,301 @@
+//! The metrics endpoint end to end: `[host] metrics` serves `/metrics` (the classic text
+//! format by default, OpenMetrics when asked), `/healthz` and `/readyz`; a scrape's counters
+//! and histograms move by what the daemon did, show the same numbers as `ctl status`, and
+//! pass `promtool check metrics`; a changed address needs a restart.
+
+use std::{net::SocketAddr, time::Duration};
+
+use plugind_tests::{
+    daemon::Daemon,
+    metrics::{self, Scrape},
+    sandbox::Sandbox,
+};
+
+const CONFIG: &str = "\
+[host]
+durability = \"fsync\"
+autoload = false
+metrics = \"127.0.0.1:0\"
+
+[defaults]
+max_attempts = 2
+backoff = { initial = \"10ms\", max = \"10ms\", jitter = 0.0 }
+
+[plugins.echo]
+plugin = \"fx-echo\"
+topics = [\"demo.>\"]
+";
+
+fn start() -> (Daemon, SocketAddr) {
+    let d = Daemon::start(Sandbox::with_fixtures("metrics", &["fx-echo"]), CONFIG);
+    let addr = metrics::address_in(&d.log());
+    (d, addr)
+}
+
+/// `after - before` of one sample.
+fn moved(before: &Scrape, after: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    after.value(name, labels) - before.value(name, labels)
+}
+
+/// Waits (30 s at most) until `done` holds for a fresh scrape; returns it.
+fn scrape_until(addr: SocketAddr, what: &str, done: impl Fn(&Scrape) -> bool) -> Scrape {
+    let started = std::time::Instant::now();
+    loop {
+        let scrape = Scrape::take(addr);
+        if done(&scrape) {
+            return scrape;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "not {what} after 30 s:\n{}",
+            scrape.text
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_scrape_counts_what_the_daemon_did_and_promtool_accepts_it() {
+    let (d, addr) = start();
+    let echo = [("plugin_instance", "echo")];
+    let before = Scrape::take(addr);
+    assert_eq!(before.value("plugind_handed_out_total", &echo), 0.0);
+
+    for n in 0..3 {
+        d.publish("demo.ok", &format!("m{n}"), &[]).unwrap();
+    }
+    d.publish("demo.no", "x", &["-H", "outcome=reject"])
+        .unwrap();
+    d.publish("demo.later", "x", &["-H", "outcome=retry"])
+        .unwrap();
+    d.publish("nowhere.at.all", "x", &[]).unwrap();
+    d.publish("", "x", &[]).unwrap_err();
+
+    // 3 acks, 1 rejection, 2 retries (the second exhausts max_attempts): 6 calls.
+    let after = scrape_until(addr, "every attempt settled", |s| {
+        s.value("plugind_dead_lettered_total", &echo) == 2.0
+            && s.value("plugind_backlog_messages", &echo) == 0.0
+    });
+    let outcome = |kind| {
+        moved(
+            &before,
+            &after,
+            "plugind_outcomes_total",
+            &[echo[0], ("kind", kind)],
+        )
+    };
+    assert_eq!(outcome("ack"), 3.0);
+    assert_eq!(outcome("reject"), 1.0);
+    assert_eq!(outcome("retry"), 2.0);
+    for kind in ["timeout", "panic", "crash", "error", "dropped"] {
+        assert_eq!(outcome(kind), 0.0, "{kind}");
+    }
+    assert_eq!(
+        moved(&before, &after, "plugind_handed_out_total", &echo),
+        6.0
+    );
+    assert_eq!(
+        moved(
+            &before,
+            &after,
+            "plugind_handle_duration_seconds_count",
+            &echo
+        ),
+        6.0,
+        "every call is timed"
+    );
+    assert_eq!(
+        moved(
+            &before,
+            &after,
+            "plugind_publish_to_settle_seconds_count",
+            &echo
+        ),
+        4.0,
+        "the acks and the rejection settle at their call"
+    );
+    assert_eq!(
+        after.value(
+            "plugind_handle_duration_seconds_bucket",
+            &[echo[0], ("le", "+Inf")]
+        ),
+        after.value("plugind_handle_duration_seconds_count", &echo)
+    );
+    assert_eq!(
+        moved(&before, &after, "plugind_publishes_accepted_total", &[]),
+        6.0
+    );
+    assert_eq!(
+        after.value(
+            "plugind_publishes_refused_total",
+            &[("code", "INVALID_ARGUMENT")]
+        ),
+        1.0
+    );
+    assert_eq!(moved(&before, &after, "plugind_unrouted_total", &[]), 1.0);
+    assert_eq!(
+        after.value("plugind_instance_state", &[echo[0], ("state", "running")]),
+        1.0
+    );
+    assert_eq!(
+        after.value("plugind_circuit_state", &[echo[0], ("state", "closed")]),
+        1.0
+    );
+    assert_eq!(after.value("plugind_instance_generation", &echo), 1.0);
+    assert_eq!(
+        after.value("plugind_instance_info", &[echo[0], ("plugin", "fx-echo")]),
+        1.0
+    );
+    assert_eq!(
+        after.value("plugind_backlog_limit_bytes", &echo),
+        1024.0 * 1024.0 * 1024.0,
+        "the default max_backlog"
+    );
+
+    // The ledger's histograms come from the figures its commits keep: every fsync and every
+    // commit is in them.
+    let fsyncs = moved(&before, &after, "plugind_ledger_fsyncs_total", &[]);
+    assert!(fsyncs > 0.0, "publishes in fsync mode are synced");
+    assert_eq!(
+        after.value("plugind_ledger_fsync_duration_seconds_count", &[]),
+        after.value("plugind_ledger_fsyncs_total", &[])
+    );
+    assert_eq!(
+        after.value("plugind_ledger_commit_duration_seconds_count", &[]),
+        after.value("plugind_ledger_commits_total", &[])
+    );
+    assert_eq!(
+        after.value("plugind_ledger_commit_records_count", &[]),
+        after.value("plugind_ledger_commits_total", &[])
+    );
+    assert_eq!(
+        after.value("plugind_events_total", &[("kind", "dead_lettered")]),
+        2.0
+    );
+
+    // One source: `ctl plugins` shows the numbers the scrape shows.
+    let out = d.cli(&["ctl", "plugins", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let shown = shown["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == "echo")
+        .unwrap()
+        .clone();
+    let pairs = [
+        (
+            "acked",
+            "plugind_outcomes_total",
+            vec![echo[0], ("kind", "ack")],
+        ),
+        ("failures", "plugind_failures_charged_total", echo.to_vec()),
+        (
+            "dead_lettered",
+            "plugind_dead_lettered_total",
+            echo.to_vec(),
+        ),
+        ("backlog", "plugind_backlog_messages", echo.to_vec()),
+        ("backlog_bytes", "plugind_backlog_bytes", echo.to_vec()),
+        ("queue_depth", "plugind_queue_depth", echo.to_vec()),
+        ("in_flight", "plugind_in_flight", echo.to_vec()),
+        ("generation", "plugind_instance_generation", echo.to_vec()),
+    ];
+    for (field, metric, labels) in pairs {
+        assert_eq!(
+            shown[field].as_u64().unwrap_or(0),
+            after.value(metric, &labels) as u64,
+            "ctl plugins `{field}` and {metric}: {shown}"
+        );
+    }
+    assert_eq!(shown["acked"].as_u64(), Some(3));
+
+    // Prometheus's own checker takes the scrape as it is (no lint, no error).
+    let checked =
+        metrics::run_promtool(&["check", "metrics"], Some(&after.text), d.sandbox().path());
+    assert!(
+        checked.status.success() && checked.stdout.is_empty() && checked.stderr.is_empty(),
+        "promtool check metrics: {}{}\n{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr),
+        after.text
+    );
+    d.stop();
+}
+
+#[test]
+fn the_endpoint_answers_health_readiness_and_openmetrics_and_nothing_else() {
+    let (d, addr) = start();
+    let health = metrics::get(addr, "/healthz");
+    assert_eq!((health.status, health.body.as_str()), (200, "ok\n"));
+    let ready = metrics::get(addr, "/readyz");
+    assert_eq!((ready.status, ready.body.as_str()), (200, "ready\n"));
+    assert_eq!(metrics::get(addr, "/").status, 404);
+    assert_eq!(metrics::get(addr, "/metrics/extra").status, 404);
+    let post = metrics::request(addr, "POST", "/metrics", &[("Content-Length", "0")]);
+    assert_eq!(post.status, 405);
+    assert_eq!(
+        post.headers.get("allow").map(String::as_str),
+        Some("GET, HEAD")
+    );
+
+    let open = metrics::request(
+        addr,
+        "GET",
+        "/metrics",
+        &[(
+            "Accept",
+            "application/openmetrics-text; version=1.0.0,text/plain;q=0.5",
+        )],
+    );
+    assert_eq!(open.status, 200);
+    assert!(
+        open.headers["content-type"].starts_with("application/openmetrics-text; version=1.0.0"),
+        "{open:?}"
+    );
+    assert!(open.body.ends_with("# EOF\n"), "{}", open.body);
+    assert!(
+        open.body.contains("# TYPE plugind_outcomes counter\n"),
+        "{}",
+        open.body
+    );
+    let (status, log) = d.stop();
+    assert!(status.success(), "{status}\n{log}");
+    assert!(
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err(),
+        "the endpoint stops with the daemon"
+    );
+}
+
+#[test]
+fn a_changed_metrics_address_needs_a_restart_and_the_running_one_keeps_serving() {
+    let (d, addr) = start();
+    d.sandbox()
+        .put("plugins.toml", CONFIG.replace("127.0.0.1:0", "127.0.0.1:1"));
+    let out = d.cli(&["ctl", "reload", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let applied: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        applied["restart_required"],
+        serde_json::json!(["metrics"]),
+        "{applied}"
+    );
+    assert_eq!(metrics::get(addr, "/healthz").status, 200);
+    d.stop();
+}
+
+#[test]
+fn a_metrics_address_in_use_stops_the_start_with_its_cause() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let config = CONFIG.replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let sandbox = Sandbox::with_fixtures("metrics-taken", &["fx-echo"]);
+    let (status, sandbox) = Daemon::start_expecting_exit(sandbox, &config, Duration::from_secs(10));
+    let log = std::fs::read_to_string(sandbox.path().join("daemon.log")).unwrap_or_default();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains(&format!("metrics endpoint 127.0.0.1:{port}")),
+        "{log}"
+    );
+}
