@@ -299,3 +299,115 @@ fn a_metrics_address_in_use_stops_the_start_with_its_cause() {
         "{log}"
     );
 }
+
+/// The repository's `deploy/` folder.
+fn deploy() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .canonicalize()
+        .expect("deploy/ exists")
+}
+
+/// Every `plugind_…` name in `expr`.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("plugind_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        names.push(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// The PromQL of the shipped rules (`expr:` lines) and dashboard (every `expr` field).
+fn shipped_queries() -> Vec<(String, String)> {
+    let dir = deploy();
+    let rules = std::fs::read_to_string(dir.join("prometheus/plugind.rules.yml")).unwrap();
+    let mut queries: Vec<(String, String)> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("expr:"))
+        .map(|e| ("plugind.rules.yml".to_owned(), e.trim().to_owned()))
+        .collect();
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("grafana/plugind.json")).unwrap())
+            .expect("the dashboard is JSON");
+    fn exprs(v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+        match v {
+            serde_json::Value::Object(map) => {
+                for (key, value) in map {
+                    match (key.as_str(), value) {
+                        ("expr" | "query" | "definition", serde_json::Value::String(e)) => {
+                            out.push(("plugind.json".to_owned(), e.clone()));
+                        }
+                        _ => exprs(value, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|i| exprs(i, out)),
+            _ => {}
+        }
+    }
+    exprs(&dashboard, &mut queries);
+    queries
+}
+
+#[test]
+fn the_shipped_alert_rules_pass_promtool_check_and_their_unit_tests() {
+    let dir = deploy().join("prometheus");
+    let checked = metrics::run_promtool(&["check", "rules", "plugind.rules.yml"], None, &dir);
+    assert!(
+        checked.status.success(),
+        "promtool check rules: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    let tested = metrics::run_promtool(&["test", "rules", "plugind.rules.test.yml"], None, &dir);
+    assert!(
+        tested.status.success(),
+        "promtool test rules: {}{}",
+        String::from_utf8_lossy(&tested.stdout),
+        String::from_utf8_lossy(&tested.stderr)
+    );
+    let rules = std::fs::read_to_string(dir.join("plugind.rules.yml")).unwrap();
+    let tests = std::fs::read_to_string(dir.join("plugind.rules.test.yml")).unwrap();
+    for alert in rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+    {
+        assert!(
+            tests.contains(&format!("alertname: {alert}\n")),
+            "{alert} has no unit test in plugind.rules.test.yml"
+        );
+    }
+}
+
+#[test]
+fn every_metric_the_rules_and_the_dashboard_name_appears_in_a_scrape() {
+    let (d, addr) = start();
+    // A refusal, so that the refusals' family has a sample.
+    d.publish("", "x", &[]).unwrap_err();
+    d.publish("demo.ok", "x", &[]).unwrap();
+    let scrape = Scrape::take(addr);
+    let scraped = scrape.names();
+    let queries = shipped_queries();
+    assert!(queries.len() > 10, "{queries:?}");
+    let mut missing = Vec::new();
+    for (file, query) in &queries {
+        for name in metric_names(query) {
+            if !scraped.contains(name.as_str()) {
+                missing.push(format!("{file}: {name} (in `{query}`)"));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "named by the rules or the dashboard, absent from a scrape:\n{}\n\nscrape:\n{}",
+        missing.join("\n"),
+        scrape.text
+    );
+    d.stop();
+}
