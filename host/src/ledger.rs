@@ -386,6 +386,9 @@ pub struct CommitStats {
     pub bytes: u64,
     /// Passive checkpoints the syncer ran.
     pub checkpoints: u64,
+    /// Bytes kept free for settlements on a full disk (the `reserve` file in `state_dir`): 0
+    /// once a full disk took it, until a purge frees space again.
+    pub reserve_bytes: u64,
     /// Commit latency (build + commit, written to the OS), in µs, as metric buckets.
     pub commit_latency: crate::metrics::Distribution,
     /// Log fsync latency, in µs, as metric buckets.

@@ -172,6 +172,11 @@ fn a_scrape_counts_what_the_daemon_did_and_promtool_accepts_it() {
         after.value("plugind_events_total", &[("kind", "dead_lettered")]),
         2.0
     );
+    assert_eq!(
+        after.value("plugind_ledger_reserve_bytes", &[]),
+        8.0 * 1024.0 * 1024.0,
+        "the settlement reserve is in place"
+    );
 
     // One source: `ctl plugins` shows the numbers the scrape shows.
     let out = d.cli(&["ctl", "plugins", "--json"]);

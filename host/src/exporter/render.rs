@@ -385,6 +385,13 @@ impl Collector for Families {
         )?;
         family(
             &mut e,
+            "plugind_ledger_reserve_bytes",
+            "Bytes kept free for settlements on a full disk (0: a full disk took them).",
+            Gauge,
+            |m| gauge(m, &[], ledger.reserve_bytes),
+        )?;
+        family(
+            &mut e,
             "plugind_events",
             "Events (hot plug, configuration, dead letters, circuits) by kind.",
             Counter,
@@ -438,5 +445,29 @@ impl Collector for Families {
             |m| gauge(m, &[], o.watchers),
         )?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openmetrics_only_when_the_scraper_asks_for_it() {
+        assert_eq!(Format::accepting(None), Format::Text);
+        assert_eq!(Format::accepting(Some("*/*")), Format::Text);
+        assert_eq!(
+            Format::accepting(Some("text/plain;version=0.0.4;q=0.3,*/*;q=0.2")),
+            Format::Text
+        );
+        // What Prometheus 2.x sends.
+        let prometheus = "application/openmetrics-text;version=1.0.0,\
+            application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert_eq!(Format::accepting(Some(prometheus)), Format::OpenMetrics);
+        assert!(
+            Format::Text
+                .content_type()
+                .starts_with("text/plain; version=0.0.4")
+        );
     }
 }

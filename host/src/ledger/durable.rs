@@ -819,6 +819,8 @@ impl Ledger for DurableLedger {
             log_restarts: stats.log_restarts,
             bytes: self.shared.bytes.load(Ordering::Relaxed),
             checkpoints: stats.checkpoint_latency.len(),
+            reserve_bytes: std::fs::metadata(self.dir.join(super::writer::RESERVE))
+                .map_or(0, |m| m.len()),
             commit_latency: metrics::Distribution::from_hdr(
                 &stats.latency,
                 &metrics::LEDGER_MICROS,
