@@ -6,6 +6,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use plugind_tests::{
+    binary,
     daemon::Daemon,
     metrics::{self, Scrape},
     sandbox::Sandbox,
@@ -303,6 +304,65 @@ fn a_metrics_address_in_use_stops_the_start_with_its_cause() {
         log.contains(&format!("metrics endpoint 127.0.0.1:{port}")),
         "{log}"
     );
+}
+
+#[test]
+fn while_the_daemon_drains_it_is_not_ready_yet_healthy_and_the_call_in_hand_shows() {
+    let s = Sandbox::with_fixtures("metrics-drain", &["fx-block"]);
+    let gate = s.path().join("open");
+    let config = format!(
+        "[host]\ndurability = \"memory\"\nautoload = false\ngrace_period = \"60s\"\n\
+         metrics = \"127.0.0.1:0\"\n\n[plugins.slow]\nplugin = \"fx-block\"\n\
+         topics = [\"t.>\"]\n[plugins.slow.config]\ngate = \"{}\"\n",
+        gate.display()
+    );
+    let mut d = Daemon::start(s, &config);
+    let addr = metrics::address_in(&d.log());
+    let mut watcher = std::process::Command::new(binary::plugind())
+        .args(["ctl", "watch", "--connect"])
+        .arg(format!("unix:{}", d.socket().display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("plugind ctl watch runs");
+    d.publish("t.a", "x", &[]).unwrap();
+    let slow = [("plugin_instance", "slow")];
+    let scrape = scrape_until(addr, "one call in hand and one watcher", |s| {
+        s.value("plugind_in_flight", &slow) == 1.0
+            && s.value("plugind_watch_subscribers", &[]) == 1.0
+    });
+    assert_eq!(scrape.value("plugind_handed_out_total", &slow), 1.0);
+    assert_eq!(scrape.value("plugind_queue_depth", &slow), 0.0);
+    assert_eq!(scrape.value("plugind_libraries_loaded", &[]), 1.0);
+    assert_eq!(
+        scrape.value("plugind_handle_duration_seconds_count", &slow),
+        0.0,
+        "a call is timed when it returns"
+    );
+
+    d.signal("TERM");
+    let started = std::time::Instant::now();
+    while metrics::get(addr, "/readyz").status != 503 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "still ready 10 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        metrics::get(addr, "/healthz").status,
+        200,
+        "draining is alive"
+    );
+    std::fs::write(&gate, b"").unwrap();
+    let status = d.wait_exit(Duration::from_secs(30));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}\n{}",
+        d.log()
+    );
+    let _ = watcher.kill();
+    let _ = watcher.wait();
 }
 
 /// The repository's `deploy/` folder.
