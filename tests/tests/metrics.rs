@@ -421,7 +421,7 @@ fn shipped_queries() -> Vec<(String, String)> {
 }
 
 #[test]
-fn the_shipped_alert_rules_pass_promtool_check_and_their_unit_tests() {
+fn the_shipped_alert_rules_and_scrape_configuration_pass_promtool_and_the_unit_tests() {
     let dir = deploy().join("prometheus");
     let checked = metrics::run_promtool(&["check", "rules", "plugind.rules.yml"], None, &dir);
     assert!(
@@ -436,6 +436,13 @@ fn the_shipped_alert_rules_pass_promtool_check_and_their_unit_tests() {
         "promtool test rules: {}{}",
         String::from_utf8_lossy(&tested.stdout),
         String::from_utf8_lossy(&tested.stderr)
+    );
+    let config = metrics::run_promtool(&["check", "config", "prometheus.yml"], None, &dir);
+    assert!(
+        config.status.success(),
+        "promtool check config (the example scrape configuration): {}{}",
+        String::from_utf8_lossy(&config.stdout),
+        String::from_utf8_lossy(&config.stderr)
     );
     let rules = std::fs::read_to_string(dir.join("plugind.rules.yml")).unwrap();
     let tests = std::fs::read_to_string(dir.join("plugind.rules.test.yml")).unwrap();
