@@ -31,6 +31,7 @@ pub use crate::{
     config::{Change, Plan},
     ingress::{NewMessage, PublishRefused, Published, Submitted},
     ledger::{DeadLetter, Forget, Origin},
+    outcomes::{OutcomeKind, Outcomes},
     supervisor::{Applied, StartFailure},
 };
 pub use messages::{

@@ -207,6 +207,8 @@ fn a_scrape_counts_what_the_daemon_did_and_promtool_accepts_it() {
         ("queue_depth", "plugind_queue_depth", echo.to_vec()),
         ("in_flight", "plugind_in_flight", echo.to_vec()),
         ("generation", "plugind_instance_generation", echo.to_vec()),
+        ("handed_out", "plugind_handed_out_total", echo.to_vec()),
+        ("max_backlog", "plugind_backlog_limit_bytes", echo.to_vec()),
     ];
     for (field, metric, labels) in pairs {
         assert_eq!(
@@ -216,6 +218,15 @@ fn a_scrape_counts_what_the_daemon_did_and_promtool_accepts_it() {
         );
     }
     assert_eq!(shown["acked"].as_u64(), Some(3));
+    for kind in [
+        "ack", "retry", "reject", "timeout", "panic", "crash", "error", "dropped",
+    ] {
+        assert_eq!(
+            shown["outcomes"][kind].as_u64(),
+            Some(after.value("plugind_outcomes_total", &[echo[0], ("kind", kind)]) as u64),
+            "ctl plugins' outcome {kind}: {shown}"
+        );
+    }
 
     // Prometheus's own checker takes the scrape as it is (no lint, no error).
     let checked =

@@ -46,8 +46,10 @@ pub struct Distribution {
 
 impl Distribution {
     /// The distribution of what `histogram` recorded, in the buckets `bounds` (ascending, in
-    /// the histogram's unit, which is `scale`). HDR histograms keep values to 3 significant
-    /// digits: a value within that of a bound may count on either side.
+    /// the histogram's unit, which is `scale`). An HDR histogram keeps values to its
+    /// significant digits: each counts in the bucket of the lowest value it stands for (a
+    /// value recorded exactly on a bound stays in that bound's bucket), the sum takes the
+    /// middle of each range.
     pub fn from_hdr(
         histogram: &hdrhistogram::Histogram<u64>,
         bounds: &[u64],
@@ -57,11 +59,12 @@ impl Distribution {
         let mut sum = 0u64;
         let mut count = 0u64;
         for step in histogram.iter_recorded() {
-            let value = histogram.highest_equivalent(step.value_iterated_to());
+            let value = step.value_iterated_to();
             let n = step.count_at_value();
             count += n;
-            sum = sum.saturating_add(value.saturating_mul(n));
-            let i = bounds.partition_point(|b| *b < value);
+            sum = sum.saturating_add(histogram.median_equivalent(value).saturating_mul(n));
+            let lowest = histogram.lowest_equivalent(value);
+            let i = bounds.partition_point(|b| *b < lowest);
             if let Some(bucket) = buckets.get_mut(i) {
                 bucket.1 += n;
             }
