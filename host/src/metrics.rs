@@ -221,6 +221,7 @@ static WATCHERS: AtomicU64 = AtomicU64::new(0);
 pub struct Watching(());
 
 impl Watching {
+    /// One more watch open, until this is dropped.
     pub fn new() -> Self {
         WATCHERS.fetch_add(1, Ordering::Relaxed);
         Self(())

@@ -51,10 +51,12 @@ pub struct Endpoint {
 pub struct Readiness(Arc<AtomicBool>);
 
 impl Readiness {
+    /// Ready (`true`: started) or not (`false`: draining).
     pub fn set(&self, ready: bool) {
         self.0.store(ready, Ordering::Release);
     }
 
+    /// Whether `/readyz` answers 200.
     pub fn get(&self) -> bool {
         self.0.load(Ordering::Acquire)
     }
