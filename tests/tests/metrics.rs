@@ -376,6 +376,38 @@ fn while_the_daemon_drains_it_is_not_ready_yet_healthy_and_the_call_in_hand_show
     let _ = watcher.wait();
 }
 
+#[test]
+fn an_attempt_the_process_died_in_counts_as_a_crash_after_the_restart() {
+    let s = Sandbox::with_fixtures("metrics-crash", &["fx-block"]);
+    let gate = s.path().join("open");
+    let config = format!(
+        "[host]\ndurability = \"fsync\"\nautoload = false\nmetrics = \"127.0.0.1:0\"\n\n\
+         [plugins.slow]\nplugin = \"fx-block\"\ntopics = [\"t.>\"]\n\
+         [plugins.slow.config]\ngate = \"{}\"\n",
+        gate.display()
+    );
+    let d = Daemon::start(s, &config);
+    d.publish("t.a", "x", &[]).unwrap();
+    d.wait_in_flight("slow");
+    let s = d.kill9();
+    std::fs::write(&gate, b"").unwrap();
+    let d = Daemon::restart(s);
+    let addr = metrics::address_in(&d.log());
+    let slow = [("plugin_instance", "slow")];
+    let scrape = scrape_until(addr, "the redelivery acked", |s| {
+        s.value("plugind_outcomes_total", &[slow[0], ("kind", "ack")]) == 1.0
+    });
+    assert_eq!(
+        scrape.value("plugind_outcomes_total", &[slow[0], ("kind", "crash")]),
+        1.0,
+        "the attempt in hand when the process died is charged at the start"
+    );
+    let out = d.cli(&["ctl", "plugins", "--json"]);
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["instances"][0]["outcomes"]["crash"], 1, "{shown}");
+    d.stop();
+}
+
 /// The repository's `deploy/` folder.
 fn deploy() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
