@@ -408,6 +408,34 @@ fn an_attempt_the_process_died_in_counts_as_a_crash_after_the_restart() {
     d.stop();
 }
 
+#[test]
+fn a_panic_in_handle_counts_as_a_panic_and_a_dead_letter() {
+    let config = "[host]\ndurability = \"memory\"\nautoload = false\nmetrics = \"127.0.0.1:0\"\n\n\
+                  [plugins.panicky]\nplugin = \"fx-faulty\"\ntopics = [\"p.>\"]\nmax_attempts = 1\n\
+                  [plugins.panicky.config]\nfail = \"handle-panic\"\n";
+    let d = Daemon::start(
+        Sandbox::with_fixtures("metrics-panic", &["fx-faulty"]),
+        config,
+    );
+    let addr = metrics::address_in(&d.log());
+    d.publish("p.x", "x", &[]).unwrap();
+    let panicky = [("plugin_instance", "panicky")];
+    let scrape = scrape_until(addr, "the dead letter", |s| {
+        s.value("plugind_dead_lettered_total", &panicky) == 1.0
+    });
+    let outcome = |kind| scrape.value("plugind_outcomes_total", &[panicky[0], ("kind", kind)]);
+    assert_eq!(
+        (outcome("panic"), outcome("ack"), outcome("error")),
+        (1.0, 0.0, 0.0)
+    );
+    assert_eq!(
+        scrape.value("plugind_publish_to_settle_seconds_count", &panicky),
+        0.0,
+        "a panic settles nothing by itself"
+    );
+    d.stop();
+}
+
 /// The repository's `deploy/` folder.
 fn deploy() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
