@@ -436,6 +436,39 @@ fn a_panic_in_handle_counts_as_a_panic_and_a_dead_letter() {
     d.stop();
 }
 
+#[test]
+fn a_lease_that_expires_counts_as_a_timeout_and_the_late_answer_as_nothing() {
+    let s = Sandbox::with_fixtures("metrics-timeout", &["fx-block"]);
+    let gate = s.path().join("open");
+    let config = format!(
+        "[host]\ndurability = \"memory\"\nautoload = false\nmetrics = \"127.0.0.1:0\"\n\n\
+         [plugins.slow]\nplugin = \"fx-block\"\ntopics = [\"t.>\"]\nmax_attempts = 1\n\
+         ack_timeout = \"200ms\"\nhang_grace = \"60s\"\n\
+         [plugins.slow.config]\ngate = \"{}\"\n",
+        gate.display()
+    );
+    let d = Daemon::start(s, &config);
+    let addr = metrics::address_in(&d.log());
+    d.publish("t.a", "x", &[]).unwrap();
+    let slow = [("plugin_instance", "slow")];
+    let scrape = scrape_until(addr, "the lease expired", |s| {
+        s.value("plugind_dead_lettered_total", &slow) == 1.0
+    });
+    let outcome = |s: &Scrape, kind| s.value("plugind_outcomes_total", &[slow[0], ("kind", kind)]);
+    assert_eq!(outcome(&scrape, "timeout"), 1.0);
+    std::fs::write(&gate, b"").unwrap();
+    // The call returns an ack for an attempt no longer in flight: refused as stale.
+    d.wait_for_log("stale settlement refused", 1);
+    let scrape = Scrape::take(addr);
+    assert_eq!(
+        scrape.value("plugind_handle_duration_seconds_count", &slow),
+        1.0
+    );
+    assert_eq!(outcome(&scrape, "ack"), 0.0, "a stale answer is no outcome");
+    assert_eq!(outcome(&scrape, "timeout"), 1.0);
+    d.stop();
+}
+
 /// The repository's `deploy/` folder.
 fn deploy() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
