@@ -307,11 +307,6 @@ impl Engine {
         self.registry.id(name).map(|id| self.backlog.limit(id))
     }
 
-    /// The name of instance `id` (`None`: not registered).
-    pub fn instance_name(&self, id: InstanceId) -> Option<String> {
-        self.registry.name(id)
-    }
-
     /// Reloads, waits and returns the result (the `Reload` entry point).
     pub fn supervisor(&self) -> &SupervisorHandle {
         &self.supervisor
