@@ -45,6 +45,7 @@ use crate::{
     ledger::InFlightMarker,
     loader::PluginInstance,
     message::StoredMessage,
+    metrics,
     routing::InstanceId,
     services::{Child, InstanceServices},
 };
@@ -518,6 +519,7 @@ impl Worker {
         let message = handoff.message.id;
         let attempt = handoff.attempt;
         let hops = handoff.message.hops();
+        let published = handoff.message.publish_time;
         let handed = Arc::new(Handed {
             message: handoff.message,
             attempt,
@@ -532,7 +534,9 @@ impl Worker {
         self.busy_since
             .store(self.clock.now().0.max(1), Ordering::Release);
         let plugin = &mut self.plugin;
-        let (result, children) = self.services.staged(hops, || plugin.handle(raw));
+        let (result, children) = metrics::handled(self.instance, published, &*self.clock, || {
+            self.services.staged(hops, || plugin.handle(raw))
+        });
         self.busy_since.store(0, Ordering::Release);
         if let Some(first_call) = self.first_call.take() {
             first_call();

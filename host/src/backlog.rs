@@ -74,6 +74,13 @@ impl Backlog {
             .store(limit, Ordering::Relaxed);
     }
 
+    /// The instance's `max_backlog`, in bytes.
+    pub fn limit(&self, instance: InstanceId) -> u64 {
+        self.entries.load()[instance as usize]
+            .limit
+            .load(Ordering::Relaxed)
+    }
+
     pub fn bytes(&self, instance: InstanceId) -> u64 {
         self.entries.load()[instance as usize]
             .bytes

@@ -184,6 +184,9 @@ pub enum CircuitState {
 }
 
 impl CircuitState {
+    /// Every state, in the order above.
+    pub const ALL: [Self; 4] = [Self::Closed, Self::Open, Self::HalfOpen, Self::Paused];
+
     /// The operator's name of the state (what `Display` writes).
     pub fn name(self) -> &'static str {
         match self {

@@ -15,6 +15,7 @@ use crate::{
     control::{operator::ControlService, publisher::PublisherService, server},
     dispatch::StopReport,
     engine::{Engine, EngineError, EngineOptions},
+    exporter,
     front::{Front, SetLogLevel},
     ledger::{
         FailStop, Ledger, LedgerError, MemoryLedger,
@@ -69,6 +70,9 @@ pub enum DaemonError {
     /// The engine cannot start.
     #[error(transparent)]
     Engine(EngineError),
+    /// The metrics endpoint cannot be bound.
+    #[error(transparent)]
+    Metrics(exporter::serve::BindError),
 }
 
 impl DaemonError {
@@ -119,6 +123,14 @@ pub async fn run(
     if let Some(group) = &config.host.socket_group {
         server::set_group(&bound, group).map_err(DaemonError::Endpoint)?;
     }
+    let metrics_endpoint = match config.host.metrics {
+        Some(addr) => Some(
+            exporter::serve::bind(addr)
+                .await
+                .map_err(DaemonError::Metrics)?,
+        ),
+        None => None,
+    };
     // One fail-stop hook for the ledger's threads and the engine's alike.
     let engine_options = EngineOptions {
         fail_stop: Some(options.fail_stop),
@@ -135,6 +147,17 @@ pub async fn run(
         engine.supervisor().clone(),
         options.reloads,
     ));
+    let front = Front::new(engine.clone(), config.host.durability, options.log_level);
+    // Served before the daemon says it is ready: a scraper that waits for readiness finds it.
+    let readiness = exporter::serve::Readiness::default();
+    readiness.set(true);
+    let metrics_served = metrics_endpoint.map(|endpoint| {
+        tracing::info!(
+            "serving metrics on http://{}/metrics (and /healthz, /readyz)",
+            endpoint.local_addr()
+        );
+        endpoint.serve(front.clone(), readiness.clone())
+    });
     let instances = engine.snapshot().instances.len();
     tracing::info!(
         listen = %bound.describe(),
@@ -146,7 +169,6 @@ pub async fn run(
     if let Some(notifier) = &notifier {
         notifier.ready(&engine.supervisor().view().summary());
     }
-    let front = Front::new(engine.clone(), config.host.durability, options.log_level);
     let (health_reporter, health) = server::health().await;
     let services = server::Services {
         publisher: PublisherService::new(front.clone()),
@@ -170,6 +192,7 @@ pub async fn run(
         notifier.stopping("draining: finishing the calls in hand");
     }
     server::draining(&health_reporter).await;
+    readiness.set(false);
     tracing::info!(grace_period = ?config.host.grace_period, "stopping: draining the calls in hand");
     let grace = config.host.grace_period.max(Duration::from_millis(1));
     let stopping = engine.clone();
@@ -197,6 +220,9 @@ pub async fn run(
     });
     if let Err(e) = &served {
         tracing::error!(error = %e, "the API stopped");
+    }
+    if let Some(metrics) = metrics_served {
+        metrics.stop().await;
     }
     log_commits(ledger.as_ref());
     if report.abandoned.is_empty() {

@@ -427,6 +427,13 @@ impl Completion for TokenCtx {
             .deferrals
             .claim(self.message.id, self.attempt)
             .map_err(|Ended| self.stale())?;
+        if matches!(outcome, Ok(Outcome::Ack | Outcome::Reject { .. })) {
+            crate::metrics::settled(
+                self.mint.instance,
+                self.message.publish_time,
+                self.mint.clock.as_ref(),
+            );
+        }
         let children = {
             // `done` is set under the children's lock: a child is either adopted before the
             // settlement takes them, or handed back.

@@ -571,6 +571,7 @@ impl DispatchLoop {
                 rate.take(batch.len());
             }
             if !batch.is_empty() {
+                queue.stats.handed_out += batch.len() as u64;
                 handoffs.push((instance, batch));
             }
         }

@@ -100,6 +100,9 @@ pub struct Engine {
     started: std::time::Instant,
     /// What the ledger found lost at start (messages answered OK it no longer holds).
     lost: Option<crate::ledger::Lost>,
+    /// Attempts a previous run left in flight, charged `crash` at start, by instance.
+    crashed: std::collections::BTreeMap<String, u64>,
+    backlog: Arc<Backlog>,
 }
 
 impl Engine {
@@ -140,7 +143,7 @@ impl Engine {
             .iter()
             .map(|(name, want)| (name.clone(), Rules::from(&want.settings)))
             .collect();
-        let recovered = ledger.recover(&rules, options.clock.now())?;
+        let mut recovered = ledger.recover(&rules, options.clock.now())?;
         if recovered.unclean || !recovered.pending.is_empty() || recovered.orphaned > 0 {
             tracing::info!(
                 pending = recovered.pending.len(),
@@ -152,6 +155,7 @@ impl Engine {
         }
         // Said loudly (the ledger logged it as an error): an event, and the status.
         let recovered_lost = recovered.lost;
+        let recovered_crashed = std::mem::take(&mut recovered.crashed_by);
         if let Some(lost) = recovered.lost {
             events.emit(EventKind::LedgerLost {
                 first: lost.first,
@@ -176,6 +180,7 @@ impl Engine {
                 .map(|(name, want)| (name.clone(), want.settings.max_backlog))
                 .collect::<Vec<_>>(),
         ));
+        let engine_backlog = backlog.clone();
         let (dispatcher, inbox) = Dispatcher::new();
         let (actor_events, actor_events_rx) = unbounded();
         // Idempotency keys still within `dedupe_window` by the engine's clock: a key survives
@@ -256,6 +261,8 @@ impl Engine {
                 threads: Mutex::new(Some((thread, supervisor_thread))),
                 started: std::time::Instant::now(),
                 lost: recovered_lost,
+                crashed: recovered_crashed,
+                backlog: engine_backlog,
             },
             failures,
         ))
@@ -288,6 +295,16 @@ impl Engine {
     /// Messages answered OK that the ledger no longer held at start, if any.
     pub fn lost(&self) -> Option<crate::ledger::Lost> {
         self.lost
+    }
+
+    /// Attempts the previous run left in flight, charged `crash` at start, by instance.
+    pub fn crashed(&self) -> &std::collections::BTreeMap<String, u64> {
+        &self.crashed
+    }
+
+    /// The `max_backlog` of instance `name`, in bytes (`None`: not registered).
+    pub fn max_backlog(&self, name: &str) -> Option<u64> {
+        self.registry.id(name).map(|id| self.backlog.limit(id))
     }
 
     /// Reloads, waits and returns the result (the `Reload` entry point).

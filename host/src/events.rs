@@ -292,6 +292,8 @@ struct Inner {
     history: VecDeque<Event>,
     subscribers: Vec<Subscriber>,
     closed: bool,
+    /// Events emitted since the start, by kind.
+    counts: std::collections::BTreeMap<&'static str, u64>,
 }
 
 /// The event hub.
@@ -339,6 +341,7 @@ impl Events {
             json: fields,
         };
         inner.next += 1;
+        *inner.counts.entry(event.kind.kind()).or_default() += 1;
         if inner.history.len() == HISTORY {
             inner.history.pop_front();
         }
@@ -354,6 +357,11 @@ impl Events {
                 Err(TrySendError::Disconnected(_)) => false,
             });
         event.seq
+    }
+
+    /// Events emitted since the start, by kind (`loaded`, `swapped`, …).
+    pub fn counts(&self) -> Vec<(&'static str, u64)> {
+        self.lock().counts.iter().map(|(k, n)| (*k, *n)).collect()
     }
 
     /// The events kept, oldest first.

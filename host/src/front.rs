@@ -22,7 +22,7 @@ use crate::{
     config::Durability,
     engine::Engine,
     ledger::LedgerError,
-    loader,
+    loader, metrics,
     quote::quote,
     supervisor::{ActRefused, ReloadRefused},
 };
@@ -31,6 +31,7 @@ pub use crate::{
     config::{Change, Plan},
     ingress::{NewMessage, PublishRefused, Published, Submitted},
     ledger::{DeadLetter, Forget, Origin},
+    outcomes::{OutcomeKind, Outcomes},
     supervisor::{Applied, StartFailure},
 };
 pub use messages::{
@@ -39,7 +40,7 @@ pub use messages::{
 };
 pub use status::{
     CircuitState, DaemonStatus, InstanceState, InstanceStatus, Instances, LedgerStatus,
-    UnknownState,
+    Observation, UnknownState,
 };
 pub use watch::{WATCH_BUFFER, Watch, WatchEnd, WatchStep};
 
@@ -155,8 +156,48 @@ impl Front {
                 commits: engine.ledger().stats(),
                 lost: engine.lost(),
             },
-            instances: status::join(&view, &snapshot, None),
+            instances: self.join(&view, &snapshot, None),
         }
+    }
+
+    /// Everything the metrics show, read at once: the status (the same numbers `ctl status`
+    /// and `ctl plugins` show), the libraries retained, the events counted by kind, the
+    /// watchers, and each instance's histograms.
+    pub fn observe(&self) -> Observation {
+        let engine = &self.engine;
+        let status = self.status();
+        let histograms = status
+            .instances
+            .iter()
+            .filter_map(|i| {
+                let id = engine.instance(&i.name)?;
+                Some((i.name.clone(), metrics::instance_histograms(id)))
+            })
+            .collect();
+        Observation {
+            status,
+            retained: loader::retained(),
+            events: engine.events().counts(),
+            watchers: metrics::watchers(),
+            histograms,
+        }
+    }
+
+    /// Every instance the supervisor shows, joined with the dispatcher's counters and what
+    /// the engine learnt at start.
+    fn join(
+        &self,
+        view: &crate::supervisor::SupervisorView,
+        snapshot: &crate::dispatch::Snapshot,
+        dead_letters: Option<&std::collections::BTreeMap<String, u64>>,
+    ) -> Vec<InstanceStatus> {
+        let engine = &self.engine;
+        let max_backlog = |name: &str| engine.max_backlog(name);
+        let start = status::StartFacts {
+            crashed: engine.crashed(),
+            max_backlog: &max_backlog,
+        };
+        status::join(view, snapshot, dead_letters, &start)
     }
 
     /// Every instance in full (with its dead letters), and the libraries still mapped after
@@ -169,7 +210,7 @@ impl Front {
         let snapshot = self.engine.snapshot();
         let dead_letters = self.engine.ledger().dead_letter_counts()?;
         Ok(Instances {
-            instances: status::join(&view, &snapshot, Some(&dead_letters)),
+            instances: self.join(&view, &snapshot, Some(&dead_letters)),
             retained: loader::retained(),
         })
     }

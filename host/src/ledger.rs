@@ -330,6 +330,8 @@ pub struct Recovered {
     /// The instances those attempts were made to (plugin code of theirs was running when
     /// the process died).
     pub crashed_in: std::collections::BTreeSet<String>,
+    /// How many of those attempts each instance was charged.
+    pub crashed_by: std::collections::BTreeMap<String, u64>,
     /// Deliveries waiting for instances that are not configured now (kept, not handed out).
     pub orphaned: u64,
     /// The instances those wait for (their subscriptions ended; an operator forgets them).
@@ -382,6 +384,17 @@ pub struct CommitStats {
     pub log_restarts: u64,
     /// Bytes the store takes on disk (database and its write-ahead log).
     pub bytes: u64,
+    /// Passive checkpoints the syncer ran.
+    pub checkpoints: u64,
+    /// Bytes kept free for settlements on a full disk (the `reserve` file in `state_dir`): 0
+    /// once a full disk took it, until a purge frees space again.
+    pub reserve_bytes: u64,
+    /// Commit latency (build + commit, written to the OS), in µs, as metric buckets.
+    pub commit_latency: crate::metrics::Distribution,
+    /// Log fsync latency, in µs, as metric buckets.
+    pub fsync_latency: crate::metrics::Distribution,
+    /// Records per commit (the group commit's batch size), as metric buckets.
+    pub batch_records: crate::metrics::Distribution,
 }
 
 /// The ledger interface.

@@ -19,6 +19,11 @@
 //! - [`dispatch`]: the event loop that owns the live deliveries and feeds the actors.
 //! - [`engine`]: all of it assembled, with the supervisor's start and the graceful stop.
 //! - [`front`]: the product's use cases as plain typed Rust (every API maps these).
+//! - [`metrics`]: what the hot path records for the metrics alone (lock-free histograms and
+//!   counters), and the distributions snapshots carry.
+//! - [`exporter`]: the Prometheus adapter over the front and its HTTP endpoint (`/metrics`,
+//!   `/healthz`, `/readyz` on `[host] metrics`).
+//! - [`outcomes`]: attempts counted by how they ended (the status's and the metrics' one source).
 //! - [`daemon`]: `plugind run` as a library call: `daemon::run(config, options, shutdown)`.
 //! - [`control`]: the gRPC API on top of the front (the only module that knows protobuf types).
 //! - [`watch`]: `plugin_dir` and the config file watched: settled change events (applies nothing).
@@ -44,12 +49,15 @@ pub mod delivery;
 pub mod dispatch;
 pub mod engine;
 pub mod events;
+pub mod exporter;
 pub mod front;
 pub mod ingress;
 pub mod ledger;
 pub mod loader;
 pub mod message;
+pub mod metrics;
 pub mod notify;
+pub mod outcomes;
 pub mod plugin_log;
 pub mod quarantine;
 pub mod quote;

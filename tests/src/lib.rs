@@ -12,6 +12,8 @@
 //!   the recording plugins saw (lost, unexpected, duplicates, attempts, early retries).
 //! - [`ledger_support`]: what the durable-ledger tests share: a sandbox with `fx-record`,
 //!   configurations, publishing over the real API (refusals included), polling.
+//! - [`metrics`]: the metrics endpoint from outside: HTTP GETs, a scrape parsed into
+//!   samples, and `promtool` (found on `PATH`; a test that needs it fails without it).
 //! - [`powercut`]: the power-cut simulation's reconstructor: the ledger's files rebuilt
 //!   from the `writelog` shim's log as a disk holds them after a cut (unsynced writes
 //!   dropped).
@@ -27,6 +29,7 @@ pub mod fixtures;
 pub mod history;
 pub mod http_server;
 pub mod ledger_support;
+pub mod metrics;
 pub mod powercut;
 pub mod record;
 pub mod recording;

@@ -169,7 +169,7 @@ fn acked(snapshot: &Snapshot, name: &str) -> u64 {
         .instances
         .iter()
         .find(|i| i.name == name)
-        .map_or(0, |i| i.acked)
+        .map_or(0, |i| i.outcomes.ack)
 }
 
 #[test]
@@ -317,7 +317,7 @@ topics = [\"t.>\"]
         "ingress was not held up"
     );
     d.until("the free instance acked 100", |s| acked(s, "free") == 100);
-    assert_eq!(d.stats("stuck").acked, 0, "still blocked");
+    assert_eq!(d.stats("stuck").outcomes.ack, 0, "still blocked");
     std::fs::write(&gate_file, b"").unwrap();
     d.until("the stuck one catches up", |s| acked(s, "stuck") == 100);
 }
@@ -452,7 +452,7 @@ gate = \"{}\"
     clock.advance(Duration::from_secs(2));
     std::fs::write(&gate_file, b"").unwrap();
     // The first attempt's late ack is refused; the retry (attempt 2) acks.
-    let s = d.until("acked by the retry", |s| s.instances[0].acked == 1);
+    let s = d.until("acked by the retry", |s| s.instances[0].outcomes.ack == 1);
     assert_eq!(s.stale, 1);
     assert!(!s.instances[0].hung);
 }

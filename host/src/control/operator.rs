@@ -21,7 +21,8 @@ use crate::{
     events::Event,
     front::{
         Applied, Cursor, DaemonStatus, DeadLetterPage, DeliveryHistory, Forget, Front,
-        InstanceStatus, Instances, MessageHistory, OperateError, PageRequest, Pick, WatchStep,
+        InstanceStatus, Instances, MessageHistory, OperateError, OutcomeKind, PageRequest, Pick,
+        WatchStep,
     },
     quote::quote,
 };
@@ -165,6 +166,12 @@ fn instance_detail(i: InstanceStatus) -> pb::InstanceDetail {
         topics_known: i.topics_known,
         calling: i.calling,
         deferred: i.deferred,
+        handed_out: i.handed_out,
+        outcomes: OutcomeKind::ALL
+            .into_iter()
+            .map(|kind| (kind.name().to_owned(), i.outcomes.get(kind)))
+            .collect(),
+        max_backlog: i.max_backlog,
     }
 }
 

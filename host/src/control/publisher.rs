@@ -18,7 +18,7 @@ use super::{
 };
 use crate::{
     front::{Front, NewMessage, PublishRefused, Published},
-    message,
+    message, metrics,
 };
 
 /// How many batch results of one stream may wait for the client before the server stops
@@ -70,10 +70,16 @@ impl PublisherService {
         &self,
         requests: Vec<PublishRequest>,
     ) -> Vec<Result<Published, PublishRefused>> {
-        self.front
+        let results = self
+            .front
             .publish(requests.into_iter().map(message).collect())
             .done()
-            .await
+            .await;
+        metrics::published(results.iter().map(|r| match r {
+            Ok(_) => Ok(()),
+            Err(refused) => Err(code::publish(refused).code() as i32),
+        }));
+        results
     }
 }
 

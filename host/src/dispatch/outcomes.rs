@@ -15,6 +15,7 @@ use crate::{
     delivery::{Failure, Transition},
     events::EventKind,
     ledger::Record,
+    outcomes::OutcomeKind,
     routing::InstanceId,
 };
 
@@ -72,7 +73,7 @@ impl DispatchLoop {
                     message: s.message,
                     instance,
                 });
-                queue.stats.acked += 1;
+                queue.stats.outcomes.count(OutcomeKind::Ack);
                 // Children commit in the same batch as their parent's ack.
                 let children = self.ingress.admit_children(s.children, now, records);
                 self.finish(key);
@@ -88,6 +89,7 @@ impl DispatchLoop {
                 // rejected probe closes it; left open, it would wait for that message
                 // forever).
                 queue.slot.breaker.on_success(s.message);
+                queue.stats.outcomes.count(OutcomeKind::Reject);
                 let live = self.live.get_mut(&key).expect("checked in flight above");
                 live.delivery
                     .reject(s.attempt, &reason, now)
@@ -190,6 +192,7 @@ impl DispatchLoop {
         ) else {
             return;
         };
+        queue.stats.outcomes.count(&failure);
         if verdict.charged {
             queue.stats.failures += 1;
         }

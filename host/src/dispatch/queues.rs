@@ -140,7 +140,10 @@ pub struct InstanceStats {
     pub running: bool,
     /// The plugin generation running (0: none).
     pub generation: u32,
-    pub acked: u64,
+    /// Attempts handed to its actor.
+    pub handed_out: u64,
+    /// Attempts by how they ended.
+    pub outcomes: crate::outcomes::Outcomes,
     pub failures: u64,
     pub dead_lettered: u64,
     /// Deliveries waiting or in flight.

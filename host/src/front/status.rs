@@ -14,6 +14,7 @@ use crate::{
     dispatch::{InstanceStats, Snapshot},
     ledger::{CommitStats, Counts, Lost, Origin},
     loader::RetainedLibrary,
+    outcomes::Outcomes,
     supervisor::{InstanceView, SupervisorView},
 };
 
@@ -60,9 +61,17 @@ pub struct InstanceStatus {
     pub calling: u64,
     /// Deferred attempts outstanding (tokens taken, not yet settled or expired).
     pub deferred: u64,
+    /// Attempts handed to its actor since the start.
+    pub handed_out: u64,
+    /// Attempts by how they ended since the start (crashes: charged at this start).
+    pub outcomes: Outcomes,
+    /// Attempts acked (`outcomes.ack`).
     pub acked: u64,
+    /// Failures charged (a failure the circuit excused is not).
     pub failures: u64,
     pub dead_lettered: u64,
+    /// Its `max_backlog`, in bytes (0: not registered).
+    pub max_backlog: u64,
     /// A call outlived its lease and is still running.
     pub hung: bool,
     /// Its dead letters in the ledger (`None`: not counted; a status does not ask the
@@ -87,9 +96,14 @@ impl InstanceStatus {
         view: &InstanceView,
         stats: Option<&InstanceStats>,
         dead_letters: Option<&BTreeMap<String, u64>>,
+        start: &StartFacts<'_>,
     ) -> Self {
         let circuit = CircuitState::from(stats.and_then(|s| s.circuit.as_ref()));
         let count = |f: fn(&InstanceStats) -> u64| stats.map_or(0, f);
+        let outcomes = Outcomes {
+            crash: start.crashed.get(&view.name).copied().unwrap_or(0),
+            ..stats.map(|s| s.outcomes).unwrap_or_default()
+        };
         Self {
             name: view.name.clone(),
             state: join_state(view, circuit),
@@ -109,13 +123,25 @@ impl InstanceStatus {
             in_flight: count(|s| s.in_flight),
             calling: count(|s| s.calling),
             deferred: count(|s| s.deferred),
-            acked: count(|s| s.acked),
+            handed_out: count(|s| s.handed_out),
+            acked: outcomes.ack,
+            outcomes,
             failures: count(|s| s.failures),
             dead_lettered: count(|s| s.dead_lettered),
+            max_backlog: (start.max_backlog)(&view.name).unwrap_or(0),
             hung: stats.is_some_and(|s| s.hung),
             dead_letters: dead_letters.map(|d| d.get(&view.name).copied().unwrap_or(0)),
         }
     }
+}
+
+/// What the engine knows of each instance beside the supervisor's view and the dispatcher's
+/// counters.
+pub(super) struct StartFacts<'a> {
+    /// Attempts charged `crash` at start, by instance.
+    pub(super) crashed: &'a BTreeMap<String, u64>,
+    /// An instance's `max_backlog`.
+    pub(super) max_backlog: &'a dyn Fn(&str) -> Option<u64>,
 }
 
 /// Every instance the supervisor shows, in its order (by name), joined with the
@@ -124,6 +150,7 @@ pub(super) fn join(
     view: &SupervisorView,
     snapshot: &Snapshot,
     dead_letters: Option<&BTreeMap<String, u64>>,
+    start: &StartFacts<'_>,
 ) -> Vec<InstanceStatus> {
     let stats: HashMap<&str, &InstanceStats> = snapshot
         .instances
@@ -132,7 +159,7 @@ pub(super) fn join(
         .collect();
     view.instances
         .iter()
-        .map(|v| InstanceStatus::join(v, stats.get(v.name.as_str()).copied(), dead_letters))
+        .map(|v| InstanceStatus::join(v, stats.get(v.name.as_str()).copied(), dead_letters, start))
         .collect()
 }
 
@@ -164,6 +191,21 @@ pub struct DaemonStatus {
     pub instances: Vec<InstanceStatus>,
 }
 
+/// What the metrics show, read at once ([`Front::observe`](super::Front::observe)).
+#[derive(Debug, Clone)]
+pub struct Observation {
+    /// The same status `ctl status` shows.
+    pub status: DaemonStatus,
+    /// The libraries still mapped after their unload.
+    pub retained: Vec<RetainedLibrary>,
+    /// Events since the start, by kind.
+    pub events: Vec<(&'static str, u64)>,
+    /// Watch streams open now.
+    pub watchers: u64,
+    /// Each instance's histograms, by name.
+    pub histograms: Vec<(String, crate::metrics::InstanceHistograms)>,
+}
+
 /// Every instance in full, and the libraries still mapped after their unload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Instances {
@@ -189,7 +231,12 @@ mod tests {
             name: name.into(),
             running: true,
             generation: 1,
-            acked: 3,
+            handed_out: 6,
+            outcomes: Outcomes {
+                ack: 3,
+                retry: 1,
+                ..Outcomes::default()
+            },
             failures: 1,
             dead_lettered: 0,
             backlog: 5,
@@ -266,7 +313,13 @@ mod tests {
             stale: 0,
         };
         let counted = BTreeMap::from([("a".to_owned(), 4)]);
-        let joined = join(&supervisor, &snapshot, Some(&counted));
+        let crashed = BTreeMap::from([("b".to_owned(), 2)]);
+        let limits = |name: &str| (name == "a").then_some(1000);
+        let start = StartFacts {
+            crashed: &crashed,
+            max_backlog: &limits,
+        };
+        let joined = join(&supervisor, &snapshot, Some(&counted), &start);
         assert_eq!(joined[0].state, InstanceState::Paused);
         assert!(joined[0].paused());
         assert_eq!(joined[0].queue_depth(), 3);
@@ -275,6 +328,24 @@ mod tests {
         assert_eq!((joined[1].backlog, joined[1].acked), (0, 0));
         assert_eq!(joined[1].circuit, CircuitState::Closed);
         assert_eq!(joined[1].dead_letters, Some(0));
-        assert_eq!(join(&supervisor, &snapshot, None)[0].dead_letters, None);
+        assert_eq!(
+            (
+                joined[0].acked,
+                joined[0].outcomes.retry,
+                joined[0].handed_out
+            ),
+            (3, 1, 6),
+            "the dispatcher's counters, one source for the status and the metrics"
+        );
+        assert_eq!(joined[0].max_backlog, 1000);
+        assert_eq!(
+            joined[1].outcomes.crash, 2,
+            "crashes charged at start are joined"
+        );
+        assert_eq!(joined[1].max_backlog, 0);
+        assert_eq!(
+            join(&supervisor, &snapshot, None, &start)[0].dead_letters,
+            None
+        );
     }
 }

@@ -16,6 +16,8 @@ pub const WATCH_BUFFER: usize = 256;
 pub struct Watch {
     snapshot: VecDeque<Event>,
     subscription: EventSubscription,
+    /// Counted among the watchers while it lives.
+    _counted: crate::metrics::Watching,
 }
 
 /// What a watch gives next.
@@ -50,6 +52,7 @@ impl Watch {
         Self {
             snapshot,
             subscription,
+            _counted: crate::metrics::Watching::new(),
         }
     }
 

@@ -47,6 +47,7 @@ use crate::{
     clock::{Clock, Timestamp},
     delivery::{Rules, Transition},
     message::StoredMessage,
+    metrics,
     routing::InstanceId,
 };
 
@@ -217,6 +218,7 @@ impl DurableLedger {
                 fsync_latency: Histogram::new_with_bounds(1, 60_000_000, 2).expect("valid bounds"),
                 checkpoint_latency: Histogram::new_with_bounds(1, 60_000_000, 2)
                     .expect("valid bounds"),
+                batch: Histogram::new_with_bounds(1, 1 << 30, 2).expect("valid bounds"),
                 log_restarts: 0,
             }),
             bytes: AtomicU64::new(0),
@@ -533,6 +535,7 @@ impl Ledger for DurableLedger {
             {
                 recovered.crashed += 1;
                 recovered.crashed_in.insert(name.to_owned());
+                *recovered.crashed_by.entry(name.to_owned()).or_default() += 1;
                 match delivery.crashed(&instances[id].1, now, fastrand::f64()) {
                     Some(Transition::DeadLettered { reason }) => {
                         tracing::warn!(
@@ -815,6 +818,24 @@ impl Ledger for DurableLedger {
             checkpoint_us: summary(&stats.checkpoint_latency),
             log_restarts: stats.log_restarts,
             bytes: self.shared.bytes.load(Ordering::Relaxed),
+            checkpoints: stats.checkpoint_latency.len(),
+            reserve_bytes: std::fs::metadata(self.dir.join(super::writer::RESERVE))
+                .map_or(0, |m| m.len()),
+            commit_latency: metrics::Distribution::from_hdr(
+                &stats.latency,
+                &metrics::LEDGER_MICROS,
+                metrics::Scale::Micros,
+            ),
+            fsync_latency: metrics::Distribution::from_hdr(
+                &stats.fsync_latency,
+                &metrics::LEDGER_MICROS,
+                metrics::Scale::Micros,
+            ),
+            batch_records: metrics::Distribution::from_hdr(
+                &stats.batch,
+                &metrics::BATCH_RECORDS,
+                metrics::Scale::One,
+            ),
         }
     }
 

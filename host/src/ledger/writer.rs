@@ -94,6 +94,8 @@ pub(super) struct Stats {
     pub(super) fsync_latency: Histogram<u64>,
     /// The syncer's passive checkpoints (copy into the database and its fsync).
     pub(super) checkpoint_latency: Histogram<u64>,
+    /// Records per commit.
+    pub(super) batch: Histogram<u64>,
     /// Checkpoints the writer ran itself to restart a full log.
     pub(super) log_restarts: u64,
 }
@@ -512,6 +514,7 @@ impl Writer {
         stats.messages += messages as u64;
         stats.records += records;
         let _ = stats.latency.record(micros.max(1));
+        let _ = stats.batch.record(records.max(1));
         drop(stats);
         self.commits_since_measure += 1;
         if self.commits_since_measure.is_multiple_of(32) {

@@ -102,6 +102,7 @@ pub(super) fn instances_json(r: &pb::InstancesResponse) -> serde_json::Value {
             "hung": i.hung, "last_error": i.last_error, "topics": i.topics,
             "topics_known": i.topics_known,
             "subscription": (!i.subscription.is_empty()).then_some(&i.subscription),
+            "handed_out": i.handed_out, "outcomes": i.outcomes, "max_backlog": i.max_backlog,
         })).collect::<Vec<_>>(),
         "retained": r.retained.iter().map(|l| serde_json::json!({
             "plugin": l.plugin, "version": l.version, "origin": l.origin, "size": l.size,
