@@ -28,8 +28,6 @@ use tracing_core::{
     subscriber::Interest,
 };
 
-use crate::services::Identity;
-
 /// Distinct shapes kept at most (each is a small leaked allocation, for good).
 const MAX_SHAPES: usize = 4096;
 /// Fields of the plugin's own an event keeps as fields (the rest are joined into `fields`).
@@ -157,9 +155,18 @@ pub fn enabled(instance: &str, level: plugind_api::Level) -> bool {
     !shape.never() && tracing_core::dispatcher::get_default(|d| d.enabled(shape.metadata()))
 }
 
+/// Who logged a plugin event: the tags every plugin event carries.
+#[derive(Debug, Clone, Copy)]
+pub struct Tags<'a> {
+    pub instance: &'a str,
+    pub plugin: &'a str,
+    pub version: &'a str,
+    pub generation: u64,
+}
+
 /// Records one plugin event: its message, who logged it, and the plugin's fields as fields.
 pub fn emit(
-    id: &Identity,
+    id: Tags<'_>,
     level: plugind_api::Level,
     target: &str,
     message: &str,
@@ -181,7 +188,7 @@ pub fn emit(
     };
     let keep = if distinct { own } else { 0 };
     let shape = shape(Key {
-        instance: id.instance.clone(),
+        instance: id.instance.to_owned(),
         level,
         names: distinct.then(|| fields[..own].iter().map(|(n, _)| (*n).to_owned()).collect()),
     });
@@ -205,9 +212,9 @@ pub fn emit(
     let generation = id.generation;
     let (message, instance, plugin, version, target) = (
         display(message),
-        display(id.instance.as_str()),
-        display(id.plugin.as_str()),
-        display(id.version.as_str()),
+        display(id.instance),
+        display(id.plugin),
+        display(id.version),
         display(target),
     );
     let fixed: [&dyn Value; 6] = [&message, &instance, &plugin, &version, &generation, &target];
@@ -275,11 +282,11 @@ mod tests {
             .collect()
     }
 
-    fn identity(instance: &str) -> Identity {
-        Identity {
-            instance: instance.into(),
-            plugin: "enrich".into(),
-            version: "1.2.3".into(),
+    fn identity(instance: &str) -> Tags<'_> {
+        Tags {
+            instance,
+            plugin: "enrich",
+            version: "1.2.3",
             generation: 4,
         }
     }
@@ -288,7 +295,7 @@ mod tests {
     fn a_plugins_fields_are_fields_of_their_own_in_json() {
         let lines = capture("info", || {
             emit(
-                &identity("enricher"),
+                identity("enricher"),
                 plugind_api::Level::Info,
                 "enrich::http",
                 "looked up",
@@ -319,7 +326,7 @@ mod tests {
             ));
             for instance in ["chatty", "quiet"] {
                 emit(
-                    &identity(instance),
+                    identity(instance),
                     plugind_api::Level::Debug,
                     "t",
                     "details",
@@ -336,7 +343,7 @@ mod tests {
     fn repeated_names_are_joined_into_one_field() {
         let lines = capture("info", || {
             emit(
-                &identity("dup"),
+                identity("dup"),
                 plugind_api::Level::Warn,
                 "t",
                 "twice",

@@ -233,7 +233,14 @@ impl Services for InstanceServices {
             .iter()
             .map(|kv| (kv.key.as_str(), kv.value.as_str()))
             .collect();
-        crate::plugin_log::emit(&self.identity, level, target, message, &fields);
+        let id = &self.identity;
+        let tags = crate::plugin_log::Tags {
+            instance: &id.instance,
+            plugin: &id.plugin,
+            version: &id.version,
+            generation: id.generation,
+        };
+        crate::plugin_log::emit(tags, level, target, message, &fields);
     }
 
     fn publish(

@@ -272,6 +272,55 @@ impl Daemon {
         }
     }
 
+    /// `plugind ctl ARGS --json`, which must succeed.
+    ///
+    /// # Panics
+    /// If the command fails (with its stderr and the daemon's log).
+    pub fn ctl_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["ctl"];
+        all.extend_from_slice(args);
+        all.push("--json");
+        let out = self.cli(&all);
+        assert!(
+            out.status.success(),
+            "plugind {all:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.history()
+        );
+        serde_json::from_slice(&out.stdout).expect("JSON")
+    }
+
+    /// Instance `name` as `ctl plugins --json` shows it (`Null` when it is not listed).
+    pub fn instance(&self, name: &str) -> serde_json::Value {
+        self.ctl_json(&["plugins"])["instances"]
+            .as_array()
+            .and_then(|list| list.iter().find(|i| i["name"] == name).cloned())
+            .unwrap_or_default()
+    }
+
+    /// Publishes `data` to `topic` with `headers` (name, value); the message id.
+    ///
+    /// # Panics
+    /// If the publish is refused (with the daemon's log).
+    pub fn publish_with(&self, topic: &str, data: &str, headers: &[(&str, &str)]) -> u64 {
+        let pairs: Vec<String> = headers.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut args = Vec::new();
+        for pair in &pairs {
+            args.extend(["-H", pair.as_str()]);
+        }
+        self.publish(topic, data, &args)
+            .unwrap_or_else(|e| panic!("publish refused: {e}\n{}", self.history()))
+    }
+
+    /// Runs `publish` with instance `name` paused, then resumes it: everything published
+    /// is handed out together, however slowly the publishes went (each is a CLI process).
+    pub fn held<T>(&self, name: &str, publish: impl FnOnce() -> T) -> T {
+        self.ctl_json(&["pause", name]);
+        let published = publish();
+        self.ctl_json(&["resume", name]);
+        published
+    }
+
     /// Sends SIGHUP (reload).
     pub fn hangup(&self) {
         self.signal("HUP");

@@ -27,67 +27,24 @@ fn setup(label: &str, extra: &str) -> (Sandbox, String, std::path::PathBuf) {
     (s, config, kids)
 }
 
-fn ctl_json(d: &Daemon, args: &[&str]) -> serde_json::Value {
-    let mut all = vec!["ctl"];
-    all.extend_from_slice(args);
-    all.push("--json");
-    let out = d.cli(&all);
-    assert!(
-        out.status.success(),
-        "plugind {all:?}: {out:?}\n{}",
-        d.history()
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn plugin(d: &Daemon, name: &str) -> serde_json::Value {
-    ctl_json(d, &["plugins"])["instances"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| i["name"] == name)
-        .cloned()
-        .unwrap_or_else(|| panic!("no instance {name}"))
-}
-
-/// Runs `publish` with instance `name` paused, then resumes it: everything published is
-/// handed out together, however slowly the publishes went.
-fn held<T>(d: &Daemon, name: &str, publish: impl FnOnce() -> T) -> T {
-    ctl_json(d, &["pause", name]);
-    let published = publish();
-    ctl_json(d, &["resume", name]);
-    published
-}
-
-fn publish(d: &Daemon, headers: &[(&str, &str)]) -> u64 {
-    let mut args = Vec::new();
-    for (k, v) in headers {
-        args.push("-H".to_owned());
-        args.push(format!("{k}={v}"));
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    d.publish("async.x", "payload", &args)
-        .unwrap_or_else(|e| panic!("publish refused: {e}\n{}", d.history()))
-}
-
 #[test]
 fn async_handlers_run_concurrently_on_the_plugins_own_runtime() {
     let (s, config, _) = setup("async-many", "workers = 2");
     let d = Daemon::start(s, &config);
     // 30 handlers that each await tokio's timer for 300 ms.
-    held(&d, "a", || {
+    d.held("a", || {
         for _ in 0..30 {
-            publish(&d, &[("sleep-ms", "300")]);
+            d.publish_with("async.x", "payload", &[("sleep-ms", "300")]);
         }
     });
     let mut most = 0;
     wait_until("30 acks", &d, || {
-        let p = plugin(&d, "a");
+        let p = d.instance("a");
         most = most.max(p["deferred"].as_u64().unwrap());
         p["acked"] == 30
     });
     assert!(most > 2, "at most {most} at once on 2 worker threads");
-    assert_eq!(plugin(&d, "a")["failures"], 0);
+    assert_eq!(d.instance("a")["failures"], 0);
     // `new` ran on the runtime and logged through tracing, tagged with the instance.
     let log = d.log();
     assert!(
@@ -102,11 +59,11 @@ fn async_handlers_run_concurrently_on_the_plugins_own_runtime() {
 fn a_panic_inside_a_future_fails_the_attempt_with_the_panic_text() {
     let (s, config, _) = setup("async-panic", "");
     let d = Daemon::start(s, &config);
-    let id = publish(&d, &[("outcome", "panic")]);
+    let id = d.publish_with("async.x", "payload", &[("outcome", "panic")]);
     wait_until("a dead letter", &d, || {
-        plugin(&d, "a")["dead_lettered"] == 1
+        d.instance("a")["dead_lettered"] == 1
     });
-    let shown = ctl_json(&d, &["show", &id.to_string()]);
+    let shown = d.ctl_json(&["show", &id.to_string()]);
     let delivery = &shown["deliveries"][0];
     assert_eq!(delivery["failures"], 3, "{shown}");
     let reason = delivery["last_reason"].as_str().unwrap();
@@ -115,8 +72,8 @@ fn a_panic_inside_a_future_fails_the_attempt_with_the_panic_text() {
         "{reason}"
     );
     // The runtime survived: the next message acks.
-    publish(&d, &[]);
-    wait_until("an ack", &d, || plugin(&d, "a")["acked"] == 1);
+    d.publish_with("async.x", "payload", &[]);
+    wait_until("an ack", &d, || d.instance("a")["acked"] == 1);
     d.stop();
 }
 
@@ -124,10 +81,18 @@ fn a_panic_inside_a_future_fails_the_attempt_with_the_panic_text() {
 fn host_publish_inside_a_future_is_a_child_committed_only_with_its_ack() {
     let (s, config, kids) = setup("async-kids", "");
     let d = Daemon::start(s, &config);
-    let acked = publish(&d, &[("child", "child.a"), ("sleep-ms", "50")]);
-    publish(&d, &[("child", "child.b"), ("outcome", "reject")]);
+    let acked = d.publish_with(
+        "async.x",
+        "payload",
+        &[("child", "child.a"), ("sleep-ms", "50")],
+    );
+    d.publish_with(
+        "async.x",
+        "payload",
+        &[("child", "child.b"), ("outcome", "reject")],
+    );
     wait_until("settled", &d, || {
-        let p = plugin(&d, "a");
+        let p = d.instance("a");
         p["acked"] == 1 && p["dead_lettered"] == 1
     });
     wait_until("the child", &d, || !read_record(&kids).is_empty());
@@ -143,30 +108,30 @@ fn host_publish_inside_a_future_is_a_child_committed_only_with_its_ack() {
 fn a_swapped_out_async_generation_drains_and_its_library_is_unloaded_not_retained() {
     let (s, config, _) = setup("async-swap", "");
     let d = Daemon::start(s, &config);
-    held(&d, "a", || {
+    d.held("a", || {
         for _ in 0..50 {
-            publish(&d, &[("sleep-ms", "3000")]);
+            d.publish_with("async.x", "payload", &[("sleep-ms", "3000")]);
         }
     });
-    wait_until("50 deferred", &d, || plugin(&d, "a")["deferred"] == 50);
+    wait_until("50 deferred", &d, || d.instance("a")["deferred"] == 50);
     let out = d.cli(&["ctl", "reload", "a"]);
     assert!(out.status.success(), "{out:?}");
-    wait_until("generation 2", &d, || plugin(&d, "a")["generation"] == 2);
+    wait_until("generation 2", &d, || d.instance("a")["generation"] == 2);
     for _ in 0..10 {
-        publish(&d, &[]);
+        d.publish_with("async.x", "payload", &[]);
     }
     wait_until("60 acked, generation 1 retired", &d, || {
-        let p = plugin(&d, "a");
+        let p = d.instance("a");
         p["acked"] == 60 && p["draining"].as_array().is_some_and(Vec::is_empty)
     });
-    let plugins = ctl_json(&d, &["plugins"]);
+    let plugins = d.ctl_json(&["plugins"]);
     assert_eq!(
         plugins["retained"],
         serde_json::json!([]),
         "the old generation's library stayed mapped:\n{}",
         d.history()
     );
-    assert_eq!(plugin(&d, "a")["failures"], 0);
+    assert_eq!(d.instance("a")["failures"], 0);
     let (status, log) = d.stop();
     assert!(status.success());
     assert!(!log.contains("library retained"), "{log}");
@@ -184,13 +149,13 @@ fn a_plugins_events_from_its_runtime_reach_the_log_as_fields_under_a_filter_per_
             .filter(|v: &serde_json::Value| v["fields"]["message"] == "handled")
             .collect()
     };
-    let first = publish(&d, &[]);
-    wait_until("an ack", &d, || plugin(&d, "a")["acked"] == 1);
+    let first = d.publish_with("async.x", "payload", &[]);
+    wait_until("an ack", &d, || d.instance("a")["acked"] == 1);
     assert!(lines(&d).is_empty(), "debug is off by default");
     // `a=debug`: that instance's plugin events, down to its own `tracing::debug!`.
-    let set = ctl_json(&d, &["log-level", "info,a=debug"]);
+    let set = d.ctl_json(&["log-level", "info,a=debug"]);
     assert_eq!(set["level"], "plugin::a=debug,info", "{set}");
-    let second = publish(&d, &[]);
+    let second = d.publish_with("async.x", "payload", &[]);
     wait_until("the debug event", &d, || !lines(&d).is_empty());
     let handled = lines(&d);
     assert_eq!(handled.len(), 1, "{handled:?}");

@@ -124,23 +124,9 @@ fn wait_for_line(d: &Daemon, what: &str, found: impl Fn(&Line) -> bool) -> Line 
     line.expect("found")
 }
 
-fn ctl_json(d: &Daemon, args: &[&str]) -> serde_json::Value {
-    let mut all = vec!["ctl"];
-    all.extend_from_slice(args);
-    all.push("--json");
-    let out = d.cli(&all);
-    assert!(
-        out.status.success(),
-        "plugind {all:?}: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        d.log()
-    );
-    serde_json::from_slice(&out.stdout).expect("ctl answers JSON")
-}
-
 /// `(acked, failures, dead_lettered)` of `instance`, from `plugind ctl plugins --json`.
 fn settled(d: &Daemon, instance: &str) -> (u64, u64, u64) {
-    let plugins = ctl_json(d, &["plugins"]);
+    let plugins = d.ctl_json(&["plugins"]);
     let entry = plugins["instances"]
         .as_array()
         .and_then(|list| list.iter().find(|i| i["name"] == instance))
@@ -251,7 +237,7 @@ fn a_1_0_built_plugin_acks_retries_rejects_and_logs_in_todays_daemon() {
             .all(|l| l.build == "legacy" && l.api == "1.0.0" && l.label == "from-config"),
         "every delivery reached the 1.0-built code with its config: {lines:?}"
     );
-    let dead = ctl_json(&d, &["dead-letters"]);
+    let dead = d.ctl_json(&["dead-letters"]);
     let dead_ids: Vec<u64> = dead["dead_letters"]
         .as_array()
         .unwrap()

@@ -69,62 +69,16 @@ fn report(path: &Path) -> Vec<(u64, u32, String, Option<String>)> {
         .collect()
 }
 
-/// `plugind ctl ARGS --json`, which must succeed.
-fn ctl_json(d: &Daemon, args: &[&str]) -> serde_json::Value {
-    let mut all = vec!["ctl"];
-    all.extend_from_slice(args);
-    all.push("--json");
-    let out = d.cli(&all);
-    assert!(
-        out.status.success(),
-        "plugind {all:?}: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        d.history()
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-/// Instance `name` as `ctl plugins --json` shows it.
-fn plugin(d: &Daemon, name: &str) -> serde_json::Value {
-    ctl_json(d, &["plugins"])["instances"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| i["name"] == name)
-        .cloned()
-        .unwrap_or_else(|| panic!("no instance {name}"))
-}
-
 /// The delivery of message `id` to instance `d`, as `ctl show --json` shows it.
 fn delivery(d: &Daemon, id: u64) -> serde_json::Value {
-    ctl_json(d, &["show", &id.to_string()])["deliveries"]
+    d.ctl_json(&["show", &id.to_string()])["deliveries"]
         .as_array()
         .and_then(|list| list.iter().find(|x| x["instance"] == "d").cloned())
         .unwrap_or_default()
 }
 
-fn publish(d: &Daemon, headers: &[(&str, &str)]) -> u64 {
-    let mut args = Vec::new();
-    for (k, v) in headers {
-        args.push("-H".to_owned());
-        args.push(format!("{k}={v}"));
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    d.publish("defer.x", "payload", &args)
-        .unwrap_or_else(|e| panic!("publish refused: {e}\n{}", d.history()))
-}
-
-/// Runs `publish` with instance `name` paused, then resumes it: everything published is
-/// handed out together, however slowly the publishes went (each is a CLI process).
-fn held<T>(d: &Daemon, name: &str, publish: impl FnOnce() -> T) -> T {
-    ctl_json(d, &["pause", name]);
-    let published = publish();
-    ctl_json(d, &["resume", name]);
-    published
-}
-
 fn acked(d: &Daemon) -> u64 {
-    plugin(d, "d")["acked"].as_u64().unwrap()
+    d.instance("d")["acked"].as_u64().unwrap()
 }
 
 #[test]
@@ -133,14 +87,14 @@ fn deferred_attempts_are_acked_from_another_thread_many_at_once() {
     let d = Daemon::start(s, &config);
     // 40 messages each settled 300 ms after its call: with one attempt at a time this would
     // take 12 s; deferred, they are all outstanding together.
-    let ids: Vec<u64> = held(&d, "d", || {
+    let ids: Vec<u64> = d.held("d", || {
         (0..40)
-            .map(|_| publish(&d, &[("after-ms", "300")]))
+            .map(|_| d.publish_with("defer.x", "payload", &[("after-ms", "300")]))
             .collect()
     });
     let mut most = 0;
     wait_until("40 acks", &d, || {
-        let p = plugin(&d, "d");
+        let p = d.instance("d");
         most = most.max(p["deferred"].as_u64().unwrap());
         p["acked"] == 40
     });
@@ -155,7 +109,7 @@ fn deferred_attempts_are_acked_from_another_thread_many_at_once() {
     let mut settled: Vec<u64> = report.iter().map(|r| r.0).collect();
     settled.sort_unstable();
     assert_eq!(settled, ids);
-    let p = plugin(&d, "d");
+    let p = d.instance("d");
     assert_eq!(
         (p["failures"].as_u64(), p["deferred"].as_u64()),
         (Some(0), Some(0))
@@ -168,9 +122,17 @@ fn a_token_whose_attempt_already_ended_is_refused_never_applied_to_another_attem
     let (s, config, report_path, _) = setup("defer-stale", "fsync", "ack_timeout = \"400ms\"");
     let d = Daemon::start(s, &config);
     // Taken, then Ack returned from handle: the token's own ack later is a second settle.
-    let twice = publish(&d, &[("settle", "sync-ack"), ("after-ms", "100")]);
+    let twice = d.publish_with(
+        "defer.x",
+        "payload",
+        &[("settle", "sync-ack"), ("after-ms", "100")],
+    );
     // Attempt 1 answers after its lease ended (a timeout); attempt 2 acks in time.
-    let late = publish(&d, &[("after-ms", "1200"), ("until-attempt", "1")]);
+    let late = d.publish_with(
+        "defer.x",
+        "payload",
+        &[("after-ms", "1200"), ("until-attempt", "1")],
+    );
     wait_until("both reported", &d, || {
         let r = report(&report_path);
         r.iter().any(|x| x.0 == twice) && r.iter().filter(|x| x.0 == late).count() == 2
@@ -196,7 +158,7 @@ fn a_token_whose_attempt_already_ended_is_refused_never_applied_to_another_attem
     );
     assert_eq!(attempt2.3, None, "attempt 2 settles: {attempt2:?}");
     wait_until("both acked", &d, || acked(&d) == 2);
-    let p = plugin(&d, "d");
+    let p = d.instance("d");
     assert_eq!(p["failures"], 1, "the timeout of attempt 1 only: {p}");
     d.stop();
 }
@@ -205,9 +167,9 @@ fn a_token_whose_attempt_already_ended_is_refused_never_applied_to_another_attem
 fn a_dropped_token_fails_its_attempt_with_reason_dropped() {
     let (s, config, _, _) = setup("defer-drop", "fsync", "");
     let d = Daemon::start(s, &config);
-    let id = publish(&d, &[("settle", "drop")]);
+    let id = d.publish_with("defer.x", "payload", &[("settle", "drop")]);
     wait_until("a dead letter", &d, || {
-        plugin(&d, "d")["dead_lettered"] == 1
+        d.instance("d")["dead_lettered"] == 1
     });
     let shown = delivery(&d, id);
     assert_eq!(shown["state"], "dead_lettered", "{shown}");
@@ -221,9 +183,17 @@ fn keep_alive_extends_a_lease_past_ack_timeout() {
     let (s, config, report_path, _) = setup("defer-keep", "fsync", "ack_timeout = \"400ms\"");
     let d = Daemon::start(s, &config);
     // Settled after 1.5 s, three leases later, kept alive every 150 ms.
-    let kept = publish(&d, &[("after-ms", "1500"), ("keep-alive-ms", "150")]);
+    let kept = d.publish_with(
+        "defer.x",
+        "payload",
+        &[("after-ms", "1500"), ("keep-alive-ms", "150")],
+    );
     // Not kept alive: times out.
-    let lapsed = publish(&d, &[("after-ms", "1500"), ("until-attempt", "1")]);
+    let lapsed = d.publish_with(
+        "defer.x",
+        "payload",
+        &[("after-ms", "1500"), ("until-attempt", "1")],
+    );
     wait_until("both acked", &d, || acked(&d) == 2);
     let r = report(&report_path);
     assert!(
@@ -241,7 +211,7 @@ fn keep_alive_extends_a_lease_past_ack_timeout() {
     );
     assert!(r.iter().any(|x| x.0 == lapsed && x.1 == 2 && x.3.is_none()));
     assert_eq!(
-        plugin(&d, "d")["failures"],
+        d.instance("d")["failures"],
         1,
         "only the one not kept alive"
     );
@@ -253,8 +223,9 @@ fn children_published_through_a_token_are_committed_only_with_its_ack() {
     let (s, config, _, kids) = setup("defer-kids", "fsync", "");
     let d = Daemon::start(s, &config);
     // Attempt 1 retries (its child is discarded); attempt 2 acks with its child.
-    let id = publish(
-        &d,
+    let id = d.publish_with(
+        "defer.x",
+        "payload",
         &[
             ("settle", "retry"),
             ("until-attempt", "1"),
@@ -262,9 +233,13 @@ fn children_published_through_a_token_are_committed_only_with_its_ack() {
         ],
     );
     // Rejected: no child at all.
-    publish(&d, &[("settle", "reject"), ("child", "child.b")]);
+    d.publish_with(
+        "defer.x",
+        "payload",
+        &[("settle", "reject"), ("child", "child.b")],
+    );
     wait_until("settled", &d, || {
-        let p = plugin(&d, "d");
+        let p = d.instance("d");
         p["acked"] == 1 && p["dead_lettered"] == 1
     });
     wait_until("the child", &d, || !read_record(&kids).is_empty());
@@ -281,14 +256,14 @@ fn sigkill_with_outstanding_tokens_charges_a_crash_and_redelivers() {
     let (s, config, _, _) = setup("defer-kill", "fsync", "max_attempts = 5");
     let d = Daemon::start(s, &config);
     let ids: Vec<u64> = (0..10)
-        .map(|_| publish(&d, &[("settle", "never")]))
+        .map(|_| d.publish_with("defer.x", "payload", &[("settle", "never")]))
         .collect();
-    wait_until("10 deferred", &d, || plugin(&d, "d")["deferred"] == 10);
+    wait_until("10 deferred", &d, || d.instance("d")["deferred"] == 10);
     let s = d.kill9();
     let d = Daemon::restart(s);
     // Redelivered (deferred again), each charged one `crash`.
     wait_until("10 deferred again", &d, || {
-        plugin(&d, "d")["deferred"] == 10
+        d.instance("d")["deferred"] == 10
     });
     for id in ids {
         let shown = delivery(&d, id);
@@ -305,18 +280,24 @@ fn sigkill_with_outstanding_tokens_charges_a_crash_and_redelivers() {
 fn a_graceful_stop_waits_for_outstanding_tokens_then_releases_the_rest_without_failure() {
     let (s, config, report_path, _) = setup("defer-stop", "fsync", "");
     let d = Daemon::start(s, &config);
-    let (soon, never) = held(&d, "d", || {
+    let (soon, never) = d.held("d", || {
         // Settled a second after their call: within the stop's 3 s grace period.
         let soon: Vec<u64> = (0..5)
-            .map(|_| publish(&d, &[("after-ms", "1000")]))
+            .map(|_| d.publish_with("defer.x", "payload", &[("after-ms", "1000")]))
             .collect();
         // Never settled: released at the end of the grace period.
         let never: Vec<u64> = (0..5)
-            .map(|_| publish(&d, &[("settle", "never"), ("until-attempt", "1")]))
+            .map(|_| {
+                d.publish_with(
+                    "defer.x",
+                    "payload",
+                    &[("settle", "never"), ("until-attempt", "1")],
+                )
+            })
             .collect();
         (soon, never)
     });
-    wait_until("10 deferred", &d, || plugin(&d, "d")["deferred"] == 10);
+    wait_until("10 deferred", &d, || d.instance("d")["deferred"] == 10);
     let started = Instant::now();
     let (status, s) = d.stop_keeping_state();
     assert!(status.success());
@@ -342,7 +323,7 @@ fn a_graceful_stop_waits_for_outstanding_tokens_then_releases_the_rest_without_f
             "{r:?}"
         );
     }
-    assert_eq!(plugin(&d, "d")["failures"], 0);
+    assert_eq!(d.instance("d")["failures"], 0);
     d.stop();
 }
 
@@ -350,21 +331,23 @@ fn a_graceful_stop_waits_for_outstanding_tokens_then_releases_the_rest_without_f
 fn a_swap_with_100_outstanding_tokens_loses_and_duplicates_nothing() {
     let (s, config, report_path, _) = setup("defer-swap", "fsync", "");
     let d = Daemon::start(s, &config);
-    let ids: Vec<u64> = held(&d, "d", || {
+    let ids: Vec<u64> = d.held("d", || {
         (0..100)
-            .map(|_| publish(&d, &[("after-ms", "3000")]))
+            .map(|_| d.publish_with("defer.x", "payload", &[("after-ms", "3000")]))
             .collect()
     });
-    wait_until("100 deferred", &d, || plugin(&d, "d")["deferred"] == 100);
+    wait_until("100 deferred", &d, || d.instance("d")["deferred"] == 100);
     // A new generation while they are out; the old one drains.
     let out = d.cli(&["ctl", "reload", "d"]);
     assert!(out.status.success(), "{out:?}");
-    wait_until("generation 2", &d, || plugin(&d, "d")["generation"] == 2);
+    wait_until("generation 2", &d, || d.instance("d")["generation"] == 2);
     // New messages go to generation 2 at once.
-    let more: Vec<u64> = (0..10).map(|_| publish(&d, &[])).collect();
+    let more: Vec<u64> = (0..10)
+        .map(|_| d.publish_with("defer.x", "payload", &[]))
+        .collect();
     wait_until("110 acked", &d, || acked(&d) == 110);
     wait_until("generation 1 retired", &d, || {
-        plugin(&d, "d")["draining"]
+        d.instance("d")["draining"]
             .as_array()
             .is_some_and(Vec::is_empty)
     });
@@ -376,7 +359,7 @@ fn a_swap_with_100_outstanding_tokens_loses_and_duplicates_nothing() {
     let mut all = ids;
     all.extend(more);
     assert_eq!(settled, all);
-    let p = plugin(&d, "d");
+    let p = d.instance("d");
     assert_eq!(
         (p["failures"].as_u64(), p["deferred"].as_u64()),
         (Some(0), Some(0))
@@ -405,11 +388,12 @@ fn an_ordering_key_hands_out_one_delivery_per_key_at_a_time_in_order() {
     let (s, config, report_path, _) =
         setup_reporting("defer-order", "fsync", "ordering_key = \"k\"", true);
     let d = Daemon::start(s, &config);
-    let (a1, a2, a3, b1, b2, free) = held(&d, "d", || {
+    let (a1, a2, a3, b1, b2, free) = d.held("d", || {
         (
             // Key a: the first retries once (the key stays held through its backoff).
-            publish(
-                &d,
+            d.publish_with(
+                "defer.x",
+                "payload",
                 &[
                     ("k", "a"),
                     ("after-ms", "150"),
@@ -417,11 +401,11 @@ fn an_ordering_key_hands_out_one_delivery_per_key_at_a_time_in_order() {
                     ("until-attempt", "1"),
                 ],
             ),
-            publish(&d, &[("k", "a"), ("after-ms", "150")]),
-            publish(&d, &[("k", "a"), ("after-ms", "150")]),
-            publish(&d, &[("k", "b"), ("after-ms", "150")]),
-            publish(&d, &[("k", "b"), ("after-ms", "150")]),
-            publish(&d, &[("after-ms", "150")]),
+            d.publish_with("defer.x", "payload", &[("k", "a"), ("after-ms", "150")]),
+            d.publish_with("defer.x", "payload", &[("k", "a"), ("after-ms", "150")]),
+            d.publish_with("defer.x", "payload", &[("k", "b"), ("after-ms", "150")]),
+            d.publish_with("defer.x", "payload", &[("k", "b"), ("after-ms", "150")]),
+            d.publish_with("defer.x", "payload", &[("after-ms", "150")]),
         )
     });
     // Seven settles: a1 twice.
@@ -465,7 +449,7 @@ fn rate_limit_paces_hand_outs() {
         setup_reporting("defer-rate", "fsync", "rate_limit = 20", true);
     let d = Daemon::start(s, &config);
     for _ in 0..12 {
-        publish(&d, &[]);
+        d.publish_with("defer.x", "payload", &[]);
     }
     wait_until("12 settles", &d, || {
         timeline(&report_path)
@@ -498,7 +482,7 @@ fn a_config_the_plugin_refuses_is_reported_at_its_place_in_plugins_toml() {
         .unwrap()
         + 1;
     let d = Daemon::start(s, &config);
-    let p = plugin(&d, "d");
+    let p = d.instance("d");
     let error = p["last_error"].as_str().unwrap_or_default();
     let expected = format!(
         "plugins.toml:{line}:1: plugins.d.config.report_cals: the plugin refuses it: unknown \

@@ -23,32 +23,6 @@ use plugind_tests::{
     sandbox::Sandbox,
 };
 
-/// `plugind ctl ARGS --json`, which must succeed.
-fn ctl_json(d: &Daemon, args: &[&str]) -> serde_json::Value {
-    let mut all = vec!["ctl"];
-    all.extend_from_slice(args);
-    all.push("--json");
-    let out = d.cli(&all);
-    assert!(
-        out.status.success(),
-        "plugind {all:?}: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        d.history()
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-/// Instance `name` as `ctl plugins --json` shows it (`Null` when it is not listed).
-fn plugin(d: &Daemon, name: &str) -> serde_json::Value {
-    ctl_json(d, &["plugins"])["instances"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| i["name"] == name)
-        .cloned()
-        .unwrap_or_default()
-}
-
 /// `plugind publish TOPIC DATA --json`: the answer (id, instances) and what it printed on
 /// stderr.
 fn publish(d: &Daemon, topic: &str, data: &str) -> (serde_json::Value, String) {
@@ -89,7 +63,7 @@ fn a_disabled_instance_keeps_collecting_until_enabled_and_past_max_backlog_refus
     // Published while disabled: answered OK, and routed to it all the same.
     let payloads: Vec<String> = (0..4).map(|i| format!("while-disabled-{i}")).collect();
     let published: BTreeSet<u64> = publish_all(&d, &payloads, None).into_iter().collect();
-    let held_now = plugin(&d, "held");
+    let held_now = d.instance("held");
     assert_eq!(
         (&held_now["state"], &held_now["backlog"]),
         (&"disabled".into(), &4.into()),
@@ -167,7 +141,7 @@ fn a_library_removed_keeps_its_route_across_a_restart_until_it_comes_back() {
     // Across a restart with the library still missing: its last known topics route it.
     let s = d.stop_keeping_state().1;
     let d = Daemon::restart(s);
-    let sink = plugin(&d, "sink");
+    let sink = d.instance("sink");
     assert_eq!(sink["topics"], serde_json::json!(["demo.>"]), "{sink}");
     assert_eq!(sink["backlog"], 3, "{sink}");
     assert_eq!(sink["state"], "failed", "no library provides it: {sink}");
@@ -192,7 +166,7 @@ fn an_autoloaded_instance_stays_subscribed_until_forgotten_which_needs_its_libra
     let d = Daemon::start(s, "[host]\nautoload = true\ngrace_period = \"2s\"\n");
     let (answer, _) = publish(&d, "demo.x", "one");
     assert_eq!(answer["instances"], 1, "{answer}");
-    let sink = plugin(&d, "file-sink");
+    let sink = d.instance("file-sink");
     assert_eq!(sink["subscription"], "autoloaded", "{sink}");
     // Forget is refused while its library is in plugin_dir (it would be autoloaded again).
     let refused = d.cli(&["ctl", "forget", "file-sink", "--yes"]);
@@ -215,15 +189,15 @@ fn an_autoloaded_instance_stays_subscribed_until_forgotten_which_needs_its_libra
     let (answer, _) = publish(&d, "demo.x", "three");
     assert_eq!(answer["instances"], 1, "still subscribed: {answer}");
     // Forgotten: its subscription and its backlog end.
-    let forgotten = ctl_json(&d, &["forget", "file-sink", "--yes"]);
+    let forgotten = d.ctl_json(&["forget", "file-sink", "--yes"]);
     assert_eq!(forgotten["forgotten"], 3, "{forgotten}");
-    let dead = ctl_json(&d, &["dead-letters", "--instance", "file-sink"]);
+    let dead = d.ctl_json(&["dead-letters", "--instance", "file-sink"]);
     assert_eq!(dead["dead_letters"].as_array().unwrap().len(), 3, "{dead}");
     assert_eq!(dead["dead_letters"][0]["reason"], "forgotten");
     let (answer, warning) = publish(&d, "demo.x", "four");
     assert_eq!(answer["instances"], 0, "{answer}");
     assert!(warning.contains("no instance subscribes"), "{warning}");
-    assert!(plugin(&d, "file-sink").is_null(), "no longer listed");
+    assert!(d.instance("file-sink").is_null(), "no longer listed");
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
 }
@@ -243,7 +217,7 @@ fn unrouted_publishes_are_counted_and_warned_and_refused_with_unrouted_refuse() 
     let (answer, warning) = publish(&d, "t.x", "y");
     assert_eq!(answer["instances"], 1, "{answer}");
     assert!(warning.is_empty(), "{warning}");
-    assert_eq!(ctl_json(&d, &["status"])["unrouted"], 1);
+    assert_eq!(d.ctl_json(&["status"])["unrouted"], 1);
     d.wait_for_log("published to a topic no instance subscribes to", 1);
     assert!(
         d.log().contains("\"topic\":\"nobody.listens\""),
@@ -267,7 +241,7 @@ fn unrouted_publishes_are_counted_and_warned_and_refused_with_unrouted_refuse() 
             && stderr.contains("no instance subscribes to topic \"nobody.listens\""),
         "{stderr}"
     );
-    assert_eq!(ctl_json(&d, &["status"])["unrouted"], 2);
+    assert_eq!(d.ctl_json(&["status"])["unrouted"], 2);
     assert!(d.publish("t.x", "routed", &[]).is_ok());
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
@@ -299,7 +273,7 @@ fn enable_and_disable_work_from_any_folder_with_the_daemon_started_without_c() {
     let path = folder.join("plugins.toml");
     // The daemon reports its configuration by its absolute path.
     assert_eq!(
-        ctl_json(&d, &["status"])["config"],
+        d.ctl_json(&["status"])["config"],
         path.display().to_string()
     );
     // From the daemon's own folder, finding ./plugins.toml as it did.
@@ -310,7 +284,7 @@ fn enable_and_disable_work_from_any_folder_with_the_daemon_started_without_c() {
         text.replace("enabled = true   #", "enabled = false   #"),
         "only the value changed; its trailing comment stays"
     );
-    assert_eq!(plugin(&d, "rec")["state"], "disabled");
+    assert_eq!(d.instance("rec")["state"], "disabled");
     // From another folder, reaching the daemon by its socket.
     let elsewhere = Sandbox::new("subs-elsewhere");
     let connect = format!("unix:{}", d.socket().display());
@@ -320,7 +294,7 @@ fn enable_and_disable_work_from_any_folder_with_the_daemon_started_without_c() {
     );
     assert!(out.status.success(), "{out:?}\n{}", d.log());
     assert_eq!(fs::read_to_string(&path).unwrap(), text);
-    assert_eq!(plugin(&d, "rec")["state"], "running");
+    assert_eq!(d.instance("rec")["state"], "running");
     assert!(
         fs::read_dir(&folder).unwrap().all(|e| !e
             .unwrap()
@@ -410,13 +384,13 @@ fn a_pause_survives_a_restart_until_resumed() {
     let rec = s.path().join("rec.txt");
     let text = config("fsync", &[("rec", "", record_config(&rec, ""))]);
     let d = Daemon::start(s, &text);
-    ctl_json(&d, &["pause", "rec"]);
+    d.ctl_json(&["pause", "rec"]);
     let published: BTreeSet<u64> = publish_all(&d, &["held".to_owned()], None)
         .into_iter()
         .collect();
     let s = d.stop_keeping_state().1;
     let d = Daemon::restart(s);
-    let rec_now = plugin(&d, "rec");
+    let rec_now = d.instance("rec");
     assert_eq!(
         (&rec_now["paused"], &rec_now["state"], &rec_now["backlog"]),
         (&true.into(), &"paused".into(), &1.into()),
@@ -427,14 +401,14 @@ fn a_pause_survives_a_restart_until_resumed() {
         read_record(&rec).is_empty(),
         "nothing handed out while paused"
     );
-    ctl_json(&d, &["resume", "rec"]);
+    d.ctl_json(&["resume", "rec"]);
     wait_until("the held message is delivered", &d, || {
         ids(&read_record(&rec)) == published
     });
     // Resumed for good: another restart does not pause it again.
     let s = d.stop_keeping_state().1;
     let d = Daemon::restart(s);
-    assert_eq!(plugin(&d, "rec")["paused"], false);
+    assert_eq!(d.instance("rec")["paused"], false);
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
 }
@@ -455,13 +429,13 @@ fn waiting_deliveries_older_than_max_age_are_dead_lettered_as_expired() {
     let payloads: Vec<String> = (0..3).map(|i| format!("old-{i}")).collect();
     publish_all(&d, &payloads, None);
     wait_until("the three expire", &d, || {
-        ctl_json(&d, &["dead-letters", "--instance", "held"])["dead_letters"]
+        d.ctl_json(&["dead-letters", "--instance", "held"])["dead_letters"]
             .as_array()
             .unwrap()
             .len()
             == 3
     });
-    let dead = ctl_json(&d, &["dead-letters", "--instance", "held"]);
+    let dead = d.ctl_json(&["dead-letters", "--instance", "held"]);
     assert!(
         dead["dead_letters"]
             .as_array()
@@ -470,7 +444,7 @@ fn waiting_deliveries_older_than_max_age_are_dead_lettered_as_expired() {
             .all(|d| d["reason"] == "expired" && d["failures"] == 0),
         "{dead}"
     );
-    assert_eq!(plugin(&d, "held")["backlog"], 0);
+    assert_eq!(d.instance("held")["backlog"], 0);
     d.wait_for_log("waiting deliveries older than max_age dead-lettered", 1);
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
@@ -560,7 +534,7 @@ fn what_waits_for_a_removed_instance_shows_after_a_restart_until_it_is_forgotten
     // waited for it is still there, shown, until an operator forgets it.
     let only_rec = config("fsync", &[("rec", "", record_config(&rec, ""))]);
     let d = Daemon::start(s, &only_rec);
-    let held_now = plugin(&d, "held");
+    let held_now = d.instance("held");
     assert_eq!(
         (
             &held_now["state"],
@@ -572,13 +546,13 @@ fn what_waits_for_a_removed_instance_shows_after_a_restart_until_it_is_forgotten
     );
     publish_all(&d, &["more".to_owned()], None);
     assert_eq!(
-        plugin(&d, "held")["backlog"],
+        d.instance("held")["backlog"],
         3,
         "nothing more is routed to it"
     );
-    let forgotten = ctl_json(&d, &["forget", "held", "--purge", "--yes"]);
+    let forgotten = d.ctl_json(&["forget", "held", "--purge", "--yes"]);
     assert_eq!(forgotten["forgotten"], 3);
-    assert!(plugin(&d, "held").is_null());
+    assert!(d.instance("held").is_null());
     assert!(read_record(&held).is_empty());
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
@@ -593,7 +567,7 @@ fn an_instance_whose_library_was_never_loaded_has_nothing_routed_to_it_yet() {
         config("fsync", &[("rec", "", record_config(&rec, ""))])
     );
     let d = Daemon::start(s, &text);
-    let ghost = plugin(&d, "ghost");
+    let ghost = d.instance("ghost");
     assert_eq!(
         (&ghost["topics_known"], &ghost["topics"]),
         (&false.into(), &serde_json::json!([])),
@@ -605,7 +579,7 @@ fn an_instance_whose_library_was_never_loaded_has_nothing_routed_to_it_yet() {
         "{text_view}"
     );
     publish_all(&d, &["x".to_owned()], None);
-    assert_eq!(plugin(&d, "ghost")["backlog"], 0);
+    assert_eq!(d.instance("ghost")["backlog"], 0);
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
 }
