@@ -41,7 +41,7 @@ use plugind_api::{
 
 use crate::{
     clock::{Clock, Timestamp},
-    deferred::{Deferrals, Issued, MarkerSource, Mint, TokenEnd, TokenSlot},
+    deferred::{Deferrals, Issued, MarkerSource, Mint, TokenSlot},
     ledger::InFlightMarker,
     loader::PluginInstance,
     message::StoredMessage,
@@ -146,8 +146,9 @@ pub enum ActorEvent {
         generation: u32,
         released: Vec<Handoff>,
     },
-    /// A deferred attempt's token ended (settled or dropped) from a plugin thread.
-    Token { instance: InstanceId, end: TokenEnd },
+    /// Deferred attempts' tokens ended (settled or dropped) from plugin threads: their ends
+    /// wait in the instance's `Deferrals` (one notice per batch).
+    Tokens { instance: InstanceId },
     /// The actor ended (after its plugin's `shutdown`).
     Stopped {
         instance: InstanceId,
@@ -287,14 +288,17 @@ impl Actor {
             generation,
             deferrals: deferrals.clone(),
             report: {
-                let events = events.clone();
+                let (events, deferrals) = (events.clone(), deferrals.clone());
                 Box::new(move |end| {
-                    let _ = events.send(ActorEvent::Token { instance, end });
+                    if deferrals.push_end(end) {
+                        let _ = events.send(ActorEvent::Tokens { instance });
+                    }
                 })
             },
             services: services.clone(),
             clock: clock.clone(),
             markers,
+            latency: metrics::SettleRecorder::of(instance),
         });
         let worker = Worker {
             instance,

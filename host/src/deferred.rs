@@ -67,6 +67,11 @@ pub struct Deferrals {
     state: Mutex<Registry>,
     /// Signalled whenever an attempt stops being outstanding, and on a stop.
     changed: Condvar,
+    /// `outstanding < max_in_flight`, readable without the lock (the actor asks before
+    /// every call); written under the lock whenever either changes.
+    room: AtomicBool,
+    /// Token ends not yet taken by the dispatcher, oldest first.
+    ended: Mutex<Vec<TokenEnd>>,
 }
 
 #[derive(Debug)]
@@ -79,6 +84,9 @@ struct Registry {
     by_generation: FxHashMap<u32, usize>,
     max_in_flight: usize,
     ack_timeout: Duration,
+    /// Threads waiting on `changed` (an actor for room, a draining one for its tokens): a
+    /// change wakes them only if there are any (a wake-up is a system call).
+    waiters: usize,
 }
 
 #[derive(Debug)]
@@ -115,9 +123,49 @@ impl Deferrals {
                 by_generation: FxHashMap::default(),
                 max_in_flight: max_in_flight.max(1),
                 ack_timeout,
+                waiters: 0,
             }),
             changed: Condvar::new(),
+            room: AtomicBool::new(true),
+            ended: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Wakes the waiters, if `waiters` (read under the lock) says there are any.
+    fn wake_if(&self, waiters: usize) {
+        if waiters > 0 {
+            self.changed.notify_all();
+        }
+    }
+
+    /// Queues a token's end for the dispatcher; whether the queue was empty (then the
+    /// dispatcher must be told: one notice per batch, however many ends follow before it
+    /// takes them).
+    pub fn push_end(&self, end: TokenEnd) -> bool {
+        let mut ended = self
+            .ended
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        ended.push(end);
+        ended.len() == 1
+    }
+
+    /// The token ends queued since the last call (the dispatcher's, on a notice).
+    pub fn take_ends(&self) -> Vec<TokenEnd> {
+        std::mem::take(
+            &mut *self
+                .ended
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Publishes whether there is room, after a change under the lock.
+    fn update_room(&self, registry: &Registry) {
+        self.room.store(
+            registry.outstanding < registry.max_in_flight,
+            Ordering::Release,
+        );
     }
 
     fn lock(&self) -> MutexGuard<'_, Registry> {
@@ -131,14 +179,15 @@ impl Deferrals {
         let mut registry = self.lock();
         registry.max_in_flight = max_in_flight.max(1);
         registry.ack_timeout = ack_timeout;
+        self.update_room(&registry);
+        let waiters = registry.waiters;
         drop(registry);
-        self.changed.notify_all();
+        self.wake_if(waiters);
     }
 
     /// Whether another call may start: fewer than `max_in_flight` attempts outstanding.
     pub fn has_room(&self) -> bool {
-        let registry = self.lock();
-        registry.outstanding < registry.max_in_flight
+        self.room.load(Ordering::Acquire)
     }
 
     /// Attempts outstanding now (taken, not yet settled or expired).
@@ -167,6 +216,7 @@ impl Deferrals {
                 marker,
             },
         );
+        self.update_room(&registry);
     }
 
     /// Ends the outstanding state of the entry of `key` (under the lock); returns its marker
@@ -191,22 +241,36 @@ impl Deferrals {
     /// # Errors
     /// [`Ended`] when it is not outstanding (settled, expired, released, or never taken).
     pub fn claim(&self, message: u64, attempt: u32) -> Result<(), Ended> {
-        let marker = Self::end(&mut self.lock(), (message, attempt)).ok_or(Ended)?;
-        self.changed.notify_all();
+        let (marker, waiters) = {
+            let mut registry = self.lock();
+            let marker = Self::end(&mut registry, (message, attempt)).ok_or(Ended)?;
+            self.update_room(&registry);
+            (marker, registry.waiters)
+        };
+        self.wake_if(waiters);
         // Cleared outside the lock: a `pwrite`.
         drop(marker);
         Ok(())
     }
 
-    /// The dispatcher applied the settlement of a claimed attempt: the entry goes.
-    pub fn finish(&self, message: u64, attempt: u32) {
+    /// The dispatcher applied the settlements of these claimed attempts (message, attempt):
+    /// their entries go, under one lock.
+    pub fn finish(&self, applied: &[(u64, u32)]) {
+        if applied.is_empty() {
+            return;
+        }
         let mut registry = self.lock();
-        // Applied without a claim cannot happen; if it did, the counts stay right.
-        let marker = Self::end(&mut registry, (message, attempt));
-        registry.tokens.remove(&(message, attempt));
+        let mut ended = false;
+        for key in applied {
+            // Applied without a claim cannot happen; if it did, the counts stay right.
+            ended |= Self::end(&mut registry, *key).is_some();
+            registry.tokens.remove(key);
+        }
+        self.update_room(&registry);
+        let waiters = registry.waiters;
         drop(registry);
-        if marker.is_some() {
-            self.changed.notify_all();
+        if ended {
+            self.wake_if(waiters);
         }
     }
 
@@ -224,9 +288,10 @@ impl Deferrals {
             }
             let marker = Self::end(&mut registry, (message, attempt));
             registry.tokens.remove(&(message, attempt));
-            marker
+            self.update_room(&registry);
+            (marker, registry.waiters)
         };
-        self.changed.notify_all();
+        self.wake_if(marker.1);
         drop(marker);
         Expiry::Expired
     }
@@ -269,6 +334,7 @@ impl Deferrals {
             registry.tokens = tokens;
             registry.outstanding = 0;
             registry.by_generation.clear();
+            self.update_room(registry);
             markers
         };
         self.changed.notify_all();
@@ -280,10 +346,12 @@ impl Deferrals {
     pub fn wait_for_room(&self, stop: &AtomicBool) {
         let mut registry = self.lock();
         while registry.outstanding >= registry.max_in_flight && !stop.load(Ordering::Acquire) {
+            registry.waiters += 1;
             registry = self
                 .changed
                 .wait(registry)
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
+            registry.waiters -= 1;
         }
     }
 
@@ -291,15 +359,19 @@ impl Deferrals {
     pub fn wait_drained(&self, generation: u32) {
         let mut registry = self.lock();
         while registry.by_generation.contains_key(&generation) {
+            registry.waiters += 1;
             registry = self
                 .changed
                 .wait(registry)
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
+            registry.waiters -= 1;
         }
     }
 
     /// Wakes every waiter (an actor told to stop).
     pub fn wake(&self) {
+        // Under the lock: a waiter is either before its check (and sees the stop) or waiting.
+        let _registry = self.lock();
         self.changed.notify_all();
     }
 }
@@ -314,6 +386,8 @@ pub struct Mint {
     pub services: Arc<InstanceServices>,
     pub clock: Arc<dyn Clock>,
     pub markers: MarkerSource,
+    /// Publish-to-settle times of its tokens' acks and rejections.
+    pub latency: crate::metrics::SettleRecorder,
 }
 
 impl std::fmt::Debug for Mint {
@@ -428,11 +502,9 @@ impl Completion for TokenCtx {
             .claim(self.message.id, self.attempt)
             .map_err(|Ended| self.stale())?;
         if matches!(outcome, Ok(Outcome::Ack | Outcome::Reject { .. })) {
-            crate::metrics::settled(
-                self.mint.instance,
-                self.message.publish_time,
-                self.mint.clock.as_ref(),
-            );
+            self.mint
+                .latency
+                .settled(self.message.publish_time, self.mint.clock.as_ref());
         }
         let children = {
             // `done` is set under the children's lock: a child is either adopted before the
@@ -535,7 +607,7 @@ mod tests {
             Expiry::Settled,
             "settled, not yet applied"
         );
-        d.finish(1, 1);
+        d.finish(&[(1, 1)]);
         assert_eq!(d.expire(1, 1, Timestamp(5_000)), Expiry::NotDeferred);
         // Keep-alive at 1,050 moves the lease to 1,150.
         assert_eq!(d.keep_alive(2, 1, Timestamp(1_050)), Ok(()));

@@ -110,6 +110,9 @@ struct DispatchLoop {
     /// Snapshots asked for this round, answered at its end: a count (a dead letter, say) is
     /// shown only once its record is handed to the ledger.
     snapshots: Vec<Sender<Snapshot>>,
+    /// Per instance, the deferred settlements applied this round, whose registry entries go
+    /// at its end.
+    applied: Vec<Vec<(u64, u32)>>,
 }
 
 /// Commits the dispatcher leaves unanswered at most before it waits for them.
@@ -134,6 +137,7 @@ impl DispatchLoop {
             stale_log: Throttle::new(Duration::from_secs(1)),
             unanswered: VecDeque::new(),
             snapshots: Vec::new(),
+            applied: Vec::new(),
         };
         dispatcher.restore(pending);
         dispatcher
@@ -189,6 +193,7 @@ impl DispatchLoop {
             while let Ok(event) = events.try_recv() {
                 self.event(event, &mut records);
             }
+            self.finish_applied();
             while stop.is_none()
                 && let Ok(input) = inputs.try_recv()
             {
@@ -614,7 +619,17 @@ impl DispatchLoop {
             } => {
                 self.release(instance, released, now, records);
             }
-            actor::ActorEvent::Token { instance, end } => self.token(instance, end, now, records),
+            actor::ActorEvent::Tokens { instance } => {
+                let ends = self.instances[instance as usize]
+                    .slot
+                    .deferrals
+                    .as_ref()
+                    .map(|d| d.take_ends())
+                    .unwrap_or_default();
+                for end in ends {
+                    self.token(instance, end, now, records);
+                }
+            }
             actor::ActorEvent::Stopped {
                 instance,
                 shutdown_error,

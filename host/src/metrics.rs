@@ -145,13 +145,31 @@ pub fn handled<T>(
     answer
 }
 
-/// Records the time from the publish (at `published`) to now for a deferred attempt of
-/// `instance` settled through its token with an ack or a rejection.
-pub fn settled(instance: InstanceId, published: Timestamp, clock: &dyn Clock) {
-    let latency = clock.now().since(published);
-    recorders(instance)
-        .settle
-        .observe(u64::try_from(latency.as_millis()).unwrap_or(u64::MAX));
+/// Where the publish-to-settle times of one instance's deferred attempts go (found once per
+/// actor generation, so that a token's settlement takes no lock).
+#[derive(Clone)]
+pub struct SettleRecorder(Arc<Recorders>);
+
+impl std::fmt::Debug for SettleRecorder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SettleRecorder").finish_non_exhaustive()
+    }
+}
+
+impl SettleRecorder {
+    /// The recorder of `instance`.
+    pub fn of(instance: InstanceId) -> Self {
+        Self(recorders(instance))
+    }
+
+    /// A deferred attempt published at `published` was settled now (by `clock`) through its
+    /// token with an ack or a rejection.
+    pub fn settled(&self, published: Timestamp, clock: &dyn Clock) {
+        let latency = clock.now().since(published);
+        self.0
+            .settle
+            .observe(u64::try_from(latency.as_millis()).unwrap_or(u64::MAX));
+    }
 }
 
 /// The histograms of one instance, as observed now.

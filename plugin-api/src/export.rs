@@ -32,7 +32,21 @@ pub fn root_module<P: Plugin>(manifest: extern "C" fn() -> RSlice<'static, u8>) 
 }
 
 /// Deserializes an instance's config into `C`, naming the offending key on failure.
+///
+/// An instance without a `config` table gets an empty one (`{}`): a plugin whose config
+/// type takes nothing (`()`, an `Option`) reads it as no config (`null`).
 fn parse_config<C: serde::de::DeserializeOwned>(config_json: &str) -> Result<C, ConfigError> {
+    let parsed = parse_config_text(config_json);
+    if parsed.is_err()
+        && config_json.trim() == "{}"
+        && let Ok(nothing) = parse_config_text("null")
+    {
+        return Ok(nothing);
+    }
+    parsed
+}
+
+fn parse_config_text<C: serde::de::DeserializeOwned>(config_json: &str) -> Result<C, ConfigError> {
     let mut json = serde_json::Deserializer::from_str(config_json);
     serde_path_to_error::deserialize(&mut json).map_err(|e| {
         let path = e.path().to_string();

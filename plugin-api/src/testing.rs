@@ -750,4 +750,17 @@ mod tests {
         assert_eq!(harness.settled(4, 1), None);
         harness.shutdown().unwrap();
     }
+
+    #[test]
+    fn a_plugin_that_takes_no_config_starts_without_a_config_table() {
+        // The daemon hands an instance without a `config` table an empty one.
+        let mut harness = Harness::<Later>::new(serde_json::json!({})).unwrap();
+        assert_eq!(
+            harness.handle_to_end(TestMessage::new("t", "ack"), Duration::from_secs(10)),
+            Ok(Some(Settled::Outcome(Outcome::Ack)))
+        );
+        harness.shutdown().unwrap();
+        let e = Harness::<Later>::new(serde_json::json!({"x": 1})).unwrap_err();
+        assert!(e.message.contains("invalid type: map"), "{}", e.message);
+    }
 }

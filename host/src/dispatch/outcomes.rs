@@ -30,10 +30,8 @@ impl DispatchLoop {
     ) {
         let key = (s.message, instance);
         let in_flight = self.live.get(&key).and_then(|l| l.delivery.in_flight());
-        if s.token
-            && let Some(deferrals) = &self.instances[instance as usize].slot.deferrals
-        {
-            deferrals.finish(s.message, s.attempt);
+        if s.token {
+            self.applied(instance, s.message, s.attempt);
         }
         if matches!(s.result, Ok(Outcome::Defer)) {
             // The call returned and its token is out (or already settled through it): only
@@ -134,14 +132,35 @@ impl DispatchLoop {
                 records,
             ),
             TokenEnd::Dropped { message, attempt } => {
-                if let Some(deferrals) = &self.instances[instance as usize].slot.deferrals {
-                    deferrals.finish(message, attempt);
-                }
+                self.applied(instance, message, attempt);
                 let key = (message, instance);
                 if self.live.get(&key).and_then(|l| l.delivery.in_flight()) == Some(attempt) {
                     self.fail(key, attempt, Failure::Dropped, now, records);
                 }
             }
+        }
+    }
+
+    /// The settlement of a claimed deferred attempt was applied: its registry entry goes at
+    /// the end of the round, with the others (one lock per instance and round).
+    fn applied(&mut self, instance: InstanceId, message: u64, attempt: u32) {
+        let index = instance as usize;
+        if self.applied.len() <= index {
+            self.applied.resize_with(index + 1, Vec::new);
+        }
+        self.applied[index].push((message, attempt));
+    }
+
+    /// Removes the registry entries of the deferred settlements applied this round.
+    pub(super) fn finish_applied(&mut self) {
+        for (index, applied) in self.applied.iter_mut().enumerate() {
+            if applied.is_empty() {
+                continue;
+            }
+            if let Some(deferrals) = &self.instances[index].slot.deferrals {
+                deferrals.finish(applied);
+            }
+            applied.clear();
         }
     }
 
