@@ -73,9 +73,11 @@ fn a_scrape_counts_what_the_daemon_did_and_promtool_accepts_it() {
     d.publish("", "x", &[]).unwrap_err();
 
     // 3 acks, 1 rejection, 2 retries (the second exhausts max_attempts): 6 calls.
+    // The backlog's bytes are the supervisor's view, refreshed on its tick: waited for too.
     let after = scrape_until(addr, "every attempt settled", |s| {
         s.value("plugind_dead_lettered_total", &echo) == 2.0
             && s.value("plugind_backlog_messages", &echo) == 0.0
+            && s.value("plugind_backlog_bytes", &echo) == 0.0
     });
     let outcome = |kind| {
         moved(
