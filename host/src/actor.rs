@@ -290,6 +290,7 @@ impl Actor {
             report: {
                 let (events, deferrals) = (events.clone(), deferrals.clone());
                 Box::new(move |end| {
+                    // Told only when it may be asleep: awake, it takes the ends each round.
                     if deferrals.push_end(end) {
                         let _ = events.send(ActorEvent::Tokens { instance });
                     }

@@ -72,6 +72,10 @@ pub struct Deferrals {
     room: AtomicBool,
     /// Token ends not yet taken by the dispatcher, oldest first.
     ended: Mutex<Vec<TokenEnd>>,
+    /// `ended` is not empty (read without its lock).
+    pending: AtomicBool,
+    /// The dispatcher waits for input (or is about to): a token end must wake it.
+    asleep: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -84,9 +88,23 @@ struct Registry {
     by_generation: FxHashMap<u32, usize>,
     max_in_flight: usize,
     ack_timeout: Duration,
-    /// Threads waiting on `changed` (an actor for room, a draining one for its tokens): a
-    /// change wakes them only if there are any (a wake-up is a system call).
-    waiters: usize,
+    /// Actors waiting on `changed` for room, and draining generations waiting for their
+    /// tokens: a change wakes them only if it lets one go on (a wake-up is a system call).
+    room_waiters: usize,
+    drain_waiters: usize,
+}
+
+impl Registry {
+    /// Below how many outstanding attempts a full instance's actor goes on.
+    fn resume_below(&self) -> usize {
+        self.max_in_flight - self.max_in_flight / 8
+    }
+
+    /// Whether a change (made under the lock) must wake a waiter: a draining generation
+    /// (rare: checks its own count), or an actor waiting for room that now has it.
+    fn wakes(&self) -> bool {
+        self.drain_waiters > 0 || (self.room_waiters > 0 && self.outstanding < self.resume_below())
+    }
 }
 
 #[derive(Debug)]
@@ -123,41 +141,65 @@ impl Deferrals {
                 by_generation: FxHashMap::default(),
                 max_in_flight: max_in_flight.max(1),
                 ack_timeout,
-                waiters: 0,
+                room_waiters: 0,
+                drain_waiters: 0,
             }),
             changed: Condvar::new(),
             room: AtomicBool::new(true),
             ended: Mutex::new(Vec::new()),
+            pending: AtomicBool::new(false),
+            // Until the dispatcher first says it is awake, every end wakes it.
+            asleep: AtomicBool::new(true),
         })
     }
 
-    /// Wakes the waiters, if `waiters` (read under the lock) says there are any.
-    fn wake_if(&self, waiters: usize) {
-        if waiters > 0 {
+    /// Wakes the waiters if `wake` (decided under the lock by [`Registry::wakes`]) says so.
+    fn wake_if(&self, wake: bool) {
+        if wake {
             self.changed.notify_all();
         }
     }
 
-    /// Queues a token's end for the dispatcher; whether the queue was empty (then the
-    /// dispatcher must be told: one notice per batch, however many ends follow before it
-    /// takes them).
+    /// Queues a token's end for the dispatcher; whether the dispatcher must be told (it is
+    /// going to sleep, or asleep): an awake dispatcher takes the queue in its round anyway,
+    /// so a busy one is not woken once per settlement.
+    ///
+    /// With [`Deferrals::dispatcher_sleeps`] this is Dekker's handshake, both sides SeqCst:
+    /// the end is queued (`pending`) before `asleep` is read, and the dispatcher sets
+    /// `asleep` before it reads `pending`, so one of them sees the other.
     pub fn push_end(&self, end: TokenEnd) -> bool {
         let mut ended = self
             .ended
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         ended.push(end);
-        ended.len() == 1
+        self.pending.store(true, Ordering::SeqCst);
+        drop(ended);
+        self.asleep.load(Ordering::SeqCst)
     }
 
-    /// The token ends queued since the last call (the dispatcher's, on a notice).
+    /// The token ends queued since the last call (the dispatcher's, each round).
     pub fn take_ends(&self) -> Vec<TokenEnd> {
-        std::mem::take(
-            &mut *self
-                .ended
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        )
+        if !self.pending.load(Ordering::SeqCst) {
+            return Vec::new();
+        }
+        let mut ended = self
+            .ended
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.pending.store(false, Ordering::SeqCst);
+        std::mem::take(&mut *ended)
+    }
+
+    /// The dispatcher is about to wait for input: whether it may (no token end queued).
+    pub fn dispatcher_sleeps(&self) -> bool {
+        self.asleep.store(true, Ordering::SeqCst);
+        !self.pending.load(Ordering::SeqCst)
+    }
+
+    /// The dispatcher is awake: it takes the queue each round, nobody need tell it.
+    pub fn dispatcher_wakes(&self) {
+        self.asleep.store(false, Ordering::SeqCst);
     }
 
     /// Publishes whether there is room, after a change under the lock.
@@ -180,9 +222,9 @@ impl Deferrals {
         registry.max_in_flight = max_in_flight.max(1);
         registry.ack_timeout = ack_timeout;
         self.update_room(&registry);
-        let waiters = registry.waiters;
+        let wake = registry.wakes();
         drop(registry);
-        self.wake_if(waiters);
+        self.wake_if(wake);
     }
 
     /// Whether another call may start: fewer than `max_in_flight` attempts outstanding.
@@ -245,7 +287,7 @@ impl Deferrals {
             let mut registry = self.lock();
             let marker = Self::end(&mut registry, (message, attempt)).ok_or(Ended)?;
             self.update_room(&registry);
-            (marker, registry.waiters)
+            (marker, registry.wakes())
         };
         self.wake_if(waiters);
         // Cleared outside the lock: a `pwrite`.
@@ -267,10 +309,10 @@ impl Deferrals {
             registry.tokens.remove(key);
         }
         self.update_room(&registry);
-        let waiters = registry.waiters;
+        let wake = registry.wakes();
         drop(registry);
         if ended {
-            self.wake_if(waiters);
+            self.wake_if(wake);
         }
     }
 
@@ -289,7 +331,7 @@ impl Deferrals {
             let marker = Self::end(&mut registry, (message, attempt));
             registry.tokens.remove(&(message, attempt));
             self.update_room(&registry);
-            (marker, registry.waiters)
+            (marker, registry.wakes())
         };
         self.wake_if(marker.1);
         drop(marker);
@@ -345,13 +387,18 @@ impl Deferrals {
     /// outstanding, or `stop` set.
     pub fn wait_for_room(&self, stop: &AtomicBool) {
         let mut registry = self.lock();
-        while registry.outstanding >= registry.max_in_flight && !stop.load(Ordering::Acquire) {
-            registry.waiters += 1;
+        if registry.outstanding < registry.max_in_flight {
+            return;
+        }
+        // Full: wait until an eighth of it is free again, so that a full instance runs its
+        // next calls as a batch instead of being woken for every settlement.
+        while registry.outstanding >= registry.resume_below() && !stop.load(Ordering::Acquire) {
+            registry.room_waiters += 1;
             registry = self
                 .changed
                 .wait(registry)
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            registry.waiters -= 1;
+            registry.room_waiters -= 1;
         }
     }
 
@@ -359,12 +406,12 @@ impl Deferrals {
     pub fn wait_drained(&self, generation: u32) {
         let mut registry = self.lock();
         while registry.by_generation.contains_key(&generation) {
-            registry.waiters += 1;
+            registry.drain_waiters += 1;
             registry = self
                 .changed
                 .wait(registry)
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            registry.waiters -= 1;
+            registry.drain_waiters -= 1;
         }
     }
 

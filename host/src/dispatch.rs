@@ -175,6 +175,12 @@ impl DispatchLoop {
                 .min(Duration::from_secs(1));
             let mut records = Vec::new();
             let mut stop = None;
+            // Token ends queued while awake are taken below; asleep, one wakes the loop.
+            let wait = if self.may_sleep() {
+                wait
+            } else {
+                Duration::ZERO
+            };
             select! {
                 recv(inputs) -> input => match input {
                     Ok(input) => stop = self.input(input),
@@ -190,6 +196,7 @@ impl DispatchLoop {
                 default(wait) => {}
             }
             // Take everything else waiting in one go (batching).
+            self.awake(now, &mut records);
             while let Ok(event) = events.try_recv() {
                 self.event(event, &mut records);
             }
@@ -619,17 +626,7 @@ impl DispatchLoop {
             } => {
                 self.release(instance, released, now, records);
             }
-            actor::ActorEvent::Tokens { instance } => {
-                let ends = self.instances[instance as usize]
-                    .slot
-                    .deferrals
-                    .as_ref()
-                    .map(|d| d.take_ends())
-                    .unwrap_or_default();
-                for end in ends {
-                    self.token(instance, end, now, records);
-                }
-            }
+            actor::ActorEvent::Tokens { instance } => self.take_tokens(instance, now, records),
             actor::ActorEvent::Stopped {
                 instance,
                 shutdown_error,
@@ -640,6 +637,41 @@ impl DispatchLoop {
                     tracing::warn!(instance = %name, error = %e, "shutdown failed");
                 }
             }
+        }
+    }
+
+    /// The token ends queued for `instance`, applied.
+    fn take_tokens(&mut self, instance: InstanceId, now: Timestamp, records: &mut Vec<Record>) {
+        let ends = self.instances[instance as usize]
+            .slot
+            .deferrals
+            .as_ref()
+            .map(|d| d.take_ends())
+            .unwrap_or_default();
+        for end in ends {
+            self.token(instance, end, now, records);
+        }
+    }
+
+    /// Whether the loop may wait for input: it tells every instance's deferrals it is going
+    /// to sleep, and may not if a token end is already queued.
+    fn may_sleep(&self) -> bool {
+        let mut may = true;
+        for queue in &self.instances {
+            if let Some(deferrals) = &queue.slot.deferrals {
+                may &= deferrals.dispatcher_sleeps();
+            }
+        }
+        may
+    }
+
+    /// The loop is awake: token ends no longer wake it; it takes those queued now.
+    fn awake(&mut self, now: Timestamp, records: &mut Vec<Record>) {
+        for id in 0..self.instances.len() {
+            if let Some(deferrals) = &self.instances[id].slot.deferrals {
+                deferrals.dispatcher_wakes();
+            }
+            self.take_tokens(id as InstanceId, now, records);
         }
     }
 
