@@ -640,3 +640,42 @@ fn a_1_1_plugin_that_defers_refuses_itself_in_a_1_0_host_naming_both_versions() 
         );
     }
 }
+
+#[test]
+fn check_probe_says_a_1_0_plugins_config_was_not_checked_never_all_good() {
+    let sandbox = sandbox("compat-check", LegacyBuild::V1_0);
+    let config = config(&sandbox, &[("legacy", "legacy.>", "from-config")]);
+    sandbox.put("plugins.toml", &config);
+    let check = |args: &[&str]| {
+        Command::new(binary::plugind())
+            .arg("check")
+            .arg("-c")
+            .arg(sandbox.path().join("plugins.toml"))
+            .args(args)
+            .env_remove("PLUGIND_CONFIG")
+            .output()
+            .unwrap()
+    };
+    let out = check(&["--probe"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("its config was not checked: its plugin was built with plugind-api 1.0"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("all good"), "{stdout}");
+    assert!(
+        stdout.contains("no problem found, but 1 instance config could not be checked"),
+        "{stdout}"
+    );
+    let out = check(&["--probe", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let legacy = report["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == "legacy")
+        .unwrap()
+        .clone();
+    assert_eq!(legacy["config_checked"], false, "{report}");
+}
