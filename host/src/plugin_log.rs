@@ -140,19 +140,52 @@ fn level_of(level: plugind_api::Level) -> Level {
     }
 }
 
-/// Whether an event of `instance` at `level` would be recorded (the plugin's own level
-/// checks ask this).
-pub fn enabled(instance: &str, level: plugind_api::Level) -> bool {
-    let level = level_of(level);
-    if level > tracing_core::LevelFilter::current() {
-        return false;
+/// The level checks of one instance: a plugin asks before every event it might log, so the
+/// callsites they consult are found once (not with a lock and an allocation per check).
+#[derive(Debug, Default)]
+pub struct Levels {
+    instance: String,
+    /// By level, most severe first; made on first use.
+    shapes: [OnceLock<&'static Shape>; 5],
+}
+
+impl std::fmt::Debug for Shape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shape").finish_non_exhaustive()
     }
-    let shape = shape(Key {
-        instance: instance.to_owned(),
-        level,
-        names: Some(Vec::new()),
-    });
-    !shape.never() && tracing_core::dispatcher::get_default(|d| d.enabled(shape.metadata()))
+}
+
+impl Levels {
+    pub fn new(instance: &str) -> Self {
+        Self {
+            instance: instance.to_owned(),
+            shapes: Default::default(),
+        }
+    }
+
+    /// Whether an event of this instance at `level` would be recorded (the plugin's own
+    /// level checks ask this).
+    pub fn enabled(&self, level: plugind_api::Level) -> bool {
+        let level = level_of(level);
+        if level > tracing_core::LevelFilter::current() {
+            return false;
+        }
+        let slot = match level {
+            Level::ERROR => 0,
+            Level::WARN => 1,
+            Level::INFO => 2,
+            Level::DEBUG => 3,
+            _ => 4,
+        };
+        let shape = *self.shapes[slot].get_or_init(|| {
+            shape(Key {
+                instance: self.instance.clone(),
+                level,
+                names: Some(Vec::new()),
+            })
+        });
+        !shape.never() && tracing_core::dispatcher::get_default(|d| d.enabled(shape.metadata()))
+    }
 }
 
 /// Who logged a plugin event: the tags every plugin event carries.
@@ -318,11 +351,12 @@ mod tests {
     #[test]
     fn a_filter_per_instance_reaches_the_plugins_own_level_checks() {
         let mut seen = None;
+        let (chatty, quiet) = (Levels::new("chatty"), Levels::new("quiet"));
         let lines = capture("info,plugin::chatty=debug", || {
             seen = Some((
-                enabled("chatty", plugind_api::Level::Debug),
-                enabled("quiet", plugind_api::Level::Debug),
-                enabled("quiet", plugind_api::Level::Info),
+                chatty.enabled(plugind_api::Level::Debug),
+                quiet.enabled(plugind_api::Level::Debug),
+                quiet.enabled(plugind_api::Level::Info),
             ));
             for instance in ["chatty", "quiet"] {
                 emit(

@@ -68,6 +68,8 @@ pub struct InstanceServices {
     publisher: Arc<dyn Publisher>,
     /// Worker threads for an async plugin's runtime (`workers`; 0: the SDK's default).
     workers: u32,
+    /// Its plugin's level checks.
+    levels: crate::plugin_log::Levels,
 }
 
 impl std::fmt::Debug for InstanceServices {
@@ -99,6 +101,7 @@ impl InstanceServices {
         publisher: Arc<dyn Publisher>,
     ) -> Arc<Self> {
         Arc::new(Self {
+            levels: crate::plugin_log::Levels::new(&identity.instance),
             identity,
             limits,
             publisher,
@@ -225,7 +228,7 @@ impl Services for InstanceServices {
     }
 
     fn log_enabled(&self, level: Level) -> bool {
-        crate::plugin_log::enabled(&self.identity.instance, level)
+        self.levels.enabled(level)
     }
 
     fn log(&self, level: Level, target: &str, message: &str, fields: &[KeyValue<'_>]) {

@@ -139,7 +139,7 @@ fn a_swapped_out_async_generation_drains_and_its_library_is_unloaded_not_retaine
 
 #[test]
 fn a_plugins_events_from_its_runtime_reach_the_log_as_fields_under_a_filter_per_instance() {
-    let (s, config, _) = setup("async-logs", "");
+    let (s, config, _) = setup("async-logs", "workers = 3");
     let config = config.replace("[host]\n", "[host]\nlog_format = \"json\"\n");
     let d = Daemon::start(s, &config);
     let lines = |d: &Daemon| -> Vec<serde_json::Value> {
@@ -149,6 +149,15 @@ fn a_plugins_events_from_its_runtime_reach_the_log_as_fields_under_a_filter_per_
             .filter(|v: &serde_json::Value| v["fields"]["message"] == "handled")
             .collect()
     };
+    // `workers = 3` reached the plugin's runtime (the SDK's default is 2).
+    let started: Vec<serde_json::Value> = d
+        .log()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|v: &serde_json::Value| v["fields"]["message"] == "started")
+        .collect();
+    assert_eq!(started.len(), 1, "{started:?}");
+    assert_eq!(started[0]["fields"]["workers"], "3", "{started:?}");
     let first = d.publish_with("async.x", "payload", &[]);
     wait_until("an ack", &d, || d.instance("a")["acked"] == 1);
     assert!(lines(&d).is_empty(), "debug is off by default");

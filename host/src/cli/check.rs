@@ -252,6 +252,8 @@ fn check_libraries(config: &Config, probe: Option<&ProbeCommand>, report: &mut R
         }
     }
     let mut used = Vec::new();
+    // `plugins.toml`'s text, to place a config key a plugin refused.
+    let mut source_text: Option<String> = None;
     for instance in config.instances.values() {
         let claims = by_name.get(&instance.plugin).filter(|c| c.len() == 1);
         let library = claims.map(|c| c[0].0.clone());
@@ -281,12 +283,11 @@ fn check_libraries(config: &Config, probe: Option<&ProbeCommand>, report: &mut R
         let check = config_checks.get(&instance.name);
         let error = error.or_else(|| match check {
             Some(ConfigCheck::Refused { path, message }) => {
-                let problem = std::fs::read_to_string(&config.source)
-                    .map(|text| {
-                        config::plugin_config_problem(&text, &instance.name, path, message)
-                            .to_string()
-                    })
-                    .unwrap_or_else(|_| format!("its config: {message}"));
+                // Read once, and only if a plugin refused a config.
+                let text = source_text.get_or_insert_with(|| {
+                    std::fs::read_to_string(&config.source).unwrap_or_default()
+                });
+                let problem = config::plugin_config_problem(text, &instance.name, path, message);
                 Some(format!("{}:{problem}", config.source.display()))
             }
             _ => None,

@@ -70,28 +70,11 @@ fn parse_retry_after(value: &str) -> Option<Duration> {
     if let Ok(seconds) = value.parse::<u64>() {
         return Some(Duration::from_secs(seconds));
     }
-    let at = humantime::parse_rfc3339_weak(value)
-        .ok()
-        .or_else(|| httpdate(value))?;
+    let at = httpdate::parse_http_date(value).ok()?;
     Some(
         at.duration_since(std::time::SystemTime::now())
             .unwrap_or(Duration::ZERO),
     )
-}
-
-/// An IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), the form HTTP dates take.
-fn httpdate(value: &str) -> Option<std::time::SystemTime> {
-    let parts: Vec<&str> = value.split_whitespace().collect();
-    let [_, day, month, year, time, "GMT"] = parts.as_slice() else {
-        return None;
-    };
-    let month = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ]
-    .iter()
-    .position(|m| m == month)?
-        + 1;
-    humantime::parse_rfc3339(&format!("{year}-{month:02}-{day:0>2}T{time}Z")).ok()
 }
 
 impl AsyncPlugin for Webhook {
@@ -198,7 +181,7 @@ mod tests {
             "a date in the past: now"
         );
         let later = std::time::SystemTime::now() + Duration::from_secs(3600);
-        let date = humantime::format_rfc3339_seconds(later).to_string();
+        let date = httpdate::fmt_http_date(later);
         assert!(parse_retry_after(&date).is_some_and(|d| d > Duration::from_secs(3500)));
         assert_eq!(parse_retry_after("soon"), None);
     }
