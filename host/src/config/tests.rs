@@ -535,3 +535,36 @@ fn float_settings_refuse_nan_and_infinities() {
         );
     }
 }
+
+#[test]
+fn pacing_and_runtime_keys_merge_and_refuse_bad_values() {
+    let config = ok(
+        "[defaults]\nrate_limit = 50\nordering_key = \"customer\"\nworkers = 4\n\n\
+                     [plugins.a]\n\n\
+                     [plugins.b]\nrate_limit = \"off\"\nordering_key = \"\"\nworkers = 0\n\n\
+                     [plugins.c]\nrate_limit = 0.5\n",
+    );
+    let a = &config.instances["a"].settings;
+    assert_eq!(
+        (a.rate_limit, a.ordering_key.as_deref(), a.workers),
+        (Some(50.0), Some("customer"), 4)
+    );
+    let b = &config.instances["b"].settings;
+    assert_eq!(
+        (b.rate_limit, b.ordering_key.as_deref(), b.workers),
+        (None, None, 0)
+    );
+    assert_eq!(config.instances["c"].settings.rate_limit, Some(0.5));
+    let (line, _, message) = one("[defaults]\nrate_limit = 0\n");
+    assert_eq!(line, 2);
+    assert!(message.contains("`rate_limit` is 0"), "{message}");
+    let (_, _, message) = one("[defaults]\nrate_limit = \"fast\"\n");
+    assert!(message.contains("invalid rate_limit \"fast\""), "{message}");
+    let (_, _, message) = one("[defaults]\nordering_key = \"bad\\rname\"\n");
+    assert!(
+        message.contains("`ordering_key` must name a header"),
+        "{message}"
+    );
+    let (_, _, message) = one("[defaults]\nworkers = 1000\n");
+    assert!(message.contains("`workers` is 1000"), "{message}");
+}
